@@ -1,0 +1,1 @@
+"""The inference engine: sampling, paged KV cache, continuous-batching scheduler, streaming."""

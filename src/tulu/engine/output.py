@@ -1,0 +1,79 @@
+"""Generated token ids -> text deltas, with stop strings found across token boundaries.
+
+A stop string may be split over several tokens, or end inside a multi-byte UTF-8 character,
+so it is matched on the decoded text, never on token ids. Text that could still be the start
+of a stop string is held back, so that a streaming client never sees any part of the stop
+text (unless `include_stop` asks for it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tulu.tokenizer import StreamDecoder, Tokenizer
+
+
+class IncrementalOutput:
+    """Accumulates one sequence's output text and reports stop strings as they complete."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prompt_ids: Sequence[int] | None = None,
+        stop: Sequence[str] = (),
+        *,
+        include_stop: bool = False,
+        skip_special_tokens: bool = True,
+    ):
+        self._decoder = StreamDecoder(
+            tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens
+        )
+        self._stop = [s for s in stop if s]
+        self._hold = max((len(s) for s in self._stop), default=1) - 1
+        self._include_stop = include_stop
+        self._decoded = ""
+        self._emitted = 0
+        self.stopped_by: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The output text so far (cut at the stop string once one is found)."""
+        return self._decoded
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that may now be shown. Check `stopped_by` afterwards."""
+        if self.stopped_by is not None:
+            return ""
+        before = len(self._decoded)
+        self._decoded += self._decoder.push(token_id)
+        if self._find_stop(max(0, before - self._hold)):
+            return self._take(len(self._decoded))
+        return self._take(len(self._decoded) - self._hold)
+
+    def finish(self) -> str:
+        """End of generation: release everything held back (after a last stop check)."""
+        if self.stopped_by is None:
+            before = len(self._decoded)
+            self._decoded += self._decoder.flush()
+            self._find_stop(max(0, before - self._hold))
+        return self._take(len(self._decoded))
+
+    def _find_stop(self, start: int) -> bool:
+        best: tuple[int, str] | None = None
+        for stop in self._stop:
+            at = self._decoded.find(stop, start)
+            if at != -1 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return False
+        at, stop = best
+        self._decoded = self._decoded[: at + len(stop) if self._include_stop else at]
+        self.stopped_by = stop
+        return True
+
+    def _take(self, upto: int) -> str:
+        if upto <= self._emitted:
+            return ""
+        delta = self._decoded[self._emitted : upto]
+        self._emitted = upto
+        return delta

@@ -1,0 +1,714 @@
+"""Sampling parameters and the batched logits processors.
+
+One layer serves both the simple reference generator (a batch of one) and the continuous-batching
+engine (a batch of rows, each row a different request with its own parameters). Every function
+takes logits of shape ``[B, V]`` plus per-row parameter tensors of shape ``[B]``; nothing loops
+over the vocabulary, and the only loop over rows is drawing each row's noise from that row's own
+``torch.Generator`` (so a row's sample never depends on the other rows in the batch).
+
+The pipeline that :func:`sample` runs on each row, in this order (the order of transformers'
+logits warpers):
+
+1. penalties (:func:`apply_penalties`): repetition (prompt + generated tokens), presence and
+   frequency (generated tokens only);
+2. greedy rows (temperature 0) take the argmax here and skip the rest;
+3. temperature (:func:`apply_temperature`);
+4. top-k, then top-p on the top-k-renormalised distribution (:func:`apply_top_k_top_p`, one sort
+   for the whole batch);
+5. min-p (:func:`apply_min_p`), relative to the most likely remaining token;
+6. one draw from the resulting distribution with the row's generator.
+
+Masked tokens get logit ``-inf``; all arithmetic is float32 whatever the model's dtype.
+
+Log-probabilities (:func:`compute_logprobs`, :func:`candidate_logprobs`) are taken from the *raw*
+model logits, before penalties, temperature and truncation: they describe the model, not the
+sampler, so they are comparable across requests with different sampling settings (this is also
+what vLLM and the OpenAI API return by default).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from tulu.errors import GenerationError
+
+__all__ = [
+    "MAX_LOGPROBS",
+    "SamplingParams",
+    "SamplingTensors",
+    "apply_min_p",
+    "apply_penalties",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_k_top_p",
+    "apply_top_p",
+    "build_token_histories",
+    "candidate_logprobs",
+    "compute_logprobs",
+    "make_generator",
+    "mask_tokens",
+    "prepare_sampling_tensors",
+    "process_logits",
+    "sample",
+]
+
+MAX_LOGPROBS = 20
+"""The most top log-probabilities a request may ask for per token (``logprobs``,
+``prompt_logprobs``)."""
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this are treated as 0, i.e. greedy decoding (dividing logits by a tiny
+temperature would overflow float32 anyway)."""
+
+_UINT64_MASK = (1 << 64) - 1
+
+
+# ----------------------------------------------------------------------------------------------
+# SamplingParams
+# ----------------------------------------------------------------------------------------------
+
+
+def _fail(name: str, requirement: str, value: object) -> GenerationError:
+    return GenerationError(f"SamplingParams.{name} must be {requirement}, got {value!r}")
+
+
+def _check_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _fail(name, "an integer", value)
+    return int(value)
+
+
+def _check_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, "a number", value)
+    result = float(value)
+    if not math.isfinite(result):
+        raise _fail(name, "a finite number", value)
+    return result
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, "a bool", value)
+    return value
+
+
+def _check_int_list(name: str, value: object, *, allow_none: bool) -> list[int] | None:
+    if value is None:
+        return None if allow_none else []
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise _fail(name, "a list of token ids", value)
+    result = []
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, numbers.Integral) or item < 0:
+            raise _fail(name, "a list of token ids (integers >= 0)", value)
+        result.append(int(item))
+    return result
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completion (vLLM-like semantics).
+
+    Values are validated on construction; a bad value raises :class:`GenerationError` naming the
+    field and the value. Integers are accepted for float fields and stored as floats.
+    """
+
+    max_tokens: int = 256
+    """The most tokens to generate (>= 1); the prompt does not count."""
+
+    temperature: float = 1.0
+    """Divides the logits before sampling (>= 0). 0 (anything below 1e-5) means greedy: always
+    the most likely token after penalties; top_k, top_p, min_p and seed are then irrelevant."""
+
+    top_p: float = 1.0
+    """Nucleus sampling (0 < top_p <= 1): keep the smallest set of most likely tokens whose total
+    probability is >= top_p. 1 disables it."""
+
+    top_k: int = 0
+    """Keep only the k most likely tokens (>= 1). 0 or -1 disables it."""
+
+    min_p: float = 0.0
+    """Drop tokens whose probability is below min_p times the most likely token's (0..1).
+    0 disables it."""
+
+    repetition_penalty: float = 1.0
+    """CTRL / transformers repetition penalty (> 0) over every token seen in the prompt or the
+    output so far: a positive logit is divided by it, a negative one multiplied. 1 disables it;
+    > 1 discourages repeats."""
+
+    presence_penalty: float = 0.0
+    """OpenAI presence penalty (-2..2) over generated tokens only: subtracted once from the logit
+    of every token generated at least once. > 0 encourages new tokens."""
+
+    frequency_penalty: float = 0.0
+    """OpenAI frequency penalty (-2..2) over generated tokens only: subtracted from a token's
+    logit once per time it has been generated. > 0 discourages repeats."""
+
+    seed: int | None = None
+    """Seeds this request's own random generator, so its samples are reproducible whatever else
+    is in the batch. None uses the global torch RNG."""
+
+    n: int = 1
+    """How many completions to return for the prompt (>= 1)."""
+
+    stop: list[str] = field(default_factory=list)
+    """Strings that end the completion when generated; a single string is accepted and wrapped
+    in a list. Not included in the output unless include_stop_str_in_output."""
+
+    stop_token_ids: list[int] = field(default_factory=list)
+    """Token ids that end the completion (in addition to the tokenizer's EOS)."""
+
+    include_stop_str_in_output: bool = False
+    """Keep the matched stop string at the end of the returned text."""
+
+    ignore_eos: bool = False
+    """Keep generating after the EOS token (until max_tokens or a stop); for benchmarks."""
+
+    logprobs: int | None = None
+    """Return the log-probability of each chosen token plus this many top alternatives
+    (0..20). None returns none."""
+
+    prompt_logprobs: int | None = None
+    """Return the log-probability of each prompt token plus this many top alternatives
+    (0..20). None returns none."""
+
+    candidate_token_ids: list[int] | None = None
+    """Token ids whose next-token log-probabilities (from the raw logits at the first generated
+    position) are returned, e.g. the answer letters of a multiple-choice scorer."""
+
+    min_tokens: int = 0
+    """Generate at least this many tokens before EOS or a stop token may end the completion
+    (0..max_tokens)."""
+
+    skip_special_tokens: bool = True
+    """Leave special tokens out of the detokenized text."""
+
+    def __post_init__(self) -> None:
+        self.max_tokens = _check_int("max_tokens", self.max_tokens)
+        if self.max_tokens < 1:
+            raise _fail("max_tokens", ">= 1", self.max_tokens)
+
+        temperature = _check_float("temperature", self.temperature)
+        if temperature < 0:
+            raise _fail("temperature", ">= 0", self.temperature)
+        self.temperature = temperature
+
+        top_p = _check_float("top_p", self.top_p)
+        if not 0 < top_p <= 1:
+            raise _fail("top_p", "in (0, 1]", self.top_p)
+        self.top_p = top_p
+
+        self.top_k = _check_int("top_k", self.top_k)
+        if self.top_k < -1:
+            raise _fail("top_k", ">= 1, or 0 or -1 to disable it", self.top_k)
+
+        min_p = _check_float("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise _fail("min_p", "in [0, 1]", self.min_p)
+        self.min_p = min_p
+
+        repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
+        if repetition_penalty <= 0:
+            raise _fail("repetition_penalty", "> 0", self.repetition_penalty)
+        self.repetition_penalty = repetition_penalty
+
+        for name in ("presence_penalty", "frequency_penalty"):
+            original = getattr(self, name)
+            value = _check_float(name, original)
+            if not -2 <= value <= 2:
+                raise _fail(name, "in [-2, 2]", original)
+            setattr(self, name, value)
+
+        if self.seed is not None:
+            self.seed = _check_int("seed", self.seed)
+            if not -(1 << 63) <= self.seed <= _UINT64_MASK:
+                raise _fail("seed", "in [-2**63, 2**64)", self.seed)
+
+        self.n = _check_int("n", self.n)
+        if self.n < 1:
+            raise _fail("n", ">= 1", self.n)
+
+        stop = self.stop
+        if stop is None:
+            stop = []
+        elif isinstance(stop, str):
+            stop = [stop]
+        if isinstance(stop, bytes) or not isinstance(stop, Sequence):
+            raise _fail("stop", "a string or a list of strings", self.stop)
+        for item in stop:
+            if not isinstance(item, str) or not item:
+                raise _fail("stop", "a list of non-empty strings", self.stop)
+        self.stop = list(stop)
+
+        self.stop_token_ids = _check_int_list(
+            "stop_token_ids", self.stop_token_ids, allow_none=False
+        )
+
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
+            _check_bool(name, getattr(self, name))
+
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                value = _check_int(name, value)
+                if not 0 <= value <= MAX_LOGPROBS:
+                    raise _fail(name, f"None or in [0, {MAX_LOGPROBS}]", value)
+                setattr(self, name, value)
+
+        self.candidate_token_ids = _check_int_list(
+            "candidate_token_ids", self.candidate_token_ids, allow_none=True
+        )
+        if self.candidate_token_ids is not None and not self.candidate_token_ids:
+            raise _fail("candidate_token_ids", "None or a non-empty list of token ids", [])
+
+        self.min_tokens = _check_int("min_tokens", self.min_tokens)
+        if self.min_tokens < 0:
+            raise _fail("min_tokens", ">= 0", self.min_tokens)
+        if self.min_tokens > self.max_tokens:
+            raise _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
+
+    @property
+    def is_greedy(self) -> bool:
+        """True when decoding is deterministic argmax (temperature below 1e-5)."""
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def uses_penalties(self) -> bool:
+        """True when any of the three penalties is not neutral (needs token histories)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-step tensors
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingTensors:
+    """Per-row sampling parameters of one batch, as tensors on the logits' device.
+
+    Build with :func:`prepare_sampling_tensors` once per engine step. All per-row tensors have
+    shape ``[B]``. The ``do_*`` flags let :func:`sample` skip a processor no row uses.
+    """
+
+    temperature: torch.Tensor
+    """float32; greedy rows hold 1.0 so that dividing by it is harmless."""
+    top_k: torch.Tensor
+    """int64; 0 means disabled (SamplingParams' -1 is stored as 0)."""
+    top_p: torch.Tensor
+    """float32; 1.0 means disabled."""
+    min_p: torch.Tensor
+    """float32; 0.0 means disabled."""
+    repetition_penalty: torch.Tensor
+    """float32; 1.0 means disabled."""
+    presence_penalty: torch.Tensor
+    """float32; 0.0 means disabled."""
+    frequency_penalty: torch.Tensor
+    """float32; 0.0 means disabled."""
+    greedy: torch.Tensor
+    """bool; rows decoded by argmax."""
+    prompt_mask: torch.Tensor | None = None
+    """bool ``[B, V]``: token appeared in the row's prompt. Only built when penalties are used."""
+    output_counts: torch.Tensor | None = None
+    """int32 ``[B, V]``: times the token was generated so far. Only built with penalties."""
+    greedy_rows: tuple[bool, ...] = ()
+    """The ``greedy`` flags as Python bools (saves a device sync per step); empty means read
+    them from ``greedy``."""
+    all_greedy: bool = False
+    any_greedy: bool = False
+    do_top_k: bool = False
+    do_top_p: bool = False
+    do_min_p: bool = False
+    do_penalties: bool = False
+
+    @property
+    def batch_size(self) -> int:
+        return self.temperature.shape[0]
+
+
+def build_token_histories(
+    prompt_token_ids: Sequence[Sequence[int]],
+    output_token_ids: Sequence[Sequence[int]],
+    vocab_size: int,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Turn per-row token lists into ``(prompt_mask bool [B, V], output_counts int32 [B, V])``.
+
+    Raises GenerationError if a token id is outside ``[0, vocab_size)``.
+    """
+    if len(prompt_token_ids) != len(output_token_ids):
+        raise GenerationError(
+            f"build_token_histories: {len(prompt_token_ids)} prompt rows but "
+            f"{len(output_token_ids)} output rows"
+        )
+    batch = len(prompt_token_ids)
+
+    def padded(rows: Sequence[Sequence[int]], what: str) -> torch.Tensor:
+        width = max((len(r) for r in rows), default=0)
+        # Pad with vocab_size: a spare column that is sliced off afterwards.
+        index = torch.full((batch, max(width, 1)), vocab_size, dtype=torch.int64)
+        for i, row in enumerate(rows):
+            if len(row):
+                values = torch.as_tensor(list(row), dtype=torch.int64)
+                bad = values[(values < 0) | (values >= vocab_size)]
+                if bad.numel():
+                    raise GenerationError(
+                        f"{what} token id {bad[0].item()} in row {i} is outside the "
+                        f"vocabulary [0, {vocab_size})"
+                    )
+                index[i, : len(row)] = values
+        return index.to(device)
+
+    prompt_index = padded(prompt_token_ids, "prompt")
+    output_index = padded(output_token_ids, "output")
+    prompt_mask = torch.zeros(batch, vocab_size + 1, dtype=torch.bool, device=device)
+    prompt_mask.scatter_(1, prompt_index, True)
+    output_counts = torch.zeros(batch, vocab_size + 1, dtype=torch.int32, device=device)
+    output_counts.scatter_add_(1, output_index, torch.ones_like(output_index, dtype=torch.int32))
+    return prompt_mask[:, :vocab_size], output_counts[:, :vocab_size]
+
+
+def prepare_sampling_tensors(
+    params_list: Sequence[SamplingParams],
+    device: torch.device | str | None = None,
+    *,
+    vocab_size: int | None = None,
+    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+    output_token_ids: Sequence[Sequence[int]] | None = None,
+) -> SamplingTensors:
+    """Stack the rows' parameters into :class:`SamplingTensors` on ``device``.
+
+    When any row uses a penalty, ``vocab_size``, ``prompt_token_ids`` and ``output_token_ids``
+    (one list per row) are required to build the token histories; otherwise they are ignored.
+    """
+    if not params_list:
+        raise GenerationError("prepare_sampling_tensors: params_list is empty")
+    for i, p in enumerate(params_list):
+        if not isinstance(p, SamplingParams):
+            raise GenerationError(
+                f"prepare_sampling_tensors: row {i} is {type(p).__name__}, not SamplingParams"
+            )
+    greedy = [p.is_greedy for p in params_list]
+    temperature = [1.0 if g else p.temperature for p, g in zip(params_list, greedy, strict=True)]
+    top_k = [max(p.top_k, 0) for p in params_list]
+    top_p = [p.top_p for p in params_list]
+    min_p = [p.min_p for p in params_list]
+    sampled = [not g for g in greedy]
+
+    def f32(values: list[float]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    tensors = SamplingTensors(
+        temperature=f32(temperature),
+        top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
+        top_p=f32(top_p),
+        min_p=f32(min_p),
+        repetition_penalty=f32([p.repetition_penalty for p in params_list]),
+        presence_penalty=f32([p.presence_penalty for p in params_list]),
+        frequency_penalty=f32([p.frequency_penalty for p in params_list]),
+        greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
+        greedy_rows=tuple(greedy),
+        all_greedy=all(greedy),
+        any_greedy=any(greedy),
+        do_top_k=any(k > 0 and s for k, s in zip(top_k, sampled, strict=True)),
+        do_top_p=any(p < 1.0 and s for p, s in zip(top_p, sampled, strict=True)),
+        do_min_p=any(p > 0.0 and s for p, s in zip(min_p, sampled, strict=True)),
+        do_penalties=any(p.uses_penalties for p in params_list),
+    )
+    if tensors.do_penalties:
+        if vocab_size is None or prompt_token_ids is None or output_token_ids is None:
+            raise GenerationError(
+                "prepare_sampling_tensors: a row uses a penalty, so vocab_size, "
+                "prompt_token_ids and output_token_ids are required"
+            )
+        if len(prompt_token_ids) != len(params_list):
+            raise GenerationError(
+                f"prepare_sampling_tensors: {len(params_list)} rows but "
+                f"{len(prompt_token_ids)} prompt_token_ids rows"
+            )
+        tensors.prompt_mask, tensors.output_counts = build_token_histories(
+            prompt_token_ids, output_token_ids, vocab_size, device
+        )
+    return tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# Logits processors (pure, out of place, float32)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_logits(logits: torch.Tensor) -> torch.Tensor:
+    if logits.dim() != 2:
+        raise GenerationError(f"logits must have shape [B, V], got {tuple(logits.shape)}")
+    return logits.float()
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    prompt_mask: torch.Tensor | None,
+    output_counts: torch.Tensor | None,
+    repetition_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """Apply repetition, presence and frequency penalties per row; returns new float32 logits.
+
+    ``prompt_mask`` (bool ``[B, V]``) marks tokens in each row's prompt and ``output_counts``
+    (int ``[B, V]``) counts generated tokens; None means no such tokens. Repetition penalty ``r``
+    touches every token seen in prompt or output (``l / r`` if ``l > 0`` else ``l * r``); then
+    ``l -= presence * (count > 0) + frequency * count`` over generated tokens. Entries that are
+    not modified (including every entry of a row with neutral penalties) are returned
+    bit-for-bit unchanged.
+    """
+    logits = _check_logits(logits)
+    if output_counts is None:
+        output_counts = torch.zeros(logits.shape, dtype=torch.int32, device=logits.device)
+    generated = output_counts > 0
+    seen = generated if prompt_mask is None else generated | prompt_mask.bool()
+
+    rep = repetition_penalty.to(logits.device, torch.float32).unsqueeze(1)
+    penalised = torch.where(logits > 0, logits / rep, logits * rep)
+    logits = torch.where(seen & (rep != 1.0), penalised, logits)
+
+    presence = presence_penalty.to(logits.device, torch.float32).unsqueeze(1)
+    frequency = frequency_penalty.to(logits.device, torch.float32).unsqueeze(1)
+    subtract = presence * generated.float() + frequency * output_counts.float()
+    active = generated & ((presence != 0.0) | (frequency != 0.0))
+    return torch.where(active, logits - subtract, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature (``[B]``, all > 0; greedy rows should hold 1.0)."""
+    logits = _check_logits(logits)
+    return logits / temperature.to(logits.device, torch.float32).unsqueeze(1)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+) -> torch.Tensor:
+    """Top-k then top-p per row with a single sort of the batch; masked entries become -inf.
+
+    ``top_k`` (int ``[B]``, 0 = off, values above V mean V) keeps exactly k tokens; ``top_p``
+    (float ``[B]``, 1 = off) then keeps the smallest prefix of the top-k-renormalised
+    distribution whose cumulative probability is >= p, always at least the most likely token.
+    Ties are broken deterministically by a stable sort: among equal logits the lower token id
+    ranks first, so it is the one kept at a boundary. Either argument may be None.
+    """
+    logits = _check_logits(logits)
+    if top_k is None and top_p is None:
+        return logits
+    vocab = logits.shape[1]
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True, stable=True)
+    rank = torch.arange(vocab, device=logits.device).unsqueeze(0)
+    if top_k is not None:
+        k = top_k.to(logits.device, torch.int64)
+        k = torch.where(k <= 0, vocab, k.clamp(max=vocab)).unsqueeze(1)
+        sorted_logits = sorted_logits.masked_fill(rank >= k, float("-inf"))
+    if top_p is not None:
+        p = top_p.to(logits.device, torch.float32).unsqueeze(1)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the strictly better tokens
+        drop = (before >= p) & (p < 1.0) & (rank > 0)
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's ``top_k`` most likely tokens (int ``[B]``, 0 = off); see
+    :func:`apply_top_k_top_p`."""
+    return apply_top_k_top_p(logits, top_k, None)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Nucleus-filter each row with its ``top_p`` (float ``[B]``, 1 = off); see
+    :func:`apply_top_k_top_p`."""
+    return apply_top_k_top_p(logits, None, top_p)
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` (float ``[B]``, 0 = off) times the
+    row's largest probability. Computed in log space: ``l - max(l) < log(min_p)``."""
+    logits = _check_logits(logits)
+    threshold = torch.log(min_p.to(logits.device, torch.float32)).unsqueeze(1)  # log 0 = -inf
+    top = logits.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(logits - top < threshold, float("-inf"))
+
+
+def mask_tokens(logits: torch.Tensor, token_ids: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """Set the given token ids of each row to -inf (e.g. EOS and stop tokens before
+    ``min_tokens`` is reached). ``token_ids`` has one entry per row; None or empty leaves the row
+    alone. Returns new float32 logits."""
+    logits = _check_logits(logits)
+    if len(token_ids) != logits.shape[0]:
+        raise GenerationError(
+            f"mask_tokens: {len(token_ids)} rows of ids for {logits.shape[0]} rows"
+        )
+    rows: list[int] = []
+    cols: list[int] = []
+    for i, ids in enumerate(token_ids):
+        for t in ids or ():
+            rows.append(i)
+            cols.append(int(t))
+    if not rows:
+        return logits
+    vocab = logits.shape[1]
+    bad = [t for t in cols if not 0 <= t < vocab]
+    if bad:
+        raise GenerationError(
+            f"mask_tokens: token id {bad[0]} is outside the vocabulary [0, {vocab})"
+        )
+    out = logits.clone()
+    out[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float(
+        "-inf"
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+
+def make_generator(
+    seed: int | None, device: torch.device | str | None = None
+) -> torch.Generator | None:
+    """A ``torch.Generator`` on ``device`` seeded with the request's seed; None if seed is None
+    (the row then uses the global RNG). Negative seeds are taken modulo 2**64."""
+    if seed is None:
+        return None
+    generator = torch.Generator(device=torch.device(device) if device is not None else "cpu")
+    generator.manual_seed(int(seed) & _UINT64_MASK)
+    return generator
+
+
+def _exponential_noise(
+    shape: tuple[int, int],
+    rows: list[int],
+    generators: Sequence[torch.Generator | None],
+    device: torch.device,
+) -> torch.Tensor:
+    """Exp(1) noise for the given rows, each from its own generator (the global RNG for None
+    rows, drawn in one call); other rows hold 1."""
+    noise = torch.ones(shape, dtype=torch.float32, device=device)
+    global_rows = [i for i in rows if generators[i] is None]
+    if global_rows:
+        index = torch.tensor(global_rows, device=device)
+        noise[index] = torch.empty(len(global_rows), shape[1], device=device).exponential_()
+    for i in rows:
+        generator = generators[i]
+        if generator is not None:
+            noise[i].exponential_(generator=generator)
+    # exponential_ may return exactly 0 on some builds; keep log() finite.
+    return noise.clamp_(min=torch.finfo(torch.float32).tiny)
+
+
+def process_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+    """Run temperature, top-k/top-p and min-p on already penalised float32 logits. The result's
+    softmax is the distribution :func:`sample` draws non-greedy rows from."""
+    logits = apply_temperature(logits, tensors.temperature)
+    if tensors.do_top_k or tensors.do_top_p:
+        logits = apply_top_k_top_p(
+            logits,
+            tensors.top_k if tensors.do_top_k else None,
+            tensors.top_p if tensors.do_top_p else None,
+        )
+    if tensors.do_min_p:
+        logits = apply_min_p(logits, tensors.min_p)
+    return logits
+
+
+def sample(
+    logits: torch.Tensor,
+    tensors: SamplingTensors,
+    generators: Sequence[torch.Generator | None],
+) -> torch.Tensor:
+    """Choose one token per row; returns int64 ids ``[B]``.
+
+    Penalties are applied first (when any row uses them). Greedy rows take the argmax of the
+    penalised logits (the lowest id on ties). The other rows are processed by
+    :func:`process_logits` and draw with the exponential race ``argmax(probs / E)``, ``E ~
+    Exp(1)`` per token, computed in log space as ``argmax(logits - log E)`` (the Gumbel-max
+    trick), which samples exactly from ``softmax(logits)`` and never picks a masked token. Each
+    such row's noise comes from ``generators[i]`` alone, so its result depends only on its own
+    generator and logits; rows whose generator is None share the global RNG.
+    """
+    logits = _check_logits(logits)
+    batch = logits.shape[0]
+    if tensors.batch_size != batch or len(generators) != batch:
+        raise GenerationError(
+            f"sample: logits have {batch} rows but tensors have {tensors.batch_size} and "
+            f"generators {len(generators)}"
+        )
+    if tensors.do_penalties:
+        logits = apply_penalties(
+            logits,
+            tensors.prompt_mask,
+            tensors.output_counts,
+            tensors.repetition_penalty,
+            tensors.presence_penalty,
+            tensors.frequency_penalty,
+        )
+    if tensors.all_greedy:
+        return logits.argmax(dim=-1)
+
+    processed = process_logits(logits, tensors)
+    flags = tensors.greedy_rows or tuple(tensors.greedy.tolist())
+    sampled_rows = [i for i, g in enumerate(flags) if not g]
+    noise = _exponential_noise(processed.shape, sampled_rows, generators, processed.device)
+    chosen = (processed - noise.log()).argmax(dim=-1)
+    if tensors.any_greedy:
+        chosen = torch.where(tensors.greedy, logits.argmax(dim=-1), chosen)
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+
+def compute_logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, top_n: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities from the RAW model logits (before penalties, temperature, truncation).
+
+    Returns ``(chosen_logprob [B], top_ids [B, top_n], top_logprobs [B, top_n])``: the
+    log-softmax at each row's chosen token, and the row's ``top_n`` most likely tokens sorted
+    by descending log-probability. Also serves prompt logprobs (rows = prompt positions,
+    ``chosen`` = the next prompt tokens).
+    """
+    logprobs = torch.log_softmax(_check_logits(logits), dim=-1)
+    batch, vocab = logprobs.shape
+    if not 0 <= top_n <= vocab:
+        raise GenerationError(f"compute_logprobs: top_n must be in [0, {vocab}], got {top_n}")
+    chosen = chosen.to(logprobs.device, torch.int64).reshape(batch, 1)
+    chosen_logprob = logprobs.gather(1, chosen).squeeze(1)
+    top_logprobs, top_ids = torch.topk(logprobs, top_n, dim=-1, sorted=True)
+    return chosen_logprob, top_ids, top_logprobs
+
+
+def candidate_logprobs(logits_row: torch.Tensor, candidate_ids: Sequence[int]) -> torch.Tensor:
+    """Log-probabilities (log-softmax of the raw logits ``[V]``) of the given token ids, in the
+    given order; float32 ``[len(candidate_ids)]``."""
+    if logits_row.dim() != 1:
+        raise GenerationError(f"logits_row must have shape [V], got {tuple(logits_row.shape)}")
+    vocab = logits_row.shape[0]
+    for t in candidate_ids:
+        if not 0 <= t < vocab:
+            raise GenerationError(
+                f"candidate_token_ids: token id {t} is outside the vocabulary [0, {vocab})"
+            )
+    logprobs = torch.log_softmax(logits_row.float(), dim=-1)
+    index = torch.tensor(list(candidate_ids), dtype=torch.int64, device=logits_row.device)
+    return logprobs[index]

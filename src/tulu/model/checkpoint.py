@@ -1,0 +1,326 @@
+"""Load and save Hugging Face checkpoint directories (and resolve hub ids through the HF cache).
+
+Loading builds the model on the meta device (no memory), validates every tensor's name and
+shape against the config before reading anything, then reads tensors one by one straight into
+the requested dtype and device. Peak memory is the loaded weights plus one read chunk.
+
+Supported layouts, in order of preference:
+- `model.safetensors`, or shards listed in `model.safetensors.index.json`;
+- `pytorch_model.bin`, or shards listed in `pytorch_model.bin.index.json`, read with
+  `torch.load(weights_only=True)`: pickled code is never executed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tulu.errors import CheckpointError
+from tulu.model.config import NeoXConfig, dtype_name, parse_dtype
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.model.safetensors_reader import read_header, read_tensors
+
+SAFE_SINGLE = "model.safetensors"
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_SINGLE = "pytorch_model.bin"
+BIN_INDEX = "pytorch_model.bin.index.json"
+SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size "5GB"
+
+# Buffers that old transformers versions saved with GPT-NeoX checkpoints; recomputed, not loaded.
+_IGNORED = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
+_HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+
+
+def canonical_name(name: str) -> str:
+    """Map the names other writers use onto ours (transformers 5 calls embed_out lm_head)."""
+    if name == "lm_head.weight":
+        return "embed_out.weight"
+    return name
+
+
+# ---------------------------------------------------------------------------------- resolve
+def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory for `model`: a directory path, or a hub id `org/name`.
+
+    Hub ids go through huggingface_hub's cache, so HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE
+    behave as they do for every other HF tool.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    text = str(model)
+    looks_local = text.startswith((".", "/", "~")) or path.suffix or text.count("/") != 1
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
+    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        raise CheckpointError(f"{model}: no such checkpoint directory (and not a hub id org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as err:  # pragma: no cover - huggingface_hub is a dependency
+        raise CheckpointError(f"{model}: huggingface_hub is needed for hub ids ({err})") from None
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES))
+    except LocalEntryNotFoundError:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
+        raise CheckpointError(
+            f"{model}: not found in the Hugging Face cache and could not be downloaded{hint}"
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as err:
+        raise CheckpointError(f"{model}: could not fetch from the hub: {err}") from None
+
+
+# ---------------------------------------------------------------------------------- weights
+@dataclass
+class WeightFiles:
+    """The weight files of a checkpoint directory and their format."""
+
+    kind: str  # "safetensors" or "bin"
+    files: list[Path]
+
+
+def find_weight_files(directory: Path) -> WeightFiles:
+    for index_name, single, kind in (
+        (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
+        (BIN_INDEX, BIN_SINGLE, "bin"),
+    ):
+        if (directory / index_name).is_file():
+            return WeightFiles(kind, _index_files(directory / index_name))
+        if (directory / single).is_file():
+            return WeightFiles(kind, [directory / single])
+    raise CheckpointError(
+        f"{directory}: no weights found (looked for {SAFE_SINGLE}, {SAFE_INDEX}, "
+        f"{BIN_SINGLE}, {BIN_INDEX})"
+    )
+
+
+def _index_files(index_path: Path) -> list[Path]:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{index_path}: invalid shard index ({err})") from None
+    files = []
+    for shard in dict.fromkeys(weight_map.values()):
+        shard_path = index_path.parent / str(shard)
+        if not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard {shard!r} is listed but missing")
+        files.append(shard_path)
+    return files
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor a checkpoint must provide (tied weights appear once)."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def load_model(
+    model: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+) -> GPTNeoXForCausalLM:
+    """Load a GPT-NeoX checkpoint (directory or hub id) into `dtype` on `device`.
+
+    dtype defaults to the checkpoint's `torch_dtype`; float16 checkpoints load as float32 on CPU,
+    where half-precision matmuls are slow or unsupported.
+    """
+    directory = resolve_checkpoint(model, revision)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(
+            f"{directory}: config.json not found (is this a checkpoint directory?)"
+        )
+    config = NeoXConfig.from_json(directory / "config.json")
+    if dtype is None:
+        target = config.dtype
+        if torch.device(device).type == "cpu" and target == torch.float16:
+            target = torch.float32
+    else:
+        target = parse_dtype(dtype, "dtype")
+    weights = find_weight_files(directory)
+    with torch.device("meta"):
+        net = GPTNeoXForCausalLM(config)
+    wanted = expected_shapes(net)
+    if weights.kind == "safetensors":
+        tensors = _load_safetensors(weights.files, wanted, target, device)
+    else:
+        tensors = _load_bin(weights.files, wanted, target, device)
+    _assign_all(net, tensors, wanted, directory)
+    net.eval()
+    return net
+
+
+def _check_tensor(source: Path, name: str, shape: tuple[int, ...], wanted: dict) -> bool:
+    """True if the tensor is one we load; raises on a wrong shape or an unknown name."""
+    if _IGNORED.search(name):
+        return False
+    key = canonical_name(name)
+    if key not in wanted:
+        raise CheckpointError(
+            f"{source}: unexpected tensor {name!r} (not part of a GPT-NeoX model)"
+        )
+    if tuple(shape) != wanted[key]:
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has shape {list(shape)}, the config expects "
+            f"{list(wanted[key])}"
+        )
+    return True
+
+
+def _load_safetensors(
+    files: list[Path], wanted: dict, dtype: torch.dtype, device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    headers = [(path, read_header(path)) for path in files]
+    plan = []
+    for path, entries in headers:  # validate everything before reading any data
+        keep = [e for e in entries.values() if _check_tensor(path, e.name, e.shape, wanted)]
+        plan.append((path, keep))
+    for path, keep in plan:
+        for entry, tensor in read_tensors(
+            path, keep, lambda e: _target_dtype(e.dtype, dtype), device
+        ):
+            yield canonical_name(entry.name), tensor
+
+
+def _target_dtype(stored: torch.dtype, requested: torch.dtype) -> torch.dtype:
+    return requested if stored.is_floating_point else stored
+
+
+def _load_bin(
+    files: list[Path], wanted: dict, dtype: torch.dtype, device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    for path in files:
+        state = _torch_load(path)
+        for name, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
+            if _check_tensor(path, name, tuple(tensor.shape), wanted):
+                yield (
+                    canonical_name(name),
+                    tensor.to(device=device, dtype=_target_dtype(tensor.dtype, dtype)),
+                )
+        del state
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    # mmap keeps the whole file out of memory for zip-format files (torch >= 1.6 saves those);
+    # weights_only refuses to unpickle anything but tensors and plain containers.
+    mmap = zipfile.is_zipfile(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path}: refusing to load: the file contains objects other than tensors "
+            f"(weights_only=True): {str(err).splitlines()[0]}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as err:
+        raise CheckpointError(f"{path}: corrupt or truncated PyTorch file ({err})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
+    return state
+
+
+def _assign_all(
+    net: GPTNeoXForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], wanted: dict, where: Path
+) -> None:
+    seen: set[str] = set()
+    for name, tensor in tensors:
+        module_name, _, attr = name.rpartition(".")
+        module = net.get_submodule(module_name)
+        module._parameters[attr] = nn.Parameter(tensor)
+        seen.add(name)
+    if net.config.tie_word_embeddings:
+        if "embed_out.weight" in seen and "gpt_neox.embed_in.weight" not in seen:
+            net.gpt_neox.embed_in.weight = net.embed_out.weight
+            seen.add("gpt_neox.embed_in.weight")
+        net.embed_out.weight = net.gpt_neox.embed_in.weight
+        seen.add("embed_out.weight")
+    missing = sorted(set(wanted) - seen)
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise CheckpointError(f"{where}: checkpoint is missing tensors: {shown}")
+
+
+# ---------------------------------------------------------------------------------- save
+def save_model(
+    model: GPTNeoXForCausalLM,
+    directory: str | os.PathLike,
+    *,
+    tokenizer=None,
+    max_shard_bytes: int = SHARD_BYTES,
+    dtype: str | torch.dtype | None = None,
+) -> Path:
+    """Write an HF checkpoint directory that transformers' `from_pretrained` loads as is.
+
+    config.json + generation_config.json + safetensors (sharded at `max_shard_bytes`, with
+    `model.safetensors.index.json` when there is more than one shard) + tokenizer files when
+    a `tulu.tokenizer.Tokenizer` is given.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    save_dtype = parse_dtype(dtype, "dtype") if dtype is not None else None
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if model.config.tie_word_embeddings and name == "embed_out.weight":
+            continue  # tied to embed_in; transformers re-ties on load
+        t = tensor.detach()
+        if save_dtype is not None and t.is_floating_point():
+            t = t.to(save_dtype)
+        state[name] = t.contiguous().cpu()
+    config = model.config
+    stored_dtype = save_dtype or next(iter(state.values())).dtype
+    config = config.with_(torch_dtype=dtype_name(stored_dtype))
+    config.save(out)
+    generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        generation["pad_token_id"] = tokenizer.pad_token_id
+    (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+    for stale in [*out.glob("model*.safetensors"), out / SAFE_INDEX]:
+        stale.unlink(missing_ok=True)
+    shards = _plan_shards(state, max_shard_bytes)
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], out / SAFE_SINGLE, metadata=metadata)
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, start=1):
+            shard_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / shard_name, metadata=metadata)
+            weight_map.update({name: shard_name for name in shard})
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(out)
+    return out
+
+
+def _plan_shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards

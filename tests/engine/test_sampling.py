@@ -1,0 +1,518 @@
+"""Tests for tulu.engine.sampling: validation, processors, per-row determinism, statistics."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tulu.engine.sampling import (
+    SamplingParams,
+    apply_min_p,
+    apply_penalties,
+    apply_top_k,
+    apply_top_k_top_p,
+    apply_top_p,
+    build_token_histories,
+    candidate_logprobs,
+    compute_logprobs,
+    make_generator,
+    mask_tokens,
+    prepare_sampling_tensors,
+    sample,
+)
+from tulu.errors import GenerationError, TuluError
+
+# ----------------------------------------------------------------------------------------------
+# SamplingParams validation
+# ----------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+INF = float("inf")
+
+BAD_VALUES = [
+    ("max_tokens", 0),
+    ("max_tokens", 1.5),
+    ("max_tokens", True),
+    ("max_tokens", "10"),
+    ("temperature", -1),
+    ("temperature", "hot"),
+    ("temperature", NAN),
+    ("temperature", INF),
+    ("temperature", True),
+    ("top_p", 0),
+    ("top_p", 1.1),
+    ("top_p", NAN),
+    ("top_k", -2),
+    ("top_k", 2.0),
+    ("top_k", True),
+    ("min_p", -0.1),
+    ("min_p", 1.5),
+    ("min_p", None),
+    ("repetition_penalty", 0),
+    ("repetition_penalty", -1.0),
+    ("repetition_penalty", INF),
+    ("presence_penalty", 2.5),
+    ("presence_penalty", -2.1),
+    ("frequency_penalty", 3),
+    ("frequency_penalty", "1"),
+    ("seed", 1.5),
+    ("seed", True),
+    ("seed", "42"),
+    ("seed", 2**64),
+    ("n", 0),
+    ("n", True),
+    ("stop", [""]),
+    ("stop", [1]),
+    ("stop", 5),
+    ("stop", b"x"),
+    ("stop_token_ids", [-1]),
+    ("stop_token_ids", ["a"]),
+    ("stop_token_ids", 3),
+    ("include_stop_str_in_output", 1),
+    ("ignore_eos", "yes"),
+    ("skip_special_tokens", None),
+    ("logprobs", 21),
+    ("logprobs", -1),
+    ("logprobs", True),
+    ("prompt_logprobs", 21),
+    ("prompt_logprobs", 2.0),
+    ("candidate_token_ids", []),
+    ("candidate_token_ids", [1, -3]),
+    ("candidate_token_ids", "AB"),
+    ("min_tokens", -1),
+    ("min_tokens", 300),  # more than the default max_tokens (256)
+]
+
+
+@pytest.mark.parametrize(("name", "value"), BAD_VALUES)
+def test_sampling_params_rejects_bad_values(name, value):
+    with pytest.raises(GenerationError) as info:
+        SamplingParams(**{name: value})
+    message = str(info.value)
+    assert f"SamplingParams.{name} " in message
+    assert repr(value) in message
+    assert isinstance(info.value, TuluError)
+
+
+def test_sampling_params_message_format():
+    with pytest.raises(
+        GenerationError, match=r"^SamplingParams\.temperature must be >= 0, got -1$"
+    ):
+        SamplingParams(temperature=-1)
+
+
+def test_sampling_params_normalises_values():
+    p = SamplingParams(stop="###", temperature=1, top_k=-1, stop_token_ids=None)
+    assert p.stop == ["###"]
+    assert isinstance(p.temperature, float) and p.temperature == 1.0
+    assert p.top_k == -1
+    assert p.stop_token_ids == []
+    assert SamplingParams(stop=None).stop == []
+    assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
+    assert SamplingParams(seed=np.int64(3)).seed == 3
+    # Defaults are valid and independent between instances.
+    a, b = SamplingParams(), SamplingParams()
+    a.stop.append("x")
+    assert b.stop == []
+
+
+def test_is_greedy():
+    assert SamplingParams(temperature=0).is_greedy
+    assert SamplingParams(temperature=1e-7).is_greedy
+    assert not SamplingParams(temperature=0.01).is_greedy
+    assert not SamplingParams().is_greedy
+
+
+# ----------------------------------------------------------------------------------------------
+# Processors
+# ----------------------------------------------------------------------------------------------
+
+
+def _tensors(params, **kwargs):
+    return prepare_sampling_tensors(params, "cpu", **kwargs)
+
+
+def test_greedy_is_argmax():
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0))
+    params = [SamplingParams(temperature=0, top_k=3, seed=i) for i in range(6)]
+    gens = [make_generator(i) for i in range(6)]
+    chosen = sample(logits, _tensors(params), gens)
+    assert chosen.dtype == torch.int64
+    assert torch.equal(chosen, logits.argmax(dim=-1))
+
+
+def test_greedy_rows_in_a_mixed_batch():
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(1))
+    params = [
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=2.0),
+    ]
+    gens = [None, make_generator(1), None, None]
+    chosen = sample(logits, _tensors(params), gens)
+    assert chosen[0] == logits[0].argmax() and chosen[2] == logits[2].argmax()
+
+
+def test_low_precision_logits_are_processed_in_float32():
+    logits = torch.randn(2, 16, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    params = [SamplingParams(temperature=0.8, top_k=4, seed=0), SamplingParams(temperature=0)]
+    tensors = _tensors(params)
+    chosen = sample(logits, tensors, [make_generator(0), None])
+    assert chosen[1] == logits[1].float().argmax()
+    assert chosen[0] in logits[0].float().topk(4).indices
+    assert apply_top_k(logits, tensors.top_k).dtype == torch.float32
+
+
+def test_greedy_ties_take_the_lowest_id():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 3.0]])
+    assert sample(logits, _tensors([SamplingParams(temperature=0)]), [None]).item() == 1
+
+
+def test_penalties_match_hand_computation():
+    row = [2.0, -1.0, 0.5, -0.5, 3.0, 1.0]
+    logits = torch.tensor([row, row, row])
+    prompt = [[0, 1], [0, 1], [0, 1]]
+    outputs = [[2, 2, 3], [2, 2, 3], [2, 2, 3]]
+    prompt_mask, counts = build_token_histories(prompt, outputs, vocab_size=6)
+    assert prompt_mask.dtype == torch.bool and prompt_mask[0].tolist() == [1, 1, 0, 0, 0, 0]
+    assert counts[0].tolist() == [0, 0, 2, 1, 0, 0]
+    out = apply_penalties(
+        logits,
+        prompt_mask,
+        counts,
+        repetition_penalty=torch.tensor([2.0, 1.0, 1.0]),
+        presence_penalty=torch.tensor([0.5, 0.0, 0.5]),
+        frequency_penalty=torch.tensor([0.25, 0.0, 0.0]),
+    )
+    # Row 0, by hand: repetition 2 on tokens 0-3 (prompt or output), then
+    # presence 0.5 + frequency 0.25 * count on tokens 2 (count 2) and 3 (count 1).
+    #   t0: 2.0 / 2 = 1.0          t1: -1.0 * 2 = -2.0
+    #   t2: 0.5 / 2 - 0.5 - 0.5 = -0.75
+    #   t3: -0.5 * 2 - 0.5 - 0.25 = -1.75
+    #   t4, t5: never seen, unchanged
+    assert out[0].tolist() == [1.0, -2.0, -0.75, -1.75, 3.0, 1.0]
+    # Row 1 is neutral: bit-for-bit unchanged.
+    assert torch.equal(out[1], logits[1])
+    # Row 2: presence applies to generated tokens only (not the prompt's tokens 0 and 1).
+    assert out[2].tolist() == [2.0, -1.0, 0.0, -1.0, 3.0, 1.0]
+
+
+def test_neutral_penalties_are_bit_exact_on_odd_values():
+    logits = torch.randn(2, 64, generator=torch.Generator().manual_seed(3)) * 1e3
+    logits[0, 5] = float("-inf")
+    logits[1, 7] = -0.0
+    mask = torch.ones(2, 64, dtype=torch.bool)
+    counts = torch.full((2, 64), 3, dtype=torch.int32)
+    neutral = torch.tensor([1.0, 1.0])
+    zero = torch.tensor([0.0, 0.0])
+    out = apply_penalties(logits, mask, counts, neutral, zero, zero)
+    assert torch.equal(out.view(torch.int32), logits.view(torch.int32))
+
+
+def test_sample_applies_penalties_before_greedy_argmax():
+    logits = torch.tensor([[5.0, 4.0, 0.0], [5.0, 4.0, 0.0]])
+    params = [SamplingParams(temperature=0, frequency_penalty=2.0), SamplingParams(temperature=0)]
+    tensors = _tensors(params, vocab_size=3, prompt_token_ids=[[], []], output_token_ids=[[0], [0]])
+    assert sample(logits, tensors, [None, None]).tolist() == [1, 0]
+
+
+def test_penalties_need_histories():
+    with pytest.raises(GenerationError, match="prompt_token_ids"):
+        _tensors([SamplingParams(repetition_penalty=1.2)])
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        build_token_histories([[0, 9]], [[]], vocab_size=5)
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        build_token_histories([[0]], [[5]], vocab_size=5)
+    with pytest.raises(GenerationError, match="empty"):
+        _tensors([])
+
+
+def test_top_k_keeps_exactly_k_with_deterministic_ties():
+    logits = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 3.0, 2.0, 1.0], [0.0, 1.0, 2.0, 3.0]])
+    out = apply_top_k(logits, torch.tensor([2, 0, 10]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert torch.equal(out[1], logits[1])  # k = 0: off
+    assert torch.equal(out[2], logits[2])  # k > V: everything kept
+
+
+def test_top_p_always_keeps_the_top_token_and_rows_with_p_1_are_unchanged():
+    logits = torch.tensor([[0.0, 3.0, 2.9, 1.0], [-30.0, 0.0, 30.0, 1.0]])
+    out = apply_top_p(logits, torch.tensor([1e-6, 1.0]))
+    assert torch.isfinite(out[0]).tolist() == [False, True, False, False]
+    assert torch.equal(out[1], logits[1])
+
+
+def test_min_p_is_relative_to_the_max_probability():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.1], [0.5, 0.3, 0.1, 0.1]]))
+    out = apply_min_p(logits, torch.tensor([0.5, 0.0]))
+    assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
+    assert torch.equal(out[1], logits[1])
+
+
+def test_mask_tokens():
+    logits = torch.zeros(2, 4)
+    out = mask_tokens(logits, [[1, 3], None])
+    assert torch.isinf(out[0]).tolist() == [False, True, False, True]
+    assert torch.equal(out[1], logits[1])
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        mask_tokens(logits, [[4], None])
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-row determinism
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_rows_samples_depend_only_on_its_own_generator_and_logits():
+    vocab, steps, seed = 40, 50, 1234
+    target = SamplingParams(temperature=0.9, top_p=0.95, top_k=20, seed=seed)
+    params_a = [
+        target,
+        SamplingParams(temperature=0),
+        SamplingParams(temperature=1.3, seed=7),
+        SamplingParams(temperature=1.0),
+    ]
+    params_b = [
+        SamplingParams(temperature=0.5, min_p=0.1),
+        SamplingParams(temperature=1.0, seed=seed),  # same seed, other parameters
+        SamplingParams(temperature=2.0, repetition_penalty=1.3, presence_penalty=0.5),
+        target,
+        SamplingParams(temperature=0),
+    ]
+    gens_a = [make_generator(p.seed) for p in params_a]
+    gens_b = [make_generator(p.seed) for p in params_b]
+    histories = dict(
+        vocab_size=vocab,
+        prompt_token_ids=[[1, 2, 3]] * 5,
+        output_token_ids=[[4, 4]] * 5,
+    )
+    tensors_a = _tensors(params_a)
+    tensors_b = _tensors(params_b, **histories)
+    assert tensors_b.do_penalties and not tensors_a.do_penalties
+
+    logits_gen = torch.Generator().manual_seed(99)
+    other_gen = torch.Generator().manual_seed(5)
+    got_a, got_b = [], []
+    for _ in range(steps):
+        row = torch.randn(vocab, generator=logits_gen) * 2
+        logits_a = torch.randn(4, vocab, generator=other_gen)
+        logits_b = torch.randn(5, vocab, generator=other_gen) * 3
+        logits_a[0] = row
+        logits_b[3] = row
+        got_a.append(sample(logits_a, tensors_a, gens_a)[0].item())
+        got_b.append(sample(logits_b, tensors_b, gens_b)[3].item())
+    assert got_a == got_b
+    assert len(set(got_a)) > 5  # really sampling, not a constant
+
+
+def test_same_seed_reproduces_and_different_seeds_differ():
+    logits = torch.zeros(1, 1000)
+    tensors = _tensors([SamplingParams(seed=1)])
+
+    def run(seed):
+        gen = make_generator(seed)
+        return [sample(logits, tensors, [gen]).item() for _ in range(10)]
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+    assert make_generator(None) is None
+    assert run(-5) == run(-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics: chi-square goodness of fit
+# ----------------------------------------------------------------------------------------------
+
+LOGITS = np.array([0.0, 2.0, -1.0, 1.0, -2.0, 1.5, 0.5, -0.5])
+NUM_SAMPLES = 20_000
+
+# 0.999 quantiles of the chi-square distribution, by degrees of freedom (from tables; checked
+# against torch's regularized incomplete gamma function below).
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+
+
+def _softmax(x):
+    e = np.exp(x - x.max())
+    return e / e.sum()
+
+
+def _reference(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """The distribution the documented pipeline should sample, computed independently."""
+    probs = _softmax(LOGITS / temperature)
+    keep = np.ones(len(LOGITS), dtype=bool)
+    order = np.argsort(-probs, kind="stable")
+    if top_k:
+        keep[order[top_k:]] = False
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum()
+    if top_p < 1.0:
+        total = 0.0
+        for rank, token in enumerate(order):
+            if not keep[token]:
+                continue
+            if total >= top_p and rank > 0:
+                keep[token] = False
+            total += probs[token]
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum()
+    if min_p > 0.0:
+        keep &= probs >= min_p * probs.max()
+        probs = np.where(keep, probs, 0.0)
+        probs /= probs.sum()
+    return probs
+
+
+def _draw(params: SamplingParams, num=NUM_SAMPLES, seed=0, per_row_generators=False):
+    """Draw `num` tokens for LOGITS: one batch of `num` identical rows."""
+    logits = torch.tensor(LOGITS, dtype=torch.float32).expand(num, -1).contiguous()
+    tensors = _tensors([params] * num)
+    if per_row_generators:
+        gens = [make_generator(seed * 1_000_003 + i) for i in range(num)]
+        chosen = sample(logits, tensors, gens)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            chosen = sample(logits, tensors, [None] * num)
+    return np.bincount(chosen.numpy(), minlength=len(LOGITS))
+
+
+def _chi_square(counts, expected_probs):
+    """(statistic, degrees of freedom) over the tokens with non-zero expected probability."""
+    support = expected_probs > 0
+    expected = expected_probs[support] * counts.sum()
+    assert expected.min() >= 5, "too few samples for a chi-square test"
+    statistic = float(((counts[support] - expected) ** 2 / expected).sum())
+    return statistic, int(support.sum()) - 1
+
+
+def _p_value(statistic, df):
+    return torch.special.gammaincc(
+        torch.tensor(df / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)
+    ).item()
+
+
+def test_chi_square_table_matches_the_incomplete_gamma_function():
+    for df, quantile in CHI2_999.items():
+        assert _p_value(quantile, df) == pytest.approx(0.001, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=1.0),
+        dict(temperature=0.7),
+        dict(temperature=1.5),
+        dict(top_k=3),
+        dict(top_p=0.8),
+        dict(min_p=0.2),
+        dict(temperature=1.5, min_p=0.2),
+        dict(temperature=1.3, top_k=6, top_p=0.9, min_p=0.05),
+    ],
+    ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
+)
+def test_samples_follow_the_claimed_distribution(settings):
+    expected = _reference(**settings)
+    counts = _draw(SamplingParams(**settings), seed=0)
+    assert counts[expected == 0].sum() == 0, "a masked token was sampled"
+    statistic, df = _chi_square(counts, expected)
+    assert statistic < CHI2_999[df], (statistic, df, counts.tolist(), expected.tolist())
+    assert _p_value(statistic, df) > 0.001
+
+
+def test_per_row_generators_follow_the_claimed_distribution():
+    settings = dict(temperature=0.7, top_p=0.9)
+    expected = _reference(**settings)
+    counts = _draw(SamplingParams(**settings), num=5_000, seed=3, per_row_generators=True)
+    assert counts[expected == 0].sum() == 0
+    statistic, df = _chi_square(counts, expected)
+    assert statistic < CHI2_999[df]
+
+
+@pytest.mark.parametrize(
+    ("sampled", "claimed"),
+    [
+        (dict(temperature=1.0), dict(temperature=0.7)),
+        (dict(temperature=1.0), dict(temperature=1.15)),
+        (dict(top_k=4), dict(top_k=3)),
+        (dict(top_p=0.95), dict(top_p=0.8)),
+    ],
+    ids=["T1-vs-T0.7", "T1-vs-T1.15", "top_k-4-vs-3", "top_p-0.95-vs-0.8"],
+)
+def test_the_statistical_check_rejects_the_wrong_distribution(sampled, claimed):
+    """The checks above have power: samples from another distribution fail them, either by
+    hitting a token the claimed distribution masks or by a chi-square above the threshold."""
+    counts = _draw(SamplingParams(**sampled), seed=11)
+    expected = _reference(**claimed)
+    if counts[expected == 0].sum() > 0:
+        return  # the masked-token assertion catches it
+    statistic, df = _chi_square(counts, expected)
+    assert statistic > CHI2_999[df]
+    assert _p_value(statistic, df) < 0.001
+
+
+def test_the_wrong_temperature_is_caught_by_chi_square_alone():
+    counts = _draw(SamplingParams(temperature=1.0), seed=11)
+    statistic, df = _chi_square(counts, _reference(temperature=0.7))
+    assert statistic > CHI2_999[df]
+
+
+def test_reference_truncations_are_what_the_tests_claim():
+    """Guard the fixtures: each truncation really removes tokens (so the tests mean something)."""
+    assert (_reference(top_k=3) > 0).sum() == 3
+    assert (_reference(top_p=0.8) > 0).sum() == 4
+    assert (_reference(min_p=0.2) > 0).sum() == 4
+    assert (_reference(temperature=1.5, min_p=0.2) > 0).sum() == 5
+    assert 1 < (_reference(temperature=1.3, top_k=6, top_p=0.9, min_p=0.05) > 0).sum() < 6
+
+
+def test_top_k_top_p_single_sort_matches_separate_application():
+    logits = torch.randn(8, 100, generator=torch.Generator().manual_seed(4))
+    k = torch.tensor([0, 1, 5, 50, 100, 0, 7, 3])
+    p = torch.tensor([1.0, 0.5, 0.9, 0.3, 1.0, 0.7, 0.99, 1e-3])
+    both = apply_top_k_top_p(logits, k, p)
+    separate = apply_top_p(apply_top_k(logits, k), p)
+    assert torch.equal(both, separate)
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+
+def test_compute_logprobs():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(8)) * 4
+    chosen = torch.tensor([0, 7, 19])
+    chosen_lp, top_ids, top_lp = compute_logprobs(logits, chosen, top_n=5)
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    assert torch.allclose(chosen_lp.double(), reference[torch.arange(3), chosen], atol=1e-5)
+    assert top_ids.shape == (3, 5) and top_lp.shape == (3, 5)
+    assert (top_lp[:, :-1] >= top_lp[:, 1:]).all()
+    assert torch.equal(top_ids[:, 0], logits.argmax(dim=-1))
+    assert torch.allclose(top_lp.double(), reference.gather(1, top_ids), atol=1e-5)
+    assert torch.allclose(top_lp.double(), reference.sort(dim=-1, descending=True).values[:, :5])
+    _, ids0, lp0 = compute_logprobs(logits, chosen, top_n=0)
+    assert ids0.shape == (3, 0) and lp0.shape == (3, 0)
+    with pytest.raises(GenerationError, match="top_n"):
+        compute_logprobs(logits, chosen, top_n=21)
+
+
+def test_candidate_logprobs():
+    logits = torch.tensor([1.0, 2.0, 3.0, 0.5])
+    got = candidate_logprobs(logits, [2, 0])
+    reference = torch.log_softmax(logits.double(), dim=-1)[[2, 0]]
+    assert torch.allclose(got.double(), reference, atol=1e-6)
+    with pytest.raises(GenerationError, match="candidate_token_ids"):
+        candidate_logprobs(logits, [4])
+
+
+def test_logprobs_ignore_sampling_settings():
+    """Logprobs describe the raw model, whatever temperature the row samples with."""
+    logits = torch.tensor([[1.0, 2.0, 3.0]])
+    lp, _, _ = compute_logprobs(logits, torch.tensor([2]), top_n=1)
+    assert lp.item() == pytest.approx(
+        math.log(math.exp(3) / (math.exp(1) + math.exp(2) + math.exp(3)))
+    )

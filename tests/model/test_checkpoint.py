@@ -1,0 +1,321 @@
+"""Checkpoint loading and saving: round trips with transformers, every layout, every error."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from tulu.errors import CheckpointError, ConfigError
+from tulu.model import GPTNeoXForCausalLM, preset
+from tulu.model.checkpoint import load_model, resolve_checkpoint, save_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_model(seed: int = 0, **overrides) -> GPTNeoXForCausalLM:
+    fields = dict(
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        torch_dtype="float32",
+    )
+    fields.update(overrides)
+    model = GPTNeoXForCausalLM(preset("pythia-14m", **fields))
+    model.init_weights(seed)
+    with torch.no_grad():  # non-trivial norms and biases, so a mix-up cannot go unnoticed
+        gen = torch.Generator().manual_seed(seed + 1)
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "layernorm" in name or "layer_norm" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model.eval()
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+IDS = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("shard_bytes", [5 * 1000**3, 200_000])
+def test_save_load_round_trip_and_transformers_loads_it(tmp_path, shard_bytes):
+    model = tiny_model()
+    save_model(model, tmp_path, max_shard_bytes=shard_bytes)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    if shard_bytes < 1000**3:
+        assert "model.safetensors.index.json" in files
+        assert sum(f.endswith(".safetensors") for f in files) > 1
+    else:
+        assert "model.safetensors" in files
+    assert {"config.json", "generation_config.json"} <= set(files)
+
+    again = load_model(tmp_path)
+    assert torch.equal(logits(model, IDS), logits(again, IDS))
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(model, IDS), logits(hf, IDS))
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    save_model(model, tmp_path)
+    again = load_model(tmp_path)
+    assert again.embed_out.weight is again.gpt_neox.embed_in.weight
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.allclose(logits(model, IDS), logits(hf, IDS), atol=1e-5)
+
+
+def test_loads_what_transformers_saves(tmp_path):
+    model = tiny_model()
+    save_model(model, tmp_path / "ours")
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "ours")
+    hf.save_pretrained(tmp_path / "theirs")
+    again = load_model(tmp_path / "theirs")
+    assert torch.equal(logits(model, IDS), logits(again, IDS))
+
+
+def test_loads_into_requested_dtype(tmp_path):
+    save_model(tiny_model(), tmp_path)
+    model = load_model(tmp_path, dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def _write_bin_checkpoint(model, directory: Path, shards: int = 1) -> None:
+    directory.mkdir(parents=True)
+    model.config.save(directory)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    # Old transformers versions saved these buffers; loading must ignore them.
+    state["gpt_neox.layers.0.attention.bias"] = torch.ones(1, 1, 8, 8, dtype=torch.bool)
+    state["gpt_neox.layers.0.attention.masked_bias"] = torch.tensor(-1e9)
+    if shards == 1:
+        torch.save(state, directory / "pytorch_model.bin")
+        return
+    names = list(state)
+    weight_map = {}
+    for i in range(shards):
+        part = {n: state[n] for n in names[i::shards]}
+        fname = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+        torch.save(part, directory / fname)
+        weight_map.update(dict.fromkeys(part, fname))
+    (directory / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_loads_pytorch_bin(tmp_path, shards):
+    model = tiny_model()
+    _write_bin_checkpoint(model, tmp_path / "ckpt", shards)
+    again = load_model(tmp_path / "ckpt")
+    assert torch.equal(logits(model, IDS), logits(again, IDS))
+
+
+class Payload:
+    """An object whose unpickling would run code: weights_only must refuse it."""
+
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/tulu-pwned",))
+
+
+def test_bin_with_arbitrary_objects_is_refused(tmp_path):
+    model = tiny_model()
+    _write_bin_checkpoint(model, tmp_path / "ckpt")
+    state = torch.load(tmp_path / "ckpt" / "pytorch_model.bin", weights_only=True)
+    state["evil"] = Payload()
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_model(tmp_path / "ckpt")
+    assert not Path("/tmp/tulu-pwned").exists()
+
+
+# ------------------------------------------------------------------------------- errors
+def test_missing_directory_and_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="config.json not found"):
+        load_model(tmp_path)
+    tiny_model().config.save(tmp_path)
+    with pytest.raises(CheckpointError, match="no weights found"):
+        load_model(tmp_path)
+
+
+def test_wrong_model_type(tmp_path):
+    save_model(tiny_model(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'llama'"):
+        load_model(tmp_path)
+
+
+def test_wrong_shape_names_the_tensor(tmp_path):
+    save_model(tiny_model(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["intermediate_size"] = 128
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor .gpt_neox\.layers\.0\.mlp\.dense_(h_to_4h|4h_to_h)\.weight. has shape",
+    ):
+        load_model(tmp_path)
+
+
+def test_missing_and_unexpected_tensors(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model(), tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    del state["gpt_neox.final_layer_norm.bias"]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="missing tensors: gpt_neox.final_layer_norm.bias"):
+        load_model(tmp_path)
+    state["gpt_neox.final_layer_norm.bias"] = torch.zeros(64)
+    state["lm_head.extra"] = torch.zeros(3)
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="unexpected tensor 'lm_head.extra'"):
+        load_model(tmp_path)
+
+
+def test_truncated_and_corrupt_safetensors(tmp_path):
+    save_model(tiny_model(), tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 1000])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(tmp_path)
+    path.write_bytes(data[:4])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_model(tmp_path)
+    header_len = struct.unpack("<Q", data[:8])[0]
+    path.write_bytes(data[:8] + b"{not json" + data[17 : 8 + header_len] + data[8 + header_len :])
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        load_model(tmp_path)
+
+
+def test_truncated_bin(tmp_path):
+    _write_bin_checkpoint(tiny_model(), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "pytorch_model.bin"
+    path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="corrupt or truncated"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_missing_shard(tmp_path):
+    save_model(tiny_model(), tmp_path, max_shard_bytes=200_000)
+    next(tmp_path.glob("model-00002-*.safetensors")).unlink()
+    with pytest.raises(CheckpointError, match="shard 'model-00002-of-.*' is listed but missing"):
+        load_model(tmp_path)
+
+
+# ------------------------------------------------------------------------------- hub ids
+def _fake_hub_cache(cache: Path, repo_id: str, model) -> None:
+    """The huggingface_hub cache layout: models--org--name/{refs/main, snapshots/<sha>/...}."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    save_model(model, repo / "snapshots" / commit)
+
+
+def test_hub_id_resolves_through_offline_cache(tmp_path):
+    model = tiny_model()
+    _fake_hub_cache(tmp_path / "hub", "EleutherAI/pythia-tiny", model)
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from tulu.errors import CheckpointError
+        from tulu.model.checkpoint import load_model
+        m = load_model("EleutherAI/pythia-tiny")
+        ids = torch.arange(10).unsqueeze(0)
+        with torch.no_grad():
+            print(float(m(ids).sum()))
+        try:
+            load_model("EleutherAI/not-cached")
+        except CheckpointError as err:
+            print("ERR", err)
+        """
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env.pop("HF_HOME", None)
+    out = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    with torch.no_grad():
+        expected = float(model(torch.arange(10).unsqueeze(0)).sum())
+    assert float(lines[0]) == pytest.approx(expected, rel=1e-6)
+    assert lines[1].startswith("ERR EleutherAI/not-cached: not found in the Hugging Face cache")
+    assert "HF_HUB_OFFLINE" in lines[1]
+
+
+def test_local_looking_paths_are_not_hub_ids(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_checkpoint("./models/pythia")
+    with pytest.raises(CheckpointError, match="no such checkpoint directory"):
+        resolve_checkpoint(str(tmp_path / "a" / "b"))
+
+
+# ------------------------------------------------------------------------------- memory
+# VmHWM (this process's peak RSS) rather than ru_maxrss, which survives exec and so reports the
+# parent's peak in a child process.
+PEAK_RSS_SCRIPT = """
+import sys, torch
+from tulu.model.checkpoint import load_model
+
+def peak_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+
+torch.set_num_threads(1)
+base = peak_kib()
+model = load_model(sys.argv[1], dtype=sys.argv[2])
+weights = sum(p.numel() * p.element_size() for p in model.parameters())
+print((peak_kib() - base) * 1024, weights)
+"""
+
+
+@pytest.mark.slow
+def test_peak_memory_while_loading_100m_checkpoint(tmp_path):
+    """Loading must not hold a second full copy of the weights (meta init + streamed reads)."""
+    config = preset(
+        "pythia-70m",
+        hidden_size=640,
+        num_hidden_layers=10,
+        num_attention_heads=10,
+        intermediate_size=2560,
+        torch_dtype="float32",
+    )
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    model = model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(0.01)
+    assert 100e6 < config.num_parameters() < 130e6
+    save_model(model, tmp_path)
+    del model
+    for dtype in ("float32", "bfloat16"):
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS_SCRIPT, str(tmp_path), dtype],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        grown, weights = map(int, out.stdout.split())
+        print(
+            f"{dtype}: peak RSS growth {grown / 2**20:.0f} MiB for {weights / 2**20:.0f} MiB of weights "
+            f"({grown / weights:.2f}x)"
+        )
+        assert grown < 1.5 * weights, (dtype, grown / weights)
