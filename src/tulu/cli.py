@@ -1,0 +1,251 @@
+"""The `tulu` command: parses arguments and calls the packages that do the work.
+
+Errors caused by the user's input (`TuluError`) are printed as one line, without a traceback,
+and the command exits with status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tulu import __version__
+from tulu.errors import TuluError
+
+# ---------------------------------------------------------------------------------- arguments
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id (org/name)")
+    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--revision", help="hub revision (branch, tag or commit) for hub ids")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=max_tokens)
+    g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from tulu.engine.sampling import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=list(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tulu",
+        description="Train, evaluate and serve instruction-tuned GPT-NeoX models in the Tulu chat format.",
+    )
+    parser.add_argument("--version", action="version", version=f"tulu {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser("generate", help="generate from a prompt or a JSONL file of prompts")
+    _add_model_args(gen)
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt (a user message unless --raw)")
+    src.add_argument("--input", type=Path, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
+    gen.add_argument("--output", type=Path, help="JSONL results (default: stdout)")
+    gen.add_argument("--raw", action="store_true", help="use prompts as plain text, not the chat format")
+    gen.add_argument("--system", help="system prompt for chat-format prompts")
+    _add_sampling_args(gen, temperature=0.0, max_tokens=256)
+
+    chat = sub.add_parser("chat", help="interactive chat in the Tulu format (streams replies)")
+    _add_model_args(chat)
+    chat.add_argument("--system", help="initial system prompt")
+    _add_sampling_args(chat, temperature=0.7, max_tokens=512)
+
+    info = sub.add_parser("info", help="parameters, memory for weights and KV cache of a checkpoint")
+    info.add_argument("model", metavar="MODEL", help="checkpoint directory, hub id, or preset (pythia-6.9b)")
+    info.add_argument("--dtype", help="dtype to size memory for (default: the checkpoint's)")
+    info.add_argument("--json", action="store_true", help="print JSON")
+
+    demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
+    demo.add_argument("--output", type=Path, default=Path("runs/demo"))
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+# ---------------------------------------------------------------------------------- commands
+
+
+def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any]]:
+    """(where, record, prompt) for every input, all validated before the model is loaded."""
+    from tulu.jsonl import iter_jsonl
+
+    if args.prompt is not None:
+        records = [("--prompt", {"prompt": args.prompt})]
+    else:
+        records = [(f"{args.input}:{n}", r) for n, r in iter_jsonl(args.input)]
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    prompts = []
+    for where, record in records:
+        if "messages" in record:
+            if args.raw:
+                raise TuluError(f"{where}: 'messages' records cannot be used with --raw")
+            if not isinstance(record["messages"], list) or not record["messages"]:
+                raise TuluError(f"{where}: field 'messages' must be a non-empty list")
+            prompt: Any = record["messages"]
+        elif isinstance(record.get("prompt"), str):
+            text = record["prompt"]
+            prompt = text if args.raw else system + [{"role": "user", "content": text}]
+        else:
+            raise TuluError(f"{where}: needs a string field 'prompt' or a list field 'messages'")
+        prompts.append((where, record, prompt))
+    return prompts
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tulu.engine.reference import generate_text
+    from tulu.jsonl import write_jsonl
+    from tulu.pretrained import load_pretrained
+
+    params = _sampling_params(args)
+    prompts = _prompts_of(args)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+
+    def run(where: str, record: dict[str, Any], prompt: Any, stream: bool = False) -> dict[str, Any]:
+        on_text = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
+        try:
+            result = generate_text(
+                loaded.model, loaded.tokenizer, prompt, params, chat=not args.raw, on_text=on_text
+            )
+        except TuluError as err:
+            raise TuluError(f"{where}: {err}") from None
+        return {
+            **record,
+            "output": result.text,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": len(result.prompt_token_ids),
+            "completion_tokens": len(result.token_ids),
+        }
+
+    if args.prompt is not None and args.output is None:
+        result = run(*prompts[0], stream=True)
+        sys.stdout.write("\n")
+        tokens, finish = result["completion_tokens"], result["finish_reason"]
+        print(f"[{tokens} tokens, finish: {finish}]", file=sys.stderr)
+        return 0
+    results = (run(*item) for item in prompts)
+    if args.output is None:
+        write_jsonl(results, sys.stdout)
+        return 0
+    # Results go to a .partial file first: an interrupted run never leaves a truncated file
+    # under the final name, and what was finished is kept.
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = args.output.with_name(args.output.name + ".partial")
+    with open(partial, "w", encoding="utf-8") as out:
+        count = write_jsonl(results, out)
+    partial.replace(args.output)
+    print(f"wrote {count} results to {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tulu.interactive import ChatSession, run_chat
+    from tulu.pretrained import load_pretrained
+
+    params = _sampling_params(args)
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    session = ChatSession(loaded.model, loaded.tokenizer, params, system=args.system)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+
+    def read(prompt: str) -> str:
+        if interactive:
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        sys.stdout.write(prompt + line)
+        return line.rstrip("\n")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    run_chat(session, read, write)
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from tulu.pretrained import describe
+
+    info = describe(args.model, args.dtype)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    gib = 2**30
+    rows = [
+        ("source", info["source"]),
+        ("architecture", f"{info['architecture']}, {info['layers']} layers, hidden {info['hidden_size']}, "
+         f"{info['attention_heads']} heads x {info['head_size']} (rotary {info['rotary_dims']}), "
+         f"{'parallel' if info['parallel_residual'] else 'sequential'} residual"),
+        ("parameters", f"{info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)"),
+        ("vocabulary", f"{info['vocab_size']:,} embedding rows"
+         + (f", tokenizer {info['tokenizer_size']:,} ids" if "tokenizer_size" in info else "")),
+        ("context window", f"{info['context_window']:,} tokens"),
+        ("dtype", f"{info['dtype']} (checkpoint: {info['checkpoint_dtype']})"),
+        ("weights memory", f"{info['weights_bytes'] / gib:.2f} GiB"),
+        ("KV cache", f"{info['kv_cache_bytes_per_token']:,} bytes/token, "
+         f"{info['kv_cache_bytes_full_context'] / gib:.3f} GiB per full-context sequence"),
+    ]
+    if "special_tokens" in info:
+        rows.append(("special tokens", ", ".join(f"{k}={v!r}" for k, v in info["special_tokens"].items())))
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tulu.demo import run_demo
+
+    run_demo(args.output, seed=args.seed)
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except TuluError as err:
+        print(f"tulu {args.command}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""`tulu chat`: an interactive conversation that keeps its history and streams replies."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tulu.chat import Message, generation_prompt
+from tulu.engine.reference import generate_text
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import GenerationError
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.tokenizer import Tokenizer
+
+HELP = """Commands:
+  /reset         forget the conversation (keeps the system prompt)
+  /system TEXT   set the system prompt (empty TEXT removes it) and reset
+  /history       show the conversation so far
+  /exit          quit (Ctrl-D works too)
+Anything else is sent to the model."""
+
+
+@dataclass
+class ChatSession:
+    """The state of one conversation: an optional system prompt and the turns so far."""
+
+    model: GPTNeoXForCausalLM
+    tokenizer: Tokenizer
+    params: SamplingParams
+    system: str | None = None
+    turns: list[Message] = field(default_factory=list)
+
+    def messages(self) -> list[Message]:
+        head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.turns
+
+    def _prompt_tokens(self) -> int:
+        text = generation_prompt(self.messages(), self.tokenizer.eos_token)
+        return len(self.tokenizer.encode(text))
+
+    def reply(self, user_text: str, on_text: Callable[[str], None]) -> str:
+        """Add a user turn, stream the assistant's answer through `on_text`, keep both turns.
+
+        When the conversation outgrows the context window, the oldest turns are dropped
+        (the system prompt stays) until the prompt fits.
+        """
+        self.turns.append({"role": "user", "content": user_text})
+        window = self.model.config.max_position_embeddings
+        while len(self.turns) > 1 and self._prompt_tokens() >= window:
+            del self.turns[:2]  # the oldest user/assistant exchange
+        try:
+            result = generate_text(
+                self.model, self.tokenizer, self.messages(), self.params, on_text=on_text
+            )
+        except GenerationError:
+            self.turns.pop()
+            raise
+        self.turns.append({"role": "assistant", "content": result.text or ""})
+        return result.text or ""
+
+
+def run_chat(
+    session: ChatSession,
+    read: Callable[[str], str],
+    write: Callable[[str], None],
+) -> None:
+    """The read-eval-print loop. `read(prompt)` raises EOFError at the end of input."""
+    write(f"Chatting in the Tulu format. {HELP.splitlines()[0]} /reset, /system, /history, /exit.\n")
+    while True:
+        try:
+            line = read(">>> ")
+        except (EOFError, KeyboardInterrupt):
+            write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, argument = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return
+            if command == "/reset":
+                session.turns.clear()
+                write("(conversation reset)\n")
+            elif command == "/system":
+                session.system = argument.strip() or None
+                session.turns.clear()
+                write(f"(system prompt {'set' if session.system else 'removed'}; conversation reset)\n")
+            elif command == "/history":
+                for message in session.messages():
+                    write(f"[{message['role']}] {message['content']}\n")
+            elif command == "/help":
+                write(HELP + "\n")
+            else:
+                write(f"unknown command {command!r}\n{HELP}\n")
+            continue
+        try:
+            session.reply(line, write)
+        except GenerationError as err:
+            write(f"\nerror: {err}\n")
+            continue
+        write("\n")
+

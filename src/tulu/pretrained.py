@@ -1,0 +1,92 @@
+"""Load a model and its tokenizer together, and describe a checkpoint without loading it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tulu.errors import TokenizerError
+from tulu.model.checkpoint import load_model, resolve_checkpoint
+from tulu.model.config import PRESET_NAMES, NeoXConfig, dtype_name, parse_dtype, preset
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.tokenizer import Tokenizer
+
+
+@dataclass
+class Pretrained:
+    model: GPTNeoXForCausalLM
+    tokenizer: Tokenizer
+    directory: Path
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bfloat16 on GPUs (what the model was trained in); float32 on CPU, where it is fastest."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def load_pretrained(
+    model: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str | None = None,
+    revision: str | None = None,
+) -> Pretrained:
+    """A checkpoint directory or hub id -> model (eval mode) + its tokenizer."""
+    directory = resolve_checkpoint(model, revision)
+    device = device or default_device()
+    target = parse_dtype(dtype, "--dtype") if dtype is not None else default_dtype(device)
+    tokenizer = Tokenizer.from_dir(directory)
+    net = load_model(directory, dtype=target, device=device)
+    net.requires_grad_(False)
+    return Pretrained(net, tokenizer, directory)
+
+
+def describe(model: str | os.PathLike, dtype: str | None = None) -> dict[str, Any]:
+    """Sizes and memory needs of a checkpoint (or a preset name) from its config alone."""
+    source: str
+    if str(model) in PRESET_NAMES:
+        config, source, tokenizer = preset(str(model)), f"preset {model}", None
+    else:
+        directory = resolve_checkpoint(model)
+        config = NeoXConfig.from_json(directory / "config.json")
+        source = str(directory)
+        try:
+            tokenizer = Tokenizer.from_dir(directory)
+        except TokenizerError:  # info still works for a directory without tokenizer files
+            tokenizer = None
+    target = parse_dtype(dtype, "--dtype") if dtype else config.dtype
+    itemsize = torch.empty((), dtype=target).element_size()
+    params = config.num_parameters()
+    info: dict[str, Any] = {
+        "source": source,
+        "architecture": "GPT-NeoX",
+        "parameters": params,
+        "non_embedding_parameters": config.num_parameters(include_embeddings=False),
+        "layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "attention_heads": config.num_attention_heads,
+        "head_size": config.head_size,
+        "rotary_dims": config.rotary_ndims,
+        "parallel_residual": config.use_parallel_residual,
+        "vocab_size": config.vocab_size,
+        "context_window": config.max_position_embeddings,
+        "checkpoint_dtype": config.torch_dtype,
+        "dtype": dtype_name(target),
+        "weights_bytes": params * itemsize,
+        "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(target),
+        "kv_cache_bytes_full_context": config.kv_cache_bytes_per_token(target)
+        * config.max_position_embeddings,
+    }
+    if tokenizer is not None:
+        info["tokenizer_size"] = len(tokenizer)
+        info["special_tokens"] = {k: v for k, v in tokenizer.special_tokens.items() if v is not None}
+    return info
+
