@@ -1,0 +1,593 @@
+"""LLMEngine: requests in, token/text deltas out, one batched forward pass per step.
+
+`add_request` validates and queues; `step` asks the scheduler what to run, runs all of it as
+one flat batch over the paged KV cache, samples the sequences whose prompt is fully computed,
+applies stop conditions and returns a `RequestOutput` for every request that moved. `abort`
+frees a request's blocks at once. `LLM.generate` is the blocking convenience wrapper.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tulu.chat import generation_prompt
+from tulu.engine.attention import PagedAttention, StepLayout
+from tulu.engine.kv_cache import BlockPool, PagedKVCache, plan_kv_cache
+from tulu.engine.output import IncrementalOutput
+from tulu.engine.reference import TokenLogprob
+from tulu.engine.sampling import (
+    SamplingParams,
+    candidate_logprobs,
+    compute_logprobs,
+    make_generator,
+    mask_tokens,
+    prepare_sampling_tensors,
+    sample,
+)
+from tulu.engine.scheduler import Scheduler, Sequence
+from tulu.errors import GenerationError
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.tokenizer import Tokenizer
+
+Prompt = str | list[int] | list[dict[str, Any]]
+
+
+@dataclass
+class EngineConfig:
+    """Sizes of the KV cache and of each step."""
+
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # None: a fraction of free GPU memory, or 16 contexts on CPU
+    gpu_memory_fraction: float = 0.9
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None  # None: 2048 on CPU, 8192 on GPU
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    chat_format: bool = True  # render message-list prompts in the Tulu format
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise GenerationError(
+                    f"EngineConfig.{name} must be a positive integer, got {value!r}"
+                )
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
+            raise GenerationError(
+                f"EngineConfig.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
+            )
+
+
+@dataclass
+class CompletionOutput:
+    """One sampled continuation. `text`/`token_ids` are cumulative; `delta_*` are new this step."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    delta_text: str = ""
+    delta_token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    candidate_logprobs: list[dict[int, float]] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0
+    arrival_time: float = 0.0
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    arrival: float
+    completions: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model: GPTNeoXForCausalLM,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig | None = None,
+    ):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.model_config = model.config
+        self.max_model_len = model.config.max_position_embeddings
+        spec = plan_kv_cache(
+            model.config,
+            self.dtype,
+            self.device,
+            self.config.block_size,
+            self.config.kv_cache_bytes,
+            self.config.gpu_memory_fraction,
+        )
+        self.cache = PagedKVCache(model.config, spec, self.dtype, self.device)
+        self.pool = BlockPool(spec.num_blocks, spec.block_size, self.config.enable_prefix_caching)
+        budget = self.config.max_num_batched_tokens or (
+            8192 if self.device.type == "cuda" else 2048
+        )
+        self.scheduler = Scheduler(
+            self.pool,
+            max_num_seqs=self.config.max_num_seqs,
+            max_num_batched_tokens=budget,
+            enable_chunked_prefill=self.config.enable_chunked_prefill,
+        )
+        self.eos_token_id = (
+            tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
+        )
+        self._requests: dict[str, _Request] = {}
+        self._seq_ids = itertools.count()
+        self._request_ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Text (used as is), token ids, or chat messages (rendered in the Tulu format)."""
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise GenerationError("text prompts need a tokenizer")
+            return self.tokenizer.encode(prompt)
+        if (
+            isinstance(prompt, (list, tuple))
+            and prompt
+            and all(isinstance(m, dict) for m in prompt)
+        ):
+            if self.tokenizer is None:
+                raise GenerationError("chat prompts need a tokenizer")
+            return self.tokenizer.encode(generation_prompt(list(prompt), self.tokenizer.eos_token))
+        if isinstance(prompt, (list, tuple)) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise GenerationError(
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})"
+                )
+            return ids
+        raise GenerationError(
+            "a prompt must be a string, a list of token ids, or a list of chat messages"
+        )
+
+    def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Refuse requests that could never run, instead of queueing them forever."""
+        if num_prompt_tokens == 0:
+            raise GenerationError("the prompt is empty (0 tokens)")
+        total = num_prompt_tokens + params.max_tokens
+        if total > self.max_model_len:
+            raise GenerationError(
+                f"the prompt has {num_prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
+                f"{total} tokens exceed the model's context window of {self.max_model_len} tokens"
+            )
+        capacity = self.pool.num_blocks * self.pool.block_size
+        if total > capacity:
+            raise GenerationError(
+                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"{capacity} tokens"
+            )
+
+    def add_request(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise GenerationError(f"params must be SamplingParams, got {type(params).__name__}")
+        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        if request_id in self._requests:
+            raise GenerationError(f"request id {request_id!r} is already in use")
+        if params.stop and self.tokenizer is None:
+            raise GenerationError("stop strings need a tokenizer")
+        if (
+            params.candidate_token_ids
+            and max(params.candidate_token_ids) >= self.model_config.vocab_size
+        ):
+            raise GenerationError(
+                f"candidate token id {max(params.candidate_token_ids)} is outside the vocabulary"
+            )
+        prompt_ids = self.encode_prompt(prompt)
+        self.check_fits(len(prompt_ids), params)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for index in range(params.n):
+            seq = Sequence(
+                seq_id=next(self._seq_ids),
+                request_id=request_id,
+                index=index,
+                token_ids=list(prompt_ids),
+                num_prompt_tokens=len(prompt_ids),
+                params=params,
+                arrival=arrival,
+                generator=make_generator(_sample_seed(params.seed, index), self.device),
+            )
+            if self.tokenizer is not None:
+                seq.output = IncrementalOutput(
+                    self.tokenizer,
+                    prompt_ids,
+                    params.stop,
+                    include_stop=params.include_stop_str_in_output,
+                    skip_special_tokens=params.skip_special_tokens,
+                )
+            seqs.append(seq)
+        completions = [
+            CompletionOutput(
+                i,
+                "",
+                [],
+                logprobs=[] if params.logprobs is not None else None,
+                candidate_logprobs=[] if params.candidate_token_ids else None,
+            )
+            for i in range(params.n)
+        ]
+        request = _Request(request_id, prompt_ids, params, seqs, arrival, completions)
+        if params.prompt_logprobs is not None:
+            request.prompt_logprobs = [None]  # the first prompt token has no prediction
+        self._requests[request_id] = request
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq, completion in zip(request.seqs, request.completions, strict=True):
+            if not seq.is_finished:
+                self.scheduler.remove(seq)
+                seq.finish_reason = completion.finish_reason = "abort"
+            completion.delta_text, completion.delta_token_ids = "", []
+        request.finished_time = time.monotonic()
+        return self._request_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self._requests)
+
+    # ------------------------------------------------------------------ step
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        tokens, positions, slots, seq_layout = [], [], [], []
+        sample_rows: list[tuple[Sequence, int]] = []
+        prompt_logprob_rows: list[tuple[Sequence, int, int]] = []
+        bs = self.pool.block_size
+        for item in plan.scheduled:
+            seq, count = item.seq, item.num_new_tokens
+            start = seq.num_computed
+            q_start = len(tokens)
+            tokens.extend(seq.token_ids[start : start + count])
+            positions.extend(range(start, start + count))
+            table = seq.block_table
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
+            seq_layout.append((q_start, q_start + count, start + count, table))
+            if start + count == seq.num_tokens:
+                sample_rows.append((seq, q_start + count - 1))
+            if (
+                seq.params.prompt_logprobs is not None
+                and seq.index == 0
+                and start < seq.num_prompt_tokens
+            ):
+                end = min(start + count, seq.num_prompt_tokens)
+                prompt_logprob_rows.append((seq, q_start, end - start))
+
+        layout = StepLayout.build(self.cache, slots, seq_layout)
+        input_ids = torch.tensor([tokens], device=self.device)
+        position_ids = torch.tensor([positions], device=self.device)
+        hidden = self.model.hidden_states(
+            input_ids, position_ids, backend=PagedAttention(self.cache, layout)
+        )[0]
+        for item in plan.scheduled:
+            item.seq.num_computed += item.num_new_tokens
+            self.scheduler.register_computed_blocks(item.seq)
+        for seq, q_start, count in prompt_logprob_rows:
+            self._record_prompt_logprobs(seq, hidden, q_start, count)
+
+        touched: dict[str, _Request] = {}
+        if sample_rows:
+            rows = torch.tensor([row for _, row in sample_rows], device=self.device)
+            logits = self.model.embed_out(hidden[rows]).float()
+            self._sample_and_update([s for s, _ in sample_rows], logits, touched)
+        outputs = [self._request_output(r) for r in touched.values()]
+        for request in touched.values():
+            if request.finished:
+                del self._requests[request.request_id]
+        return outputs
+
+    def _sample_and_update(
+        self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, _Request]
+    ) -> None:
+        params = [s.params for s in seqs]
+        tensors = (
+            prepare_sampling_tensors(
+                params,
+                self.device,
+                vocab_size=logits.shape[-1],
+                prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in seqs],
+                output_token_ids=[s.output_ids for s in seqs],
+            )
+            if any(p.uses_penalties for p in params)
+            else prepare_sampling_tensors(params, self.device)
+        )
+        raw = logits
+        blocked = [
+            self._stop_ids(s) if s.num_output_tokens < s.params.min_tokens else None for s in seqs
+        ]
+        if any(b for b in blocked):
+            logits = mask_tokens(logits, blocked)
+        chosen = sample(logits, tensors, [s.generator for s in seqs])
+        chosen_list = chosen.tolist()
+        want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        top_n = max(want_logprobs, default=None)
+        if top_n is not None:
+            chosen_lp, top_ids, top_lp = compute_logprobs(raw, chosen, top_n)
+            chosen_lp, top_ids, top_lp = chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist()
+        now = time.monotonic()
+        for i, (seq, token) in enumerate(zip(seqs, chosen_list, strict=True)):
+            request = self._requests[seq.request_id]
+            completion = request.completions[seq.index]
+            if request.first_token_time is None:
+                request.first_token_time = now
+            seq.token_ids.append(token)
+            completion.token_ids.append(token)
+            completion.delta_token_ids.append(token)
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                completion.logprobs.append(
+                    TokenLogprob(
+                        token, chosen_lp[i], list(zip(top_ids[i][:k], top_lp[i][:k], strict=True))
+                    )
+                )
+            if seq.params.candidate_token_ids:
+                values = candidate_logprobs(raw[i], seq.params.candidate_token_ids).tolist()
+                completion.candidate_logprobs.append(
+                    dict(zip(seq.params.candidate_token_ids, values, strict=True))
+                )
+            self._check_stop(seq, token, completion)
+            touched[request.request_id] = request
+            if seq.is_finished and request.finished:
+                request.finished_time = now
+
+    def _stop_ids(self, seq: Sequence) -> list[int]:
+        ids = list(seq.params.stop_token_ids)
+        if not seq.params.ignore_eos and self.eos_token_id is not None:
+            ids.append(self.eos_token_id)
+        return ids
+
+    def _check_stop(self, seq: Sequence, token: int, completion: CompletionOutput) -> None:
+        finish, reason = None, None
+        if token in self._stop_ids(seq):
+            finish, reason = "stop", token
+        elif seq.output is not None:
+            delta = seq.output.push(token)
+            completion.delta_text += delta
+            if seq.output.stopped_by is not None:
+                finish, reason = "stop", seq.output.stopped_by
+        if finish is None and (
+            seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
+        ):
+            finish = "length"
+        if finish is None:
+            completion.text = seq.output.text if seq.output is not None else ""
+            return
+        if seq.output is not None:
+            completion.delta_text += seq.output.finish()
+            completion.text = seq.output.text
+        seq.finish_reason, seq.stop_reason = finish, reason
+        completion.finish_reason, completion.stop_reason = finish, reason
+        self.scheduler.remove(seq)
+
+    def _record_prompt_logprobs(
+        self, seq: Sequence, hidden: torch.Tensor, q_start: int, count: int
+    ) -> None:
+        """Log-probabilities of prompt tokens 1.. given their prefixes, chunk by chunk.
+
+        The hidden state at position p predicts token p + 1. Positions already scored (a
+        recompute after preemption) are skipped.
+        """
+        scored = self._requests[seq.request_id].prompt_logprobs
+        first = seq.num_computed - count  # absolute position of the chunk's first token
+        begin = max(first, len(scored) - 1)
+        end = min(first + count, seq.num_prompt_tokens - 1)
+        if end <= begin:
+            return
+        rows = hidden[q_start + (begin - first) : q_start + (end - first)]
+        logits = self.model.embed_out(rows).float()
+        targets = torch.tensor(seq.token_ids[begin + 1 : end + 1], device=self.device)
+        chosen, top_ids, top_lp = compute_logprobs(logits, targets, seq.params.prompt_logprobs)
+        for j, target in enumerate(targets.tolist()):
+            top = list(zip(top_ids[j].tolist(), top_lp[j].tolist(), strict=True))
+            scored.append(TokenLogprob(target, float(chosen[j]), top))
+
+    def _request_output(self, request: _Request) -> RequestOutput:
+        outputs = []
+        for completion in request.completions:
+            outputs.append(
+                CompletionOutput(
+                    completion.index,
+                    completion.text,
+                    list(completion.token_ids),
+                    completion.delta_text,
+                    completion.delta_token_ids,
+                    completion.finish_reason,
+                    completion.stop_reason,
+                    list(completion.logprobs) if completion.logprobs is not None else None,
+                    list(completion.candidate_logprobs)
+                    if completion.candidate_logprobs is not None
+                    else None,
+                )
+            )
+            completion.delta_text, completion.delta_token_ids = "", []
+        return RequestOutput(
+            request.request_id,
+            request.prompt_ids,
+            outputs,
+            request.finished,
+            list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
+            min(s.num_cached_prompt_tokens for s in request.seqs),
+            request.arrival,
+            request.first_token_time,
+            request.finished_time,
+        )
+
+    # ------------------------------------------------------------------ stats
+    def stats(self) -> dict[str, Any]:
+        return {
+            "waiting": len(self.scheduler.waiting),
+            "running": len(self.scheduler.running),
+            "kv_blocks_total": self.pool.num_blocks,
+            "kv_blocks_used": self.pool.num_used,
+            "kv_blocks_cached": self.pool.num_cached,
+            "prefix_cache_hit_rate": self.pool.hits / self.pool.queries
+            if self.pool.queries
+            else 0.0,
+            "preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _sample_seed(seed: int | None, index: int) -> int | None:
+    """Sample i of a seeded request gets its own seed derived from (seed, i); sample 0 uses seed."""
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class LLM:
+    """Blocking offline generation: `LLM(model, tokenizer).generate(prompts, params)`."""
+
+    def __init__(
+        self,
+        model: GPTNeoXForCausalLM,
+        tokenizer: Tokenizer | None,
+        config: EngineConfig | None = None,
+    ):
+        self.engine = LLMEngine(model, tokenizer, config)
+
+    def generate(
+        self,
+        prompts: Iterable[Prompt],
+        params: SamplingParams | Iterable[SamplingParams] | None = None,
+        *,
+        progress: bool | None = None,
+        on_output: Callable[[RequestOutput], None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run every prompt to completion; results come back in the prompts' order.
+
+        A progress bar is shown for more than 16 prompts when `progress` is None.
+        """
+        prompts = list(prompts)
+        if isinstance(params, SamplingParams) or params is None:
+            param_list = [params or SamplingParams()] * len(prompts)
+        else:
+            param_list = list(params)
+            if len(param_list) != len(prompts):
+                raise GenerationError(
+                    f"{len(prompts)} prompts but {len(param_list)} SamplingParams"
+                )
+        engine = self.engine
+        ids = []
+        try:
+            for prompt, p in zip(prompts, param_list, strict=True):
+                ids.append(engine.add_request(prompt, p))
+        except GenerationError as err:
+            for rid in ids:
+                engine.abort(rid)
+            raise GenerationError(f"prompt {len(ids)}: {err}") from None
+        results: dict[str, RequestOutput] = {}
+        show = progress if progress is not None else len(prompts) > 16
+        bar = _Progress(len(prompts)) if show else None
+        try:
+            while len(results) < len(ids):
+                for output in engine.step():
+                    if on_output:
+                        on_output(output)
+                    if output.finished:
+                        results[output.request_id] = output
+                        if bar:
+                            bar.advance(sum(len(c.token_ids) for c in output.outputs))
+        except BaseException:
+            for rid in ids:
+                if rid not in results:
+                    engine.abort(rid)
+            raise
+        finally:
+            if bar:
+                bar.close()
+        return [results[rid] for rid in ids]
+
+
+class _Progress:
+    """A rich progress bar counting finished requests and output tokens/s."""
+
+    def __init__(self, total: int):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.started = time.perf_counter()
+        self.tokens = 0
+        self.progress = Progress(
+            TextColumn("generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[rate]}"),
+            transient=False,
+        )
+        self.task = self.progress.add_task("generate", total=total, rate="")
+        self.progress.start()
+
+    def advance(self, tokens: int) -> None:
+        self.tokens += tokens
+        rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+        self.progress.update(self.task, advance=1, rate=f"{rate:,.0f} tok/s")
+
+    def close(self) -> None:
+        self.progress.stop()

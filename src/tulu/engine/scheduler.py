@@ -1,0 +1,234 @@
+"""Continuous batching: which sequences run in the next step, and how many tokens each.
+
+Every step has a token budget (`max_num_batched_tokens`). Running sequences come first, in
+arrival order: a decoding sequence needs one token, a sequence still in prefill gets the next
+chunk of its prompt (chunked prefill, so a long prompt never stalls the decodes beside it).
+Whatever budget is left admits waiting sequences, reusing cached prefix blocks first.
+
+When the block pool runs dry, the most recently admitted running sequence is preempted: its
+blocks are freed and it goes back to the front of the queue, to be recomputed later (its
+generated tokens are kept, so its output does not change).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from tulu.engine.kv_cache import BlockHash, BlockPool, hash_block
+from tulu.engine.output import IncrementalOutput
+from tulu.engine.sampling import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One sampled continuation of a request (a request with n > 1 has n sequences)."""
+
+    seq_id: int
+    request_id: str
+    index: int
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    params: SamplingParams
+    arrival: float
+    generator: torch.Generator | None = None
+    output: IncrementalOutput | None = None
+    status: SeqStatus = SeqStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[BlockHash] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys/values are in the cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_preemptions: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: BlockPool,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        enable_chunked_prefill: bool = True,
+        watermark: float = 0.01,
+    ):
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.enable_chunked_prefill = enable_chunked_prefill
+        # Admission keeps this many blocks spare so running decodes are not preempted at once.
+        self.watermark_blocks = int(watermark * pool.num_blocks)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---------------------------------------------------------------- queue
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted) and free its blocks."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self._free_blocks(seq)
+        seq.status = SeqStatus.FINISHED
+
+    # ---------------------------------------------------------------- blocks
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
+
+    def _allocate(self, seq: Sequence, num_tokens: int) -> None:
+        for _ in range(self._blocks_needed(seq, num_tokens)):
+            seq.block_table.append(self.pool.allocate())
+
+    def _free_blocks(self, seq: Sequence) -> None:
+        self.pool.release_all(seq.block_table)
+        seq.block_table = []
+
+    def _match_prefix(self, seq: Sequence) -> None:
+        """Reuse cached blocks for the leading full blocks of a newly admitted sequence.
+
+        At least one token is left to compute: the step needs logits at the last position.
+        """
+        if not self.pool.enable_prefix_caching or seq.block_table:
+            return
+        if seq.params.prompt_logprobs is not None:
+            return  # every prompt position must be computed to score it
+        self._extend_hashes(seq, seq.num_tokens - 1)
+        for block_hash in seq.block_hashes:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            seq.block_table.append(block)
+        seq.num_computed = len(seq.block_table) * self.block_size
+        seq.num_cached_prompt_tokens = max(
+            seq.num_cached_prompt_tokens, min(seq.num_computed, seq.num_prompt_tokens)
+        )
+
+    def _extend_hashes(self, seq: Sequence, upto_tokens: int) -> None:
+        bs = self.block_size
+        while (len(seq.block_hashes) + 1) * bs <= upto_tokens:
+            j = len(seq.block_hashes)
+            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            seq.block_hashes.append(hash_block(parent, seq.token_ids[j * bs : (j + 1) * bs]))
+
+    def register_computed_blocks(self, seq: Sequence) -> None:
+        """After a step: make the sequence's newly completed blocks findable for reuse."""
+        if not self.pool.enable_prefix_caching:
+            return
+        self._extend_hashes(seq, seq.num_computed)
+        for j in range(seq.num_computed // self.block_size):
+            self.pool.register(seq.block_table[j], seq.block_hashes[j])
+
+    # ---------------------------------------------------------------- scheduling
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self._free_blocks(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[ScheduledSeq] = []
+        preempted: list[Sequence] = []
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            seq = self.running[index]
+            count = min(seq.num_tokens - seq.num_computed, budget)
+            target = seq.num_computed + count
+            while self._blocks_needed(seq, target) > self.pool.num_free:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if victim is seq:
+                    break
+            if seq.status is not SeqStatus.RUNNING:
+                break  # it preempted itself: every later sequence is gone too
+            self._allocate(seq, target)
+            scheduled.append(ScheduledSeq(seq, count))
+            budget -= count
+            index += 1
+
+        while (
+            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            self._match_prefix(seq)
+            remaining = seq.num_tokens - seq.num_computed
+            if remaining > budget and not self.enable_chunked_prefill:
+                self._undo_prefix(seq)
+                break
+            count = min(remaining, budget)
+            target = seq.num_computed + count
+            if self._blocks_needed(seq, target) > self.pool.num_free - self.watermark_blocks:
+                if self.running or scheduled:
+                    self._undo_prefix(seq)
+                    break
+                # Nothing else is running: the watermark protects nobody, use the whole pool.
+                if self._blocks_needed(seq, target) > self.pool.num_free:
+                    self._undo_prefix(seq)
+                    break
+            self.waiting.popleft()
+            self._allocate(seq, target)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            scheduled.append(ScheduledSeq(seq, count))
+            budget -= count
+        return SchedulerOutput(scheduled, preempted)
+
+    def _undo_prefix(self, seq: Sequence) -> None:
+        self._free_blocks(seq)
+        seq.num_computed = 0
