@@ -21,14 +21,18 @@ from tulu.errors import TuluError
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id (org/name)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--revision", help="hub revision (branch, tag or commit) for hub ids")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=max_tokens)
+    g.add_argument(
+        "--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=max_tokens
+    )
     g.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
@@ -67,9 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(gen)
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (a user message unless --raw)")
-    src.add_argument("--input", type=Path, help='JSONL: {"prompt": ...} or {"messages": [...]} per line')
+    src.add_argument(
+        "--input", type=Path, help='JSONL: {"prompt": ...} or {"messages": [...]} per line'
+    )
     gen.add_argument("--output", type=Path, help="JSONL results (default: stdout)")
-    gen.add_argument("--raw", action="store_true", help="use prompts as plain text, not the chat format")
+    gen.add_argument(
+        "--raw", action="store_true", help="use prompts as plain text, not the chat format"
+    )
     gen.add_argument("--system", help="system prompt for chat-format prompts")
     _add_sampling_args(gen, temperature=0.0, max_tokens=256)
 
@@ -78,8 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", help="initial system prompt")
     _add_sampling_args(chat, temperature=0.7, max_tokens=512)
 
-    info = sub.add_parser("info", help="parameters, memory for weights and KV cache of a checkpoint")
-    info.add_argument("model", metavar="MODEL", help="checkpoint directory, hub id, or preset (pythia-6.9b)")
+    info = sub.add_parser(
+        "info", help="parameters, memory for weights and KV cache of a checkpoint"
+    )
+    info.add_argument(
+        "model", metavar="MODEL", help="checkpoint directory, hub id, or preset (pythia-6.9b)"
+    )
     info.add_argument("--dtype", help="dtype to size memory for (default: the checkpoint's)")
     info.add_argument("--json", action="store_true", help="print JSON")
 
@@ -125,9 +137,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     prompts = _prompts_of(args)
-    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    loaded = load_pretrained(
+        args.model, dtype=args.dtype, device=args.device, revision=args.revision
+    )
 
-    def run(where: str, record: dict[str, Any], prompt: Any, stream: bool = False) -> dict[str, Any]:
+    def run(
+        where: str, record: dict[str, Any], prompt: Any, stream: bool = False
+    ) -> dict[str, Any]:
         on_text = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
         try:
             result = generate_text(
@@ -169,7 +185,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from tulu.pretrained import load_pretrained
 
     params = _sampling_params(args)
-    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    loaded = load_pretrained(
+        args.model, dtype=args.dtype, device=args.device, revision=args.revision
+    )
     session = ChatSession(loaded.model, loaded.tokenizer, params, system=args.system)
     interactive = sys.stdin.isatty()
     if interactive:
@@ -205,20 +223,34 @@ def cmd_info(args: argparse.Namespace) -> int:
     gib = 2**30
     rows = [
         ("source", info["source"]),
-        ("architecture", f"{info['architecture']}, {info['layers']} layers, hidden {info['hidden_size']}, "
-         f"{info['attention_heads']} heads x {info['head_size']} (rotary {info['rotary_dims']}), "
-         f"{'parallel' if info['parallel_residual'] else 'sequential'} residual"),
-        ("parameters", f"{info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)"),
-        ("vocabulary", f"{info['vocab_size']:,} embedding rows"
-         + (f", tokenizer {info['tokenizer_size']:,} ids" if "tokenizer_size" in info else "")),
+        (
+            "architecture",
+            f"{info['architecture']}, {info['layers']} layers, hidden {info['hidden_size']}, "
+            f"{info['attention_heads']} heads x {info['head_size']} (rotary {info['rotary_dims']}), "
+            f"{'parallel' if info['parallel_residual'] else 'sequential'} residual",
+        ),
+        (
+            "parameters",
+            f"{info['parameters']:,} ({info['non_embedding_parameters']:,} non-embedding)",
+        ),
+        (
+            "vocabulary",
+            f"{info['vocab_size']:,} embedding rows"
+            + (f", tokenizer {info['tokenizer_size']:,} ids" if "tokenizer_size" in info else ""),
+        ),
         ("context window", f"{info['context_window']:,} tokens"),
         ("dtype", f"{info['dtype']} (checkpoint: {info['checkpoint_dtype']})"),
         ("weights memory", f"{info['weights_bytes'] / gib:.2f} GiB"),
-        ("KV cache", f"{info['kv_cache_bytes_per_token']:,} bytes/token, "
-         f"{info['kv_cache_bytes_full_context'] / gib:.3f} GiB per full-context sequence"),
+        (
+            "KV cache",
+            f"{info['kv_cache_bytes_per_token']:,} bytes/token, "
+            f"{info['kv_cache_bytes_full_context'] / gib:.3f} GiB per full-context sequence",
+        ),
     ]
     if "special_tokens" in info:
-        rows.append(("special tokens", ", ".join(f"{k}={v!r}" for k, v in info["special_tokens"].items())))
+        rows.append(
+            ("special tokens", ", ".join(f"{k}={v!r}" for k, v in info["special_tokens"].items()))
+        )
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")

@@ -65,7 +65,9 @@ def run_chat(
     write: Callable[[str], None],
 ) -> None:
     """The read-eval-print loop. `read(prompt)` raises EOFError at the end of input."""
-    write(f"Chatting in the Tulu format. {HELP.splitlines()[0]} /reset, /system, /history, /exit.\n")
+    write(
+        f"Chatting in the Tulu format. {HELP.splitlines()[0]} /reset, /system, /history, /exit.\n"
+    )
     while True:
         try:
             line = read(">>> ")
@@ -85,7 +87,9 @@ def run_chat(
             elif command == "/system":
                 session.system = argument.strip() or None
                 session.turns.clear()
-                write(f"(system prompt {'set' if session.system else 'removed'}; conversation reset)\n")
+                write(
+                    f"(system prompt {'set' if session.system else 'removed'}; conversation reset)\n"
+                )
             elif command == "/history":
                 for message in session.messages():
                     write(f"[{message['role']}] {message['content']}\n")
@@ -100,4 +104,3 @@ def run_chat(
             write(f"\nerror: {err}\n")
             continue
         write("\n")
-

@@ -22,15 +22,21 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise TuluError(f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})") from None
+                raise TuluError(
+                    f"{path}:{number}: not valid UTF-8 ({err.reason} at byte {err.start})"
+                ) from None
             if not line.strip():
                 continue
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                raise TuluError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+                raise TuluError(
+                    f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})"
+                ) from None
             if not isinstance(value, dict):
-                raise TuluError(f"{path}:{number}: expected a JSON object, got {type(value).__name__}")
+                raise TuluError(
+                    f"{path}:{number}: expected a JSON object, got {type(value).__name__}"
+                )
             yield number, value
 
 

@@ -87,6 +87,7 @@ def describe(model: str | os.PathLike, dtype: str | None = None) -> dict[str, An
     }
     if tokenizer is not None:
         info["tokenizer_size"] = len(tokenizer)
-        info["special_tokens"] = {k: v for k, v in tokenizer.special_tokens.items() if v is not None}
+        info["special_tokens"] = {
+            k: v for k, v in tokenizer.special_tokens.items() if v is not None
+        }
     return info
-

@@ -67,7 +67,9 @@ def tiny_model(vocab: int, seed: int) -> GPTNeoXForCausalLM:
     return model.eval()
 
 
-def run_demo(output: Path, seed: int = 0, user_message: str = "What is the capital of France?") -> dict:
+def run_demo(
+    output: Path, seed: int = 0, user_message: str = "What is the capital of France?"
+) -> dict:
     started = time.perf_counter()
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -76,7 +78,9 @@ def run_demo(output: Path, seed: int = 0, user_message: str = "What is the capit
 
     print("[1/4] training a byte-level BPE tokenizer on the bundled conversations")
     tokenizer = train_tokenizer(corpus_text())
-    print(f"      {len(tokenizer)} tokens; eos = {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})")
+    print(
+        f"      {len(tokenizer)} tokens; eos = {tokenizer.eos_token!r} (id {tokenizer.eos_token_id})"
+    )
 
     print("[2/4] building a tiny GPT-NeoX and saving it as a Hugging Face checkpoint")
     model = tiny_model(len(tokenizer), seed)
@@ -103,7 +107,10 @@ def run_demo(output: Path, seed: int = 0, user_message: str = "What is the capit
     params = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.95, seed=seed)
     print("      reply:  ", end="", flush=True)
     result = generate_text(
-        loaded.model, loaded.tokenizer, messages, params,
+        loaded.model,
+        loaded.tokenizer,
+        messages,
+        params,
         on_text=lambda t: print(t, end="", flush=True),
     )
     print(f"\n      ({len(result.token_ids)} tokens, finish: {result.finish_reason})")

@@ -25,6 +25,7 @@ from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import (
     SamplingParams,
     candidate_logprobs,
+    check_token_ids_in_vocab,
     compute_logprobs,
     make_generator,
     mask_tokens,
@@ -215,13 +216,7 @@ class LLMEngine:
             raise GenerationError(f"request id {request_id!r} is already in use")
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
-        if (
-            params.candidate_token_ids
-            and max(params.candidate_token_ids) >= self.model_config.vocab_size
-        ):
-            raise GenerationError(
-                f"candidate token id {max(params.candidate_token_ids)} is outside the vocabulary"
-            )
+        check_token_ids_in_vocab(params, self.model_config.vocab_size)
         prompt_ids = self.encode_prompt(prompt)
         self.check_fits(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()

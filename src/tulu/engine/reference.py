@@ -17,6 +17,7 @@ from tulu.chat import Message, generation_prompt
 from tulu.engine.output import IncrementalOutput
 from tulu.engine.sampling import (
     SamplingParams,
+    check_token_ids_in_vocab,
     compute_logprobs,
     make_generator,
     mask_tokens,
@@ -78,6 +79,7 @@ def generate_ids(
     check_prompt_length(len(prompt), window)
     if params.stop and tokenizer is None:
         raise GenerationError("stop strings need a tokenizer to match text")
+    check_token_ids_in_vocab(params, config.vocab_size)
     bad = [t for t in prompt if not 0 <= t < config.vocab_size]
     if bad:
         raise GenerationError(
@@ -136,7 +138,9 @@ def generate_ids(
             )
             logprobs.append(
                 TokenLogprob(
-                    token, float(chosen[0]), list(zip(top_ids[0].tolist(), top_lp[0].tolist(), strict=True))
+                    token,
+                    float(chosen[0]),
+                    list(zip(top_ids[0].tolist(), top_lp[0].tolist(), strict=True)),
                 )
             )
         if token in stop_ids:

@@ -712,3 +712,13 @@ def candidate_logprobs(logits_row: torch.Tensor, candidate_ids: Sequence[int]) -
     logprobs = torch.log_softmax(logits_row.float(), dim=-1)
     index = torch.tensor(list(candidate_ids), dtype=torch.int64, device=logits_row.device)
     return logprobs[index]
+
+
+def check_token_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids a request names must exist in the model's vocabulary (checked per model)."""
+    for name in ("stop_token_ids", "candidate_token_ids"):
+        for token in getattr(params, name) or ():
+            if token >= vocab_size:
+                raise GenerationError(
+                    f"SamplingParams.{name} contains {token}, outside the vocabulary [0, {vocab_size})"
+                )

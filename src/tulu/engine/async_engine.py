@@ -1,0 +1,192 @@
+"""AsyncLLM: the engine for asyncio code (the server), streaming per-request deltas.
+
+The model's forward pass blocks, so the engine runs in one background thread that owns it:
+coroutines hand it requests and aborts through a queue, and it hands back each step's outputs
+to per-request asyncio queues on the event loop. The event loop never waits on the model.
+
+Leaving the `async for` early (the client went away, the task was cancelled) aborts the
+request, which frees its KV blocks on the engine thread's next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from tulu.engine.engine import LLMEngine, Prompt, RequestOutput
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import GenerationError
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread stopped; no request can run."""
+
+
+@dataclass
+class _Add:
+    request_id: str
+    prompt: Prompt
+    params: SamplingParams
+    accepted: asyncio.Future
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._stopping = False
+        self._error: BaseException | None = None
+        self._ids = 0
+        self._stats: dict[str, Any] = engine.stats()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        """Start the engine thread; call from inside the running event loop."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="tulu-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Wait up to `drain_timeout` seconds for running requests, abort the rest, stop."""
+        deadline = time.monotonic() + drain_timeout
+        while self._streams and time.monotonic() < deadline and self.is_running:
+            await asyncio.sleep(0.05)
+        for request_id in list(self._streams):
+            self.abort(request_id)
+        self._stopping = True
+        self._commands.put(None)
+        self._wake.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+            self._thread = None
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._error is None
+
+    @property
+    def num_requests(self) -> int:
+        """Requests submitted and not yet finished (running, waiting or being added)."""
+        return len(self._streams)
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's counters as of its last step (safe to read from the event loop)."""
+        return dict(self._stats)
+
+    # ------------------------------------------------------------------ requests
+    async def generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Submit a request and yield its outputs as they come; the last one has finished=True.
+
+        Validation errors (GenerationError) are raised before the first output.
+        """
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self._error or 'not started'})")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down")
+        if request_id is None:
+            self._ids += 1
+            request_id = f"async-{self._ids}"
+        if request_id in self._streams:
+            raise GenerationError(f"request id {request_id!r} is already in use")
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        accepted = self._loop.create_future()
+        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), accepted))
+        self._wake.set()
+        finished = False
+        try:
+            await accepted
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+        self._wake.set()
+
+    # ------------------------------------------------------------------ engine thread
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(item)
+
+    def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(True)
+        else:
+            future.set_exception(error)
+
+    def _run(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            while not self._stopping:
+                self._apply_commands(loop)
+                if self.engine.has_unfinished_requests():
+                    outputs = self.engine.step()
+                    self._stats = self.engine.stats()
+                    for output in outputs:
+                        loop.call_soon_threadsafe(self._deliver, output.request_id, output)
+                else:
+                    self._stats = self.engine.stats()
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+        except BaseException as err:  # a bug or out-of-memory: fail every waiting client loudly
+            log.exception("engine thread died")
+            self._error = err
+            dead = EngineDeadError(f"the engine stopped: {err!r}")
+            for request_id in list(self._streams):
+                loop.call_soon_threadsafe(self._deliver, request_id, dead)
+
+    def _apply_commands(self, loop: asyncio.AbstractEventLoop) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if command is None:
+                return
+            if isinstance(command, _Abort):
+                self.engine.abort(command.request_id)
+                continue
+            try:
+                self.engine.add_request(command.prompt, command.params, command.request_id)
+            except GenerationError as err:
+                loop.call_soon_threadsafe(self._resolve, command.accepted, err)
+            else:
+                loop.call_soon_threadsafe(self._resolve, command.accepted, None)
