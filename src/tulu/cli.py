@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,7 +46,19 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_token
 
 def _sampling_params(args: argparse.Namespace):
     from tulu.engine.sampling import SamplingParams
+    from tulu.errors import GenerationError
 
+    try:
+        return _make_sampling_params(args, SamplingParams)
+    except GenerationError as err:
+        # "SamplingParams.top_p must be ..." -> "--top-p must be ...": name the flag the user typed.
+        message = re.sub(
+            r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err)
+        )
+        raise TuluError(message) from None
+
+
+def _make_sampling_params(args: argparse.Namespace, SamplingParams):  # noqa: N803
     return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
@@ -93,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "model", metavar="MODEL", help="checkpoint directory, hub id, or preset (pythia-6.9b)"
     )
     info.add_argument("--dtype", help="dtype to size memory for (default: the checkpoint's)")
+    info.add_argument("--revision", help="hub revision (branch, tag or commit) for hub ids")
     info.add_argument("--json", action="store_true", help="print JSON")
 
     demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
@@ -105,33 +119,51 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any]]:
-    """(where, record, prompt) for every input, all validated before the model is loaded."""
+    """(where, record, prompt) for every input, all validated before the model is loaded.
+
+    Chat prompts are rendered once here so that a bad role or field fails before any work.
+    """
+    from tulu.chat import generation_prompt
     from tulu.jsonl import iter_jsonl
 
     if args.prompt is not None:
         records = [("--prompt", {"prompt": args.prompt})]
     else:
         records = [(f"{args.input}:{n}", r) for n, r in iter_jsonl(args.input)]
+    if args.raw and args.system:
+        raise TuluError(
+            "--system cannot be used with --raw (raw prompts are not in the chat format)"
+        )
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = []
     for where, record in records:
         if "messages" in record:
             if args.raw:
                 raise TuluError(f"{where}: 'messages' records cannot be used with --raw")
-            if not isinstance(record["messages"], list) or not record["messages"]:
+            messages = record["messages"]
+            if not isinstance(messages, list) or not messages:
                 raise TuluError(f"{where}: field 'messages' must be a non-empty list")
-            prompt: Any = record["messages"]
+            has_system = any(isinstance(m, dict) and m.get("role") == "system" for m in messages)
+            prompt: Any = messages if has_system else system + messages
         elif isinstance(record.get("prompt"), str):
             text = record["prompt"]
             prompt = text if args.raw else system + [{"role": "user", "content": text}]
         else:
             raise TuluError(f"{where}: needs a string field 'prompt' or a list field 'messages'")
+        if not args.raw:
+            try:
+                generation_prompt(prompt, "<eos>")
+            except TuluError as err:
+                raise TuluError(f"{where}: {err}") from None
         prompts.append((where, record, prompt))
     return prompts
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from tulu.engine.reference import generate_text
+    from dataclasses import replace
+
+    from tulu.engine.engine import LLM, EngineConfig
+    from tulu.engine.reference import check_prompt_length
     from tulu.jsonl import write_jsonl
     from tulu.pretrained import load_pretrained
 
@@ -140,37 +172,53 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
-
-    def run(
-        where: str, record: dict[str, Any], prompt: Any, stream: bool = False
-    ) -> dict[str, Any]:
-        on_text = (lambda t: (sys.stdout.write(t), sys.stdout.flush())) if stream else None
+    window = loaded.model.config.max_position_embeddings
+    llm = LLM(loaded.model, loaded.tokenizer, EngineConfig())
+    jobs = []  # (record, prompt ids, params) for every input, checked before generating
+    for where, record, prompt in prompts:
         try:
-            result = generate_text(
-                loaded.model, loaded.tokenizer, prompt, params, chat=not args.raw, on_text=on_text
-            )
+            ids = llm.engine.encode_prompt(prompt)
+            check_prompt_length(len(ids), window)
         except TuluError as err:
             raise TuluError(f"{where}: {err}") from None
-        return {
-            **record,
-            "output": result.text,
-            "finish_reason": result.finish_reason,
-            "prompt_tokens": len(result.prompt_token_ids),
-            "completion_tokens": len(result.token_ids),
-        }
+        # Like the reference generator, stop at the context window rather than refuse.
+        jobs.append(
+            (record, ids, replace(params, max_tokens=min(params.max_tokens, window - len(ids))))
+        )
 
-    if args.prompt is not None and args.output is None:
-        result = run(*prompts[0], stream=True)
+    stream = args.prompt is not None and args.output is None
+    on_output = None
+    if stream:
+
+        def on_output(output) -> None:
+            sys.stdout.write(output.outputs[0].delta_text)
+            sys.stdout.flush()
+
+    outputs = llm.generate(
+        [ids for _, ids, _ in jobs],
+        [p for _, _, p in jobs],
+        on_output=on_output,
+        progress=len(jobs) > 16 and sys.stderr.isatty(),
+    )
+    results = [
+        {
+            **record,
+            "output": out.outputs[0].text,
+            "finish_reason": out.outputs[0].finish_reason,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "completion_tokens": len(out.outputs[0].token_ids),
+        }
+        for (record, _, _), out in zip(jobs, outputs, strict=True)
+    ]
+    if stream:
         sys.stdout.write("\n")
-        tokens, finish = result["completion_tokens"], result["finish_reason"]
+        tokens, finish = results[0]["completion_tokens"], results[0]["finish_reason"]
         print(f"[{tokens} tokens, finish: {finish}]", file=sys.stderr)
         return 0
-    results = (run(*item) for item in prompts)
     if args.output is None:
         write_jsonl(results, sys.stdout)
         return 0
-    # Results go to a .partial file first: an interrupted run never leaves a truncated file
-    # under the final name, and what was finished is kept.
+    # Written to a temporary name first, so a crash never leaves a truncated file behind.
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(args.output.name + ".partial")
     with open(partial, "w", encoding="utf-8") as out:
@@ -202,8 +250,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
         line = sys.stdin.readline()
         if not line:
             raise EOFError
-        sys.stdout.write(prompt + line)
-        return line.rstrip("\n")
+        line = line.rstrip("\n")
+        sys.stdout.write(prompt + line + "\n")
+        return line
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -216,7 +265,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from tulu.pretrained import describe
 
-    info = describe(args.model, args.dtype)
+    info = describe(args.model, args.dtype, revision=args.revision)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0

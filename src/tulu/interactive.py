@@ -34,8 +34,8 @@ class ChatSession:
         head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.turns
 
-    def _prompt_tokens(self) -> int:
-        text = generation_prompt(self.messages(), self.tokenizer.eos_token)
+    def _prompt_tokens(self, messages: list[Message]) -> int:
+        text = generation_prompt(messages, self.tokenizer.eos_token)
         return len(self.tokenizer.encode(text))
 
     def reply(self, user_text: str, on_text: Callable[[str], None]) -> str:
@@ -44,9 +44,17 @@ class ChatSession:
         When the conversation outgrows the context window, the oldest turns are dropped
         (the system prompt stays) until the prompt fits.
         """
-        self.turns.append({"role": "user", "content": user_text})
         window = self.model.config.max_position_embeddings
-        while len(self.turns) > 1 and self._prompt_tokens() >= window:
+        head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
+        alone = self._prompt_tokens(head + [{"role": "user", "content": user_text}])
+        if alone >= window:
+            # Refuse before touching the history: dropping it would not make this fit.
+            raise GenerationError(
+                f"the message needs {alone} tokens with the system prompt but the model's "
+                f"context window is {window} tokens"
+            )
+        self.turns.append({"role": "user", "content": user_text})
+        while len(self.turns) > 1 and self._prompt_tokens(self.messages()) >= window:
             del self.turns[:2]  # the oldest user/assistant exchange
         try:
             result = generate_text(

@@ -49,13 +49,15 @@ def load_pretrained(
     return Pretrained(net, tokenizer, directory)
 
 
-def describe(model: str | os.PathLike, dtype: str | None = None) -> dict[str, Any]:
+def describe(
+    model: str | os.PathLike, dtype: str | None = None, revision: str | None = None
+) -> dict[str, Any]:
     """Sizes and memory needs of a checkpoint (or a preset name) from its config alone."""
     source: str
     if str(model) in PRESET_NAMES:
         config, source, tokenizer = preset(str(model)), f"preset {model}", None
     else:
-        directory = resolve_checkpoint(model)
+        directory = resolve_checkpoint(model, revision)
         config = NeoXConfig.from_json(directory / "config.json")
         source = str(directory)
         try:

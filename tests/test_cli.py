@@ -1,0 +1,676 @@
+"""Tests for the `tulu` command (tulu.cli): info, generate and chat.
+
+Commands run in-process through `tulu.cli.main([...])` (fast: the tiny checkpoint is built once
+per module); two subprocess tests prove the installed console script itself works and that hub
+ids resolve through an offline Hugging Face cache. Expected generations come from
+`tulu.engine.reference.generate_text`, the generator the CLI is meant to drive.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import tulu.engine.engine
+import tulu.engine.reference
+import tulu.pretrained
+from tulu.chat import generation_prompt
+from tulu.cli import main
+from tulu.demo import corpus_text, tiny_model, train_tokenizer
+from tulu.engine.reference import GenerationResult, generate_text
+from tulu.engine.sampling import SamplingParams
+from tulu.model.checkpoint import save_model
+from tulu.model.config import NeoXConfig
+from tulu.pretrained import Pretrained, load_pretrained
+
+EOT = "<|endoftext|>"
+CPU = ["--device", "cpu"]
+
+
+@dataclass
+class Checkpoint:
+    directory: Path
+    loaded: Pretrained  # the checkpoint as the CLI loads it (CPU, float32)
+    config: NeoXConfig
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The models here are tiny: a second intra-op thread only adds synchronisation, which
+    # costs milliseconds per op on a loaded 2-core machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
+    tokenizer = train_tokenizer(corpus_text())
+    model = tiny_model(len(tokenizer), seed=0)
+    directory = save_model(model, tmp_path_factory.mktemp("ckpt") / "model", tokenizer=tokenizer)
+    loaded = load_pretrained(directory, device="cpu", dtype="float32")
+    return Checkpoint(directory, loaded, model.config)
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, str]:
+    capsys.readouterr()  # drop anything printed before
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def reference(ckpt: Checkpoint, prompt, *, chat: bool = True, **params) -> GenerationResult:
+    sampling = SamplingParams(**{"temperature": 0.0, **params})
+    return generate_text(ckpt.loaded.model, ckpt.loaded.tokenizer, prompt, sampling, chat=chat)
+
+
+def one_line_error(err: str, command: str) -> str:
+    """The CLI's error output: exactly one line, no traceback; returns the message."""
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    prefix = f"tulu {command}: error: "
+    assert lines[0].startswith(prefix), err
+    return lines[0][len(prefix) :]
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    lines = [r if isinstance(r, str) else json.dumps(r) for r in records]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def read_jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+class Spy:
+    """Wraps a function and records its calls (to prove what ran, or did not)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, []
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append((args, kwargs))
+        return self.fn(*args, **kwargs)
+
+
+@pytest.fixture
+def spies(monkeypatch: pytest.MonkeyPatch) -> dict[str, Spy]:
+    """Spies on model loading and generation (cmd_generate imports both at call time)."""
+    load = Spy(tulu.pretrained.load_pretrained)
+    gen = Spy(tulu.engine.engine.LLM.generate)
+    monkeypatch.setattr(tulu.pretrained, "load_pretrained", load)
+    monkeypatch.setattr(
+        tulu.engine.engine.LLM, "generate", lambda self, *a, **k: gen(self, *a, **k)
+    )
+    return {"load": load, "generate": gen}
+
+
+# ------------------------------------------------------------------------------------ info
+
+
+def test_info_json_matches_config_and_tokenizer(ckpt: Checkpoint, capsys) -> None:
+    rc, out, err = run(capsys, "info", ckpt.directory, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    params = ckpt.config.num_parameters()
+    assert info["source"] == str(ckpt.directory)
+    assert info["architecture"] == "GPT-NeoX"
+    assert info["parameters"] == params
+    assert info["non_embedding_parameters"] == ckpt.config.num_parameters(include_embeddings=False)
+    assert info["layers"] == 2 and info["hidden_size"] == 64 and info["attention_heads"] == 4
+    assert info["vocab_size"] == 640 and info["context_window"] == 512
+    assert info["dtype"] == info["checkpoint_dtype"] == "float32"
+    assert info["weights_bytes"] == 4 * params
+    kv = ckpt.config.kv_cache_bytes_per_token(torch.float32)
+    assert info["kv_cache_bytes_per_token"] == kv == 2 * 2 * 64 * 4  # K and V, 2 layers, fp32
+    assert info["kv_cache_bytes_full_context"] == kv * 512
+    assert info["tokenizer_size"] == len(ckpt.loaded.tokenizer) == 600
+    assert info["special_tokens"] == {"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}
+
+
+def test_info_text(ckpt: Checkpoint, capsys) -> None:
+    rc, out, _ = run(capsys, "info", ckpt.directory)
+    assert rc == 0
+    rows = {line.split("  ", 1)[0]: line.split("  ", 1)[1].strip() for line in out.splitlines()}
+    params = ckpt.config.num_parameters()
+    assert rows["source"] == str(ckpt.directory)
+    assert rows["parameters"].startswith(f"{params:,} (")
+    assert rows["vocabulary"] == "640 embedding rows, tokenizer 600 ids"
+    assert rows["context window"] == "512 tokens"
+    assert rows["dtype"] == "float32 (checkpoint: float32)"
+    assert rows["KV cache"].startswith("1,024 bytes/token")
+    assert f"eos_token='{EOT}'" in rows["special tokens"]
+
+
+def test_info_dtype_override_sizes_memory(ckpt: Checkpoint, capsys) -> None:
+    rc, out, _ = run(capsys, "info", ckpt.directory, "--dtype", "float16", "--json")
+    assert rc == 0
+    info = json.loads(out)
+    assert info["dtype"] == "float16" and info["checkpoint_dtype"] == "float32"
+    assert info["weights_bytes"] == 2 * info["parameters"]
+    assert info["kv_cache_bytes_per_token"] == 512
+
+
+def test_info_preset_pythia_6_9b(capsys) -> None:
+    rc, out, err = run(capsys, "info", "pythia-6.9b", "--dtype", "bfloat16", "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["source"] == "preset pythia-6.9b"
+    assert info["parameters"] == 6_857_302_016
+    assert info["kv_cache_bytes_per_token"] == 524_288  # 2 (K, V) * 32 layers * 4096 * 2 bytes
+    assert info["kv_cache_bytes_full_context"] == 524_288 * 2048
+    assert info["weights_bytes"] == 2 * 6_857_302_016
+    assert info["dtype"] == "bfloat16"
+    assert "tokenizer_size" not in info and "special_tokens" not in info
+
+
+def test_info_without_tokenizer_files(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    shutil.copy(ckpt.directory / "config.json", tmp_path / "config.json")
+    rc, out, err = run(capsys, "info", tmp_path, "--json")
+    assert rc == 0, err
+    info = json.loads(out)
+    assert info["parameters"] == ckpt.config.num_parameters()
+    assert "tokenizer_size" not in info
+
+
+def test_info_missing_directory(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "nope"
+    rc, out, err = run(capsys, "info", missing)
+    assert rc == 1 and out == ""
+    assert str(missing) in one_line_error(err, "info")
+
+
+# ---------------------------------------------------------------------- console script
+
+
+def _tulu_script() -> str:
+    script = Path(sys.executable).with_name("tulu")
+    found = str(script) if script.is_file() else shutil.which("tulu")
+    assert found, "the `tulu` console script is not installed (pip install -e .)"
+    return found
+
+
+def _spawn(*argv: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.Popen(
+        [_tulu_script(), *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=full_env,
+    )
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_console_script_entry_point(ckpt: Checkpoint, tmp_path: Path) -> None:
+    # both processes start at once: most of their time is importing torch
+    ok = _spawn("info", ckpt.directory, "--json")
+    bad = _spawn("info", tmp_path / "missing")
+    rc, out, err = _finish(ok)
+    assert rc == 0, err
+    assert json.loads(out)["parameters"] == ckpt.config.num_parameters()
+    rc, out, err = _finish(bad)
+    assert rc == 1 and out == ""
+    assert str(tmp_path / "missing") in one_line_error(err, "info")
+
+
+def test_info_hub_id_from_offline_cache(ckpt: Checkpoint, tmp_path: Path) -> None:
+    # The layout huggingface_hub keeps: models--{org}--{name}/refs/main holds the commit,
+    # snapshots/{commit}/ the files. huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE
+    # when it is imported, hence a subprocess.
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--tiny-org--tiny-tulu"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for file in ckpt.directory.iterdir():
+        shutil.copy(file, snapshot / file.name)
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    found = _spawn("info", "tiny-org/tiny-tulu", "--json", env=env)
+    missing = _spawn("info", "tiny-org/not-cached", env=env)
+    rc, out, err = _finish(found)
+    assert rc == 0, err
+    info = json.loads(out)
+    assert Path(info["source"]).resolve() == snapshot.resolve()
+    assert info["parameters"] == ckpt.config.num_parameters()
+    assert info["tokenizer_size"] == 600
+    rc, out, err = _finish(missing)
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "info")
+    assert "tiny-org/not-cached" in message and "HF_HUB_OFFLINE" in message
+
+
+# -------------------------------------------------------------------------------- generate
+
+
+def test_generate_streams_reference_greedy_text(ckpt: Checkpoint, capsys) -> None:
+    rc, out, err = run(
+        capsys, "generate", ckpt.directory, *CPU, "--prompt", "Hi", "--max-tokens", "12"
+    )
+    assert rc == 0, err
+    expected = reference(ckpt, "Hi", max_tokens=12)
+    assert expected.text
+    assert out == expected.text + "\n"
+    n, finish = len(expected.token_ids), expected.finish_reason
+    assert err.strip().splitlines()[-1] == f"[{n} tokens, finish: {finish}]"
+
+
+def test_generate_streams_while_generating(ckpt: Checkpoint, monkeypatch, capsys) -> None:
+    # text reaches stdout in pieces as tokens are produced, not in one write at the end
+    writes: list[str] = []
+    buffer = io.StringIO()
+
+    class Recorder:
+        def write(self, text: str) -> int:
+            writes.append(text)
+            return buffer.write(text)
+
+        def flush(self) -> None:
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Recorder())
+    assert (
+        main(["generate", str(ckpt.directory), *CPU, "--prompt", "Hi", "--max-tokens", "12"]) == 0
+    )
+    assert buffer.getvalue() == reference(ckpt, "Hi", max_tokens=12).text + "\n"
+    assert len([w for w in writes if w]) > 2
+
+
+def test_generate_raw(ckpt: Checkpoint, capsys) -> None:
+    prompt = "Once upon a time"
+    rc, out, _ = run(
+        capsys, "generate", ckpt.directory, *CPU, "--prompt", prompt, "--raw", "--max-tokens", "8"
+    )
+    assert rc == 0
+    raw = reference(ckpt, prompt, chat=False, max_tokens=8)
+    assert out == raw.text + "\n"
+    assert len(raw.prompt_token_ids) == len(ckpt.loaded.tokenizer.encode(prompt))
+
+
+def test_generate_system_prompt(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    args = [
+        "generate",
+        ckpt.directory,
+        *CPU,
+        "--prompt",
+        "Hi",
+        "--system",
+        "Be brief.",
+        "--max-tokens",
+        "8",
+    ]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    expected = reference(ckpt, messages, max_tokens=8)
+    rc, out, _ = run(capsys, *args)
+    assert rc == 0
+    assert out == expected.text + "\n"
+    # --prompt with --output writes a JSONL record instead of streaming
+    rc, out, _ = run(capsys, *args, "--output", tmp_path / "one.jsonl")
+    assert rc == 0 and out == ""
+    [record] = read_jsonl((tmp_path / "one.jsonl").read_text())
+    prompt_ids = ckpt.loaded.tokenizer.encode(generation_prompt(messages, EOT))
+    assert record["prompt_tokens"] == len(prompt_ids) == len(expected.prompt_token_ids)
+    assert record["output"] == expected.text
+
+
+def test_generate_stop_string(ckpt: Checkpoint, capsys) -> None:
+    full = reference(ckpt, "Hi", max_tokens=24).text
+    # a two-letter ASCII stop string that first occurs somewhere after the start
+    at = next(
+        i
+        for i in range(1, len(full) - 1)
+        if full[i : i + 2].isascii()
+        and full[i : i + 2].isalpha()
+        and full.index(full[i : i + 2]) == i
+    )
+    stop = full[at : at + 2]
+    rc, out, err = run(
+        capsys,
+        "generate",
+        ckpt.directory,
+        *CPU,
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "24",
+        "--stop",
+        stop,
+    )
+    assert rc == 0
+    assert out == full[:at] + "\n"
+    assert out == reference(ckpt, "Hi", max_tokens=24, stop=[stop]).text + "\n"
+    assert "finish: stop" in err
+
+
+def test_generate_jsonl_file_to_file(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": "Blue."},
+        {"role": "user", "content": "Another?"},
+    ]
+    records = [
+        {"id": "a", "prompt": "Hi", "meta": {"k": [1, 2]}},
+        {"id": "b", "messages": messages},
+        "",  # blank lines are skipped
+        {"prompt": "What is the capital of France?", "id": 3},
+    ]
+    source = write_jsonl(tmp_path / "prompts.jsonl", records)
+    target = tmp_path / "sub" / "out.jsonl"
+    rc, out, err = run(
+        capsys,
+        "generate",
+        ckpt.directory,
+        *CPU,
+        "--input",
+        source,
+        "--output",
+        target,
+        "--max-tokens",
+        "6",
+    )
+    assert rc == 0, err
+    assert out == ""
+    assert "wrote 3 results" in err
+    assert sorted(p.name for p in target.parent.iterdir()) == ["out.jsonl"]  # no .partial left
+    results = read_jsonl(target.read_text(encoding="utf-8"))
+    prompts = ["Hi", messages, "What is the capital of France?"]
+    inputs = [r for r in records if r]
+    assert [r.get("id") for r in results] == ["a", "b", 3]
+    for record, result, prompt in zip(inputs, results, prompts, strict=True):
+        expected = reference(ckpt, prompt, max_tokens=6)
+        assert result == {
+            **record,
+            "output": expected.text,
+            "finish_reason": expected.finish_reason,
+            "prompt_tokens": len(expected.prompt_token_ids),
+            "completion_tokens": len(expected.token_ids),
+        }
+    assert results[0]["meta"] == {"k": [1, 2]}
+
+
+def test_generate_jsonl_to_stdout_raw(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The sky"}, {"prompt": "Birds", "n": 2}])
+    rc, out, _ = run(
+        capsys, "generate", ckpt.directory, *CPU, "--input", source, "--raw", "--max-tokens", "4"
+    )
+    assert rc == 0
+    results = read_jsonl(out)
+    assert [r["prompt"] for r in results] == ["The sky", "Birds"]
+    assert results[1]["n"] == 2
+    for result in results:
+        expected = reference(ckpt, result["prompt"], chat=False, max_tokens=4)
+        assert result["output"] == expected.text
+        assert result["prompt_tokens"] == len(ckpt.loaded.tokenizer.encode(result["prompt"]))
+
+
+# ------------------------------------------------------------------------ generate: errors
+
+GOOD = json.dumps({"prompt": "Hi"})
+LONG_TEXT = "hello " * 600  # about 1,800 tokens; the window is 512
+
+
+# (records, --raw?, fragment the message must contain); the bad record is always on line 2
+INPUT_ERRORS = {
+    "invalid-json": ([GOOD, '{"prompt": "Hi"'], False, "invalid JSON"),
+    "not-an-object": ([GOOD, '["Hi"]'], False, "expected a JSON object"),
+    "no-prompt": ([GOOD, {"id": 2, "text": "Hi"}], False, "'prompt'"),
+    "prompt-not-string": ([GOOD, {"prompt": 5}], False, "'prompt'"),
+    "empty-messages": ([GOOD, {"messages": []}], False, "'messages'"),
+    "messages-with-raw": ([GOOD, {"messages": [{"role": "user", "content": "x"}]}], True, "--raw"),
+}
+LATE_ERRORS = {
+    "unknown-role": ([GOOD, {"messages": [{"role": "robot", "content": "x"}]}], False, "'robot'"),
+    "too-long": ([GOOD, {"prompt": LONG_TEXT}], False, "context window is 512 tokens"),
+}
+
+
+def _check_input_error(ckpt, tmp_path, capsys, spies, records, raw, fragment) -> str:
+    source = tmp_path / "in.jsonl"
+    write_jsonl(source, records)
+    target = tmp_path / "out.jsonl"
+    argv = [
+        "generate",
+        ckpt.directory,
+        *CPU,
+        "--input",
+        source,
+        "--output",
+        target,
+        "--max-tokens",
+        "3",
+    ]
+    rc, out, err = run(capsys, *argv, *(["--raw"] if raw else []))
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message.startswith(f"{source}:2: "), message
+    assert fragment in message
+    assert spies["generate"].calls == [], "generation started before the input was validated"
+    assert not target.exists()
+    assert not target.with_name("out.jsonl.partial").exists()
+    return message
+
+
+@pytest.mark.parametrize("case", INPUT_ERRORS)
+def test_generate_bad_input_fails_before_loading(ckpt, tmp_path, capsys, spies, case) -> None:
+    _check_input_error(ckpt, tmp_path, capsys, spies, *INPUT_ERRORS[case])
+    assert spies["load"].calls == []  # input is validated before the model is loaded
+
+
+def test_generate_non_utf8_input(ckpt: Checkpoint, tmp_path: Path, capsys, spies) -> None:
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(GOOD.encode() + b'\n{"prompt": "caf\xe9"}\n')
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--input", source)
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message.startswith(f"{source}:2: ") and "UTF-8" in message
+    assert spies["load"].calls == [] and spies["generate"].calls == []
+
+
+@pytest.mark.parametrize("case", LATE_ERRORS)
+def test_generate_late_errors_start_no_generation(ckpt, tmp_path, capsys, spies, case) -> None:
+    _check_input_error(ckpt, tmp_path, capsys, spies, *LATE_ERRORS[case])
+
+
+def test_generate_unknown_role_message(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--input", source)
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message.startswith(f"{source}:1: ")
+    assert "unknown role 'robot'" in message  # tulu.chat's message, naming the role
+
+
+def test_generate_prompt_longer_than_window(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    n = len(
+        ckpt.loaded.tokenizer.encode(
+            generation_prompt([{"role": "user", "content": LONG_TEXT}], EOT)
+        )
+    )
+    assert n > 512
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": LONG_TEXT}])
+    rc, out, err = run(
+        capsys,
+        "generate",
+        ckpt.directory,
+        *CPU,
+        "--input",
+        source,
+        "--output",
+        tmp_path / "o.jsonl",
+    )
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message.startswith(f"{source}:1: ")
+    assert f"{n} tokens" in message and "512 tokens" in message
+    assert not (tmp_path / "o.jsonl").exists()
+    # the same through --prompt: nothing streamed
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--prompt", LONG_TEXT)
+    assert rc == 1 and out == ""
+    assert f"{n} tokens" in one_line_error(err, "generate")
+
+
+def test_generate_missing_model_directory(tmp_path: Path, capsys, spies) -> None:
+    missing = tmp_path / "no-model"
+    rc, out, err = run(capsys, "generate", missing, *CPU, "--prompt", "Hi")
+    assert rc == 1 and out == ""
+    assert str(missing) in one_line_error(err, "generate")
+    assert spies["generate"].calls == []
+
+
+def test_generate_missing_input_file(ckpt: Checkpoint, tmp_path: Path, capsys, spies) -> None:
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--input", tmp_path / "none.jsonl")
+    assert rc == 1 and out == ""
+    assert "none.jsonl" in one_line_error(err, "generate")
+    assert spies["load"].calls == []
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--temperature", "-1"),
+        ("--top-p", "1.5"),
+        ("--max-tokens", "0"),
+        ("--repetition-penalty", "0"),
+    ],
+)
+def test_generate_invalid_sampling_value(ckpt, capsys, spies, flag, value) -> None:
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--prompt", "Hi", flag, value)
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate").startswith(f"{flag} must")  # names the flag typed
+    assert spies["load"].calls == [] and spies["generate"].calls == []
+
+
+def test_chat_invalid_sampling_value(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    rc, out, err = run(capsys, "chat", ckpt.directory, *CPU, "--temperature", "-1")
+    assert rc == 1 and out == ""
+    assert "temperature" in one_line_error(err, "chat")
+
+
+# ------------------------------------------------------------------------------------ chat
+
+
+def chat(capsys, monkeypatch, ckpt: Checkpoint, stdin: str, *extra: str) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    return run(
+        capsys, "chat", ckpt.directory, *CPU, "--temperature", "0", "--max-tokens", "6", *extra
+    )
+
+
+def test_chat_piped_user_line_gets_reply(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, err = chat(capsys, monkeypatch, ckpt, "Hello\n")
+    assert rc == 0, err
+    reply = reference(ckpt, "Hello", max_tokens=6).text
+    assert reply
+    assert out.startswith("Chatting in the Tulu format.")
+    assert f">>> Hello\n{reply}\n" in out  # the piped line is echoed, then the reply streams
+    assert out.endswith(f"{reply}\n\n")  # EOF ends the loop with a newline
+
+
+def test_chat_piped_last_line_without_newline(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, _ = chat(capsys, monkeypatch, ckpt, "Hello")
+    assert rc == 0
+    reply = reference(ckpt, "Hello", max_tokens=6).text
+    assert f">>> Hello\n{reply}\n" in out
+
+
+def test_chat_second_turn_sees_history(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, _ = chat(capsys, monkeypatch, ckpt, "Hello\nAnd then?\n")
+    assert rc == 0
+    first = reference(ckpt, "Hello", max_tokens=6).text
+    conversation = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = reference(ckpt, conversation, max_tokens=6).text
+    assert f">>> Hello\n{first}\n>>> And then?\n{second}\n" in out
+
+
+def test_chat_system_command_history_and_reset(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    stdin = "Hello\n/system Be brief.\n/history\nHi\n/history\n/reset\n/history\n/exit\n"
+    rc, out, _ = chat(capsys, monkeypatch, ckpt, stdin)
+    assert rc == 0
+    reply = reference(
+        ckpt,
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        max_tokens=6,
+    ).text
+    blocks = out.split(">>> ")
+    assert blocks[2] == "/system Be brief.\n(system prompt set; conversation reset)\n"
+    assert blocks[3] == "/history\n[system] Be brief.\n"  # "Hello" and its reply are gone
+    assert blocks[4] == f"Hi\n{reply}\n"
+    assert blocks[5] == f"/history\n[system] Be brief.\n[user] Hi\n[assistant] {reply}\n"
+    assert blocks[6] == "/reset\n(conversation reset)\n"
+    assert blocks[7] == "/history\n[system] Be brief.\n"  # /reset keeps the system prompt
+    assert blocks[8] == "/exit\n"
+
+
+def test_chat_system_flag_and_removal(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, _ = chat(
+        capsys, monkeypatch, ckpt, "/history\n/system\n/history\n", "--system", "Be kind."
+    )
+    assert rc == 0
+    blocks = out.split(">>> ")
+    assert blocks[1] == "/history\n[system] Be kind.\n"
+    assert blocks[2] == "/system\n(system prompt removed; conversation reset)\n"
+    assert blocks[3] == "/history\n\n"  # nothing to show, then EOF's newline
+
+
+def test_chat_unknown_command_prints_help(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, _ = chat(capsys, monkeypatch, ckpt, "/frobnicate now\n/help\n\n   \n")
+    assert rc == 0
+    blocks = out.split(">>> ")
+    assert blocks[1].startswith("/frobnicate now\nunknown command '/frobnicate'\nCommands:")
+    for command in ("/reset", "/system", "/history", "/exit"):
+        assert command in blocks[1]
+    assert blocks[2].startswith("/help\nCommands:")
+    assert len(blocks) == 5  # blank lines are read but send nothing
+
+
+def test_chat_exit_stops_reading(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\nHello\n"))
+    rc, out, _ = run(capsys, "chat", ckpt.directory, *CPU)
+    assert rc == 0
+    assert "Hello" not in out
+    assert out.endswith(">>> /exit\n")
+
+
+def test_chat_quit_and_empty_input(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, _ = chat(capsys, monkeypatch, ckpt, "/quit\n")
+    assert rc == 0 and out.endswith(">>> /quit\n")
+    rc, out, _ = chat(capsys, monkeypatch, ckpt, "")  # EOF at once: banner, newline, done
+    assert rc == 0 and ">>>" not in out and out.endswith("/exit.\n\n")
+
+
+def test_chat_too_long_message_reports_and_continues(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    rc, out, err = chat(capsys, monkeypatch, ckpt, f"{LONG_TEXT}\n/history\n")
+    assert rc == 0, err
+    assert "error: the message needs" in out and "512 tokens" in out
+    assert out.split(">>> ")[-1] == "/history\n\n"  # the failed turn is not kept
+
+
+def test_chat_missing_model(tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    rc, out, err = run(capsys, "chat", tmp_path / "none", *CPU)
+    assert rc == 1 and out == ""
+    assert str(tmp_path / "none") in one_line_error(err, "chat")
