@@ -198,14 +198,23 @@ class GPTNeoXForCausalLM(nn.Module):
         self.config = config
         self.gpt_neox = GPTNeoXModel(config)
         self.embed_out = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+        self.tie_weights()
         self.gradient_checkpointing = False
+
+    def tie_weights(self) -> None:
+        """Share the input embedding with the LM head when the config asks for it.
+
+        Called again after anything that gives parameters new storage (`to_empty` after a
+        meta-device build), which silently unties them.
+        """
+        if self.config.tie_word_embeddings:
+            self.embed_out.weight = self.gpt_neox.embed_in.weight
 
     # ------------------------------------------------------------------------ weights
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """GPT-NeoX's initialisation: N(0, initializer_range) matrices, zero biases, unit norms."""
+        self.tie_weights()
         gen = torch.Generator(device="cpu")
         if seed is not None:
             gen.manual_seed(seed)
