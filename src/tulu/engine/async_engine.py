@@ -157,7 +157,7 @@ class AsyncLLM:
         try:
             while not self._stopping:
                 self._apply_commands(loop)
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_unfinished_requests() or self.engine.has_pending_outputs:
                     outputs = self.engine.step()
                     self._stats = self.engine.stats()
                     for output in outputs:

@@ -152,6 +152,7 @@ class LLMEngine:
             tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         )
         self._requests: dict[str, _Request] = {}
+        self._aborted: list[RequestOutput] = []
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
 
@@ -270,10 +271,17 @@ class LLMEngine:
                 seq.finish_reason = completion.finish_reason = "abort"
             completion.delta_text, completion.delta_token_ids = "", []
         request.finished_time = time.monotonic()
-        return self._request_output(request)
+        output = self._request_output(request)
+        self._aborted.append(output)  # also reported by the next step(), like any finished request
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    @property
+    def has_pending_outputs(self) -> bool:
+        """Abort notices not yet returned by step()."""
+        return bool(self._aborted)
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -282,9 +290,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def step(self) -> list[RequestOutput]:
+        aborted, self._aborted = self._aborted, []
         plan = self.scheduler.schedule()
         if not plan.scheduled:
-            return []
+            return aborted
         tokens, positions, slots, seq_layout = [], [], [], []
         sample_rows: list[tuple[Sequence, int]] = []
         prompt_logprob_rows: list[tuple[Sequence, int, int]] = []
@@ -325,7 +334,7 @@ class LLMEngine:
             rows = torch.tensor([row for _, row in sample_rows], device=self.device)
             logits = self.model.embed_out(hidden[rows]).float()
             self._sample_and_update([s for s, _ in sample_rows], logits, touched)
-        outputs = [self._request_output(r) for r in touched.values()]
+        outputs = aborted + [self._request_output(r) for r in touched.values()]
         for request in touched.values():
             if request.finished:
                 del self._requests[request.request_id]
@@ -400,9 +409,7 @@ class LLMEngine:
             completion.delta_text += delta
             if seq.output.stopped_by is not None:
                 finish, reason = "stop", seq.output.stopped_by
-        if finish is None and (
-            seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
-        ):
+        if finish is None and seq.num_output_tokens >= seq.params.max_tokens:
             finish = "length"
         if finish is None:
             completion.text = seq.output.text if seq.output is not None else ""
@@ -475,9 +482,11 @@ class LLMEngine:
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_used": self.pool.num_used,
             "kv_blocks_cached": self.pool.num_cached,
-            "prefix_cache_hit_rate": self.pool.hits / self.pool.queries
-            if self.pool.queries
-            else 0.0,
+            "prefix_cache_hit_rate": (
+                self.scheduler.prefix_hits / self.scheduler.prefix_queries
+                if self.scheduler.prefix_queries
+                else 0.0
+            ),
             "preemptions": self.scheduler.num_preemptions,
         }
 
@@ -532,11 +541,14 @@ class LLM:
                 engine.abort(rid)
             raise GenerationError(f"prompt {len(ids)}: {err}") from None
         results: dict[str, RequestOutput] = {}
+        mine = set(ids)
         show = progress if progress is not None else len(prompts) > 16
         bar = _Progress(len(prompts)) if show else None
         try:
             while len(results) < len(ids):
                 for output in engine.step():
+                    if output.request_id not in mine:
+                        continue  # e.g. the abort notice of an earlier, interrupted call
                     if on_output:
                         on_output(output)
                     if output.finished:

@@ -64,8 +64,6 @@ class BlockPool:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # LRU order, oldest first
         self._hash_of: dict[int, BlockHash] = {}
         self._block_of: dict[BlockHash, int] = {}
-        self.hits = 0
-        self.queries = 0
 
     # ---------------------------------------------------------------- accounting
     @property
@@ -115,11 +113,9 @@ class BlockPool:
         """Take a reference to the cached block holding this prefix, if any."""
         if not self.enable_prefix_caching:
             return None
-        self.queries += 1
         block = self._block_of.get(block_hash)
         if block is None:
             return None
-        self.hits += 1
         if self.ref_count[block] == 0:
             del self._evictable[block]
         self.ref_count[block] += 1

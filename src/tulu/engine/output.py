@@ -37,8 +37,9 @@ class IncrementalOutput:
 
     @property
     def text(self) -> str:
-        """The output text so far (cut at the stop string once one is found)."""
-        return self._decoded
+        """The text released so far: never part of a possible stop string (all of it after
+        `finish()`, cut at the stop string if one was found)."""
+        return self._decoded[: self._emitted]
 
     def push(self, token_id: int) -> str:
         """Add a token; return the text that may now be shown. Check `stopped_by` afterwards."""

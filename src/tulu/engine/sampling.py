@@ -179,8 +179,8 @@ class SamplingParams:
     (0..20). None returns none."""
 
     candidate_token_ids: list[int] | None = None
-    """Token ids whose next-token log-probabilities (from the raw logits at the first generated
-    position) are returned, e.g. the answer letters of a multiple-choice scorer."""
+    """Token ids whose log-probabilities (from the raw logits) are returned at every generated
+    position, e.g. the answer letters of a multiple-choice scorer (which needs max_tokens=1)."""
 
     min_tokens: int = 0
     """Generate at least this many tokens before EOS or a stop token may end the completion

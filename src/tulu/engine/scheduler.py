@@ -104,6 +104,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Prefix-cache effectiveness, counted in full blocks at admission.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     # ---------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -208,10 +211,15 @@ class Scheduler:
             seq = self.waiting[0]
             self._match_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed
-            if remaining > budget and not self.enable_chunked_prefill:
+            if self.enable_chunked_prefill:
+                count = min(remaining, budget)
+            elif remaining <= budget or not scheduled:
+                # Without chunking a sequence runs whole; alone in a step it may exceed the
+                # budget, or a prompt longer than the budget would never run.
+                count = remaining
+            else:
                 self._undo_prefix(seq)
                 break
-            count = min(remaining, budget)
             target = seq.num_computed + count
             if self._blocks_needed(seq, target) > self.pool.num_free - self.watermark_blocks:
                 if self.running or scheduled:
@@ -222,11 +230,13 @@ class Scheduler:
                     self._undo_prefix(seq)
                     break
             self.waiting.popleft()
+            self.prefix_queries += len(seq.block_hashes) if self.pool.enable_prefix_caching else 0
+            self.prefix_hits += seq.num_computed // self.block_size
             self._allocate(seq, target)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, count))
-            budget -= count
+            budget -= min(count, budget)
         return SchedulerOutput(scheduled, preempted)
 
     def _undo_prefix(self, seq: Sequence) -> None:

@@ -1,0 +1,1011 @@
+"""End-to-end tests of LLMEngine / LLM: continuous batching must not change a single token.
+
+Oracles:
+- `tulu.engine.reference.generate_ids` (one sequence, contiguous cache) and transformers'
+  `generate` (unbatched, per prompt) for greedy outputs;
+- a cache-free full forward of our model for logprobs and prompt logprobs;
+- a `ScriptedModel` (conftest) whose logits are a fixed table by position, for stop conditions
+  and for a chi-square test of the sampling distribution through the whole engine.
+
+Every engine is made by the `make_engine` / `make_llm` fixtures, which check at the end of the
+test that the engine is idle: no waiting or running sequence, every KV block back in the pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tulu.chat import generation_prompt
+from tulu.engine import engine as engine_module
+from tulu.engine.engine import EngineConfig, RequestOutput
+from tulu.engine.reference import generate_ids
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import GenerationError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+MAX_TOKENS = 16
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+PROMPT_LENGTHS = [1, 2, 5, 15, 16, 17, 31, 33, 64, 97, 128, 150]
+VOCAB = 512
+BYTES_PER_TOKEN = 2 * 2 * 64 * 4  # the tiny model's K and V per token (float32)
+
+
+def random_prompts(lengths, seed=0, vocab=VOCAB):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+PROMPTS = random_prompts(PROMPT_LENGTHS)
+
+
+def token_ids(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def full_logprobs(model, ids) -> torch.Tensor:
+    """log_softmax of a cache-free full forward: [T, V]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([list(ids)]))[0].float(), dim=-1)
+
+
+class ScheduleLog:
+    """Records, for every step, (seq_id, first position, num_new_tokens, num_prompt_tokens)."""
+
+    def __init__(self, engine):
+        self.steps: list[list[tuple[int, int, int, int]]] = []
+        original = engine.scheduler.schedule
+
+        def schedule():
+            out = original()
+            self.steps.append(
+                [
+                    (s.seq.seq_id, s.seq.num_computed, s.num_new_tokens, s.seq.num_prompt_tokens)
+                    for s in out.scheduled
+                ]
+            )
+            return out
+
+        engine.scheduler.schedule = schedule
+
+    def chunked_prompts(self) -> set[int]:
+        """Sequences whose prompt was computed over more than one step."""
+        counts: dict[int, int] = {}
+        for step in self.steps:
+            for seq_id, start, _, num_prompt in step:
+                if start < num_prompt:
+                    counts[seq_id] = counts.get(seq_id, 0) + 1
+        return {s for s, c in counts.items() if c > 1}
+
+
+def hf_greedy(hf, prompt: list[int]) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt (MAX_TOKENS tokens, no EOS)."""
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_TOKENS,
+            min_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model) -> list[list[int]]:
+    """Greedy continuations of PROMPTS by the reference generator."""
+    return [generate_ids(tiny_model, p, GREEDY).token_ids for p in PROMPTS]
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy parity
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reference_matches_transformers(tiny_model, hf_twin, expected):
+    hf = hf_twin(tiny_model)
+    for prompt, tokens in zip(PROMPTS, expected, strict=True):
+        assert hf_greedy(hf, prompt) == tokens
+    # The continuations are not degenerate (a broken cache tends to repeat one token).
+    assert len({tuple(t) for t in expected}) == len(expected)
+    assert all(len(set(t)) > 2 for t in expected)
+
+
+def test_greedy_batched_matches_reference_and_transformers(tiny_model, hf_twin, make_llm, expected):
+    llm = make_llm(tiny_model)
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert [o.request_id for o in outputs] == [f"req-{i}" for i in range(len(PROMPTS))]
+    assert token_ids(outputs) == expected
+    for output, prompt in zip(outputs, PROMPTS, strict=True):
+        assert output.finished and output.prompt_token_ids == prompt
+        completion = output.outputs[0]
+        assert completion.finish_reason == "length" and completion.stop_reason is None
+        assert completion.text == ""  # no tokenizer
+        assert output.finished_time >= output.first_token_time >= output.arrival_time
+    hf = hf_twin(tiny_model)
+    for prompt, output in zip(PROMPTS[::3], outputs[::3], strict=True):
+        assert hf_greedy(hf, prompt) == output.outputs[0].token_ids
+
+
+TINY_POOL = (150 + MAX_TOKENS + 16) * BYTES_PER_TOKEN  # room for the longest request, barely
+
+CONFIGS = {
+    "tiny-pool-preemption": dict(kv_cache_bytes=TINY_POOL),
+    "chunked-prefill": dict(max_num_batched_tokens=24),
+    "tiny-budget-and-pool": dict(kv_cache_bytes=TINY_POOL, max_num_batched_tokens=7, block_size=4),
+    "block-size-1": dict(block_size=1),
+    "block-size-1-tiny-pool": dict(block_size=1, kv_cache_bytes=TINY_POOL),
+    "block-size-32": dict(block_size=32),
+    "block-size-5": dict(block_size=5, max_num_batched_tokens=50),
+    "no-prefix-caching": dict(enable_prefix_caching=False, kv_cache_bytes=TINY_POOL),
+    "no-chunked-prefill": dict(enable_chunked_prefill=False, max_num_batched_tokens=160),
+    "max-num-seqs-3": dict(max_num_seqs=3),
+}
+
+
+@pytest.mark.parametrize("config", CONFIGS.values(), ids=CONFIGS.keys())
+def test_greedy_is_unchanged_by_engine_configuration(tiny_model, make_llm, expected, config):
+    llm = make_llm(tiny_model, **config)
+    log = ScheduleLog(llm.engine)
+    outputs = llm.generate(PROMPTS, GREEDY)
+    assert token_ids(outputs) == expected
+    stats = llm.engine.stats()
+    budget = llm.engine.scheduler.max_num_batched_tokens
+    assert all(sum(n for _, _, n, _ in step) <= budget for step in log.steps)
+    assert all(len(step) <= llm.engine.config.max_num_seqs for step in log.steps)
+    if config.get("kv_cache_bytes"):
+        assert stats["preemptions"] > 0
+    else:
+        assert stats["preemptions"] == 0
+    if config.get("max_num_batched_tokens", 2048) < 150 and config.get(
+        "enable_chunked_prefill", True
+    ):
+        assert log.chunked_prompts()  # some prompt really was split across steps
+    if not config.get("enable_chunked_prefill", True):
+        assert not log.chunked_prompts()
+    if config.get("max_num_seqs"):
+        assert max(len(step) for step in log.steps) == config["max_num_seqs"]
+
+
+def test_batched_decode_path_matches_reference(tiny_model, make_llm, monkeypatch):
+    """Similar-length prompts decode through the padded single-SDPA path."""
+    prompts = random_prompts([20, 21, 23, 24, 26, 28, 29, 30], seed=5)
+    batched = []
+    build = engine_module.StepLayout.build
+
+    def spy(*args, **kwargs):
+        layout = build(*args, **kwargs)
+        batched.append(layout.decode_gather is not None)
+        return layout
+
+    monkeypatch.setattr(engine_module.StepLayout, "build", spy)
+    outputs = make_llm(tiny_model, block_size=8).generate(prompts, GREEDY)
+    assert sum(batched) >= MAX_TOKENS - 1
+    assert token_ids(outputs) == [generate_ids(tiny_model, p, GREEDY).token_ids for p in prompts]
+
+
+def test_requests_arriving_while_others_decode(tiny_model, make_engine, expected):
+    engine = make_engine(tiny_model, max_num_batched_tokens=40)
+    results: dict[str, list[int]] = {}
+    pending = list(enumerate(PROMPTS))
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        if pending and step % 3 == 0:  # a new request every third step
+            i, prompt = pending.pop(0)
+            engine.add_request(prompt, GREEDY, request_id=f"p{i}")
+        for output in engine.step():
+            if output.finished:
+                results[output.request_id] = output.outputs[0].token_ids
+        step += 1
+    assert [results[f"p{i}"] for i in range(len(PROMPTS))] == expected
+
+
+def test_repetition_penalty_matches_reference(tiny_model, make_llm):
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+        repetition_penalty=1.5,
+        frequency_penalty=0.5,
+    )
+    prompts = PROMPTS[:6]
+    outputs = make_llm(tiny_model, kv_cache_bytes=TINY_POOL // 2).generate(prompts, params)
+    want = [generate_ids(tiny_model, p, params).token_ids for p in prompts]
+    assert token_ids(outputs) == want
+    assert want != [generate_ids(tiny_model, p, GREEDY).token_ids for p in prompts]
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefix caching
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [16, 1, 5])
+def test_prefix_cache_hits_do_not_change_outputs(tiny_model, make_llm, block_size):
+    common = random_prompts([100], seed=7)[0]
+    suffixes = random_prompts([1, 3, 8, 20, 2, 13, 5, 9], seed=8)
+    wave1 = [common + s for s in suffixes[:4]]
+    wave2 = [common + s for s in suffixes[4:]] + wave1[:2]
+    want = [generate_ids(tiny_model, p, GREEDY).token_ids for p in wave1 + wave2]
+
+    llm = make_llm(tiny_model, block_size=block_size)
+    first = llm.generate(wave1, GREEDY)
+    assert llm.engine.pool.num_cached > 0  # finished requests leave findable blocks
+    hits_before = llm.engine.scheduler.prefix_hits
+    second = llm.generate(wave2, GREEDY)
+    assert token_ids(first + second) == want
+    cached = 100 // block_size * block_size
+    assert llm.engine.scheduler.prefix_hits > hits_before
+    assert llm.engine.stats()["prefix_cache_hit_rate"] > 0
+    assert all(o.num_cached_tokens >= cached for o in second)
+    # A repeated prompt reuses everything but its last token.
+    for output, prompt in zip(second[4:], wave1[:2], strict=True):
+        assert output.num_cached_tokens == (len(prompt) - 1) // block_size * block_size
+
+    plain = make_llm(tiny_model, block_size=block_size, enable_prefix_caching=False)
+    reference = plain.generate(wave1, GREEDY) + plain.generate(wave2, GREEDY)
+    assert token_ids(reference) == want
+    assert all(o.num_cached_tokens == 0 for o in reference)
+    assert plain.engine.scheduler.prefix_hits == 0 and plain.engine.pool.num_cached == 0
+
+
+def test_prefix_cache_reuses_blocks_holding_generated_tokens(tiny_model, make_llm):
+    prompt = random_prompts([40], seed=9)[0]
+    llm = make_llm(tiny_model, block_size=8)
+    first = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    follow_up = prompt + first[:10]  # 50 tokens: 6 full blocks, the 6th ends in the output
+    second = llm.generate([follow_up], GREEDY)[0]
+    assert second.num_cached_tokens == 48
+    assert second.outputs[0].token_ids == generate_ids(tiny_model, follow_up, GREEDY).token_ids
+
+
+def test_no_prefix_hit_when_only_a_later_block_matches(tiny_model, make_llm):
+    prompt = random_prompts([40], seed=10)[0]
+    other = [(prompt[0] + 1) % VOCAB] + prompt[1:]  # differs in the first block only
+    llm = make_llm(tiny_model, block_size=8)
+    llm.generate([prompt], GREEDY)
+    out = llm.generate([other], GREEDY)[0]
+    assert out.num_cached_tokens == 0
+    assert llm.engine.scheduler.prefix_hits == 0
+    assert out.outputs[0].token_ids == generate_ids(tiny_model, other, GREEDY).token_ids
+
+
+def test_prefix_cache_with_preemption_and_chunking(tiny_model, make_llm):
+    common = random_prompts([64], seed=11)[0]
+    prompts = [common + s for s in random_prompts([3, 30, 1, 17, 9, 40, 2, 22], seed=12)]
+    pool = 160 * BYTES_PER_TOKEN
+    llm = make_llm(tiny_model, block_size=4, kv_cache_bytes=pool, max_num_batched_tokens=20)
+    outputs = llm.generate(prompts[:4], GREEDY) + llm.generate(prompts[4:], GREEDY)
+    assert token_ids(outputs) == [generate_ids(tiny_model, p, GREEDY).token_ids for p in prompts]
+    stats = llm.engine.stats()
+    assert stats["preemptions"] > 0 and llm.engine.scheduler.prefix_hits > 0
+
+
+def test_reset_prefix_cache_between_waves(tiny_model, make_llm):
+    llm = make_llm(tiny_model, block_size=4)
+    llm.generate(PROMPTS[:3], GREEDY)
+    llm.engine.pool.reset_prefix_cache()
+    assert llm.engine.pool.num_cached == 0
+    again = llm.generate(PROMPTS[:3], GREEDY)
+    assert all(o.num_cached_tokens == 0 for o in again)
+
+
+# ----------------------------------------------------------------------------------------------
+# Aborts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(), dict(max_num_seqs=4), dict(kv_cache_bytes=TINY_POOL, max_num_batched_tokens=16)],
+    ids=["plain", "some-waiting", "preempting"],
+)
+def test_aborts_mid_generation_leave_the_others_unchanged(
+    tiny_model, make_engine, drain, expected, config
+):
+    engine = make_engine(tiny_model, **config)
+    ids = [engine.add_request(p, GREEDY, request_id=f"r{i}") for i, p in enumerate(PROMPTS)]
+    seen: dict[str, list[RequestOutput]] = {}
+    for _ in range(4):
+        for output in engine.step():
+            seen.setdefault(output.request_id, []).append(output)
+    doomed = ["r1", "r4", "r7", "r10", "r11"]
+    assert any(rid in seen for rid in doomed)  # some are aborted mid-generation
+    waiting_before = {s.request_id for s in engine.scheduler.waiting}
+    for rid in doomed:
+        generated = seen[rid][-1].outputs[0].token_ids if rid in seen else []
+        output = engine.abort(rid)
+        assert output is not None and output.finished and output.request_id == rid
+        completion = output.outputs[0]
+        assert completion.finish_reason == "abort" and completion.finished
+        assert completion.token_ids == generated  # what had been generated so far
+        assert completion.delta_token_ids == [] and completion.delta_text == ""
+        assert generated == expected[int(rid[1:])][: len(generated)]
+        assert engine.abort(rid) is None  # a second abort is ignored
+    assert engine.abort("no-such-request") is None
+    assert all(s.request_id not in doomed for s in engine.scheduler.running)
+    assert all(s.request_id not in doomed for s in engine.scheduler.waiting)
+    if config.get("max_num_seqs"):
+        assert waiting_before & set(doomed)  # some were aborted before they ever ran
+    rest = drain(engine)
+    # The next step reports each abort once more (so a loop waiting on step() sees it end).
+    for rid in doomed:
+        assert [o.outputs[0].finish_reason for o in rest[rid]] == ["abort"]
+    for i, rid in enumerate(ids):
+        if rid in doomed:
+            continue
+        final = rest[rid][-1] if rid in rest else seen[rid][-1]
+        assert final.finished and final.outputs[0].token_ids == expected[i]
+
+
+def test_abort_every_request(tiny_model, make_engine):
+    engine = make_engine(tiny_model, kv_cache_bytes=TINY_POOL)
+    ids = [engine.add_request(p, GREEDY) for p in PROMPTS]
+    engine.step()
+    engine.step()
+    for rid in ids:
+        assert engine.abort(rid).outputs[0].finish_reason == "abort"
+    notices = engine.step()  # the aborts are reported by the next step, then never again
+    assert sorted(o.request_id for o in notices) == sorted(ids)
+    assert all(o.finished and o.outputs[0].finish_reason == "abort" for o in notices)
+    assert engine.step() == []
+
+
+def test_abort_is_idempotent_for_finished_requests(tiny_model, make_engine, drain):
+    engine = make_engine(tiny_model)
+    rid = engine.add_request(PROMPTS[3], SamplingParams(temperature=0, max_tokens=2))
+    drain(engine)
+    assert engine.abort(rid) is None
+    # A finished request's id may be used again.
+    assert engine.add_request(PROMPTS[3], GREEDY, request_id=rid) == rid
+    engine.abort(rid)
+
+
+def test_generate_aborts_its_requests_when_interrupted(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    calls = []
+
+    def on_output(output):
+        calls.append(output)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS, GREEDY, on_output=on_output)
+    assert not llm.engine.has_unfinished_requests()  # everything aborted and freed
+
+
+def test_abort_with_some_completions_already_finished(tok_model, make_engine):
+    """n=6 sampled completions, most token ids stop them: abort after a few steps keeps the
+    finished completions' reasons and marks only the others as aborted."""
+    engine = make_engine(tok_model)
+    params = SamplingParams(
+        n=6, seed=5, temperature=2.0, max_tokens=40, stop_token_ids=list(range(0, 640, 9))
+    )
+    rid = engine.add_request([3, 1, 4, 1, 5], params)
+    for _ in range(30):
+        engine.step()
+        states = [s.is_finished for s in engine._requests[rid].seqs]
+        if any(states) and not all(states):
+            break
+    else:
+        pytest.fail("could not reach a partly finished request")
+    out = engine.abort(rid)
+    reasons = [c.finish_reason for c in out.outputs]
+    assert [r == "abort" for r in reasons] == [not done for done in states]
+    for completion in out.outputs:
+        if completion.finish_reason == "stop":
+            assert completion.stop_reason == completion.token_ids[-1]
+            assert completion.stop_reason % 9 == 0
+        else:
+            assert all(t % 9 for t in completion.token_ids)
+
+
+def test_generate_returns_when_one_of_its_requests_is_aborted(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    engine = llm.engine
+    steps = 0
+    step = engine.step
+
+    def bounded_step():
+        nonlocal steps
+        steps += 1
+        if steps > 100:
+            raise RuntimeError("LLM.generate keeps stepping an idle engine")
+        return step()
+
+    engine.step = bounded_step
+
+    def on_output(output):
+        if output.request_id == "req-0":
+            engine.abort("req-1")
+
+    outputs = llm.generate(PROMPTS[:3], GREEDY, on_output=on_output)
+    assert outputs[1].outputs[0].finish_reason == "abort"
+
+
+# ----------------------------------------------------------------------------------------------
+# Seeds and n > 1
+# ----------------------------------------------------------------------------------------------
+
+SAMPLED = dict(temperature=0.9, top_p=0.95, max_tokens=MAX_TOKENS, ignore_eos=True)
+
+
+def test_seeded_request_is_independent_of_the_batch(tiny_model, make_llm):
+    target_prompt = PROMPTS[6]
+    target = SamplingParams(seed=1234, **SAMPLED)
+    want = generate_ids(tiny_model, target_prompt, target).token_ids
+    assert want != generate_ids(tiny_model, target_prompt, GREEDY).token_ids
+
+    others = [
+        (PROMPTS[i], SamplingParams(seed=seed, **SAMPLED) if seed else SamplingParams(**SAMPLED))
+        for i, seed in [(0, None), (3, 7), (9, None), (11, 99), (4, 5), (1, None)]
+    ]
+    compositions = [
+        [],
+        others[:2],
+        others[2:],
+        list(reversed(others)),
+    ]
+    configs = [dict(), dict(kv_cache_bytes=TINY_POOL, max_num_batched_tokens=9, block_size=4)]
+    for config in configs:
+        llm = make_llm(tiny_model, **config)
+        for position, batch in enumerate(compositions):
+            requests = list(batch)
+            requests.insert(position % (len(requests) + 1), (target_prompt, target))
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(position)  # the unseeded requests' draws
+                outputs = llm.generate([p for p, _ in requests], [s for _, s in requests])
+            got = [o for o, (_, s) in zip(outputs, requests, strict=True) if s is target]
+            assert got[0].outputs[0].token_ids == want, (config, position)
+    assert llm.engine.stats()["preemptions"] > 0
+
+
+def test_unseeded_requests_use_the_global_rng(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    params = SamplingParams(**SAMPLED)
+
+    def run(seed):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return token_ids(llm.generate(PROMPTS[:3], params))
+
+    first, again, other = run(3), run(3), run(4)
+    assert first == again
+    assert first != other
+
+
+def test_n_completions_are_seeded_reproducibly(tiny_model, make_llm):
+    params = SamplingParams(n=3, seed=42, **SAMPLED)
+    llm = make_llm(tiny_model)
+    alone = llm.generate([PROMPTS[5]], params)[0]
+    assert [c.index for c in alone.outputs] == [0, 1, 2]
+    assert all(
+        len(c.token_ids) == MAX_TOKENS and c.finish_reason == "length" for c in alone.outputs
+    )
+    samples = [tuple(c.token_ids) for c in alone.outputs]
+    assert len(set(samples)) == 3  # three different completions
+    # Completion 0 uses the request's seed itself, exactly as a request with n=1 would.
+    single = SamplingParams(seed=42, **SAMPLED)
+    assert list(samples[0]) == generate_ids(tiny_model, PROMPTS[5], single).token_ids
+    # The same in a crowd, under preemption and chunked prefill.
+    crowded = make_llm(tiny_model, kv_cache_bytes=TINY_POOL, max_num_batched_tokens=11)
+    mixed = crowded.generate(
+        [PROMPTS[11], PROMPTS[5], PROMPTS[2]],
+        [SamplingParams(n=2, **SAMPLED), params, SamplingParams(seed=1, **SAMPLED)],
+    )
+    assert [tuple(c.token_ids) for c in mixed[1].outputs] == samples
+    assert len(mixed[0].outputs) == 2
+    assert crowded.engine.stats()["preemptions"] > 0
+
+
+def test_greedy_n_gives_identical_completions(tiny_model, make_llm, expected):
+    out = make_llm(tiny_model).generate([PROMPTS[4]], dataclasses.replace(GREEDY, n=2))
+    assert [c.token_ids for c in out[0].outputs] == [expected[4], expected[4]]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop conditions, text and streaming (tokenizer + scripted model)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def script(demo_tokenizer, scripted_model, make_table):
+    """A scripted model that, after PROMPT, writes " The quick brown fox jumps", EOS,
+    " over the lazy dog", EOS, then the filler token forever."""
+    tok = demo_tokenizer
+    prompt = tok.encode("Hello there.")
+    words = tok.encode(" The quick brown fox jumps")
+    more = tok.encode(" over the lazy dog")
+    eos = tok.eos_token_id
+    out = words + [eos] + more + [eos]
+    filler = tok.encode(" ha")[0]
+    assert filler not in out
+    table = make_table(
+        {len(prompt) - 1 + i: t for i, t in enumerate(out)}, vocab_size=640, filler=filler
+    )
+    model = scripted_model(table, eos_token_id=5)  # the tokenizer's EOS (0) must win
+    return dict(model=model, prompt=prompt, words=words, more=more, filler=filler, out=out)
+
+
+STOP_CASES = {
+    "eos": dict(max_tokens=40),
+    "ignore-eos": dict(max_tokens="WORDS+3", ignore_eos=True),
+    "max-tokens": dict(max_tokens=3),
+    "stop-string": dict(max_tokens=40, stop=["brown"]),
+    "earliest-stop-string": dict(max_tokens=40, stop=["fox", "quick"]),
+    "include-stop-string": dict(max_tokens=40, stop="brown", include_stop_str_in_output=True),
+    "stop-string-after-eos-ignored": dict(max_tokens=40, stop=["lazy"], ignore_eos=True),
+    "stop-token-id": dict(max_tokens=40, stop_token_ids=["WORD3"]),
+    "stop-token-id-with-ignore-eos": dict(max_tokens=40, ignore_eos=True, stop_token_ids=["MORE0"]),
+    "min-tokens": dict(max_tokens=40, min_tokens="WORDS+1"),
+    "min-tokens-reached-at-eos": dict(max_tokens=40, min_tokens="WORDS"),
+    "min-tokens-past-both-eos": dict(max_tokens=30, min_tokens=29),
+    "keep-special-tokens": dict(max_tokens="WORDS+3", ignore_eos=True, skip_special_tokens=False),
+}
+
+
+def stop_params(script, case: dict) -> SamplingParams:
+    words, more = script["words"], script["more"]
+    names = {
+        "WORD3": words[3],
+        "MORE0": more[0],
+        "WORDS": len(words),
+        "WORDS+1": len(words) + 1,
+        "WORDS+3": len(words) + 3,
+    }
+    fields = {}
+    for key, value in case.items():
+        if isinstance(value, list):
+            fields[key] = [names.get(x, x) for x in value]
+        else:
+            fields[key] = names.get(value, value)
+    return SamplingParams(temperature=0.0, **fields)
+
+
+def test_stop_conditions_match_the_reference(script, demo_tokenizer, make_engine, drain):
+    """All cases run batched together through the engine; each must match the reference
+    generator exactly, and streaming deltas must rebuild the final text and tokens."""
+    tok, model, prompt = demo_tokenizer, script["model"], script["prompt"]
+    engine = make_engine(model, demo_tokenizer, max_num_batched_tokens=5)
+    params = {name: stop_params(script, case) for name, case in STOP_CASES.items()}
+    for name, p in params.items():
+        engine.add_request(prompt, p, request_id=name)
+    streams = drain(engine)
+    results = {}
+    for name, p in params.items():
+        want = generate_ids(model, prompt, p, tokenizer=tok)
+        stream = streams[name]
+        final = stream[-1].outputs[0]
+        assert stream[-1].finished and not any(o.finished for o in stream[:-1])
+        assert final.token_ids == want.token_ids, name
+        assert final.text == want.text, name
+        assert final.finish_reason == want.finish_reason, name
+        assert final.stop_reason == want.stop_reason, name
+        assert "".join(o.outputs[0].delta_text for o in stream) == final.text, name
+        assert sum((o.outputs[0].delta_token_ids for o in stream), []) == final.token_ids, name
+        results[name] = final
+
+    words, more, filler = script["words"], script["more"], script["filler"]
+    eos = tok.eos_token_id
+    assert results["eos"].token_ids == words + [eos]
+    assert (results["eos"].finish_reason, results["eos"].stop_reason) == ("stop", eos)
+    assert results["eos"].text == " The quick brown fox jumps"
+    assert results["ignore-eos"].token_ids == words + [eos] + more[:2]
+    assert results["ignore-eos"].finish_reason == "length"
+    assert "<|endoftext|>" not in results["ignore-eos"].text
+    assert results["keep-special-tokens"].text.startswith(" The quick brown fox jumps<|endoftext|>")
+    assert results["max-tokens"].token_ids == words[:3]
+    assert results["max-tokens"].finish_reason == "length"
+    for name, stop in [("stop-string", "brown"), ("earliest-stop-string", "quick")]:
+        r = results[name]
+        assert (r.finish_reason, r.stop_reason) == ("stop", stop)
+        assert r.text == " The quick brown fox jumps".split(stop)[0]
+    assert results["include-stop-string"].text == " The quick brown"
+    assert results["stop-string-after-eos-ignored"].text == " The quick brown fox jumps over the "
+    assert words[3] not in words[:3]
+    assert results["stop-token-id"].token_ids == words[:4]
+    assert results["stop-token-id"].stop_reason == words[3]
+    assert results["stop-token-id-with-ignore-eos"].token_ids == words + [eos, more[0]]
+    min_tokens = results["min-tokens"]
+    assert min_tokens.token_ids[: len(words) + 1] == words + [filler]  # EOS was blocked...
+    assert min_tokens.token_ids[len(words) + 1 :] == more + [eos]  # ...until min_tokens
+    assert results["min-tokens-reached-at-eos"].token_ids == words + [eos]
+    assert results["min-tokens-past-both-eos"].finish_reason == "length"
+    assert eos not in results["min-tokens-past-both-eos"].token_ids[:29]
+
+
+def test_cumulative_text_never_shows_part_of_a_stop_string(
+    script, demo_tokenizer, make_engine, drain
+):
+    """At every step the cumulative `text` is what the deltas have delivered so far, and
+    only grows; in particular the held-back prefix of a stop string is not in `text`."""
+    engine = make_engine(script["model"], demo_tokenizer)
+    params = SamplingParams(temperature=0.0, max_tokens=40, stop=["brown fox"])
+    engine.add_request(script["prompt"], params, request_id="s")
+    stream = drain(engine)["s"]
+    final = stream[-1].outputs[0].text
+    assert final == " The quick "
+    delivered, problems = "", []
+    for step, output in enumerate(stream):
+        delivered += output.outputs[0].delta_text
+        text = output.outputs[0].text
+        if text != delivered or not final.startswith(text):
+            problems.append((step, text, delivered))
+    assert not problems, problems
+
+
+def test_text_and_chat_prompts(tok_model, demo_tokenizer, make_llm):
+    tok = demo_tokenizer
+    llm = make_llm(tok_model, tok)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+    text = "Hello world. The quick brown fox"
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    outputs = llm.generate([text, messages, tok.encode(text), tuple(tok.encode(text))], params)
+    chat_ids = tok.encode(generation_prompt(messages, tok.eos_token))
+    assert outputs[0].prompt_token_ids == tok.encode(text)
+    assert outputs[1].prompt_token_ids == chat_ids
+    assert chat_ids[-3:] == tok.encode("<|assistant|>\n")[-3:]
+    assert outputs[2].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    assert outputs[3].outputs[0].token_ids == outputs[0].outputs[0].token_ids
+    for output in outputs[:2]:
+        want = generate_ids(tok_model, output.prompt_token_ids, params, tokenizer=tok)
+        assert output.outputs[0].token_ids == want.token_ids
+        assert output.outputs[0].text == want.text
+        assert output.outputs[0].text == tok.decode(want.token_ids, skip_special_tokens=True)
+
+
+def test_streaming_deltas_rebuild_sampled_text(tok_model, demo_tokenizer, make_llm):
+    tok = demo_tokenizer
+    llm = make_llm(tok_model, tok, max_num_batched_tokens=16, kv_cache_bytes=64 * BYTES_PER_TOKEN)
+    prompts = ["Hello", "The quick brown fox jumps over", "What is 2+2?", "a b c d e f g"]
+    params = [
+        SamplingParams(seed=i, temperature=1.0, max_tokens=24, stop=[" the", "e"] if i % 2 else [])
+        for i in range(len(prompts))
+    ]
+    streams: dict[str, list[RequestOutput]] = {}
+    outputs = llm.generate(
+        prompts, params, on_output=lambda o: streams.setdefault(o.request_id, []).append(o)
+    )
+    for output in outputs:
+        stream = streams[output.request_id]
+        assert stream[-1] is output
+        completion = output.outputs[0]
+        assert "".join(o.outputs[0].delta_text for o in stream) == completion.text
+        assert sum((o.outputs[0].delta_token_ids for o in stream), []) == completion.token_ids
+        assert all(len(o.outputs[0].token_ids) <= len(completion.token_ids) for o in stream)
+        if completion.finish_reason == "stop" and isinstance(completion.stop_reason, str):
+            assert completion.stop_reason not in completion.text
+    assert any(isinstance(o.outputs[0].stop_reason, str) for o in outputs)  # a stop string hit
+    assert llm.engine.stats()["preemptions"] > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Logprobs
+# ----------------------------------------------------------------------------------------------
+
+
+def check_logprobs(model, prompt, completion, k):
+    """Chosen-token logprob and top-k of every generated token against one full forward."""
+    ids = prompt + completion.token_ids
+    lp = full_logprobs(model, ids[:-1])
+    assert len(completion.logprobs) == len(completion.token_ids)
+    for i, entry in enumerate(completion.logprobs):
+        row = lp[len(prompt) - 1 + i]
+        assert entry.token_id == completion.token_ids[i]
+        assert entry.logprob == pytest.approx(float(row[entry.token_id]), abs=1e-4)
+        top_lp, top_ids = row.topk(k)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top_lp.tolist(), abs=1e-4)
+
+
+def test_logprobs_match_a_full_forward(tiny_model, make_llm):
+    prompts = PROMPTS[:10]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=3),
+        SamplingParams(seed=3, max_tokens=8, ignore_eos=True, logprobs=5),
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True),
+        SamplingParams(seed=4, temperature=1.5, top_k=4, max_tokens=8, ignore_eos=True, logprobs=0),
+        # min_tokens masks the stop tokens for sampling, but logprobs stay the model's.
+        SamplingParams(
+            temperature=0.0, max_tokens=8, min_tokens=8, stop_token_ids=list(range(100)), logprobs=4
+        ),
+    ] * 2
+    outputs = make_llm(tiny_model, max_num_batched_tokens=32, block_size=4).generate(
+        prompts, params
+    )
+    for output, prompt, p in zip(outputs, prompts, params, strict=True):
+        completion = output.outputs[0]
+        if p.logprobs is None:
+            assert completion.logprobs is None
+            continue
+        check_logprobs(tiny_model, prompt, completion, p.logprobs)
+        if p.logprobs == 0:
+            assert all(entry.top == [] for entry in completion.logprobs)
+        if p.min_tokens:
+            assert min(completion.token_ids) >= 100
+            assert completion.token_ids == generate_ids(tiny_model, prompt, p).token_ids
+        # Logprobs describe the model, not the sampler: raw log-softmax, not top-k renormalised.
+        assert all(entry.logprob < 0 for entry in completion.logprobs)
+
+
+def check_prompt_logprobs(model, prompt, prompt_logprobs, k):
+    lp = full_logprobs(model, prompt)
+    assert len(prompt_logprobs) == len(prompt)
+    assert prompt_logprobs[0] is None
+    for i in range(1, len(prompt)):
+        entry = prompt_logprobs[i]
+        assert entry.token_id == prompt[i]
+        assert entry.logprob == pytest.approx(float(lp[i - 1, prompt[i]]), abs=1e-4)
+        top_lp, top_ids = lp[i - 1].topk(k)
+        assert [t for t, _ in entry.top] == top_ids.tolist()
+        assert [v for _, v in entry.top] == pytest.approx(top_lp.tolist(), abs=1e-4)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(),
+        dict(max_num_batched_tokens=13, block_size=4),
+        dict(kv_cache_bytes=TINY_POOL, max_num_batched_tokens=29),
+    ],
+    ids=["whole-prompt", "chunked", "chunked-preempted"],
+)
+def test_prompt_logprobs_match_a_full_forward(tiny_model, make_llm, expected, config):
+    llm = make_llm(tiny_model, **config)
+    llm.generate(PROMPTS[8:10], GREEDY)  # warm the prefix cache: it must not be used
+    params = SamplingParams(
+        temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, prompt_logprobs=2
+    )
+    indices = [1, 8, 11, 9, 3]
+    outputs = llm.generate([PROMPTS[i] for i in indices] + PROMPTS[:4], [params] * 5 + [GREEDY] * 4)
+    for output, i in zip(outputs[:5], indices, strict=True):
+        check_prompt_logprobs(tiny_model, PROMPTS[i], output.prompt_logprobs, 2)
+        assert output.num_cached_tokens == 0
+        assert output.outputs[0].token_ids == expected[i]
+    assert all(o.prompt_logprobs is None for o in outputs[5:])
+    if config.get("kv_cache_bytes"):
+        assert llm.engine.stats()["preemptions"] > 0
+
+
+def test_prompt_logprobs_zero_and_n_greater_than_one(tiny_model, make_llm):
+    params = SamplingParams(
+        n=2, seed=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0, logprobs=1
+    )
+    out = make_llm(tiny_model).generate([PROMPTS[7]], params)[0]
+    check_prompt_logprobs(tiny_model, PROMPTS[7], out.prompt_logprobs, 0)
+    assert len(out.outputs) == 2
+    for completion in out.outputs:
+        check_logprobs(tiny_model, PROMPTS[7], completion, 1)
+
+
+def test_candidate_logprobs(tiny_model, make_llm):
+    candidates = [5, 17, 300, 511]
+    params = SamplingParams(
+        temperature=0.0, max_tokens=4, ignore_eos=True, candidate_token_ids=candidates
+    )
+    outputs = make_llm(tiny_model).generate(PROMPTS[2:5], [params, GREEDY, params])
+    assert outputs[1].outputs[0].candidate_logprobs is None
+    for output in (outputs[0], outputs[2]):
+        completion = output.outputs[0]
+        prompt = output.prompt_token_ids
+        lp = full_logprobs(tiny_model, prompt + completion.token_ids[:-1])
+        assert len(completion.candidate_logprobs) == len(completion.token_ids)
+        for i, values in enumerate(completion.candidate_logprobs):
+            assert list(values) == candidates
+            row = lp[len(prompt) - 1 + i]
+            assert list(values.values()) == pytest.approx(row[candidates].tolist(), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals and validation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_request_longer_than_the_context_window_is_refused(tiny_model, make_engine, drain):
+    engine = make_engine(tiny_model)
+    prompt = random_prompts([200], seed=13)[0]
+    with pytest.raises(GenerationError, match=r"200 tokens.*max_tokens is 57.*256"):
+        engine.add_request(prompt, SamplingParams(max_tokens=57))
+    # Filling the window exactly is fine.
+    params = SamplingParams(max_tokens=56, temperature=0, ignore_eos=True)
+    engine.add_request(prompt, params, request_id="full")
+    out = drain(engine)["full"][-1].outputs[0]
+    assert out.token_ids == generate_ids(tiny_model, prompt, params).token_ids
+    assert len(out.token_ids) == 56 and out.finish_reason == "length"
+
+
+def test_request_larger_than_the_whole_pool_is_refused(tiny_model, make_engine, drain):
+    engine = make_engine(tiny_model, kv_cache_bytes=8 * 16 * BYTES_PER_TOKEN)  # 128 tokens
+    assert engine.pool.num_blocks == 8
+    with pytest.raises(GenerationError, match=r"150 tokens.*128 tokens"):
+        engine.add_request([1] * 100, SamplingParams(max_tokens=50))
+    engine.add_request([1] * 100, SamplingParams(max_tokens=28, ignore_eos=True), request_id="ok")
+    out = drain(engine)["ok"][-1]
+    assert len(out.outputs[0].token_ids) == 28
+
+
+def test_kv_budget_smaller_than_one_block_is_refused(tiny_model):
+    with pytest.raises(GenerationError, match="smaller than one block"):
+        engine_module.LLMEngine(tiny_model, None, EngineConfig(kv_cache_bytes=100))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "match"),
+    [
+        ([], "empty"),
+        ("", "empty"),
+        ([5, 640], "640 is outside the vocabulary"),
+        ([-1, 5], "-1 is outside the vocabulary"),
+        (42, "must be a string, a list of token ids, or a list of chat messages"),
+        (None, "must be a string"),
+        ([1, "a"], "must be a string"),
+        ([1.0, 2.0], "must be a string"),
+        ([True, 3], "must be a string"),
+        ([{"role": "user", "content": "hi"}, 3], "must be a string"),
+    ],
+    ids=[
+        "empty-list",
+        "empty-text",
+        "too-big",
+        "negative",
+        "int",
+        "none",
+        "mixed",
+        "floats",
+        "bools",
+        "messages-and-ids",
+    ],
+)
+def test_invalid_prompts_are_refused(tok_model, demo_tokenizer, make_engine, prompt, match):
+    engine = make_engine(tok_model, demo_tokenizer)  # vocabulary of 640
+    with pytest.raises(GenerationError, match=match):
+        engine.add_request(prompt, GREEDY)
+    assert engine.num_unfinished_requests == 0
+
+
+def test_text_prompts_need_a_tokenizer(tiny_model, make_engine):
+    engine = make_engine(tiny_model)
+    with pytest.raises(GenerationError, match="need a tokenizer"):
+        engine.add_request("hello", GREEDY)
+    with pytest.raises(GenerationError, match="need a tokenizer"):
+        engine.add_request([{"role": "user", "content": "hi"}], GREEDY)
+    with pytest.raises(GenerationError, match="stop strings need a tokenizer"):
+        engine.add_request([1, 2], SamplingParams(stop=["x"]))
+
+
+def test_other_refusals(tiny_model, make_engine):
+    engine = make_engine(tiny_model)
+    engine.add_request([1, 2, 3], GREEDY, request_id="dup")
+    with pytest.raises(GenerationError, match="'dup' is already in use"):
+        engine.add_request([4, 5], GREEDY, request_id="dup")
+    with pytest.raises(GenerationError, match="SamplingParams"):
+        engine.add_request([1, 2], {"temperature": 0})
+    with pytest.raises(GenerationError, match=r"stop_token_ids contains 600"):
+        engine.add_request([1, 2], SamplingParams(min_tokens=2, stop_token_ids=[600]))
+    with pytest.raises(GenerationError, match=r"candidate_token_ids contains 512"):
+        engine.add_request([1, 2], SamplingParams(candidate_token_ids=[1, 512]))
+    assert engine.num_unfinished_requests == 1
+    engine.abort("dup")
+
+
+def test_generate_refuses_atomically(tiny_model, make_llm):
+    llm = make_llm(tiny_model)
+    with pytest.raises(GenerationError, match=r"prompt 2: .*empty"):
+        llm.generate([[1, 2], [3], [], [4]], GREEDY)
+    assert not llm.engine.has_unfinished_requests()  # the first two were withdrawn
+    with pytest.raises(GenerationError, match="2 prompts but 1 SamplingParams"):
+        llm.generate([[1], [2]], [GREEDY])
+
+
+@pytest.mark.parametrize(
+    "field", [dict(block_size=0), dict(max_num_seqs=0), dict(max_num_batched_tokens=0)]
+)
+def test_engine_config_validation(field):
+    with pytest.raises(GenerationError, match=next(iter(field))):
+        EngineConfig(**field)
+
+
+def test_prompt_longer_than_the_step_budget_without_chunked_prefill(tiny_model, make_engine, drain):
+    engine = make_engine(tiny_model, enable_chunked_prefill=False, max_num_batched_tokens=32)
+    try:
+        engine.add_request(PROMPTS[8], GREEDY, request_id="long")  # 64 tokens
+    except GenerationError:
+        return  # refusing it up front is fine
+    try:
+        drain(engine, max_steps=100)
+    finally:
+        engine.abort("long")
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: the sampled distribution (chi-square on a scripted 8-token vocabulary)
+# ----------------------------------------------------------------------------------------------
+
+LOGITS = np.array([0.0, 2.0, -1.0, 1.0, -2.0, 1.5, 0.5, -0.5])
+# 0.999 quantiles of chi-square by degrees of freedom (tables; checked below with gammaincc).
+CHI2_999 = {1: 10.828, 2: 13.816, 3: 16.266, 4: 18.467, 5: 20.515, 6: 22.458, 7: 24.322}
+
+
+def claimed_distribution(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """What SamplingParams documents: temperature, then top-k, then top-p on the renormalised
+    top-k distribution (keep the smallest prefix reaching p), then min-p."""
+    probs = np.exp(LOGITS / temperature - (LOGITS / temperature).max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    keep = np.ones(len(LOGITS), dtype=bool)
+    if top_k:
+        keep[order[top_k:]] = False
+    probs = np.where(keep, probs, 0.0) / probs[keep].sum()
+    if top_p < 1.0:
+        cumulative = np.cumsum(probs[order])
+        before = cumulative - probs[order]
+        keep[order[(before >= top_p) & (np.arange(len(order)) > 0)]] = False
+        probs = np.where(keep, probs, 0.0) / probs[keep].sum()
+    if min_p:
+        keep &= probs >= min_p * probs.max()
+        probs = np.where(keep, probs, 0.0) / probs[keep].sum()
+    return probs
+
+
+def test_chi_square_table():
+    for df, quantile in CHI2_999.items():
+        p = torch.special.gammaincc(torch.tensor(df / 2.0), torch.tensor(quantile / 2.0))
+        assert float(p) == pytest.approx(0.001, rel=1e-3)
+
+
+@pytest.fixture(scope="module")
+def fixed_logits_model(scripted_model):
+    table = torch.tensor(LOGITS, dtype=torch.float32).expand(64, -1)
+    return scripted_model(table, eos_token_id=0)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.7),
+        dict(top_k=3),
+        dict(top_p=0.8),
+        dict(min_p=0.2),
+        dict(temperature=1.3, top_k=6, top_p=0.9, min_p=0.05),
+    ],
+    ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
+)
+def test_engine_samples_the_claimed_distribution(fixed_logits_model, make_llm, settings):
+    expected = claimed_distribution(**settings)
+    requests, tokens_each = 100, 50  # 5000 draws
+    llm = make_llm(fixed_logits_model, kv_cache_bytes=64 * 64 * requests, block_size=16)
+    params = [
+        SamplingParams(seed=1000 + i, max_tokens=tokens_each, ignore_eos=True, **settings)
+        for i in range(requests)
+    ]
+    outputs = llm.generate([[1]] * requests, params, progress=False)
+    draws = np.array([t for o in outputs for t in o.outputs[0].token_ids])
+    assert len(draws) == requests * tokens_each
+    counts = np.bincount(draws, minlength=len(LOGITS))
+    assert counts[expected == 0].sum() == 0, f"a masked token was sampled: {counts}"
+    support = expected > 0
+    want = expected[support] * len(draws)
+    statistic = float(((counts[support] - want) ** 2 / want).sum())
+    df = int(support.sum()) - 1
+    assert statistic < CHI2_999[df], (statistic, counts.tolist(), expected.tolist())
+
+
+def test_engine_chi_square_detects_the_wrong_temperature(fixed_logits_model, make_llm):
+    """The check above has power: samples at temperature 1 fail against the claim T=0.7."""
+    llm = make_llm(fixed_logits_model, kv_cache_bytes=64 * 64 * 100)
+    params = [SamplingParams(seed=i, max_tokens=50, ignore_eos=True) for i in range(100)]
+    outputs = llm.generate([[1]] * 100, params, progress=False)
+    counts = np.bincount([t for o in outputs for t in o.outputs[0].token_ids], minlength=8)
+    want = claimed_distribution(temperature=0.7) * counts.sum()
+    assert float(((counts - want) ** 2 / want).sum()) > CHI2_999[7]
