@@ -23,6 +23,7 @@ import argparse
 import json
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -92,6 +93,15 @@ def tulu_throughput(llm: LLM, requests, device) -> dict:
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     assert tokens == sum(o for _, o in requests)
     return {"seconds": elapsed, "output_tokens": tokens, "output_tokens_per_s": tokens / elapsed}
+
+
+def median_of(fn, prompts) -> dict:
+    """Run a single-stream measurement once per prompt; the median of each figure.
+
+    Every run gets a different prompt so that prefix caching cannot serve a repeat.
+    """
+    runs = [fn(prompt) for prompt in prompts]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def tulu_single_stream(llm: LLM, prompt, new_tokens: int, device) -> dict:
@@ -173,6 +183,7 @@ def main() -> None:
     parser.add_argument("--hf-batch-size", type=int, default=64)
     parser.add_argument("--single-new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gb", type=float, default=None)
+    parser.add_argument("--repeats", type=int, default=5, help="single-stream and prefill runs (median)")
     parser.add_argument("--skip", default="", help="comma list of workloads to skip: single,fixed,mixed,prefill")
     parser.add_argument("--hf-compile", action="store_true", help="also run transformers with static cache + torch.compile (GPU)")
     args = parser.parse_args()
@@ -204,9 +215,9 @@ def main() -> None:
         rows.append((name, metric, ours_v, hf_v, ratio))
 
     if "single" not in skip:
-        prompt = make_requests(rng, 1, (128, 128), (1, 1), vocab)[0][0]
-        a = tulu_single_stream(llm, prompt, args.single_new_tokens, device)
-        b = hf_single_stream(theirs, prompt, args.single_new_tokens, device)
+        prompts = [p for p, _ in make_requests(rng, args.repeats, (128, 128), (1, 1), vocab)]
+        a = median_of(lambda p: tulu_single_stream(llm, p, args.single_new_tokens, device), prompts)
+        b = median_of(lambda p: hf_single_stream(theirs, p, args.single_new_tokens, device), prompts)
         results["workloads"]["single_stream"] = {"tulu": a, "transformers": b}
         add("single stream", "TTFT ms (128-token prompt)", a["ttft_ms"], b["ttft_ms"], False)
         add("single stream", "ms / output token", a["ms_per_token"], b["ms_per_token"], False)
@@ -224,9 +235,9 @@ def main() -> None:
         results["workloads"]["mixed"] = {"requests": n_mixed, "tulu": a, "transformers": b}
         add(f"{n_mixed} mixed (16-1024 in / 16-512 out)", "output tokens/s", a["output_tokens_per_s"], b["output_tokens_per_s"])
     if "prefill" not in skip:
-        prompt = make_requests(rng, 1, (2047, 2047), (1, 1), vocab)[0][0]
-        a = tulu_single_stream(llm, prompt, 2, device)["ttft_ms"]
-        b = hf_single_stream(theirs, prompt, 2, device)["ttft_ms"]
+        prompts = [p for p, _ in make_requests(rng, args.repeats, (2047, 2047), (1, 1), vocab)]
+        a = median_of(lambda p: tulu_single_stream(llm, p, 2, device), prompts)["ttft_ms"]
+        b = median_of(lambda p: hf_single_stream(theirs, p, 2, device), prompts)["ttft_ms"]
         results["workloads"]["prefill_2048"] = {"tulu_tokens_per_s": 2047 / a * 1e3, "transformers_tokens_per_s": 2047 / b * 1e3}
         add("prefill 2,047 tokens", "tokens/s", 2047 / a * 1e3, 2047 / b * 1e3)
 
@@ -234,7 +245,7 @@ def main() -> None:
         theirs.generation_config.cache_implementation = "static"
         theirs.forward = torch.compile(theirs.forward, mode="reduce-overhead", fullgraph=True)
         t0 = time.perf_counter()
-        hf_single_stream(theirs, prompt, 8, device)  # compile
+        hf_single_stream(theirs, prompts[0], 8, device)  # compile
         compile_s = time.perf_counter() - t0
         c = hf_single_stream(theirs, make_requests(rng, 1, (128, 128), (1, 1), vocab)[0][0], args.single_new_tokens, device)
         results["workloads"]["single_stream"]["transformers_static_compile"] = {**c, "compile_seconds": compile_s}

@@ -106,16 +106,24 @@ class PagedAttention:
         outputs = []
         for s in layout.seqs:
             n = s.q_end - s.q_start
+            queries = q[:, :, s.q_start : s.q_end]
+            if n == s.context_len:
+                # A fresh prefill: the whole context is this step's tokens, no need to read back.
+                out = F.scaled_dot_product_attention(
+                    queries,
+                    k[:, :, s.q_start : s.q_end],
+                    v[:, :, s.q_start : s.q_end],
+                    is_causal=True,
+                )
+                outputs.append(out)
+                continue
             keys = cache.keys[layer_idx][s.block_table].view(-1, heads, head_size)[: s.context_len]
             values = cache.values[layer_idx][s.block_table].view(-1, heads, head_size)[
                 : s.context_len
             ]
             keys, values = keys.transpose(0, 1).unsqueeze(0), values.transpose(0, 1).unsqueeze(0)
-            queries = q[:, :, s.q_start : s.q_end]
             if n == 1:
                 out = F.scaled_dot_product_attention(queries, keys, values)
-            elif n == s.context_len:
-                out = F.scaled_dot_product_attention(queries, keys, values, is_causal=True)
             else:
                 past = s.context_len - n
                 mask = torch.ones(n, s.context_len, dtype=torch.bool, device=q.device).tril(past)
