@@ -174,23 +174,6 @@ def test_greedy_is_unchanged_by_engine_configuration(tiny_model, make_llm, expec
         assert max(len(step) for step in log.steps) == config["max_num_seqs"]
 
 
-def test_batched_decode_path_matches_reference(tiny_model, make_llm, monkeypatch):
-    """Similar-length prompts decode through the padded single-SDPA path."""
-    prompts = random_prompts([20, 21, 23, 24, 26, 28, 29, 30], seed=5)
-    batched = []
-    build = engine_module.StepLayout.build
-
-    def spy(*args, **kwargs):
-        layout = build(*args, **kwargs)
-        batched.append(layout.decode_gather is not None)
-        return layout
-
-    monkeypatch.setattr(engine_module.StepLayout, "build", spy)
-    outputs = make_llm(tiny_model, block_size=8).generate(prompts, GREEDY)
-    assert sum(batched) >= MAX_TOKENS - 1
-    assert token_ids(outputs) == [generate_ids(tiny_model, p, GREEDY).token_ids for p in prompts]
-
-
 def test_requests_arriving_while_others_decode(tiny_model, make_engine, expected):
     engine = make_engine(tiny_model, max_num_batched_tokens=40)
     results: dict[str, list[int]] = {}
