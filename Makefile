@@ -7,9 +7,10 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev
+EXTRAS ?= dev,serve
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.tulu-installed-$(EXTRAS)
+comma := ,
+STAMP := $(VENV)/.tulu-installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: setup demo test lint bench clean
 
@@ -20,6 +21,8 @@ $(STAMP): pyproject.toml
 	@if [ -n "$(TORCH_SPEC)" ] && ! $(BIN)/python -c "import torch" 2>/dev/null; then \
 		$(BIN)/pip install --disable-pip-version-check -q "$(TORCH_SPEC)"; fi
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
+	# The TGI client's pins conflict with transformers 5 (see pyproject.toml); its code does not.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "text-generation>=0.7"
 	touch $@
 
 demo: setup

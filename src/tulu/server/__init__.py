@@ -1,0 +1,1 @@
+"""`tulu serve`: OpenAI- and TGI-compatible HTTP APIs over the engine (FastAPI + uvicorn)."""

@@ -1,0 +1,191 @@
+"""The FastAPI app: lifespan (engine thread), API keys, error shapes, metrics, static page.
+
+Two API families share one app and answer errors in their own shapes:
+- `/v1/...` (OpenAI): `{"error": {"message", "type", "param", "code"}}`, 400 for invalid input;
+- everything else (TGI): `{"error": "...", "error_type": "..."}`, 422 for invalid input.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tulu import __version__
+from tulu.engine.async_engine import AsyncLLM, EngineDeadError
+from tulu.engine.engine import LLMEngine
+from tulu.errors import TuluError
+from tulu.server.metrics import ServerMetrics
+from tulu.server.service import GenerationService, Overloaded, RequestTimedOut, ServerSettings
+from tulu.tokenizer import Tokenizer
+
+log = logging.getLogger("tulu.server")
+STATIC = Path(__file__).parent / "static"
+PUBLIC_PATHS = {"/", "/health", "/favicon.ico"}
+
+
+def is_openai(path: str) -> bool:
+    return path.startswith("/v1/") or path == "/v1"
+
+
+def error_response(path: str, status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    """An error in the shape the route's API family uses."""
+    if is_openai(path):
+        body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    else:
+        body = {"error": message, "error_type": kind}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
+    parts, param = [], None
+    for item in err.errors():
+        loc = [str(x) for x in item.get("loc", ()) if x != "body"]
+        where = ".".join(loc)
+        param = param or (where or None)
+        kind = item.get("type", "")
+        if kind == "json_invalid":
+            parts.append(f"the request body is not valid JSON ({item.get('ctx', {}).get('error', item.get('msg'))})")
+        elif kind == "missing" and not loc:
+            parts.append("the request body is empty; a JSON object is required")
+        elif kind == "extra_forbidden":
+            parts.append(f"unknown field {where!r}")
+        else:
+            parts.append(f"{where or 'body'}: {item.get('msg')}")
+    return "; ".join(parts) or "invalid request", param
+
+
+class ApiKeyAndMetricsMiddleware:
+    """Checks the API key (constant-time) and counts requests by route and status.
+
+    A plain ASGI middleware rather than `BaseHTTPMiddleware`, so streaming responses and
+    client disconnects pass through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics):
+        self.app = app
+        self.api_key = api_key.encode() if api_key else None
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        status = {"code": 500}
+
+        async def send_and_count(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            if self.api_key and path not in PUBLIC_PATHS and not self._authorised(scope):
+                response = error_response(
+                    path, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                    "authentication_error",
+                )
+                await response(scope, receive, send_and_count)
+                return
+            await self.app(scope, receive, send_and_count)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", None) or "unmatched"
+            self.metrics.requests.labels(route=label, status=str(status["code"])).inc()
+
+    def _authorised(self, scope: Scope) -> bool:
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization" and value[:7].lower() == b"bearer ":
+                given = value[7:].strip()
+            elif name == b"x-api-key" and not given:
+                given = value.strip()
+        return hmac.compare_digest(given, self.api_key)
+
+
+def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI:
+    """The app for one engine; the engine thread starts with the app and drains on shutdown."""
+    llm = AsyncLLM(engine)
+    metrics = ServerMetrics(llm.stats)
+    service = GenerationService(llm, tokenizer, settings, metrics, engine.max_model_len)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        llm.start()
+        try:
+            yield
+        finally:
+            await llm.shutdown(settings.drain_timeout)
+
+    app = FastAPI(title="tulu", version=__version__, lifespan=lifespan)
+    app.state.service = service
+    app.state.metrics = metrics
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, err: RequestValidationError):
+        message, param = _validation_message(err)
+        status = 400 if is_openai(request.url.path) else 422
+        return error_response(request.url.path, status, message, "invalid_request_error" if status == 400 else "validation", param)
+
+    @app.exception_handler(Overloaded)
+    async def on_overloaded(request: Request, err: Overloaded):
+        kind = "rate_limit_exceeded" if is_openai(request.url.path) else "overloaded"
+        return error_response(request.url.path, 429, str(err), kind)
+
+    @app.exception_handler(RequestTimedOut)
+    async def on_timeout(request: Request, err: RequestTimedOut):
+        return error_response(request.url.path, 504, str(err), "timeout")
+
+    @app.exception_handler(EngineDeadError)
+    async def on_engine_dead(request: Request, err: EngineDeadError):
+        return error_response(request.url.path, 503, str(err), "engine_unavailable")
+
+    @app.exception_handler(TuluError)
+    async def on_tulu_error(request: Request, err: TuluError):
+        status = 400 if is_openai(request.url.path) else 422
+        kind = "invalid_request_error" if status == 400 else "validation"
+        return error_response(request.url.path, status, str(err), kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, err: StarletteHTTPException):
+        kinds = {404: "not_found_error", 405: "invalid_request_error"}
+        return error_response(request.url.path, err.status_code, str(err.detail), kinds.get(err.status_code, "error"))
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(request: Request, err: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(request.url.path, 500, f"internal error: {type(err).__name__}", "internal_error")
+
+    @app.get("/health")
+    async def health():
+        if not llm.is_running:
+            return error_response("/health", 503, "the engine is not running", "unhealthy")
+        return Response(status_code=200)
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    from tulu.server.openai_routes import router as openai_router
+    from tulu.server.tgi_routes import router as tgi_router
+
+    app.include_router(openai_router)
+    app.include_router(tgi_router)
+    app.add_middleware(ApiKeyAndMetricsMiddleware, api_key=settings.api_key, metrics=metrics)
+    return app
+
+
+def json_dumps(value) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

@@ -1,0 +1,185 @@
+"""What every generation route shares: admission, encoding, timeouts, disconnects, metrics.
+
+The OpenAI and TGI routes only translate their protocol to `SamplingParams` and back; the
+life of a request (queue limit, deadline, abort when the client goes away, latency and token
+metrics) is handled here once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+from tulu.chat import generation_prompt
+from tulu.engine.async_engine import AsyncLLM
+from tulu.engine.engine import RequestOutput
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import GenerationError, TuluError
+from tulu.server.metrics import ServerMetrics
+from tulu.tokenizer import Tokenizer
+
+
+class Overloaded(TuluError):
+    """The waiting queue is full: the client should retry later (HTTP 429)."""
+
+
+class RequestTimedOut(TuluError):
+    """The request ran past the server's request timeout and was aborted."""
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    max_num_seqs: int = 256
+    max_queue: int = 1024  # requests admitted beyond max_num_seqs before answering 429
+    request_timeout: float = 600.0  # seconds from arrival to the last token
+    drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+
+
+class GenerationService:
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        tokenizer: Tokenizer,
+        settings: ServerSettings,
+        metrics: ServerMetrics,
+        max_model_len: int,
+    ):
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.metrics = metrics
+        self.max_model_len = max_model_len
+        self.in_flight = 0
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ prompts
+    def encode_text(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def encode_chat(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.encode(generation_prompt(messages, self.tokenizer.eos_token))
+
+    def check_length(self, num_prompt_tokens: int, max_tokens: int | None) -> int:
+        """The max_tokens to use: the one given, or what the context window leaves.
+
+        Raises GenerationError naming both lengths when the prompt does not fit.
+        """
+        room = self.max_model_len - num_prompt_tokens
+        if num_prompt_tokens == 0:
+            raise GenerationError("the prompt is empty (0 tokens)")
+        if room < 1:
+            raise GenerationError(
+                f"the prompt has {num_prompt_tokens} tokens but the model's context window is "
+                f"{self.max_model_len} tokens"
+            )
+        if max_tokens is None:
+            return room
+        if max_tokens > room:
+            raise GenerationError(
+                f"the prompt has {num_prompt_tokens} tokens and {max_tokens} new tokens were "
+                f"requested, {num_prompt_tokens + max_tokens} in all, but the model's context "
+                f"window is {self.max_model_len} tokens"
+            )
+        return max_tokens
+
+    def request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    # ------------------------------------------------------------------ admission
+    def admit(self) -> None:
+        """Raise Overloaded when the running batch and the waiting queue are both full."""
+        limit = self.settings.max_num_seqs + self.settings.max_queue
+        if self.in_flight >= limit:
+            raise Overloaded(
+                f"the server is at capacity ({self.in_flight} requests running or queued, "
+                f"limit {limit}); retry later"
+            )
+
+    # ------------------------------------------------------------------ generation
+    async def generate(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs, with metrics, the request timeout and disconnect checks.
+
+        Call `admit()` first (routes do, so that a 429 is answered before any streaming
+        starts). Leaving the iteration early aborts the request and frees its KV blocks.
+        """
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        started = time.monotonic()
+        last_token_at: float | None = None
+        generated = 0
+        watcher = None
+        consumer = asyncio.current_task()
+        if is_disconnected is not None and consumer is not None:
+            watcher = asyncio.create_task(self._watch_disconnect(is_disconnected, consumer))
+        stream = self.llm.generate(prompt_ids, params, request_id)
+        deadline = started + self.settings.request_timeout
+        try:
+            while True:
+                try:
+                    output = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    raise RequestTimedOut(
+                        f"the request did not finish within the server's request timeout of "
+                        f"{self.settings.request_timeout:g} s and was aborted"
+                    ) from None
+                now = time.monotonic()
+                new = sum(len(c.delta_token_ids) for c in output.outputs)
+                if new:
+                    if last_token_at is None:
+                        self.metrics.time_to_first_token.observe(now - started)
+                    else:
+                        gap = (now - last_token_at) / new
+                        for _ in range(new):
+                            self.metrics.inter_token_latency.observe(gap)
+                    last_token_at = now
+                    generated += new
+                yield output
+        finally:
+            await stream.aclose()  # aborts the request if it had not finished
+            if watcher is not None:
+                watcher.cancel()
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+            self.metrics.generation_tokens.inc(generated)
+            self.metrics.e2e_latency.observe(time.monotonic() - started)
+
+    async def run_to_end(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+    ) -> RequestOutput:
+        """Generate without streaming; the final (finished) output."""
+        final = None
+        async for output in self.generate(prompt_ids, params, request_id, is_disconnected):
+            final = output
+        assert final is not None and final.finished
+        return final
+
+    @staticmethod
+    async def _watch_disconnect(
+        is_disconnected: Callable[[], Awaitable[bool]], consumer: asyncio.Task
+    ) -> None:
+        """Cancel the consuming task when the client goes away (non-streaming requests)."""
+        with contextlib.suppress(asyncio.CancelledError):
+            while True:
+                await asyncio.sleep(0.25)
+                if await is_disconnected():
+                    consumer.cancel()
+                    return
