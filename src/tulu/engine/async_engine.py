@@ -155,8 +155,10 @@ class AsyncLLM:
         loop = self._loop
         assert loop is not None
         try:
-            while not self._stopping:
+            while True:
                 self._apply_commands(loop)
+                if self._stopping and not self.engine.has_pending_outputs:
+                    break
                 if self.engine.has_unfinished_requests() or self.engine.has_pending_outputs:
                     outputs = self.engine.step()
                     self._stats = self.engine.stats()
@@ -172,6 +174,11 @@ class AsyncLLM:
             dead = EngineDeadError(f"the engine stopped: {err!r}")
             for request_id in list(self._streams):
                 loop.call_soon_threadsafe(self._deliver, request_id, dead)
+            return
+        # Shut down: whoever still waits (a request submitted during shutdown) is told so.
+        gone = EngineDeadError("the engine shut down")
+        for request_id in list(self._streams):
+            loop.call_soon_threadsafe(self._deliver, request_id, gone)
 
     def _apply_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:

@@ -1,0 +1,210 @@
+"""AsyncLLM: streaming deltas, cancellation frees blocks, validation errors, shutdown, engine death."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from tulu.engine.async_engine import AsyncLLM, EngineDeadError
+from tulu.engine.engine import LLM, EngineConfig, LLMEngine
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import GenerationError
+from tulu.model import GPTNeoXForCausalLM, preset
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> GPTNeoXForCausalLM:
+    config = preset(
+        "pythia-14m",
+        vocab_size=512,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        torch_dtype="float32",
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
+    net = GPTNeoXForCausalLM(config)
+    net.init_weights(0)
+    return net.eval()
+
+
+PROMPTS = [[(7 * i + j) % 500 + 1 for j in range(3 + 5 * i)] for i in range(10)]
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def assert_idle(engine: LLMEngine) -> None:
+    assert engine.pool.num_used == 0
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+
+
+def test_streams_equal_blocking_generate(model):
+    expected = [o.outputs[0].token_ids for o in LLM(model, None).generate(PROMPTS, GREEDY)]
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+
+        async def one(prompt):
+            tokens, finished = [], 0
+            async for out in llm.generate(prompt, GREEDY):
+                tokens += out.outputs[0].delta_token_ids
+                assert out.outputs[0].token_ids == tokens
+                finished += out.finished
+            assert finished == 1
+            return tokens
+
+        got = await asyncio.gather(*(one(p) for p in PROMPTS))
+        await llm.shutdown()
+        return got
+
+    assert run(main()) == expected
+    assert_idle(engine)
+
+
+def test_leaving_the_stream_early_aborts_and_frees_blocks(model):
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+        async def leave_after(n):
+            seen = 0
+            async for out in llm.generate(PROMPTS[3], params):
+                seen += len(out.outputs[0].delta_token_ids)
+                if seen >= n:
+                    break
+            return seen
+
+        await asyncio.gather(*(leave_after(3) for _ in range(8)))
+        for _ in range(100):  # the engine thread applies the aborts on its next turn
+            if engine.pool.num_used == 0 and not engine.scheduler.running:
+                break
+            await asyncio.sleep(0.02)
+        assert llm.num_requests == 0
+        await llm.shutdown()
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_cancelled_task_aborts(model):
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+        started = asyncio.Event()
+
+        async def consume():
+            async for _ in llm.generate(PROMPTS[5], params):
+                started.set()
+                await asyncio.sleep(3600)  # a slow client: cancelled while holding the stream
+
+        task = asyncio.create_task(consume())
+        await started.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if engine.pool.num_used == 0:
+                break
+            await asyncio.sleep(0.02)
+        await llm.shutdown()
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_validation_errors_are_raised_before_any_output(model):
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        too_long = SamplingParams(max_tokens=250, temperature=0.0)
+        with pytest.raises(GenerationError, match="context window of 256"):
+            async for _ in llm.generate(list(range(1, 20)), too_long):
+                pass
+        with pytest.raises(GenerationError, match="empty"):
+            async for _ in llm.generate([], GREEDY):
+                pass
+        # The engine still serves afterwards.
+        outs = [o async for o in llm.generate(PROMPTS[0], GREEDY)]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 24
+        await llm.shutdown()
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_shutdown_drains_then_aborts(model, monkeypatch):
+    engine = LLMEngine(model, None, EngineConfig())
+    real_step = engine.step
+
+    def slow_step():  # >= 2 s for the long request, so the drain deadline surely cuts it
+        time.sleep(0.01)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        endless = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+        async def collect(prompt, params):
+            last = None
+            async for out in llm.generate(prompt, params):
+                last = out
+            return last
+
+        quick = asyncio.create_task(collect(PROMPTS[0], short))
+        slow = asyncio.create_task(collect(PROMPTS[9], endless))
+        await asyncio.sleep(0.05)
+        await llm.shutdown(drain_timeout=0.2)
+        done_quick, done_slow = await quick, await slow
+        assert done_quick.outputs[0].finish_reason == "length"
+        # Past the deadline the long request is aborted, and its stream ends with the notice.
+        assert done_slow.outputs[0].finish_reason == "abort"
+        assert 0 < len(done_slow.outputs[0].token_ids) < 200
+        with pytest.raises(EngineDeadError):
+            async for _ in llm.generate(PROMPTS[0], short):
+                pass
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_engine_failure_reaches_every_stream(model, monkeypatch):
+    engine = LLMEngine(model, None, EngineConfig())
+
+    def broken_step():
+        raise torch.cuda.OutOfMemoryError("simulated out of memory")
+
+    async def main():
+        llm = AsyncLLM(engine)
+        monkeypatch.setattr(engine, "step", broken_step)
+        llm.start()
+        with pytest.raises(EngineDeadError, match="simulated out of memory"):
+            async for _ in llm.generate(PROMPTS[0], GREEDY):
+                pass
+        assert not llm.is_running
+        await llm.shutdown()
+
+    run(main())
