@@ -36,7 +36,7 @@ lint: setup
 	$(BIN)/ruff format --check src tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/model_forward.py
+	$(BIN)/python benchmarks/generation.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
