@@ -29,6 +29,7 @@ from tulu.tokenizer import Tokenizer
 
 log = logging.getLogger("tulu.server")
 STATIC = Path(__file__).parent / "static"
+# Reachable without the API key, for GET/HEAD only: POST / is TGI's generation route.
 PUBLIC_PATHS = {"/", "/health", "/favicon.ico"}
 
 
@@ -36,7 +37,9 @@ def is_openai(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 
 
-def error_response(path: str, status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+def error_response(
+    path: str, status: int, message: str, kind: str, param: str | None = None
+) -> JSONResponse:
     """An error in the shape the route's API family uses."""
     if is_openai(path):
         body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
@@ -53,7 +56,9 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
         param = param or (where or None)
         kind = item.get("type", "")
         if kind == "json_invalid":
-            parts.append(f"the request body is not valid JSON ({item.get('ctx', {}).get('error', item.get('msg'))})")
+            parts.append(
+                f"the request body is not valid JSON ({item.get('ctx', {}).get('error', item.get('msg'))})"
+            )
         elif kind == "missing" and not loc:
             parts.append("the request body is empty; a JSON object is required")
         elif kind == "extra_forbidden":
@@ -88,9 +93,12 @@ class ApiKeyAndMetricsMiddleware:
             await send(message)
 
         try:
-            if self.api_key and path not in PUBLIC_PATHS and not self._authorised(scope):
+            public = path in PUBLIC_PATHS and scope["method"] in ("GET", "HEAD")
+            if self.api_key and not public and not self._authorised(scope):
                 response = error_response(
-                    path, 401, "missing or invalid API key (send 'Authorization: Bearer <key>')",
+                    path,
+                    401,
+                    "missing or invalid API key (send 'Authorization: Bearer <key>')",
                     "authentication_error",
                 )
                 await response(scope, receive, send_and_count)
@@ -133,7 +141,13 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     async def on_validation(request: Request, err: RequestValidationError):
         message, param = _validation_message(err)
         status = 400 if is_openai(request.url.path) else 422
-        return error_response(request.url.path, status, message, "invalid_request_error" if status == 400 else "validation", param)
+        return error_response(
+            request.url.path,
+            status,
+            message,
+            "invalid_request_error" if status == 400 else "validation",
+            param,
+        )
 
     @app.exception_handler(Overloaded)
     async def on_overloaded(request: Request, err: Overloaded):
@@ -157,12 +171,16 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException):
         kinds = {404: "not_found_error", 405: "invalid_request_error"}
-        return error_response(request.url.path, err.status_code, str(err.detail), kinds.get(err.status_code, "error"))
+        return error_response(
+            request.url.path, err.status_code, str(err.detail), kinds.get(err.status_code, "error")
+        )
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, err: Exception):
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(request.url.path, 500, f"internal error: {type(err).__name__}", "internal_error")
+        return error_response(
+            request.url.path, 500, f"internal error: {type(err).__name__}", "internal_error"
+        )
 
     @app.get("/health")
     async def health():

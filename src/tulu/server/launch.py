@@ -18,21 +18,29 @@ def serve(args: argparse.Namespace) -> None:
 
         from tulu.server.app import create_app
     except ImportError as err:
-        raise TuluError(f"tulu serve needs the 'serve' extra: pip install 'tulu[serve]' ({err})") from None
+        raise TuluError(
+            f"tulu serve needs the 'serve' extra: pip install 'tulu[serve]' ({err})"
+        ) from None
     from tulu.engine.engine import EngineConfig, LLMEngine
     from tulu.pretrained import load_pretrained
     from tulu.server.service import ServerSettings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     for name, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
         if value < (1 if name == "--max-num-seqs" else 0):
-            raise TuluError(f"{name} must be {'>= 1' if name == '--max-num-seqs' else '>= 0'}, got {value}")
+            raise TuluError(
+                f"{name} must be {'>= 1' if name == '--max-num-seqs' else '>= 0'}, got {value}"
+            )
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
         raise TuluError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     api_key = args.api_key or os.environ.get("TULU_API_KEY") or None
 
     started = time.perf_counter()
-    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    loaded = load_pretrained(
+        args.model, dtype=args.dtype, device=args.device, revision=args.revision
+    )
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
@@ -42,9 +50,15 @@ def serve(args: argparse.Namespace) -> None:
     log.info(
         "loaded %s (%s parameters, %s on %s) in %.1f s: weights %.2f GiB, KV cache %.2f GiB "
         "(%d blocks of %d tokens)",
-        loaded.directory, f"{loaded.model.num_parameters():,}", engine.dtype, engine.device,
-        time.perf_counter() - started, weights / 2**30, engine.cache.nbytes / 2**30,
-        engine.pool.num_blocks, engine.pool.block_size,
+        loaded.directory,
+        f"{loaded.model.num_parameters():,}",
+        engine.dtype,
+        engine.device,
+        time.perf_counter() - started,
+        weights / 2**30,
+        engine.cache.nbytes / 2**30,
+        engine.pool.num_blocks,
+        engine.pool.block_size,
     )
     settings = ServerSettings(
         served_model_name=args.served_model_name or str(args.model),
@@ -57,7 +71,9 @@ def serve(args: argparse.Namespace) -> None:
     app = create_app(engine, loaded.tokenizer, settings)
     log.info(
         "serving %r at http://%s:%d (OpenAI: /v1, TGI: /generate, chat page: /, metrics: /metrics)%s",
-        settings.served_model_name, args.host, args.port,
+        settings.served_model_name,
+        args.host,
+        args.port,
         "; API key required" if api_key else "",
     )
     uvicorn.run(

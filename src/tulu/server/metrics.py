@@ -25,8 +25,16 @@ class _EngineCollector:
             ("tulu_running_sequences", "running", "Sequences being generated"),
             ("tulu_kv_cache_blocks_used", "kv_blocks_used", "KV-cache blocks in use"),
             ("tulu_kv_cache_blocks_total", "kv_blocks_total", "KV-cache blocks in the pool"),
-            ("tulu_kv_cache_blocks_cached", "kv_blocks_cached", "Free blocks holding a reusable prefix"),
-            ("tulu_prefix_cache_hit_rate", "prefix_cache_hit_rate", "Prefix-cache hits per full prompt block"),
+            (
+                "tulu_kv_cache_blocks_cached",
+                "kv_blocks_cached",
+                "Free blocks holding a reusable prefix",
+            ),
+            (
+                "tulu_prefix_cache_hit_rate",
+                "prefix_cache_hit_rate",
+                "Prefix-cache hits per full prompt block",
+            ),
             ("tulu_preemptions", "preemptions", "Sequences preempted since start"),
         ):
             family = GaugeMetricFamily(name, help_text)
@@ -38,26 +46,40 @@ class ServerMetrics:
     def __init__(self, engine_stats: Callable[[], dict[str, Any]]):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "tulu_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+            "tulu_requests",
+            "HTTP requests by route and status",
+            ["route", "status"],
+            registry=self.registry,
         )
-        self.prompt_tokens = Counter("tulu_prompt_tokens", "Prompt tokens processed", registry=self.registry)
+        self.prompt_tokens = Counter(
+            "tulu_prompt_tokens", "Prompt tokens processed", registry=self.registry
+        )
         self.generation_tokens = Counter(
             "tulu_generation_tokens", "Tokens generated", registry=self.registry
         )
         self.time_to_first_token = Histogram(
-            "tulu_time_to_first_token_seconds", "Time from arrival to the first generated token",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "tulu_time_to_first_token_seconds",
+            "Time from arrival to the first generated token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.inter_token_latency = Histogram(
-            "tulu_inter_token_latency_seconds", "Time between consecutive generated tokens",
-            buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry,
+            "tulu_inter_token_latency_seconds",
+            "Time between consecutive generated tokens",
+            buckets=TOKEN_LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.e2e_latency = Histogram(
-            "tulu_e2e_request_latency_seconds", "Time from arrival to the last token",
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "tulu_e2e_request_latency_seconds",
+            "Time from arrival to the last token",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
-        self.in_flight = Gauge("tulu_requests_in_flight", "Generation requests admitted and not finished",
-                               registry=self.registry)
+        self.in_flight = Gauge(
+            "tulu_requests_in_flight",
+            "Generation requests admitted and not finished",
+            registry=self.registry,
+        )
         self.registry.register(_EngineCollector(engine_stats))
 
     def render(self) -> bytes:

@@ -1,11 +1,69 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions."""
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions.
+
+The routes translate the OpenAI protocol (`tulu.server.openai_protocol`) to `SamplingParams`
+and prompt ids, hand them to the `GenerationService` (admission, timeouts, disconnects,
+metrics) and translate the engine's outputs back. What a vLLM user relies on:
+
+- several prompts in one completions request run concurrently; prompt ``i``'s ``n`` choices
+  get the indices ``i * n .. i * n + n - 1``;
+- ``echo`` with ``logprobs`` scores the prompt (``max_tokens=0`` scores without generating);
+  the first prompt token has no log-probability (null);
+- log-probabilities come from the raw model logits (before penalties and temperature);
+- a streaming request is only answered with ``200`` once its first output exists, so invalid
+  input, a full queue or an engine failure before that are proper HTTP errors; an error after
+  that is a ``data: {"error": ...}`` event followed by ``data: [DONE]``;
+- a client that goes away (streaming or not) aborts its requests, which frees their KV blocks.
+
+Token strings in log-probabilities are the token's bytes as UTF-8 text; a token that is not
+valid UTF-8 on its own (part of a multi-byte character) is written ``bytes:\\xe2\\x80`` as
+OpenAI does, and its exact bytes are in the chat format's ``bytes`` field.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import re
 import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
+from tulu.engine.async_engine import EngineDeadError
+from tulu.engine.engine import RequestOutput
+from tulu.engine.reference import TokenLogprob
+from tulu.engine.sampling import SamplingParams, check_token_ids_in_vocab
+from tulu.errors import GenerationError, TuluError
+from tulu.server.openai_protocol import (
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatStreamChoice,
+    ChoiceLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    TopLogprob,
+    Usage,
+)
+from tulu.server.openai_protocol import TokenLogprob as ChatTokenLogprob
+from tulu.server.service import GenerationService, RequestTimedOut
+from tulu.tokenizer import StreamDecoder, Tokenizer
+
+log = logging.getLogger("tulu.server")
 router = APIRouter()
 CREATED = int(time.time())
 
@@ -16,6 +74,889 @@ async def list_models(request: Request):
     name = service.settings.served_model_name
     return {
         "object": "list",
-        "data": [{"id": name, "object": "model", "created": CREATED, "owned_by": "tulu",
-                  "max_model_len": service.max_model_len}],
+        "data": [
+            {
+                "id": name,
+                "object": "model",
+                "created": CREATED,
+                "owned_by": "tulu",
+                "max_model_len": service.max_model_len,
+            }
+        ],
     }
+
+
+@router.post("/v1/completions")
+async def create_completion(body: CompletionRequest, request: Request):
+    return await _answer(request, _completion(body, request))
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(body: ChatCompletionRequest, request: Request):
+    return await _answer(request, _chat(body, request))
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape, with the offending parameter."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        kind: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+class ClientGone(Exception):
+    """The client closed the connection before the answer was ready."""
+
+
+def _error_body(status: int, message: str, kind: str, param: str | None = None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": status}}
+
+
+def _error_of(err: BaseException) -> dict:
+    """The OpenAI error body for an exception raised while generating."""
+    if isinstance(err, ApiError):
+        return _error_body(err.status, err.message, err.kind, err.param)
+    if isinstance(err, RequestTimedOut):
+        return _error_body(504, str(err), "timeout")
+    if isinstance(err, EngineDeadError):
+        return _error_body(503, str(err), "engine_unavailable")
+    if isinstance(err, TuluError):
+        return _error_body(400, str(err), "invalid_request_error")
+    log.error("unexpected error while streaming", exc_info=err)
+    return _error_body(500, f"internal error: {type(err).__name__}", "internal_error")
+
+
+async def _answer(request: Request, work: Awaitable[Response]) -> Response:
+    """Run a route's work; parameter errors become 400s naming the parameter.
+
+    Overloaded, RequestTimedOut and EngineDeadError pass through to the app's handlers (429,
+    504, 503).
+    """
+    try:
+        return await work
+    except ApiError as err:
+        body = _error_body(err.status, err.message, err.kind, err.param)
+        return _json(body, err.status)
+    except ClientGone:
+        return _json(_error_body(499, "the client closed the connection", "client_closed"), 499)
+
+
+def _json(body: Any, status: int = 200) -> Response:
+    if hasattr(body, "model_dump_json"):
+        body = body.model_dump_json()
+    else:
+        body = json.dumps(body, ensure_ascii=False)
+    return Response(body, status_code=status, media_type="application/json")
+
+
+_SAMPLING_FIELD = re.compile(r"^SamplingParams\.(\w+) ")
+
+
+def _param_error(err: GenerationError, rename: dict[str, str] | None = None) -> ApiError:
+    """A SamplingParams error ("SamplingParams.top_p must be ...") as a 400 naming the field."""
+    message = str(err)
+    match = _SAMPLING_FIELD.match(message)
+    if match is None:
+        return ApiError(message)
+    field = match.group(1)
+    param = (rename or {}).get(field, field)
+    return ApiError(param + message[match.end(1) :], param)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared request handling
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_model(model: str | None, service: GenerationService) -> str:
+    served = service.settings.served_model_name
+    if model is not None and model != served:
+        raise ApiError(
+            f"the model {model!r} does not exist; this server serves {served!r}",
+            "model",
+            404,
+            "not_found_error",
+        )
+    return served
+
+
+def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
+    if body.stream_options is not None and not body.stream:
+        raise ApiError("stream_options is only allowed when stream is true", "stream_options")
+    if body.logit_bias:
+        raise ApiError("logit_bias is not supported by this server", "logit_bias")
+    if body.n > MAX_N:
+        raise ApiError(f"n must be at most {MAX_N}, got {body.n}", "n")
+
+
+def _check_length(
+    service: GenerationService,
+    ids: list[int],
+    requested: int | None,
+    prompt_field: str,
+    max_field: str,
+) -> int:
+    try:
+        return service.check_length(len(ids), requested)
+    except GenerationError as err:
+        fits = 0 < len(ids) < service.max_model_len
+        raise ApiError(
+            str(err), max_field if fits and requested is not None else prompt_field
+        ) from None
+
+
+def _sampling_params(
+    body: CompletionRequest | ChatCompletionRequest,
+    service: GenerationService,
+    *,
+    max_tokens: int,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+    rename: dict[str, str] | None = None,
+) -> SamplingParams:
+    def pick(value, default):
+        return default if value is None else value
+
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=pick(body.temperature, 1.0),
+            top_p=pick(body.top_p, 1.0),
+            top_k=pick(body.top_k, 0),
+            min_p=pick(body.min_p, 0.0),
+            repetition_penalty=pick(body.repetition_penalty, 1.0),
+            presence_penalty=pick(body.presence_penalty, 0.0),
+            frequency_penalty=pick(body.frequency_penalty, 0.0),
+            seed=body.seed,
+            n=body.n,
+            stop=pick(body.stop, []),
+            stop_token_ids=pick(body.stop_token_ids, []),
+            include_stop_str_in_output=body.include_stop_str_in_output,
+            ignore_eos=body.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=body.min_tokens,
+            skip_special_tokens=body.skip_special_tokens,
+        )
+        check_token_ids_in_vocab(params, service.llm.engine.model_config.vocab_size)
+    except GenerationError as err:
+        raise _param_error(err, rename) from None
+    return params
+
+
+def _check_finished(output: RequestOutput) -> None:
+    """An aborted choice (the server is shutting down) is an error, never a finish_reason."""
+    if any(c.finish_reason == "abort" for c in output.outputs):
+        raise EngineDeadError("the request was aborted: the server is shutting down")
+
+
+def _stop_reason(reason: int | str | None, params: SamplingParams, eos: int | None) -> Any:
+    """vLLM's stop_reason: the stop string or stop token id; None for EOS and length."""
+    if reason == eos and reason not in params.stop_token_ids:
+        return None
+    return reason
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming
+# ----------------------------------------------------------------------------------------------
+
+
+class _Streams:
+    """Runs the `service.generate` streams of one HTTP request concurrently and merges them
+    into one iteration of ``(stream index, RequestOutput)`` in arrival order.
+
+    Each stream is pumped by its own task; a watcher task polls the client's connection and
+    ends the iteration with `ClientGone` when it closes. `close()` stops every stream that
+    still runs, which aborts its request in the engine and frees its KV blocks.
+
+    Stopping does not rely on cancellation alone: on Python < 3.12 `asyncio.wait_for` (which
+    the service awaits each output with) returns the output instead of raising when the
+    cancellation and the output arrive in the same loop iteration, swallowing the cancel. So
+    the pumps also check a flag after every output and leave their loop (closing the
+    generator at its `yield`, which aborts the request deterministically).
+    """
+
+    POLL_SECONDS = 0.25
+
+    def __init__(self, streams: list[AsyncIterator[RequestOutput]], request: Request | None):
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._open = len(streams)
+        self._closing = False
+        self._buffer: list[tuple[int, RequestOutput]] = []
+        self._tasks = [asyncio.ensure_future(self._pump(i, s)) for i, s in enumerate(streams)]
+        self._watcher = asyncio.ensure_future(self._watch(request)) if request else None
+
+    async def _pump(self, index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    if self._closing:
+                        return
+                    self._queue.put_nowait((index, output))
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            self._queue.put_nowait((index, err))
+        else:
+            self._queue.put_nowait((index, None))
+
+    async def _watch(self, request: Request) -> None:
+        while True:
+            await asyncio.sleep(self.POLL_SECONDS)
+            if await request.is_disconnected():
+                self._queue.put_nowait((-1, ClientGone()))
+                return
+
+    async def _get(self) -> tuple[int, RequestOutput | None]:
+        index, item = await self._queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        return index, item
+
+    async def start(self) -> None:
+        """Wait until every stream has its first output; raise the first error (or
+        ClientGone) instead. The outputs are kept for the iteration."""
+        started: set[int] = set()
+        while len(started) < len(self._tasks):
+            index, output = await self._get()
+            if output is None:
+                self._open -= 1
+            else:
+                self._buffer.append((index, output))
+            started.add(index)
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        buffered, self._buffer = self._buffer, []
+        for item in buffered:
+            yield item
+        while self._open > 0:
+            index, output = await self._get()
+            if output is None:
+                self._open -= 1
+            else:
+                yield index, output
+
+    async def finish(self) -> list[RequestOutput]:
+        """Run every stream to its end; the final output of each, in stream order."""
+        final: dict[int, RequestOutput] = {}
+        async for index, output in self:
+            final[index] = output
+        return [final[i] for i in range(len(self._tasks))]
+
+    async def close(self) -> None:
+        self._closing = True
+        tasks = [*self._tasks, *([self._watcher] if self._watcher else [])]
+        for task in tasks:
+            task.cancel()
+        with anyio.CancelScope(shield=True):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _EventStream(StreamingResponse):
+    """Server-sent events over running streams. However the response ends (finished, client
+    gone, send failed before the body started), the body generator is closed and the
+    streams are stopped, so no request outlives its response."""
+
+    def __init__(self, streams: _Streams, produce: AsyncIterator[str]):
+        self.streams = streams
+        super().__init__(
+            _events(streams, produce),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()
+                await self.streams.close()
+
+
+def _sse(payload: Any, exclude: set[str] | None = None) -> str:
+    if hasattr(payload, "model_dump_json"):
+        data = payload.model_dump_json(exclude=exclude)
+    else:
+        data = json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+async def _generate(
+    request: Request,
+    service: GenerationService,
+    jobs: list[tuple[list[int], SamplingParams, str]],
+    stream: bool,
+) -> _Streams | list[RequestOutput]:
+    """Run the generations of one HTTP request.
+
+    Streaming: wait for every generation's first output (so invalid input, a full queue or an
+    engine failure is still an HTTP error) and return the running streams. Otherwise: the
+    final output of each. Either way a client that leaves aborts them (ClientGone).
+    """
+    streams = _Streams([service.generate(ids, params, rid) for ids, params, rid in jobs], request)
+    done_with_streams = not stream
+    try:
+        if stream:
+            await streams.start()
+            return streams
+        return await streams.finish()
+    except BaseException:
+        done_with_streams = True
+        raise
+    finally:
+        if done_with_streams:
+            await streams.close()
+
+
+async def _events(streams: _Streams, produce: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The SSE body: the route's events, an error event if generation fails, then [DONE]."""
+    try:
+        try:
+            async for event in produce:
+                yield event
+        except ClientGone:
+            return
+        except Exception as err:
+            yield _sse(_error_of(err))
+        yield "data: [DONE]\n\n"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await produce.aclose()
+            await streams.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Token strings and log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for
+    themselves, the other bytes are numbered on from U+0100 in byte order."""
+    direct = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\u00a1"), ord("\u00ac") + 1),
+        *range(ord("\u00ae"), ord("\u00ff") + 1),
+    ]
+    table = {chr(b): b for b in direct}
+    shifted = 0
+    for b in range(256):
+        if b not in table.values():
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+class TokenStrings:
+    """Each token id's exact bytes, and its text as OpenAI shows it in log-probabilities."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        backend = tokenizer.backend
+        try:
+            from tokenizers import decoders
+
+            self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
+        except Exception:  # an exotic decoder: fall back to decoding single tokens
+            self._byte_level = False
+        added = getattr(backend, "get_added_tokens_decoder", dict)()
+        self._added = {int(i): t.content for i, t in added.items()}
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def _raw(self, token_id: int) -> bytes:
+        if token_id in self._added:
+            return self._added[token_id].encode("utf-8")
+        piece = self.tokenizer.id_to_token(token_id)
+        if piece is None:  # padding ids of the embedding matrix beyond the tokenizer
+            return b""
+        if self._byte_level:
+            alphabet = _byte_level_alphabet()
+            if all(ch in alphabet for ch in piece):
+                return bytes(alphabet[ch] for ch in piece)
+        return self.tokenizer.decode([token_id]).encode("utf-8")
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        cached = self._cache.get(token_id)
+        if cached is None:
+            raw = self._raw(token_id)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            cached = self._cache[token_id] = (text, list(raw))
+        return cached
+
+    def text(self, token_id: int) -> str:
+        return self.get(token_id)[0]
+
+
+def _token_strings(request: Request, tokenizer: Tokenizer) -> TokenStrings:
+    strings = getattr(request.app.state, "openai_token_strings", None)
+    if strings is None or strings.tokenizer is not tokenizer:
+        strings = TokenStrings(tokenizer)
+        request.app.state.openai_token_strings = strings
+    return strings
+
+
+class _LegacyLogprobs:
+    """The completions format's log-probabilities of one run of tokens, built piece by piece
+    (for streaming). ``text_offset`` counts characters of the returned text: the position where
+    each token's text starts (a token inside a multi-byte character gets the character's)."""
+
+    def __init__(
+        self,
+        strings: TokenStrings,
+        context: list[int] | None,
+        offset: int,
+        skip_special_tokens: bool,
+    ):
+        self.strings = strings
+        self.decoder = StreamDecoder(
+            strings.tokenizer, context, skip_special_tokens=skip_special_tokens
+        )
+        self.offset = offset
+
+    def add(self, token_ids: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
+        out = CompletionLogprobs()
+        for token_id, entry in zip(token_ids, entries, strict=True):
+            out.tokens.append(self.strings.text(token_id))
+            out.text_offset.append(self.offset)
+            self.offset += len(self.decoder.push(token_id))
+            if entry is None:
+                out.token_logprobs.append(None)
+                out.top_logprobs.append(None)
+                continue
+            out.token_logprobs.append(entry.logprob)
+            top: dict[str, float] = {}
+            for alt_id, alt_logprob in entry.top:
+                top.setdefault(self.strings.text(alt_id), alt_logprob)
+            out.top_logprobs.append(top)
+        return out
+
+
+def _merge(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
+    out = CompletionLogprobs()
+    for part in parts:
+        out.tokens += part.tokens
+        out.text_offset += part.text_offset
+        out.token_logprobs += part.token_logprobs
+        out.top_logprobs += part.top_logprobs
+    return out
+
+
+def _chat_logprobs(strings: TokenStrings, entries: list[TokenLogprob]) -> ChoiceLogprobs:
+    content = []
+    for entry in entries:
+        text, raw = strings.get(entry.token_id)
+        top = []
+        for alt_id, alt_logprob in entry.top:
+            alt_text, alt_raw = strings.get(alt_id)
+            top.append(TopLogprob(token=alt_text, logprob=alt_logprob, bytes=alt_raw))
+        content.append(
+            ChatTokenLogprob(token=text, logprob=entry.logprob, bytes=raw, top_logprobs=top)
+        )
+    return ChoiceLogprobs(content=content)
+
+
+# ----------------------------------------------------------------------------------------------
+# /v1/completions
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prompt:
+    ids: list[int]
+    echo: str  # the text echoed back: the prompt string, or the decoded token ids
+    params: SamplingParams
+    request_id: str
+
+
+def _completion_prompts(
+    prompt: str | list[str] | list[int] | list[list[int]], service: GenerationService
+) -> list[tuple[list[int], str]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        items: list[Any] = [prompt]
+    else:
+        items = list(prompt)
+    vocab = service.llm.engine.model_config.vocab_size
+    prompts = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            prompts.append((service.encode_text(item), item))
+            continue
+        bad = [t for t in item if not 0 <= t < vocab]
+        if bad:
+            where = f"prompt {index}" if len(items) > 1 else "the prompt"
+            raise ApiError(
+                f"{where} has token id {bad[0]}, outside the vocabulary [0, {vocab})", "prompt"
+            )
+        prompts.append((list(item), service.tokenizer.decode(item)))
+    return prompts
+
+
+async def _completion(body: CompletionRequest, request: Request) -> Response:
+    service: GenerationService = request.app.state.service
+    model = _check_model(body.model, service)
+    _check_common(body)
+    if body.suffix is not None:
+        raise ApiError("suffix is not supported by this server", "suffix")
+    if body.best_of is not None and body.best_of not in (1, body.n):
+        raise ApiError(
+            f"best_of must equal n ({body.n}) or be 1: this server returns every sample it draws, "
+            f"got {body.best_of}",
+            "best_of",
+        )
+    score_only = body.max_tokens == 0 and body.echo
+    requested = 1 if score_only else body.max_tokens
+    want_prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    base_id = service.request_id("cmpl")
+    texts = _completion_prompts(body.prompt, service)
+    prompts = []
+    for index, (ids, echo) in enumerate(texts):
+        max_tokens = _check_length(service, ids, requested, "prompt", "max_tokens")
+        params = _sampling_params(
+            body,
+            service,
+            max_tokens=max_tokens,
+            logprobs=body.logprobs,
+            prompt_logprobs=want_prompt_logprobs,
+        )
+        request_id = base_id if len(texts) == 1 else f"{base_id}-{index}"
+        prompts.append(_Prompt(ids, echo, params, request_id))
+    service.admit()
+    created = int(time.time())
+    strings = _token_strings(request, service.tokenizer) if body.logprobs is not None else None
+    view = _CompletionView(body, service, strings, prompts, score_only)
+
+    jobs = [(p.ids, p.params, p.request_id) for p in prompts]
+    if body.stream:
+        streams = await _generate(request, service, jobs, stream=True)
+        produce = view.stream(streams, base_id, created, model)
+        return _EventStream(streams, produce)
+
+    outputs = await _generate(request, service, jobs, stream=False)
+    choices = []
+    for index, output in enumerate(outputs):
+        _check_finished(output)
+        for completion in output.outputs:
+            state = view.state(index, completion.index)
+            choices.append(view.finish(state, output, completion))
+    return _json(
+        CompletionResponse(
+            id=base_id,
+            created=created,
+            model=model,
+            choices=choices,
+            usage=view.usage(outputs),
+        )
+    )
+
+
+@dataclass
+class _ChoiceState:
+    prompt: int
+    sample: int
+    index: int
+    started: bool = False
+    done: bool = False
+    logprobs_sent: int = 0
+    prompt_logprobs: _LegacyLogprobs | None = None
+    output_logprobs: _LegacyLogprobs | None = None
+    completion_tokens: int = 0
+
+
+class _CompletionView:
+    """Turns engine outputs into completions choices, whole or as stream chunks."""
+
+    def __init__(
+        self,
+        body: CompletionRequest,
+        service: GenerationService,
+        strings: TokenStrings | None,
+        prompts: list[_Prompt],
+        score_only: bool,
+    ):
+        self.body = body
+        self.service = service
+        self.strings = strings
+        self.prompts = prompts
+        self.score_only = score_only
+        self.states: dict[tuple[int, int], _ChoiceState] = {}
+
+    def state(self, prompt: int, sample: int) -> _ChoiceState:
+        key = (prompt, sample)
+        state = self.states.get(key)
+        if state is None:
+            state = self.states[key] = _ChoiceState(prompt, sample, prompt * self.body.n + sample)
+            if self.strings is not None:
+                p = self.prompts[prompt]
+                offset = 0
+                if self.body.echo:
+                    state.prompt_logprobs = _LegacyLogprobs(self.strings, None, 0, False)
+                    offset = len(p.echo)
+                state.output_logprobs = _LegacyLogprobs(
+                    self.strings, p.ids, offset, p.params.skip_special_tokens
+                )
+        return state
+
+    def _prompt_part(self, state: _ChoiceState, output: RequestOutput) -> tuple[str, list]:
+        """The echoed prompt text and its log-probabilities (once per choice)."""
+        state.started = True
+        if not self.body.echo:
+            return "", []
+        logprobs = []
+        if state.prompt_logprobs is not None:
+            entries = output.prompt_logprobs or [None] * len(output.prompt_token_ids)
+            logprobs.append(state.prompt_logprobs.add(output.prompt_token_ids, entries))
+        return self.prompts[state.prompt].echo, logprobs
+
+    def _output_part(self, state: _ChoiceState, completion) -> list:
+        if state.output_logprobs is None or completion.logprobs is None:
+            return []
+        entries = completion.logprobs[state.logprobs_sent :]
+        tokens = completion.token_ids[state.logprobs_sent : state.logprobs_sent + len(entries)]
+        state.logprobs_sent += len(entries)
+        return [state.output_logprobs.add(tokens, entries)]
+
+    def finish(self, state: _ChoiceState, output: RequestOutput, completion) -> CompletionChoice:
+        """The whole choice of a finished output (non-streaming)."""
+        text, parts = self._prompt_part(state, output)
+        if self.score_only:
+            return self._choice(state, text, parts, "length", None)
+        parts += self._output_part(state, completion)
+        state.completion_tokens = len(completion.token_ids)
+        reason = _stop_reason(
+            completion.stop_reason,
+            self.prompts[state.prompt].params,
+            self.service.tokenizer.eos_token_id,
+        )
+        return self._choice(state, text + completion.text, parts, completion.finish_reason, reason)
+
+    def _choice(self, state, text, parts, finish_reason, stop_reason) -> CompletionChoice:
+        logprobs = _merge(parts) if self.strings is not None else None
+        return CompletionChoice(
+            index=state.index,
+            text=text,
+            logprobs=logprobs,
+            finish_reason=finish_reason,
+            stop_reason=stop_reason,
+        )
+
+    def usage(self, outputs: list[RequestOutput] | None = None) -> Usage:
+        prompt_tokens = sum(len(p.ids) for p in self.prompts)
+        completion_tokens = sum(s.completion_tokens for s in self.states.values())
+        return Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+    async def stream(
+        self, streams: _Streams, request_id: str, created: int, model: str
+    ) -> AsyncIterator[str]:
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        exclude = None if include_usage else {"usage"}
+
+        def chunk(choice: CompletionChoice) -> str:
+            return _sse(
+                CompletionResponse(id=request_id, created=created, model=model, choices=[choice]),
+                exclude,
+            )
+
+        async for prompt, output in streams:
+            _check_finished(output)
+            params = self.prompts[prompt].params
+            for completion in output.outputs:
+                state = self.state(prompt, completion.index)
+                if state.done:
+                    continue
+                text, parts = ("", []) if state.started else self._prompt_part(state, output)
+                if self.score_only:
+                    state.done = True
+                    yield chunk(self._choice(state, text, parts, "length", None))
+                    continue
+                text += completion.delta_text
+                parts += self._output_part(state, completion)
+                finish = completion.finish_reason
+                if finish is not None:
+                    state.done = True
+                    state.completion_tokens = len(completion.token_ids)
+                if text or finish is not None or any(p.tokens for p in parts):
+                    reason = _stop_reason(
+                        completion.stop_reason, params, self.service.tokenizer.eos_token_id
+                    )
+                    yield chunk(self._choice(state, text, parts, finish, reason))
+        if include_usage:
+            usage = CompletionResponse(
+                id=request_id, created=created, model=model, choices=[], usage=self.usage()
+            )
+            yield _sse(usage)
+
+
+# ----------------------------------------------------------------------------------------------
+# /v1/chat/completions
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_chat(body: ChatCompletionRequest) -> None:
+    if body.response_format is not None and body.response_format.type != "text":
+        raise ApiError(
+            f"response_format {body.response_format.type!r} is not supported; only 'text' is",
+            "response_format",
+        )
+    if body.tools:
+        raise ApiError("tools are not supported by this server", "tools")
+    if body.tool_choice not in (None, "none"):
+        raise ApiError("tool_choice is not supported by this server", "tool_choice")
+    if body.functions:
+        raise ApiError("functions are not supported by this server", "functions")
+    if body.function_call not in (None, "none"):
+        raise ApiError("function_call is not supported by this server", "function_call")
+    if body.top_logprobs is not None:
+        if not body.logprobs:
+            raise ApiError("top_logprobs requires logprobs to be true", "top_logprobs")
+        if not 0 <= body.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ApiError(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {body.top_logprobs}",
+                "top_logprobs",
+            )
+
+
+async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
+    service: GenerationService = request.app.state.service
+    model = _check_model(body.model, service)
+    _check_common(body)
+    _check_chat(body)
+    messages = [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        for m in body.messages
+    ]
+    try:
+        ids = service.encode_chat(messages)
+    except TuluError as err:
+        raise ApiError(str(err), "messages") from None
+    if body.max_completion_tokens is not None:
+        requested, max_field = body.max_completion_tokens, "max_completion_tokens"
+    else:
+        requested, max_field = body.max_tokens, "max_tokens"
+    max_tokens = _check_length(service, ids, requested, "messages", max_field)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = _sampling_params(
+        body,
+        service,
+        max_tokens=max_tokens,
+        logprobs=logprobs,
+        rename={"max_tokens": max_field},
+    )
+    service.admit()
+    request_id = service.request_id("chatcmpl")
+    created = int(time.time())
+    strings = _token_strings(request, service.tokenizer) if body.logprobs else None
+    eos = service.tokenizer.eos_token_id
+
+    jobs = [(ids, params, request_id)]
+    if body.stream:
+        streams = await _generate(request, service, jobs, stream=True)
+        produce = _chat_stream(body, streams, params, strings, ids, request_id, created, model, eos)
+        return _EventStream(streams, produce)
+
+    (output,) = await _generate(request, service, jobs, stream=False)
+    _check_finished(output)
+    choices = [
+        ChatChoice(
+            index=c.index,
+            message=AssistantMessage(content=c.text),
+            logprobs=_chat_logprobs(strings, c.logprobs or []) if strings is not None else None,
+            finish_reason=c.finish_reason,
+            stop_reason=_stop_reason(c.stop_reason, params, eos),
+        )
+        for c in output.outputs
+    ]
+    completion_tokens = sum(len(c.token_ids) for c in output.outputs)
+    usage = Usage(
+        prompt_tokens=len(ids),
+        completion_tokens=completion_tokens,
+        total_tokens=len(ids) + completion_tokens,
+    )
+    return _json(
+        ChatCompletionResponse(
+            id=request_id, created=created, model=model, choices=choices, usage=usage
+        )
+    )
+
+
+async def _chat_stream(
+    body: ChatCompletionRequest,
+    streams: _Streams,
+    params: SamplingParams,
+    strings: TokenStrings | None,
+    ids: list[int],
+    request_id: str,
+    created: int,
+    model: str,
+    eos: int | None,
+) -> AsyncIterator[str]:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    exclude = None if include_usage else {"usage"}
+
+    def chunk(choice: ChatStreamChoice) -> str:
+        payload = ChatCompletionChunk(id=request_id, created=created, model=model, choices=[choice])
+        return _sse(payload, exclude)
+
+    for index in range(params.n):
+        yield chunk(ChatStreamChoice(index=index, delta={"role": "assistant", "content": ""}))
+    sent = [0] * params.n
+    done = [False] * params.n
+    completion_tokens = 0
+    async for _, output in streams:
+        _check_finished(output)
+        for c in output.outputs:
+            if done[c.index]:
+                continue
+            logprobs = None
+            if strings is not None and c.logprobs is not None:
+                new = c.logprobs[sent[c.index] :]
+                sent[c.index] += len(new)
+                if new:
+                    logprobs = _chat_logprobs(strings, new)
+            if c.delta_text or logprobs is not None:
+                yield chunk(
+                    ChatStreamChoice(
+                        index=c.index, delta={"content": c.delta_text}, logprobs=logprobs
+                    )
+                )
+            if c.finish_reason is not None:
+                done[c.index] = True
+                completion_tokens += len(c.token_ids)
+                yield chunk(
+                    ChatStreamChoice(
+                        index=c.index,
+                        delta={},
+                        finish_reason=c.finish_reason,
+                        stop_reason=_stop_reason(c.stop_reason, params, eos),
+                    )
+                )
+    if include_usage:
+        usage = Usage(
+            prompt_tokens=len(ids),
+            completion_tokens=completion_tokens,
+            total_tokens=len(ids) + completion_tokens,
+        )
+        payload = ChatCompletionChunk(
+            id=request_id, created=created, model=model, choices=[], usage=usage
+        )
+        yield _sse(payload)

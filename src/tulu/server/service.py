@@ -111,18 +111,22 @@ class GenerationService:
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, with metrics, the request timeout and disconnect checks.
 
-        Call `admit()` first (routes do, so that a 429 is answered before any streaming
-        starts). Leaving the iteration early aborts the request and frees its KV blocks.
+        Admission is checked and the slot taken here, before the first await, so requests
+        arriving together cannot all pass the check (routes fetch the first output before
+        answering, so a 429 is still an HTTP status). Leaving the iteration early aborts the
+        request and frees its KV blocks.
         """
+        self.admit()
         self.in_flight += 1
         self.metrics.in_flight.inc()
         started = time.monotonic()
         last_token_at: float | None = None
         generated = 0
         watcher = None
+        gone = asyncio.Event()
         consumer = asyncio.current_task()
         if is_disconnected is not None and consumer is not None:
-            watcher = asyncio.create_task(self._watch_disconnect(is_disconnected, consumer))
+            watcher = asyncio.create_task(self._watch_disconnect(is_disconnected, consumer, gone))
         stream = self.llm.generate(prompt_ids, params, request_id)
         deadline = started + self.settings.request_timeout
         try:
@@ -136,6 +140,10 @@ class GenerationService:
                         f"the request did not finish within the server's request timeout of "
                         f"{self.settings.request_timeout:g} s and was aborted"
                     ) from None
+                if gone.is_set():
+                    # The watcher's cancel can be swallowed by wait_for when an output arrives
+                    # in the same loop turn (CPython 3.11); the flag makes the stop certain.
+                    raise asyncio.CancelledError("client disconnected")
                 now = time.monotonic()
                 new = sum(len(c.delta_token_ids) for c in output.outputs)
                 if new:
@@ -174,12 +182,13 @@ class GenerationService:
 
     @staticmethod
     async def _watch_disconnect(
-        is_disconnected: Callable[[], Awaitable[bool]], consumer: asyncio.Task
+        is_disconnected: Callable[[], Awaitable[bool]], consumer: asyncio.Task, gone: asyncio.Event
     ) -> None:
-        """Cancel the consuming task when the client goes away (non-streaming requests)."""
+        """Stop the consuming task when the client goes away (non-streaming requests)."""
         with contextlib.suppress(asyncio.CancelledError):
             while True:
                 await asyncio.sleep(0.25)
                 if await is_disconnected():
+                    gone.set()
                     consumer.cancel()
                     return

@@ -1,14 +1,78 @@
-"""TGI-compatible routes: /generate, /generate_stream, /info."""
+"""TGI-compatible routes: /generate, /generate_stream, POST / (the client's route), /info.
+
+A drop-in for text-generation-inference clients (the `text_generation` package, huggingface_hub's
+`InferenceClient.text_generation`, curl scripts written for TGI):
+
+- `POST /generate` -> `{"generated_text", "details"?}`; `details` only when asked for.
+- `POST /generate_stream` -> server-sent events, one per token
+  (`data: {"index", "token", "top_tokens"?, "generated_text": null, "details": null}`); the last
+  event carries the whole `generated_text` and the `details`. An error after the stream has
+  started is sent as an event `data: {"error", "error_type"}`.
+- `POST /` with `{"inputs", "parameters", "stream"}`: what the `text_generation` client posts to
+  the base URL. `stream` false answers a one-element list (TGI's "compat" route), true streams.
+- `GET /info`; `GET /health` is in `tulu.server.app`.
+
+`inputs` is used as raw text (no chat template, as in TGI). Invalid requests get HTTP 422 with
+`{"error": "...", "error_type": "validation"}`, a full server 429 `overloaded` (both answered by
+the app's error handlers).
+
+Differences from TGI worth knowing:
+
+- `do_sample` false is greedy whatever `temperature`, `top_k` and `top_p` say; true without a
+  `temperature` samples at 1.0. A sampled request without a `seed` gets a random one, reported
+  in `details.seed` so the result can be reproduced; greedy requests report `seed: null`.
+- Log-probabilities are those of the model (the raw logits), before penalties, temperature and
+  truncation.
+- A stop sequence is kept at the end of `generated_text` (as TGI does); generation stops where
+  the stop sequence ends, even inside a token.
+- `best_of` > 1, `typical_p`, `watermark`, `grammar` and `adapter_id` are rejected (422) unless
+  left at their neutral values.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import random
+import weakref
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
 from tulu import __version__
+from tulu.engine.async_engine import EngineDeadError
+from tulu.engine.engine import CompletionOutput, RequestOutput
+from tulu.engine.sampling import MAX_LOGPROBS, SamplingParams
+from tulu.errors import GenerationError, TuluError
+from tulu.server.service import GenerationService, Overloaded, RequestTimedOut
+from tulu.server.tgi_protocol import (
+    CompatGenerateRequest,
+    Details,
+    ErrorResponse,
+    GenerateParameters,
+    GenerateRequest,
+    GenerateResponse,
+    PrefillToken,
+    StreamDetails,
+    StreamResponse,
+    Token,
+)
+from tulu.tokenizer import StreamDecoder, Tokenizer
 
+log = logging.getLogger("tulu.server")
 router = APIRouter()
 
+MAX_STOP_SEQUENCES = 16
+SEED_LIMIT = 1 << 64
+ABORTED_MESSAGE = "the request was aborted before it finished (the server is shutting down)"
 
+
+# ---------------------------------------------------------------------------------- /info
 @router.get("/info")
 async def info(request: Request):
     service = request.app.state.service
@@ -20,7 +84,389 @@ async def info(request: Request):
         "max_total_tokens": service.max_model_len,
         "max_concurrent_requests": service.settings.max_num_seqs + service.settings.max_queue,
         "max_best_of": 1,
-        "max_stop_sequences": 16,
+        "max_stop_sequences": MAX_STOP_SEQUENCES,
+        "max_top_n_tokens": MAX_LOGPROBS,
         "router": "tulu",
         "version": __version__,
     }
+
+
+# ---------------------------------------------------------------------------------- requests
+@dataclass
+class _Job:
+    """A validated request: what to run and how to answer."""
+
+    inputs: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    seed: int | None
+    top_n: int
+    details: bool
+    decoder_input_details: bool
+    return_full_text: bool
+
+
+def _invalid(message: str) -> GenerationError:
+    return GenerationError(message)
+
+
+def _check_parameters(p: GenerateParameters, max_input_tokens: int, *, stream: bool) -> None:
+    """TGI's value checks, with TGI's wording (plus the value that was given)."""
+    if p.best_of is not None:
+        if p.best_of <= 0:
+            raise _invalid(f"`best_of` must be strictly positive, got {p.best_of}")
+        if p.best_of > 1:
+            raise _invalid(
+                f"`best_of` > 1 is not supported by this server (it generates one sequence "
+                f"per request), got {p.best_of}"
+            )
+    if p.typical_p is not None and p.typical_p != 1.0:
+        raise _invalid(
+            f"`typical_p` (typical decoding) is not supported by this server; leave it unset "
+            f"or 1.0, got {p.typical_p}"
+        )
+    if p.watermark:
+        raise _invalid("`watermark` is not supported by this server; leave it false")
+    if p.grammar is not None:
+        raise _invalid("`grammar` (constrained generation) is not supported by this server")
+    if p.adapter_id is not None:
+        raise _invalid(
+            f"`adapter_id` is not supported: this server serves one model without adapters, "
+            f"got {p.adapter_id!r}"
+        )
+    if p.temperature is not None and p.temperature <= 0:
+        raise _invalid(f"`temperature` must be strictly positive, got {p.temperature}")
+    if p.top_p is not None and not 0 < p.top_p < 1:
+        raise _invalid(f"`top_p` must be > 0.0 and < 1.0, got {p.top_p}")
+    if p.top_k is not None and p.top_k <= 0:
+        raise _invalid(f"`top_k` must be strictly positive, got {p.top_k}")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise _invalid(
+            f"`repetition_penalty` must be strictly positive, got {p.repetition_penalty}"
+        )
+    if p.frequency_penalty is not None and not -2 <= p.frequency_penalty <= 2:
+        raise _invalid(f"`frequency_penalty` must be >= -2.0 and <= 2.0, got {p.frequency_penalty}")
+    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+        raise _invalid(f"`max_new_tokens` must be strictly positive, got {p.max_new_tokens}")
+    if p.seed is not None and not 0 <= p.seed < SEED_LIMIT:
+        raise _invalid(f"`seed` must be >= 0 and < 2**64, got {p.seed}")
+    if len(p.stop) > MAX_STOP_SEQUENCES:
+        raise _invalid(
+            f"`stop` supports up to {MAX_STOP_SEQUENCES} stop sequences, got {len(p.stop)}"
+        )
+    if any(not s for s in p.stop):
+        raise _invalid("`stop` sequences must be non-empty strings")
+    if p.top_n_tokens is not None and not 0 <= p.top_n_tokens <= MAX_LOGPROBS:
+        raise _invalid(f"`top_n_tokens` must be >= 0 and <= {MAX_LOGPROBS}, got {p.top_n_tokens}")
+    if p.truncate is not None and not 0 < p.truncate <= max_input_tokens:
+        raise _invalid(
+            f"`truncate` must be strictly positive and at most {max_input_tokens} (the longest "
+            f"input the model takes), got {p.truncate}"
+        )
+    if stream and p.decoder_input_details:
+        raise _invalid("`decoder_input_details` is not supported when streaming tokens")
+
+
+def _prepare(body: GenerateRequest, service: GenerationService, *, stream: bool) -> _Job:
+    """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422)."""
+    p = body.parameters or GenerateParameters()
+    _check_parameters(p, service.max_model_len - 1, stream=stream)
+    if not body.inputs:
+        raise _invalid("`inputs` cannot be empty")
+    prompt_ids = service.encode_text(body.inputs)
+    if p.truncate is not None and len(prompt_ids) > p.truncate:
+        prompt_ids = prompt_ids[-p.truncate :]
+    max_tokens = service.check_length(len(prompt_ids), p.max_new_tokens)
+
+    if p.do_sample:
+        temperature = p.temperature if p.temperature is not None else 1.0
+        seed = p.seed if p.seed is not None else random.getrandbits(63)
+    else:
+        temperature, seed = 0.0, None  # greedy: the seed plays no part
+    top_n = p.top_n_tokens or 0
+    want_token_logprobs = stream or p.details
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=p.top_p if p.top_p is not None else 1.0,
+        top_k=p.top_k if p.top_k is not None else 0,
+        repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
+        frequency_penalty=p.frequency_penalty if p.frequency_penalty is not None else 0.0,
+        seed=seed,
+        stop=list(p.stop),
+        include_stop_str_in_output=True,  # TGI keeps the stop sequence in the text
+        logprobs=top_n if want_token_logprobs else None,
+        prompt_logprobs=0 if p.decoder_input_details and p.details else None,
+    )
+    return _Job(
+        inputs=body.inputs,
+        prompt_ids=prompt_ids,
+        params=params,
+        seed=seed,
+        top_n=top_n if want_token_logprobs else 0,
+        details=p.details,
+        decoder_input_details=p.decoder_input_details and p.details,
+        return_full_text=bool(p.return_full_text),
+    )
+
+
+# ---------------------------------------------------------------------------------- tokens
+_SPECIAL_IDS: weakref.WeakKeyDictionary[Tokenizer, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def _special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    ids = _SPECIAL_IDS.get(tokenizer)
+    if ids is None:
+        decoder = tokenizer.backend.get_added_tokens_decoder()
+        ids = frozenset(i for i, token in decoder.items() if token.special)
+        _SPECIAL_IDS[tokenizer] = ids
+    return ids
+
+
+class _TokenTexts:
+    """Texts and flags of one request's tokens.
+
+    Generated tokens are decoded incrementally after the prompt, special tokens included, so
+    that the texts of the non-special tokens concatenate to the generated text (a token that
+    ends inside a multi-byte character has text "" and the next one carries the character).
+    Prompt and top-n tokens are decoded on their own.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
+        self.tokenizer = tokenizer
+        self.special = _special_ids(tokenizer)
+        self.decoder = StreamDecoder(tokenizer, prompt_ids, skip_special_tokens=False)
+
+    def generated(self, token_id: int, logprob: float | None, last: bool) -> Token:
+        text = self.decoder.push(token_id)
+        if last:
+            text += self.decoder.flush()
+        return Token(id=token_id, text=text, logprob=logprob, special=token_id in self.special)
+
+    def alone(self, token_id: int, logprob: float | None) -> Token:
+        return Token(
+            id=token_id,
+            text=self.tokenizer.decode([token_id]),
+            logprob=logprob,
+            special=token_id in self.special,
+        )
+
+
+def _finish_reason(completion: CompletionOutput, eos_token_id: int | None) -> str:
+    if completion.finish_reason == "length":
+        return "length"
+    reason = completion.stop_reason
+    if isinstance(reason, int) and not isinstance(reason, bool) and reason == eos_token_id:
+        return "eos_token"
+    return "stop_sequence"
+
+
+class _Aborted(Exception):
+    """The engine aborted the request (the server is shutting down)."""
+
+
+def _top_tokens(texts: _TokenTexts, completion: CompletionOutput, index: int) -> list[Token]:
+    entry = completion.logprobs[index] if completion.logprobs is not None else None
+    return [texts.alone(t, lp) for t, lp in entry.top] if entry is not None else []
+
+
+def _logprob(completion: CompletionOutput, index: int) -> float | None:
+    if completion.logprobs is None or index >= len(completion.logprobs):
+        return None
+    return completion.logprobs[index].logprob
+
+
+def _response(job: _Job, output: RequestOutput, service: GenerationService) -> GenerateResponse:
+    completion = output.outputs[0]
+    if completion.finish_reason == "abort":
+        raise _Aborted(ABORTED_MESSAGE)
+    text = job.inputs + completion.text if job.return_full_text else completion.text
+    if not job.details:
+        return GenerateResponse(generated_text=text)
+    texts = _TokenTexts(service.tokenizer, job.prompt_ids)
+    ids = completion.token_ids
+    tokens = [
+        texts.generated(t, _logprob(completion, i), i == len(ids) - 1) for i, t in enumerate(ids)
+    ]
+    prefill: list[PrefillToken] = []
+    if job.decoder_input_details:
+        scored = output.prompt_logprobs or []
+        for i, token_id in enumerate(output.prompt_token_ids):
+            entry = scored[i] if i < len(scored) else None
+            prefill.append(
+                PrefillToken(
+                    id=token_id,
+                    text=service.tokenizer.decode([token_id]),
+                    logprob=entry.logprob if entry is not None else None,
+                )
+            )
+    details = Details(
+        finish_reason=_finish_reason(completion, service.llm.engine.eos_token_id),
+        generated_tokens=len(ids),
+        seed=job.seed,
+        prefill=prefill,
+        tokens=tokens,
+        top_tokens=[_top_tokens(texts, completion, i) for i in range(len(ids))]
+        if job.top_n
+        else None,
+    )
+    return GenerateResponse(generated_text=text, details=details)
+
+
+def _error_body(message: str, kind: str) -> dict:
+    return ErrorResponse(error=message, error_type=kind).model_dump()
+
+
+def _stream_error(err: Exception) -> dict:
+    if isinstance(err, _Aborted):
+        return _error_body(str(err), "incomplete_generation")
+    if isinstance(err, Overloaded):
+        return _error_body(str(err), "overloaded")
+    if isinstance(err, RequestTimedOut):
+        return _error_body(str(err), "timeout")
+    if isinstance(err, EngineDeadError):
+        return _error_body(str(err), "generation")
+    if isinstance(err, TuluError):
+        return _error_body(str(err), "validation")
+    log.exception("error while streaming a TGI response", exc_info=err)
+    return _error_body(f"internal error: {type(err).__name__}", "generation")
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+# ---------------------------------------------------------------------------------- routes
+async def _generate(job: _Job, request: Request) -> tuple[GenerateResponse, dict[str, str]]:
+    service: GenerationService = request.app.state.service
+    service.admit()
+    output = await service.run_to_end(
+        job.prompt_ids, job.params, service.request_id("tgi"), request.is_disconnected
+    )
+    response = _response(job, output, service)
+    headers = {
+        "x-compute-type": service.llm.engine.device.type,
+        "x-prompt-tokens": str(len(job.prompt_ids)),
+        "x-generated-tokens": str(len(output.outputs[0].token_ids)),
+    }
+    return response, headers
+
+
+def _aborted_response() -> JSONResponse:
+    return JSONResponse(_error_body(ABORTED_MESSAGE, "incomplete_generation"), status_code=503)
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    """Generate text for `inputs` and return it at once (TGI's /generate)."""
+    job = _prepare(body, request.app.state.service, stream=False)
+    try:
+        response, headers = await _generate(job, request)
+    except _Aborted:
+        return _aborted_response()
+    return JSONResponse(response.to_json(), headers=headers)
+
+
+class _EventStream(StreamingResponse):
+    """An SSE response that closes its event generator and the request's output stream however
+    the response ends (finished, client gone before or during the body, cancelled), so that the
+    request is aborted and its KV blocks are freed at once."""
+
+    def __init__(self, events: AsyncGenerator[str, None], outputs: AsyncGenerator):
+        super().__init__(
+            events,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+        self._events = events
+        self._outputs = outputs
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._events.aclose()
+            await self._outputs.aclose()  # in case the events never started
+
+
+async def _events(
+    job: _Job,
+    service: GenerationService,
+    outputs: AsyncGenerator[RequestOutput, None],
+    first: RequestOutput,
+) -> AsyncGenerator[str, None]:
+    texts = _TokenTexts(service.tokenizer, job.prompt_ids)
+    eos = service.llm.engine.eos_token_id
+    try:
+        output = first
+        while True:
+            completion = output.outputs[0]
+            if completion.finish_reason == "abort":
+                raise _Aborted(ABORTED_MESSAGE)
+            new = completion.delta_token_ids
+            start = len(completion.token_ids) - len(new)
+            for j, token_id in enumerate(new):
+                index = start + j
+                last = completion.finished and j == len(new) - 1
+                event = StreamResponse(
+                    index=index + 1,
+                    token=texts.generated(token_id, _logprob(completion, index), last),
+                    top_tokens=_top_tokens(texts, completion, index) if job.top_n else None,
+                )
+                if last:
+                    text = completion.text
+                    event.generated_text = job.inputs + text if job.return_full_text else text
+                    event.details = StreamDetails(
+                        finish_reason=_finish_reason(completion, eos),
+                        generated_tokens=len(completion.token_ids),
+                        seed=job.seed,
+                        input_length=len(job.prompt_ids),
+                    )
+                yield _sse(event.to_json())
+            if output.finished:
+                return
+            output = await anext(outputs)
+    except Exception as err:  # after the headers went out: report it as an event
+        yield _sse(_stream_error(err))
+    finally:
+        await outputs.aclose()  # aborts the request if it had not finished
+
+
+async def _generate_stream(job: _Job, request: Request) -> _EventStream:
+    service: GenerationService = request.app.state.service
+    service.admit()
+    outputs = service.generate(job.prompt_ids, job.params, service.request_id("tgi"))
+    try:
+        # The first output before answering: validation and capacity errors become HTTP errors.
+        first = await anext(outputs)
+    except BaseException:
+        await outputs.aclose()
+        raise
+    return _EventStream(_events(job, service, outputs, first), outputs)
+
+
+@router.post("/generate_stream")
+async def generate_stream(body: GenerateRequest, request: Request):
+    """Generate text for `inputs`, one server-sent event per token (TGI's /generate_stream)."""
+    job = _prepare(body, request.app.state.service, stream=True)
+    return await _generate_stream(job, request)
+
+
+@router.post("/")
+async def compat_generate(request: Request):
+    """What the `text_generation` client posts to the base URL: `stream` false answers
+    `[{"generated_text", "details"}]` (a one-element list), true streams like /generate_stream."""
+    raw = await request.body()
+    try:
+        body = CompatGenerateRequest.model_validate_json(raw)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
+    service = request.app.state.service
+    job = _prepare(body, service, stream=body.stream)
+    if body.stream:
+        return await _generate_stream(job, request)
+    try:
+        response, headers = await _generate(job, request)
+    except _Aborted:
+        return _aborted_response()
+    return JSONResponse([response.to_json()], headers=headers)

@@ -1,0 +1,238 @@
+"""Pydantic models of the OpenAI API subset the server speaks (requests and responses).
+
+Requests forbid unknown fields: a misspelt parameter is answered with a 400 naming it rather
+than silently ignored. Types are checked here; value ranges (temperature >= 0, top_p in (0, 1],
+...) are checked once, by `tulu.engine.sampling.SamplingParams`, whose error names the field.
+
+Besides OpenAI's own parameters the requests accept vLLM's sampling extensions (``top_k``,
+``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
+``include_stop_str_in_output``, ``skip_special_tokens``), so clients written for vLLM work
+unchanged. Parameters OpenAI defines but the server does not implement (``suffix``, tools,
+``logit_bias``, JSON response formats) are accepted by the schema and refused by the routes
+with a 400 that says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+"""The most choices one request may ask for (OpenAI's limit)."""
+
+
+class _Request(BaseModel):
+    # strict: no silent coercions ("2" -> 2, true -> 1); an int still passes for a float.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ----------------------------------------------------------------------------------------------
+# Requests
+# ----------------------------------------------------------------------------------------------
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    """Send a last chunk (with ``choices: []``) that holds the usage of the whole request."""
+
+
+class _SamplingFields(_Request):
+    """Parameters both generation endpoints share."""
+
+    model: str | None = None
+    """Must be the served model name; None means the served model (as vLLM allows)."""
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int = 1
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # vLLM extensions
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+
+class CompletionRequest(_SamplingFields):
+    """``POST /v1/completions``."""
+
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    """One prompt (text or token ids) or several (each gets its own ``n`` choices)."""
+    max_tokens: int | None = 16
+    """OpenAI's default of 16; None means as many as the context window leaves. 0 is allowed
+    with ``echo`` (score the prompt without generating)."""
+    logprobs: int | None = None
+    """Log-probabilities of each token and of this many alternatives (0..20)."""
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _non_empty(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("the list of prompts is empty")
+        return value
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict[str, Any]]
+    name: str | None = None
+    """Accepted (OpenAI clients send it) and ignored: the Tulu format has no speaker names."""
+
+    @field_validator("content")
+    @classmethod
+    def _text_only(cls, value):
+        """Content parts are joined with newlines; only text parts are supported."""
+        if isinstance(value, str):
+            return value
+        texts = []
+        for index, part in enumerate(value):
+            kind = part.get("type")
+            if kind != "text":
+                raise ValueError(
+                    f"content part {index} has type {kind!r}; only 'text' parts are supported"
+                )
+            text = part.get("text")
+            if not isinstance(text, str) or set(part) - {"type", "text"}:
+                raise ValueError(
+                    f"content part {index} must be {{'type': 'text', 'text': <string>}}"
+                )
+            texts.append(text)
+        return "\n".join(texts)
+
+
+class ResponseFormat(_Request):
+    model_config = ConfigDict(extra="allow")
+    type: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[ChatMessage]
+    max_tokens: int | None = None
+    """Deprecated by OpenAI in favour of max_completion_tokens; None: up to the context window."""
+    max_completion_tokens: int | None = None
+    """Wins over max_tokens when both are given."""
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    parallel_tool_calls: bool | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Responses
+# ----------------------------------------------------------------------------------------------
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(_Response):
+    """The legacy completions format: parallel lists, one entry per token."""
+
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+    """vLLM's extension: the stop string or token id that ended the choice (None for EOS)."""
+
+
+class CompletionResponse(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(_Response):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChoiceLogprobs(_Response):
+    content: list[TokenLogprob] | None = None
+    refusal: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatStreamChoice(_Response):
+    index: int
+    delta: dict[str, str]
+    """``{"role": "assistant", "content": ""}`` first, then ``{"content": ...}``, then ``{}``."""
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str | None = None
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None

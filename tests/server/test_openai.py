@@ -1,0 +1,661 @@
+"""The OpenAI routes through the real `openai` client against a real uvicorn server.
+
+Greedy outputs must equal the reference generator's (chat rendered in the Tulu format), log-
+probabilities must equal the model's, usage must count tokens exactly, and after every test
+the engine must be idle with its whole KV pool free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import httpx
+import openai
+import pytest
+import torch
+
+from tulu.chat import generation_prompt
+from tulu.engine.reference import generate_ids, generate_text
+from tulu.engine.sampling import SamplingParams
+
+API_KEY = "test-key"
+MODEL = "tiny"
+MESSAGES = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def server(launch_server):
+    running = launch_server(api_key=API_KEY)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with server.openai() as c:
+        yield c
+
+
+@pytest.fixture(autouse=True)
+def _idle_after_each_test(server):
+    yield
+    server.wait_idle()
+    assert server.pool.num_used == 0
+
+
+@pytest.fixture(scope="module")
+def tok(server):
+    return server.tokenizer
+
+
+@pytest.fixture(scope="module")
+def model(server):
+    return server.model
+
+
+def greedy(**overrides) -> SamplingParams:
+    return SamplingParams(temperature=0, **overrides)
+
+
+def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log_softmax of a plain full forward over `ids`: [T, V]."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)
+
+
+def chat_prompt_ids(tok, messages) -> list[int]:
+    return tok.encode(generation_prompt(messages, tok.eos_token))
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+def test_models_lists_the_served_model(client, server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL]
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy parity and usage
+# ----------------------------------------------------------------------------------------------
+
+
+def test_chat_greedy_matches_reference_with_exact_usage(client, model, tok):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=24
+    )
+    ref = generate_text(model, tok, MESSAGES, greedy(max_tokens=24))
+    assert reply.object == "chat.completion"
+    assert reply.id.startswith("chatcmpl-")
+    assert reply.model == MODEL
+    assert isinstance(reply.created, int)
+    (choice,) = reply.choices
+    assert choice.index == 0
+    assert choice.message.role == "assistant"
+    assert choice.message.content == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert choice.logprobs is None
+    prompt_tokens = len(chat_prompt_ids(tok, MESSAGES))
+    assert reply.usage.prompt_tokens == prompt_tokens
+    assert reply.usage.completion_tokens == len(ref.token_ids)
+    assert reply.usage.total_tokens == prompt_tokens + len(ref.token_ids)
+
+
+def test_chat_content_parts_roles_and_max_completion_tokens(client, model, tok):
+    parts = [
+        {"type": "text", "text": "What is the capital"},
+        {"type": "text", "text": "of France?"},
+    ]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=[
+            {"role": "developer", "content": "Be brief."},  # OpenAI's new name for system
+            {"role": "user", "content": parts, "name": "alice"},
+        ],
+        temperature=0,
+        max_tokens=3,  # max_completion_tokens wins
+        max_completion_tokens=9,
+        extra_body={"ignore_eos": True},
+    )
+    ref = generate_text(
+        model,
+        tok,
+        [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "What is the capital\nof France?"},
+        ],
+        greedy(max_tokens=9, ignore_eos=True),
+    )
+    assert reply.choices[0].message.content == ref.text
+    assert reply.usage.completion_tokens == 9
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_completion_greedy_matches_reference(client, model, tok):
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, temperature=0, max_tokens=20)
+    ref = generate_text(model, tok, PROMPT, greedy(max_tokens=20), chat=False)
+    assert reply.object == "text_completion"
+    assert reply.id.startswith("cmpl-")
+    (choice,) = reply.choices
+    assert choice.text == ref.text
+    assert choice.finish_reason == ref.finish_reason
+    assert reply.usage.prompt_tokens == len(tok.encode(PROMPT))
+    assert reply.usage.completion_tokens == len(ref.token_ids)
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + len(ref.token_ids)
+
+
+def test_completion_default_max_tokens_is_16(client):
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert reply.usage.completion_tokens == 16
+    assert reply.choices[0].finish_reason == "length"
+
+
+def test_completion_token_id_prompts_and_several_prompts(client, model, tok):
+    ids_a, ids_b = tok.encode("Once upon a time"), tok.encode("Hello there")
+    reply = client.completions.create(
+        model=MODEL, prompt=[ids_a, ids_b], n=2, temperature=0, max_tokens=6
+    )
+    assert [c.index for c in reply.choices] == [0, 1, 2, 3]
+    generated = 0
+    for i, ids in enumerate((ids_a, ids_b)):
+        ref = generate_ids(model, ids, greedy(max_tokens=6), tokenizer=tok)
+        assert reply.choices[2 * i].text == ref.text
+        assert reply.choices[2 * i + 1].text == ref.text
+        generated += 2 * len(ref.token_ids)
+    assert reply.usage.prompt_tokens == len(ids_a) + len(ids_b)  # once per prompt, not per n
+    assert reply.usage.completion_tokens == generated  # every choice counts
+    assert reply.usage.total_tokens == len(ids_a) + len(ids_b) + generated
+    single = client.completions.create(model=MODEL, prompt=ids_b, temperature=0, max_tokens=6)
+    assert single.choices[0].text == reply.choices[2].text
+    several_strings = client.completions.create(
+        model=MODEL, prompt=["Once upon a time", "Hello there"], temperature=0, max_tokens=6
+    )
+    assert [c.text for c in several_strings.choices] == [
+        reply.choices[0].text,
+        reply.choices[2].text,
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling: n, seeds
+# ----------------------------------------------------------------------------------------------
+
+
+def test_n_choices_are_indexed_and_seeded_reproducibly(client):
+    def ask():
+        return client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, n=3, temperature=1.0, seed=1234, max_tokens=12
+        )
+
+    first, second = ask(), ask()
+    assert [c.index for c in first.choices] == [0, 1, 2]
+    texts = [c.message.content for c in first.choices]
+    assert texts == [c.message.content for c in second.choices]
+    assert len(set(texts)) > 1, "the n samples should differ"
+    assert first.usage.prompt_tokens == second.usage.prompt_tokens
+    completion = client.completions.create(
+        model=MODEL, prompt=PROMPT, n=2, temperature=1.0, seed=7, max_tokens=10
+    )
+    again = client.completions.create(
+        model=MODEL, prompt=PROMPT, n=2, temperature=1.0, seed=7, max_tokens=10
+    )
+    assert [c.text for c in completion.choices] == [c.text for c in again.choices]
+
+
+def test_seeded_sample_matches_reference(client, model, tok):
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0.8, top_p=0.9, seed=99, max_tokens=12
+    )
+    ref = generate_text(
+        model,
+        tok,
+        PROMPT,
+        SamplingParams(temperature=0.8, top_p=0.9, seed=99, max_tokens=12),
+        chat=False,
+    )
+    assert reply.choices[0].text == ref.text
+
+
+# ----------------------------------------------------------------------------------------------
+# Streaming
+# ----------------------------------------------------------------------------------------------
+
+
+def test_chat_stream_chunks_and_usage(client, model, tok):
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    ref = generate_text(model, tok, MESSAGES, greedy(max_tokens=20))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert len({c.id for c in chunks}) == 1
+    first = chunks[0]
+    assert first.choices[0].delta.role == "assistant"
+    assert first.choices[0].delta.content == ""
+    assert first.usage is None
+    *body, finish, usage = chunks
+    assert finish.choices[0].finish_reason == ref.finish_reason
+    assert finish.choices[0].delta.content is None and finish.choices[0].delta.role is None
+    assert all(c.choices[0].finish_reason is None for c in body)
+    assert "".join(c.choices[0].delta.content for c in body) == ref.text
+    assert usage.choices == []
+    prompt_tokens = len(chat_prompt_ids(tok, MESSAGES))
+    assert usage.usage.prompt_tokens == prompt_tokens
+    assert usage.usage.completion_tokens == len(ref.token_ids)
+    assert usage.usage.total_tokens == prompt_tokens + len(ref.token_ids)
+
+
+def test_chat_stream_n_choices(client):
+    kwargs = dict(model=MODEL, messages=MESSAGES, n=2, temperature=1.0, seed=5, max_tokens=10)
+    whole = client.chat.completions.create(**kwargs)
+    texts, finishes = {0: "", 1: ""}, {}
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        assert chunk.usage is None
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.message.content for c in whole.choices}
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+
+
+def test_completion_stream_several_prompts_with_usage(client):
+    kwargs = dict(model=MODEL, prompt=["Once upon a time", PROMPT], n=2, max_tokens=8, seed=3)
+    whole = client.completions.create(**kwargs)
+    texts, finishes, usage = {}, {}, None
+    for chunk in client.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    ):
+        if chunk.usage is not None:
+            assert chunk.choices == []
+            usage = chunk.usage
+        for choice in chunk.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    assert texts == {c.index: c.text for c in whole.choices}
+    assert finishes == {c.index: c.finish_reason for c in whole.choices}
+    assert usage == whole.usage
+
+
+def test_raw_sse_framing(server):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True, "temperature": 0}
+    with httpx.stream(
+        "POST", f"{server.base_url}/completions", json=body, headers=server.headers, timeout=30
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ")
+        payload = json.loads(event[len("data: ") :])
+        assert payload["object"] == "text_completion"
+        assert "usage" not in payload
+
+
+def test_stream_validation_errors_are_http_errors(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, temperature=-1, stream=True)
+    assert err.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="x" * 2000, stream=True)
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """A sample's value from the server's /metrics (0 when absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{server.url}/metrics", headers=server.headers).text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+def test_client_disconnect_mid_stream_aborts(server):
+    before = metric(server, "tulu_generation_tokens_total")
+    body = {
+        "model": MODEL,
+        "messages": MESSAGES,
+        "max_tokens": None,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.base_url}/chat/completions", json=body, headers=server.headers, timeout=30
+    ) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    server.wait_idle()  # the abort freed every block
+    generated = metric(server, "tulu_generation_tokens_total") - before
+    assert generated < 400, f"the request ran on after the client left ({generated} tokens)"
+
+
+def test_client_disconnect_without_streaming_aborts(server):
+    before = metric(server, "tulu_generation_tokens_total")
+    body = {"model": MODEL, "prompt": PROMPT, "n": 16, "max_tokens": None, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server.base_url}/completions", json=body, headers=server.headers, timeout=0.2)
+    server.wait_idle()
+    generated = metric(server, "tulu_generation_tokens_total") - before
+    room = server.service.max_model_len - len(server.tokenizer.encode(PROMPT))
+    assert generated < 16 * room
+    assert metric(server, "tulu_requests_total", route="/v1/completions", status="499") >= 1
+
+
+def test_error_after_the_stream_started_is_an_event(make_server):
+    slow = make_server(api_key=API_KEY, request_timeout=0.3)
+    body = {"model": MODEL, "prompt": PROMPT, "n": 16, "max_tokens": None, "ignore_eos": True}
+    with httpx.stream(
+        "POST", f"{slow.base_url}/completions", json={**body, "stream": True}, headers=slow.headers
+    ) as response:
+        assert response.status_code == 200
+        events = [line for line in response.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: ") :])["error"]
+    assert error["code"] == 504 and "timeout" in error["message"]
+    kwargs = {k: v for k, v in body.items() if k != "ignore_eos"}
+    with slow.openai() as client, pytest.raises(openai.APIError, match="timeout"):
+        for _ in client.completions.create(**kwargs, stream=True, extra_body={"ignore_eos": True}):
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# Log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+
+def test_completion_logprobs_equal_the_engine(client, model, tok):
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, temperature=0, max_tokens=8, logprobs=3
+    )
+    ref = generate_text(model, tok, PROMPT, greedy(max_tokens=8, logprobs=3), chat=False)
+    lp = reply.choices[0].logprobs
+    assert len(lp.tokens) == len(ref.token_ids) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    for got, want, top in zip(lp.token_logprobs, ref.logprobs, lp.top_logprobs, strict=True):
+        assert got == pytest.approx(want.logprob, abs=1e-4)
+        assert len(top) == 3
+        assert sorted(top.values(), reverse=True) == pytest.approx(
+            [v for _, v in want.top], abs=1e-4
+        )
+        assert max(top.values()) == pytest.approx(got, abs=1e-4)  # greedy: chosen is the top
+    assert lp.text_offset[0] == 0
+    assert lp.text_offset == sorted(lp.text_offset)
+    assert all(offset <= len(reply.choices[0].text) for offset in lp.text_offset)
+
+
+def test_echo_scores_the_prompt(client, model, tok):
+    ids = tok.encode(PROMPT)
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, echo=True, max_tokens=0, logprobs=2, temperature=0
+    )
+    (choice,) = reply.choices
+    assert choice.text == PROMPT
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    expected = prompt_logprobs(model, ids)
+    for position in range(1, len(ids)):
+        want = float(expected[position - 1, ids[position]])
+        assert lp.token_logprobs[position] == pytest.approx(want, abs=1e-4)
+        top = sorted(lp.top_logprobs[position].values(), reverse=True)
+        assert top == pytest.approx(expected[position - 1].topk(2).values.tolist(), abs=1e-4)
+    assert "".join(lp.tokens) == PROMPT
+    assert lp.text_offset == [len(tok.decode(ids[:i])) for i in range(len(ids))]
+    assert reply.usage.completion_tokens == 0
+    assert reply.usage.prompt_tokens == len(ids)
+
+
+def test_echo_with_generation(client, model, tok):
+    ids = tok.encode(PROMPT)
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, echo=True, max_tokens=5, logprobs=1, temperature=0
+    )
+    ref = generate_text(model, tok, PROMPT, greedy(max_tokens=5, logprobs=1), chat=False)
+    (choice,) = reply.choices
+    assert choice.text == PROMPT + ref.text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + len(ref.token_ids)
+    assert lp.token_logprobs[0] is None
+    for got, want in zip(lp.token_logprobs[len(ids) :], ref.logprobs, strict=True):
+        assert got == pytest.approx(want.logprob, abs=1e-4)
+    assert lp.text_offset[len(ids)] == len(PROMPT)
+    # streaming gives the same text, offsets and values
+    text, offsets, values = "", [], []
+    for chunk in client.completions.create(
+        model=MODEL, prompt=PROMPT, echo=True, max_tokens=5, logprobs=1, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                offsets += c.logprobs.text_offset
+                values += c.logprobs.token_logprobs
+    assert text == choice.text
+    assert offsets == lp.text_offset
+    assert values == lp.token_logprobs
+
+
+def test_chat_logprobs_equal_the_engine(client, model, tok):
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2
+    )
+    ref = generate_text(model, tok, MESSAGES, greedy(max_tokens=10, logprobs=2))
+    content = reply.choices[0].logprobs.content
+    assert len(content) == len(ref.token_ids)
+    for entry, want in zip(content, ref.logprobs, strict=True):
+        assert entry.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert len(entry.top_logprobs) == 2
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(
+            [v for _, v in want.top], abs=1e-4
+        )
+        assert entry.top_logprobs[0].bytes == entry.bytes  # greedy: the chosen token is the top
+    generated = b"".join(
+        bytes(e.bytes) for e, t in zip(content, ref.token_ids, strict=True) if t != tok.eos_token_id
+    )
+    assert generated.decode("utf-8", errors="replace") == reply.choices[0].message.content
+    # without top_logprobs: only the chosen tokens
+    plain = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=10, logprobs=True
+    )
+    assert [e.logprob for e in plain.choices[0].logprobs.content] == pytest.approx(
+        [e.logprob for e in content], abs=1e-6
+    )
+    assert all(e.top_logprobs == [] for e in plain.choices[0].logprobs.content)
+
+
+def test_chat_stream_logprobs(client):
+    kwargs = dict(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=10, logprobs=True, top_logprobs=1
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0].logprobs.content
+    streamed = []
+    for chunk in client.chat.completions.create(**kwargs, stream=True):
+        for choice in chunk.choices:
+            if choice.logprobs is not None:
+                streamed += choice.logprobs.content
+    assert [(e.token, e.logprob, e.bytes) for e in streamed] == [
+        (e.token, e.logprob, e.bytes) for e in whole
+    ]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stop strings
+# ----------------------------------------------------------------------------------------------
+
+
+def test_stop_strings(client):
+    kwargs = dict(model=MODEL, prompt=PROMPT, temperature=1.0, seed=11, max_tokens=30)
+    full = client.completions.create(**kwargs, extra_body={"ignore_eos": True}).choices[0].text
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    assert len(stop) == 3
+    cut = full[: full.find(stop)]
+    reply = client.completions.create(
+        **kwargs, stop=[stop, "never-seen-stop"], extra_body={"ignore_eos": True}
+    )
+    assert reply.choices[0].text == cut
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.choices[0].model_extra["stop_reason"] == stop
+    kept = client.completions.create(
+        **kwargs, stop=stop, extra_body={"ignore_eos": True, "include_stop_str_in_output": True}
+    )
+    assert kept.choices[0].text == cut + stop
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            **kwargs, stop=stop, stream=True, extra_body={"ignore_eos": True}
+        )
+        if c.choices
+    )
+    assert streamed == cut
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_wrong_api_key_is_an_authentication_error(server):
+    with server.openai(api_key="wrong") as bad, pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model=MODEL, messages=MESSAGES)
+
+
+def test_prompt_longer_than_the_context_window(client, server):
+    window = server.service.max_model_len
+    ids = [5] * (window + 10)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=ids)
+    assert str(window + 10) in err.value.message and str(window) in err.value.message
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=window)
+    prompt_tokens = len(server.tokenizer.encode(PROMPT))
+    assert str(prompt_tokens) in err.value.message and str(window) in err.value.message
+    assert err.value.param == "max_tokens"
+    long_chat = [{"role": "user", "content": "word " * window}]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=long_chat)
+    assert str(window) in err.value.message and err.value.param == "messages"
+
+
+def test_wrong_model_is_not_found(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=MESSAGES)
+    assert err.value.body["param"] == "model"
+    assert "gpt-4" in err.value.message
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+def test_unknown_field_is_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=MESSAGES, extra_body={"no_such_option": 1}
+        )
+    assert "no_such_option" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"extra_body": {"top_k": -5}}, "top_k"),
+        ({"extra_body": {"stop_token_ids": [100000]}}, "stop_token_ids"),
+        ({"logprobs": 21}, "logprobs"),
+        ({"suffix": "!"}, "suffix"),
+        ({"best_of": 3}, "best_of"),
+        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"prompt": [[1, 2], [100000]]}, "prompt"),
+    ],
+)
+def test_invalid_completion_values(client, kwargs, param):
+    kwargs = {"model": MODEL, "prompt": PROMPT, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**kwargs)
+    assert err.value.param == param
+    assert param in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"max_completion_tokens": 0}, "max_completion_tokens"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+            "tools",
+        ),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "x"}}],
+                    }
+                ]
+            },
+            "messages.0.content",
+        ),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages.0"),
+        ({"messages": []}, "messages"),
+    ],
+)
+def test_invalid_chat_values(client, kwargs, param):
+    kwargs = {"model": MODEL, "messages": MESSAGES, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**kwargs)
+    assert err.value.param.startswith(param)
+
+
+def test_error_shape(server):
+    response = httpx.post(
+        f"{server.base_url}/chat/completions",
+        json={"model": MODEL, "messages": MESSAGES, "temperature": -1},
+        headers=server.headers,
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "invalid_request_error" and error["param"] == "temperature"
+
+
+def test_full_server_answers_429(make_server):
+    full = make_server(max_num_seqs=0, max_queue=0)
+    with full.openai() as client, pytest.raises(openai.RateLimitError):
+        client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+    with full.openai() as client, pytest.raises(openai.RateLimitError):
+        client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+
+
+def test_logprob_values_are_finite_json(server):
+    response = httpx.post(
+        f"{server.base_url}/completions",
+        json={"model": MODEL, "prompt": PROMPT, "max_tokens": 3, "logprobs": 20, "echo": True},
+        headers=server.headers,
+    )
+    assert response.status_code == 200
+    lp = response.json()["choices"][0]["logprobs"]
+    assert all(v is None or math.isfinite(v) for v in lp["token_logprobs"])
