@@ -49,27 +49,23 @@ def _sampling_params(args: argparse.Namespace):
     from tulu.errors import GenerationError
 
     try:
-        return _make_sampling_params(args, SamplingParams)
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+            stop=list(args.stop),
+            ignore_eos=args.ignore_eos,
+        )
     except GenerationError as err:
         # "SamplingParams.top_p must be ..." -> "--top-p must be ...": name the flag the user typed.
         message = re.sub(
             r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err)
         )
         raise TuluError(message) from None
-
-
-def _make_sampling_params(args: argparse.Namespace, SamplingParams):  # noqa: N803
-    return SamplingParams(
-        max_tokens=args.max_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        seed=args.seed,
-        stop=list(args.stop),
-        ignore_eos=args.ignore_eos,
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
