@@ -105,18 +105,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision", help="hub revision (branch, tag or commit) for hub ids")
     info.add_argument("--json", action="store_true", help="print JSON")
 
-    serve = sub.add_parser("serve", help="serve OpenAI- and TGI-compatible HTTP APIs and a web chat page")
+    serve = sub.add_parser(
+        "serve", help="serve OpenAI- and TGI-compatible HTTP APIs and a web chat page"
+    )
     _add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--api-key", default=None, help="required bearer token (default: $TULU_API_KEY)")
-    serve.add_argument("--served-model-name", default=None, help="model id in the APIs (default: MODEL)")
+    serve.add_argument(
+        "--api-key", default=None, help="required bearer token (default: $TULU_API_KEY)"
+    )
+    serve.add_argument(
+        "--served-model-name", default=None, help="model id in the APIs (default: MODEL)"
+    )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
-    serve.add_argument("--max-queue", type=int, default=1024, help="requests waiting beyond that before 429")
-    serve.add_argument("--kv-cache-gb", type=float, default=None, help="KV-cache size (default: 90%% of free GPU memory)")
-    serve.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is aborted")
-    serve.add_argument("--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument(
+        "--max-queue", type=int, default=1024, help="requests waiting beyond that before 429"
+    )
+    serve.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="KV-cache size (default: 90%% of free GPU memory)",
+    )
+    serve.add_argument(
+        "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted"
+    )
+    serve.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds in-flight requests get on SIGTERM",
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
 
     demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))

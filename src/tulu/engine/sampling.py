@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 MAX_LOGPROBS = 20
+MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary keeps every token; beyond int32 is nonsense
 """The most top log-probabilities a request may ask for per token (``logprobs``,
 ``prompt_logprobs``)."""
 
@@ -205,8 +206,8 @@ class SamplingParams:
         self.top_p = top_p
 
         self.top_k = _check_int("top_k", self.top_k)
-        if self.top_k < -1:
-            raise _fail("top_k", ">= 1, or 0 or -1 to disable it", self.top_k)
+        if not -1 <= self.top_k <= MAX_TOP_K:
+            raise _fail("top_k", f"in [1, {MAX_TOP_K}], or 0 or -1 to disable it", self.top_k)
 
         min_p = _check_float("min_p", self.min_p)
         if not 0 <= min_p <= 1:

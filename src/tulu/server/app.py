@@ -24,7 +24,13 @@ from tulu.engine.async_engine import AsyncLLM, EngineDeadError
 from tulu.engine.engine import LLMEngine
 from tulu.errors import TuluError
 from tulu.server.metrics import ServerMetrics
-from tulu.server.service import GenerationService, Overloaded, RequestTimedOut, ServerSettings
+from tulu.server.service import (
+    ClientDisconnected,
+    GenerationService,
+    Overloaded,
+    RequestTimedOut,
+    ServerSettings,
+)
 from tulu.tokenizer import Tokenizer
 
 log = logging.getLogger("tulu.server")
@@ -157,6 +163,10 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     @app.exception_handler(RequestTimedOut)
     async def on_timeout(request: Request, err: RequestTimedOut):
         return error_response(request.url.path, 504, str(err), "timeout")
+
+    @app.exception_handler(ClientDisconnected)
+    async def on_client_gone(request: Request, err: ClientDisconnected):
+        return error_response(request.url.path, 499, str(err), "client_closed")
 
     @app.exception_handler(EngineDeadError)
     async def on_engine_dead(request: Request, err: EngineDeadError):

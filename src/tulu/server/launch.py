@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -76,10 +77,29 @@ def serve(args: argparse.Namespace) -> None:
         args.port,
         "; API key required" if api_key else "",
     )
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=int(args.drain_timeout),
+        timeout_graceful_shutdown=args.drain_timeout,
     )
+    _graceful_server(config).run()
+
+
+def _graceful_server(config):
+    """A uvicorn server whose orderly shutdown on SIGTERM/SIGINT exits 0.
+
+    uvicorn re-raises the caught signal after its graceful shutdown, so the process would die
+    by that signal (exit 143) even though every in-flight request was drained.
+    """
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                self._captured_signals.clear()
+
+    return GracefulServer(config)

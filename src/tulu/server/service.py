@@ -31,6 +31,10 @@ class RequestTimedOut(TuluError):
     """The request ran past the server's request timeout and was aborted."""
 
 
+class ClientDisconnected(TuluError):
+    """The client went away; the request was aborted (answered with 499, which nobody reads)."""
+
+
 @dataclass
 class ServerSettings:
     served_model_name: str
@@ -135,6 +139,11 @@ class GenerationService:
                     output = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
                 except StopAsyncIteration:
                     break
+                except asyncio.CancelledError:
+                    if not gone.is_set():
+                        raise  # a real cancellation (shutdown): let it propagate
+                    consumer.uncancel()
+                    raise ClientDisconnected("the client closed the connection") from None
                 except TimeoutError:
                     raise RequestTimedOut(
                         f"the request did not finish within the server's request timeout of "
@@ -143,7 +152,7 @@ class GenerationService:
                 if gone.is_set():
                     # The watcher's cancel can be swallowed by wait_for when an output arrives
                     # in the same loop turn (CPython 3.11); the flag makes the stop certain.
-                    raise asyncio.CancelledError("client disconnected")
+                    raise ClientDisconnected("the client closed the connection")
                 now = time.monotonic()
                 new = sum(len(c.delta_token_ids) for c in output.outputs)
                 if new:

@@ -435,7 +435,9 @@ async def _events(
 async def _generate_stream(job: _Job, request: Request) -> _EventStream:
     service: GenerationService = request.app.state.service
     service.admit()
-    outputs = service.generate(job.prompt_ids, job.params, service.request_id("tgi"))
+    outputs = service.generate(
+        job.prompt_ids, job.params, service.request_id("tgi"), request.is_disconnected
+    )
     try:
         # The first output before answering: validation and capacity errors become HTTP errors.
         first = await anext(outputs)

@@ -1,0 +1,402 @@
+"""`tulu serve` as a real process: start-up log, API keys from the flag and the environment,
+and SIGTERM: in-flight streams are drained within `--drain-timeout`, new connections are
+refused, and the process exits by itself.
+
+Each test starts the CLI (`tulu.cli.main`, as the console script does) on a free port of
+127.0.0.1 with a tiny checkpoint saved by `save_model`, and talks to it with httpx. Every
+process started here is killed at the end of its test if it is still running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi", reason="the server extra (fastapi) is not installed")
+pytest.importorskip("uvicorn", reason="the server extra (uvicorn) is not installed")
+httpx = pytest.importorskip("httpx", reason="httpx is not installed")
+
+from tulu.demo import corpus_text, train_tokenizer  # noqa: E402
+from tulu.model import GPTNeoXForCausalLM, preset  # noqa: E402
+from tulu.model.checkpoint import save_model  # noqa: E402
+
+CONTEXT = 4096  # long enough for a stream that lasts a while on a fast CPU
+STARTUP_TIMEOUT = 90.0
+CLI = "import sys; from tulu.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny random GPT-NeoX with the demo tokenizer, saved as an HF checkpoint directory."""
+    tokenizer = train_tokenizer(corpus_text())
+    config = preset(
+        "pythia-14m",
+        vocab_size=640,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=256,
+        torch_dtype="float32",
+        max_position_embeddings=CONTEXT,
+        initializer_range=0.1,
+    )
+    model = GPTNeoXForCausalLM(config)
+    model.init_weights(0)
+    return save_model(
+        model.eval(), tmp_path_factory.mktemp("serve-cli") / "tiny", tokenizer=tokenizer
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def connection_refused(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        """The exit code; fails (with the log) if the process is still running after `timeout`."""
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"tulu serve still running {timeout} s later; log:\n{self.log()[-3000:]}"
+            ) from None
+
+
+def launch(
+    checkpoint: Path, log_dir: Path, *args: str, env: dict[str, str] | None = None
+) -> Served:
+    """Start `tulu serve CHECKPOINT --port P ARGS` and return once /health answers 200."""
+    port = free_port()
+    log_path = log_dir / f"serve-{port}.log"
+    environment = {k: v for k, v in os.environ.items() if k != "TULU_API_KEY"}
+    environment.update(env or {})
+    environment.setdefault("OMP_NUM_THREADS", "1")
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CLI, "serve", str(checkpoint), "--port", str(port), *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=environment,
+        )
+    served = Served(proc, port, log_path)
+    deadline = time.monotonic() + STARTUP_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"tulu serve exited with {proc.returncode}:\n{served.log()}")
+        try:
+            if httpx.get(f"{served.url}/health", timeout=2.0).status_code == 200:
+                return served
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(10)
+            raise AssertionError(
+                f"tulu serve not healthy after {STARTUP_TIMEOUT} s:\n{served.log()}"
+            )
+        time.sleep(0.1)
+
+
+def kill_all(started: list[Served]) -> None:
+    for served in started:
+        if served.proc.poll() is None:
+            served.proc.kill()
+            served.proc.wait(10)
+
+
+@pytest.fixture
+def serve(checkpoint, tmp_path):
+    """Factory: `serve(*cli_args, env={...})` -> a healthy `tulu serve` (see `launch`).
+    Processes still alive at teardown are killed."""
+    started: list[Served] = []
+
+    def start(*args: str, env: dict[str, str] | None = None) -> Served:
+        started.append(launch(checkpoint, tmp_path, *args, env=env))
+        return started[-1]
+
+    yield start
+    kill_all(started)
+
+
+# ----------------------------------------------------------------------------------------------
+# Start-up and API keys
+# ----------------------------------------------------------------------------------------------
+
+
+def test_startup_log_names_the_model_memory_and_url(serve, checkpoint):
+    served = serve("--served-model-name", "tiny-cli", "--max-num-seqs", "4")
+    log = served.log()
+    assert f"loaded {checkpoint}" in log
+    assert "parameters" in log and "float32 on cpu" in log
+    assert "weights" in log and "KV cache" in log and "GiB" in log and "blocks of 16 tokens" in log
+    assert f"serving 'tiny-cli' at http://127.0.0.1:{served.port}" in log
+    assert "API key required" not in log
+    models = httpx.get(f"{served.url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-cli"]
+    # The start-up line uses the checkpoint path as the model name by default.
+    assert httpx.get(f"{served.url}/info", timeout=10).json()["max_concurrent_requests"] == 4 + 1024
+
+
+@pytest.mark.parametrize("how", ["flag", "env"])
+def test_api_key_from_flag_or_environment(serve, how):
+    if how == "flag":
+        served = serve("--api-key", "s3cret-flag")
+        key = "s3cret-flag"
+    else:
+        served = serve(env={"TULU_API_KEY": "s3cret-env"})
+        key = "s3cret-env"
+    assert "API key required" in served.log()
+    url = served.url
+    assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 401
+    wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer nope"}, timeout=10)
+    assert wrong.status_code == 401
+    assert "API key" in wrong.json()["error"]["message"]
+    ok = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=10)
+    assert ok.status_code == 200
+    assert httpx.get(f"{url}/info", headers={"x-api-key": key}, timeout=10).status_code == 200
+    assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    served.proc.send_signal(signal.SIGTERM)
+    served.wait(30)
+
+
+def test_bad_flags_are_refused_without_a_traceback(checkpoint):
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CLI,
+            "serve",
+            str(checkpoint),
+            "--max-num-seqs",
+            "0",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 1
+    assert "--max-num-seqs must be >= 1" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# SIGTERM
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StreamRecord:
+    """What a streaming completion received, filled in by a background thread."""
+
+    chunks: list[dict] = field(default_factory=list)
+    done: bool = False  # saw data: [DONE]
+    error: str | None = None
+    status: int | None = None
+    first_chunk: threading.Event = field(default_factory=threading.Event)
+    ended_at: float | None = None
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        return [
+            c["finish_reason"]
+            for ch in self.chunks
+            for c in ch.get("choices", ())
+            if c.get("finish_reason")
+        ]
+
+    @property
+    def usage(self) -> dict | None:
+        return next((ch["usage"] for ch in self.chunks if ch.get("usage")), None)
+
+
+def stream_in_background(url: str, max_tokens: int) -> tuple[StreamRecord, threading.Thread]:
+    record = StreamRecord()
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+    def run() -> None:
+        try:
+            with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+                record.status = response.status_code
+                for line in response.iter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        record.done = True
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        record.error = str(chunk["error"])
+                    record.chunks.append(chunk)
+                    record.first_chunk.set()
+        except httpx.HTTPError as err:
+            record.error = f"{type(err).__name__}: {err}"
+        finally:
+            record.ended_at = time.monotonic()
+            record.first_chunk.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return record, thread
+
+
+def seconds_per_token(url: str) -> float:
+    """Measured through the server: a 300-token streaming completion, read to its end."""
+    record, thread = stream_in_background(url, 300)
+    started = time.monotonic()
+    thread.join(60)
+    assert record.done and record.usage["completion_tokens"] == 300, record.error
+    return (record.ended_at - started) / 300
+
+
+@dataclass
+class DrainRun:
+    served: Served
+    records: list[StreamRecord]
+    max_tokens: int
+    expected_s: float
+    signalled_at: float
+    refused_while_draining: bool
+    exit_code: int
+    exited_after: float
+
+
+def sigterm_mid_stream(serve, drain_timeout: float, target_s: float, streams: int) -> DrainRun:
+    """Start `streams` long completions (sized to last about `target_s` seconds), SIGTERM the
+    server after their first chunks, probe for new connections while they drain, wait for exit."""
+    served = serve("--drain-timeout", str(drain_timeout), "--log-level", "info")
+    per_token = seconds_per_token(served.url) * max(1.0, streams / 2)
+    max_tokens = int(min(CONTEXT - 16, max(200, target_s / per_token)))
+    started = [stream_in_background(served.url, max_tokens) for _ in range(streams)]
+    for record, _ in started:
+        assert record.first_chunk.wait(30), "no first chunk within 30 s"
+        assert record.status == 200 and record.chunks, record.error
+    served.proc.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    refused = False
+    while any(t.is_alive() for _, t in started) and time.monotonic() - signalled < 30:
+        if connection_refused(served.port):
+            refused = any(t.is_alive() for _, t in started)
+            break
+        time.sleep(0.02)
+    exit_code = served.wait(drain_timeout + 30)
+    exited_after = time.monotonic() - signalled
+    for _, thread in started:
+        thread.join(30)
+    return DrainRun(
+        served,
+        [r for r, _ in started],
+        max_tokens,
+        max_tokens * per_token,
+        signalled,
+        refused,
+        exit_code,
+        exited_after,
+    )
+
+
+@pytest.fixture(scope="module")
+def drained(checkpoint, tmp_path_factory):
+    """One SIGTERM run shared by the drain tests: one stream of about 1.5 s, drain 5 s."""
+    started: list[Served] = []
+    log_dir = tmp_path_factory.mktemp("drain")
+
+    def serve_once(*args: str) -> Served:
+        started.append(launch(checkpoint, log_dir, *args))
+        return started[-1]
+
+    try:
+        yield sigterm_mid_stream(serve_once, drain_timeout=5, target_s=1.5, streams=1)
+    finally:
+        kill_all(started)
+
+
+def test_sigterm_lets_the_in_flight_stream_finish(drained):
+    record = drained.records[0]
+    assert record.error is None, f"{record.error}\n{drained.served.log()[-3000:]}"
+    assert record.done, "the stream ended without data: [DONE]"
+    assert record.finish_reasons == ["length"]
+    assert record.usage["completion_tokens"] == drained.max_tokens
+    text = "".join(c["text"] for ch in record.chunks for c in ch["choices"])
+    assert text, "no text was streamed"
+    assert record.ended_at > drained.signalled_at, "the stream finished before the signal"
+
+
+def test_sigterm_refuses_new_connections_while_draining(drained):
+    assert drained.refused_while_draining, (
+        "a new connection was accepted while the server was draining "
+        f"(stream of {drained.max_tokens} tokens, ~{drained.expected_s:.1f} s)"
+    )
+
+
+def test_sigterm_process_exits_within_the_deadline(drained):
+    assert drained.exited_after < 5 + 10, f"exited {drained.exited_after:.1f} s after SIGTERM"
+    assert drained.exit_code is not None
+
+
+def test_sigterm_exit_status_is_zero(drained):
+    assert drained.exit_code == 0, f"exit status {drained.exit_code}"
+
+
+def test_sigterm_past_the_drain_timeout_aborts_and_exits(serve):
+    """Streams that would outlast `--drain-timeout 1` are cut, and the process still exits
+    promptly (uvicorn's graceful timeout, then the engine's own drain, then exit)."""
+    run = sigterm_mid_stream(serve, drain_timeout=1, target_s=12.0, streams=2)
+    assert run.exited_after < 1 + 10, f"exited {run.exited_after:.1f} s after SIGTERM"
+    if run.expected_s > 4:  # the streams really had to be cut
+        for record in run.records:
+            assert not (record.done and record.finish_reasons == ["length"]), (
+                f"a {run.max_tokens}-token stream finished normally despite a 1 s drain timeout"
+            )
+            assert record.ended_at - run.signalled_at < 1 + 10
+
+
+def test_sigterm_honours_a_fractional_drain_timeout(serve):
+    """A stream needing ~0.4 s after SIGTERM finishes within `--drain-timeout 0.9`."""
+    run = sigterm_mid_stream(serve, drain_timeout=0.9, target_s=0.4, streams=1)
+    record = run.records[0]
+    assert record.done and record.finish_reasons == ["length"], record.error
