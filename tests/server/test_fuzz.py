@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import socket
 from typing import Any
 
 import pytest
@@ -260,25 +259,12 @@ def check_answer(route: str, body: bytes, response: httpx.Response) -> None:
         response.json()
 
 
-def no_delay(server):
-    """Set TCP_NODELAY on the test server's listening socket (accepted sockets inherit it).
-
-    The conftest server listens on a socket it bound itself, on which uvicorn leaves Nagle's
-    algorithm on: every response whose headers and body are written separately then waits
-    about 40 ms for the client's delayed ACK, which would make this module ~60 times slower.
-    """
-    sock = getattr(server, "_socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return server
-
-
 class Servers:
     """The fuzzed server, replaced by a fresh one if a body stopped its engine (so that one
     failure does not hide the rest)."""
 
     def __init__(self, launch):
-        self.launch = lambda: no_delay(launch())
+        self.launch = launch
         self.current = self.launch()
 
     def get(self):

@@ -22,7 +22,6 @@ import asyncio
 import hmac
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable
 
@@ -165,20 +164,10 @@ async def async_wait_for(condition: Callable[[], bool], what: str, timeout: floa
         await asyncio.sleep(0.01)
 
 
-def no_delay(server):
-    """Set TCP_NODELAY on the test server's listening socket (accepted sockets inherit it):
-    with Nagle's algorithm on, each response written as headers + body waits ~40 ms for the
-    client's delayed ACK, which would make the many small requests here slow."""
-    sock = getattr(server, "_socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return server
-
-
 @pytest.fixture
 def new_server(make_server) -> Callable[..., object]:
-    """conftest's `make_server` (idle-checked, stopped at the end) with TCP_NODELAY set."""
-    return lambda **overrides: no_delay(make_server(**overrides))
+    """conftest's `make_server` (idle-checked, stopped at the end)."""
+    return make_server
 
 
 # ----------------------------------------------------------------------------------------------
@@ -596,7 +585,7 @@ BAD_CASES = [
 
 @pytest.fixture(scope="module")
 def shared_server(launch_server):
-    server = no_delay(launch_server())
+    server = launch_server()
     yield server
     try:
         server.wait_idle()
