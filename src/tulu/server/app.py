@@ -74,6 +74,10 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
+class BodyTooLarge(TuluError):
+    """A chunked request body ran past the size limit (HTTP 413)."""
+
+
 class ApiKeyAndMetricsMiddleware:
     """Checks the API key (constant-time) and counts requests by route and status.
 
@@ -81,10 +85,13 @@ class ApiKeyAndMetricsMiddleware:
     client disconnects pass through untouched.
     """
 
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics):
+    def __init__(
+        self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int
+    ):
         self.app = app
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -109,11 +116,47 @@ class ApiKeyAndMetricsMiddleware:
                 )
                 await response(scope, receive, send_and_count)
                 return
-            await self.app(scope, receive, send_and_count)
+            if self._declared_length(scope) > self.max_body_bytes:
+                response = error_response(
+                    path,
+                    413,
+                    f"the request body is larger than {self.max_body_bytes} bytes",
+                    "request_too_large",
+                )
+                await response(scope, receive, send_and_count)
+                return
+            await self.app(scope, self._limited(receive), send_and_count)
         finally:
             route = scope.get("route")
             label = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(route=label, status=str(status["code"])).inc()
+
+    @staticmethod
+    def _declared_length(scope: Scope) -> int:
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    return int(value)
+                except ValueError:
+                    return 0
+        return 0
+
+    def _limited(self, receive: Receive) -> Receive:
+        """A body sent without Content-Length (chunked) is cut off at the limit too."""
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_body_bytes:
+                    raise BodyTooLarge(
+                        f"the request body is larger than {self.max_body_bytes} bytes"
+                    )
+            return message
+
+        return limited_receive
 
     def _authorised(self, scope: Scope) -> bool:
         given = b""
@@ -164,6 +207,10 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     async def on_timeout(request: Request, err: RequestTimedOut):
         return error_response(request.url.path, 504, str(err), "timeout")
 
+    @app.exception_handler(BodyTooLarge)
+    async def on_too_large(request: Request, err: BodyTooLarge):
+        return error_response(request.url.path, 413, str(err), "request_too_large")
+
     @app.exception_handler(ClientDisconnected)
     async def on_client_gone(request: Request, err: ClientDisconnected):
         return error_response(request.url.path, 499, str(err), "client_closed")
@@ -192,7 +239,7 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
             request.url.path, 500, f"internal error: {type(err).__name__}", "internal_error"
         )
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         if not llm.is_running:
             return error_response("/health", 503, "the engine is not running", "unhealthy")
@@ -211,7 +258,12 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
 
     app.include_router(openai_router)
     app.include_router(tgi_router)
-    app.add_middleware(ApiKeyAndMetricsMiddleware, api_key=settings.api_key, metrics=metrics)
+    app.add_middleware(
+        ApiKeyAndMetricsMiddleware,
+        api_key=settings.api_key,
+        metrics=metrics,
+        max_body_bytes=settings.max_body_bytes,
+    )
     return app
 
 

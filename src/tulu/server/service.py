@@ -43,6 +43,9 @@ class ServerSettings:
     max_queue: int = 1024  # requests admitted beyond max_num_seqs before answering 429
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
+    # Request bodies beyond this are refused (413) before they are read: a 2,048-token context
+    # is ~10 KB of text, and tokenizing megabytes would hold up the event loop.
+    max_body_bytes: int = 1 << 20
 
 
 class GenerationService:
