@@ -239,7 +239,8 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
             request.url.path, 500, f"internal error: {type(err).__name__}", "internal_error"
         )
 
-    @app.api_route("/health", methods=["GET", "HEAD"])
+    @app.head("/health", include_in_schema=False)
+    @app.get("/health")
     async def health():
         if not llm.is_running:
             return error_response("/health", 503, "the engine is not running", "unhealthy")
