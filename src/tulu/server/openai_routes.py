@@ -585,7 +585,7 @@ class _Prompt:
     request_id: str
 
 
-def _completion_prompts(
+async def _completion_prompts(
     prompt: str | list[str] | list[int] | list[list[int]], service: GenerationService
 ) -> list[tuple[list[int], str]]:
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
@@ -596,7 +596,7 @@ def _completion_prompts(
     prompts = []
     for index, item in enumerate(items):
         if isinstance(item, str):
-            prompts.append((service.encode_text(item), item))
+            prompts.append((await service.encode_text(item), item))
             continue
         bad = [t for t in item if not 0 <= t < vocab]
         if bad:
@@ -624,7 +624,7 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     requested = 1 if score_only else body.max_tokens
     want_prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
     base_id = service.request_id("cmpl")
-    texts = _completion_prompts(body.prompt, service)
+    texts = await _completion_prompts(body.prompt, service)
     prompts = []
     for index, (ids, echo) in enumerate(texts):
         max_tokens = _check_length(service, ids, requested, "prompt", "max_tokens")
@@ -846,7 +846,7 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
         for m in body.messages
     ]
     try:
-        ids = service.encode_chat(messages)
+        ids = await service.encode_chat(messages)
     except TuluError as err:
         raise ApiError(str(err), "messages") from None
     if body.max_completion_tokens is not None:

@@ -167,13 +167,13 @@ def _check_parameters(p: GenerateParameters, max_input_tokens: int, *, stream: b
         raise _invalid("`decoder_input_details` is not supported when streaming tokens")
 
 
-def _prepare(body: GenerateRequest, service: GenerationService, *, stream: bool) -> _Job:
+async def _prepare(body: GenerateRequest, service: GenerationService, *, stream: bool) -> _Job:
     """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422)."""
     p = body.parameters or GenerateParameters()
     _check_parameters(p, service.max_model_len - 1, stream=stream)
     if not body.inputs:
         raise _invalid("`inputs` cannot be empty")
-    prompt_ids = service.encode_text(body.inputs)
+    prompt_ids = await service.encode_text(body.inputs)
     if p.truncate is not None and len(prompt_ids) > p.truncate:
         prompt_ids = prompt_ids[-p.truncate :]
     max_tokens = service.check_length(len(prompt_ids), p.max_new_tokens)
@@ -359,7 +359,7 @@ def _aborted_response() -> JSONResponse:
 @router.post("/generate")
 async def generate(body: GenerateRequest, request: Request):
     """Generate text for `inputs` and return it at once (TGI's /generate)."""
-    job = _prepare(body, request.app.state.service, stream=False)
+    job = await _prepare(body, request.app.state.service, stream=False)
     try:
         response, headers = await _generate(job, request)
     except _Aborted:
@@ -450,7 +450,7 @@ async def _generate_stream(job: _Job, request: Request) -> _EventStream:
 @router.post("/generate_stream")
 async def generate_stream(body: GenerateRequest, request: Request):
     """Generate text for `inputs`, one server-sent event per token (TGI's /generate_stream)."""
-    job = _prepare(body, request.app.state.service, stream=True)
+    job = await _prepare(body, request.app.state.service, stream=True)
     return await _generate_stream(job, request)
 
 
@@ -464,7 +464,7 @@ async def compat_generate(request: Request):
     except ValidationError as err:
         raise RequestValidationError(err.errors()) from None
     service = request.app.state.service
-    job = _prepare(body, service, stream=body.stream)
+    job = await _prepare(body, service, stream=body.stream)
     if body.stream:
         return await _generate_stream(job, request)
     try:
