@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
+    from tulu.data.cli import add_data_parser
+
+    add_data_parser(sub)
+
     demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))
     demo.add_argument("--seed", type=int, default=0)
@@ -351,7 +355,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    from tulu.data.cli import cmd_data as run
+
+    return run(args)
+
+
 COMMANDS = {
+    "data": cmd_data,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,
@@ -365,7 +376,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except TuluError as err:
-        print(f"tulu {args.command}: error: {err}", file=sys.stderr)
+        command = args.command
+        if command == "data":
+            command += f" {args.data_command}"
+        print(f"tulu {command}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

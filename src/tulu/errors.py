@@ -28,3 +28,7 @@ class ChatFormatError(TuluError):
 
 class GenerationError(TuluError):
     """A generation request is invalid (bad sampling value, prompt too long, ...)."""
+
+
+class DataError(TuluError):
+    """Instruction data is malformed, or a data recipe or setting is invalid."""

@@ -230,6 +230,21 @@ class Tokenizer:
                     model_max_length = int(raw)
         return cls(backend, model_max_length=model_max_length, source=str(directory), **tokens)
 
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """A checkpoint directory (`from_dir`) or a bare tokenizer.json (`from_file`).
+
+        Commands that only need a tokenizer (data conversion, tokenization) accept either.
+        """
+        path = Path(path)
+        if path.is_dir():
+            return cls.from_dir(path)
+        if path.is_file():
+            return cls.from_file(path)
+        raise TokenizerError(
+            f"{path}: no such tokenizer (expected a checkpoint directory or a tokenizer.json)"
+        )
+
     # ----------------------------------------------------------------------- vocabulary
 
     @property

@@ -1,0 +1,212 @@
+"""Readers for the files instruction data comes in, each item tagged with where it came from.
+
+Every reader yields ``(where, value)`` with ``where`` = ``"file:line"`` (``"file:row N"`` for
+Parquet), so any later complaint about a value points at the line a user can open. Unreadable
+items (bytes that are not UTF-8, a line that is not JSON) go to the `BadInput` handler, which
+raises by default or counts and moves on with ``--skip-bad``.
+
+- JSON Lines is streamed line by line, so files of any size are read in constant memory.
+- JSON arrays (the Alpaca and ShareGPT releases) are parsed element by element with
+  `json.JSONDecoder.raw_decode`, which keeps the position of each element for its line number.
+- Parquet (the public converted mixture) is read in row batches through ``pyarrow``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from tulu.data.records import BadHandler, BadRecord, ConversionReport, check_record
+from tulu.errors import DataError
+
+__all__ = [
+    "iter_json_array",
+    "iter_jsonl",
+    "iter_parquet",
+    "iter_records",
+    "numbered_items",
+    "open_binary",
+]
+
+#: Nesting beyond what `json.loads` can recurse through (about 1000 levels) is reported as bad
+#: input instead of ending the whole run with a RecursionError.
+_TOO_DEEP = "nested too deeply"
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what surrogateescape turns undecodable bytes into
+
+
+def _syntax_kind(err: json.JSONDecodeError, end: int) -> str:
+    """ "truncated JSON" when the text stops mid-value (the usual cut-off file), else invalid."""
+    if err.pos >= end or err.msg.startswith("Unterminated string"):
+        return "truncated JSON"
+    return "invalid JSON"
+
+
+def _message(err: json.JSONDecodeError) -> str:
+    # "Unterminated string starting at" already ends in "at"; we append "at column N".
+    return err.msg.removesuffix(" at")
+
+
+def open_binary(path: Path):
+    """Open `path` for reading bytes, turning OS errors into a `DataError` naming the file."""
+    try:
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory, expected a file")
+        return open(path, "rb")
+    except OSError as err:
+        raise DataError(f"{path}: cannot open ({err.strerror})") from None
+
+
+def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", value)`` for each non-blank line of a JSON Lines file."""
+    path = Path(path)
+    with open_binary(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad(
+                    BadRecord(where, "not UTF-8", f"not valid UTF-8 (byte {err.start} of the line)")
+                )
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except RecursionError:
+                bad(BadRecord(where, _TOO_DEEP, "JSON nested too deeply to parse"))
+                continue
+            except json.JSONDecodeError as err:
+                kind = _syntax_kind(err, len(line.rstrip()))
+                bad(BadRecord(where, kind, f"{kind} ({_message(err)} at column {err.colno})"))
+                continue
+            yield where, value
+
+
+def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:line", element)`` for each element of a file holding one JSON array.
+
+    The line is where the element starts. Elements containing bytes that are not UTF-8 are
+    reported as bad and skipped; a syntax error (e.g. a truncated file) is reported at its line
+    and column, and with ``skip_bad`` the rest of the file, which cannot be parsed, is counted as
+    one bad item.
+    """
+    path = Path(path)
+    with open_binary(path) as handle:
+        text = handle.read().decode("utf-8", errors="surrogateescape")
+    decoder = json.JSONDecoder()
+    line, scanned = 1, 0
+
+    def line_of(pos: int) -> int:
+        nonlocal line, scanned
+        line += text.count("\n", scanned, pos)
+        scanned = pos
+        return line
+
+    def syntax_error(pos: int, message: str, kind: str = "invalid JSON") -> BadRecord:
+        number = line_of(pos)
+        column = pos - text.rfind("\n", 0, pos)
+        return BadRecord(f"{path}:{number}", kind, f"{kind} ({message} at column {column})")
+
+    pos = _WHITESPACE.match(text, 0).end()
+    if pos < len(text) and text[pos] == "\ufeff":  # a UTF-8 byte order mark
+        pos = _WHITESPACE.match(text, pos + 1).end()
+    if pos >= len(text) or text[pos] != "[":
+        raise DataError(
+            f"{path}:{line_of(pos)}: expected a JSON array of records (a file starting with '[')"
+        )
+    pos = _WHITESPACE.match(text, pos + 1).end()
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except RecursionError:
+            bad(BadRecord(f"{path}:{line_of(pos)}", _TOO_DEEP, "JSON nested too deeply to parse"))
+            return
+        except json.JSONDecodeError as err:
+            bad(syntax_error(err.pos, _message(err), _syntax_kind(err, len(text.rstrip()))))
+            return
+        where = f"{path}:{line_of(pos)}"
+        if _NOT_UTF8.search(text, pos, end):
+            bad(BadRecord(where, "not UTF-8", "contains bytes that are not valid UTF-8"))
+        else:
+            yield where, value
+        pos = _WHITESPACE.match(text, end).end()
+        if pos < len(text) and text[pos] == ",":
+            pos = _WHITESPACE.match(text, pos + 1).end()
+            continue
+        if pos < len(text) and text[pos] == "]":
+            rest = _WHITESPACE.match(text, pos + 1).end()
+            if rest != len(text):
+                bad(syntax_error(rest, "extra data after the array"))
+            return
+        kind = "truncated JSON" if pos >= len(text) else "invalid JSON"
+        bad(syntax_error(pos, "expected ',' or ']' after an element", kind))
+        return
+
+
+def iter_parquet(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """Yield ``("file:row N", row dict)`` for each row of a Parquet file (rows count from 1)."""
+    path = Path(path)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet needs pyarrow (pip install 'tulu[data]')"
+        ) from None
+    open_binary(path).close()
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as err:  # pyarrow raises its own error types for corrupt files
+        raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    row = 0
+    for batch in parquet.iter_batches(batch_size=4096):
+        for value in batch.to_pylist():
+            row += 1
+            yield f"{path}:row {row}", value
+
+
+def iter_records(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield ``(where, record)`` for each valid record of a JSONL or Parquet file.
+
+    This is how already-converted data (ours, or the public Tulu mixture) is read. Invalid
+    records go to `bad`.
+    """
+    path = Path(path)
+    items = iter_parquet(path) if path.suffix.lower() == ".parquet" else iter_jsonl(path, bad)
+    for where, value in items:
+        try:
+            yield where, check_record(value, where)
+        except BadRecord as err:
+            bad(err)
+
+
+def numbered_items(
+    reader: Callable[[Path, BadHandler], Iterator[tuple[str, Any]]],
+    path: Path,
+    report: ConversionReport,
+) -> Iterator[tuple[int, str, Any]]:
+    """Yield ``(index, where, value)`` for every readable item, counting each one as read.
+
+    `index` is the 0-based position among all of the file's items, unreadable ones (not UTF-8,
+    not JSON) included: those are counted as read and passed to ``report.bad`` here, so record
+    ids numbered by position stay the same whether or not a few lines are damaged.
+    """
+    index = 0
+
+    def on_bad(error: BadRecord) -> None:
+        nonlocal index
+        index += 1
+        report.read += 1
+        report.bad(error)
+
+    for where, value in reader(path, on_bad):
+        report.read += 1
+        yield index, where, value
+        index += 1

@@ -1,0 +1,129 @@
+"""`tulu data ...` from the command line: exit codes, messages, files written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tulu.cli import main
+
+SAMPLES = Path(__file__).resolve().parents[2] / "src/tulu/data/samples"
+
+GOOD = {
+    "dataset": "mine",
+    "id": "mine_0",
+    "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+}
+
+
+def _lines(*values) -> str:
+    return "".join((v if isinstance(v, str) else json.dumps(v)) + "\n" for v in values)
+
+
+def test_validate_reports_every_bad_line(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text(
+        _lines(
+            GOOD,
+            "{not json",
+            dict(GOOD, messages=[{"role": "bot", "content": "x"}]),
+            GOOD,
+            dict(GOOD, id=7),
+        ),
+        encoding="utf-8",
+    )
+    assert main(["data", "validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"{path}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+        f"{path}:3: messages[0].role: unknown role 'bot' (expected one of system, user, assistant)",
+        f"{path}:5: field 'id': expected a string, got int",
+    ]
+    assert f"{path}: 2 valid records, 3 bad" in err
+
+
+def test_validate_passes_good_files(tmp_path, capsys):
+    path = tmp_path / "r.jsonl"
+    path.write_text(_lines(GOOD, GOOD), encoding="utf-8")
+    assert main(["data", "validate", str(path)]) == 0
+    assert "2 valid records, ok" in capsys.readouterr().err
+
+
+def test_convert_records_and_option_checks(tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text(_lines(GOOD, "[1]", GOOD), encoding="utf-8")
+    out = tmp_path / "out.jsonl"
+    args = ["data", "convert", "--source", "records", "--input", str(source), "--output", str(out)]
+    assert main(args) == 1
+    assert (
+        f"tulu data convert: error: {source}:2: expected a JSON object, got list"
+        in capsys.readouterr().err
+    )
+    assert not out.exists()
+    assert main([*args, "--skip-bad"]) == 0
+    err = capsys.readouterr().err
+    assert "2 records written from 3 read" in err and "1 skipped: not a JSON object" in err
+    assert len(out.read_text().splitlines()) == 2
+    assert main([*args, "--top-k", "2"]) == 1
+    assert "--top-k does not apply to source 'records'" in capsys.readouterr().err
+
+
+def test_convert_unknown_source(tmp_path, capsys):
+    code = main(
+        ["data", "convert", "--source", "nope", "--input", "x", "--output", str(tmp_path / "o")]
+    )
+    assert code == 1
+    assert "unknown source 'nope' (known: records, flan_v2" in capsys.readouterr().err
+
+
+def test_mix_writes_splits_stats_and_histogram(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    from tulu.demo import corpus_text, train_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(corpus_text()).save(tokenizer_dir)
+    records = [
+        dict(
+            GOOD,
+            id=f"mine_{i}",
+            messages=[
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ],
+        )
+        for i in range(20)
+    ]
+    (tmp_path / "mine.jsonl").write_text(_lines(*records), encoding="utf-8")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("validation: 0.2\nsources:\n  - {name: mine, path: mine.jsonl}\n")
+    out = tmp_path / "out" / "mix.jsonl"
+    code = main(
+        ["data", "mix", str(recipe), "--output", str(out), "--tokenizer", str(tokenizer_dir)]
+    )
+    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "16 train + 4 validation records" in err
+    stats = json.loads((tmp_path / "out" / "mix.stats.json").read_text())
+    assert stats["total"]["selected"] == 20 and stats["total"]["tokens"] > 0
+    assert (tmp_path / "out" / "mix.validation.jsonl").is_file()
+    assert (tmp_path / "out" / "mix.lengths.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mix_recipe_error_is_one_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sources:\n  - {path: a.jsonl, cuont: 1}\n")
+    assert main(["data", "mix", str(recipe), "--output", str(tmp_path / "m.jsonl")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tulu data mix: error: ") and "unknown key(s) 'cuont'" in err
+    assert "\n" not in err
+
+
+def test_sources_lists_every_converter(capsys):
+    assert main(["data", "sources"]) == 0
+    out = capsys.readouterr().out
+    from tulu.data.sources import SOURCES
+
+    for name in SOURCES:
+        assert name in out

@@ -1,0 +1,231 @@
+"""The record format, bad-input reporting and the location-aware readers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tulu.data.readers import iter_json_array, iter_jsonl, iter_records
+from tulu.data.records import (
+    BadInput,
+    BadRecord,
+    ConversionReport,
+    check_record,
+    make_record,
+    write_records,
+)
+from tulu.errors import DataError
+
+GOOD = make_record(
+    "mine", "mine_0", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hé!"}]
+)
+
+
+@pytest.mark.parametrize(
+    ("value", "kind", "fragment"),
+    [
+        ([1], "not a JSON object", "expected a JSON object, got list"),
+        ({"id": "x", "messages": []}, "missing field", "missing field 'dataset'"),
+        ({"dataset": 3, "id": "x", "messages": []}, "wrong type", "field 'dataset'"),
+        ({"dataset": "d", "id": "x", "messages": {}}, "wrong type", "field 'messages'"),
+        ({"dataset": "d", "id": "x", "messages": []}, "no messages", "is empty"),
+        ({"dataset": "d", "id": "x", "messages": ["hi"]}, "wrong type", "messages[0]"),
+        (
+            {"dataset": "d", "id": "x", "messages": [{"role": "user"}]},
+            "missing field",
+            "messages[0]: missing field 'content'",
+        ),
+        (
+            {"dataset": "d", "id": "x", "messages": [{"role": "bot", "content": "a"}]},
+            "unknown role",
+            "messages[0].role: unknown role 'bot'",
+        ),
+        (
+            {"dataset": "d", "id": "x", "messages": [{"role": "user", "content": None}]},
+            "wrong type",
+            "messages[0].content: expected a string, got null",
+        ),
+        (
+            {
+                "dataset": "d",
+                "id": "x",
+                "messages": [
+                    {"role": "user", "content": "q"},
+                    {"role": "assistant", "content": " \n"},
+                ],
+            },
+            "empty assistant turn",
+            "messages[1]: empty assistant turn",
+        ),
+        (
+            {"dataset": "d", "id": "x", "messages": [{"role": "user", "content": "q"}]},
+            "no assistant turn",
+            "no assistant turn",
+        ),
+        (
+            {"dataset": "d", "id": "x", "messages": [{"role": "assistant", "content": "\ud800"}]},
+            "not UTF-8",
+            "unpaired surrogate",
+        ),
+    ],
+)
+def test_check_record_names_the_problem(value, kind, fragment):
+    with pytest.raises(BadRecord) as info:
+        check_record(value, "f.jsonl:7")
+    assert info.value.kind == kind
+    assert str(info.value).startswith("f.jsonl:7: ")
+    assert fragment in str(info.value)
+
+
+def test_check_record_keeps_extra_fields():
+    record = dict(GOOD, source_url="https://example.org")
+    assert check_record(record, "here") == record
+
+
+def test_bad_input_raises_by_default_and_counts_when_skipping():
+    error = BadRecord("f:1", "wrong type", "field 'x'")
+    with pytest.raises(BadRecord):
+        BadInput()(error)
+    bad = BadInput(skip_bad=True)
+    for line in range(1, 6):
+        bad(BadRecord(f"f:{line}", "wrong type"))
+    bad(BadRecord("f:9", "unknown role"))
+    assert bad.counts == {"wrong type": 5, "unknown role": 1}
+    assert bad.total == 6
+    assert bad.summary_lines()[0] == "5 skipped: wrong type (e.g. f:1, f:2, f:3)"
+    assert bad.errors == []  # only `collect` keeps every error
+
+
+def test_conversion_report_lists_everything_that_did_not_come_out():
+    report = ConversionReport(bad=BadInput(skip_bad=True))
+    report.read, report.written = 10, 7
+    report.drop("system turn", 2)
+    report.bad(BadRecord("f:3", "missing field"))
+    assert report.summary_lines() == [
+        "7 records written from 10 read",
+        "2 dropped: system turn",
+        "1 skipped: missing field (e.g. f:3)",
+    ]
+
+
+def test_jsonl_reader_reports_each_bad_line_and_goes_on(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(
+        b'{"a": 1}\n'
+        b"\n"
+        b'{"a": \n'  # truncated
+        b"\xff\xfe not utf-8\n"
+        b"[1, 2] trailing\n"  # invalid JSON
+        b'{"a": 2}\n'
+    )
+    bad = BadInput(collect=True)
+    items = list(iter_jsonl(path, bad))
+    assert items == [(f"{path}:1", {"a": 1}), (f"{path}:6", {"a": 2})]
+    assert [(e.where, e.kind) for e in bad.errors] == [
+        (f"{path}:3", "truncated JSON"),
+        (f"{path}:4", "not UTF-8"),
+        (f"{path}:5", "invalid JSON"),
+    ]
+
+
+def test_json_array_reader_gives_the_line_of_each_element(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[\n  {"x": 1},\n  {"x":\n    2},\n\n  {"x": "é"}\n]\n', encoding="utf-8")
+    items = list(iter_json_array(path, BadInput()))
+    assert items == [(f"{path}:2", {"x": 1}), (f"{path}:3", {"x": 2}), (f"{path}:6", {"x": "é"})]
+
+
+def test_json_array_reader_truncated_file(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"x": 1},\n {"x": 2},\n {"x": ', encoding="utf-8")
+    with pytest.raises(BadRecord, match=r"a\.json:3: truncated JSON"):
+        list(iter_json_array(path, BadInput()))
+    bad = BadInput(skip_bad=True)
+    assert [v for _, v in iter_json_array(path, bad)] == [{"x": 1}, {"x": 2}]
+    assert bad.counts == {"truncated JSON": 1}
+
+
+def test_json_array_reader_skips_elements_with_bad_bytes(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b'[{"x": "ok"},\n{"x": "\xff"},\n{"x": "fine"}]')
+    with pytest.raises(BadRecord, match=r"a\.json:2: contains bytes that are not valid UTF-8"):
+        list(iter_json_array(path, BadInput()))
+    bad = BadInput(skip_bad=True)
+    assert [v["x"] for _, v in iter_json_array(path, bad)] == ["ok", "fine"]
+    assert bad.counts == {"not UTF-8": 1}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"x": 1}', "expected a JSON array"),
+        ("", "expected a JSON array"),
+    ],
+)
+def test_json_array_reader_rejects_non_arrays(tmp_path, text, message):
+    path = tmp_path / "a.json"
+    path.write_text(text)
+    with pytest.raises(DataError, match=message):
+        list(iter_json_array(path, BadInput()))
+
+
+def test_json_array_reader_empty_array_and_bom(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_bytes(b"\xef\xbb\xbf [ ] \n")
+    assert list(iter_json_array(path, BadInput())) == []
+
+
+def test_missing_file_and_directory_are_clear(tmp_path):
+    with pytest.raises(DataError, match="cannot open"):
+        list(iter_jsonl(tmp_path / "nope.jsonl", BadInput()))
+    with pytest.raises(DataError, match="is a directory"):
+        list(iter_jsonl(tmp_path, BadInput()))
+
+
+def test_iter_records_validates_jsonl(tmp_path):
+    path = tmp_path / "r.jsonl"
+    bad_record = dict(GOOD, messages=[{"role": "robot", "content": "x"}])
+    path.write_text(
+        "\n".join(json.dumps(r, ensure_ascii=False) for r in (GOOD, bad_record, GOOD)) + "\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(BadRecord, match=r"r\.jsonl:2: messages\[0\]\.role: unknown role 'robot'"):
+        list(iter_records(path, BadInput()))
+    bad = BadInput(skip_bad=True)
+    assert [where for where, _ in iter_records(path, bad)] == [f"{path}:1", f"{path}:3"]
+    assert bad.counts == {"unknown role": 1}
+
+
+def test_iter_records_reads_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "mix.parquet"
+    rows = [GOOD, dict(GOOD, id="mine_1", messages=[{"role": "user", "content": "only"}])]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    bad = BadInput(skip_bad=True)
+    assert [(w, r["id"]) for w, r in iter_records(path, bad)] == [(f"{path}:row 1", "mine_0")]
+    assert bad.examples == {"no assistant turn": [f"{path}:row 2"]}
+
+
+def test_corrupt_parquet_is_a_clear_error(tmp_path):
+    pytest.importorskip("pyarrow")
+    path = tmp_path / "mix.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        list(iter_records(path, BadInput()))
+
+
+def test_write_records_is_atomic(tmp_path):
+    path = tmp_path / "out" / "r.jsonl"
+    assert write_records([GOOD, GOOD], path) == 2
+    assert path.read_text(encoding="utf-8").count("Hé!") == 2
+
+    def failing():
+        yield GOOD
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_records(failing(), path)
+    assert path.read_text(encoding="utf-8").count("\n") == 2  # the previous file is intact
+    assert [p.name for p in path.parent.iterdir()] == ["r.jsonl"]  # no temporary left behind
