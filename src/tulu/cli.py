@@ -141,8 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from tulu.data.cli import add_data_parser
+    from tulu.train.cli import add_export_parser, add_train_parser
 
     add_data_parser(sub)
+    add_train_parser(sub)
+    add_export_parser(sub)
 
     demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))
@@ -361,8 +364,22 @@ def cmd_data(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from tulu.train.cli import cmd_train as run
+
+    return run(args)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tulu.train.cli import cmd_export as run
+
+    return run(args)
+
+
 COMMANDS = {
     "data": cmd_data,
+    "train": cmd_train,
+    "export": cmd_export,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,

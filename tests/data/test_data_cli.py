@@ -127,3 +127,75 @@ def test_sources_lists_every_converter(capsys):
 
     for name in SOURCES:
         assert name in out
+
+
+def test_tokenize_reports_counts_and_batching(tmp_path, capsys):
+    from tulu.demo import corpus_text, train_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(corpus_text()).save(tokenizer_dir)
+    records = [
+        dict(
+            GOOD,
+            id=f"mine_{i}",
+            messages=[
+                {"role": "user", "content": "word " * (i % 3 + 1)},
+                {"role": "assistant", "content": "reply " * (i + 1)},
+            ],
+        )
+        for i in range(12)
+    ]
+    path = tmp_path / "mix.jsonl"
+    path.write_text(_lines(*records), encoding="utf-8")
+    args = [
+        "data",
+        "tokenize",
+        str(path),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--workers",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--max-seq-length",
+        "40",
+        "--batch-size",
+        "4",
+    ]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    directory = Path(out.strip())
+    assert directory.parent == tmp_path / "cache" and (directory / "meta.json").is_file()
+    assert (
+        "tokenized: " in err
+        and "12 examples" in err
+        and "0 truncated" not in err
+        and "truncated at 40" in err
+    )
+    for mode in ("padding-random", "padding-sorted", "packing"):
+        assert mode in err
+    assert main(args) == 0
+    assert "cache hit: " in capsys.readouterr().err
+
+
+def test_tokenize_bad_record_is_one_line(tmp_path, capsys):
+    from tulu.demo import corpus_text, train_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(corpus_text()).save(tokenizer_dir)
+    path = tmp_path / "mix.jsonl"
+    path.write_text(_lines(GOOD, dict(GOOD, messages=[])), encoding="utf-8")
+    args = [
+        "data",
+        "tokenize",
+        str(path),
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--workers",
+        "1",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert f"tulu data tokenize: error: {path}:2: field 'messages' is empty" in err

@@ -64,7 +64,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     tokenize.add_argument("--tokenizer", required=True, type=Path)
     tokenize.add_argument("--max-seq-length", type=int, default=2048)
     tokenize.add_argument("--output", type=Path, help="directory (default: the cache)")
-    tokenize.add_argument("--cache-dir", type=Path, help="default: $TULU_CACHE or ~/.cache/tulu")
+    tokenize.add_argument(
+        "--cache-dir", type=Path, help="default: $TULU_CACHE/tokenized or ~/.cache/tulu/tokenized"
+    )
     tokenize.add_argument("--workers", type=int, help="processes (default: all cores)")
     tokenize.add_argument("--skip-bad", action="store_true", help="skip bad records and count")
     tokenize.add_argument("--batch-size", type=int, default=8, help="for the padding report")
@@ -203,7 +205,52 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:
-    raise DataError("tulu data tokenize: not wired yet")
+    from rich.console import Console
+    from rich.table import Table
+
+    from tulu.data.batching import padding_report
+    from tulu.data.tokenize import tokenize_records
+    from tulu.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(args.tokenizer)
+    dataset = tokenize_records(
+        args.file,
+        tokenizer,
+        args.max_seq_length,
+        cache_dir=args.cache_dir,
+        output_dir=args.output,
+        num_workers=args.workers,
+        skip_bad=args.skip_bad,
+    )
+    meta = dataset.meta
+    console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+    where = "cache hit" if dataset.cache_hit else "tokenized"
+    console.print(
+        f"{where}: {dataset.directory}\n{len(dataset):,} examples, {dataset.num_tokens:,} tokens "
+        f"({dataset.num_trained_tokens:,} trained), {meta['num_truncated']:,} truncated at "
+        f"{args.max_seq_length}",
+        markup=False,
+        highlight=False,
+    )
+    for reason, count in meta["dropped"].items():
+        console.print(f"{count:,} dropped: {reason}", markup=False, highlight=False)
+    for reason, count in meta["skipped_bad"].items():
+        console.print(f"{count:,} skipped: {reason}", markup=False, highlight=False)
+    table = Table(title=f"batching (padding: {args.batch_size} examples per batch)")
+    for column in ("mode", "batches", "rows", "token slots", "padded"):
+        table.add_column(column, justify="left" if column == "mode" else "right")
+    report = padding_report(dataset.lengths, args.batch_size, args.max_seq_length, seed=args.seed)
+    for stats in report:
+        table.add_row(
+            stats.mode,
+            f"{stats.batches:,}",
+            f"{stats.rows:,}",
+            f"{stats.token_slots:,}",
+            f"{stats.padded_fraction:.1%}",
+        )
+    console.print(table)
+    print(dataset.directory)
+    return 0
 
 
 _DATA_COMMANDS = {

@@ -296,11 +296,20 @@ class GPTNeoXForCausalLM(nn.Module):
         Returns (sum of token losses, number of trained tokens) so that callers choose the
         normalisation (per micro-batch mean, or over a whole optimizer step).
         """
-        logits = self(input_ids, **kwargs)
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        shift_labels = labels[:, 1:].reshape(-1)
-        total = F.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-        return total, (shift_labels != -100).sum()
+        return next_token_loss(self(input_ids, **kwargs), labels)
+
+
+def next_token_loss(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(summed cross-entropy of position t's logits against labels[t + 1], trained tokens).
+
+    The labels are shifted left (the last position gets -100) rather than the logits sliced:
+    ``logits[:, :-1]`` would copy the largest activation of the step (batch x seq x vocab)
+    and send the backward pass through that copy.
+    """
+    shifted = F.pad(labels[:, 1:], (0, 1), value=-100).reshape(-1)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    total = F.cross_entropy(flat, shifted, ignore_index=-100, reduction="sum")
+    return total, (shifted != -100).sum()
 
 
 class ContiguousKVCache:

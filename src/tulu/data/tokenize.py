@@ -1,0 +1,1072 @@
+"""Tokenize a records file for training: parallel, streaming, cached, memory-mapped.
+
+`tokenize_records` turns a JSONL (or Parquet) records file into one directory per tokenized
+dataset::
+
+    input_ids.bin   every kept example's token ids, back to back (uint16, or int32 when the
+                    vocabulary does not fit in 16 bits)
+    trained.bin     one uint8 per token: 1 where a loss is taken (labels = input_ids there,
+                    -100 elsewhere; labels are not stored twice)
+    offsets.bin     int64, n + 1 entries: example i is tokens offsets[i]:offsets[i + 1]
+    meta.json       counts (examples, tokens, trained tokens, truncated, dropped and skipped by
+                    reason), the settings, the source, the cache key and the format version
+
+`TokenizedDataset` opens such a directory with numpy memmaps, so a 490,000-example mixture costs
+no Python objects and no RAM beyond the page cache.
+
+Speed. The labels follow open-instruct's masking exactly (`tulu.chat.encode_messages` is the
+definition), which needs the token count of the prefix before and after each non-assistant turn.
+`encode_conversations` gets them for a whole chunk of conversations from one ``encode_batch``
+call and computes the masks with numpy from lengths only. Since the EOS token is a hard split
+point of the tokenizer (checked, see `_eos_split_id`), a prefix's length is the position of its
+last EOS in the full text's encoding plus the length of the short text after it; so besides
+the full texts only the non-assistant turns are tokenized, not every prefix again (about 1.3x
+the tokens of the data instead of 2-3x). The file is read in chunks of lines in the main
+process; worker processes parse, validate and tokenize chunks, at most a few chunks are in
+flight (bounded memory) and the results are appended to the output files in input order.
+
+Workers are started with the "spawn" method (a forked child would inherit the parent's Rust
+thread pool, possibly in a used state) and receive the tokenizer as its JSON string plus the
+special tokens. Each worker tokenizes single-threaded, so N workers use N cores instead of
+N x cores threads fighting over the same cores. Workers import only numpy, tokenizers and the
+light `tulu.chat` / `tulu.data.records` modules, never torch.
+
+Cache. The key is a sha256 over the format version, the settings, the tokenizer (its JSON and
+special tokens) and the data file's bytes. A hit opens the stored directory without
+tokenizing. A dataset is written into a temporary directory that is renamed into place only
+when complete, so a killed run never leaves an entry that a later run would read as valid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tulu.chat import (
+    ASSISTANT_HEADER,
+    IGNORE_INDEX,
+    EncodedExample,
+    Message,
+    _check_max_seq_length,
+    _concat,
+    _eos_of,
+    _validate,
+)
+from tulu.data.records import BadRecord, check_record
+from tulu.errors import ChatFormatError, DataError
+from tulu.tokenizer import Tokenizer
+
+__all__ = [
+    "DROPPED_NO_LABEL",
+    "FORMAT_VERSION",
+    "EncodedChunk",
+    "TokenizedDataset",
+    "TokenizedExample",
+    "cache_key",
+    "default_cache_dir",
+    "encode_conversations",
+    "encode_messages_batch",
+    "tokenize_records",
+]
+
+#: Bumped whenever the files or their meaning change; part of the cache key.
+FORMAT_VERSION = 1
+
+#: Reason recorded in meta.json for examples that keep no trained token (open-instruct drops
+#: them too: truncation cut every assistant token).
+DROPPED_NO_LABEL = "no trained token after truncation"
+
+#: Lines per chunk: large enough that one encode_batch call and one IPC round trip per chunk
+#: are cheap per example, small enough that a few chunks in flight stay a few MB.
+DEFAULT_CHUNK_LINES = 256
+
+#: Chunks in flight per worker: one being tokenized, one queued so a worker never idles.
+_IN_FLIGHT_PER_WORKER = 2
+
+#: Locations remembered per reason (the rest are counted only).
+_EXAMPLES_PER_REASON = 3
+
+_FILES = ("input_ids.bin", "trained.bin", "offsets.bin")
+_META = "meta.json"
+_TMP_PREFIX = ".tulu-tmp-"
+
+
+# ============================================================================ batched encoding
+
+
+@dataclass
+class EncodedChunk:
+    """The encodings of a list of conversations, flat.
+
+    `kept[k]` is False for conversation k when no trained token is left (``encode_messages``
+    returns None); the flat arrays hold only the kept conversations, `lengths` gives their
+    token counts in order. `truncated[k]` says whether conversation k was longer than
+    ``max_seq_length`` before truncation (whether kept or not).
+    """
+
+    input_ids: np.ndarray
+    trained: np.ndarray
+    lengths: np.ndarray
+    kept: np.ndarray
+    truncated: np.ndarray
+
+
+def _eos_split_id(tokenizer: Tokenizer, eos: str) -> int | None:
+    """The EOS id when every occurrence of the EOS string is a hard split point, else None.
+
+    The tokenizers library cuts a text at its added tokens first (leftmost-longest match over
+    the raw text for non-normalized tokens) and then normalizes, pre-tokenizes and encodes
+    each piece on its own. So when the EOS string is always matched as its added token,
+    ``encode(A + eos + B) == encode(A) + [eos_id] + encode(B)`` for any A and B. That holds when
+    the EOS token is a plain non-normalized added token (no lstrip / rstrip / single-word
+    rules, no surrounding whitespace), no other added token contains it or overlaps its start
+    (so no other match can swallow it), special tokens are not encoded as text, and the backend
+    neither truncates nor pads. Every prefix that open-instruct's mask needs then costs only the
+    tokens after its last EOS; `encode_conversations` still cross-checks each conversation
+    (the EOS ids of the full text must match its EOS strings) and falls back to encoding the
+    whole prefixes otherwise.
+    """
+    backend = tokenizer.backend
+    if backend.truncation is not None or backend.padding is not None:
+        return None
+    if getattr(backend, "encode_special_tokens", False):
+        return None
+    if eos != eos.strip():
+        return None
+    eos_id = None
+    for token_id, token in backend.get_added_tokens_decoder().items():
+        content = token.content
+        if content == eos:
+            if token.normalized or token.lstrip or token.rstrip or token.single_word:
+                return None
+            eos_id = token_id
+            continue
+        if eos in content or any(content.endswith(eos[:k]) for k in range(1, len(eos))):
+            return None
+    if eos_id is None or backend.token_to_id(eos) != eos_id:
+        return None
+    return eos_id
+
+
+# A length reference: (eos ordinal, text index). The length is the position of the ordinal-th
+# EOS token in the full text's encoding + 1 (or 0 for ordinal -1), plus len(encodings[text]).
+_Ref = tuple[int, int]
+
+
+def _plan(
+    messages: Sequence[Mapping[str, Any]], eos: str, texts: list[str], split_eos: bool
+) -> list[tuple[_Ref | None, _Ref]]:
+    """Append a conversation's full text and what its masks need to `texts`; return spans.
+
+    Mirrors `encode_messages`: for every non-assistant message i the masked span runs from the
+    length of ``_concat(messages[:i])`` (0 for i = 0) to the length of
+    ``_concat(messages[:i + 1])`` (+ the assistant header when an assistant turn follows).
+    With `split_eos`, a prefix contributes only its text after its last EOS (see
+    `_eos_split_id`); otherwise the whole prefix. A start prefix equal to the previous end
+    prefix (a message after a non-assistant one) is not encoded twice. The rendered text is the
+    join of each message's own rendering, which is exactly what ``_concat`` does for the list.
+    """
+    parts = [_concat((message,), eos) for message in messages]
+    texts.append("".join(parts).strip())
+    seen: dict[str, _Ref] = {}
+
+    def ref(prefix: str) -> _Ref:
+        ordinal, tail = -1, prefix
+        if split_eos:
+            cut = prefix.rfind(eos)
+            if cut >= 0:
+                ordinal = prefix.count(eos) - 1
+                tail = prefix[cut + len(eos) :]
+        found = seen.get(tail)
+        if found is None or found[0] != ordinal:
+            found = (ordinal, len(texts))
+            seen[tail] = found
+            texts.append(tail)
+        return found
+
+    spans: list[tuple[_Ref | None, _Ref]] = []
+    last = len(messages) - 1
+    running = ""
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            running += parts[i]
+            continue
+        start = ref(running) if i > 0 else None
+        running += parts[i]
+        end_text = running
+        if i < last and messages[i + 1]["role"] == "assistant":
+            end_text += ASSISTANT_HEADER
+        spans.append((start, ref(end_text)))
+    return spans
+
+
+def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[Any]:
+    """One batched encode of every text; returns the library's Encoding objects.
+
+    Only the full texts' ids are read back; the other lengths come from ``len(encoding)``,
+    which does not build a Python list of ids.
+    """
+    backend = tokenizer.backend
+    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return batch(texts, add_special_tokens=False)
+
+
+def _eos_positions(ids: list[int], eos_id: int) -> list[int]:
+    positions: list[int] = []
+    at = -1
+    with contextlib.suppress(ValueError):
+        while True:
+            at = ids.index(eos_id, at + 1)
+            positions.append(at)
+    return positions
+
+
+def encode_conversations(
+    conversations: Sequence[Sequence[Message]],
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    *,
+    dtype: np.dtype | type = np.int64,
+    validate: bool = True,
+) -> EncodedChunk:
+    """`tulu.chat.encode_messages` for many conversations at once, as flat numpy arrays.
+
+    Gives exactly the ids and labels of ``encode_messages`` for each conversation (the tests
+    pin this), but tokenizes every text the masks need, for all conversations, in one
+    ``encode_batch`` call (Rust, without the GIL) and computes the masks from lengths with
+    array operations. With a tokenizer where the EOS token is a hard split point (GPT-NeoX's,
+    the demo's), a prefix's length is the position of its last EOS in the full encoding plus
+    the length of the few tokens after it, so only the full texts and the non-assistant turns
+    are tokenized rather than every prefix. `validate=False` skips the message checks for
+    callers that validated already (`check_record` is stricter).
+    """
+    max_len = _check_max_seq_length(max_seq_length)
+    eos = _eos_of(tokenizer)
+    eos_id = _eos_split_id(tokenizer, eos)
+    texts: list[str] = []
+    plans: list[tuple[int, list[tuple[_Ref | None, _Ref]]]] = []
+    for k, messages in enumerate(conversations):
+        if validate:
+            try:
+                _validate(messages)
+            except ChatFormatError as err:
+                raise ChatFormatError(f"conversations[{k}]: {err}") from None
+        full_index = len(texts)
+        plans.append((full_index, _plan(messages, eos, texts, eos_id is not None)))
+    encodings = _encode_all(tokenizer, texts)
+
+    n = len(plans)
+    truncated = np.zeros(n, dtype=bool)
+    lengths = np.zeros(n, dtype=np.int64)
+    flat: list[int] = []
+    masked: list[tuple[int, int]] = []  # absolute [start, end) token ranges to mask
+    offset = 0
+    for k, (full_index, spans) in enumerate(plans):
+        ids = encodings[full_index].ids
+        eos_at: list[int] = []
+        if eos_id is not None:
+            eos_at = _eos_positions(ids, eos_id)
+            if len(eos_at) != texts[full_index].count(eos):  # never expected; stay exact
+                spans = _whole_prefix_spans(conversations[k], tokenizer, eos)
+        if len(ids) > max_len:
+            truncated[k] = True
+            ids = ids[:max_len]
+        size = len(ids)
+        flat.extend(ids)
+        lengths[k] = size
+        for start_ref, end_ref in spans:
+            start = 0
+            if start_ref is not None:
+                start = min(_length(start_ref, eos_at, encodings), max_len)
+            end = min(_length(end_ref, eos_at, encodings), max_len)
+            lo, hi = min(start, size), min(end, size)
+            if hi > lo:
+                masked.append((offset + lo, offset + hi))
+            if end >= max_len:
+                break
+        offset += size
+
+    trained = np.ones(offset, dtype=np.uint8)
+    for lo, hi in masked:
+        trained[lo:hi] = 0
+    input_ids = np.array(flat, dtype=dtype)
+    starts = np.zeros(n, dtype=np.int64)
+    if n:
+        np.cumsum(lengths[:-1], out=starts[1:])
+    # Every rendered text starts with a role header, so every length is >= 1 and reduceat's
+    # segments are non-empty.
+    kept = np.add.reduceat(trained, starts) > 0 if n else np.zeros(0, dtype=bool)
+    if not kept.all():
+        keep_tokens = np.repeat(kept, lengths)
+        input_ids, trained, lengths = input_ids[keep_tokens], trained[keep_tokens], lengths[kept]
+    return EncodedChunk(input_ids, trained, lengths, kept, truncated)
+
+
+def _length(ref: _Ref | tuple[int, Any], eos_at: list[int], encodings: Sequence[Any]) -> int:
+    ordinal, text = ref
+    if ordinal == -2:  # a length computed by the fallback
+        return text
+    base = eos_at[ordinal] + 1 if ordinal >= 0 else 0
+    return base + len(encodings[text])
+
+
+def _whole_prefix_spans(
+    messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, eos: str
+) -> list[tuple[Any, Any]]:
+    """The spans of one conversation with every prefix encoded whole (the safe fallback)."""
+    texts: list[str] = []
+    spans = _plan(messages, eos, texts, split_eos=False)
+    lengths = [len(ids) for ids in tokenizer.encode_batch(texts)]
+    return [(None if s is None else (-2, lengths[s[1]]), (-2, lengths[e[1]])) for s, e in spans]
+
+
+def encode_messages_batch(
+    conversations: Sequence[Sequence[Message]], tokenizer: Tokenizer, max_seq_length: int
+) -> list[EncodedExample | None]:
+    """`encode_messages` for each conversation, computed by `encode_conversations`."""
+    chunk = encode_conversations(conversations, tokenizer, max_seq_length)
+    out: list[EncodedExample | None] = []
+    offset = 0
+    it = iter(chunk.lengths.tolist())
+    for kept in chunk.kept.tolist():
+        if not kept:
+            out.append(None)
+            continue
+        size = next(it)
+        ids = chunk.input_ids[offset : offset + size].tolist()
+        mask = chunk.trained[offset : offset + size]
+        labels = np.where(mask > 0, chunk.input_ids[offset : offset + size], IGNORE_INDEX)
+        out.append(EncodedExample(input_ids=ids, labels=labels.tolist()))
+        offset += size
+    return out
+
+
+# ============================================================================ chunk workers
+
+
+@dataclass
+class _ChunkResult:
+    """What a worker sends back for one chunk (pickled; arrays travel as bytes)."""
+
+    input_ids: np.ndarray
+    trained: np.ndarray
+    lengths: np.ndarray
+    records: int  # valid records seen
+    truncated: int  # examples (kept or not) longer than max_seq_length
+    dropped: list[str]  # where, for examples with no trained token
+    bad: list[tuple[str, str, str]]  # (where, kind, detail) of bad records, in order
+    size: int  # bytes of input (for the progress bar)
+
+
+class _Encoder:
+    """Per-process state: the tokenizer and the settings, plus the chunk function."""
+
+    def __init__(self, tokenizer: Tokenizer, max_seq_length: int, dtype: str, skip_bad: bool):
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        self.dtype = np.dtype(dtype)
+        self.skip_bad = skip_bad
+
+    def jsonl_chunk(self, path: str, first_line: int, lines: list[bytes]) -> _ChunkResult:
+        """Parse, validate and tokenize lines ``first_line...`` of a JSONL file.
+
+        Parsing follows `tulu.data.readers.iter_jsonl` (same reasons, same ``file:line``).
+        """
+        items: list[tuple[str, Any]] = []
+        bad: list[tuple[str, str, str]] = []
+        for number, raw in enumerate(lines, start=first_line):
+            where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad.append((where, "not UTF-8", f"not valid UTF-8 (byte {err.start} of the line)"))
+                if not self.skip_bad:
+                    break
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as err:
+                kind = "truncated JSON" if err.pos >= len(line.rstrip()) else "invalid JSON"
+                bad.append((where, kind, f"{kind} ({err.msg} at column {err.colno})"))
+                if not self.skip_bad:
+                    break
+                continue
+            items.append((where, value))
+        return self._encode(items, bad, sum(len(raw) for raw in lines))
+
+    def items_chunk(self, items: list[tuple[str, Any]], size: int) -> _ChunkResult:
+        """Validate and tokenize already-parsed ``(where, value)`` items (Parquet rows)."""
+        return self._encode(items, [], size)
+
+    def _encode(
+        self, items: list[tuple[str, Any]], bad: list[tuple[str, str, str]], size: int
+    ) -> _ChunkResult:
+        wheres: list[str] = []
+        conversations: list[list[Any]] = []
+        for where, value in items:
+            try:
+                record = check_record(value, where)
+            except BadRecord as err:
+                bad.append((err.where, err.kind, err.detail))
+                if not self.skip_bad:
+                    break
+                continue
+            wheres.append(where)
+            conversations.append(record["messages"])
+        if bad and not self.skip_bad:
+            # The caller raises the first bad record in file order; nothing else matters.
+            first = min(bad, key=lambda b: _line_key(b[0]))
+            empty = np.zeros(0, dtype=self.dtype)
+            return _ChunkResult(
+                empty, np.zeros(0, np.uint8), np.zeros(0, np.int64), 0, 0, [], [first], size
+            )
+        chunk = encode_conversations(
+            conversations, self.tokenizer, self.max_seq_length, dtype=self.dtype, validate=False
+        )
+        dropped = [w for w, k in zip(wheres, chunk.kept.tolist(), strict=True) if not k]
+        return _ChunkResult(
+            input_ids=chunk.input_ids,
+            trained=chunk.trained,
+            lengths=chunk.lengths,
+            records=len(conversations),
+            truncated=int(chunk.truncated.sum()),
+            dropped=dropped,
+            bad=bad,
+            size=size,
+        )
+
+
+def _line_key(where: str) -> int:
+    """The line (or row) number at the end of a ``file:line`` / ``file:row N`` location."""
+    tail = where.rsplit(":", 1)[-1].split()[-1]
+    return int(tail) if tail.isdigit() else 0
+
+
+_WORKER: _Encoder | None = None
+
+
+def _worker_init(
+    tokenizer_json: str,
+    special_tokens: dict[str, str | None],
+    source: str,
+    max_seq_length: int,
+    dtype: str,
+    skip_bad: bool,
+) -> None:
+    """Build the worker's tokenizer; one Rust thread per worker, so N workers = N cores."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    from tokenizers import Tokenizer as Backend
+
+    global _WORKER
+    tokenizer = Tokenizer(Backend.from_str(tokenizer_json), source=source, **special_tokens)
+    _WORKER = _Encoder(tokenizer, max_seq_length, dtype, skip_bad)
+
+
+def _worker_jsonl(path: str, first_line: int, lines: list[bytes]) -> _ChunkResult:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.jsonl_chunk(path, first_line, lines)
+
+
+def _worker_items(items: list[tuple[str, Any]], size: int) -> _ChunkResult:
+    assert _WORKER is not None, "worker not initialised"
+    return _WORKER.items_chunk(items, size)
+
+
+# ============================================================================ reading chunks
+
+
+def _jsonl_chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
+    """``("jsonl", args)`` per chunk of raw lines: only bytes are read here, the workers
+    decode and parse."""
+    from tulu.data.readers import open_binary
+
+    with open_binary(path) as handle:
+        first = 1
+        while True:
+            lines = list(itertools.islice(handle, chunk_lines))
+            if not lines:
+                return
+            yield "jsonl", (str(path), first, lines)
+            first += len(lines)
+
+
+def _parquet_chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
+    """``("items", args)`` per chunk of Parquet rows (pyarrow decodes them here)."""
+    from tulu.data.readers import iter_parquet
+
+    items = iter_parquet(path)
+    while True:
+        batch = list(itertools.islice(items, chunk_lines))
+        if not batch:
+            return
+        yield "items", (batch, 0)
+
+
+def _chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
+    if path.suffix.lower() == ".parquet":
+        return _parquet_chunks(path, chunk_lines)
+    return _jsonl_chunks(path, chunk_lines)
+
+
+def _run_in_process(
+    encoder: _Encoder, chunks: Iterable[tuple[str, tuple]]
+) -> Generator[_ChunkResult, None, None]:
+    for kind, args in chunks:
+        yield encoder.jsonl_chunk(*args) if kind == "jsonl" else encoder.items_chunk(*args)
+
+
+def _run_in_pool(
+    chunks: Iterator[tuple[str, tuple]], workers: int, initargs: tuple
+) -> Generator[_ChunkResult, None, None]:
+    """Results in input order, with at most ``workers * 2`` chunks submitted at a time.
+
+    `Pool.imap` would read the whole input ahead; here a chunk is read only when a slot
+    frees up, so memory stays bounded whatever the file size.
+    """
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_worker_init, initargs=initargs
+    )
+    window: deque[Future] = deque()
+    functions = {"jsonl": _worker_jsonl, "items": _worker_items}
+    try:
+        for kind, args in chunks:
+            window.append(pool.submit(functions[kind], *args))
+            if len(window) >= workers * _IN_FLIGHT_PER_WORKER:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+# ============================================================================ the dataset
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    """One training example: ids and labels (`IGNORE_INDEX` where no loss is taken), int64."""
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+
+    def __iter__(self):  # unpacks as (input_ids, labels)
+        return iter((self.input_ids, self.labels))
+
+
+def _memmap(path: Path, dtype: np.dtype | str, count: int) -> np.ndarray:
+    """A read-only memmap of `count` items (numpy cannot map an empty file)."""
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+
+
+class TokenizedDataset:
+    """A tokenized dataset directory, opened with memmaps (nothing is loaded up front).
+
+    ``dataset[i]`` is a `TokenizedExample`; `lengths` are the token counts; `meta` is the
+    parsed meta.json; `cache_hit` says whether `tokenize_records` found it already built.
+    """
+
+    def __init__(self, directory: Path, meta: dict[str, Any], cache_hit: bool = False) -> None:
+        self.directory = directory
+        self.meta = meta
+        self.cache_hit = cache_hit
+        n, tokens = meta["num_examples"], meta["num_tokens"]
+        self.input_ids = _memmap(directory / "input_ids.bin", meta["dtype"], tokens)
+        self.trained = _memmap(directory / "trained.bin", np.uint8, tokens)
+        # An empty dataset has an empty offsets file (numpy cannot map zero bytes).
+        self.offsets = _memmap(directory / "offsets.bin", np.int64, n + 1 if n else 0)
+        if n == 0:
+            self.offsets = np.zeros(1, dtype=np.int64)
+
+    @classmethod
+    def open(cls, directory: str | Path, *, cache_hit: bool = False) -> TokenizedDataset:
+        """Open a directory written by `tokenize_records`, checking that it is complete."""
+        directory = Path(directory)
+        meta = _read_meta(directory)
+        expected = _expected_sizes(meta)
+        for name, size in expected.items():
+            path = directory / name
+            actual = path.stat().st_size if path.is_file() else None
+            if actual != size:
+                raise DataError(
+                    f"{path}: expected {size} bytes from {_META}, found "
+                    f"{'no file' if actual is None else f'{actual} bytes'} (incomplete or "
+                    "modified tokenized dataset; tokenize again)"
+                )
+        return cls(directory, meta, cache_hit)
+
+    def __len__(self) -> int:
+        return int(self.meta["num_examples"])
+
+    def __getitem__(self, index: int) -> TokenizedExample:
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"example {index} out of range (dataset has {n})")
+        index %= n
+        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
+        ids = np.asarray(self.input_ids[lo:hi], dtype=np.int64)
+        labels = np.where(self.trained[lo:hi] > 0, ids, IGNORE_INDEX)
+        return TokenizedExample(ids, labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Token count of every example (int64)."""
+        return np.diff(np.asarray(self.offsets))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return int(self.meta["num_trained_tokens"])
+
+    @property
+    def max_seq_length(self) -> int:
+        return int(self.meta["settings"]["max_seq_length"])
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.meta["tokenizer"]["pad_token_id"]
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenizedDataset({str(self.directory)!r}, examples={len(self)}, "
+            f"tokens={self.num_tokens}, trained={self.num_trained_tokens})"
+        )
+
+
+def _read_meta(directory: Path) -> dict[str, Any]:
+    path = directory / _META
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError(f"{directory}: not a tokenized dataset (no {_META})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"{path}: unreadable ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        found = meta.get("format_version") if isinstance(meta, dict) else None
+        raise DataError(
+            f"{path}: format version {found!r}, this tulu reads {FORMAT_VERSION} (tokenize again)"
+        )
+    return meta
+
+
+def _expected_sizes(meta: Mapping[str, Any]) -> dict[str, int]:
+    tokens, n = meta["num_tokens"], meta["num_examples"]
+    return {
+        "input_ids.bin": tokens * np.dtype(meta["dtype"]).itemsize,
+        "trained.bin": tokens,
+        "offsets.bin": (n + 1) * 8 if n else 0,
+    }
+
+
+# ============================================================================ cache
+
+
+def default_cache_dir() -> Path:
+    """``$TULU_CACHE/tokenized``, else ``~/.cache/tulu/tokenized``."""
+    root = os.environ.get("TULU_CACHE")
+    base = Path(root) if root else Path.home() / ".cache" / "tulu"
+    return base / "tokenized"
+
+
+def _id_dtype(tokenizer: Tokenizer) -> str:
+    return "uint16" if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else "int32"
+
+
+def _settings(max_seq_length: int) -> dict[str, Any]:
+    return {"max_seq_length": max_seq_length, "format": "tulu-chat-messages"}
+
+
+def cache_key(path: str | Path, tokenizer: Tokenizer, max_seq_length: int) -> str:
+    """sha256 over the format version, the settings, the tokenizer and the file's bytes.
+
+    The tokenizer enters as its full JSON (vocabulary, merges, normalizer, added tokens) plus
+    the special tokens, since the EOS string is written into every example. The file is
+    hashed in blocks, never read whole.
+    """
+    digest = hashlib.sha256()
+
+    def field(name: str, value: bytes) -> None:  # length-prefixed: no ambiguous joins
+        digest.update(f"{name}:{len(value)}:".encode())
+        digest.update(value)
+
+    field("format", str(FORMAT_VERSION).encode())
+    field("settings", json.dumps(_settings(max_seq_length), sort_keys=True).encode())
+    field("tokenizer", tokenizer.backend.to_str().encode())
+    field("special_tokens", json.dumps(tokenizer.special_tokens, sort_keys=True).encode())
+    from tulu.data.readers import open_binary
+
+    with open_binary(Path(path)) as handle:
+        field("data", hashlib.file_digest(handle, "sha256").digest())
+    return digest.hexdigest()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_temps(parent: Path) -> None:
+    """Delete temporary directories left by killed runs of this host (their pid is gone)."""
+    host = socket.gethostname()
+    for entry in parent.glob(f"{_TMP_PREFIX}*"):
+        bits = entry.name[len(_TMP_PREFIX) :].split("-")
+        # <prefix><key>-<host>-<pid>-<random>; hosts may contain dashes, pids never do
+        if len(bits) < 4 or not bits[-2].isdigit():
+            continue
+        if "-".join(bits[1:-2]) == host and not _pid_alive(int(bits[-2])):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _publish(tmp: Path, target: Path) -> bool:
+    """Rename the finished `tmp` to `target` (atomic); False if `target` is a non-empty
+    directory (another run got there first, or an old dataset is in the way)."""
+    try:
+        os.rename(tmp, target)
+        return True
+    except OSError:
+        if target.exists():
+            return False
+        raise
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    """Put `tmp` in place of an existing dataset directory `target`."""
+    # named like a temporary directory, so that a run killed right here is cleaned up later
+    trash = target.with_name(
+        f"{_TMP_PREFIX}old-{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+    )
+    os.rename(target, trash)
+    os.rename(tmp, target)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _existing(directory: Path, key: str) -> TokenizedDataset | None:
+    """The dataset at `directory` if it is complete and built for `key`, else None."""
+    if not (directory / _META).is_file():
+        return None
+    try:
+        dataset = TokenizedDataset.open(directory, cache_hit=True)
+    except DataError:
+        return None
+    return dataset if dataset.meta.get("cache_key") == key else None
+
+
+def _raise_stored_bad(dataset: TokenizedDataset, path: Path) -> None:
+    """A cached dataset built with skip_bad holds bad records; without skip_bad, raise the
+    first one, as tokenizing would have."""
+    first = dataset.meta.get("first_bad")
+    if first:
+        raise BadRecord(f"{path}:{first['location']}", first["kind"], first["detail"])
+
+
+# ============================================================================ tokenize
+
+
+@dataclass
+class _Totals:
+    records: int = 0
+    examples: int = 0
+    tokens: int = 0
+    trained: int = 0
+    truncated: int = 0
+    dropped: Counter[str] = field(default_factory=Counter)
+    dropped_examples: dict[str, list[str]] = field(default_factory=dict)
+    bad: Counter[str] = field(default_factory=Counter)
+    bad_examples: dict[str, list[str]] = field(default_factory=dict)
+    first_bad: tuple[str, str, str] | None = None
+
+
+def _note(counter: Counter[str], examples: dict[str, list[str]], kind: str, where: str) -> None:
+    counter[kind] += 1
+    seen = examples.setdefault(kind, [])
+    if len(seen) < _EXAMPLES_PER_REASON:
+        seen.append(where)
+
+
+def _location(where: str, path: Path) -> str:
+    """The part of ``file:line`` after the file, so a cached error can name the current path."""
+    prefix = f"{path}:"
+    return where[len(prefix) :] if where.startswith(prefix) else where
+
+
+def _progress(enabled: bool):
+    """A rich progress bar on stderr (bytes read, examples, examples/s), or a null context."""
+    if not enabled:
+        return contextlib.nullcontext(None)
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("tokenizing"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[examples]:,} examples, {task.fields[rate]:,.0f}/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),
+    )
+
+
+def _results(
+    path: Path,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    dtype: str,
+    workers: int,
+    skip_bad: bool,
+    chunk_lines: int,
+) -> tuple[Generator[_ChunkResult, None, None], int]:
+    """The chunk results in input order, and how many processes produce them.
+
+    A file of one chunk is tokenized here: starting processes would cost more than it saves.
+    """
+    chunks = _chunks(path, chunk_lines)
+    head = list(itertools.islice(chunks, 2))
+    all_chunks = itertools.chain(head, chunks)
+    if workers <= 1 or len(head) < 2:
+        encoder = _Encoder(tokenizer, max_seq_length, dtype, skip_bad)
+        return _run_in_process(encoder, all_chunks), 1
+    initargs = (
+        tokenizer.backend.to_str(),
+        tokenizer.special_tokens,
+        tokenizer.source,
+        max_seq_length,
+        dtype,
+        skip_bad,
+    )
+    return _run_in_pool(all_chunks, workers, initargs), workers
+
+
+def _count(totals: _Totals, result: _ChunkResult, path: Path) -> None:
+    for where, kind, detail in result.bad:
+        _note(totals.bad, totals.bad_examples, kind, _location(where, path))
+        if totals.first_bad is None:
+            totals.first_bad = (_location(where, path), kind, detail)
+    for where in result.dropped:
+        _note(totals.dropped, totals.dropped_examples, DROPPED_NO_LABEL, _location(where, path))
+    totals.records += result.records
+    totals.examples += len(result.lengths)
+    totals.tokens += len(result.input_ids)
+    totals.trained += int(result.trained.sum(dtype=np.int64))
+    totals.truncated += result.truncated
+
+
+def _write_dataset(
+    path: Path,
+    out: Path,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    key: str,
+    workers: int,
+    skip_bad: bool,
+    progress: bool,
+    chunk_lines: int,
+) -> dict[str, Any]:
+    """Tokenize `path` into the (temporary) directory `out`; return the meta it wrote."""
+    dtype = _id_dtype(tokenizer)
+    started = time.perf_counter()
+    totals = _Totals()
+    lengths: list[np.ndarray] = []
+    results, processes = _results(
+        path, tokenizer, max_seq_length, dtype, workers, skip_bad, chunk_lines
+    )
+    total_bytes = None if path.suffix.lower() == ".parquet" else path.stat().st_size
+    with (
+        open(out / "input_ids.bin", "wb") as ids_file,
+        open(out / "trained.bin", "wb") as trained_file,
+        _progress(progress) as bar,
+    ):
+        task = bar.add_task("tokenize", total=total_bytes, examples=0, rate=0.0) if bar else None
+        try:
+            for result in results:
+                if result.bad and not skip_bad:
+                    raise BadRecord(*result.bad[0])
+                _count(totals, result, path)
+                ids_file.write(memoryview(np.ascontiguousarray(result.input_ids)))
+                trained_file.write(memoryview(np.ascontiguousarray(result.trained)))
+                lengths.append(result.lengths)
+                if bar is not None:
+                    rate = totals.examples / max(time.perf_counter() - started, 1e-9)
+                    bar.update(task, advance=result.size, examples=totals.examples, rate=rate)
+        finally:
+            results.close()  # stops the worker processes on an error too
+
+    offsets = np.zeros(totals.examples + 1, dtype=np.int64)
+    if lengths:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    with open(out / "offsets.bin", "wb") as offsets_file:
+        if totals.examples:
+            offsets_file.write(memoryview(offsets))
+    meta = _meta(path, tokenizer, max_seq_length, key, dtype, skip_bad, totals)
+    meta["seconds"] = round(time.perf_counter() - started, 3)
+    meta["workers"] = processes
+    # meta.json last: a directory without it is never taken for a dataset
+    (out / _META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", "utf-8")
+    return meta
+
+
+def _meta(
+    path: Path,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    key: str,
+    dtype: str,
+    skip_bad: bool,
+    totals: _Totals,
+) -> dict[str, Any]:
+    first_bad = None
+    if totals.first_bad is not None:
+        location, kind, detail = totals.first_bad
+        first_bad = {"location": location, "kind": kind, "detail": detail}
+    return {
+        "format_version": FORMAT_VERSION,
+        "cache_key": key,
+        "source": str(path),
+        "source_bytes": path.stat().st_size,
+        "settings": {**_settings(max_seq_length), "skip_bad": skip_bad},
+        "tokenizer": {
+            "source": tokenizer.source,
+            "vocab_size": tokenizer.vocab_size,
+            **tokenizer.special_tokens,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        "dtype": dtype,
+        "num_records": totals.records,
+        "num_examples": totals.examples,
+        "num_tokens": totals.tokens,
+        "num_trained_tokens": totals.trained,
+        "num_truncated": totals.truncated,
+        "dropped": dict(totals.dropped),
+        "dropped_examples": totals.dropped_examples,
+        "skipped_bad": dict(totals.bad),
+        "skipped_bad_examples": totals.bad_examples,
+        "first_bad": first_bad,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def tokenize_records(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    *,
+    cache_dir: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    num_workers: int | None = None,
+    skip_bad: bool = False,
+    progress: bool = True,
+    chunk_lines: int = DEFAULT_CHUNK_LINES,
+) -> TokenizedDataset:
+    """Tokenize a records file (JSONL or Parquet) into a memory-mapped `TokenizedDataset`.
+
+    The result lives in ``cache_dir/<key>`` (default `default_cache_dir`) or, with
+    `output_dir`, in that directory; either way an existing dataset built from the same
+    tokenizer, settings and file bytes is returned without tokenizing (``cache_hit`` True).
+    `num_workers` defaults to the usable CPU count; 1 tokenizes in this process. A bad record
+    raises `BadRecord` (``file:line: reason``) unless `skip_bad`, which skips and counts it
+    by reason in the meta. Examples that keep no trained token after truncation are dropped
+    (as open-instruct does) and counted.
+
+    Worker processes are spawned, so a script calling this needs the usual
+    ``if __name__ == "__main__":`` guard (each worker imports the main module).
+    """
+    path = Path(path)
+    max_seq_length = _check_max_seq_length(max_seq_length)
+    _eos_of(tokenizer)
+    workers = _default_workers() if num_workers is None else int(num_workers)
+    if workers < 1:
+        raise DataError(f"num_workers: must be at least 1, got {num_workers}")
+    if chunk_lines < 1:
+        raise DataError(f"chunk_lines: must be at least 1, got {chunk_lines}")
+    key = cache_key(path, tokenizer, max_seq_length)
+
+    if output_dir is not None:
+        target = Path(output_dir)
+        if target.exists() and not target.is_dir():
+            raise DataError(f"{target}: exists and is not a directory")
+        if target.is_dir() and any(target.iterdir()) and not (target / _META).is_file():
+            raise DataError(
+                f"{target}: exists and is not a tokenized dataset; choose an empty or new directory"
+            )
+    else:
+        target = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        target = target / key
+
+    hit = _existing(target, key)
+    if hit is not None:
+        if not skip_bad:
+            _raise_stored_bad(hit, path)
+        return hit
+
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(parent)
+        tmp = Path(
+            tempfile.mkdtemp(
+                dir=parent,
+                prefix=f"{_TMP_PREFIX}{key[:16]}-{socket.gethostname()}-{os.getpid()}-",
+            )
+        )
+    except OSError as err:
+        raise DataError(f"{parent}: cannot write the tokenized dataset ({err})") from None
+    try:
+        _write_dataset(
+            path, tmp, tokenizer, max_seq_length, key, workers, skip_bad, progress, chunk_lines
+        )
+        if not _publish(tmp, target):
+            existing = _existing(target, key)
+            if existing is not None and output_dir is None:
+                # Another run finished the same key first: its files are the same as ours.
+                shutil.rmtree(tmp, ignore_errors=True)
+                existing.cache_hit = False
+                return existing
+            _replace_dir(tmp, target)  # an incomplete entry, or an older dataset at --output
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return TokenizedDataset.open(target)

@@ -1,0 +1,313 @@
+"""``tulu export`` and ``tulu train``: argument parsing only.
+
+Building the parser must stay cheap (``tulu --help`` should not import torch), so the commands
+import the training modules when they run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_export_parser", "add_train_parser", "cmd_export", "cmd_train", "main"]
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser(
+        "export",
+        help="write a Hugging Face checkpoint (with tokenizer) from a model or LoRA adapter",
+        description=(
+            "Write a full Hugging Face checkpoint directory from a model directory or a LoRA "
+            "adapter directory (merged into its base with --merge-lora)."
+        ),
+    )
+    export.add_argument(
+        "source", metavar="SOURCE", help="model directory, hub id, or LoRA adapter directory"
+    )
+    export.add_argument("--output", required=True, type=Path, help="directory to write")
+    export.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="merge a LoRA adapter into its base (required for an adapter directory)",
+    )
+    export.add_argument(
+        "--dtype", help="float32, bfloat16 or float16 (default: the source's stored dtype)"
+    )
+    export.add_argument(
+        "--tokenizer", help="checkpoint directory or tokenizer.json (default: the source's)"
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tulu.model.config import NeoXConfig, dtype_name, parse_dtype
+    from tulu.train.export import export_checkpoint
+
+    out = export_checkpoint(
+        args.source,
+        args.output,
+        merge_lora=args.merge_lora,
+        tokenizer=args.tokenizer,
+        dtype=args.dtype,
+    )
+    config = NeoXConfig.from_json(out / "config.json")
+    print(
+        f"wrote {out} ({config.num_parameters():,} parameters, "
+        f"{dtype_name(parse_dtype(config.torch_dtype))})",
+        file=sys.stderr,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------ tulu train
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, metavar="CONFIG", help="training config (YAML)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="settings that replace the file's, e.g. optim.lr=1e-5 data.batching=packing",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the config, the data plan and a memory estimate, then exit without training",
+    )
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a GPT-NeoX model on records (CPU, one GPU, or torchrun for many)",
+        description=(
+            "Fine-tune per CONFIG (see configs/). Paths in the config resolve against the "
+            "current directory. For several GPUs: torchrun --nproc-per-node N -m tulu.train "
+            "CONFIG [KEY=VALUE ...]."
+        ),
+    )
+    _add_train_arguments(train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tulu.train.config import load_train_config
+
+    config = load_train_config(args.config, args.overrides)
+    if args.dry_run:
+        print(dry_run_report(config, args.config))
+        return 0
+    from tulu.train.trainer import train
+
+    result = train(config)
+    if result.metrics_file is not None:  # rank 0
+        last = result.losses.get(result.final_step)
+        loss = f", loss {last:.4f}" if last is not None else ""
+        resumed = f" (resumed from {result.resumed_from})" if result.resumed_from else ""
+        print(
+            f"trained to step {result.final_step}/{result.total_steps}{loss}{resumed}; "
+            f"output in {result.output_dir}"
+            + (f"; model in {result.export_dir}" if result.export_dir else ""),
+            file=sys.stderr,
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m tulu.train CONFIG [KEY=VALUE ...] [--dry-run]`` (the torchrun entry)."""
+    from tulu.errors import TuluError
+
+    parser = argparse.ArgumentParser(prog="python -m tulu.train", description="tulu train")
+    _add_train_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return cmd_train(args)
+    except TuluError as err:
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank not in (None, "", "0") else ""
+        print(f"tulu train{where}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------------------------ --dry-run
+def _world_size() -> int:
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
+    """A file of a hub repository if it is in the local HF cache (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - a dependency
+        return None
+    try:
+        found = try_to_load_from_cache(repo, filename, revision=revision)
+    except Exception:  # noqa: BLE001 - a malformed id is simply "not cached"
+        return None
+    return Path(found) if isinstance(found, str) else None
+
+
+def _local_tokenizer(config: Any) -> Any:
+    """The run's tokenizer if it is on disk (no download), else None."""
+    from tulu.tokenizer import Tokenizer
+
+    m = config.model
+    if m.tokenizer:
+        return Tokenizer.load(m.tokenizer) if Path(m.tokenizer).exists() else None
+    if m.path:
+        local = Path(m.path).expanduser()
+        if local.is_dir():
+            return Tokenizer.from_dir(local)
+        cached = _hub_file(m.path, "tokenizer.json", m.revision)
+        if cached is not None:
+            return Tokenizer.from_dir(cached.parent)
+    return None
+
+
+def _model_config(config: Any, tokenizer: Any) -> tuple[Any, str]:
+    """(NeoXConfig or None, where it came from), without downloading weights."""
+    from tulu.errors import TuluError
+    from tulu.model.config import NeoXConfig, preset
+    from tulu.train.trainer import build_model_config
+
+    m = config.model
+    if not m.path:
+        return build_model_config(config, tokenizer), "fresh model"
+    local = Path(m.path).expanduser()
+    if (local / "config.json").is_file():
+        return NeoXConfig.from_json(local / "config.json"), str(local / "config.json")
+    cached = _hub_file(m.path, "config.json", m.revision)
+    if cached is not None:
+        return NeoXConfig.from_json(cached), f"{m.path} (HF cache)"
+    try:
+        return preset(m.path), f"preset {m.path} (not downloaded)"
+    except TuluError:
+        return None, f"{m.path} is neither local nor cached nor a Pythia preset"
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def dry_run_report(config: Any, source: Path | str = "config") -> str:
+    """What ``tulu train --dry-run`` prints: the settings, the data plan and memory needs."""
+    from tulu.errors import TuluError
+    from tulu.train.memory import estimate_table
+
+    m, d, o, c = config.model, config.data, config.optim, config.checkpoint
+    world_size = _world_size()
+    lines = [f"config: {source}"]
+    tokenizer = None
+    try:
+        tokenizer = _local_tokenizer(config)
+    except TuluError as err:
+        lines.append(f"tokenizer: {err}")
+    model_config, origin = None, ""
+    try:
+        model_config, origin = _model_config(config, tokenizer)
+    except TuluError as err:
+        origin = str(err)
+    what = m.path or f"fresh ({m.preset or 'custom'}{', ' + str(m.config) if m.config else ''})"
+    lines.append(f"model: {what}; config from {origin}")
+    if model_config is not None:
+        lines.append(
+            f"  {model_config.num_parameters():,} parameters "
+            f"({model_config.num_parameters(False):,} without embeddings), "
+            f"{model_config.num_hidden_layers} layers, hidden {model_config.hidden_size}, "
+            f"vocab {model_config.vocab_size}"
+        )
+    lines.append(
+        f"  dtype {m.dtype or 'default (bfloat16 on GPU, float32 on CPU)'}, gradient "
+        f"checkpointing {'on' if m.gradient_checkpointing else 'off'}, LoRA "
+        + (f"r={config.lora.r} alpha={config.lora.alpha}" if config.lora.enabled else "off")
+    )
+    lines.append(
+        f"data: train {d.train}, validation {d.validation or '-'}; max_seq_length "
+        f"{d.max_seq_length}, {d.batching}"
+        + (f" ({d.padding_order})" if d.batching == "padding" else "")
+    )
+    lines.append(
+        f"optim: {o.optimizer}, lr {o.lr:g}, {o.scheduler} after {o.warmup_ratio:g} warmup, "
+        f"weight decay {o.weight_decay:g}, clip {o.max_grad_norm or 'none'}, {o.epochs} "
+        f"epoch(s){f', max {o.max_steps} steps' if o.max_steps else ''}, loss "
+        f"{o.loss_normalization}"
+    )
+    per_pass = o.micro_batch_size * world_size
+    accumulation = (
+        f"{o.global_batch_size // per_pass}"
+        if o.global_batch_size % per_pass == 0
+        else "(does not divide!)"
+    )
+    lines.append(
+        f"  global batch {o.global_batch_size} rows = micro batch {o.micro_batch_size} x "
+        f"accumulation {accumulation} x {world_size} process(es)"
+    )
+    lines.append(
+        f"checkpoint: {c.output_dir}, every {c.every_steps or 'end only'} steps, keep "
+        f"{c.keep_last}, resume {c.resume}, export {'on' if c.export else 'off'}"
+    )
+    lines.append(_data_plan(config, tokenizer, world_size))
+    if model_config is not None:
+        sizes = sorted({1, 8, world_size})
+        try:
+            lines.append(estimate_table(model_config, config, sizes))
+        except TuluError as err:
+            lines.append(f"memory estimate: {err}")
+    else:
+        lines.append("memory estimate: needs the model's config (see above)")
+    return "\n".join(lines)
+
+
+def _data_plan(config: Any, tokenizer: Any, world_size: int) -> str:
+    from tulu.errors import TuluError
+    from tulu.train.distributed import World
+    from tulu.train.optim import warmup_steps
+
+    d, o = config.data, config.optim
+    path = Path(d.train)
+    if not path.is_file():
+        return f"data plan: {path} does not exist yet"
+    if tokenizer is None:
+        records = _count_lines(path) if path.suffix == ".jsonl" else None
+        if records is None or d.batching != "padding":
+            return "data plan: needs the tokenizer on disk"
+        micro = -(-records // o.micro_batch_size)
+        steps = o.epochs * -(-micro // (o.global_batch_size // o.micro_batch_size))
+        if o.max_steps:
+            steps = min(steps, o.max_steps)
+        return f"data plan: {records:,} records, about {steps:,} steps (tokenizer not on disk)"
+    try:
+        from tulu.data.tokenize import tokenize_records
+        from tulu.train.data_loader import DataPlan
+        from tulu.train.trainer import pad_token_id
+
+        dataset = tokenize_records(
+            path,
+            tokenizer,
+            d.max_seq_length,
+            cache_dir=d.cache_dir,
+            num_workers=d.num_workers,
+            skip_bad=d.skip_bad,
+            progress=False,
+        )
+        plan = DataPlan(
+            dataset, config, World(world_size=world_size), pad_token_id=pad_token_id(tokenizer)
+        )
+    except TuluError as err:
+        return f"data plan: {err}"
+    s = plan.summary()
+    return (
+        f"data plan: {s['examples']:,} examples ({dataset.num_tokens:,} tokens, "
+        f"{dataset.num_trained_tokens:,} trained), {s['rows_per_epoch']:,} rows and "
+        f"{s['micro_batches_per_epoch']:,} micro-batches per epoch, {s['steps_per_epoch']:,} "
+        f"steps per epoch, {s['total_steps']:,} steps in total "
+        f"({warmup_steps(o, plan.total_steps)} warmup)"
+    )

@@ -1,0 +1,229 @@
+"""LoRA on our GPTNeoXForCausalLM through PEFT, with adapters that Hugging Face tools load.
+
+PEFT wraps any `nn.Module`; from ours it needs only what the model already has: the named
+linear layers (transformers' names, so target modules are the same strings and adapter keys
+the same tensor names) and a `config` whose `to_dict()` gives ``model_type``, which
+`NeoXConfig.to_dict()` does. We wrap with ``task_type=None`` (a plain `PeftModel`): PEFT's
+causal-LM wrapper would call transformers' generation hooks (`prepare_inputs_for_generation`)
+and forward keyword arguments (`inputs_embeds`, `return_dict`, ...) that our model does not
+take. The saved `adapter_config.json` says ``task_type: CAUSAL_LM`` all the same, so that
+`peft.PeftModel.from_pretrained(transformers_model, directory)` (and `AutoPeftModelForCausalLM`)
+give the usual causal-LM wrapper, with `generate`, on transformers' GPT-NeoX.
+
+PEFT creates the adapters in float32 whatever the base dtype (``autocast_adapter_dtype``) and
+casts each adapted layer's input to the adapters' dtype; the trainer then stores and computes
+them like any trainable parameter (`tulu.train.distributed.prepare_model`).
+
+Gradient checkpointing needs nothing special: the model checkpoints each layer with
+``use_reentrant=False``, which back-propagates into adapters inside a checkpointed layer
+even though the layer's input (frozen embeddings) does not require grad. Set the flag on the
+base model (`peft_model.get_base_model().gradient_checkpointing = True`).
+
+One naming caveat: our LM head is ``embed_out``; transformers 5 calls it ``lm_head``. An
+adapter that targets the head therefore loads into our model but not into transformers'.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from tulu.errors import CheckpointError, ConfigError
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.train.config import LoraConfig
+
+__all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+    "apply_lora",
+    "is_adapter_dir",
+    "load_adapter",
+    "lora_targets",
+    "merge_lora",
+    "read_adapter_config",
+    "save_adapter",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
+SAVED_TASK_TYPE = "CAUSAL_LM"
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as err:
+        raise ConfigError(
+            f"lora: LoRA needs the peft package (pip install 'tulu[train]'): {err}"
+        ) from None
+    return peft
+
+
+def lora_targets(model: nn.Module, target_modules: Sequence[str]) -> list[str]:
+    """Names of the linear layers that `target_modules` selects, by PEFT's rule: a module
+    matches a target when its name is the target or ends with ``.`` + target (so ``dense``
+    is the attention output projection, not ``dense_h_to_4h``)."""
+    targets = list(target_modules)
+    matched = []
+    for name, module in model.named_modules():
+        if not name or not any(name == t or name.endswith("." + t) for t in targets):
+            continue
+        if not isinstance(module, nn.Linear):
+            raise ConfigError(
+                f"lora.target_modules: {name!r} is a {type(module).__name__}, not a linear "
+                "layer (LoRA adapts query_key_value, dense, dense_h_to_4h, dense_4h_to_h, "
+                "embed_out)"
+            )
+        matched.append(name)
+    unused = [t for t in targets if not any(n == t or n.endswith("." + t) for n in matched)]
+    if unused:
+        raise ConfigError(
+            f"lora.target_modules: {', '.join(map(repr, unused))} names no layer of the model "
+            "(linear layers: query_key_value, dense, dense_h_to_4h, dense_4h_to_h, embed_out)"
+        )
+    return matched
+
+
+def _base_path(path: str | os.PathLike | None) -> str | None:
+    """An existing local directory becomes absolute (the adapter works from any directory);
+    anything else (a hub id) is kept as written."""
+    if path is None:
+        return None
+    local = Path(path).expanduser()
+    return str(local.resolve()) if local.is_dir() else str(path)
+
+
+def apply_lora(
+    model: GPTNeoXForCausalLM,
+    config: LoraConfig,
+    *,
+    base_model_path: str | os.PathLike | None = None,
+) -> Any:
+    """Wrap `model` in a `peft.PeftModel` with LoRA adapters on `config.target_modules`.
+
+    The base weights are frozen (only ``lora_A``/``lora_B`` train); the model is modified in
+    place. `base_model_path` (the checkpoint the model was loaded from) is written to
+    adapter_config.json as ``base_model_name_or_path`` when the adapter is saved.
+    """
+    peft = _peft()
+    lora_targets(model, config.target_modules)
+    peft_config = peft.LoraConfig(
+        r=config.r,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type=None,
+    )
+    try:
+        peft_model = peft.get_peft_model(model, peft_config)
+    except ValueError as err:
+        raise ConfigError(f"lora: PEFT refused the configuration: {err}") from None
+    # Set afterwards: get_peft_model replaces it with the model's `name_or_path` attribute
+    # (a transformers convention we do not carry), warning that it did.
+    _active_config(peft_model).base_model_name_or_path = _base_path(base_model_path)
+    return peft_model
+
+
+def _active_config(peft_model: Any) -> Any:
+    name = peft_model.active_adapter
+    return peft_model.peft_config[name]
+
+
+def save_adapter(
+    peft_model: Any,
+    directory: str | os.PathLike,
+    *,
+    base_model_path: str | os.PathLike | None = None,
+) -> Path:
+    """Write the active adapter in PEFT's format (adapter_config.json +
+    adapter_model.safetensors) so that `peft.PeftModel.from_pretrained` loads it onto
+    transformers' GPTNeoXForCausalLM as well as onto ours (`load_adapter`)."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    config = _active_config(peft_model)
+    saved = (config.task_type, config.base_model_name_or_path)
+    config.task_type = SAVED_TASK_TYPE
+    if base_model_path is not None:
+        config.base_model_name_or_path = _base_path(base_model_path)
+    try:
+        # save_embedding_layers="auto" would compare vocab sizes through the config class's
+        # `from_pretrained` (a transformers API) and may query the hub; we never resize or
+        # adapt embeddings, so there is nothing to save beyond the adapters.
+        peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
+    finally:
+        config.task_type, config.base_model_name_or_path = saved
+    if not (out / ADAPTER_WEIGHTS).is_file():  # pragma: no cover - PEFT contract
+        raise CheckpointError(f"{out}: PEFT did not write {ADAPTER_WEIGHTS}")
+    return out
+
+
+def is_adapter_dir(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / ADAPTER_CONFIG).is_file()
+
+
+def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """adapter_config.json of `directory`, checked to be a LoRA adapter with its weights."""
+    path = Path(directory)
+    config_path = path / ADAPTER_CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{path}: {ADAPTER_CONFIG} not found (is this an adapter directory?)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{config_path}: not valid JSON ({err})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path}: expected a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters "
+            "('LORA') are supported"
+        )
+    if not (path / ADAPTER_WEIGHTS).is_file() and not (path / ADAPTER_WEIGHTS_BIN).is_file():
+        raise CheckpointError(
+            f"{path}: adapter weights not found (looked for {ADAPTER_WEIGHTS}, "
+            f"{ADAPTER_WEIGHTS_BIN})"
+        )
+    return config
+
+
+def load_adapter(
+    model: GPTNeoXForCausalLM, directory: str | os.PathLike, *, is_trainable: bool = False
+) -> Any:
+    """`model` wrapped in a `PeftModel` with the adapter saved in `directory` (ours, or one
+    trained with transformers' GPT-NeoX: the tensor names are the same)."""
+    peft = _peft()
+    read_adapter_config(directory)
+    config = peft.LoraConfig.from_pretrained(str(directory))
+    config.task_type = None  # our model takes no HF generation hooks (see the module doc)
+    try:
+        return peft.PeftModel.from_pretrained(
+            model, str(directory), config=config, is_trainable=is_trainable
+        )
+    except (ValueError, RuntimeError, KeyError) as err:
+        raise CheckpointError(
+            f"{directory}: the adapter does not fit the model: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def merge_lora(peft_model: Any) -> GPTNeoXForCausalLM:
+    """Fold the adapters into the base weights (W + scale * B @ A) and return the plain model.
+
+    Works in place: the wrapper is spent and the base model comes back with its LoRA layers
+    replaced by ordinary (merged) linear layers, every parameter trainable again, as a freshly
+    built model would be.
+    """
+    merged = peft_model.merge_and_unload()
+    if not isinstance(merged, GPTNeoXForCausalLM):
+        raise ConfigError(
+            f"merge_lora: expected a GPTNeoXForCausalLM under the adapter, got "
+            f"{type(merged).__name__}"
+        )
+    merged.requires_grad_(True)
+    return merged

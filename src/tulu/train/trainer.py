@@ -1,0 +1,584 @@
+"""The training loop: `train(config)` fine-tunes a GPT-NeoX on a records file, on the CPU, one
+GPU, or N GPUs under torchrun (one code path, `tulu.train.distributed`).
+
+What a run does, in order: set up the process group (if any); seed python, numpy and torch
+from ``seed``; load the tokenizer and the model (a checkpoint, or a fresh model from
+``model.preset`` / ``model.config`` initialised with ``model.init_seed``); wrap it with LoRA
+when enabled; `prepare_model` (device, dtypes, activation checkpointing, FSDP2); tokenize the
+training and validation files (rank 0 first, the others then hit the cache); build the
+optimizer and schedule; resume from a checkpoint if there is one; run the steps of the
+`DataPlan`; write checkpoints, metrics, the validation loss, the loss plot and the final HF
+export (`tulu.train.checkpointing`, `tulu.train.metrics`).
+
+Paths in the config (data files, tokenizer, output directory) are used as written: relative
+ones resolve against the current directory, not the config file's.
+
+**Loss normalisation** (``optim.loss_normalization``). A step has M micro-batches (over
+gradient accumulation and ranks), micro-batch m has n_m trained tokens with summed token loss
+S_m, and N = sum of n_m.
+
+- ``paper`` (open-instruct, and so the Tulu paper): each micro-batch's loss is its mean
+  S_m / n_m, and the step's loss is the average over the step's micro-batches:
+  (1/M) sum_m S_m / n_m. The micro-batch loss is divided by M before its backward pass, so
+  the summed gradients are those of that average.
+- ``unbiased``: every trained token of the step weighs the same: sum_m S_m / N. N is counted
+  before the backward passes (the step's micro-batches are known in advance) and summed over
+  ranks, and each S_m is divided by N before its backward pass.
+
+With ``paper`` a token's weight is 1 / (M n_m): tokens of micro-batches with few trained
+tokens (short answers) count for more than tokens of micro-batches with many (long answers),
+so long responses are under-weighted, and the objective changes with the micro-batch size
+(with one example per micro-batch each example weighs the same, whatever its length). With
+``unbiased`` the step's loss is the mean token loss of the global batch, whatever the
+micro-batch size or the number of processes. Both divide by counts over the whole step,
+never by the world size, because gradients are summed over ranks (see
+`tulu.train.distributed`): the logged loss is the step's normalised loss as defined above,
+reduced over ranks, and the same number on any number of processes.
+
+Micro-batches are passed to the model without their attention mask: with right padding (or
+packing's segment ids) and causal attention a real token never attends to a padded one, so
+the mask changes nothing but would keep SDPA off its fused causal kernels.
+
+A NaN or infinite loss (or gradient norm) stops the run with a `TuluError` naming the step,
+before the optimizer applies it and before any checkpoint of that step is written: the last
+good checkpoint stays the latest.
+
+Under FSDP the gradients are reduce-scattered after every micro-batch's backward pass
+(FSDP2's default), and accumulate in the sharded gradients: correct for any accumulation, at
+the cost of one reduce-scatter per micro-batch rather than per step. Skipping the sync on
+non-final micro-batches (`set_requires_gradient_sync(False)`) would trade that
+communication for keeping unsharded gradients in memory.
+
+Multi-process notes: rank 0 tokenizes while the others wait at a barrier, so a first
+tokenization longer than the process group's timeout (10 to 30 minutes) fails; tokenize
+beforehand with ``tulu data tokenize`` (same tokenizer, max_seq_length and cache directory)
+for very large mixtures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from tulu.errors import CheckpointError, ConfigError, TuluError
+from tulu.model.config import NeoXConfig, preset
+from tulu.model.gpt_neox import GPTNeoXForCausalLM, next_token_loss
+from tulu.tokenizer import Tokenizer
+from tulu.train.checkpointing import (
+    export_final,
+    load_checkpoint,
+    remove_stale_temps,
+    resolve_resume,
+    save_checkpoint,
+    seed_everything,
+)
+from tulu.train.config import TrainConfig
+from tulu.train.data_loader import (
+    DataPlan,
+    count_trained,
+    validation_micro_batches,
+)
+from tulu.train.distributed import (
+    World,
+    accumulation_steps,
+    all_reduce_sum,
+    barrier,
+    broadcast_object,
+    clip_grad_norm,
+    compute_dtype,
+    init_distributed,
+    master_dtype,
+    prepare_model,
+    shutdown,
+    uses_fsdp,
+)
+from tulu.train.metrics import MetricsLogger, Throughput, micro_batch_flops, peak_flops
+from tulu.train.optim import build_optimizer, build_scheduler
+
+__all__ = [
+    "StepLoss",
+    "TrainResult",
+    "backward_step",
+    "build_model_config",
+    "evaluate",
+    "load_tokenizer",
+    "micro_batch_loss",
+    "train",
+]
+
+T = TypeVar("T")
+MODEL_INPUTS = ("position_ids", "segment_ids")  # passed on; attention_mask is not (see above)
+
+
+@dataclass
+class TrainResult:
+    """What `train` did: the last completed step, the losses of the steps it ran, and where
+    everything went (paths are None when not written)."""
+
+    final_step: int
+    total_steps: int
+    losses: dict[int, float]
+    output_dir: Path
+    checkpoint: Path | None
+    resumed_from: Path | None = None
+    validation_loss: float | None = None
+    export_dir: Path | None = None
+    adapter_dir: Path | None = None
+    metrics_file: Path | None = None
+    plot: Path | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------ loss
+def micro_batch_loss(model: nn.Module, micro_batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """(summed next-token loss over trained tokens, trained tokens) of one micro-batch.
+
+    The same computation as `GPTNeoXForCausalLM.loss` (`next_token_loss`), but through the
+    model's own call, so that a wrapper's forward (FSDP's hooks on a `PeftModel` root) runs.
+    """
+    kwargs = {k: micro_batch[k] for k in MODEL_INPUTS if k in micro_batch}
+    return next_token_loss(model(micro_batch["input_ids"], **kwargs), micro_batch["labels"])
+
+
+@dataclass
+class StepLoss:
+    """One step's normalised loss and token counts, summed over ranks."""
+
+    loss: float
+    tokens: int  # real (non-padding) tokens of the real micro-batches
+    trained_tokens: int
+    flops: float
+
+
+def backward_step(
+    model: nn.Module,
+    micro_batches: list[dict[str, Tensor]],
+    world: World,
+    *,
+    normalization: str,
+    num_micro_batches: int,
+    model_config: NeoXConfig | None = None,
+    real: list[bool] | None = None,
+) -> StepLoss:
+    """Forward and backward this rank's `micro_batches` of one step, with the loss
+    normalisation of the module doc; gradients accumulate in the parameters' `.grad`.
+
+    `num_micro_batches` is M, the step's real micro-batches over all ranks; `real` flags this
+    rank's fillers (False), which count for nothing. The micro-batches are given on the CPU
+    (counts are taken there, without a device sync) and moved to `world.device` one by one;
+    the only syncs are the count's all-reduce ("unbiased") and the final one.
+    """
+    if normalization not in ("paper", "unbiased"):
+        raise ConfigError(
+            f"optim.loss_normalization: expected paper or unbiased, got {normalization!r}"
+        )
+    real = real if real is not None else [True] * len(micro_batches)
+    counts = [count_trained(mb) for mb in micro_batches]
+    if normalization == "unbiased":
+        total = torch.tensor([float(sum(counts))], dtype=torch.float64)
+        denominator = max(float(all_reduce_sum(total, world)[0]), 1.0)
+    else:
+        denominator = float(max(num_micro_batches, 1))
+    summed = torch.zeros((), dtype=torch.float64, device=world.device)
+    tokens = flops = 0.0
+    for mb, n, is_real in zip(micro_batches, counts, real, strict=True):
+        if is_real:
+            mask = mb.get("attention_mask")
+            tokens += float(mask.sum()) if mask is not None else float(mb["input_ids"].numel())
+            if model_config is not None:
+                rows, width = mb["input_ids"].shape
+                flops += float(micro_batch_flops(model_config, rows, width))
+        on_device = {k: v.to(world.device, non_blocking=True) for k, v in mb.items()}
+        loss_sum, _ = micro_batch_loss(model, on_device)
+        term = loss_sum / max(n, 1) if normalization == "paper" else loss_sum
+        (term / denominator).backward()
+        summed += term.detach().double()
+    stats = torch.tensor([0.0, tokens, float(sum(counts)), flops], dtype=torch.float64)
+    stats[0] = summed.cpu()
+    all_reduce_sum(stats, world)
+    return StepLoss(
+        loss=float(stats[0]) / denominator,
+        tokens=int(stats[1]),
+        trained_tokens=int(stats[2]),
+        flops=float(stats[3]),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: list[tuple[dict[str, Tensor], bool]], world: World
+) -> tuple[float, int]:
+    """Validation loss: summed token loss / trained tokens over the whole validation set (the
+    token mean, whatever the batching), and the trained token count; all ranks call it."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=world.device)
+    try:
+        for mb, _ in batches:
+            mb = {k: v.to(world.device, non_blocking=True) for k, v in mb.items()}
+            loss_sum, count = micro_batch_loss(model, mb)
+            total += torch.stack([loss_sum.double(), count.double()])
+    finally:
+        model.train(was_training)
+    total = all_reduce_sum(total.cpu(), world)
+    count = int(total[1])
+    return (float(total[0]) / count if count else math.nan), count
+
+
+# ------------------------------------------------------------------------------ setup
+def _rank0_first(world: World, fn: Callable[[], T]) -> T:
+    """Run `fn` on rank 0, then on the other ranks (cache downloads, tokenization): they find
+    rank 0's result in the cache. An error on rank 0 is raised on every rank (no hang)."""
+    if world.world_size == 1:
+        return fn()
+    if world.is_main:
+        try:
+            result = fn()
+        except Exception as err:
+            barrier(world)
+            broadcast_object(f"{type(err).__name__}: {err}", world)
+            raise
+        barrier(world)
+        broadcast_object(None, world)
+        return result
+    barrier(world)
+    failure = broadcast_object(None, world)
+    if failure is not None:
+        raise TuluError(f"rank 0 failed: {failure}")
+    return fn()
+
+
+def load_tokenizer(config: TrainConfig) -> Tokenizer:
+    """``model.tokenizer`` (a directory or tokenizer.json), else the checkpoint's own."""
+    m = config.model
+    if m.tokenizer:
+        return Tokenizer.load(m.tokenizer)
+    if m.path:
+        from tulu.model.checkpoint import resolve_checkpoint
+
+        return Tokenizer.from_dir(resolve_checkpoint(m.path, m.revision))
+    raise ConfigError("model.tokenizer: a fresh model (no model.path) needs a tokenizer path")
+
+
+def build_model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> NeoXConfig:
+    """The `NeoXConfig` of a fresh model: ``model.preset`` with ``model.config`` on top.
+
+    Without a preset, and without ``vocab_size`` in ``model.config``, the vocabulary is the
+    tokenizer's rounded up to a multiple of 64 (as Pythia pads its embeddings), and the
+    BOS/EOS ids default to the tokenizer's.
+    """
+    m = config.model
+    raw = dict(m.config or {})
+    valid = [f.name for f in dataclasses.fields(NeoXConfig) if f.name != "extra"]
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise ConfigError(
+            f"model.config.{unknown[0]}: unknown model setting (valid keys: {', '.join(valid)})"
+        )
+    if tokenizer is not None:
+        if "vocab_size" not in raw and m.preset is None:
+            raw["vocab_size"] = -(-tokenizer.vocab_size // 64) * 64
+        for key, value in (
+            ("bos_token_id", tokenizer.bos_token_id),
+            ("eos_token_id", tokenizer.eos_token_id),
+        ):
+            if key not in raw and value is not None:
+                raw[key] = value
+    try:
+        return preset(m.preset, **raw) if m.preset else NeoXConfig(**raw)
+    except ConfigError as err:
+        raise ConfigError(f"model.{'preset' if m.preset else 'config'}: {err}") from None
+    except TypeError as err:
+        raise ConfigError(f"model.config: {err}") from None
+
+
+def _load_model(config: TrainConfig, tokenizer: Tokenizer, world: World) -> GPTNeoXForCausalLM:
+    m = config.model
+    if m.path:
+        from tulu.model.checkpoint import load_model
+
+        # FSDP upcasts trainable weights to float32 master shards: load them in float32 (an
+        # fp16 checkpoint would lose bits through bfloat16); otherwise in the compute dtype.
+        dtype = (
+            master_dtype(config, world.device)
+            if uses_fsdp(config, world)
+            else compute_dtype(config, world.device)
+        )
+        model = _rank0_first(world, lambda: load_model(m.path, dtype=dtype, revision=m.revision))
+    else:
+        model = GPTNeoXForCausalLM(build_model_config(config, tokenizer))
+        model.init_weights(m.init_seed)
+    if model.config.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
+            f"tokenizer's ({tokenizer.vocab_size}); token ids would fall outside the embeddings"
+        )
+    return model
+
+
+def _base_model(model: nn.Module) -> GPTNeoXForCausalLM:
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model  # type: ignore[return-value]
+
+
+def _tokenize(path: str, tokenizer: Tokenizer, config: TrainConfig, world: World) -> Any:
+    from tulu.data.tokenize import tokenize_records
+
+    d = config.data
+    return _rank0_first(
+        world,
+        lambda: tokenize_records(
+            path,
+            tokenizer,
+            d.max_seq_length,
+            cache_dir=d.cache_dir,
+            num_workers=d.num_workers,
+            skip_bad=d.skip_bad,
+            progress=config.logging.progress and world.is_main,
+        ),
+    )
+
+
+def pad_token_id(tokenizer: Tokenizer) -> int:
+    """The id padding slots get (never trained on, never attended to): pad, else EOS, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return candidate
+    return 0
+
+
+# ------------------------------------------------------------------------------ the run
+def train(config: TrainConfig) -> TrainResult:
+    """Train per `config` (see the module doc); every process of a torchrun launch calls it."""
+    world = init_distributed(config.distributed)
+    try:
+        return _Run(config, world).run()
+    finally:
+        shutdown(world)
+
+
+class _Run:
+    def __init__(self, config: TrainConfig, world: World) -> None:
+        self.config = config
+        self.world = world
+        self.output_dir = Path(config.checkpoint.output_dir)
+
+    # ------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        config, world = self.config, self.world
+        accumulation_steps(config, world)  # the batch must divide over the processes
+        seed_everything(config.seed)
+        self.tokenizer = _rank0_first(world, lambda: load_tokenizer(config))
+        model = _load_model(config, self.tokenizer, world)
+        self.model_config = model.config
+        if config.lora.enabled:
+            from tulu.train.lora import apply_lora
+
+            model = apply_lora(model, config.lora, base_model_path=config.model.path)
+        model = prepare_model(model, world, config)
+        # prepare_model sets the flag on the object it gets; a PeftModel keeps its own copy.
+        _base_model(model).gradient_checkpointing = config.model.gradient_checkpointing
+        model.train()
+        self.model = model
+        self.pad_id = pad_token_id(self.tokenizer)
+        train_set = _tokenize(config.data.train, self.tokenizer, config, world)
+        self.plan = DataPlan(train_set, config, world, pad_token_id=self.pad_id)
+        self.validation = None
+        if config.data.validation:
+            val_set = _tokenize(config.data.validation, self.tokenizer, config, world)
+            if len(val_set):
+                self.validation = validation_micro_batches(
+                    val_set, config.optim.micro_batch_size, world, pad_token_id=self.pad_id
+                )
+        self.optimizer = build_optimizer(model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim, self.plan.total_steps)
+
+    def resume(self) -> None:
+        config, world = self.config, self.world
+        if world.is_main:
+            remove_stale_temps(self.output_dir)
+        path = broadcast_object(resolve_resume(config.checkpoint) if world.is_main else None, world)
+        self.resumed_from = path
+        self.last_checkpoint = path
+        self.step = 0
+        self.elapsed_before = 0.0
+        history: list[dict[str, Any]] = []
+        if path is not None:
+            restored = load_checkpoint(
+                Path(path),
+                model=self.model,
+                optimizer=self.optimizer,
+                world=world,
+                seed=config.seed,
+            )
+            state = restored.trainer_state
+            if state.get("steps_per_epoch") != self.plan.steps_per_epoch:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's run had {state.get('steps_per_epoch')} steps per "
+                    f"epoch, this configuration gives {self.plan.steps_per_epoch} (the data, "
+                    "batching or batch sizes changed); resume with the same settings or set "
+                    "checkpoint.resume: never"
+                )
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.step = restored.step
+            self.elapsed_before = float(state.get("elapsed", 0.0))
+            history = restored.metrics
+        self.position = self.plan.position_after(self.step)
+        self.metrics = MetricsLogger(
+            self.output_dir,
+            config.logging,
+            enabled=world.is_main,
+            total_steps=self.plan.total_steps,
+            start_step=self.step,
+            history=history,
+        )
+
+    # ------------------------------------------------------------------------ pieces
+    def _trainer_state(self, loss: float | None) -> dict[str, Any]:
+        return {
+            **self.plan.position_after(self.step).as_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "elapsed": self._elapsed(),
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "total_steps": self.plan.total_steps,
+            "world_size": self.world.world_size,
+            "loss": loss,
+        }
+
+    def _elapsed(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.started)
+
+    def _validate(self) -> float | None:
+        if self.validation is None:
+            return None
+        loss, tokens = evaluate(self.model, self.validation, self.world)
+        self.metrics.log_validation(
+            {
+                "step": self.step,
+                "epoch": self.plan.epoch_progress(self.step),
+                "val_loss": loss,
+                "val_tokens": tokens,
+                "elapsed": self._elapsed(),
+            }
+        )
+        return loss
+
+    def _checkpoint(self, loss: float | None) -> Path:
+        self.last_checkpoint = save_checkpoint(
+            self.config,
+            step=self.step,
+            model=self.model,
+            optimizer=self.optimizer,
+            trainer_state=self._trainer_state(loss),
+            metrics=self.metrics.entries,
+            world=self.world,
+        )
+        return self.last_checkpoint
+
+    def _run_step(self, planned: Any, throughput: Throughput) -> float:
+        config, world = self.config, self.world
+        started = time.perf_counter()
+        lr = self.scheduler.get_last_lr()[0]
+        stats = backward_step(
+            self.model,
+            planned.micro_batches,
+            world,
+            normalization=config.optim.loss_normalization,
+            num_micro_batches=planned.num_micro_batches,
+            model_config=self.model_config,
+            real=planned.real,
+        )
+        grad_norm = float(clip_grad_norm(self.model, config.optim.max_grad_norm, world))
+        for name, value in (("loss", stats.loss), ("gradient norm", grad_norm)):
+            if not math.isfinite(value):
+                raise TuluError(
+                    f"step {planned.number}: the {name} is {value} (training diverged); "
+                    "stopped before applying the step, nothing of it was saved"
+                    + self._last_good_hint()
+                )
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step = planned.number
+        seconds = time.perf_counter() - started
+        throughput.add(stats.tokens, stats.flops, seconds)
+        every = config.logging.every_steps
+        if self.step % every == 0 or self.step == self.plan.total_steps:
+            tokens_per_s, mfu = throughput.rates()
+            self.metrics.log_step(
+                {
+                    "step": self.step,
+                    "epoch": self.plan.epoch_progress(self.step),
+                    "loss": stats.loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": stats.tokens,
+                    "trained_tokens": stats.trained_tokens,
+                    "tokens_per_s": tokens_per_s,
+                    "mfu": mfu,
+                    "elapsed": self._elapsed(),
+                }
+            )
+        self.metrics.advance(self.step)
+        return stats.loss
+
+    def _last_good_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return ""
+        return f"; the last checkpoint is {self.last_checkpoint}"
+
+    # ------------------------------------------------------------------------ run
+    def run(self) -> TrainResult:
+        config, world = self.config, self.world
+        self.setup()
+        self.resume()
+        self.started = time.perf_counter()
+        total = self.plan.total_steps
+        every = config.checkpoint.every_steps
+        throughput = Throughput(peak_flops(config.logging, world.device), world.world_size)
+        losses: dict[int, float] = {}
+        validation_loss: float | None = None
+        result_paths: dict[str, Path] = {}
+        try:
+            loss: float | None = None
+            for planned in self.plan.steps(self.position):
+                loss = self._run_step(planned, throughput)
+                losses[self.step] = loss
+                if (every is not None and self.step % every == 0) or self.step == total:
+                    validation_loss = self._validate()
+                    self._checkpoint(loss)
+            if config.checkpoint.export:
+                dtype = compute_dtype(config, world.device)
+                result_paths = export_final(
+                    self.model,
+                    config,
+                    model_config=self.model_config,
+                    tokenizer=self.tokenizer,
+                    dtype=dtype,
+                    world=world,
+                )
+            plot = self.metrics.plot()
+        finally:
+            self.metrics.close()
+        return TrainResult(
+            final_step=self.step,
+            total_steps=total,
+            losses=losses,
+            output_dir=self.output_dir,
+            checkpoint=self.last_checkpoint,
+            resumed_from=self.resumed_from,
+            validation_loss=validation_loss,
+            export_dir=result_paths.get("model"),
+            adapter_dir=result_paths.get("adapter"),
+            metrics_file=self.metrics.path if world.is_main else None,
+            plot=plot,
+            data=self.plan.summary(),
+        )

@@ -1,0 +1,140 @@
+"""Training checkpoints (tulu.train.checkpointing): atomic directories, pruning, what resume
+picks, and an exact round trip of model, optimizer and RNG states."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tulu.errors import CheckpointError
+from tulu.model.config import NeoXConfig
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.train.checkpointing import (
+    checkpoint_name,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    remove_stale_temps,
+    resolve_resume,
+    save_checkpoint,
+)
+from tulu.train.config import CheckpointConfig, TrainConfig
+from tulu.train.distributed import World
+
+
+def tiny_model(seed: int = 0) -> GPTNeoXForCausalLM:
+    config = NeoXConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        torch_dtype="float32",
+    )
+    model = GPTNeoXForCausalLM(config)
+    model.init_weights(seed)
+    return model
+
+
+def one_step(model: GPTNeoXForCausalLM, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(seed))
+    loss, count = model.loss(ids, ids)
+    (loss / count).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def make_config(tmp_path: Path, keep_last: int = 2) -> TrainConfig:
+    config = TrainConfig()
+    config.checkpoint.output_dir = str(tmp_path / "run")
+    config.checkpoint.keep_last = keep_last
+    return config
+
+
+def save(config: TrainConfig, step: int, model, optimizer) -> Path:
+    return save_checkpoint(
+        config,
+        step=step,
+        model=model,
+        optimizer=optimizer,
+        trainer_state={"epoch": 0, "step_in_epoch": step, "scheduler": {}},
+        metrics=[{"step": s, "loss": 1.0 / s} for s in range(1, step + 1)],
+        world=World(),
+    )
+
+
+def test_round_trip_restores_everything(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    path = save(config, 1, model, optimizer)
+    assert path == tmp_path / "run" / "step-000001"
+    draws = (random.random(), np.random.rand(), torch.rand(1))
+    one_step(model, optimizer, 1)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    other = tiny_model(seed=3)
+    other_optimizer = torch.optim.AdamW(other.parameters(), lr=1e-2)
+    restored = load_checkpoint(path, model=other, optimizer=other_optimizer, world=World(), seed=0)
+    assert restored.step == 1 and restored.trainer_state["step_in_epoch"] == 1
+    assert [e["step"] for e in restored.metrics] == [1]
+    assert (random.random(), np.random.rand()) == draws[:2] and torch.equal(torch.rand(1), draws[2])
+    one_step(other, other_optimizer, 1)
+    for name, tensor in other.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+
+def test_keep_last_prunes_the_oldest(tmp_path: Path) -> None:
+    config = make_config(tmp_path, keep_last=2)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    for step in (2, 4, 6):
+        save(config, step, model, optimizer)
+    assert [s for s, _ in list_checkpoints(config.checkpoint.output_dir)] == [4, 6]
+    assert sorted(p.name for p in Path(config.checkpoint.output_dir).iterdir()) == [
+        "step-000004",
+        "step-000006",
+    ]
+
+
+def test_resave_of_the_same_step_replaces_it(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    save(config, 3, model, optimizer)
+    save(config, 3, model, optimizer)
+    assert [p.name for p in Path(config.checkpoint.output_dir).iterdir()] == ["step-000003"]
+
+
+def test_resume_ignores_temporary_and_incomplete_directories(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    good = save(config, 5, model, optimizer)
+    root = Path(config.checkpoint.output_dir)
+    (root / ".tmp-step-000010" / "state").mkdir(parents=True)  # killed while saving
+    (root / ".tmp-step-000010" / "trainer.json").write_text('{"step": 10}')
+    (root / checkpoint_name(8)).mkdir()  # a half-deleted or foreign directory
+    assert latest_checkpoint(root) == good
+    assert resolve_resume(config.checkpoint) == good
+    remove_stale_temps(root)
+    assert not (root / ".tmp-step-000010").exists() and (root / "step-000008").exists()
+
+
+def test_resume_settings(tmp_path: Path) -> None:
+    assert resolve_resume(CheckpointConfig(output_dir=str(tmp_path), resume="auto")) is None
+    assert resolve_resume(CheckpointConfig(output_dir=str(tmp_path), resume="never")) is None
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        resolve_resume(CheckpointConfig(resume=str(tmp_path / "missing")))
+    (tmp_path / "step-000001").mkdir()
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        resolve_resume(CheckpointConfig(resume=str(tmp_path / "step-000001")))

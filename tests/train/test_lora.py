@@ -1,0 +1,169 @@
+"""LoRA through PEFT on our model (tulu.train.lora).
+
+The interoperability oracle is the real thing: an adapter we save is loaded by
+`peft.PeftModel.from_pretrained` onto transformers' GPTNeoXForCausalLM (built by
+`from_pretrained` on the base checkpoint we wrote with `save_model`), and must give our
+logits. The adapters' B matrices are randomised first: PEFT initialises B to zero, and an
+adapter that changes nothing would make every comparison pass trivially.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from model.conftest import build_model
+from tulu.errors import CheckpointError, ConfigError
+from tulu.model import GPTNeoXForCausalLM, preset
+from tulu.model.checkpoint import load_model, save_model
+from tulu.train.config import LoraConfig
+from tulu.train.lora import apply_lora, load_adapter, lora_targets, merge_lora, save_adapter
+
+peft = pytest.importorskip("peft")
+
+TINY = preset(
+    "pythia-70m",
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=256,
+    num_attention_heads=4,
+    vocab_size=256,
+)
+LORA = LoraConfig(enabled=True, r=4, alpha=8)
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
+
+
+@torch.no_grad()
+def randomize_adapters(peft_model: nn.Module, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for name, p in peft_model.named_parameters():
+        if "lora_" in name:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+
+
+@pytest.fixture
+def base_dir(tmp_path: Path) -> Path:
+    return save_model(build_model(TINY, seed=5), tmp_path / "base")
+
+
+@pytest.fixture
+def adapted(base_dir: Path) -> nn.Module:
+    model = apply_lora(load_model(base_dir, dtype=torch.float32), LORA, base_model_path=base_dir)
+    randomize_adapters(model)
+    return model.eval()
+
+
+@torch.no_grad()
+def logits(model: nn.Module) -> torch.Tensor:
+    return model(IDS)
+
+
+def test_only_adapters_train(adapted: nn.Module) -> None:
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    # 2 layers x 4 target modules x (A, B)
+    assert len(trainable) == 2 * 4 * 2
+    assert any(n.endswith("attention.dense.lora_A.default.weight") for n in trainable)
+    frozen = [n for n, p in adapted.named_parameters() if not p.requires_grad]
+    assert any("embed_out" in n for n in frozen) and any("layernorm" in n for n in frozen)
+
+
+def test_targets_follow_peft_suffix_rule() -> None:
+    model = build_model(TINY)
+    names = lora_targets(model, ["dense"])
+    assert names == ["gpt_neox.layers.0.attention.dense", "gpt_neox.layers.1.attention.dense"]
+    with pytest.raises(ConfigError, match="'nope'.*names no layer"):
+        lora_targets(model, ["dense", "nope"])
+    with pytest.raises(ConfigError, match="not a linear layer"):
+        apply_lora(model, LoraConfig(target_modules=["layers"]))
+
+
+def test_adapter_loads_in_transformers_with_same_logits(
+    adapted: nn.Module, base_dir: Path, tmp_path: Path
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    directory = save_adapter(adapted, tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert (directory / "adapter_model.safetensors").is_file()
+    assert config["base_model_name_or_path"] == str(base_dir.resolve())
+    assert config["task_type"] == "CAUSAL_LM" and config["peft_type"] == "LORA"
+    assert (config["r"], config["lora_alpha"]) == (4, 8)
+    assert sorted(config["target_modules"]) == sorted(LORA.target_modules)
+    assert "auto_mapping" not in config or config["auto_mapping"] is None
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        config["base_model_name_or_path"], dtype=torch.float32
+    ).eval()
+    with torch.no_grad():
+        plain = hf(input_ids=IDS).logits
+    hf_adapted = peft.PeftModel.from_pretrained(hf, str(directory)).eval()
+    assert isinstance(hf_adapted, peft.PeftModelForCausalLM)
+    with torch.no_grad():
+        theirs = hf_adapted(input_ids=IDS).logits
+    ours = logits(adapted)
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert (ours - plain).abs().max() > 1e-2  # the adapter does change the output
+
+
+def test_load_adapter_round_trip(adapted: nn.Module, base_dir: Path, tmp_path: Path) -> None:
+    directory = save_adapter(adapted, tmp_path / "adapter")
+    frozen = load_adapter(load_model(base_dir, dtype=torch.float32), directory).eval()
+    assert not any(p.requires_grad for p in frozen.parameters())
+    torch.testing.assert_close(logits(frozen), logits(adapted), atol=0, rtol=0)
+    trainable = load_adapter(load_model(base_dir), directory, is_trainable=True)
+    assert any(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
+
+
+def test_load_adapter_rejects_a_mismatched_model(adapted: nn.Module, tmp_path: Path) -> None:
+    directory = save_adapter(adapted, tmp_path / "adapter")
+    other = build_model(TINY.with_(hidden_size=32, intermediate_size=128))
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_adapter(other, directory)
+    (directory / "adapter_model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
+        load_adapter(build_model(TINY), directory)
+
+
+def test_save_keeps_a_hub_id_and_restores_the_live_config(
+    adapted: nn.Module, tmp_path: Path
+) -> None:
+    directory = save_adapter(adapted, tmp_path / "a", base_model_path="EleutherAI/pythia-70m")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "EleutherAI/pythia-70m"
+    live = adapted.peft_config[adapted.active_adapter]
+    assert live.task_type is None  # our wrapper stays the plain PeftModel
+
+
+def test_merge_gives_a_plain_model_with_the_same_logits(adapted: nn.Module) -> None:
+    before = logits(adapted)
+    merged = merge_lora(adapted)
+    assert type(merged) is GPTNeoXForCausalLM
+    assert not any(type(m).__module__.startswith("peft") for m in merged.modules())
+    assert set(merged.state_dict()) == set(build_model(TINY).state_dict())
+    assert all(p.requires_grad for p in merged.parameters())
+    torch.testing.assert_close(logits(merged.eval()), before, atol=1e-5, rtol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(base_dir: Path) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_lora(load_model(base_dir, dtype=torch.float32), LORA)
+        randomize_adapters(model)
+        model.train()
+        model.get_base_model().gradient_checkpointing = checkpointing
+        calls: list[int] = []
+        layer = model.get_base_model().gpt_neox.layers[0].attention
+        layer.register_forward_hook(lambda *_, calls=calls: calls.append(1))
+        total, count = model.loss(IDS, IDS)
+        (total / count).backward()
+        assert len(calls) == (2 if checkpointing else 1)  # recomputed in backward
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert plain.keys() == checkpointed.keys()
+    assert all(g is not None and g.abs().max() > 0 for g in checkpointed.values())
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], msg=name)

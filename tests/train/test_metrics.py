@@ -1,0 +1,127 @@
+"""Training metrics (tulu.train.metrics): the MFU formula, the peak table, metrics.jsonl
+consistency on resume, TensorBoard events and the loss plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tulu.model.config import NeoXConfig, preset
+from tulu.train.config import LoggingConfig
+from tulu.train.metrics import (
+    MetricsLogger,
+    Throughput,
+    matmul_parameters,
+    micro_batch_flops,
+    peak_flops,
+    plot_metrics,
+    read_metrics,
+)
+
+
+def test_flops_by_hand() -> None:
+    config = NeoXConfig(
+        vocab_size=100,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        intermediate_size=32,
+        tie_word_embeddings=False,
+    )
+    h, i, v = 8, 32, 100
+    per_layer = (3 * h * h + 3 * h) + (h * h + h) + (h * i + i) + (i * h + h) + 4 * h
+    params = 2 * per_layer + 2 * h + v * h  # layers, final norm, LM head; not embed_in
+    assert matmul_parameters(config) == params
+    rows, seq = 3, 10
+    assert micro_batch_flops(config, rows, seq) == rows * seq * (6 * params + 12 * 2 * h * seq)
+
+
+def test_pythia_6_9b_flops_per_token() -> None:
+    config = preset("pythia-6.9b")
+    per_token = micro_batch_flops(config, 1, 2048) / 2048
+    # ~6.9e9 parameters: 6N ~ 4.1e10, attention 12 * 32 * 4096 * 2048 ~ 3.2e9.
+    assert 4.3e10 < per_token < 4.6e10
+
+
+def test_peak_flops() -> None:
+    assert peak_flops(LoggingConfig(peak_tflops=100), torch.device("cpu")) == 1e14
+    assert peak_flops(LoggingConfig(), torch.device("cpu")) is None
+
+
+def test_known_gpu_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    names = {
+        "NVIDIA H100 80GB HBM3": 989e12,
+        "NVIDIA H100 PCIe": 756e12,
+        "NVIDIA H200": 989e12,
+        "NVIDIA A100-SXM4-80GB": 312e12,
+        "Tesla T4": None,
+    }
+    for name, peak in names.items():
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, n=name: n)
+        assert peak_flops(LoggingConfig(), torch.device("cuda", 0)) == peak
+
+
+def test_throughput_rates() -> None:
+    meter = Throughput(peak_per_device=1e12, world_size=2)
+    meter.add(tokens=1000, flops=1e12, seconds=0.5)
+    meter.add(tokens=1000, flops=1e12, seconds=0.5)
+    tokens_per_s, mfu = meter.rates()
+    assert tokens_per_s == pytest.approx(2000) and mfu == pytest.approx(1.0)
+    assert meter.tokens == 0
+    assert Throughput(None, 1).rates()[1] is None
+
+
+def entry(step: int, loss: float) -> dict:
+    return {"step": step, "epoch": step / 10, "loss": loss, "lr": 1e-3 * step, "grad_norm": 1.0}
+
+
+def test_resume_rewrites_the_file_up_to_the_resumed_step(tmp_path: Path) -> None:
+    config = LoggingConfig(tensorboard=False, progress=False)
+    logger = MetricsLogger(tmp_path, config, enabled=True, total_steps=6)
+    for step in range(1, 6):
+        logger.log_step(entry(step, 5.0 - step))
+    logger.close()
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "loss"')  # torn by a kill
+    history = read_metrics(tmp_path / "metrics.jsonl")
+    assert [e["step"] for e in history] == [1, 2, 3, 4, 5]
+    resumed = MetricsLogger(
+        tmp_path, config, enabled=True, total_steps=6, start_step=3, history=history
+    )
+    resumed.log_step(entry(4, 0.5))
+    resumed.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]
+    assert json.loads(lines[-1])["loss"] == 0.5
+
+
+def test_other_ranks_write_nothing(tmp_path: Path) -> None:
+    logger = MetricsLogger(tmp_path / "out", LoggingConfig(), enabled=False, total_steps=3)
+    logger.log_step(entry(1, 1.0))
+    logger.log_validation({"step": 1, "val_loss": 1.0})
+    logger.close()
+    assert logger.plot() is None and not (tmp_path / "out").exists()
+
+
+def test_tensorboard_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, LoggingConfig(progress=False), enabled=True, total_steps=4)
+    for step in range(1, 5):
+        logger.log_step(entry(step, 4.0 - step))
+    logger.log_validation({"step": 4, "epoch": 0.4, "val_loss": 1.5})
+    plot = logger.plot()
+    logger.close()
+    assert plot == tmp_path / "loss.png" and plot.read_bytes()[:4] == b"\x89PNG"
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [s.value for s in events.Scalars("train/loss")] == [3.0, 2.0, 1.0, 0.0]
+    assert [s.step for s in events.Scalars("validation/loss")] == [4]
+
+
+def test_plot_without_training_entries(tmp_path: Path) -> None:
+    assert plot_metrics([{"step": 1, "val_loss": 2.0}], tmp_path / "x.png") is None

@@ -1,0 +1,433 @@
+"""The training loop end to end (tulu.train.trainer): a tiny GPT-NeoX learns, both loss
+normalisations match their definitions, a run killed with SIGKILL resumes bit for bit, a
+diverging run stops at the right step, the outputs (checkpoints, metrics, TensorBoard, plot,
+HF export) are there and load, and 2 processes train like 1.
+
+Everything runs on the CPU with the demo's tiny tokenizer and a synthetic records file;
+subprocesses get OMP_NUM_THREADS=1 and in-process runs one torch thread, so that runs are
+bitwise reproducible and fast on a busy 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from tulu.demo import corpus_text, train_tokenizer
+from tulu.errors import TuluError
+from tulu.model.checkpoint import load_model
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.tokenizer import Tokenizer
+from tulu.train.cli import add_train_parser, cmd_train
+from tulu.train.config import TrainConfig, apply_overrides, parse_train_config
+from tulu.train.distributed import World
+from tulu.train.metrics import read_metrics
+from tulu.train.trainer import backward_step, build_model_config, train
+
+TRAIN_EXAMPLES = 45  # odd: the last micro-batch and the last step of an epoch are short
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+# ------------------------------------------------------------------------------ fixtures
+def records(n: int, offset: int) -> list[dict[str, Any]]:
+    """Simple arithmetic conversations: a pattern a tiny model picks up in a few steps."""
+    out = []
+    for i in range(offset, offset + n):
+        a, b = i % 7 + 1, (3 * i) % 11 + 1
+        out.append(
+            {
+                "dataset": "synthetic",
+                "id": f"s{i}",
+                "messages": [
+                    {"role": "user", "content": f"What is {a} plus {b}?"},
+                    {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
+                ],
+            }
+        )
+    return out
+
+
+def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("assets")
+    train_tokenizer(corpus_text()).save(root / "tokenizer")
+    write_jsonl(root / "train.jsonl", records(TRAIN_EXAMPLES, 0))
+    write_jsonl(root / "validation.jsonl", records(6, 1000))
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def config_data(assets: Path, output_dir: Path, *overrides: str) -> dict[str, Any]:
+    data = {
+        "model": {
+            "config": {
+                "hidden_size": 32,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 4,
+                "intermediate_size": 64,
+                "max_position_embeddings": 64,
+            },
+            "tokenizer": str(assets / "tokenizer"),
+            "gradient_checkpointing": False,
+        },
+        "data": {
+            "train": str(assets / "train.jsonl"),
+            "max_seq_length": 64,
+            "num_workers": 1,
+            "cache_dir": str(assets / "cache"),
+        },
+        "optim": {
+            "lr": 1e-2,
+            "warmup_ratio": 0.0,
+            "epochs": 2,
+            "micro_batch_size": 4,
+            "global_batch_size": 8,
+        },
+        "checkpoint": {"output_dir": str(output_dir), "every_steps": 4, "keep_last": 2},
+        "logging": {"progress": False},
+        "seed": 3,
+    }
+    return apply_overrides(data, overrides)
+
+
+def make_config(assets: Path, output_dir: Path, *overrides: str) -> TrainConfig:
+    return parse_train_config(config_data(assets, output_dir, *overrides))
+
+
+def write_config(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data), encoding="utf-8")
+    return path
+
+
+def run_module(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tulu.train", *args],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def train_losses(path: Path) -> dict[int, float]:
+    return {e["step"]: e["loss"] for e in read_metrics(path) if "loss" in e}
+
+
+# ------------------------------------------------------------------------------ a whole run
+@pytest.fixture(scope="module")
+def trained(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """12 steps (2 epochs of 6), checkpoints every 4 keeping 2, validation, export."""
+    out = tmp_path_factory.mktemp("run")
+    config = make_config(assets, out, f"data.validation={assets / 'validation.jsonl'}")
+    started = time.perf_counter()
+    result = train(config)
+    return {
+        "result": result,
+        "out": out,
+        "config": config,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def test_tiny_model_learns(trained: dict[str, Any]) -> None:
+    result = trained["result"]
+    assert result.final_step == result.total_steps == 12
+    assert result.data["steps_per_epoch"] == 6 and result.data["examples"] == TRAIN_EXAMPLES
+    losses = [result.losses[s] for s in range(1, 13)]
+    assert losses[0] > 6.0  # about ln(640) at initialisation
+    assert sum(losses[-3:]) / 3 < losses[0] - 2.0, losses
+    assert result.validation_loss is not None and result.validation_loss < losses[0] - 2.0
+
+
+def test_checkpoints_are_pruned_to_keep_last(trained: dict[str, Any]) -> None:
+    out = trained["out"]
+    steps = sorted(p.name for p in out.glob("step-*"))
+    assert steps == ["step-000008", "step-000012"]
+    assert not list(out.glob(".tmp-*"))
+    state = json.loads((out / "step-000012" / "trainer.json").read_text())
+    assert state["step"] == 12 and (state["epoch"], state["step_in_epoch"]) == (2, 0)
+    saved = yaml.safe_load((out / "step-000012" / "config.yaml").read_text())
+    assert parse_train_config(saved) == trained["config"]
+
+
+def test_metrics_tensorboard_and_plot(trained: dict[str, Any]) -> None:
+    out = trained["out"]
+    entries = read_metrics(out / "metrics.jsonl")
+    steps = [e["step"] for e in entries if "loss" in e]
+    assert steps == list(range(1, 13))
+    keys = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens"}
+    keys |= {"tokens_per_s", "mfu", "elapsed"}
+    assert set(entries[0]) == keys
+    assert entries[0]["mfu"] is None  # CPU: no known peak
+    assert 0 < entries[0]["trained_tokens"] < entries[0]["tokens"]
+    assert [e["step"] for e in entries if "val_loss" in e] == [4, 8, 12]
+    assert trained["result"].losses == {e["step"]: e["loss"] for e in entries if "loss" in e}
+    events = list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_export_loads_in_tulu_and_transformers(trained: dict[str, Any]) -> None:
+    transformers = pytest.importorskip("transformers")
+    final = trained["out"] / "final"
+    assert trained["result"].export_dir == final
+    tokenizer = Tokenizer.from_dir(final)
+    ids = torch.tensor([tokenizer.encode("<|user|>\nWhat is 2 plus 3?\n<|assistant|>\n")])
+    ours = load_model(final, dtype=torch.float32)
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = ours(ids)
+        got = hf(input_ids=ids).logits
+    assert torch.isfinite(expected).all()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ normalisation
+def test_loss_normalisations_by_hand(assets: Path, tmp_path: Path) -> None:
+    """Two micro-batches with 2 and 9 trained tokens: "paper" averages their means, "unbiased"
+    averages all tokens; the gradients are those of the same expressions."""
+    config = make_config(assets, tmp_path)
+    model = GPTNeoXForCausalLM(build_model_config(config, Tokenizer.load(assets / "tokenizer")))
+    model.init_weights(0)
+    gen = torch.Generator().manual_seed(0)
+    micro_batches = []
+    for trained_from in (8, 1):  # labels from this position on: 2 and 9 trained tokens
+        ids = torch.randint(2, 600, (1, 10), generator=gen)
+        labels = ids.clone()
+        labels[:, :trained_from] = -100
+        micro_batches.append(
+            {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+        )
+    sums, counts = zip(
+        *(model.loss(mb["input_ids"], mb["labels"]) for mb in micro_batches), strict=True
+    )
+    assert [int(c) for c in counts] == [2, 9]
+    expected = {
+        "paper": (sums[0] / 2 + sums[1] / 9) / 2,
+        "unbiased": (sums[0] + sums[1]) / 11,
+    }
+    for mode, value in expected.items():
+        grads_expected = torch.autograd.grad(value, list(model.parameters()), retain_graph=True)
+        model.zero_grad(set_to_none=True)
+        stats = backward_step(
+            model, micro_batches, World(), normalization=mode, num_micro_batches=2
+        )
+        assert stats.loss == pytest.approx(float(value.detach()), rel=1e-6)
+        assert stats.trained_tokens == 11 and stats.tokens == 20
+        for p, g in zip(model.parameters(), grads_expected, strict=True):
+            torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-7)
+    paper, unbiased = (float(v.detach()) for v in expected.values())
+    assert paper != pytest.approx(unbiased, rel=1e-3)
+
+
+# ------------------------------------------------------------------------------ resume
+def test_sigkilled_run_resumes_exactly(assets: Path, tmp_path: Path) -> None:
+    """20 steps straight == 10 steps, SIGKILL, resume: the same 20 losses, bit for bit."""
+
+    def config_for(out: Path) -> Path:
+        data = config_data(
+            assets,
+            out,
+            "optim.micro_batch_size=2",
+            "optim.global_batch_size=4",
+            "optim.epochs=4",
+            "optim.max_steps=20",
+            "optim.warmup_ratio=0.1",
+            "optim.max_grad_norm=1.0",
+            "checkpoint.every_steps=10",
+            "checkpoint.export=false",
+            "logging.tensorboard=false",
+            "logging.plot=false",
+            f"data.validation={assets / 'validation.jsonl'}",
+        )
+        return write_config(tmp_path / f"{out.name}.yaml", data)
+
+    straight = run_module(str(config_for(tmp_path / "straight")))
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "tulu.train", str(config_for(out))]
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (out / "step-000010").is_dir() and proc.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint at step 10"
+        time.sleep(0.01)
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode in (0, -signal.SIGKILL), proc.stderr.read()[-3000:]
+    proc.stderr.close()
+    # However far it got, make it as if it died right after step 10: its later checkpoints go,
+    # its metrics.jsonl may hold steps after 10, and a half-written checkpoint is left over.
+    for later in out.glob("step-*"):
+        if later.name != "step-000010":
+            later.rename(out / f".tmp-{later.name}")
+    (out / ".tmp-step-000015" / "state").mkdir(parents=True)
+
+    resumed = run_module(str(config_for(out)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(resumed from {out / 'step-000010'})" in resumed.stderr
+    assert not list(out.glob(".tmp-*"))
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-000010", "step-000020"]
+
+    expected = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    got = read_metrics(out / "metrics.jsonl")
+    assert [e["step"] for e in got] == [e["step"] for e in expected]  # no duplicates/orphans
+    assert len(train_losses(out / "metrics.jsonl")) == 20
+    for key in ("loss", "lr", "grad_norm", "val_loss", "tokens", "trained_tokens"):
+        assert [e.get(key) for e in got] == [e.get(key) for e in expected], key
+
+
+# ------------------------------------------------------------------------------ divergence
+def test_nan_loss_stops_at_the_step_and_keeps_the_last_checkpoint(
+    assets: Path, tmp_path: Path
+) -> None:
+    config = make_config(
+        assets,
+        tmp_path,
+        "optim.lr=1e30",
+        "optim.max_steps=4",
+        "checkpoint.every_steps=1",
+        "logging.tensorboard=false",
+    )
+    with pytest.raises(TuluError, match=r"step 2: the loss is (nan|inf)") as info:
+        train(config)
+    assert "step-000001" in str(info.value)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-000001"]
+    assert not list(tmp_path.glob(".tmp-*")) and not (tmp_path / "final").exists()
+    assert list(train_losses(tmp_path / "metrics.jsonl")) == [1]
+
+
+# ------------------------------------------------------------------------------ LoRA
+def test_lora_run_exports_adapter_and_merged_model(assets: Path, tmp_path: Path) -> None:
+    pytest.importorskip("peft")
+    from tulu.train.lora import load_adapter
+
+    config = make_config(
+        assets,
+        tmp_path,
+        "lora.enabled=true",
+        "lora.r=4",
+        "optim.max_steps=3",
+        "checkpoint.every_steps=null",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    result = train(config)
+    assert result.adapter_dir == tmp_path / "final-adapter"
+    assert (result.adapter_dir / "adapter_config.json").is_file()
+    base = GPTNeoXForCausalLM(build_model_config(config, Tokenizer.load(assets / "tokenizer")))
+    base.init_weights(config.model.init_seed)
+    adapted = load_adapter(base, result.adapter_dir).eval()
+    merged = load_model(result.export_dir, dtype=torch.float32)
+    ids = torch.randint(2, 600, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids), adapted(ids), rtol=1e-4, atol=1e-5)
+        with adapted.disable_adapter():
+            assert not torch.allclose(adapted(ids), merged(ids), atol=1e-4)  # it trained
+
+
+# ------------------------------------------------------------------------------ command line
+def test_dry_run_prints_plan_and_memory(assets: Path, tmp_path: Path, capsys) -> None:
+    path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
+    parser = argparse.ArgumentParser()
+    add_train_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", str(path), "optim.epochs=3", "--dry-run"])
+    assert cmd_train(args) == 0
+    out = capsys.readouterr().out
+    assert f"data plan: {TRAIN_EXAMPLES} examples" in out
+    assert "6 steps per epoch, 18 steps in total" in out
+    assert "per-device memory (GiB)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("adamw ")]
+    assert sorted({int(r[1]) for r in rows}) == [1, 8]
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_misspelt_key_is_one_line_and_exit_code_1(assets: Path, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
+    proc = run_module(str(path), "optim.lrr=1e-5")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tulu train: error:")
+    assert "optim.lrr: unknown setting" in lines[0]
+
+
+# ------------------------------------------------------------------------------ 2 processes
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("normalization", ["paper", "unbiased"])
+def test_two_processes_train_like_one(assets: Path, tmp_path: Path, normalization: str) -> None:
+    """torchrun --nproc-per-node 2 (FSDP2 over gloo) vs one process, same global batches:
+    4 micro-batches of 2 rows a step; 45 examples make 23 micro-batches an epoch (the last
+    of 1 row), so each epoch's last step has 3 and rank 1 runs a filler."""
+    overrides = (
+        f"optim.loss_normalization={normalization}",
+        "optim.micro_batch_size=2",
+        "optim.global_batch_size=8",
+        "optim.epochs=2",
+        "optim.lr=3e-3",
+        "optim.max_grad_norm=1.0",
+        "checkpoint.every_steps=6",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    data = config_data(assets, tmp_path / "two", *overrides)
+    path = write_config(tmp_path / "two.yaml", data)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [
+        str(torchrun) if torchrun.exists() else sys.executable,
+        *([] if torchrun.exists() else ["-m", "torch.distributed.run"]),
+        "--nproc-per-node",
+        "2",
+        "--master-addr",
+        "127.0.0.1",
+        "--master-port",
+        str(_free_port()),
+        "-m",
+        "tulu.train",
+        str(path),
+    ]
+    proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+
+    one = train(make_config(assets, tmp_path / "one", *overrides))
+    two = train_losses(tmp_path / "two" / "metrics.jsonl")
+    assert one.total_steps == 12 and sorted(two) == list(range(1, 13))
+    for step, loss in one.losses.items():
+        assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+    state = json.loads((tmp_path / "two" / "step-000012" / "trainer.json").read_text())
+    assert state["world_size"] == 2
+    a = load_model(tmp_path / "one" / "final", dtype=torch.float32).state_dict()
+    b = load_model(tmp_path / "two" / "final", dtype=torch.float32).state_dict()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
