@@ -14,18 +14,14 @@ import numpy as np
 import pytest
 from tokenizers import AddedToken
 
+import tulu.data.encode as encode_module
 import tulu.data.tokenize as tk
 from tulu.chat import IGNORE_INDEX, encode_messages
+from tulu.data.encode import encode_conversations, encode_messages_batch
 from tulu.data.readers import iter_records
 from tulu.data.records import BadInput, BadRecord
-from tulu.data.tokenize import (
-    DROPPED_NO_LABEL,
-    TokenizedDataset,
-    cache_key,
-    encode_conversations,
-    encode_messages_batch,
-    tokenize_records,
-)
+from tulu.data.tokenize import DROPPED_NO_LABEL, cache_key, tokenize_records
+from tulu.data.tokenized import TokenizedDataset
 from tulu.demo import corpus_text, train_tokenizer
 from tulu.errors import ChatFormatError, DataError
 from tulu.tokenizer import Tokenizer
@@ -177,8 +173,8 @@ def test_whole_prefix_path_when_eos_is_not_a_safe_split(tiny: Tokenizer) -> None
     """A tokenizer whose added token overlaps the EOS string: every prefix is encoded whole."""
     odd = copy_of(tiny)
     odd.backend.add_tokens([AddedToken("xx<|end", normalized=False)])
-    assert tk._eos_split_id(tiny, EOT) == 0
-    assert tk._eos_split_id(odd, EOT) is None
+    assert encode_module._eos_split_id(tiny, EOT) == 0
+    assert encode_module._eos_split_id(odd, EOT) is None
     conversations = EDGE_CASES + random_conversations(100, seed=5)
     conversations.append([user("q"), assistant("see xx"), user("xx"), assistant("y")])
     for tokenizer in (tiny, odd):
@@ -197,13 +193,13 @@ def test_whole_prefix_path_when_eos_is_not_a_safe_split(tiny: Tokenizer) -> None
 def test_eos_split_needs_plain_encoding(tiny: Tokenizer, change) -> None:
     odd = copy_of(tiny)
     change(odd.backend)
-    assert tk._eos_split_id(odd, EOT) is None
+    assert encode_module._eos_split_id(odd, EOT) is None
 
 
 def test_fallback_when_the_eos_check_fails(tiny: Tokenizer, monkeypatch) -> None:
     """If the full text's EOS ids ever disagreed with its EOS strings, the conversation is
     redone with whole prefixes, still exact."""
-    monkeypatch.setattr(tk, "_eos_positions", lambda ids, eos_id: [])
+    monkeypatch.setattr(encode_module, "_eos_positions", lambda ids, eos_id: [])
     conversations = EDGE_CASES + random_conversations(50, seed=9)
     expected = [encode_messages(m, tiny, 48) for m in conversations]
     assert encode_messages_batch(conversations, tiny, 48) == expected

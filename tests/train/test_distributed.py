@@ -241,7 +241,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "tied=False": _reference(False, tmp / "reference-checkpoint"),
         "tied=True": _reference(True),
     }
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # TMPDIR: torchrun's own scratch directories land in the test's tmp, not in /tmp.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp)}
     command = [
         sys.executable,
         "-m",

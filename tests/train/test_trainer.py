@@ -417,7 +417,9 @@ def test_two_processes_train_like_one(assets: Path, tmp_path: Path, normalizatio
         "tulu.train",
         str(path),
     ]
-    proc = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=240)
+    # TMPDIR: torchrun's own scratch directories land in the test's tmp, not in /tmp.
+    env = {**ENV, "TMPDIR": str(tmp_path)}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     one = train(make_config(assets, tmp_path / "one", *overrides))

@@ -1,35 +1,17 @@
-"""Tokenize a records file for training: parallel, streaming, cached, memory-mapped.
+"""Tokenize a records file for training: parallel, streaming, cached.
 
-`tokenize_records` turns a JSONL (or Parquet) records file into one directory per tokenized
-dataset::
-
-    input_ids.bin   every kept example's token ids, back to back (uint16, or int32 when the
-                    vocabulary does not fit in 16 bits)
-    trained.bin     one uint8 per token: 1 where a loss is taken (labels = input_ids there,
-                    -100 elsewhere; labels are not stored twice)
-    offsets.bin     int64, n + 1 entries: example i is tokens offsets[i]:offsets[i + 1]
-    meta.json       counts (examples, tokens, trained tokens, truncated, dropped and skipped by
-                    reason), the settings, the source, the cache key and the format version
-
-`TokenizedDataset` opens such a directory with numpy memmaps, so a 490,000-example mixture costs
-no Python objects and no RAM beyond the page cache.
-
-Speed. The labels follow open-instruct's masking exactly (`tulu.chat.encode_messages` is the
-definition), which needs the token count of the prefix before and after each non-assistant turn.
-`encode_conversations` gets them for a whole chunk of conversations from one ``encode_batch``
-call and computes the masks with numpy from lengths only. Since the EOS token is a hard split
-point of the tokenizer (checked, see `_eos_split_id`), a prefix's length is the position of its
-last EOS in the full text's encoding plus the length of the short text after it; so besides
-the full texts only the non-assistant turns are tokenized, not every prefix again (about 1.3x
-the tokens of the data instead of 2-3x). The file is read in chunks of lines in the main
-process; worker processes parse, validate and tokenize chunks, at most a few chunks are in
-flight (bounded memory) and the results are appended to the output files in input order.
+`tokenize_records` turns a JSONL (or Parquet) records file into a tokenized dataset directory
+(`tulu.data.tokenized`) with `tulu.data.encode`'s batched version of the chat encode. The file
+is read in chunks of lines in the main process; worker processes parse, validate and tokenize
+chunks, at most a few chunks are in flight (bounded memory) and the results are appended to
+the output files in input order.
 
 Workers are started with the "spawn" method (a forked child would inherit the parent's Rust
 thread pool, possibly in a used state) and receive the tokenizer as its JSON string plus the
 special tokens. Each worker tokenizes single-threaded, so N workers use N cores instead of
 N x cores threads fighting over the same cores. Workers import only numpy, tokenizers and the
-light `tulu.chat` / `tulu.data.records` modules, never torch.
+light `tulu.chat` / `tulu.data` modules, never torch. A script that calls `tokenize_records`
+therefore needs the usual ``if __name__ == "__main__":`` guard.
 
 Cache. The key is a sha256 over the format version, the settings, the tokenizer (its JSON and
 special tokens) and the data file's bytes. A hit opens the stored directory without
@@ -50,7 +32,7 @@ import socket
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,34 +41,20 @@ from typing import Any
 import numpy as np
 
 from tulu.chat import (
-    ASSISTANT_HEADER,
-    IGNORE_INDEX,
-    EncodedExample,
-    Message,
     _check_max_seq_length,
-    _concat,
     _eos_of,
-    _validate,
 )
+from tulu.data.encode import encode_conversations
 from tulu.data.records import BadRecord, check_record
-from tulu.errors import ChatFormatError, DataError
+from tulu.data.tokenized import (
+    FORMAT_VERSION,
+    META_FILE,
+    TokenizedDataset,
+)
+from tulu.errors import DataError
 from tulu.tokenizer import Tokenizer
 
-__all__ = [
-    "DROPPED_NO_LABEL",
-    "FORMAT_VERSION",
-    "EncodedChunk",
-    "TokenizedDataset",
-    "TokenizedExample",
-    "cache_key",
-    "default_cache_dir",
-    "encode_conversations",
-    "encode_messages_batch",
-    "tokenize_records",
-]
-
-#: Bumped whenever the files or their meaning change; part of the cache key.
-FORMAT_VERSION = 1
+__all__ = ["DROPPED_NO_LABEL", "cache_key", "default_cache_dir", "tokenize_records"]
 
 #: Reason recorded in meta.json for examples that keep no trained token (open-instruct drops
 #: them too: truncation cut every assistant token).
@@ -103,258 +71,8 @@ _IN_FLIGHT_PER_WORKER = 2
 _EXAMPLES_PER_REASON = 3
 
 _FILES = ("input_ids.bin", "trained.bin", "offsets.bin")
-_META = "meta.json"
+_META = META_FILE
 _TMP_PREFIX = ".tulu-tmp-"
-
-
-# ============================================================================ batched encoding
-
-
-@dataclass
-class EncodedChunk:
-    """The encodings of a list of conversations, flat.
-
-    `kept[k]` is False for conversation k when no trained token is left (``encode_messages``
-    returns None); the flat arrays hold only the kept conversations, `lengths` gives their
-    token counts in order. `truncated[k]` says whether conversation k was longer than
-    ``max_seq_length`` before truncation (whether kept or not).
-    """
-
-    input_ids: np.ndarray
-    trained: np.ndarray
-    lengths: np.ndarray
-    kept: np.ndarray
-    truncated: np.ndarray
-
-
-def _eos_split_id(tokenizer: Tokenizer, eos: str) -> int | None:
-    """The EOS id when every occurrence of the EOS string is a hard split point, else None.
-
-    The tokenizers library cuts a text at its added tokens first (leftmost-longest match over
-    the raw text for non-normalized tokens) and then normalizes, pre-tokenizes and encodes
-    each piece on its own. So when the EOS string is always matched as its added token,
-    ``encode(A + eos + B) == encode(A) + [eos_id] + encode(B)`` for any A and B. That holds when
-    the EOS token is a plain non-normalized added token (no lstrip / rstrip / single-word
-    rules, no surrounding whitespace), no other added token contains it or overlaps its start
-    (so no other match can swallow it), special tokens are not encoded as text, and the backend
-    neither truncates nor pads. Every prefix that open-instruct's mask needs then costs only the
-    tokens after its last EOS; `encode_conversations` still cross-checks each conversation
-    (the EOS ids of the full text must match its EOS strings) and falls back to encoding the
-    whole prefixes otherwise.
-    """
-    backend = tokenizer.backend
-    if backend.truncation is not None or backend.padding is not None:
-        return None
-    if getattr(backend, "encode_special_tokens", False):
-        return None
-    if eos != eos.strip():
-        return None
-    eos_id = None
-    for token_id, token in backend.get_added_tokens_decoder().items():
-        content = token.content
-        if content == eos:
-            if token.normalized or token.lstrip or token.rstrip or token.single_word:
-                return None
-            eos_id = token_id
-            continue
-        if eos in content or any(content.endswith(eos[:k]) for k in range(1, len(eos))):
-            return None
-    if eos_id is None or backend.token_to_id(eos) != eos_id:
-        return None
-    return eos_id
-
-
-# A length reference: (eos ordinal, text index). The length is the position of the ordinal-th
-# EOS token in the full text's encoding + 1 (or 0 for ordinal -1), plus len(encodings[text]).
-_Ref = tuple[int, int]
-
-
-def _plan(
-    messages: Sequence[Mapping[str, Any]], eos: str, texts: list[str], split_eos: bool
-) -> list[tuple[_Ref | None, _Ref]]:
-    """Append a conversation's full text and what its masks need to `texts`; return spans.
-
-    Mirrors `encode_messages`: for every non-assistant message i the masked span runs from the
-    length of ``_concat(messages[:i])`` (0 for i = 0) to the length of
-    ``_concat(messages[:i + 1])`` (+ the assistant header when an assistant turn follows).
-    With `split_eos`, a prefix contributes only its text after its last EOS (see
-    `_eos_split_id`); otherwise the whole prefix. A start prefix equal to the previous end
-    prefix (a message after a non-assistant one) is not encoded twice. The rendered text is the
-    join of each message's own rendering, which is exactly what ``_concat`` does for the list.
-    """
-    parts = [_concat((message,), eos) for message in messages]
-    texts.append("".join(parts).strip())
-    seen: dict[str, _Ref] = {}
-
-    def ref(prefix: str) -> _Ref:
-        ordinal, tail = -1, prefix
-        if split_eos:
-            cut = prefix.rfind(eos)
-            if cut >= 0:
-                ordinal = prefix.count(eos) - 1
-                tail = prefix[cut + len(eos) :]
-        found = seen.get(tail)
-        if found is None or found[0] != ordinal:
-            found = (ordinal, len(texts))
-            seen[tail] = found
-            texts.append(tail)
-        return found
-
-    spans: list[tuple[_Ref | None, _Ref]] = []
-    last = len(messages) - 1
-    running = ""
-    for i, message in enumerate(messages):
-        if message["role"] == "assistant":
-            running += parts[i]
-            continue
-        start = ref(running) if i > 0 else None
-        running += parts[i]
-        end_text = running
-        if i < last and messages[i + 1]["role"] == "assistant":
-            end_text += ASSISTANT_HEADER
-        spans.append((start, ref(end_text)))
-    return spans
-
-
-def _encode_all(tokenizer: Tokenizer, texts: list[str]) -> list[Any]:
-    """One batched encode of every text; returns the library's Encoding objects.
-
-    Only the full texts' ids are read back; the other lengths come from ``len(encoding)``,
-    which does not build a Python list of ids.
-    """
-    backend = tokenizer.backend
-    batch = getattr(backend, "encode_batch_fast", backend.encode_batch)
-    return batch(texts, add_special_tokens=False)
-
-
-def _eos_positions(ids: list[int], eos_id: int) -> list[int]:
-    positions: list[int] = []
-    at = -1
-    with contextlib.suppress(ValueError):
-        while True:
-            at = ids.index(eos_id, at + 1)
-            positions.append(at)
-    return positions
-
-
-def encode_conversations(
-    conversations: Sequence[Sequence[Message]],
-    tokenizer: Tokenizer,
-    max_seq_length: int,
-    *,
-    dtype: np.dtype | type = np.int64,
-    validate: bool = True,
-) -> EncodedChunk:
-    """`tulu.chat.encode_messages` for many conversations at once, as flat numpy arrays.
-
-    Gives exactly the ids and labels of ``encode_messages`` for each conversation (the tests
-    pin this), but tokenizes every text the masks need, for all conversations, in one
-    ``encode_batch`` call (Rust, without the GIL) and computes the masks from lengths with
-    array operations. With a tokenizer where the EOS token is a hard split point (GPT-NeoX's,
-    the demo's), a prefix's length is the position of its last EOS in the full encoding plus
-    the length of the few tokens after it, so only the full texts and the non-assistant turns
-    are tokenized rather than every prefix. `validate=False` skips the message checks for
-    callers that validated already (`check_record` is stricter).
-    """
-    max_len = _check_max_seq_length(max_seq_length)
-    eos = _eos_of(tokenizer)
-    eos_id = _eos_split_id(tokenizer, eos)
-    texts: list[str] = []
-    plans: list[tuple[int, list[tuple[_Ref | None, _Ref]]]] = []
-    for k, messages in enumerate(conversations):
-        if validate:
-            try:
-                _validate(messages)
-            except ChatFormatError as err:
-                raise ChatFormatError(f"conversations[{k}]: {err}") from None
-        full_index = len(texts)
-        plans.append((full_index, _plan(messages, eos, texts, eos_id is not None)))
-    encodings = _encode_all(tokenizer, texts)
-
-    n = len(plans)
-    truncated = np.zeros(n, dtype=bool)
-    lengths = np.zeros(n, dtype=np.int64)
-    flat: list[int] = []
-    masked: list[tuple[int, int]] = []  # absolute [start, end) token ranges to mask
-    offset = 0
-    for k, (full_index, spans) in enumerate(plans):
-        ids = encodings[full_index].ids
-        eos_at: list[int] = []
-        if eos_id is not None:
-            eos_at = _eos_positions(ids, eos_id)
-            if len(eos_at) != texts[full_index].count(eos):  # never expected; stay exact
-                spans = _whole_prefix_spans(conversations[k], tokenizer, eos)
-        if len(ids) > max_len:
-            truncated[k] = True
-            ids = ids[:max_len]
-        size = len(ids)
-        flat.extend(ids)
-        lengths[k] = size
-        for start_ref, end_ref in spans:
-            start = 0
-            if start_ref is not None:
-                start = min(_length(start_ref, eos_at, encodings), max_len)
-            end = min(_length(end_ref, eos_at, encodings), max_len)
-            lo, hi = min(start, size), min(end, size)
-            if hi > lo:
-                masked.append((offset + lo, offset + hi))
-            if end >= max_len:
-                break
-        offset += size
-
-    trained = np.ones(offset, dtype=np.uint8)
-    for lo, hi in masked:
-        trained[lo:hi] = 0
-    input_ids = np.array(flat, dtype=dtype)
-    starts = np.zeros(n, dtype=np.int64)
-    if n:
-        np.cumsum(lengths[:-1], out=starts[1:])
-    # Every rendered text starts with a role header, so every length is >= 1 and reduceat's
-    # segments are non-empty.
-    kept = np.add.reduceat(trained, starts) > 0 if n else np.zeros(0, dtype=bool)
-    if not kept.all():
-        keep_tokens = np.repeat(kept, lengths)
-        input_ids, trained, lengths = input_ids[keep_tokens], trained[keep_tokens], lengths[kept]
-    return EncodedChunk(input_ids, trained, lengths, kept, truncated)
-
-
-def _length(ref: _Ref | tuple[int, Any], eos_at: list[int], encodings: Sequence[Any]) -> int:
-    ordinal, text = ref
-    if ordinal == -2:  # a length computed by the fallback
-        return text
-    base = eos_at[ordinal] + 1 if ordinal >= 0 else 0
-    return base + len(encodings[text])
-
-
-def _whole_prefix_spans(
-    messages: Sequence[Mapping[str, Any]], tokenizer: Tokenizer, eos: str
-) -> list[tuple[Any, Any]]:
-    """The spans of one conversation with every prefix encoded whole (the safe fallback)."""
-    texts: list[str] = []
-    spans = _plan(messages, eos, texts, split_eos=False)
-    lengths = [len(ids) for ids in tokenizer.encode_batch(texts)]
-    return [(None if s is None else (-2, lengths[s[1]]), (-2, lengths[e[1]])) for s, e in spans]
-
-
-def encode_messages_batch(
-    conversations: Sequence[Sequence[Message]], tokenizer: Tokenizer, max_seq_length: int
-) -> list[EncodedExample | None]:
-    """`encode_messages` for each conversation, computed by `encode_conversations`."""
-    chunk = encode_conversations(conversations, tokenizer, max_seq_length)
-    out: list[EncodedExample | None] = []
-    offset = 0
-    it = iter(chunk.lengths.tolist())
-    for kept in chunk.kept.tolist():
-        if not kept:
-            out.append(None)
-            continue
-        size = next(it)
-        ids = chunk.input_ids[offset : offset + size].tolist()
-        mask = chunk.trained[offset : offset + size]
-        labels = np.where(mask > 0, chunk.input_ids[offset : offset + size], IGNORE_INDEX)
-        out.append(EncodedExample(input_ids=ids, labels=labels.tolist()))
-        offset += size
-    return out
 
 
 # ============================================================================ chunk workers
@@ -557,129 +275,6 @@ def _run_in_pool(
             yield window.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-# ============================================================================ the dataset
-
-
-@dataclass(frozen=True)
-class TokenizedExample:
-    """One training example: ids and labels (`IGNORE_INDEX` where no loss is taken), int64."""
-
-    input_ids: np.ndarray
-    labels: np.ndarray
-
-    def __iter__(self):  # unpacks as (input_ids, labels)
-        return iter((self.input_ids, self.labels))
-
-
-def _memmap(path: Path, dtype: np.dtype | str, count: int) -> np.ndarray:
-    """A read-only memmap of `count` items (numpy cannot map an empty file)."""
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
-
-
-class TokenizedDataset:
-    """A tokenized dataset directory, opened with memmaps (nothing is loaded up front).
-
-    ``dataset[i]`` is a `TokenizedExample`; `lengths` are the token counts; `meta` is the
-    parsed meta.json; `cache_hit` says whether `tokenize_records` found it already built.
-    """
-
-    def __init__(self, directory: Path, meta: dict[str, Any], cache_hit: bool = False) -> None:
-        self.directory = directory
-        self.meta = meta
-        self.cache_hit = cache_hit
-        n, tokens = meta["num_examples"], meta["num_tokens"]
-        self.input_ids = _memmap(directory / "input_ids.bin", meta["dtype"], tokens)
-        self.trained = _memmap(directory / "trained.bin", np.uint8, tokens)
-        # An empty dataset has an empty offsets file (numpy cannot map zero bytes).
-        self.offsets = _memmap(directory / "offsets.bin", np.int64, n + 1 if n else 0)
-        if n == 0:
-            self.offsets = np.zeros(1, dtype=np.int64)
-
-    @classmethod
-    def open(cls, directory: str | Path, *, cache_hit: bool = False) -> TokenizedDataset:
-        """Open a directory written by `tokenize_records`, checking that it is complete."""
-        directory = Path(directory)
-        meta = _read_meta(directory)
-        expected = _expected_sizes(meta)
-        for name, size in expected.items():
-            path = directory / name
-            actual = path.stat().st_size if path.is_file() else None
-            if actual != size:
-                raise DataError(
-                    f"{path}: expected {size} bytes from {_META}, found "
-                    f"{'no file' if actual is None else f'{actual} bytes'} (incomplete or "
-                    "modified tokenized dataset; tokenize again)"
-                )
-        return cls(directory, meta, cache_hit)
-
-    def __len__(self) -> int:
-        return int(self.meta["num_examples"])
-
-    def __getitem__(self, index: int) -> TokenizedExample:
-        n = len(self)
-        if not -n <= index < n:
-            raise IndexError(f"example {index} out of range (dataset has {n})")
-        index %= n
-        lo, hi = int(self.offsets[index]), int(self.offsets[index + 1])
-        ids = np.asarray(self.input_ids[lo:hi], dtype=np.int64)
-        labels = np.where(self.trained[lo:hi] > 0, ids, IGNORE_INDEX)
-        return TokenizedExample(ids, labels)
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Token count of every example (int64)."""
-        return np.diff(np.asarray(self.offsets))
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.meta["num_tokens"])
-
-    @property
-    def num_trained_tokens(self) -> int:
-        return int(self.meta["num_trained_tokens"])
-
-    @property
-    def max_seq_length(self) -> int:
-        return int(self.meta["settings"]["max_seq_length"])
-
-    @property
-    def pad_token_id(self) -> int | None:
-        return self.meta["tokenizer"]["pad_token_id"]
-
-    def __repr__(self) -> str:
-        return (
-            f"TokenizedDataset({str(self.directory)!r}, examples={len(self)}, "
-            f"tokens={self.num_tokens}, trained={self.num_trained_tokens})"
-        )
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    path = directory / _META
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{directory}: not a tokenized dataset (no {_META})") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise DataError(f"{path}: unreadable ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        found = meta.get("format_version") if isinstance(meta, dict) else None
-        raise DataError(
-            f"{path}: format version {found!r}, this tulu reads {FORMAT_VERSION} (tokenize again)"
-        )
-    return meta
-
-
-def _expected_sizes(meta: Mapping[str, Any]) -> dict[str, int]:
-    tokens, n = meta["num_tokens"], meta["num_examples"]
-    return {
-        "input_ids.bin": tokens * np.dtype(meta["dtype"]).itemsize,
-        "trained.bin": tokens,
-        "offsets.bin": (n + 1) * 8 if n else 0,
-    }
 
 
 # ============================================================================ cache
