@@ -388,8 +388,24 @@ COMMANDS = {
 }
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line; ``tulu train CONFIG --dry-run KEY=VALUE`` works too.
+
+    argparse fills a ``nargs="*"`` positional only before the first option, and subparsers
+    rule out `parse_intermixed_args`, so `train`'s KEY=VALUE overrides after an option are
+    collected here.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train" and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     try:
         return COMMANDS[args.command](args)
     except TuluError as err:

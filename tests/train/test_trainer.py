@@ -368,6 +368,20 @@ def test_dry_run_prints_plan_and_memory(assets: Path, tmp_path: Path, capsys) ->
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
 
 
+@pytest.mark.parametrize(
+    "order", [["optim.epochs=3", "--dry-run"], ["--dry-run", "optim.epochs=3"]]
+)
+def test_overrides_before_or_after_dry_run(assets: Path, tmp_path: Path, capsys, order) -> None:
+    from tulu.cli import main
+    from tulu.train.cli import main as module_main  # python -m tulu.train
+
+    path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
+    assert main(["train", str(path), *order]) == 0
+    assert "18 steps in total" in capsys.readouterr().out
+    assert module_main([str(path), *order]) == 0
+    assert "18 steps in total" in capsys.readouterr().out
+
+
 def test_misspelt_key_is_one_line_and_exit_code_1(assets: Path, tmp_path: Path) -> None:
     path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
     proc = run_module(str(path), "optim.lrr=1e-5")

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m tulu.train", description="tulu train")
     _add_train_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # KEY=VALUE may follow --dry-run
     try:
         return cmd_train(args)
     except TuluError as err:
