@@ -1,0 +1,262 @@
+"""The code-execution sandbox: normal programs, and hostile ones that must leave the host alone.
+
+Every hostile program runs in its own test and must come back failed/timeout quickly, with the
+host (files, processes, sockets, secrets) untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from tulu.eval.sandbox import ExecutionResult, run_many, run_program
+
+
+def _group_gone(pgid: int) -> bool:
+    """True when no process is left in the process group `pgid`."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def _assert_not_passed(result: ExecutionResult, *, within: float = 3.0) -> None:
+    assert not result.passed
+    assert result.status in ("failed", "timeout")
+    assert result.duration_s < within, result
+    assert result.pid is not None and _group_gone(result.pid)
+
+
+# --- ordinary programs ----------------------------------------------------------------------
+
+
+def test_passing_program() -> None:
+    result = run_program("def f(x):\n    return x + 1\nassert f(1) == 2\n")
+    assert result.passed and result.status == "passed"
+    assert result.detail == ""
+
+
+def test_failing_program_reports_the_assertion() -> None:
+    result = run_program("assert False, 'nope'\n")
+    assert not result.passed and result.status == "failed"
+    assert "AssertionError: nope" in result.detail
+
+
+def test_syntax_error_is_an_error() -> None:
+    result = run_program("def f(:\n    pass\n")
+    assert not result.passed and result.status == "error"
+    assert "SyntaxError" in result.detail
+
+
+def test_stdout_is_truncated() -> None:
+    result = run_program("print('x' * 1_000_000)\n", max_output_chars=500)
+    assert result.passed
+    assert len(result.detail) < 1000
+    assert "truncated" in result.detail
+
+
+def test_exit_zero_before_the_end_does_not_pass() -> None:
+    """A completion must not 'pass' by exiting before the tests run."""
+    for source in ("import sys\nsys.exit(0)\nassert False\n", "import os\nos._exit(0)\n"):
+        result = run_program(source)
+        assert not result.passed and result.status == "failed", source
+
+
+def test_writing_in_its_own_directory_is_allowed() -> None:
+    source = (
+        "import os, pathlib, tempfile\n"
+        "pathlib.Path('out.txt').write_text('hello')\n"
+        "assert open('out.txt').read() == 'hello'\n"
+        "os.mkdir('d'); os.rename('out.txt', 'd/moved.txt'); os.remove('d/moved.txt')\n"
+        "os.rmdir('d')\n"
+        "with tempfile.NamedTemporaryFile('w') as f:\n"
+        "    f.write('x')\n"
+        "assert os.listdir('.') == []\n"
+    )
+    result = run_program(source)
+    assert result.passed, result.detail
+
+
+def test_working_directory_is_deleted_afterwards() -> None:
+    result = run_program("import os\nprint(os.getcwd())\n")
+    assert result.passed
+    workdir = Path(result.detail.split("stdout:\n", 1)[1].strip())
+    assert workdir.name == "work"
+    assert not workdir.exists() and not workdir.parent.exists()
+
+
+def test_environment_is_clean(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TULU_SECRET_TOKEN", "hunter2")
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.invalid:3128")
+    source = (
+        "import os\n"
+        "assert 'TULU_SECRET_TOKEN' not in os.environ\n"
+        "assert 'HTTPS_PROXY' not in os.environ\n"
+        "assert os.environ['HOME'] == os.getcwd()\n"
+    )
+    result = run_program(source)
+    assert result.passed, result.detail
+
+
+def test_run_many_keeps_order_and_reports_progress() -> None:
+    programs = [f"assert {i} % 2 == 0\n" for i in range(6)]
+    seen: list[tuple[int, int]] = []
+    results = run_many(programs, workers=2, progress=lambda done, total: seen.append((done, total)))
+    assert [r.passed for r in results] == [i % 2 == 0 for i in range(6)]
+    assert seen == [(i, 6) for i in range(1, 7)]
+
+
+# --- hostile programs -----------------------------------------------------------------------
+
+
+def test_fork_bomb_with_os_fork() -> None:
+    result = run_program("import os\nwhile True:\n    os.fork()\n")
+    _assert_not_passed(result)
+    assert "os.fork is disabled" in result.detail
+
+
+def test_fork_bomb_with_posix_fork() -> None:
+    result = run_program("import posix\nwhile True:\n    posix.fork()\n")
+    _assert_not_passed(result)
+
+
+def test_fork_bomb_with_subprocess() -> None:
+    source = (
+        "import subprocess, sys\n"
+        "while True:\n"
+        "    subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+    )
+    result = run_program(source)
+    _assert_not_passed(result)
+    assert "subprocess is disabled" in result.detail
+
+
+def test_fork_bomb_with_multiprocessing() -> None:
+    source = (
+        "import multiprocessing\np = multiprocessing.Process(target=print)\np.start()\np.join()\n"
+    )
+    _assert_not_passed(run_program(source))
+
+
+def test_os_system_and_ctypes_are_blocked() -> None:
+    _assert_not_passed(run_program("import os\nos.system('true')\n"))
+    _assert_not_passed(run_program("import ctypes\n"))
+
+
+def test_deleting_a_file_outside_the_sandbox(tmp_path: Path) -> None:
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("keep me")
+    for call in ("os.remove", "os.unlink"):
+        result = run_program(f"import os\n{call}({str(sentinel)!r})\n")
+        _assert_not_passed(result)
+    result = run_program(f"import os\nos.rename({str(sentinel)!r}, 'stolen.txt')\n")
+    _assert_not_passed(result)
+    result = run_program(f"open({str(sentinel)!r}, 'w').write('overwritten')\n")
+    _assert_not_passed(result)
+    assert sentinel.read_text() == "keep me"
+
+
+def test_rmtree_outside_the_sandbox(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "file.txt").write_text("keep me")
+    result = run_program(f"import shutil\nshutil.rmtree({str(victim)!r})\n")
+    _assert_not_passed(result)
+    # The fd-relative unlink that shutil.rmtree uses internally is checked too.
+    source = f"import os\nfd = os.open({str(victim / 'sub')!r}, os.O_RDONLY)\n"
+    source += "os.unlink('file.txt', dir_fd=fd)\n"
+    _assert_not_passed(run_program(source))
+    assert (victim / "sub" / "file.txt").read_text() == "keep me"
+
+
+def test_infinite_loop_is_killed_with_its_process_group() -> None:
+    start = time.monotonic()
+    result = run_program("while True:\n    pass\n", timeout=1.0)
+    elapsed = time.monotonic() - start
+    assert result.status == "timeout" and not result.passed
+    assert elapsed < 2.5
+    assert result.pid is not None
+    with pytest.raises(ProcessLookupError):
+        os.killpg(result.pid, 0)
+
+
+def test_sleeping_program_times_out() -> None:
+    result = run_program("import time\ntime.sleep(30)\n", timeout=1.0)
+    assert result.status == "timeout"
+    assert result.duration_s < 2.5
+    assert _group_gone(result.pid or 0)
+
+
+def test_huge_allocation_fails_with_memory_error() -> None:
+    result = run_program("x = bytearray(10**11)\n")
+    _assert_not_passed(result)
+    assert "MemoryError" in result.detail
+
+
+def test_opening_a_socket_reaches_no_one() -> None:
+    server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.setblocking(False)
+    port = server.getsockname()[1]
+    try:
+        for source in (
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}))\n",
+            f"import socket\ns = socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
+            f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))\n",
+            f"import urllib.request\nurllib.request.urlopen('http://127.0.0.1:{port}/')\n",
+        ):
+            _assert_not_passed(run_program(source))
+        with pytest.raises(BlockingIOError):
+            server.accept()
+    finally:
+        server.close()
+
+
+def test_reading_the_users_home_is_denied(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    home.mkdir()
+    secret = home / ".netrc"
+    secret.write_text("password s3cr3t-value\n")
+    monkeypatch.setenv("HOME", str(home))
+    for source in (
+        f"print(open({str(secret)!r}).read())\n",
+        f"import pathlib\nprint(pathlib.Path({str(secret)!r}).read_text())\n",
+        f"import os\nfd = os.open({str(secret)!r}, os.O_RDONLY)\nprint(os.read(fd, 100))\n",
+        f"import os\nprint(os.listdir({str(home)!r}))\n",
+    ):
+        result = run_program(source)
+        _assert_not_passed(result)
+        assert "s3cr3t-value" not in result.detail
+        assert "not allowed" in result.detail
+
+
+def test_reading_the_real_home_is_denied() -> None:
+    target = Path.home() / ".bashrc"
+    result = run_program(f"print(open({str(target)!r}).read())\n")
+    _assert_not_passed(result)
+    assert "not allowed" in result.detail
+
+
+def test_writing_a_huge_file_is_stopped() -> None:
+    source = "with open('big.bin', 'wb') as f:\n    f.write(b'0' * (50 * 2**20))\n"
+    result = run_program(source)
+    _assert_not_passed(result)
+    assert "File too large" in result.detail
+
+
+def test_killing_host_processes_is_blocked() -> None:
+    result = run_program(f"import os, signal\nos.kill({os.getpid()}, signal.SIGTERM)\n")
+    _assert_not_passed(result)
+    assert signal.getsignal(signal.SIGTERM) is not None  # we are still here
+
+
+def test_raising_resource_limits_is_blocked() -> None:
+    source = "import resource\nresource.setrlimit(resource.RLIMIT_AS, (-1, -1))\n"
+    _assert_not_passed(run_program(source))
