@@ -1,0 +1,172 @@
+"""Where evaluation prompts are run: this engine in-process, or any OpenAI-compatible server.
+
+Every task needs one of two things from a model:
+
+- `generate`: continuations of raw prompt strings (the tasks chat-wrap prompts themselves, so
+  nothing is re-templated here), with the protocol's decoding settings;
+- `next_token_logprobs`: the log-probabilities of a few candidate tokens right after each
+  prompt (MMLU scores the answer letters this way).
+
+`EngineBackend` batches everything through `LLM.generate` (continuous batching; prompts that
+share few-shot exemplars share KV-cache blocks through prefix caching). `OpenAIBackend` sends
+``/v1/completions`` requests to a server such as ``tulu serve`` or vLLM, a few at a time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tulu.errors import TuluError
+
+__all__ = ["Backend", "Decoding", "EngineBackend", "OpenAIBackend"]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding settings of one task's generations (fixed by its protocol)."""
+
+    max_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    n: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+class Backend(Protocol):
+    def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
+        """`decoding.n` continuations per prompt, in the prompts' order."""
+        ...
+
+    def next_token_logprobs(
+        self, prompts: Sequence[str], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        """Log-probability of each candidate token id right after each prompt."""
+        ...
+
+
+class EngineBackend:
+    """The in-process engine: `LLM.generate` over all prompts of a task at once."""
+
+    def __init__(self, llm: Any, *, progress: bool = True) -> None:
+        self.llm = llm
+        self.progress = progress
+
+    def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
+        from tulu.engine.sampling import SamplingParams
+
+        params = SamplingParams(
+            max_tokens=decoding.max_tokens,
+            temperature=decoding.temperature,
+            top_p=decoding.top_p,
+            n=decoding.n,
+            stop=list(decoding.stop),
+            seed=decoding.seed,
+        )
+        outputs = self.llm.generate(list(prompts), params, progress=self.progress)
+        return [[choice.text for choice in out.outputs] for out in outputs]
+
+    def next_token_logprobs(
+        self, prompts: Sequence[str], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        from tulu.engine.sampling import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, candidate_token_ids=list(candidates))
+        outputs = self.llm.generate(list(prompts), params, progress=self.progress)
+        rows = []
+        for out in outputs:
+            found = out.outputs[0].candidate_logprobs[0]
+            rows.append([float(found[token]) for token in candidates])
+        return rows
+
+
+@dataclass
+class OpenAIBackend:
+    """An OpenAI-compatible ``/v1/completions`` endpoint (``tulu serve``, vLLM, TGI's).
+
+    Candidate log-probabilities come from the top ``logprobs`` alternatives of the first
+    generated token (OpenAI's API cannot ask for given tokens): a candidate outside them gets
+    ``-inf``, which only matters when none of the candidates is among the top 20. Token ids are
+    mapped to the server's token strings with `tokenizer` (the model's own).
+    """
+
+    api_base: str
+    model: str
+    tokenizer: Any = None
+    api_key: str | None = None
+    concurrency: int = 8
+    timeout: float = 600.0
+    retries: int = 4
+    top_logprobs: int = 20
+    _client: Any = field(default=None, init=False, repr=False)
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        if self._client is None:
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            self._client = httpx.Client(timeout=self.timeout, headers=headers)
+        url = self.api_base.rstrip("/") + "/completions"
+        delay = 1.0
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._client.post(url, json=payload)
+            except httpx.HTTPError as err:
+                if attempt == self.retries:
+                    raise TuluError(f"{url}: request failed ({err})") from None
+            else:
+                if response.status_code == 200:
+                    return response.json()
+                if response.status_code not in (429, 500, 502, 503, 504) or attempt == self.retries:
+                    raise TuluError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+        raise AssertionError("unreachable")
+
+    def _map(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._post, payloads))
+
+    def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
+        base = {
+            "model": self.model,
+            "max_tokens": decoding.max_tokens,
+            "temperature": decoding.temperature,
+            "top_p": decoding.top_p,
+            "n": decoding.n,
+        }
+        if decoding.stop:
+            base["stop"] = list(decoding.stop)
+        if decoding.seed is not None:
+            base["seed"] = decoding.seed
+        responses = self._map([{**base, "prompt": prompt} for prompt in prompts])
+        results = []
+        for response in responses:
+            choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
+            results.append([choice["text"] for choice in choices])
+        return results
+
+    def next_token_logprobs(
+        self, prompts: Sequence[str], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        if self.tokenizer is None:
+            raise TuluError("scoring candidate tokens over HTTP needs the model's tokenizer")
+        strings = [self.tokenizer.decode([token]) for token in candidates]
+        base = {
+            "model": self.model,
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "logprobs": self.top_logprobs,
+        }
+        responses = self._map([{**base, "prompt": prompt} for prompt in prompts])
+        rows = []
+        for response in responses:
+            logprobs = response["choices"][0].get("logprobs") or {}
+            top = (logprobs.get("top_logprobs") or [{}])[0] or {}
+            rows.append([float(top.get(s, -math.inf)) for s in strings])
+        return rows
