@@ -141,11 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     from tulu.data.cli import add_data_parser
+    from tulu.eval.cli import add_eval_parser
     from tulu.train.cli import add_export_parser, add_train_parser
 
     add_data_parser(sub)
     add_train_parser(sub)
     add_export_parser(sub)
+    add_eval_parser(sub)
 
     demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))
@@ -370,6 +372,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tulu.eval.cli import cmd_eval as run
+
+    return run(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from tulu.train.cli import cmd_export as run
 
@@ -380,6 +388,7 @@ COMMANDS = {
     "data": cmd_data,
     "train": cmd_train,
     "export": cmd_export,
+    "eval": cmd_eval,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,

@@ -570,6 +570,7 @@ class _Progress:
     """A rich progress bar counting finished requests and output tokens/s."""
 
     def __init__(self, total: int):
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -587,6 +588,8 @@ class _Progress:
             TimeRemainingColumn(),
             TextColumn("{task.fields[rate]}"),
             transient=False,
+            # stderr: stdout belongs to the results (tulu generate, tulu eval's table)
+            console=Console(stderr=True),
         )
         self.task = self.progress.add_task("generate", total=total, rate="")
         self.progress.start()

@@ -56,20 +56,38 @@ class EngineBackend:
     def __init__(self, llm: Any, *, progress: bool = True) -> None:
         self.llm = llm
         self.progress = progress
+        engine = llm.engine
+        self.tokenizer = engine.tokenizer
+        self.context_window = engine.model.config.max_position_embeddings
+        #: Prompts that did not fit the context window (answered with empty outputs).
+        self.too_long = 0
 
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
+        """Continuations; a generation stops at the context window, as transformers' does,
+        and a prompt that fills the window on its own gets empty outputs (counted)."""
         from tulu.engine.sampling import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=decoding.max_tokens,
-            temperature=decoding.temperature,
-            top_p=decoding.top_p,
-            n=decoding.n,
-            stop=list(decoding.stop),
-            seed=decoding.seed,
-        )
-        outputs = self.llm.generate(list(prompts), params, progress=self.progress)
-        return [[choice.text for choice in out.outputs] for out in outputs]
+        lengths = [len(ids) for ids in self.tokenizer.encode_batch(list(prompts))]
+        runnable = [i for i, n in enumerate(lengths) if n < self.context_window]
+        self.too_long += len(prompts) - len(runnable)
+        params = [
+            SamplingParams(
+                max_tokens=min(decoding.max_tokens, self.context_window - lengths[i]),
+                temperature=decoding.temperature,
+                top_p=decoding.top_p,
+                n=decoding.n,
+                stop=list(decoding.stop),
+                seed=decoding.seed,
+            )
+            for i in runnable
+        ]
+        results: list[list[str]] = [[""] * decoding.n for _ in prompts]
+        if not runnable:
+            return results
+        outputs = self.llm.generate([prompts[i] for i in runnable], params, progress=self.progress)
+        for i, out in zip(runnable, outputs, strict=True):
+            results[i] = [choice.text for choice in out.outputs]
+        return results
 
     def next_token_logprobs(
         self, prompts: Sequence[str], candidates: Sequence[int]
@@ -77,7 +95,15 @@ class EngineBackend:
         from tulu.engine.sampling import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, candidate_token_ids=list(candidates))
-        outputs = self.llm.generate(list(prompts), params, progress=self.progress)
+        # A prompt that fills the window keeps its last tokens (the question and answer
+        # prefix, which matter for the next token) and is counted.
+        inputs: list[Any] = []
+        for ids in self.tokenizer.encode_batch(list(prompts)):
+            if len(ids) >= self.context_window:
+                self.too_long += 1
+                ids = ids[len(ids) - self.context_window + 1 :]
+            inputs.append(ids)
+        outputs = self.llm.generate(inputs, params, progress=self.progress)
         rows = []
         for out in outputs:
             found = out.outputs[0].candidate_logprobs[0]

@@ -1,0 +1,475 @@
+"""AlpacaFarm: the model's win rate over text-davinci-003, decided by an LLM judge.
+
+The protocol:
+
+1. The 805 AlpacaFarm evaluation instructions, each with davinci-003's reference answer
+   (`load_alpaca_farm`). The original AlpacaFarm file keeps ``instruction`` and ``input``
+   apart; the AlpacaEval reference-outputs file has them merged. Both are read: the first for
+   the fields, the second for the reference answer, and they are checked to be the same 805
+   instructions in the same order, so a mismatched pair of files cannot go unnoticed.
+2. The model sees ``instruction + "\\n\\n" + input`` (just the instruction when there is no
+   input) as one Tulu user turn: ``chat_wrap(prompt, "")``, i.e.
+   ``"<|user|>\\n" + prompt + "\\n<|assistant|>\\n"``. That is the same text as
+   ``tulu.chat.generation_prompt([user prompt], eos)`` (no EOS appears before the assistant
+   header), without needing the tokenizer's EOS. The prompt is not stripped.
+3. Greedy decoding, at most 2,048 new tokens, no stop string (`GENERATION`).
+4. A judge model behind any OpenAI-compatible ``/chat/completions`` endpoint compares the
+   model's output with the reference (`Judge`), one request per example at temperature 0.
+   A seeded coin per example decides whether the model's output is shown as ``(1)`` or
+   ``(2)``, so the judge's position bias averages out instead of favouring one side; the
+   position is recorded in each `Judgement`.
+5. The judge's answer is parsed leniently (``"Output (1)"``, ``"(2)"``, ``"1"``, ...). An
+   explicit tie, or an answer that names neither or both outputs, counts as half a win; the
+   latter are also counted as ``unparsable`` so a badly behaved judge shows up in the report.
+   The win rate (`score`) is ``(wins + ties / 2) / n``, a fraction in ``[0, 1]``.
+
+The judge prompt is the project's own (``templates/alpaca_judge.txt``, not the paper's GPT-4
+annotator prompt), so numbers are comparable across our runs, not to the paper's leaderboard.
+Another template can be passed (``--judge-template FILE``); it must contain the placeholders
+``{instruction}``, ``{output_1}`` and ``{output_2}``, checked when it is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx
+
+from tulu.errors import DataError, TuluError
+from tulu.eval.chat_wrap import chat_wrap
+
+__all__ = [
+    "DEFAULT_SEED",
+    "GENERATION",
+    "MAX_NEW_TOKENS",
+    "N_EXAMPLES",
+    "PLACEHOLDERS",
+    "REFERENCE_FILE",
+    "SPLIT_FILE",
+    "AlpacaFarmExample",
+    "AlpacaFarmResult",
+    "GenerationSettings",
+    "Judge",
+    "Judgement",
+    "build_judge_prompt",
+    "build_prompt",
+    "load_alpaca_farm",
+    "load_judge_template",
+    "merge_instruction",
+    "model_positions",
+    "parse_choice",
+    "score",
+]
+
+N_EXAMPLES = 805
+MAX_NEW_TOKENS = 2048
+DEFAULT_SEED = 42
+REFERENCE_FILE = "text_davinci_003_model_outputs.json"
+SPLIT_FILE = "alpacafarm_eval_gpt-3.5-turbo-0301.json"
+PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings the runner must use; fixed by the protocol, not tunable per model."""
+
+    do_sample: bool = False  # greedy
+    max_new_tokens: int = MAX_NEW_TOKENS
+    stop: tuple[str, ...] = ()
+
+
+GENERATION = GenerationSettings()
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class AlpacaFarmExample:
+    """One evaluation instruction, its optional input, and davinci-003's reference answer."""
+
+    instruction: str
+    input: str
+    reference: str
+    dataset: str = ""
+    index: int = 0
+
+    @property
+    def full_instruction(self) -> str:
+        """What the model and the judge are asked: instruction and input, blank-line joined."""
+        return merge_instruction(self.instruction, self.input)
+
+    @property
+    def prompt(self) -> str:
+        """The chat-wrapped generation prompt for this example."""
+        return build_prompt(self.instruction, self.input)
+
+
+def merge_instruction(instruction: str, input_text: str) -> str:
+    """``instruction + "\\n\\n" + input`` when there is an input, else the instruction."""
+    return instruction + "\n\n" + input_text if input_text else instruction
+
+
+def build_prompt(instruction: str, input_text: str = "") -> str:
+    """The model's prompt: the merged instruction as one Tulu user turn, assistant open."""
+    return chat_wrap(merge_instruction(instruction, input_text), "")
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read file: {exc}") from exc
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON array of objects")
+    return data
+
+
+def _field(record: dict[str, Any], name: str, path: Path, index: int) -> str:
+    value = record.get(name)
+    if not isinstance(value, str):
+        raise DataError(f"{path}: record {index}: expected a string field {name!r}")
+    return value
+
+
+def load_alpaca_farm(data_dir: str | Path) -> list[AlpacaFarmExample]:
+    """The 805 examples, from `SPLIT_FILE` (instruction, input) and `REFERENCE_FILE` (answers).
+
+    Raises DataError naming every missing file, and when the two files disagree on the
+    instructions (count or text, after merging instruction and input).
+    """
+    data_dir = Path(data_dir)
+    split_path, reference_path = data_dir / SPLIT_FILE, data_dir / REFERENCE_FILE
+    missing = [str(p) for p in (split_path, reference_path) if not p.is_file()]
+    if missing:
+        raise DataError(
+            "AlpacaFarm data incomplete, missing: " + ", ".join(missing) + " (the AlpacaFarm "
+            "evaluation split with separate instruction/input, and the AlpacaEval "
+            "text-davinci-003 reference outputs)"
+        )
+    split, references = _read_records(split_path), _read_records(reference_path)
+    if len(split) != len(references):
+        raise DataError(
+            f"{split_path} has {len(split)} records but {reference_path} has {len(references)}"
+        )
+    examples = []
+    for index, (record, ref) in enumerate(zip(split, references, strict=True)):
+        instruction = _field(record, "instruction", split_path, index)
+        input_text = record.get("input") or ""
+        if not isinstance(input_text, str):
+            raise DataError(f"{split_path}: record {index}: 'input' must be a string")
+        merged = merge_instruction(instruction, input_text)
+        if _field(ref, "instruction", reference_path, index) != merged:
+            raise DataError(
+                f"record {index}: instruction in {reference_path} differs from {split_path} "
+                f"({merged[:60]!r}...); the files are not the same evaluation set"
+            )
+        examples.append(
+            AlpacaFarmExample(
+                instruction=instruction,
+                input=input_text,
+                reference=_field(ref, "output", reference_path, index),
+                dataset=str(ref.get("dataset") or record.get("dataset") or ""),
+                index=index,
+            )
+        )
+    if not examples:
+        raise DataError(f"{split_path}: no examples")
+    return examples
+
+
+# ----------------------------------------------------------------------------------- judge prompt
+
+
+def load_judge_template(path: str | Path | None = None) -> str:
+    """The judge template: `path`, or the packaged ``templates/alpaca_judge.txt``.
+
+    Checked up front for the three placeholders, so a wrong file fails before any request
+    is sent rather than producing 805 meaningless judgements.
+    """
+    if path is None:
+        resource = resources.files("tulu.eval").joinpath("templates", "alpaca_judge.txt")
+        where, text = "packaged alpaca_judge.txt", resource.read_text(encoding="utf-8")
+    else:
+        where = str(path)
+        if not Path(path).is_file():
+            raise DataError(f"{path}: judge template file not found")
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: cannot read judge template: {exc}") from exc
+    missing = [p for p in PLACEHOLDERS if p not in text]
+    if missing:
+        raise DataError(
+            f"{where}: judge template lacks placeholder(s) {', '.join(missing)} "
+            f"(it needs all of {', '.join(PLACEHOLDERS)})"
+        )
+    return text
+
+
+_PLACEHOLDER = re.compile(r"\{(instruction|output_1|output_2)\}")
+
+
+def build_judge_prompt(template: str, instruction: str, output_1: str, output_2: str) -> str:
+    """Fill the template in one pass.
+
+    One regex pass (not ``str.format`` nor chained ``replace``) so that braces in a template
+    are left alone and text inside an instruction or output that happens to read
+    ``{output_2}`` is never substituted itself.
+    """
+    values = {"instruction": instruction, "output_1": output_1, "output_2": output_2}
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+
+
+# ----------------------------------------------------------------------------------- parsing
+
+_BARE = re.compile(
+    r"(?:the\s+)?(?:better\s+)?(?:(?:output|response|answer)\s*)?[(\[#]?\s*([12])\s*[)\]]?"
+    r"(?:\s+is\s+better)?[.!]?",
+    re.IGNORECASE,
+)
+_MENTION = re.compile(r"(?:output|response|answer)\s*[(\[#]?\s*([12])\b\s*[)\]]?", re.IGNORECASE)
+_TIE = re.compile(r"(?:it'?s\s+an?\s+)?(?:tie|draw|equal|both(?:\s+are)?\s+equal)[.!]?", re.I)
+
+Choice = Literal[1, 2, "tie"] | None
+
+
+def parse_choice(answer: str) -> Choice:
+    """Which output the judge chose: 1, 2, ``"tie"`` when it says so, None when unclear.
+
+    Accepted: the whole answer (or its first line) being ``"Output (1)"``, ``"(2)"``, ``"1"``,
+    ``"Response 2"``, ``"Output (1) is better."`` and the like; otherwise an answer that
+    mentions exactly one of ``"Output (1)"`` / ``"Output (2)"``. An answer that mentions both
+    (or neither) is None: guessing would bias the win rate.
+    """
+    text = answer.strip().strip("*`\"'").strip()
+    lines = [line.strip().strip("*`\"'").strip() for line in text.splitlines() if line.strip()]
+    for candidate in [text, *lines[:1]]:
+        match = _BARE.fullmatch(candidate)
+        if match:
+            return 1 if match.group(1) == "1" else 2
+        if _TIE.fullmatch(candidate):
+            return "tie"
+    mentioned = {m.group(1) for m in _MENTION.finditer(text)}
+    if len(mentioned) == 1:
+        return 1 if mentioned == {"1"} else 2
+    return None
+
+
+# ----------------------------------------------------------------------------------- judging
+
+Winner = Literal["model", "reference", "tie"]
+
+
+@dataclass(frozen=True)
+class Judgement:
+    """One judged comparison, with what the judge saw and said, for auditing the result."""
+
+    index: int
+    model_position: Literal[1, 2]  # where the model's output was shown; the reference got the other
+    raw: str  # the judge's answer, verbatim
+    choice: Choice  # parsed: 1, 2, "tie", or None (unparsable)
+
+    @property
+    def winner(self) -> Winner:
+        """Who won, with the judge's positional choice mapped back to model / reference."""
+        if self.choice in (1, 2):
+            return "model" if self.choice == self.model_position else "reference"
+        return "tie"
+
+    @property
+    def unparsable(self) -> bool:
+        """The judge's answer named neither output (or both); it is scored as a tie."""
+        return self.choice is None
+
+
+def model_positions(n: int, seed: int = DEFAULT_SEED) -> list[Literal[1, 2]]:
+    """Where the model's output is shown for each of `n` examples: a seeded coin each.
+
+    Drawn in example order from ``random.Random(seed)``, so the assignment does not depend on
+    the order in which concurrent requests finish, and the same seed always shows the same
+    examples swapped.
+    """
+    rng = random.Random(seed)
+    return [2 if rng.random() < 0.5 else 1 for _ in range(n)]
+
+
+_RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
+
+
+class Judge:
+    """An LLM judge behind an OpenAI-compatible chat-completions endpoint.
+
+    `url` is either the API base (``http://host:8000/v1``, as given to the ``openai`` client)
+    or the full ``.../chat/completions`` address. Requests run in `concurrency` threads over
+    one `httpx.Client`; 408/409/429/5xx answers and timeouts are retried `max_retries` times
+    with exponential backoff (honouring a numeric ``Retry-After``), since rate limits are the
+    normal state of a hosted judge; a refused connection or any other error status fails at
+    once with a TuluError naming the URL, since retrying cannot fix it.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        template_path: str | Path | None = None,
+        api_key: str | None = None,
+        seed: int = DEFAULT_SEED,
+        concurrency: int = 8,
+        timeout: float = 120.0,
+        max_retries: int = 5,
+        backoff: float = 1.0,
+        max_tokens: int = 64,
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
+        self.model = model
+        self.template = load_judge_template(template_path)
+        self.api_key = api_key
+        self.seed = seed
+        self.concurrency = concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_tokens = max_tokens
+        self._local = threading.local()
+
+    # -- one request
+
+    def _headers(self) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        return headers
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None:
+            retry_after = response.headers.get("retry-after", "")
+            try:
+                return min(float(retry_after), 60.0)
+            except ValueError:
+                pass
+        return self.backoff * 2**attempt
+
+    def complete(self, client: httpx.Client, prompt: str) -> str:
+        """Send one judge prompt (temperature 0) and return the reply text."""
+        payload = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": 0,
+            "max_tokens": self.max_tokens,
+        }
+        for attempt in range(self.max_retries + 1):
+            response: httpx.Response | None = None
+            try:
+                response = client.post(self.url, json=payload, headers=self._headers())
+            except httpx.ConnectError as exc:
+                raise TuluError(f"judge at {self.url}: cannot connect ({exc})") from exc
+            except (httpx.TimeoutException, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+                if attempt == self.max_retries:
+                    raise TuluError(
+                        f"judge at {self.url}: {type(exc).__name__} after "
+                        f"{self.max_retries + 1} attempts ({exc})"
+                    ) from exc
+            else:
+                if response.status_code == 200:
+                    return self._content(response)
+                if response.status_code not in _RETRY_STATUS or attempt == self.max_retries:
+                    raise TuluError(
+                        f"judge at {self.url}: HTTP {response.status_code} after "
+                        f"{attempt + 1} attempt(s): {response.text[:300]}"
+                    )
+            time.sleep(self._delay(attempt, response))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _content(self, response: httpx.Response) -> str:
+        try:
+            content = response.json()["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise TuluError(
+                f"judge at {self.url}: not a chat-completions response: {response.text[:300]}"
+            ) from exc
+        return content if isinstance(content, str) else ""
+
+    # -- all examples
+
+    def judge(
+        self, examples: Sequence[AlpacaFarmExample], outputs: Sequence[str]
+    ) -> list[Judgement]:
+        """Judge each model output against its example's reference, in example order."""
+        if len(outputs) != len(examples):
+            raise DataError(f"{len(outputs)} outputs for {len(examples)} AlpacaFarm examples")
+        positions = model_positions(len(examples), self.seed)
+
+        with httpx.Client(timeout=self.timeout) as client:
+
+            def one(i: int) -> Judgement:
+                example, output, position = examples[i], outputs[i], positions[i]
+                pair = (output, example.reference) if position == 1 else (example.reference, output)
+                prompt = build_judge_prompt(self.template, example.full_instruction, *pair)
+                raw = self.complete(client, prompt)
+                return Judgement(example.index, position, raw, parse_choice(raw))
+
+            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+                futures = [pool.submit(one, i) for i in range(len(examples))]
+                try:
+                    return [f.result() for f in futures]
+                except BaseException:
+                    for f in futures:
+                        f.cancel()
+                    raise
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
+@dataclass(frozen=True)
+class AlpacaFarmResult:
+    """The model's win rate over davinci-003 (ties as half) and the counts behind it.
+
+    ``ties`` includes the ``unparsable`` answers, which are scored as ties.
+    """
+
+    win_rate: float
+    wins: int
+    losses: int
+    ties: int
+    unparsable: int
+    per_example: list[Judgement] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        """Number of judged examples."""
+        return self.wins + self.losses + self.ties
+
+
+def score(judgements: Sequence[Judgement]) -> AlpacaFarmResult:
+    """Win rate ``(wins + ties / 2) / n`` of the model over the reference."""
+    winners = [j.winner for j in judgements]
+    wins, losses = winners.count("model"), winners.count("reference")
+    ties = winners.count("tie")
+    n = len(judgements)
+    return AlpacaFarmResult(
+        win_rate=(wins + ties / 2) / n if n else 0.0,
+        wins=wins,
+        losses=losses,
+        ties=ties,
+        unparsable=sum(j.unparsable for j in judgements),
+        per_example=list(judgements),
+    )

@@ -1,0 +1,117 @@
+"""``tulu eval``: argument parsing and output files; the work is in `tulu.eval.runner`.
+
+Building the parser imports nothing heavy (``tulu --help`` stays fast).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["add_eval_parser", "cmd_eval"]
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="score a model on the paper's benchmarks (in-process or over an API)",
+        description=(
+            "Evaluate MODEL with the Tulu paper's protocol. Results go to OUTPUT/results.json "
+            "(every prediction and score) and OUTPUT/results.md (the model card's table); "
+            "finished generations are cached in OUTPUT/cache.jsonl, so a rerun resumes."
+        ),
+    )
+    ev.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id")
+    ev.add_argument("--suite", choices=["paper"], default="paper")
+    ev.add_argument("--task", action="append", help="run only this task (repeatable)")
+    ev.add_argument("--data-dir", required=True, type=Path, help="open-instruct's eval layout")
+    ev.add_argument("--output", type=Path, default=Path("runs/eval"))
+    ev.add_argument("--protocol", choices=["paper", "clean"], default="paper")
+    ev.add_argument("--max-examples", type=int, help="cap examples per task (per subject)")
+    ev.add_argument("--full", action="store_true", help="every example (GSM: all 1,319)")
+    ev.add_argument("--gsm-exemplars", type=Path, help="JSON with the 8 GSM exemplars")
+    ev.add_argument("--gsm-train", type=Path, help="GSM8K train JSONL to draw exemplars from")
+    ev.add_argument("--codex-samples", type=int, default=20, help="samples per HumanEval problem")
+    ev.add_argument("--humaneval", type=Path, help="HumanEval.jsonl(.gz) (default: in data dir)")
+    ev.add_argument("--api-base", help="OpenAI-compatible server (e.g. http://host:8000/v1)")
+    ev.add_argument("--api-model", help="model name on that server (default: MODEL)")
+    ev.add_argument("--api-key", help="bearer token for --api-base")
+    ev.add_argument("--dtype", help="float32, bfloat16 or float16")
+    ev.add_argument("--device", help="cpu, cuda, ...")
+    ev.add_argument("--seed", type=int, default=42)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tulu.eval.runner import (
+        PAPER_SUITE,
+        TASKS,
+        CachedBackend,
+        EvalContext,
+        markdown_table,
+        run_tasks,
+    )
+
+    tasks = args.task or [t for t in PAPER_SUITE if t in TASKS]
+    args.output.mkdir(parents=True, exist_ok=True)
+    tokenizer, backend = _backend(args)
+    ctx = EvalContext(
+        context_window=getattr(backend, "context_window", 2048),
+        backend=CachedBackend(backend, args.output / "cache.jsonl"),
+        tokenizer=tokenizer,
+        data_dir=args.data_dir,
+        protocol=args.protocol,
+        max_examples=args.max_examples,
+        full=args.full,
+        options={
+            "gsm_exemplars": args.gsm_exemplars,
+            "gsm_train": args.gsm_train,
+            "codex_samples": args.codex_samples,
+            "humaneval": args.humaneval,
+            "seed": args.seed,
+        },
+        progress=lambda message: print(message, file=sys.stderr),
+    )
+    results = []
+
+    def save(result) -> None:
+        results.append(result)
+        print(
+            f"{result.task}: {result.metric} {result.value:.1f} ({result.seconds:.0f} s)",
+            file=sys.stderr,
+        )
+        payload = {
+            "model": args.model,
+            "protocol": args.protocol,
+            "results": [asdict(r) for r in results],
+        }
+        (args.output / "results.json").write_text(
+            json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+        )
+        (args.output / "results.md").write_text(markdown_table(results), encoding="utf-8")
+
+    run_tasks(tasks, ctx, on_result=save)
+    print(markdown_table(results))
+    print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}", file=sys.stderr)
+    return 0
+
+
+def _backend(args: argparse.Namespace):
+    from tulu.eval.backends import EngineBackend, OpenAIBackend
+
+    if args.api_base:
+        from tulu.model.checkpoint import resolve_checkpoint
+        from tulu.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(resolve_checkpoint(args.model))
+        backend = OpenAIBackend(
+            args.api_base, args.api_model or args.model, tokenizer, api_key=args.api_key
+        )
+        return tokenizer, backend
+    from tulu.engine.engine import LLM
+    from tulu.pretrained import load_pretrained
+
+    loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
+    return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer))

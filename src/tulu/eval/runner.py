@@ -1,0 +1,361 @@
+"""Run evaluation tasks on a backend and collect the model card's table.
+
+A task is a function ``(EvalContext) -> TaskResult``: it loads its data, builds its prompts with
+the task module's protocol, asks the backend, and scores. The context's backend is wrapped in a
+`CachedBackend`, which stores every finished generation in ``OUTPUT/cache.jsonl`` keyed by the
+prompt and the decoding settings, so an interrupted run resumes where it stopped: prompts are
+sent in chunks and each chunk is written as soon as it returns.
+
+Before any model work, `missing_files` checks every selected task's inputs and reports all
+that is missing in one message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tulu.errors import DataError
+from tulu.eval.backends import Backend, Decoding
+
+__all__ = [
+    "PAPER_SUITE",
+    "TASKS",
+    "CachedBackend",
+    "EvalContext",
+    "TaskResult",
+    "markdown_table",
+    "missing_files",
+    "run_tasks",
+]
+
+#: Column title of each task in the model card's table, in the card's order.
+PAPER_SUITE: dict[str, str] = {
+    "mmlu_0shot": "MMLU 0-shot",
+    "mmlu_5shot": "MMLU 5-shot",
+    "gsm_direct": "GSM Direct",
+    "gsm_cot": "GSM CoT",
+    "bbh_direct": "BBH Direct",
+    "bbh_cot": "BBH CoT",
+    "tydiqa_gp": "TydiQA GP",
+    "tydiqa_cb": "TydiQA CB",
+    "codex_pass1": "Codex P@1",
+    "codex_pass10": "Codex P@10",
+    "alpaca_farm": "AlpacaFarm",
+}
+
+_CHUNK = 256  # prompts per backend call: the most an interruption can lose
+
+
+@dataclass
+class EvalContext:
+    backend: Backend
+    tokenizer: Any
+    data_dir: Path
+    protocol: str = "paper"
+    max_examples: int | None = None  # None: each task's protocol default
+    full: bool = False  # every example (GSM: 1,319 instead of 200)
+    options: dict[str, Any] = field(default_factory=dict)
+    context_window: int = 2048  # prompts are fitted to min(2048, this) where the protocol allows
+    progress: Callable[[str], None] = lambda message: None
+
+
+@dataclass
+class TaskResult:
+    task: str
+    metric: str
+    value: float  # in percent, as the model card reports
+    details: dict[str, Any] = field(default_factory=dict)
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class CachedBackend:
+    """A backend whose finished generations persist in a JSONL file (see the module doc)."""
+
+    def __init__(self, backend: Backend, path: Path | None) -> None:
+        self.backend = backend
+        self.path = path
+        self.cache: dict[str, Any] = {}
+        if path is not None and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.cache[entry["key"]] = entry["value"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut by an interruption: that generation is redone
+
+    @staticmethod
+    def _key(kind: str, prompt: str, settings: Any) -> str:
+        text = json.dumps([kind, prompt, settings], ensure_ascii=False, sort_keys=True)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def _run(self, kind: str, prompts: Sequence[str], settings: Any, call) -> list[Any]:
+        keys = [self._key(kind, p, settings) for p in prompts]
+        todo = [i for i, key in enumerate(keys) if key not in self.cache]
+        for start in range(0, len(todo), _CHUNK):
+            chunk = todo[start : start + _CHUNK]
+            values = call([prompts[i] for i in chunk])
+            lines = []
+            for i, value in zip(chunk, values, strict=True):
+                self.cache[keys[i]] = value
+                lines.append(json.dumps({"key": keys[i], "value": value}, ensure_ascii=False))
+            if self.path is not None:
+                with open(self.path, "a", encoding="utf-8") as out:
+                    out.write("".join(line + "\n" for line in lines))
+        return [self.cache[key] for key in keys]
+
+    def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
+        return self._run(
+            "generate",
+            prompts,
+            asdict(decoding),
+            lambda chunk: self.backend.generate(chunk, decoding),
+        )
+
+    def next_token_logprobs(
+        self, prompts: Sequence[str], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        return self._run(
+            "logprobs",
+            prompts,
+            list(candidates),
+            lambda chunk: self.backend.next_token_logprobs(chunk, candidates),
+        )
+
+
+# ------------------------------------------------------------------------------ tasks
+def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
+    def run(ctx: EvalContext) -> TaskResult:
+        from tulu.eval import mmlu
+
+        data = mmlu.load_mmlu(ctx.data_dir / "mmlu")
+        keys, prompts = [], []
+        for subject, splits in data.items():
+            rows = splits["test"]
+            if ctx.max_examples is not None and not ctx.full:
+                rows = rows[: ctx.max_examples]
+            for index, row in enumerate(rows):
+                prompt = mmlu.build_prompt(
+                    subject,
+                    splits["dev"],
+                    row,
+                    k,
+                    ctx.tokenizer,
+                    ctx.protocol,
+                    max_length=min(mmlu.MAX_PROMPT_TOKENS, ctx.context_window - 1),
+                )
+                keys.append((subject, index))
+                prompts.append(prompt)
+        candidates = mmlu.answer_token_ids(ctx.tokenizer, ctx.protocol)
+        rows = ctx.backend.next_token_logprobs(prompts, candidates)
+        # argmax over the four candidates; the first letter wins a tie (as mmlu.pick_answer)
+        predictions = {
+            key: mmlu.LETTERS[row.index(max(row))] for key, row in zip(keys, rows, strict=True)
+        }
+        scored = {
+            s: {"dev": d["dev"], "test": _subset(d["test"], keys, s)} for s, d in data.items()
+        }
+        result = mmlu.score(predictions, scored)
+        return TaskResult(
+            task=f"mmlu_{k}shot",
+            metric="accuracy",
+            value=100 * result.accuracy,
+            details={"per_subject": result.table(), "questions": result.total},
+            predictions=[
+                {"subject": s, "index": i, "prediction": predictions[(s, i)]} for s, i in keys
+            ],
+        )
+
+    return run
+
+
+def _subset(rows: list, keys: list[tuple[str, int]], subject: str) -> list:
+    count = sum(1 for s, _ in keys if s == subject)
+    return rows[:count]
+
+
+def _gsm(mode: str) -> Callable[[EvalContext], TaskResult]:
+    def run(ctx: EvalContext) -> TaskResult:
+        from tulu.eval import gsm
+
+        questions = gsm.load_gsm(ctx.data_dir / "gsm" / "test.jsonl")
+        limit = None if ctx.full else (ctx.max_examples or gsm.DEFAULT_MAX_EXAMPLES)
+        questions = gsm.sample_questions(questions, limit)
+        source = gsm.resolve_exemplars(
+            ctx.options.get("gsm_exemplars"), ctx.options.get("gsm_train")
+        )
+        prompts = [
+            gsm.build_prompt(q.question, source.exemplars, mode, ctx.protocol) for q in questions
+        ]
+        settings = gsm.GENERATION
+        outputs = ctx.backend.generate(
+            prompts, Decoding(max_tokens=settings.max_new_tokens, stop=settings.stop)
+        )
+        texts = [choices[0] for choices in outputs]
+        result = gsm.score(texts, questions, ctx.protocol)
+        return TaskResult(
+            task=f"gsm_{mode}",
+            metric="exact match",
+            value=100 * result.accuracy,
+            details={"questions": result.total, "exemplars": source.description},
+            predictions=[
+                {"question": q.question, "output": t, "prediction": p, "correct": m}
+                for q, t, p, m in zip(
+                    questions, texts, result.predictions, result.matches, strict=True
+                )
+            ],
+        )
+
+    return run
+
+
+def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
+    def run(ctx: EvalContext) -> TaskResult:
+        from tulu.eval import humaneval, sandbox
+
+        problems = humaneval.load_problems(_humaneval_path(ctx))
+        if ctx.max_examples is not None and not ctx.full:
+            problems = problems[: ctx.max_examples]
+        samples = int(ctx.options.get("codex_samples", 20))
+        if samples < k:
+            raise DataError(
+                f"codex_pass{k} needs at least {k} samples per problem (--codex-samples {samples})"
+            )
+        decoding = Decoding(
+            max_tokens=512,
+            temperature=temperature,
+            top_p=0.95,
+            n=samples,
+            stop=tuple(humaneval.STOP_SEQUENCES),
+            seed=int(ctx.options.get("seed", 42)),
+        )
+        outputs = ctx.backend.generate([p.prompt for p in problems], decoding)
+        programs, owners = [], []
+        for index, (problem, choices) in enumerate(zip(problems, outputs, strict=True)):
+            for completion in choices:
+                programs.append(
+                    humaneval.program_for(problem, humaneval.truncate_at_stop(completion))
+                )
+                owners.append(index)
+        ctx.progress(f"codex: running {len(programs)} programs in the sandbox")
+        results = sandbox.run_many(programs)
+        passed: list[list[bool]] = [[] for _ in problems]
+        for owner, result in zip(owners, results, strict=True):
+            passed[owner].append(result.passed)
+        value = humaneval.mean_pass_at_k(passed, k)
+        return TaskResult(
+            task=f"codex_pass{k}",
+            metric=f"pass@{k}",
+            value=100 * value,
+            details={"problems": len(problems), "samples": samples, "temperature": temperature},
+            predictions=[
+                {"task_id": p.task_id, "completions": c, "passed": ok}
+                for p, c, ok in zip(problems, outputs, passed, strict=True)
+            ],
+        )
+
+    return run
+
+
+def _humaneval_path(ctx: EvalContext) -> Path:
+    given = ctx.options.get("humaneval")
+    if given:
+        return Path(given)
+    for name in ("HumanEval.jsonl.gz", "HumanEval.jsonl"):
+        path = ctx.data_dir / "codex_humaneval" / name
+        if path.is_file():
+            return path
+    return ctx.data_dir / "codex_humaneval" / "HumanEval.jsonl.gz"
+
+
+TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
+    "mmlu_0shot": _mmlu(0),
+    "mmlu_5shot": _mmlu(5),
+    "gsm_direct": _gsm("direct"),
+    "gsm_cot": _gsm("cot"),
+    "codex_pass1": _codex(1, 0.1),
+    "codex_pass10": _codex(10, 0.8),
+}
+
+
+# ------------------------------------------------------------------------------ inputs
+def missing_files(tasks: Sequence[str], ctx: EvalContext) -> list[str]:
+    """Every input a selected task needs and cannot find, as ``"task: path"`` lines."""
+    missing: list[str] = []
+    for task in tasks:
+        for path in _inputs(task, ctx):
+            if not Path(path).exists():
+                missing.append(f"{task}: {path}")
+    return missing
+
+
+def _inputs(task: str, ctx: EvalContext) -> list[Path]:
+    root = ctx.data_dir
+    if task.startswith("mmlu"):
+        for base in (root / "mmlu", root / "mmlu" / "data"):
+            if (base / "dev").is_dir() and (base / "test").is_dir():
+                return []
+        return [root / "mmlu" / "dev", root / "mmlu" / "test"]
+    if task.startswith("gsm"):
+        paths = [root / "gsm" / "test.jsonl"]
+        for key in ("gsm_exemplars", "gsm_train"):
+            if ctx.options.get(key):
+                paths.append(Path(ctx.options[key]))
+        return paths
+    if task.startswith("codex"):
+        return [_humaneval_path(ctx)]
+    return []
+
+
+# ------------------------------------------------------------------------------ running
+def run_tasks(
+    tasks: Sequence[str], ctx: EvalContext, on_result: Callable[[TaskResult], None] | None = None
+) -> list[TaskResult]:
+    """Run `tasks` in order (after checking every input), returning their results."""
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown:
+        raise DataError(
+            f"unknown or not yet available task(s) {', '.join(unknown)} "
+            f"(available: {', '.join(TASKS)})"
+        )
+    missing = missing_files(tasks, ctx)
+    if missing:
+        raise DataError(f"missing evaluation data under {ctx.data_dir}:\n  " + "\n  ".join(missing))
+    results = []
+    for task in tasks:
+        ctx.progress(f"{task}: running")
+        started = time.perf_counter()
+        result = TASKS[task](ctx)
+        result.seconds = time.perf_counter() - started
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def markdown_table(results: Sequence[TaskResult]) -> str:
+    """The model card's table: one column per paper task (in its order) and their average."""
+    by_task = {r.task: r for r in results}
+    columns = [(task, title) for task, title in PAPER_SUITE.items() if task in by_task]
+    extra = [r for r in results if r.task not in PAPER_SUITE]
+    header = [title for _, title in columns] + [r.task for r in extra] + ["Average"]
+    values = [by_task[task].value for task, _ in columns] + [r.value for r in extra]
+    average = sum(values) / len(values) if values else 0.0
+    cells = [f"{v:.1f}" for v in values] + [f"{average:.1f}"]
+    return (
+        "| "
+        + " | ".join(header)
+        + " |\n"
+        + "|"
+        + "---|" * len(header)
+        + "\n"
+        + "| "
+        + " | ".join(cells)
+        + " |\n"
+    )
