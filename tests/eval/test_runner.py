@@ -199,3 +199,36 @@ def test_tulu_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     cached = (tmp_path / "out" / "cache.jsonl").read_text().count("\n")
     assert main(args) == 0  # resumed: everything comes from the cache
     assert (tmp_path / "out" / "cache.jsonl").read_text().count("\n") == cached
+
+
+def test_alpaca_farm_task_through_a_judge(tmp_path):
+    if not (EVAL / "alpaca_farm").is_dir():
+        pytest.skip(f"AlpacaFarm data absent ({EVAL / 'alpaca_farm'})")
+    import threading
+
+    from eval.test_alpaca_farm import FakeJudge
+    from tulu.eval import alpaca_farm
+
+    judge = FakeJudge()
+    threading.Thread(target=judge.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        examples = alpaca_farm.load_alpaca_farm(EVAL / "alpaca_farm")[:8]
+        backend = GoldBackend()
+        for i, e in enumerate(examples):  # the judge prefers outputs marked GOOD
+            backend.answers[e.prompt] = ["GOOD answer" if i % 4 else "weak"]
+        ctx = EvalContext(
+            backend=backend,
+            tokenizer=None,
+            data_dir=EVAL,
+            max_examples=8,
+            options={"judge_url": judge.base_url, "judge_model": "judge"},
+        )
+        (result,) = run_tasks(["alpaca_farm"], ctx)
+        assert result.details["wins"] == 6 and result.value == pytest.approx(75.0)
+        assert len(judge.requests) == 8
+        ctx.options["judge_url"] = None
+        with pytest.raises(DataError, match="needs a judge"):
+            run_tasks(["alpaca_farm"], ctx)
+    finally:
+        judge.shutdown()
+        judge.server_close()

@@ -39,6 +39,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--api-base", help="OpenAI-compatible server (e.g. http://host:8000/v1)")
     ev.add_argument("--api-model", help="model name on that server (default: MODEL)")
     ev.add_argument("--api-key", help="bearer token for --api-base")
+    ev.add_argument("--judge-url", help="AlpacaFarm judge: OpenAI-compatible endpoint")
+    ev.add_argument("--judge-model", help="the judge's model name (default: gpt-4)")
+    ev.add_argument(
+        "--judge-template",
+        type=Path,
+        help="judge prompt with {instruction}, {output_1}, {output_2} (default: the project's)",
+    )
+    ev.add_argument("--judge-api-key", help="bearer token for the judge")
     ev.add_argument("--dtype", help="float32, bfloat16 or float16")
     ev.add_argument("--device", help="cpu, cuda, ...")
     ev.add_argument("--seed", type=int, default=42)
@@ -55,6 +63,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
 
     tasks = args.task or [t for t in PAPER_SUITE if t in TASKS]
+    if not args.task and not args.judge_url and "alpaca_farm" in tasks:
+        tasks.remove("alpaca_farm")
+        print("alpaca_farm skipped: it needs a judge (--judge-url)", file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)
     tokenizer, backend = _backend(args)
     ctx = EvalContext(
@@ -71,6 +82,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "codex_samples": args.codex_samples,
             "humaneval": args.humaneval,
             "seed": args.seed,
+            "judge_url": args.judge_url,
+            "judge_model": args.judge_model,
+            "judge_template": args.judge_template,
+            "judge_api_key": args.judge_api_key,
         },
         progress=lambda message: print(message, file=sys.stderr),
     )

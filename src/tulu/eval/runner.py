@@ -274,6 +274,51 @@ def _humaneval_path(ctx: EvalContext) -> Path:
     return ctx.data_dir / "codex_humaneval" / "HumanEval.jsonl.gz"
 
 
+def _alpaca_farm(ctx: EvalContext) -> TaskResult:
+    from tulu.eval import alpaca_farm
+
+    url = ctx.options.get("judge_url")
+    if not url:
+        raise DataError("alpaca_farm needs a judge: --judge-url (an OpenAI-compatible endpoint)")
+    judge = alpaca_farm.Judge(
+        url,
+        ctx.options.get("judge_model") or "gpt-4",
+        template_path=ctx.options.get("judge_template"),
+        api_key=ctx.options.get("judge_api_key"),
+        seed=int(ctx.options.get("seed", 42)),
+    )
+    examples = alpaca_farm.load_alpaca_farm(ctx.data_dir / "alpaca_farm")
+    if ctx.max_examples is not None and not ctx.full:
+        examples = examples[: ctx.max_examples]
+    settings = alpaca_farm.GENERATION
+    outputs = ctx.backend.generate(
+        [e.prompt for e in examples], Decoding(max_tokens=settings.max_new_tokens)
+    )
+    texts = [choices[0].strip() for choices in outputs]
+    result = alpaca_farm.score(judge.judge(examples, texts))
+    return TaskResult(
+        task="alpaca_farm",
+        metric="win rate vs davinci-003",
+        value=100 * result.win_rate,
+        details={
+            "wins": result.wins,
+            "losses": result.losses,
+            "ties": result.ties,
+            "unparsable": result.unparsable,
+        },
+        predictions=[
+            {
+                "instruction": e.full_instruction,
+                "output": t,
+                "model_position": j.model_position,
+                "judge": j.raw,
+                "winner": j.winner,
+            }
+            for e, t, j in zip(examples, texts, result.per_example, strict=True)
+        ],
+    )
+
+
 TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
     "mmlu_0shot": _mmlu(0),
     "mmlu_5shot": _mmlu(5),
@@ -281,6 +326,7 @@ TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
     "gsm_cot": _gsm("cot"),
     "codex_pass1": _codex(1, 0.1),
     "codex_pass10": _codex(10, 0.8),
+    "alpaca_farm": _alpaca_farm,
 }
 
 
@@ -310,6 +356,16 @@ def _inputs(task: str, ctx: EvalContext) -> list[Path]:
         return paths
     if task.startswith("codex"):
         return [_humaneval_path(ctx)]
+    if task == "alpaca_farm":
+        from tulu.eval import alpaca_farm
+
+        paths = [
+            root / "alpaca_farm" / name
+            for name in (alpaca_farm.SPLIT_FILE, alpaca_farm.REFERENCE_FILE)
+        ]
+        if ctx.options.get("judge_template"):
+            paths.append(Path(ctx.options["judge_template"]))
+        return paths
     return []
 
 
