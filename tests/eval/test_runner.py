@@ -232,3 +232,67 @@ def test_alpaca_farm_task_through_a_judge(tmp_path):
     finally:
         judge.shutdown()
         judge.server_close()
+
+
+def test_gold_answers_score_100_on_bbh(neox):
+    if not (EVAL / "bbh" / "cot-prompts").is_dir():
+        pytest.skip(f"BBH data absent ({EVAL / 'bbh'})")
+    from tulu.eval import bbh
+
+    tasks = bbh.load_bbh(EVAL / "bbh")
+    examples = bbh.sample_examples(tasks, 2, protocol="paper")
+    backend = GoldBackend()
+    for mode in ("direct", "cot"):
+        for name, rows in examples.items():
+            prompt = bbh.task_prompt(tasks[name].cot_prompt_file, mode, "paper")
+            for row in rows:
+                backend.answers[bbh.build_prompt(prompt, row.input)] = [
+                    f" Let me think. So the answer is {row.target}."
+                ]
+    ctx = EvalContext(backend=backend, tokenizer=neox, data_dir=EVAL, max_examples=2)
+    results = run_tasks(["bbh_direct", "bbh_cot"], ctx)
+    assert [r.value for r in results] == [100.0, 100.0]
+    assert len(results[0].details["per_task"]) == 27
+
+
+def _squad(path: Path, questions: list[tuple[str, str, str, str]]) -> None:
+    paragraphs = [
+        {"context": context, "qas": [{"id": qid, "question": q, "answers": [{"text": a}]}]}
+        for qid, context, q, a in questions
+    ]
+    path.write_text(json.dumps({"data": [{"paragraphs": paragraphs}]}), encoding="utf-8")
+
+
+def test_gold_answers_score_100_on_tydiqa_fixture(neox, tmp_path):
+    from tulu.eval import tydiqa
+
+    root = tmp_path / "tydiqa"
+    root.mkdir()
+    rows = [
+        (
+            f"{lang}-{i}",
+            f"The capital of place {i} is City{i}.",
+            f"Capital of place {i}?",
+            f"City{i}",
+        )
+        for lang in tydiqa.LANGUAGES
+        for i in range(3)
+    ]
+    _squad(root / tydiqa.DEV_FILE, rows)
+    _squad(root / tydiqa.TRAIN_FILE, [(f"{q}-train", c, x, a) for q, c, x, a in rows])
+    recorder = GoldBackend()
+
+    class Echo:  # answers each prompt with the gold answer of the question it ends with
+        def generate(self, prompts, decoding):
+            outputs = []
+            for prompt in prompts:
+                tail = prompt.rsplit("place ", 1)[1]
+                outputs.append([f"City{tail.split('?')[0]}"])
+            recorder.calls += 1
+            return outputs
+
+    for mode in ("gp", "cb"):
+        ctx = EvalContext(backend=Echo(), tokenizer=neox, data_dir=tmp_path, protocol="clean")
+        (result,) = run_tasks([f"tydiqa_{mode}"], ctx)
+        assert result.value == 100.0
+        assert set(result.details["per_language"]) == set(tydiqa.LANGUAGES)

@@ -34,6 +34,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--full", action="store_true", help="every example (GSM: all 1,319)")
     ev.add_argument("--gsm-exemplars", type=Path, help="JSON with the 8 GSM exemplars")
     ev.add_argument("--gsm-train", type=Path, help="GSM8K train JSONL to draw exemplars from")
+    ev.add_argument("--tydiqa-templates", type=Path, help="TyDi QA instructions and labels (JSON)")
     ev.add_argument("--codex-samples", type=int, default=20, help="samples per HumanEval problem")
     ev.add_argument("--humaneval", type=Path, help="HumanEval.jsonl(.gz) (default: in data dir)")
     ev.add_argument("--api-base", help="OpenAI-compatible server (e.g. http://host:8000/v1)")
@@ -82,6 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "codex_samples": args.codex_samples,
             "humaneval": args.humaneval,
             "seed": args.seed,
+            "tydiqa_templates": args.tydiqa_templates,
             "judge_url": args.judge_url,
             "judge_model": args.judge_model,
             "judge_template": args.judge_template,

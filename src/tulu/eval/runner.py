@@ -274,6 +274,96 @@ def _humaneval_path(ctx: EvalContext) -> Path:
     return ctx.data_dir / "codex_humaneval" / "HumanEval.jsonl.gz"
 
 
+def _bbh(mode: str) -> Callable[[EvalContext], TaskResult]:
+    def run(ctx: EvalContext) -> TaskResult:
+        from tulu.eval import bbh
+
+        tasks = bbh.load_bbh(ctx.data_dir / "bbh")
+        limit = None if ctx.full else (ctx.max_examples or bbh.DEFAULT_MAX_EXAMPLES)
+        examples = bbh.sample_examples(tasks, limit, protocol=ctx.protocol)
+        keys, prompts = [], []
+        for name, rows in examples.items():
+            prompt = bbh.task_prompt(tasks[name].cot_prompt_file, mode, ctx.protocol)
+            for index, row in enumerate(rows):
+                keys.append((name, index))
+                prompts.append(bbh.build_prompt(prompt, row.input))
+        settings = bbh.GENERATION
+        outputs = ctx.backend.generate(
+            prompts, Decoding(max_tokens=settings.max_new_tokens, stop=settings.stop)
+        )
+        by_task: dict[str, list[str]] = {name: [] for name in examples}
+        for (name, _), choices in zip(keys, outputs, strict=True):
+            by_task[name].append(choices[0])
+        result = bbh.score(by_task, examples, ctx.protocol)
+        return TaskResult(
+            task=f"bbh_{mode}",
+            metric="exact match (task average)",
+            value=100 * result.accuracy,
+            details={"per_task": result.table()},
+            predictions=[
+                {
+                    "task": name,
+                    "input": examples[name][i].input,
+                    "output": by_task[name][i],
+                    "target": examples[name][i].target,
+                }
+                for name, i in keys
+            ],
+        )
+
+    return run
+
+
+def _tydiqa(mode: str) -> Callable[[EvalContext], TaskResult]:
+    def run(ctx: EvalContext) -> TaskResult:
+        from dataclasses import replace
+
+        from tulu.eval import tydiqa
+
+        root = ctx.data_dir / "tydiqa"
+        dev = tydiqa.load_dev(root)
+        train = tydiqa.load_train(root, tydiqa.LANGUAGES)
+        limit = None if ctx.full else (ctx.max_examples or tydiqa.DEFAULT_MAX_EXAMPLES)
+        questions, exemplars = tydiqa.sample_tydiqa(dev, train, limit, protocol=ctx.protocol)
+        templates = tydiqa.load_templates(ctx.options.get("tydiqa_templates"))
+
+        def cut(example):
+            text = tydiqa.truncate_passage(example.context, ctx.tokenizer, protocol=ctx.protocol)
+            return replace(example, context=text)
+
+        keys, prompts = [], []
+        for language, rows in questions.items():
+            shots = [cut(e) for e in exemplars.get(language, [])]
+            for index, row in enumerate(rows):
+                keys.append((language, index))
+                prompts.append(tydiqa.build_prompt(cut(row), shots, templates, mode, ctx.protocol))
+        settings = tydiqa.GENERATION
+        outputs = ctx.backend.generate(
+            prompts, Decoding(max_tokens=settings.max_new_tokens, stop=settings.stop)
+        )
+        by_language: dict[str, list[str]] = {language: [] for language in questions}
+        for (language, _), choices in zip(keys, outputs, strict=True):
+            by_language[language].append(choices[0])
+        result = tydiqa.score(by_language, questions)
+        return TaskResult(
+            task=f"tydiqa_{mode}",
+            metric="F1 (language average)",
+            value=100 * result.f1,
+            details={"exact_match": 100 * result.exact_match, "per_language": result.table()},
+            predictions=[
+                {
+                    "language": lang,
+                    "id": questions[lang][i].id,
+                    "output": by_language[lang][i],
+                    "answers": list(questions[lang][i].answers),
+                }
+                for lang, i in keys
+            ],
+        )
+
+    return run
+
+
 def _alpaca_farm(ctx: EvalContext) -> TaskResult:
     from tulu.eval import alpaca_farm
 
@@ -324,6 +414,10 @@ TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
     "mmlu_5shot": _mmlu(5),
     "gsm_direct": _gsm("direct"),
     "gsm_cot": _gsm("cot"),
+    "bbh_direct": _bbh("direct"),
+    "bbh_cot": _bbh("cot"),
+    "tydiqa_gp": _tydiqa("gp"),
+    "tydiqa_cb": _tydiqa("cb"),
     "codex_pass1": _codex(1, 0.1),
     "codex_pass10": _codex(10, 0.8),
     "alpaca_farm": _alpaca_farm,
@@ -353,6 +447,19 @@ def _inputs(task: str, ctx: EvalContext) -> list[Path]:
         for key in ("gsm_exemplars", "gsm_train"):
             if ctx.options.get(key):
                 paths.append(Path(ctx.options[key]))
+        return paths
+    if task.startswith("bbh"):
+        base = root / "bbh"
+        return [base / "bbh", base / "cot-prompts"]
+    if task.startswith("tydiqa"):
+        from tulu.eval import tydiqa
+
+        base = root / "tydiqa"
+        paths = [base / tydiqa.DEV_FILE]
+        if not (base / tydiqa.TRAIN_FILE).is_file():  # else one train file per language
+            paths += [base / "train" / f"{lang}_tydiqa_train.json" for lang in tydiqa.LANGUAGES]
+        if ctx.options.get("tydiqa_templates"):
+            paths.append(Path(ctx.options["tydiqa_templates"]))
         return paths
     if task.startswith("codex"):
         return [_humaneval_path(ctx)]
