@@ -196,6 +196,8 @@ def test_tulu_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert [r["task"] for r in results["results"]] == ["mmlu_0shot", "gsm_direct"]
     assert len(results["results"][0]["predictions"]) == 57
+    report = (tmp_path / "out" / "results.md").read_text()
+    assert "### MMLU 0-shot" in report and "| abstract_algebra | " in report
     cached = (tmp_path / "out" / "cache.jsonl").read_text().count("\n")
     assert main(args) == 0  # resumed: everything comes from the cache
     assert (tmp_path / "out" / "cache.jsonl").read_text().count("\n") == cached

@@ -59,6 +59,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         TASKS,
         CachedBackend,
         EvalContext,
+        markdown_breakdowns,
         markdown_table,
         run_tasks,
     )
@@ -107,7 +108,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         (args.output / "results.json").write_text(
             json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
         )
-        (args.output / "results.md").write_text(markdown_table(results), encoding="utf-8")
+        (args.output / "results.md").write_text(
+            markdown_table(results) + "\n" + markdown_breakdowns(results), encoding="utf-8"
+        )
 
     run_tasks(tasks, ctx, on_result=save)
     print(markdown_table(results))

@@ -29,6 +29,7 @@ __all__ = [
     "CachedBackend",
     "EvalContext",
     "TaskResult",
+    "markdown_breakdowns",
     "markdown_table",
     "missing_files",
     "run_tasks",
@@ -522,3 +523,35 @@ def markdown_table(results: Sequence[TaskResult]) -> str:
         + " | ".join(cells)
         + " |\n"
     )
+
+
+#: Per-task details rendered under the main table: (details key, column of the row name).
+_BREAKDOWNS = {"per_subject": "subject", "per_task": "task", "per_language": "language"}
+
+
+def markdown_breakdowns(results: Sequence[TaskResult]) -> str:
+    """One table per task that has a breakdown (MMLU subjects, BBH tasks, TyDi languages)."""
+    sections = []
+    for result in results:
+        for key, label in _BREAKDOWNS.items():
+            table = result.details.get(key)
+            if not table:
+                continue
+            columns = list(next(iter(table.values())))
+            lines = [
+                f"### {PAPER_SUITE.get(result.task, result.task)}",
+                "",
+                "| " + " | ".join([label, *columns]) + " |",
+                "|" + "---|" * (len(columns) + 1),
+            ]
+            for name, row in table.items():
+                cells = [_cell(row[c]) for c in columns]
+                lines.append("| " + " | ".join([name, *cells]) + " |")
+            sections.append("\n".join(lines) + "\n")
+    return "\n".join(sections)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{100 * value:.1f}" if value <= 1 else f"{value:.1f}"
+    return str(value)
