@@ -99,3 +99,38 @@ def test_openai_backend_names_the_url_when_unreachable(checkpoint):
     backend = OpenAIBackend(f"http://127.0.0.1:{port}/v1", "tiny", retries=0)
     with pytest.raises(TuluError, match=rf"http://127.0.0.1:{port}/v1/completions: request failed"):
         backend.generate(["hi"], Decoding(max_tokens=2))
+
+
+def test_tgi_backend_against_tulu_serve(checkpoint):
+    from server.conftest import start_server
+    from tulu.eval.backends import TGIBackend
+
+    server = start_server(checkpoint)
+    try:
+        model, tokenizer = checkpoint.model, checkpoint.tokenizer
+        backend = TGIBackend(f"http://{server.host}:{server.port}")
+        texts = backend.generate(PROMPTS, Decoding(max_tokens=8))
+        assert texts == [[_greedy(model, tokenizer, p, 8)] for p in PROMPTS]
+        full = _greedy(model, tokenizer, PROMPTS[0], 8)
+        stop = next((c for c in full[1:] if c.strip()), None)
+        if stop is not None:  # the stop text is cut, as the engine and OpenAI routes do
+            (stopped,) = backend.generate(PROMPTS[:1], Decoding(max_tokens=8, stop=(stop,)))
+            assert stopped == [full[: full.index(stop)]]
+        sampled = backend.generate(
+            PROMPTS[:1], Decoding(max_tokens=5, temperature=0.9, n=3, seed=4)
+        )
+        assert len(sampled[0]) == 3
+        assert sampled == backend.generate(
+            PROMPTS[:1], Decoding(max_tokens=5, temperature=0.9, n=3, seed=4)
+        )
+        top = int(
+            torch.tensor(
+                _candidate_logprobs(model, tokenizer, PROMPTS[1], list(range(600)))
+            ).argmax()
+        )
+        rows = backend.next_token_logprobs(PROMPTS[1:2], [top, 599])
+        expected = _candidate_logprobs(model, tokenizer, PROMPTS[1], [top, 599])
+        assert rows[0][0] == pytest.approx(expected[0], abs=1e-3)
+        assert rows[0][1] == -math.inf or rows[0][1] == pytest.approx(expected[1], abs=1e-3)
+    finally:
+        server.stop()

@@ -9,7 +9,8 @@ Every task needs one of two things from a model:
 
 `EngineBackend` batches everything through `LLM.generate` (continuous batching; prompts that
 share few-shot exemplars share KV-cache blocks through prefix caching). `OpenAIBackend` sends
-``/v1/completions`` requests to a server such as ``tulu serve`` or vLLM, a few at a time.
+``/v1/completions`` requests to a server such as ``tulu serve`` or vLLM, a few at a time;
+`TGIBackend` uses text-generation-inference's native ``/generate``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Protocol
 
 from tulu.errors import TuluError
 
-__all__ = ["Backend", "Decoding", "EngineBackend", "OpenAIBackend"]
+__all__ = ["Backend", "Decoding", "EngineBackend", "OpenAIBackend", "TGIBackend"]
 
 
 @dataclass(frozen=True)
@@ -132,27 +133,11 @@ class OpenAIBackend:
     _client: Any = field(default=None, init=False, repr=False)
 
     def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
-        import httpx
-
         if self._client is None:
-            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-            self._client = httpx.Client(timeout=self.timeout, headers=headers)
-        url = self.api_base.rstrip("/") + "/completions"
-        delay = 1.0
-        for attempt in range(self.retries + 1):
-            try:
-                response = self._client.post(url, json=payload)
-            except httpx.HTTPError as err:
-                if attempt == self.retries:
-                    raise TuluError(f"{url}: request failed ({err})") from None
-            else:
-                if response.status_code == 200:
-                    return response.json()
-                if response.status_code not in (429, 500, 502, 503, 504) or attempt == self.retries:
-                    raise TuluError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
-            time.sleep(delay)
-            delay = min(delay * 2, 30.0)
-        raise AssertionError("unreachable")
+            self._client = _client(self.api_key, self.timeout)
+        return _post_json(
+            self._client, self.api_base.rstrip("/") + "/completions", payload, self.retries
+        )
 
     def _map(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -196,3 +181,100 @@ class OpenAIBackend:
             top = (logprobs.get("top_logprobs") or [{}])[0] or {}
             rows.append([float(top.get(s, -math.inf)) for s in strings])
         return rows
+
+
+def _client(api_key: str | None, timeout: float):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    return httpx.Client(timeout=timeout, headers=headers)
+
+
+def _post_json(client: Any, url: str, payload: dict[str, Any], retries: int) -> Any:
+    """POST with retries (exponential backoff) on connection errors, 429 and 5xx."""
+    import httpx
+
+    delay = 1.0
+    for attempt in range(retries + 1):
+        try:
+            response = client.post(url, json=payload)
+        except httpx.HTTPError as err:
+            if attempt == retries:
+                raise TuluError(f"{url}: request failed ({err})") from None
+        else:
+            if response.status_code == 200:
+                return response.json()
+            if response.status_code not in (429, 500, 502, 503, 504) or attempt == retries:
+                raise TuluError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class TGIBackend:
+    """text-generation-inference's native ``POST /generate`` (also served by ``tulu serve``).
+
+    TGI returns one sequence per request, so ``n`` samples are ``n`` requests with seeds
+    ``seed, seed + 1, ...``. Candidate log-probabilities come from ``top_n_tokens`` of the
+    first generated token (ids, so no tokenizer is needed); a candidate outside them reads as
+    ``-inf``.
+    """
+
+    url: str
+    api_key: str | None = None
+    concurrency: int = 8
+    timeout: float = 600.0
+    retries: int = 4
+    top_n_tokens: int = 5
+    _client: Any = field(default=None, init=False, repr=False)
+
+    def _post(self, payload: dict[str, Any]) -> Any:
+        if self._client is None:
+            self._client = _client(self.api_key, self.timeout)
+        return _post_json(self._client, self.url.rstrip("/") + "/generate", payload, self.retries)
+
+    def _map(self, payloads: list[dict[str, Any]]) -> list[Any]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(self._post, payloads))
+
+    def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
+        sample = decoding.temperature > 0
+        payloads = []
+        for prompt in prompts:
+            for j in range(decoding.n):
+                parameters: dict[str, Any] = {
+                    "max_new_tokens": decoding.max_tokens,
+                    "do_sample": sample,
+                }
+                if sample:
+                    parameters["temperature"] = decoding.temperature
+                    if decoding.top_p < 1:
+                        parameters["top_p"] = decoding.top_p
+                    if decoding.seed is not None:
+                        parameters["seed"] = decoding.seed + j
+                if decoding.stop:
+                    parameters["stop"] = list(decoding.stop)
+                payloads.append({"inputs": prompt, "parameters": parameters})
+        texts = [_strip_stop(r["generated_text"], decoding.stop) for r in self._map(payloads)]
+        return [texts[i * decoding.n : (i + 1) * decoding.n] for i in range(len(prompts))]
+
+    def next_token_logprobs(
+        self, prompts: Sequence[str], candidates: Sequence[int]
+    ) -> list[list[float]]:
+        parameters = {"max_new_tokens": 1, "details": True, "top_n_tokens": self.top_n_tokens}
+        responses = self._map([{"inputs": p, "parameters": parameters} for p in prompts])
+        rows = []
+        for response in responses:
+            top = ((response.get("details") or {}).get("top_tokens") or [[]])[0]
+            found = {entry["id"]: float(entry["logprob"]) for entry in top}
+            rows.append([found.get(token, -math.inf) for token in candidates])
+        return rows
+
+
+def _strip_stop(text: str, stop: Sequence[str]) -> str:
+    """TGI includes the matched stop sequence in generated_text; the tasks expect it removed."""
+    for sequence in stop:
+        if sequence and text.endswith(sequence):
+            return text[: -len(sequence)]
+    return text

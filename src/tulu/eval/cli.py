@@ -37,7 +37,13 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--tydiqa-templates", type=Path, help="TyDi QA instructions and labels (JSON)")
     ev.add_argument("--codex-samples", type=int, default=20, help="samples per HumanEval problem")
     ev.add_argument("--humaneval", type=Path, help="HumanEval.jsonl(.gz) (default: in data dir)")
-    ev.add_argument("--api-base", help="OpenAI-compatible server (e.g. http://host:8000/v1)")
+    ev.add_argument(
+        "--api-base",
+        help="a running server: http://host:8000/v1 (OpenAI) or http://host:8080 (TGI)",
+    )
+    ev.add_argument(
+        "--api-style", choices=["openai", "tgi"], default="openai", help="API of --api-base"
+    )
     ev.add_argument("--api-model", help="model name on that server (default: MODEL)")
     ev.add_argument("--api-key", help="bearer token for --api-base")
     ev.add_argument("--judge-url", help="AlpacaFarm judge: OpenAI-compatible endpoint")
@@ -119,13 +125,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace):
-    from tulu.eval.backends import EngineBackend, OpenAIBackend
+    from tulu.eval.backends import EngineBackend, OpenAIBackend, TGIBackend
 
     if args.api_base:
         from tulu.model.checkpoint import resolve_checkpoint
         from tulu.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(resolve_checkpoint(args.model))
+        if args.api_style == "tgi":
+            return tokenizer, TGIBackend(args.api_base, api_key=args.api_key)
         backend = OpenAIBackend(
             args.api_base, args.api_model or args.model, tokenizer, api_key=args.api_key
         )
