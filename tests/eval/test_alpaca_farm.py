@@ -294,8 +294,8 @@ def test_score_empty_and_mapping() -> None:
 
 def test_generation_settings() -> None:
     assert af.MAX_NEW_TOKENS == 2048
-    assert af.GENERATION.max_new_tokens == 2048
-    assert af.GENERATION.do_sample is False
+    assert af.GENERATION.max_tokens == 2048
+    assert af.GENERATION.temperature == 0.0
 
 
 def test_prompt_format() -> None:

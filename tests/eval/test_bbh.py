@@ -150,8 +150,8 @@ def test_extraction_quirks() -> None:
 
 
 def test_generation_settings() -> None:
-    assert bbh.GENERATION.do_sample is False
-    assert bbh.GENERATION.max_new_tokens == 512
+    assert bbh.GENERATION.temperature == 0.0
+    assert bbh.GENERATION.max_tokens == 512
     assert bbh.GENERATION.stop == ("\n\n",)
 
 

@@ -181,6 +181,6 @@ def test_score_gold_and_wrong_on_full_data(questions: list[gsm.GSMQuestion]) -> 
 
 
 def test_generation_settings() -> None:
-    assert gsm.GENERATION.do_sample is False
-    assert gsm.GENERATION.max_new_tokens == 512
+    assert gsm.GENERATION.temperature == 0.0
+    assert gsm.GENERATION.max_tokens == 512
     assert gsm.GENERATION.stop == ("\n",)

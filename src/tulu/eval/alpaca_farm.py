@@ -46,6 +46,7 @@ from typing import Any, Literal
 import httpx
 
 from tulu.errors import DataError, TuluError
+from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import chat_wrap
 
 __all__ = [
@@ -58,7 +59,6 @@ __all__ = [
     "SPLIT_FILE",
     "AlpacaFarmExample",
     "AlpacaFarmResult",
-    "GenerationSettings",
     "Judge",
     "Judgement",
     "build_judge_prompt",
@@ -79,16 +79,8 @@ SPLIT_FILE = "alpacafarm_eval_gpt-3.5-turbo-0301.json"
 PLACEHOLDERS = ("{instruction}", "{output_1}", "{output_2}")
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings the runner must use; fixed by the protocol, not tunable per model."""
-
-    do_sample: bool = False  # greedy
-    max_new_tokens: int = MAX_NEW_TOKENS
-    stop: tuple[str, ...] = ()
-
-
-GENERATION = GenerationSettings()
+#: Decoding fixed by the protocol (greedy), not tunable per model.
+GENERATION = Decoding(max_tokens=MAX_NEW_TOKENS)
 
 
 # ----------------------------------------------------------------------------------- loading

@@ -50,7 +50,8 @@ from pathlib import Path
 from typing import Literal
 
 from tulu.errors import DataError
-from tulu.eval.chat_wrap import chat_wrap
+from tulu.eval.backends import Decoding
+from tulu.eval.chat_wrap import chat_wrap, check_protocol
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -61,7 +62,6 @@ __all__ = [
     "BBHExample",
     "BBHResult",
     "BBHTask",
-    "GenerationSettings",
     "TaskScore",
     "answers_match",
     "build_prompt",
@@ -95,16 +95,8 @@ TASKS: tuple[str, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings the runner must use; fixed by the protocol, not tunable per model."""
-
-    do_sample: bool = False  # greedy
-    max_new_tokens: int = 512
-    stop: tuple[str, ...] = ("\n\n",)
-
-
-GENERATION = GenerationSettings()
+#: Decoding fixed by the protocol (greedy), not tunable per model.
+GENERATION = Decoding(max_tokens=512, stop=("\n\n",))
 
 
 @dataclass(frozen=True)
@@ -123,11 +115,6 @@ class BBHTask:
     name: str
     examples: list[BBHExample]
     cot_prompt_file: str
-
-
-def _check_protocol(protocol: str) -> None:
-    if protocol not in ("paper", "clean"):
-        raise ValueError(f"unknown protocol {protocol!r} (expected 'paper' or 'clean')")
 
 
 # ----------------------------------------------------------------------------------- loading
@@ -210,7 +197,7 @@ def sample_examples(
     A task with at most `max_examples` examples (or `max_examples` None) keeps all of them in
     file order and, as in ``random.sample``'s caller in open-instruct, draws nothing.
     """
-    _check_protocol(protocol)
+    check_protocol(protocol)
     if max_examples is not None and max_examples < 0:
         raise ValueError(f"max_examples must be >= 0, got {max_examples}")
     shared = random.Random(seed)
@@ -230,7 +217,7 @@ def sample_examples(
 
 def task_prompt(cot_prompt_file: str, mode: Mode, protocol: ProtocolName = "paper") -> str:
     """The 3-shot prompt of one task: the file minus its first two lines, Direct-converted."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     text = "".join(cot_prompt_file.splitlines(keepends=True)[2:])
     if mode == "cot":
         return text
@@ -271,7 +258,7 @@ def postprocess(output: str) -> str:
 
 def extract_answer(output: str, protocol: ProtocolName = "paper") -> str:
     """The answer in a raw model output (see the module docstring for the two protocols)."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     text = postprocess(output)
     if protocol == "paper":
         match = _PAPER_ANSWER.search(text)
@@ -283,7 +270,7 @@ def extract_answer(output: str, protocol: ProtocolName = "paper") -> str:
 
 def answers_match(prediction: str, target: str, protocol: ProtocolName = "paper") -> bool:
     """Whether an extracted answer equals the gold target under the protocol's comparison."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     if protocol == "paper":
         return prediction.lower().translate(_PUNCTUATION) == target.lower().translate(_PUNCTUATION)
     return " ".join(prediction.lower().split()) == " ".join(target.lower().split())
@@ -326,7 +313,7 @@ def score(
     protocol: ProtocolName = "paper",
 ) -> BBHResult:
     """Score raw outputs, per task in the order of `examples[task]`; every task needs outputs."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     unknown = sorted(set(outputs) - set(examples))
     if unknown:
         raise DataError(f"outputs for unknown BBH task(s): {', '.join(unknown)}")

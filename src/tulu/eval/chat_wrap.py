@@ -23,3 +23,9 @@ def chat_wrap(prompt: str, answer_prefix: str = "") -> str:
     strips the whole prompt while GSM8K only strips the question.
     """
     return USER_HEADER + prompt + "\n" + ASSISTANT_HEADER + answer_prefix
+
+
+def check_protocol(protocol: str) -> None:
+    """Every task takes ``protocol="paper"`` (the paper's quirks) or ``"clean"``."""
+    if protocol not in ("paper", "clean"):
+        raise ValueError(f"unknown protocol {protocol!r} (expected 'paper' or 'clean')")

@@ -47,7 +47,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from tulu.errors import DataError
-from tulu.eval.chat_wrap import chat_wrap
+from tulu.eval.backends import Decoding
+from tulu.eval.chat_wrap import chat_wrap, check_protocol
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -59,7 +60,6 @@ __all__ = [
     "ExemplarSource",
     "GSMQuestion",
     "GSMResult",
-    "GenerationSettings",
     "answers_match",
     "build_prompt",
     "exemplars_from_train",
@@ -82,16 +82,8 @@ N_EXEMPLARS = 8
 INSTRUCTION = "Answer the following questions.\n\n"
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings the runner must use; fixed by the protocol, not tunable per model."""
-
-    do_sample: bool = False  # greedy
-    max_new_tokens: int = 512
-    stop: tuple[str, ...] = ("\n",)
-
-
-GENERATION = GenerationSettings()
+#: Decoding fixed by the protocol (greedy), not tunable per model.
+GENERATION = Decoding(max_tokens=512, stop=("\n",))
 
 
 @dataclass(frozen=True)
@@ -130,11 +122,6 @@ _CLEAN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-def _check_protocol(protocol: str) -> None:
-    if protocol not in ("paper", "clean"):
-        raise ValueError(f"unknown protocol {protocol!r} (expected 'paper' or 'clean')")
-
-
 def gold_answer(answer: str, where: str = "answer") -> str:
     """The number after ``"####"`` in a GSM8K reference answer, commas removed."""
     if "####" not in answer:
@@ -149,7 +136,7 @@ def gold_answer(answer: str, where: str = "answer") -> str:
 
 def extract_answer(output: str, protocol: ProtocolName = "clean") -> str | None:
     """The last number in a model output, commas removed; None when there is none."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     if protocol == "paper":
         numbers = _PAPER_NUMBER.findall(_PAPER_COMMA.sub(r"\1\2", output))
     else:
@@ -159,7 +146,7 @@ def extract_answer(output: str, protocol: ProtocolName = "clean") -> str | None:
 
 def answers_match(prediction: str | None, gold: str, protocol: ProtocolName = "clean") -> bool:
     """Whether an extracted prediction equals the gold answer (see the module docstring)."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     if prediction is None:
         return False
     if protocol == "paper":
@@ -320,7 +307,7 @@ def build_prompt(
     question: str, exemplars: Sequence[Exemplar], mode: Mode, protocol: ProtocolName
 ) -> str:
     """The chat-wrapped prompt for one question, ending in ``"<|assistant|>\\nAnswer:"``."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     demos = "\n\n".join(_demonstration(e, mode, protocol) for e in exemplars)
     prefix = INSTRUCTION + demos + "\n\n"
     return chat_wrap(prefix + "Question: " + question.strip(), ANSWER_PREFIX)
@@ -344,7 +331,7 @@ def score(
     outputs: Sequence[str], questions: Sequence[GSMQuestion], protocol: ProtocolName = "clean"
 ) -> GSMResult:
     """Score model outputs, one per question, in the same order."""
-    _check_protocol(protocol)
+    check_protocol(protocol)
     if len(outputs) != len(questions):
         raise DataError(f"{len(outputs)} outputs for {len(questions)} GSM8K questions")
     predictions: list[str | None] = []

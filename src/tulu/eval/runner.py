@@ -194,10 +194,7 @@ def _gsm(mode: str) -> Callable[[EvalContext], TaskResult]:
         prompts = [
             gsm.build_prompt(q.question, source.exemplars, mode, ctx.protocol) for q in questions
         ]
-        settings = gsm.GENERATION
-        outputs = ctx.backend.generate(
-            prompts, Decoding(max_tokens=settings.max_new_tokens, stop=settings.stop)
-        )
+        outputs = ctx.backend.generate(prompts, gsm.GENERATION)
         texts = [choices[0] for choices in outputs]
         result = gsm.score(texts, questions, ctx.protocol)
         return TaskResult(
@@ -288,10 +285,7 @@ def _bbh(mode: str) -> Callable[[EvalContext], TaskResult]:
             for index, row in enumerate(rows):
                 keys.append((name, index))
                 prompts.append(bbh.build_prompt(prompt, row.input))
-        settings = bbh.GENERATION
-        outputs = ctx.backend.generate(
-            prompts, Decoding(max_tokens=settings.max_new_tokens, stop=settings.stop)
-        )
+        outputs = ctx.backend.generate(prompts, bbh.GENERATION)
         by_task: dict[str, list[str]] = {name: [] for name in examples}
         for (name, _), choices in zip(keys, outputs, strict=True):
             by_task[name].append(choices[0])
@@ -338,10 +332,7 @@ def _tydiqa(mode: str) -> Callable[[EvalContext], TaskResult]:
             for index, row in enumerate(rows):
                 keys.append((language, index))
                 prompts.append(tydiqa.build_prompt(cut(row), shots, templates, mode, ctx.protocol))
-        settings = tydiqa.GENERATION
-        outputs = ctx.backend.generate(
-            prompts, Decoding(max_tokens=settings.max_new_tokens, stop=settings.stop)
-        )
+        outputs = ctx.backend.generate(prompts, tydiqa.GENERATION)
         by_language: dict[str, list[str]] = {language: [] for language in questions}
         for (language, _), choices in zip(keys, outputs, strict=True):
             by_language[language].append(choices[0])
@@ -381,10 +372,7 @@ def _alpaca_farm(ctx: EvalContext) -> TaskResult:
     examples = alpaca_farm.load_alpaca_farm(ctx.data_dir / "alpaca_farm")
     if ctx.max_examples is not None and not ctx.full:
         examples = examples[: ctx.max_examples]
-    settings = alpaca_farm.GENERATION
-    outputs = ctx.backend.generate(
-        [e.prompt for e in examples], Decoding(max_tokens=settings.max_new_tokens)
-    )
+    outputs = ctx.backend.generate([e.prompt for e in examples], alpaca_farm.GENERATION)
     texts = [choices[0].strip() for choices in outputs]
     result = alpaca_farm.score(judge.judge(examples, texts))
     return TaskResult(

@@ -55,7 +55,9 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from tulu.errors import DataError
+from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import chat_wrap
+from tulu.eval.chat_wrap import check_protocol as _check_protocol
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
@@ -63,7 +65,6 @@ __all__ = [
     "GENERATION",
     "LANGUAGES",
     "MAX_PASSAGE_TOKENS",
-    "GenerationSettings",
     "LanguageScore",
     "Template",
     "TyDiExample",
@@ -97,16 +98,8 @@ LANGUAGES: tuple[str, ...] = (
 )  # fmt: skip
 
 
-@dataclass(frozen=True)
-class GenerationSettings:
-    """Decoding settings the runner must use; fixed by the protocol, not tunable per model."""
-
-    do_sample: bool = False  # greedy
-    max_new_tokens: int = 50
-    stop: tuple[str, ...] = ("\n",)
-
-
-GENERATION = GenerationSettings()
+#: Decoding fixed by the protocol (greedy), not tunable per model.
+GENERATION = Decoding(max_tokens=50, stop=("\n",))
 
 
 @dataclass(frozen=True)
@@ -134,11 +127,6 @@ class _Codec(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def decode(self, ids: Sequence[int]) -> str: ...
-
-
-def _check_protocol(protocol: str) -> None:
-    if protocol not in ("paper", "clean"):
-        raise ValueError(f"unknown protocol {protocol!r} (expected 'paper' or 'clean')")
 
 
 def _check_mode(mode: str) -> None:
