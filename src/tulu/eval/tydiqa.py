@@ -56,8 +56,7 @@ from typing import Any, Literal, Protocol
 
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
-from tulu.eval.chat_wrap import chat_wrap
-from tulu.eval.chat_wrap import check_protocol as _check_protocol
+from tulu.eval.chat_wrap import chat_wrap, check_protocol
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
@@ -288,7 +287,7 @@ def sample_tydiqa(
     `train` None (or `n_shot` 0) there are no exemplars. Paper draws reproduce open-instruct
     only when `dev` and `train` hold all 9 languages (see the module docstring).
     """
-    _check_protocol(protocol)
+    check_protocol(protocol)
     if max_examples is not None and max_examples < 0:
         raise ValueError(f"max_examples must be >= 0, got {max_examples}")
     if n_shot < 0:
@@ -330,7 +329,7 @@ def truncate_passage(
 
     The models' context is 2,048 tokens, and a GP prompt holds two passages.
     """
-    _check_protocol(protocol)
+    check_protocol(protocol)
     ids = tokenizer.encode(text)
     if len(ids) <= max_tokens:
         return text
@@ -361,7 +360,7 @@ def build_prompt(
     Passages must already be truncated (`truncate_passage`). The exemplar answer is its first
     gold answer, as in open-instruct.
     """
-    _check_protocol(protocol)
+    check_protocol(protocol)
     _check_mode(mode)
     template = templates[mode].get(example.language)
     if template is None:
