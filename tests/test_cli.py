@@ -430,7 +430,7 @@ LONG_TEXT = "hello " * 600  # about 1,800 tokens; the window is 512
 
 # (records, --raw?, fragment the message must contain); the bad record is always on line 2
 INPUT_ERRORS = {
-    "invalid-json": ([GOOD, '{"prompt": "Hi"'], False, "invalid JSON"),
+    "invalid-json": ([GOOD, '{"prompt": "Hi"'], False, "truncated JSON"),
     "not-an-object": ([GOOD, '["Hi"]'], False, "expected a JSON object"),
     "no-prompt": ([GOOD, {"id": 2, "text": "Hi"}], False, "'prompt'"),
     "prompt-not-string": ([GOOD, {"prompt": 5}], False, "'prompt'"),

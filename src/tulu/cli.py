@@ -164,12 +164,13 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     Chat prompts are rendered once here so that a bad role or field fails before any work.
     """
     from tulu.chat import generation_prompt
-    from tulu.jsonl import iter_jsonl
+    from tulu.data.readers import iter_jsonl
+    from tulu.data.records import BadInput, check_object
 
     if args.prompt is not None:
         records = [("--prompt", {"prompt": args.prompt})]
     else:
-        records = [(f"{args.input}:{n}", r) for n, r in iter_jsonl(args.input)]
+        records = [(w, check_object(v, w)) for w, v in iter_jsonl(args.input, BadInput())]
     if args.raw and args.system:
         raise TuluError(
             "--system cannot be used with --raw (raw prompts are not in the chat format)"

@@ -23,12 +23,14 @@ from tulu.data.records import BadHandler, BadRecord, ConversionReport, check_rec
 from tulu.errors import DataError
 
 __all__ = [
+    "BLANK",
     "iter_json_array",
     "iter_jsonl",
     "iter_parquet",
     "iter_records",
     "numbered_items",
     "open_binary",
+    "parse_jsonl_line",
 ]
 
 #: Nesting beyond what `json.loads` can recurse through (about 1000 levels) is reported as bad
@@ -61,6 +63,33 @@ def open_binary(path: Path):
         raise DataError(f"{path}: cannot open ({err.strerror})") from None
 
 
+#: What `parse_jsonl_line` returns for a blank line (a line reading ``null`` is a value).
+BLANK = object()
+
+
+def parse_jsonl_line(raw: bytes, where: str) -> Any:
+    """The JSON value of one JSON Lines line, `BLANK` for a blank line, or a `BadRecord`.
+
+    The one definition of how a line is read, shared by `iter_jsonl` and the tokenization
+    workers, so both report the same reasons for the same bytes.
+    """
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadRecord(
+            where, "not UTF-8", f"not valid UTF-8 (byte {err.start} of the line)"
+        ) from None
+    if not line.strip():
+        return BLANK
+    try:
+        return json.loads(line)
+    except RecursionError:
+        raise BadRecord(where, _TOO_DEEP, "JSON nested too deeply to parse") from None
+    except json.JSONDecodeError as err:
+        kind = _syntax_kind(err, len(line.rstrip()))
+        raise BadRecord(where, kind, f"{kind} ({_message(err)} at column {err.colno})") from None
+
+
 def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", value)`` for each non-blank line of a JSON Lines file."""
     path = Path(path)
@@ -68,24 +97,12 @@ def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad(
-                    BadRecord(where, "not UTF-8", f"not valid UTF-8 (byte {err.start} of the line)")
-                )
+                value = parse_jsonl_line(raw, where)
+            except BadRecord as err:
+                bad(err)
                 continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except RecursionError:
-                bad(BadRecord(where, _TOO_DEEP, "JSON nested too deeply to parse"))
-                continue
-            except json.JSONDecodeError as err:
-                kind = _syntax_kind(err, len(line.rstrip()))
-                bad(BadRecord(where, kind, f"{kind} ({_message(err)} at column {err.colno})"))
-                continue
-            yield where, value
+            if value is not BLANK:
+                yield where, value
 
 
 def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:

@@ -45,6 +45,7 @@ from tulu.chat import (
     _eos_of,
 )
 from tulu.data.encode import encode_conversations
+from tulu.data.readers import BLANK, parse_jsonl_line
 from tulu.data.records import BadRecord, check_record
 from tulu.data.tokenized import (
     FORMAT_VERSION,
@@ -104,30 +105,21 @@ class _Encoder:
     def jsonl_chunk(self, path: str, first_line: int, lines: list[bytes]) -> _ChunkResult:
         """Parse, validate and tokenize lines ``first_line...`` of a JSONL file.
 
-        Parsing follows `tulu.data.readers.iter_jsonl` (same reasons, same ``file:line``).
+        Lines are read by `tulu.data.readers.parse_jsonl_line`, as `iter_jsonl` reads them.
         """
         items: list[tuple[str, Any]] = []
         bad: list[tuple[str, str, str]] = []
         for number, raw in enumerate(lines, start=first_line):
             where = f"{path}:{number}"
             try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                bad.append((where, "not UTF-8", f"not valid UTF-8 (byte {err.start} of the line)"))
+                value = parse_jsonl_line(raw, where)
+            except BadRecord as err:
+                bad.append((err.where, err.kind, err.detail))
                 if not self.skip_bad:
                     break
                 continue
-            if not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as err:
-                kind = "truncated JSON" if err.pos >= len(line.rstrip()) else "invalid JSON"
-                bad.append((where, kind, f"{kind} ({err.msg} at column {err.colno})"))
-                if not self.skip_bad:
-                    break
-                continue
-            items.append((where, value))
+            if value is not BLANK:
+                items.append((where, value))
         return self._encode(items, bad, sum(len(raw) for raw in lines))
 
     def items_chunk(self, items: list[tuple[str, Any]], size: int) -> _ChunkResult:

@@ -51,7 +51,7 @@ from typing import Literal
 
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
-from tulu.eval.chat_wrap import chat_wrap, check_protocol
+from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -73,7 +73,6 @@ __all__ = [
     "task_prompt",
 ]
 
-ProtocolName = Literal["paper", "clean"]
 Mode = Literal["cot", "direct"]
 
 ANSWER_PREFIX = "A:"

@@ -10,7 +10,9 @@ models were not trained with one) and no EOS, since the assistant turn is still 
 
 from __future__ import annotations
 
-__all__ = ["ASSISTANT_HEADER", "USER_HEADER", "chat_wrap"]
+from typing import Literal
+
+__all__ = ["ASSISTANT_HEADER", "USER_HEADER", "ProtocolName", "chat_wrap", "check_protocol"]
 
 USER_HEADER = "<|user|>\n"
 ASSISTANT_HEADER = "<|assistant|>\n"
@@ -23,6 +25,10 @@ def chat_wrap(prompt: str, answer_prefix: str = "") -> str:
     strips the whole prompt while GSM8K only strips the question.
     """
     return USER_HEADER + prompt + "\n" + ASSISTANT_HEADER + answer_prefix
+
+
+#: ``"paper"`` reproduces the paper's quirks, ``"clean"`` fixes them (see each task module).
+ProtocolName = Literal["paper", "clean"]
 
 
 def check_protocol(protocol: str) -> None:

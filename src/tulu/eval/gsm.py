@@ -48,7 +48,7 @@ from typing import Any, Literal
 
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
-from tulu.eval.chat_wrap import chat_wrap, check_protocol
+from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -72,7 +72,6 @@ __all__ = [
     "score",
 ]
 
-ProtocolName = Literal["paper", "clean"]
 Mode = Literal["cot", "direct"]
 
 ANSWER_PREFIX = "Answer:"

@@ -35,10 +35,10 @@ import csv
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from tulu.errors import DataError
-from tulu.eval.chat_wrap import chat_wrap
+from tulu.eval.chat_wrap import ProtocolName, chat_wrap
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -58,7 +58,6 @@ __all__ = [
     "score",
 ]
 
-ProtocolName = Literal["paper", "clean"]
 
 LETTERS = ("A", "B", "C", "D")
 ANSWER_PREFIX = "The answer is:"

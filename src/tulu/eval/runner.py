@@ -136,12 +136,11 @@ def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
         from tulu.eval import mmlu
 
         data = mmlu.load_mmlu(ctx.data_dir / "mmlu")
+        if ctx.max_examples is not None and not ctx.full:  # the first N test questions per subject
+            data = {s: {**d, "test": d["test"][: ctx.max_examples]} for s, d in data.items()}
         keys, prompts = [], []
         for subject, splits in data.items():
-            rows = splits["test"]
-            if ctx.max_examples is not None and not ctx.full:
-                rows = rows[: ctx.max_examples]
-            for index, row in enumerate(rows):
+            for index, row in enumerate(splits["test"]):
                 prompt = mmlu.build_prompt(
                     subject,
                     splits["dev"],
@@ -159,10 +158,7 @@ def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
         predictions = {
             key: mmlu.LETTERS[row.index(max(row))] for key, row in zip(keys, rows, strict=True)
         }
-        scored = {
-            s: {"dev": d["dev"], "test": _subset(d["test"], keys, s)} for s, d in data.items()
-        }
-        result = mmlu.score(predictions, scored)
+        result = mmlu.score(predictions, data)
         return TaskResult(
             task=f"mmlu_{k}shot",
             metric="accuracy",
@@ -174,11 +170,6 @@ def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
         )
 
     return run
-
-
-def _subset(rows: list, keys: list[tuple[str, int]], subject: str) -> list:
-    count = sum(1 for s, _ in keys if s == subject)
-    return rows[:count]
 
 
 def _gsm(mode: str) -> Callable[[EvalContext], TaskResult]:

@@ -56,7 +56,7 @@ from typing import Any, Literal, Protocol
 
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
-from tulu.eval.chat_wrap import chat_wrap, check_protocol
+from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
@@ -81,7 +81,6 @@ __all__ = [
     "truncate_passage",
 ]
 
-ProtocolName = Literal["paper", "clean"]
 Mode = Literal["gp", "cb"]
 
 DEFAULT_MAX_EXAMPLES = 100
