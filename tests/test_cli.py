@@ -43,14 +43,7 @@ class Checkpoint:
     config: NeoXConfig
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # The models here are tiny: a second intra-op thread only adds synchronisation, which
-    # costs milliseconds per op on a loaded 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 import tulu.interactive
 from tulu.chat import generation_prompt
@@ -18,12 +17,7 @@ from tulu.tokenizer import Tokenizer
 GREEDY = SamplingParams(max_tokens=6, temperature=0.0)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: a second thread only adds synchronisation
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

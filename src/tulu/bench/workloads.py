@@ -1,0 +1,708 @@
+"""The generation workloads, timed on tulu's engine and (optionally) on transformers' `generate`.
+
+One implementation, two front ends: `tulu bench` and `benchmarks/generation.py` both call
+`run_benchmark` and print `format_report`, so a figure in the committed results and a figure
+a user measures come from the same code.
+
+Workloads (all greedy, EOS ignored, so every request produces exactly its requested length):
+
+- single stream: time to first token, ms per output token and tokens/s of one request
+  (`prompt_len` tokens in, `single_new_tokens` out); the median over `repeats` runs, each with
+  a different prompt so that prefix caching cannot serve a repeat;
+- fixed: offline throughput of `num_requests` requests of `prompt_len` in / `output_len` out;
+- mixed: offline throughput of `mixed_requests` requests with random prompt and output lengths
+  (16-1024 in, 16-512 out by default);
+- prefill: the time to the first token of a `prefill_tokens` prompt (default: the context
+  window minus the one generated token), as tokens/s;
+- peak memory, and on a GPU the decode roofline: the bytes one decode step must read (weights
+  plus the live KV cache) over the measured device copy bandwidth.
+
+transformers (when compared) runs its batched `generate` on length-sorted, left-padded batches
+of `hf_batch_size` requests, each batch generating up to its longest requested output; only the
+requested tokens are counted, as in vLLM's throughput benchmark for its HF backend. Its model
+shares the very tensors of ours, so both run the same weights without a second copy.
+
+Invalid settings raise `TuluError` naming the command-line flag (the flags are the same in both
+front ends), so `tulu bench` prints them on one line.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import platform
+import random
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from tulu.engine.engine import LLM, EngineConfig, RequestOutput
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import ConfigError, GenerationError, TuluError
+from tulu.model.config import NeoXConfig, dtype_name, preset
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.tokenizer import Tokenizer
+
+__all__ = [
+    "WORKLOADS",
+    "BenchSettings",
+    "Request",
+    "check_settings",
+    "copy_bandwidth",
+    "format_report",
+    "generate_timed",
+    "hf_generate",
+    "hf_single_stream",
+    "hf_throughput",
+    "import_transformers",
+    "make_requests",
+    "median_of",
+    "peak_memory_bytes",
+    "preset_config",
+    "random_model",
+    "resolve_device",
+    "run_benchmark",
+    "transformers_twin",
+    "tulu_single_stream",
+    "tulu_throughput",
+]
+
+Request = tuple[list[int], int]
+"""(prompt token ids, number of output tokens to generate)."""
+
+WORKLOADS = ("single", "fixed", "mixed", "prefill")
+
+# Random prompt ids stay below this: under every Pythia tokenizer's 50,277 ids, so a prompt is
+# also valid text for the checkpoint's tokenizer, and the same ids as the committed results.
+PROMPT_VOCAB_CAP = 50_000
+
+# The flag each setting is given by; error messages name the flag the user typed.
+FLAGS = {
+    "num_requests": "--num-requests",
+    "prompt_len": "--prompt-len",
+    "output_len": "--output-len",
+    "mixed_requests": "--mixed-requests",
+    "single_new_tokens": "--single-new-tokens",
+    "prefill_tokens": "--prefill-tokens",
+    "repeats": "--repeats",
+    "max_num_seqs": "--max-num-seqs",
+    "hf_batch_size": "--hf-batch-size",
+}
+
+
+@dataclass
+class BenchSettings:
+    """What to measure. `check_settings` validates it against the model's config."""
+
+    num_requests: int = 16
+    prompt_len: int = 128
+    output_len: int = 256
+    mixed_requests: int | None = None  # None: no mixed-length workload
+    mixed_prompt_range: tuple[int, int] = (16, 1024)
+    mixed_output_range: tuple[int, int] = (16, 512)
+    single_new_tokens: int = 128
+    prefill_tokens: int | None = None  # None: the context window minus one
+    repeats: int = 3  # single-stream and prefill runs; the median is reported
+    skip: frozenset[str] = field(default_factory=frozenset)
+    max_num_seqs: int = 256
+    kv_cache_gb: float | None = None  # None: the engine's default sizing
+    compare_transformers: bool = False
+    hf_batch_size: int = 64
+    hf_compile: bool = False  # also transformers with static cache + torch.compile (GPU only)
+    seed: int = 0  # the random prompts (and, in the front ends, the random weights)
+
+    def runs(self, workload: str) -> bool:
+        """Whether `workload` (one of WORKLOADS) is measured."""
+        if workload == "mixed" and self.mixed_requests is None:
+            return False
+        return workload not in self.skip
+
+    def prefill_length(self, config: NeoXConfig) -> int:
+        """The prefill prompt: by default it and its one generated token fill the window."""
+        return self.prefill_tokens or config.max_position_embeddings - 1
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        out["skip"] = sorted(self.skip)
+        out["mixed_prompt_range"] = list(self.mixed_prompt_range)
+        out["mixed_output_range"] = list(self.mixed_output_range)
+        return out
+
+
+def _positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TuluError(f"{FLAGS[name]} must be a positive integer, got {value!r}")
+
+
+def check_settings(settings: BenchSettings, config: NeoXConfig) -> None:
+    """Refuse settings that could not run, naming the flag, before any model work is done."""
+    for name in ("num_requests", "prompt_len", "output_len", "single_new_tokens", "repeats"):
+        _positive(name, getattr(settings, name))
+    for name in ("max_num_seqs", "hf_batch_size"):
+        _positive(name, getattr(settings, name))
+    for name in ("mixed_requests", "prefill_tokens"):
+        if getattr(settings, name) is not None:
+            _positive(name, getattr(settings, name))
+    gb = settings.kv_cache_gb
+    if gb is not None and not (isinstance(gb, (int, float)) and math.isfinite(gb) and gb > 0):
+        raise TuluError(f"--kv-cache-gb must be a positive number, got {gb!r}")
+    unknown = sorted(set(settings.skip) - set(WORKLOADS))
+    if unknown:
+        raise TuluError(f"--skip: unknown workload {unknown[0]!r} (known: {', '.join(WORKLOADS)})")
+    for name in ("mixed_prompt_range", "mixed_output_range"):
+        lo, hi = getattr(settings, name)
+        if not 1 <= lo <= hi:
+            raise TuluError(f"{name} must be 1 <= low <= high, got {(lo, hi)}")
+
+    window = config.max_position_embeddings
+
+    def fits(tokens: int, what: str) -> None:
+        if tokens > window:
+            raise TuluError(
+                f"{what} = {tokens:,} tokens exceed the model's context window of {window:,} tokens"
+            )
+
+    if settings.runs("fixed"):
+        fits(
+            settings.prompt_len + settings.output_len,
+            f"--prompt-len {settings.prompt_len} + --output-len {settings.output_len}",
+        )
+    if settings.runs("single"):
+        fits(
+            settings.prompt_len + settings.single_new_tokens,
+            f"--prompt-len {settings.prompt_len} + --single-new-tokens {settings.single_new_tokens}",
+        )
+    if settings.runs("mixed"):
+        p, o = settings.mixed_prompt_range[1], settings.mixed_output_range[1]
+        fits(p + o, f"--mixed: the longest mixed-length request ({p} in + {o} out)")
+    if settings.runs("prefill"):
+        n = settings.prefill_length(config)
+        fits(n + 1, f"--prefill-tokens {n} + 1 generated token")
+
+
+def _largest_request(settings: BenchSettings, config: NeoXConfig) -> int:
+    sizes = [0]
+    if settings.runs("fixed"):
+        sizes.append(settings.prompt_len + settings.output_len)
+    if settings.runs("single"):
+        sizes.append(settings.prompt_len + settings.single_new_tokens)
+    if settings.runs("mixed"):
+        sizes.append(settings.mixed_prompt_range[1] + settings.mixed_output_range[1])
+    if settings.runs("prefill"):
+        sizes.append(settings.prefill_length(config) + 1)
+    return max(sizes)
+
+
+# ------------------------------------------------------------------------------ devices, models
+def resolve_device(value: str | None) -> torch.device:
+    """`--device` (default: cuda when available), refused at once when it cannot be used."""
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise TuluError(
+            f"--device: unknown device {value!r} (use cpu, cuda, cuda:1, ...)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TuluError(f"--device {value}: CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise TuluError(f"--device {value}: only cpu and cuda devices are supported")
+    return device
+
+
+def preset_config(name: str, layers: int | None, dtype: torch.dtype) -> NeoXConfig:
+    """The config of a Pythia preset, optionally with fewer (or more) layers."""
+    if layers is not None and (
+        isinstance(layers, bool) or not isinstance(layers, int) or layers < 1
+    ):
+        raise TuluError(f"--layers must be a positive integer, got {layers!r}")
+    overrides: dict[str, Any] = {"torch_dtype": dtype_name(dtype)}
+    if layers is not None:
+        overrides["num_hidden_layers"] = layers
+    try:
+        return preset(name, **overrides)
+    except ConfigError as err:
+        raise TuluError(f"--preset: {err}") from None
+
+
+def random_model(config: NeoXConfig, device: torch.device, seed: int = 0) -> GPTNeoXForCausalLM:
+    """Random weights of `config`'s shape: speed does not depend on the values.
+
+    Built on the meta device and materialised once on `device`, so a 6.9B model never exists
+    twice (or in float32 first) in memory.
+    """
+    with torch.device("meta"):
+        model = GPTNeoXForCausalLM(config)
+    model = model.to_empty(device=device)
+    model.init_weights(seed)
+    return model.to(config.dtype).eval().requires_grad_(False)
+
+
+def import_transformers() -> Any:
+    """transformers is a test oracle, not a dependency: a clear error when it is absent."""
+    try:
+        import transformers
+    except ImportError:
+        raise TuluError(
+            "--compare-transformers needs the transformers package (pip install transformers)"
+        ) from None
+    return transformers
+
+
+def transformers_twin(model: GPTNeoXForCausalLM) -> Any:
+    """transformers' GPTNeoXForCausalLM on the very tensors of `model` (no second copy)."""
+    transformers = import_transformers()
+    hf_config = transformers.GPTNeoXConfig(**model.config.to_dict())
+    hf_config.pad_token_id = 0
+    with torch.device("meta"):
+        theirs = transformers.GPTNeoXForCausalLM(hf_config)
+    names = set(theirs.state_dict())
+    state = {}
+    for key, value in model.state_dict().items():
+        # transformers 5 calls the output projection lm_head; 4.x kept GPT-NeoX's embed_out.
+        if key == "embed_out.weight" and key not in names and "lm_head.weight" in names:
+            key = "lm_head.weight"
+        state[key] = value
+    theirs.load_state_dict(state, assign=True, strict=False)
+    device = next(model.parameters()).device
+    # Its rotary tables are buffers computed at construction (on meta): compute them for real.
+    theirs.gpt_neox.rotary_emb = type(theirs.gpt_neox.rotary_emb)(hf_config).to(device)
+    missing = [
+        name
+        for name, tensor in itertools.chain(theirs.named_parameters(), theirs.named_buffers())
+        if tensor.is_meta
+    ]
+    if missing:  # a transformers version with names we do not map: a bug, not a user error
+        raise RuntimeError(f"transformers' GPTNeoX has tensors tulu's model lacks: {missing[:5]}")
+    return theirs.eval()
+
+
+# ------------------------------------------------------------------------------ measurement helpers
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that a timer stops when the work is done, not queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated, or the process's peak resident set (VmHWM) on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    return 0
+
+
+def make_requests(
+    rng: random.Random,
+    n: int,
+    prompt_range: tuple[int, int],
+    output_range: tuple[int, int],
+    vocab: int,
+) -> list[Request]:
+    """`n` random-token prompts with lengths drawn uniformly from the (inclusive) ranges."""
+    out = []
+    for _ in range(n):
+        p = rng.randint(*prompt_range)
+        o = rng.randint(*output_range)
+        out.append(([rng.randrange(vocab) for _ in range(p)], o))
+    return out
+
+
+def median_of(fn: Callable[[list[int]], dict[str, float]], prompts: Sequence[list[int]]) -> dict:
+    """Run a single-stream measurement once per prompt; the median of each figure.
+
+    Every run gets a different prompt so that prefix caching cannot serve a repeat.
+    """
+    runs = [fn(prompt) for prompt in prompts]
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+# ------------------------------------------------------------------------------ tulu
+def generate_timed(
+    llm: LLM, requests: Sequence[Request], device: torch.device
+) -> tuple[list[RequestOutput], float]:
+    """All requests through the engine at once; the outputs and the wall time in seconds."""
+    params = [_greedy(o) for _, o in requests]
+    sync(device)
+    start = time.perf_counter()
+    outs = llm.generate([p for p, _ in requests], params, progress=False)
+    sync(device)
+    return outs, time.perf_counter() - start
+
+
+def _throughput(requests: Sequence[Request], seconds: float, output_tokens: int) -> dict:
+    return {
+        "seconds": seconds,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / seconds,
+        "prompt_tokens": sum(len(p) for p, _ in requests),
+        "requests_per_s": len(requests) / seconds,
+    }
+
+
+def tulu_throughput(llm: LLM, requests: Sequence[Request], device: torch.device) -> dict:
+    """Offline throughput; every request must have produced exactly its requested tokens."""
+    outs, elapsed = generate_timed(llm, requests, device)
+    for i, (out, (_, wanted)) in enumerate(zip(outs, requests, strict=True)):
+        got = len(out.outputs[0].token_ids)
+        if got != wanted:  # EOS is ignored, so anything else is an engine bug
+            raise RuntimeError(f"request {i} produced {got} tokens, not the {wanted} requested")
+    return _throughput(requests, elapsed, sum(o for _, o in requests))
+
+
+def tulu_single_stream(llm: LLM, prompt: list[int], new_tokens: int, device: torch.device) -> dict:
+    """One request alone: TTFT from the first streamed output, then the decode rate."""
+    first: list[float] = []
+    sync(device)
+    start = time.perf_counter()
+    llm.generate(
+        [prompt],
+        _greedy(new_tokens),
+        progress=False,
+        on_output=lambda _: first.append(time.perf_counter()) if not first else None,
+    )
+    sync(device)
+    total = time.perf_counter() - start
+    ttft = first[0] - start
+    return {
+        "ttft_ms": ttft * 1e3,
+        "ms_per_token": (total - ttft) / max(new_tokens - 1, 1) * 1e3,
+        "tokens_per_s": new_tokens / total,
+    }
+
+
+# ------------------------------------------------------------------------------ transformers
+def hf_generate(
+    model: Any, batch: Sequence[Request], max_new: int, device: torch.device, **kwargs: Any
+) -> torch.Tensor:
+    """transformers' greedy `generate` on one left-padded batch, exactly `max_new` new tokens."""
+    width = max(len(p) for p, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for i, (p, _) in enumerate(batch):  # left padding, as decoder-only generation needs
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            do_sample=False,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            pad_token_id=0,
+            **kwargs,
+        )
+    if out.shape[1] != width + max_new:
+        raise RuntimeError(f"transformers generated {out.shape[1] - width} tokens, not {max_new}")
+    return out
+
+
+def hf_throughput(
+    model: Any, requests: Sequence[Request], batch_size: int, device: torch.device, **kwargs: Any
+) -> dict:
+    """Length-sorted batches; each generates to its longest request, only requested tokens count."""
+    ordered = sorted(requests, key=lambda r: len(r[0]))
+    sync(device)
+    start = time.perf_counter()
+    for i in range(0, len(ordered), batch_size):
+        batch = ordered[i : i + batch_size]
+        hf_generate(model, batch, max(o for _, o in batch), device, **kwargs)
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return _throughput(requests, elapsed, sum(o for _, o in requests))
+
+
+def hf_single_stream(
+    model: Any, prompt: list[int], new_tokens: int, device: torch.device, **kwargs: Any
+) -> dict:
+    """transformers does not stream here: TTFT is a separate one-token `generate`."""
+    sync(device)
+    start = time.perf_counter()
+    hf_generate(model, [(prompt, 1)], 1, device, **kwargs)
+    sync(device)
+    ttft = time.perf_counter() - start
+    start = time.perf_counter()
+    hf_generate(model, [(prompt, new_tokens)], new_tokens, device, **kwargs)
+    sync(device)
+    total = time.perf_counter() - start
+    return {
+        "ttft_ms": ttft * 1e3,
+        "ms_per_token": (total - ttft) / max(new_tokens - 1, 1) * 1e3,
+        "tokens_per_s": new_tokens / total,
+    }
+
+
+# ------------------------------------------------------------------------------ roofline
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return 2 * src.numel() * 10 / (time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------ the run
+def run_benchmark(
+    model: GPTNeoXForCausalLM,
+    settings: BenchSettings,
+    *,
+    name: str,
+    preset_name: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every workload `settings` asks for; the results as a JSON-ready dict.
+
+    The dict holds `workloads` (each workload's raw figures per system), the run's metadata,
+    `roofline` on a GPU, and `table`: one row per figure with tulu's value, transformers' value
+    and the ratio (> 1 means tulu is better: faster, or less time), both None when transformers
+    was not run. `format_report` prints it.
+    """
+    config = model.config
+    check_settings(settings, config)
+    say = progress or (lambda _message: None)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    gpu = device.type == "cuda"
+    theirs = transformers_twin(model) if settings.compare_transformers else None
+    rng = random.Random(settings.seed)
+    vocab = min(config.vocab_size, PROMPT_VOCAB_CAP, len(tokenizer) if tokenizer else math.inf)
+
+    started = time.perf_counter()
+    gb = settings.kv_cache_gb
+    try:
+        llm = LLM(
+            model,
+            tokenizer,
+            EngineConfig(
+                kv_cache_bytes=int(gb * 2**30) if gb else None,
+                max_num_seqs=settings.max_num_seqs,
+            ),
+        )
+    except GenerationError as err:
+        raise TuluError(f"--kv-cache-gb {gb:g}: {err}" if gb else str(err)) from None
+    startup = time.perf_counter() - started
+    pool = llm.engine.pool
+    capacity = pool.num_blocks * pool.block_size
+    largest = _largest_request(settings, config)
+    if largest > capacity:
+        held = f"--kv-cache-gb {gb:g} holds" if gb else "the default KV cache holds"
+        raise TuluError(
+            f"{held} {capacity:,} tokens, fewer than the {largest:,} tokens of the largest "
+            "request (raise --kv-cache-gb)"
+        )
+    # One short warm-up request each, so that one-off costs (allocator, kernels) are not timed.
+    llm.generate([[1, 2, 3]], _greedy(4), progress=False)
+    if theirs is not None:
+        hf_generate(theirs, [([1, 2, 3], 4)], 4, device)
+
+    results: dict[str, Any] = {"workloads": {}}
+    workloads = results["workloads"]
+    rows: list[tuple[str, str, float, float | None, float | None]] = []
+
+    def add(
+        workload: str, metric: str, ours: float, hf: float | None, higher_is_better: bool = True
+    ) -> None:
+        ratio = None if hf is None else (ours / hf if higher_is_better else hf / ours)
+        rows.append((workload, metric, ours, hf, ratio))
+
+    def of(figures: dict | None, key: str) -> float | None:
+        return None if figures is None else figures[key]
+
+    def both(entry: dict, ours: dict, hf: dict | None) -> dict:
+        entry["tulu"] = ours
+        if hf is not None:
+            entry["transformers"] = hf
+        return entry
+
+    p_len, new = settings.prompt_len, settings.single_new_tokens
+    single_prompts: list[list[int]] = []
+    if settings.runs("single"):
+        say(f"single stream: {settings.repeats} x ({p_len} in / {new} out)")
+        single_prompts = [
+            p for p, _ in make_requests(rng, settings.repeats, (p_len, p_len), (1, 1), vocab)
+        ]
+        a = median_of(lambda p: tulu_single_stream(llm, p, new, device), single_prompts)
+        b = None
+        if theirs is not None:
+            b = median_of(lambda p: hf_single_stream(theirs, p, new, device), single_prompts)
+        workloads["single_stream"] = both({}, a, b)
+        add(
+            "single stream",
+            f"TTFT ms ({p_len}-token prompt)",
+            a["ttft_ms"],
+            of(b, "ttft_ms"),
+            False,
+        )
+        add("single stream", "ms / output token", a["ms_per_token"], of(b, "ms_per_token"), False)
+        add("single stream", "tokens/s", a["tokens_per_s"], of(b, "tokens_per_s"))
+
+    throughput_runs = [
+        (
+            "fixed",
+            settings.num_requests,
+            (p_len, p_len),
+            (settings.output_len, settings.output_len),
+            f"fixed_{p_len}_{settings.output_len}",
+            f"{settings.num_requests} x ({p_len} in / {settings.output_len} out)",
+        ),
+        (
+            "mixed",
+            settings.mixed_requests,
+            settings.mixed_prompt_range,
+            settings.mixed_output_range,
+            "mixed",
+            f"{settings.mixed_requests} mixed ({settings.mixed_prompt_range[0]}-"
+            f"{settings.mixed_prompt_range[1]} in / {settings.mixed_output_range[0]}-"
+            f"{settings.mixed_output_range[1]} out)",
+        ),
+    ]
+    for workload, n, prompt_range, output_range, key, label in throughput_runs:
+        if not settings.runs(workload):
+            continue
+        say(f"offline throughput: {label}")
+        reqs = make_requests(rng, n, prompt_range, output_range, vocab)
+        a = tulu_throughput(llm, reqs, device)
+        b = None if theirs is None else hf_throughput(theirs, reqs, settings.hf_batch_size, device)
+        workloads[key] = both({"requests": n}, a, b)
+        add(
+            label,
+            "output tokens/s",
+            a["output_tokens_per_s"],
+            of(b, "output_tokens_per_s"),
+        )
+
+    if settings.runs("prefill"):
+        n = settings.prefill_length(config)
+        say(f"prefill: {settings.repeats} x {n} tokens")
+        prompts = [p for p, _ in make_requests(rng, settings.repeats, (n, n), (1, 1), vocab)]
+        # The prompt and one new token: the time to the first token is the prefill.
+        a_ms = median_of(lambda p: tulu_single_stream(llm, p, 1, device), prompts)["ttft_ms"]
+        entry: dict[str, Any] = {"prompt_tokens": n, "tulu_tokens_per_s": n / a_ms * 1e3}
+        b_rate = None
+        if theirs is not None:
+            b_ms = median_of(lambda p: hf_single_stream(theirs, p, 1, device), prompts)["ttft_ms"]
+            b_rate = n / b_ms * 1e3
+            entry["transformers_tokens_per_s"] = b_rate
+        workloads[f"prefill_{n + 1}"] = entry
+        add(f"prefill {n:,} tokens", "tokens/s", entry["tulu_tokens_per_s"], b_rate)
+
+    if gpu and settings.hf_compile and theirs is not None and single_prompts:
+        say("transformers with static cache + torch.compile: compiling")
+        theirs.generation_config.cache_implementation = "static"
+        theirs.forward = torch.compile(theirs.forward, mode="reduce-overhead", fullgraph=True)
+        t0 = time.perf_counter()
+        hf_single_stream(theirs, single_prompts[0], 8, device)  # compile
+        compile_s = time.perf_counter() - t0
+        prompt = make_requests(rng, 1, (p_len, p_len), (1, 1), vocab)[0][0]
+        c = hf_single_stream(theirs, prompt, new, device)
+        workloads["single_stream"]["transformers_static_compile"] = {
+            **c,
+            "compile_seconds": compile_s,
+        }
+        add(
+            "single stream",
+            "tokens/s vs HF static+compile",
+            workloads["single_stream"]["tulu"]["tokens_per_s"],
+            c["tokens_per_s"],
+        )
+
+    transformers_version = None
+    if theirs is not None:
+        transformers_version = import_transformers().__version__
+    results.update(
+        {
+            "model": name,
+            "preset": preset_name,
+            "layers": config.num_hidden_layers,
+            "dtype": str(dtype),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device)
+            if gpu
+            else (platform.processor() or "cpu"),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers_version,
+            "engine_startup_seconds": startup,
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "kv_cache_blocks": pool.num_blocks,
+            "block_size": pool.block_size,
+            "settings": settings.as_dict(),
+        }
+    )
+    if gpu:
+        bandwidth = copy_bandwidth(device)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        kv_per_token = config.kv_cache_bytes_per_token(dtype)
+        step_bytes = weights + kv_per_token * (p_len + new // 2)
+        limit = bandwidth / step_bytes
+        achieved = workloads.get("single_stream", {}).get("tulu", {}).get("tokens_per_s")
+        results["roofline"] = {
+            "copy_bandwidth_bytes_per_s": bandwidth,
+            "decode_step_bytes": step_bytes,
+            "single_stream_limit_tokens_per_s": limit,
+            "achieved_fraction": achieved / limit if achieved else None,
+        }
+    results["table"] = [
+        dict(zip(("workload", "metric", "tulu", "transformers", "ratio"), row, strict=True))
+        for row in rows
+    ]
+    return results
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """The human-readable table of a `run_benchmark` result (tulu/HF > 1: tulu is better)."""
+    compared = results.get("transformers") is not None
+    versions = f"torch {results['torch']}"
+    if compared:
+        versions += f", transformers {results['transformers']}"
+    lines = [
+        f"{results['model']} ({results['layers']} layers), {results['dtype']}, "
+        f"{results['device_name']}, {versions}, {results['threads']} threads"
+    ]
+    if compared:
+        lines.append(
+            f"{'workload':<40} {'metric':<32} {'tulu':>10} {'transformers':>13} {'tulu/HF':>8}"
+        )
+    else:
+        lines.append(f"{'workload':<40} {'metric':<32} {'tulu':>10}")
+    for row in results["table"]:
+        line = f"{row['workload']:<40} {row['metric']:<32} {row['tulu']:>10.1f}"
+        if compared:
+            hf, ratio = row["transformers"], row["ratio"]
+            line += f" {hf:>13.1f} {ratio:>7.2f}x" if hf is not None else f" {'-':>13} {'-':>8}"
+        lines.append(line)
+    lines.append(
+        f"peak memory {results['peak_memory_bytes'] / 2**20:,.0f} MiB; engine start-up "
+        f"{results['engine_startup_seconds']:.1f} s; KV cache {results['kv_cache_blocks']} blocks "
+        f"x {results['block_size']} tokens"
+    )
+    if "roofline" in results:
+        r = results["roofline"]
+        lines.append(
+            f"roofline: copy bandwidth {r['copy_bandwidth_bytes_per_s'] / 1e12:.2f} TB/s, decode "
+            f"step reads {r['decode_step_bytes'] / 1e9:.2f} GB -> limit "
+            f"{r['single_stream_limit_tokens_per_s']:.0f} tokens/s; achieved "
+            f"{100 * (r['achieved_fraction'] or 0):.0f}%"
+        )
+    return "\n".join(lines)

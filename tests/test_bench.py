@@ -1,0 +1,361 @@
+"""Tests for `tulu bench` and the workloads it shares with benchmarks/generation.py.
+
+Timings are never asserted (they depend on the machine); what is pinned is what must hold on
+any machine: every request gets exactly its requested tokens, the JSON's figures agree with
+each other (tokens/s = tokens / seconds, ratio = tulu / transformers), the command prints its
+table and exits 0, and every bad input fails on one line naming the flag, before any weights
+are built. The model is Pythia-14M's shape cut to one layer, with tiny counts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tulu.bench.workloads as workloads
+from tulu.bench.cli import settings_from_args
+from tulu.bench.workloads import (
+    BenchSettings,
+    check_settings,
+    format_report,
+    generate_timed,
+    hf_throughput,
+    make_requests,
+    preset_config,
+    random_model,
+    run_benchmark,
+    transformers_twin,
+    tulu_throughput,
+)
+from tulu.cli import build_parser, main
+from tulu.engine.engine import LLM, EngineConfig
+from tulu.engine.kv_cache import bytes_per_block
+from tulu.errors import TuluError
+
+TINY = ["--preset", "pythia-14m", "--layers", "1", "--device", "cpu", "--dtype", "float32"]
+SMALL = [
+    "--num-requests",
+    "3",
+    "--prompt-len",
+    "8",
+    "--output-len",
+    "5",
+    "--single-new-tokens",
+    "4",
+    "--prefill-tokens",
+    "24",
+    "--repeats",
+    "1",
+]
+CPU = torch.device("cpu")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(preset_config("pythia-14m", 1, torch.float32), CPU, seed=0)
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str | Path) -> tuple[int, str, str]:
+    capsys.readouterr()
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def error_line(err: str) -> str:
+    """The CLI's error: one line (progress lines aside), no traceback; returns the message."""
+    assert "Traceback" not in err
+    lines = [line for line in err.strip().splitlines() if line.startswith("tulu bench: error: ")]
+    assert len(lines) == 1, err
+    return lines[0].removeprefix("tulu bench: error: ")
+
+
+def check_throughput(figures: dict, requests: int) -> None:
+    assert figures["output_tokens_per_s"] == pytest.approx(
+        figures["output_tokens"] / figures["seconds"]
+    )
+    assert figures["requests_per_s"] == pytest.approx(requests / figures["seconds"])
+
+
+# ------------------------------------------------------------------------------ workloads
+@pytest.mark.parametrize("pool_blocks", [None, 6], ids=["default-pool", "tiny-pool-preempts"])
+def test_every_request_gets_exactly_its_output_tokens(model, pool_blocks) -> None:
+    """Mixed lengths, EOS ignored; with 6 blocks of 16 tokens requests are preempted too."""
+    budget = None
+    if pool_blocks is not None:
+        budget = pool_blocks * bytes_per_block(model.config, 16, torch.float32)
+    llm = LLM(model, None, EngineConfig(kv_cache_bytes=budget))
+    requests = make_requests(random.Random(0), 6, (3, 40), (1, 30), model.config.vocab_size)
+    outs, seconds = generate_timed(llm, requests, CPU)
+    assert seconds > 0
+    assert [len(o.outputs[0].token_ids) for o in outs] == [n for _, n in requests]
+    assert [o.prompt_token_ids for o in outs] == [p for p, _ in requests]
+    if pool_blocks is not None:
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.pool.num_used == 0
+
+    figures = tulu_throughput(llm, requests, CPU)
+    assert figures["output_tokens"] == sum(n for _, n in requests)
+    assert figures["prompt_tokens"] == sum(len(p) for p, _ in requests)
+    check_throughput(figures, len(requests))
+
+
+def test_transformers_counts_the_requested_tokens(model) -> None:
+    requests = make_requests(random.Random(1), 3, (2, 9), (1, 6), 1000)
+    figures = hf_throughput(transformers_twin(model), requests, 2, CPU)
+    assert figures["output_tokens"] == sum(n for _, n in requests)
+    check_throughput(figures, len(requests))
+
+
+def test_transformers_twin_shares_weights_and_agrees(model) -> None:
+    twin = transformers_twin(model)
+    assert twin.gpt_neox.embed_in.weight.data_ptr() == model.gpt_neox.embed_in.weight.data_ptr()
+    ids = torch.tensor([[5, 17, 400, 3, 9]])
+    with torch.inference_mode():
+        ours = model(ids)
+        theirs = twin(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_random_prompts_are_deterministic() -> None:
+    a = make_requests(random.Random(3), 4, (2, 9), (1, 6), 100)
+    b = make_requests(random.Random(3), 4, (2, 9), (1, 6), 100)
+    assert a == b
+    assert all(2 <= len(p) <= 9 and 1 <= n <= 6 and max(p) < 100 for p, n in a)
+
+
+def test_run_benchmark_figures_are_consistent(model) -> None:
+    settings = BenchSettings(
+        num_requests=3,
+        prompt_len=6,
+        output_len=4,
+        mixed_requests=3,
+        mixed_prompt_range=(2, 12),
+        mixed_output_range=(1, 7),
+        single_new_tokens=3,
+        prefill_tokens=20,
+        repeats=2,
+        compare_transformers=True,
+        hf_batch_size=2,
+    )
+    results = run_benchmark(model, settings, name="tiny", preset_name="pythia-14m")
+    json.loads(json.dumps(results))  # JSON-ready as it is
+
+    w = results["workloads"]
+    assert set(w) == {"single_stream", "fixed_6_4", "mixed", "prefill_21"}
+    assert w["fixed_6_4"]["tulu"]["output_tokens"] == 3 * 4
+    assert w["fixed_6_4"]["transformers"]["output_tokens"] == 3 * 4
+    mixed = w["mixed"]["tulu"]["output_tokens"]
+    assert 3 * 1 <= mixed <= 3 * 7 and w["mixed"]["transformers"]["output_tokens"] == mixed
+    for key in ("fixed_6_4", "mixed"):
+        assert w[key]["requests"] == 3
+        for system in ("tulu", "transformers"):
+            check_throughput(w[key][system], 3)
+    assert w["prefill_21"]["prompt_tokens"] == 20
+    for system in ("tulu", "transformers"):
+        single = w["single_stream"][system]
+        assert set(single) == {"ttft_ms", "ms_per_token", "tokens_per_s"}
+        assert all(v > 0 for v in single.values())
+
+    table = {(r["workload"], r["metric"]): r for r in results["table"]}
+    assert len(table) == len(results["table"]) == 6
+    for row in results["table"]:
+        lower_is_better = "ms" in row["metric"]
+        expected = (
+            row["transformers"] / row["tulu"]
+            if lower_is_better
+            else row["tulu"] / row["transformers"]
+        )
+        assert row["ratio"] == pytest.approx(expected)
+    fixed = table[("3 x (6 in / 4 out)", "output tokens/s")]
+    assert fixed["tulu"] == w["fixed_6_4"]["tulu"]["output_tokens_per_s"]
+    prefill = table[("prefill 20 tokens", "tokens/s")]
+    assert prefill["tulu"] == w["prefill_21"]["tulu_tokens_per_s"]
+
+    assert results["layers"] == 1 and results["preset"] == "pythia-14m"
+    assert results["settings"]["num_requests"] == 3
+    assert results["kv_cache_blocks"] > 0 and results["peak_memory_bytes"] > 0
+    assert "roofline" not in results  # GPU only
+    report = format_report(results)
+    assert "tulu/HF" in report and "3 mixed (2-12 in / 1-7 out)" in report
+
+
+def test_skip_leaves_workloads_out(model) -> None:
+    settings = BenchSettings(
+        num_requests=2, prompt_len=4, output_len=2, repeats=1, skip=frozenset({"single", "prefill"})
+    )
+    results = run_benchmark(model, settings, name="tiny")
+    assert list(results["workloads"]) == ["fixed_4_2"]
+    assert results["transformers"] is None
+    assert [r["transformers"] for r in results["table"]] == [None]
+    assert [r["ratio"] for r in results["table"]] == [None]
+    assert "tulu/HF" not in format_report(results)
+
+
+def test_mixed_flag_uses_num_requests() -> None:
+    args = build_parser().parse_args(["bench", *TINY, "--num-requests", "7", "--mixed"])
+    settings = settings_from_args(args, gpu=False)
+    assert settings.mixed_requests == 7 and settings.runs("mixed")
+    args = build_parser().parse_args(["bench", *TINY])
+    settings = settings_from_args(args, gpu=False)
+    assert settings.mixed_requests is None and not settings.runs("mixed")
+    assert settings.num_requests == 16  # the CPU default
+
+
+def test_mixed_workload_needs_its_longest_request_in_the_window() -> None:
+    config = preset_config("pythia-14m", 1, torch.float32)
+    small = type(config).from_dict({**config.to_dict(), "max_position_embeddings": 1024})
+    with pytest.raises(TuluError, match="--mixed: the longest mixed-length request"):
+        check_settings(BenchSettings(mixed_requests=2, prompt_len=8, output_len=8), small)
+
+
+# ------------------------------------------------------------------------------ the command
+def test_cli_prints_table_and_writes_json(tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "sub" / "bench.json"
+    rc, out, err = run(capsys, "bench", *TINY, *SMALL, "--output", out_file)
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("pythia-14m (1 layers), torch.float32")
+    assert "transformers" not in lines[0]
+    assert lines[1].split() == ["workload", "metric", "tulu"]
+    assert any(line.startswith("3 x (8 in / 5 out)") for line in lines)
+    assert any(line.startswith("prefill 24 tokens") for line in lines)
+    assert lines[-1].startswith("peak memory")
+    assert f"wrote {out_file}" in err
+
+    results = json.loads(out_file.read_text())
+    assert set(results["workloads"]) == {"single_stream", "fixed_8_5", "prefill_25"}
+    fixed = results["workloads"]["fixed_8_5"]["tulu"]
+    assert fixed["output_tokens"] == 3 * 5
+    check_throughput(fixed, 3)
+    assert results["settings"]["prompt_len"] == 8 and results["device"] == "cpu"
+    assert results["transformers"] is None
+
+
+def test_cli_compare_transformers(capsys) -> None:
+    pytest.importorskip("transformers")
+    rc, out, err = run(capsys, "bench", *TINY, *SMALL, "--compare-transformers")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert ", transformers " in lines[0]
+    assert lines[1].split() == ["workload", "metric", "tulu", "transformers", "tulu/HF"]
+    rows = [line for line in lines[2:] if line.endswith("x")]
+    assert len(rows) == 5  # TTFT, ms/token, tokens/s, throughput, prefill
+
+
+def test_cli_loads_a_checkpoint(tmp_path: Path, capsys) -> None:
+    from tulu.demo import corpus_text, tiny_model, train_tokenizer
+    from tulu.model.checkpoint import save_model
+
+    tokenizer = train_tokenizer(corpus_text())
+    directory = save_model(tiny_model(len(tokenizer), seed=0), tmp_path / "m", tokenizer=tokenizer)
+    rc, out, err = run(capsys, "bench", directory, "--device", "cpu", *SMALL, "--skip", "single")
+    assert rc == 0, err
+    assert out.splitlines()[0].startswith(f"{directory} (")
+
+
+BAD = [
+    (["--num-requests", "0"], "--num-requests"),
+    (["--num-requests", "-3"], "--num-requests"),
+    (["--prompt-len", "0"], "--prompt-len"),
+    (["--output-len", "-1"], "--output-len"),
+    (["--single-new-tokens", "0"], "--single-new-tokens"),
+    (["--prefill-tokens", "0"], "--prefill-tokens"),
+    (["--repeats", "0"], "--repeats"),
+    (["--max-num-seqs", "0"], "--max-num-seqs"),
+    (["--hf-batch-size", "0"], "--hf-batch-size"),
+    (["--kv-cache-gb", "0"], "--kv-cache-gb"),
+    (["--kv-cache-gb", "nan"], "--kv-cache-gb"),
+    (["--skip", "single,bogus"], "--skip"),
+    (["--prompt-len", "2000", "--output-len", "100"], "--output-len 100"),
+    (["--prompt-len", "100", "--single-new-tokens", "2000"], "--single-new-tokens 2000"),
+    (["--prefill-tokens", "2048"], "--prefill-tokens 2048"),
+    (["--dtype", "float8"], "--dtype"),
+    (["--device", "tpu"], "--device"),
+    (["--device", "not a device"], "--device"),
+]
+
+
+@pytest.mark.parametrize(("extra", "flag"), BAD, ids=[" ".join(e) for e, _ in BAD])
+def test_bad_input_fails_before_building_the_model(extra, flag, capsys, monkeypatch) -> None:
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the input was checked")
+
+    monkeypatch.setattr(workloads, "random_model", no_model)
+    rc, _out, err = run(capsys, "bench", *TINY, *SMALL, *extra)
+    assert rc == 1
+    assert flag in error_line(err)
+
+
+def test_prompt_beyond_window_names_both_sizes(capsys) -> None:
+    rc, _out, err = run(capsys, "bench", *TINY, "--prompt-len", "2000", "--output-len", "100")
+    assert rc == 1
+    message = error_line(err)
+    assert "--prompt-len 2000 + --output-len 100 = 2,100 tokens" in message
+    assert "context window of 2,048 tokens" in message
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--preset", "pythia-3m"], "--preset"),
+        (["--preset", "pythia-14m", "--layers", "0"], "--layers"),
+        ([], "--preset"),  # neither MODEL nor --preset
+        (["some/dir", "--preset", "pythia-14m"], "--preset"),  # both
+        (["some-dir", "--layers", "2"], "--layers"),
+    ],
+)
+def test_bad_model_choice(argv, flag, capsys) -> None:
+    rc, _out, err = run(capsys, "bench", *argv, "--device", "cpu")
+    assert rc == 1
+    assert flag in error_line(err)
+
+
+def test_unknown_preset_lists_known_ones(capsys) -> None:
+    rc, _out, err = run(capsys, "bench", "--preset", "pythia-3m", "--device", "cpu")
+    assert rc == 1 and "pythia-70m" in error_line(err)
+
+
+def test_missing_model_directory(tmp_path: Path, capsys) -> None:
+    missing = tmp_path / "no-such-model"
+    rc, _out, err = run(capsys, "bench", missing, "--device", "cpu")
+    assert rc == 1
+    assert str(missing) in error_line(err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_a_gpu(capsys) -> None:
+    rc, _out, err = run(capsys, "bench", "--preset", "pythia-14m", "--device", "cuda")
+    assert rc == 1
+    assert "--device cuda" in error_line(err)
+
+
+@pytest.mark.parametrize("gb", ["0.00001", "0.0001"], ids=["under-one-block", "under-request"])
+def test_kv_cache_too_small(gb, capsys) -> None:
+    """0.00001 GB is less than one 16-token block; 0.0001 GB holds 96 tokens, fewer than 384."""
+    rc, _out, err = run(
+        capsys, "bench", *TINY, "--kv-cache-gb", gb, "--skip", "single,prefill", "--repeats", "1"
+    )
+    assert rc == 1
+    assert f"--kv-cache-gb {float(gb):g}" in error_line(err)
+
+
+def test_compare_without_transformers(capsys, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers -> ImportError
+    rc, _out, err = run(capsys, "bench", *TINY, *SMALL, "--compare-transformers")
+    assert rc == 1
+    assert "--compare-transformers" in error_line(err)
+
+
+def test_output_is_a_directory(tmp_path: Path, capsys) -> None:
+    rc, _out, err = run(capsys, "bench", *TINY, *SMALL, "--output", tmp_path)
+    assert rc == 1
+    assert "--output" in error_line(err)
