@@ -33,9 +33,7 @@ import os
 import platform
 import random
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +41,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import httpx
+
+from tulu.server.child import ServerProcess, ServerStartError, start_server, wait_healthy
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -73,71 +73,16 @@ class Result:
 # ---------------------------------------------------------------------------------- server
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(args: argparse.Namespace, log_path: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from tulu.cli import main; sys.exit(main())",
-        "serve",
-        str(args.model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-num-seqs",
-        str(args.max_num_seqs),
-        "--log-level",
-        "warning",
-    ]
+def launch(args: argparse.Namespace, log_path: Path) -> ServerProcess:
+    """`tulu serve --model` on a free local port, with this benchmark's engine settings."""
+    extra = ["--max-num-seqs", str(args.max_num_seqs), "--log-level", "warning"]
     if args.kv_cache_gb:
-        cmd += ["--kv-cache-gb", str(args.kv_cache_gb)]
+        extra += ["--kv-cache-gb", str(args.kv_cache_gb)]
     if args.api_key:
-        cmd += ["--api-key", args.api_key]
-    with open(log_path, "w") as log:  # the child keeps its own copy of the descriptor
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, args.startup_timeout, proc, log_path)
-    except SystemExit:
-        stop_server(proc)
-        raise
-    return proc, url
-
-
-def wait_healthy(
-    url: str, timeout: float, proc: subprocess.Popen | None = None, log_path: Path | None = None
-) -> None:
-    """Poll GET /health until 200 (bounded by `timeout`); exits with a message otherwise."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            log = log_path.read_text()[-4000:] if log_path else ""
-            raise SystemExit(f"tulu serve exited with {proc.returncode}:\n{log}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"{url}/health did not answer 200 within {timeout:g} s")
-
-
-def stop_server(proc: subprocess.Popen) -> int | None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    return proc.returncode
+        extra += ["--api-key", args.api_key]
+    return start_server(
+        args.model, log_path, extra_args=extra, startup_timeout=args.startup_timeout
+    )
 
 
 # ---------------------------------------------------------------------------------- metrics
@@ -400,15 +345,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    proc = None
+    server = None
     RESULTS.mkdir(parents=True, exist_ok=True)
-    if args.model is not None:
-        log_path = Path(tempfile.gettempdir()) / f"tulu-serving-benchmark-{os.getpid()}.log"
-        proc, url = start_server(args, log_path)
-        print(f"started tulu serve at {url} (log: {log_path})")
-    else:
-        url = args.url.rstrip("/")
-        wait_healthy(url, args.startup_timeout)
+    try:
+        if args.model is not None:
+            log_path = Path(tempfile.gettempdir()) / f"tulu-serving-benchmark-{os.getpid()}.log"
+            server = launch(args, log_path)
+            url = server.url
+            print(f"started tulu serve at {url} (log: {log_path})")
+        else:
+            url = args.url.rstrip("/")
+            wait_healthy(url, args.startup_timeout)
+    except ServerStartError as err:
+        raise SystemExit(str(err)) from None
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
         with httpx.Client(headers=headers, timeout=30.0) as client:
@@ -423,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             results, elapsed = asyncio.run(run_clients(args, url, model))
             after = wait_idle(client, url, args.idle_timeout)
     finally:
-        exit_code = stop_server(proc) if proc is not None else None
+        exit_code = server.stop() if server is not None else None
 
     summary = summarise(results, elapsed)
     used = after.get("tulu_kv_cache_blocks_used")

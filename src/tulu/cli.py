@@ -140,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
 
+    from tulu.bench.cli import add_bench_parser
     from tulu.data.cli import add_data_parser
     from tulu.eval.cli import add_eval_parser
     from tulu.train.cli import add_export_parser, add_train_parser
@@ -148,10 +149,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_export_parser(sub)
     add_eval_parser(sub)
+    add_bench_parser(sub)
 
-    demo = sub.add_parser("demo", help="build a tiny model and tokenizer, save, reload and chat")
+    demo = sub.add_parser(
+        "demo",
+        help="data, training, evaluation and serving of a tiny model, end to end on CPU",
+        description="Convert and mix the bundled samples, train a tiny GPT-NeoX with "
+        "configs/tiny-demo.yaml, evaluate it on fixture-sized benchmarks, serve it and stream a "
+        "chat answer; every artefact goes under --output.",
+    )
     demo.add_argument("--output", type=Path, default=Path("runs/demo"))
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument(
+        "--config", type=Path, default=Path("configs/tiny-demo.yaml"), help="training config"
+    )
+    demo.add_argument(
+        "--max-examples", type=int, default=None, help="cap examples per benchmark task"
+    )
+    demo.add_argument(
+        "--codex-samples", type=int, default=10, help="samples per HumanEval problem (>= 10)"
+    )
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     return parser
 
 
@@ -355,9 +372,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tulu.demo import run_demo
+    from tulu.demo.pipeline import run_demo
 
-    run_demo(args.output, seed=args.seed)
+    run_demo(
+        args.output,
+        args.config,
+        train_overrides=args.overrides,
+        max_examples=args.max_examples,
+        codex_samples=args.codex_samples,
+    )
     return 0
 
 
@@ -379,6 +402,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from tulu.bench.cli import cmd_bench as run
+
+    return run(args)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from tulu.train.cli import cmd_export as run
 
@@ -390,6 +419,7 @@ COMMANDS = {
     "train": cmd_train,
     "export": cmd_export,
     "eval": cmd_eval,
+    "bench": cmd_bench,
     "generate": cmd_generate,
     "chat": cmd_chat,
     "info": cmd_info,
