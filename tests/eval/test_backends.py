@@ -3,7 +3,11 @@ model itself (greedy continuations and candidate next-token log-probabilities)."
 
 from __future__ import annotations
 
+import json
 import math
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -132,5 +136,138 @@ def test_tgi_backend_against_tulu_serve(checkpoint):
         expected = _candidate_logprobs(model, tokenizer, PROMPTS[1], [top, 599])
         assert rows[0][0] == pytest.approx(expected[0], abs=1e-3)
         assert rows[0][1] == -math.inf or rows[0][1] == pytest.approx(expected[1], abs=1e-3)
+    finally:
+        server.stop()
+
+
+def _prompt_of(tokenizer, tokens: int) -> tuple[str, int]:
+    """A prompt of about `tokens` tokens, and its exact length."""
+    ids = tokenizer.encode("Question: what comes next in this long story? " * tokens)[:tokens]
+    prompt = tokenizer.decode(ids)
+    return prompt, len(tokenizer.encode(prompt))
+
+
+def test_every_backend_fits_max_tokens_into_the_window(checkpoint):
+    """A server refuses prompt + max_tokens beyond its window (400), so the HTTP backends cap
+    max_tokens per prompt as the engine does, with the window the server reports."""
+    from server.conftest import start_server
+    from tulu.engine.engine import LLM
+    from tulu.eval.backends import TGIBackend
+
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    window = model.config.max_position_embeddings  # 512
+    near, length = _prompt_of(tokenizer, window - 6)
+    assert 0 < window - length < 12
+    full, _ = _prompt_of(tokenizer, window + 5)  # fills the window on its own
+    decoding = Decoding(max_tokens=512)  # BBH's and the protocol's, more than the room left
+    expected = [[_greedy(model, tokenizer, near, window - length)], [""]]
+
+    engine = EngineBackend(LLM(model, tokenizer), progress=False)
+    assert engine.generate([near, full], decoding) == expected
+    server = start_server(checkpoint)
+    try:
+        backends = [
+            OpenAIBackend(f"http://{server.host}:{server.port}/v1", "tiny", tokenizer),
+            TGIBackend(f"http://{server.host}:{server.port}", tokenizer=tokenizer),
+        ]
+        for backend in backends:
+            assert backend.window() == window  # /v1/models' max_model_len, /info's total
+            assert backend.generate([near, full], decoding) == expected
+            assert backend.too_long == 1  # the prompt that fills the window was not sent
+            sampled = backend.generate([near], Decoding(max_tokens=512, n=2, temperature=0.5))
+            assert len(sampled[0]) == 2
+    finally:
+        server.stop()
+    assert engine.too_long == 1
+
+
+class _Recorder(ThreadingHTTPServer):
+    """A server that reports no context window: records what the backends send."""
+
+    def __init__(self) -> None:
+        self.payloads: list[dict] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _send(self, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:  # /v1/models without max_model_len, /info without sizes
+                self._send({"data": [{"id": "tiny", "object": "model"}]})
+
+            def do_POST(self) -> None:
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                recorder.payloads.append(payload)
+                if self.path.endswith("/completions"):
+                    self._send({"choices": [{"index": 0, "text": "ok"}]})
+                else:
+                    self._send({"generated_text": "ok"})
+
+        super().__init__(("127.0.0.1", 0), Handler)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_api_backends_fall_back_when_the_server_does_not_say(checkpoint):
+    from tulu.eval.backends import TGIBackend
+
+    tokenizer = checkpoint.tokenizer
+    prompt, length = _prompt_of(tokenizer, 290)
+    recorder = _Recorder()
+    threading.Thread(target=recorder.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        for make, key in (
+            (lambda **kw: OpenAIBackend(recorder.url + "/v1", "tiny", tokenizer, **kw), None),
+            (lambda **kw: TGIBackend(recorder.url, tokenizer=tokenizer, **kw), "parameters"),
+        ):
+            given, default = make(context_window=300), make()
+            assert (given.window(), default.window()) == (300, 2048)
+            for backend, sent in ((given, 300 - length), (default, 512)):
+                recorder.payloads.clear()
+                assert backend.generate([prompt], Decoding(max_tokens=512)) == [["ok"]]
+                (payload,) = recorder.payloads
+                payload = payload[key] if key else payload
+                assert payload.get("max_tokens", payload.get("max_new_tokens")) == sent
+    finally:
+        recorder.shutdown()
+        recorder.server_close()
+    # unreachable: the window falls back too (the request itself then names the URL)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    assert OpenAIBackend(f"http://127.0.0.1:{port}/v1", "tiny").window() == 2048
+
+
+def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_path, capsys):
+    """`tulu eval --api-base` used to stop on bbh_cot: its 512 new tokens do not fit after a
+    long prompt. Now max_tokens is fitted to the window the server reports (512 here)."""
+    from server.conftest import start_server
+    from tulu.cli import main
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.model.checkpoint import save_model
+
+    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
+    data = write_eval_data(tmp_path / "data")
+    server = start_server(checkpoint)
+    try:
+        for style, base in (("openai", "/v1"), ("tgi", "")):
+            args = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
+            args += ["--output", str(tmp_path / style), "--task", "bbh_cot", "--max-examples", "1"]
+            args += ["--api-base", f"http://{server.host}:{server.port}{base}"]
+            args += ["--api-style", style, "--api-model", "tiny"]
+            assert main(args) == 0, capsys.readouterr().err
+            captured = capsys.readouterr()
+            assert "context window of 512 tokens" in captured.err
+            assert captured.out.startswith("| BBH CoT | Average |")
     finally:
         server.stop()

@@ -10,7 +10,15 @@ import pytest
 
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
-from tulu.eval.runner import CachedBackend, EvalContext, TaskResult, markdown_table, run_tasks
+from tulu.eval.runner import (
+    CachedBackend,
+    EvalContext,
+    TaskResult,
+    card_average,
+    markdown_table,
+    missing_files,
+    run_tasks,
+)
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 EVAL = SHARED / "data" / "eval"
@@ -159,10 +167,50 @@ def test_missing_inputs_are_listed_together(tmp_path):
 
 
 def test_markdown_table_follows_the_model_card():
-    results = [TaskResult("gsm_cot", "em", 15.5), TaskResult("mmlu_0shot", "acc", 34.1)]
+    results = [
+        TaskResult("gsm_cot", "em", 15.5),
+        TaskResult("mmlu_5shot", "acc", 34.6),
+        TaskResult("mmlu_0shot", "acc", 34.1),
+    ]
+    # columns in the card's order; the Average weighs benchmarks, not columns:
+    # (mean(34.1, 34.6) + 15.5) / 2 = 24.9 (the plain mean of the columns would be 28.1)
     assert markdown_table(results) == (
-        "| MMLU 0-shot | GSM CoT | Average |\n|---|---|---|\n| 34.1 | 15.5 | 24.8 |\n"
+        "| MMLU 0-shot | MMLU 5-shot | GSM CoT | Average |\n|---|---|---|---|\n"
+        "| 34.1 | 34.6 | 15.5 | 24.9 |\n"
     )
+
+
+#: The Pythia-6.9B-Tulu model card's figures, and its Average.
+CARD = {
+    "mmlu_0shot": 34.1,
+    "mmlu_5shot": 34.6,
+    "gsm_direct": 3.5,
+    "gsm_cot": 15.5,
+    "bbh_direct": 31.3,
+    "bbh_cot": 27.8,
+    "tydiqa_gp": 33.4,
+    "tydiqa_cb": 3.8,
+    "codex_pass1": 14.3,
+    "codex_pass10": 21.4,
+    "alpaca_farm": 9.2,
+}
+CARD_AVERAGE = "19.8"
+
+
+def test_markdown_table_reproduces_the_model_cards_average():
+    results = [TaskResult(task, "metric", value) for task, value in CARD.items()]
+    header, rule, row = markdown_table(results).splitlines()
+    assert header.split(" | ")[-1] == "Average |"
+    cells = row.strip("| ").split(" | ")
+    assert cells[:-1] == [f"{v:.1f}" for v in CARD.values()]
+    assert cells[-1] == CARD_AVERAGE  # the plain mean of the eleven columns is 20.8
+    assert card_average(results) == pytest.approx(119.05 / 6)
+    # a benchmark with one setting present counts once, like one with both
+    assert card_average(results[:3]) == pytest.approx((34.35 + 3.5) / 2)
+    # a task outside the paper suite is a benchmark of its own
+    extra = [TaskResult("mmlu_0shot", "acc", 40.0), TaskResult("my_task", "acc", 10.0)]
+    assert markdown_table(extra).splitlines()[-1] == "| 40.0 | 10.0 | 25.0 |"
+    assert card_average([]) == 0.0
 
 
 def test_tulu_eval_end_to_end_on_a_tiny_checkpoint(tmp_path, capsys):
@@ -298,3 +346,128 @@ def test_gold_answers_score_100_on_tydiqa_fixture(neox, tmp_path):
         (result,) = run_tasks([f"tydiqa_{mode}"], ctx)
         assert result.value == 100.0
         assert set(result.details["per_language"]) == set(tydiqa.LANGUAGES)
+
+
+class Untouchable:
+    """A backend that must not be called (the run should stop before any generation)."""
+
+    def generate(self, prompts, decoding):
+        raise AssertionError("generation started")
+
+    def next_token_logprobs(self, prompts, candidates):
+        raise AssertionError("scoring started")
+
+
+@pytest.fixture(scope="module")
+def bundled(tmp_path_factory):
+    from tulu.demo.eval_data import write_eval_data
+
+    return write_eval_data(tmp_path_factory.mktemp("bundled-eval"))
+
+
+def test_gsm_without_exemplars_fails_the_upfront_check(bundled):
+    # Codex comes first and has all it needs: the GSM problem must stop the run before it.
+    ctx = EvalContext(backend=Untouchable(), tokenizer=None, data_dir=bundled.data_dir)
+    with pytest.raises(DataError) as info:
+        run_tasks(["codex_pass1", "gsm_direct", "gsm_cot"], ctx)
+    message = str(info.value)
+    for task in ("gsm_direct", "gsm_cot"):
+        assert f"{task}: no GSM exemplars: pass --gsm-exemplars FILE" in message
+    assert "--gsm-train FILE" in message and "codex_pass1" not in message
+    # either option satisfies it
+    ctx.options["gsm_train"] = bundled.data_dir / "gsm" / "test.jsonl"
+    assert not any("GSM exemplars" in line for line in missing_files(["gsm_cot"], ctx))
+
+
+def test_max_examples_below_one_is_refused(bundled, capsys):
+    from tulu.cli import main
+
+    for value in (0, -3):
+        ctx = EvalContext(
+            backend=Untouchable(),
+            tokenizer=None,
+            data_dir=bundled.data_dir,
+            max_examples=value,
+            options={"gsm_exemplars": bundled.gsm_exemplars},
+        )
+        with pytest.raises(DataError, match=f"max_examples must be at least 1.*got {value}"):
+            run_tasks(["gsm_direct"], ctx)  # used to mean "the default" for GSM, BBH, TyDi QA
+        with pytest.raises(SystemExit) as info:
+            main(["eval", "MODEL", "--data-dir", str(bundled.data_dir), f"--max-examples={value}"])
+        assert info.value.code == 2
+        assert f"--max-examples: must be at least 1, got {value}" in capsys.readouterr().err
+
+
+def test_max_examples_caps_every_task_alike(bundled):
+    """None is each task's default (all of the small bundled sets), N caps every task."""
+
+    class Recording:
+        def __init__(self) -> None:
+            self.prompts: list[str] = []
+
+        def generate(self, prompts, decoding):
+            self.prompts += prompts
+            return [[""] * decoding.n for _ in prompts]
+
+        def next_token_logprobs(self, prompts, candidates):
+            self.prompts += prompts
+            return [[0.0] * len(candidates) for _ in prompts]
+
+    from tulu.demo import corpus_text, train_tokenizer
+    from tulu.demo.eval_data import load_benchmarks
+
+    items = load_benchmarks()
+    default = {
+        "mmlu_0shot": 57,  # one test question per subject
+        "gsm_direct": len(items["gsm"]["test"]),
+        "bbh_direct": 27 * 2,  # two examples per task
+        "tydiqa_gp": 9,  # one question per language
+        "codex_pass1": len(items["humaneval"]),
+    }
+    capped = {"mmlu_0shot": 57, "gsm_direct": 1, "bbh_direct": 27, "tydiqa_gp": 9}
+    capped["codex_pass1"] = 1
+    for max_examples, expected in ((None, default), (1, capped)):
+        for task, count in expected.items():
+            backend = Recording()
+            ctx = EvalContext(
+                backend=backend,
+                tokenizer=train_tokenizer(corpus_text()),
+                data_dir=bundled.data_dir,
+                max_examples=max_examples,
+                options={"gsm_exemplars": bundled.gsm_exemplars, "codex_samples": 1},
+            )
+            run_tasks([task], ctx)
+            assert len(backend.prompts) == count, (task, max_examples)
+
+
+def test_tulu_eval_checks_inputs_before_loading_the_model(tmp_path, monkeypatch, capsys):
+    import tulu.pretrained
+    from tulu.cli import main
+
+    def load_pretrained(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(tulu.pretrained, "load_pretrained", load_pretrained)
+    args = ["eval", str(tmp_path / "model"), "--data-dir", str(tmp_path / "none")]
+    args += ["--output", str(tmp_path / "out"), "--task", "mmlu_0shot", "--task", "gsm_cot"]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "tulu eval: error: missing evaluation data under" in err
+    assert "mmlu_0shot: " in err and "gsm_cot: no GSM exemplars" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_eval_extra_is_what_tulu_eval_imports():
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[2]
+    extra = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]["eval"]
+    names = {re.split(r"[<>=!~\[ ;]", spec, maxsplit=1)[0] for spec in extra}
+    assert "httpx" in names  # --api-base and the AlpacaFarm judge
+    sources = "\n".join(p.read_text() for p in (root / "src" / "tulu" / "eval").glob("*.py"))
+    assert re.search(r"^\s*import httpx$", sources, re.M)
+    for name in names:  # every listed package is imported
+        assert re.search(rf"^\s*(import|from) {name.replace('-', '_')}\b", sources, re.M)

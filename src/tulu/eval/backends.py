@@ -11,6 +11,14 @@ Every task needs one of two things from a model:
 share few-shot exemplars share KV-cache blocks through prefix caching). `OpenAIBackend` sends
 ``/v1/completions`` requests to a server such as ``tulu serve`` or vLLM, a few at a time;
 `TGIBackend` uses text-generation-inference's native ``/generate``.
+
+Every backend fits each generation into the model's context window: a prompt's ``max_tokens``
+is capped at the window minus the prompt's length, and a prompt that fills the window on its
+own gets empty outputs (counted in ``too_long``) without being sent. Servers refuse a request
+whose prompt plus ``max_tokens`` exceeds the window (``tulu serve`` and vLLM answer 400), so
+the HTTP backends count prompt tokens with the model's tokenizer and learn the window from
+the server (``/v1/models``' ``max_model_len``, TGI's ``/info``), or else from
+``context_window`` (default 2048).
 """
 
 from __future__ import annotations
@@ -25,6 +33,9 @@ from typing import Any, Protocol
 from tulu.errors import TuluError
 
 __all__ = ["Backend", "Decoding", "EngineBackend", "OpenAIBackend", "TGIBackend"]
+
+#: The context window assumed when a server does not report one (Pythia's).
+DEFAULT_CONTEXT_WINDOW = 2048
 
 
 @dataclass(frozen=True)
@@ -64,8 +75,10 @@ class EngineBackend:
         self.too_long = 0
 
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
-        """Continuations; a generation stops at the context window, as transformers' does,
-        and a prompt that fills the window on its own gets empty outputs (counted)."""
+        """Continuations; a generation stops at the context window (``max_tokens`` is capped
+        at the window minus the prompt's length, whereas transformers' ``generate`` with
+        ``max_new_tokens`` would run past it), and a prompt that fills the window on its own
+        gets empty outputs (counted)."""
         from tulu.engine.sampling import SamplingParams
 
         lengths = [len(ids) for ids in self.tokenizer.encode_batch(list(prompts))]
@@ -120,6 +133,11 @@ class OpenAIBackend:
     generated token (OpenAI's API cannot ask for given tokens): a candidate outside them gets
     ``-inf``, which only matters when none of the candidates is among the top 20. Token ids are
     mapped to the server's token strings with `tokenizer` (the model's own).
+
+    ``max_tokens`` is capped per prompt to fit the context window (see the module doc): the
+    window is the ``max_model_len`` that ``GET /v1/models`` reports for `model` (``tulu serve``
+    and vLLM report it), else `context_window`, else 2048. Prompts are measured with
+    `tokenizer`; without one, ``max_tokens`` is sent unchanged.
     """
 
     api_base: str
@@ -130,14 +148,34 @@ class OpenAIBackend:
     timeout: float = 600.0
     retries: int = 4
     top_logprobs: int = 20
+    #: The window when the server does not report one.
+    context_window: int | None = None
+    #: Prompts that did not fit the window (answered with empty outputs, not sent).
+    too_long: int = field(default=0, init=False)
     _client: Any = field(default=None, init=False, repr=False)
+    _window: int | None = field(default=None, init=False, repr=False)
 
-    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
+    def _http(self):
         if self._client is None:
             self._client = _client(self.api_key, self.timeout)
+        return self._client
+
+    def _post(self, payload: dict[str, Any]) -> dict[str, Any]:
         return _post_json(
-            self._client, self.api_base.rstrip("/") + "/completions", payload, self.retries
+            self._http(), self.api_base.rstrip("/") + "/completions", payload, self.retries
         )
+
+    def window(self) -> int:
+        """The server's context window (asked once), else `context_window`, else 2048."""
+        if self._window is None:
+            models = _get_json(self._http(), self.api_base.rstrip("/") + "/models")
+            data = models.get("data") if isinstance(models, dict) else None
+            entries = [e for e in data if isinstance(e, dict)] if isinstance(data, list) else []
+            # this model's entry, else the first (a server that serves one model under aliases)
+            mine = [e for e in entries if e.get("id") == self.model] or entries[:1]
+            reported = mine[0].get("max_model_len") if mine else None
+            self._window = _window(reported, self.context_window)
+        return self._window
 
     def _map(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -146,7 +184,6 @@ class OpenAIBackend:
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
         base = {
             "model": self.model,
-            "max_tokens": decoding.max_tokens,
             "temperature": decoding.temperature,
             "top_p": decoding.top_p,
             "n": decoding.n,
@@ -155,12 +192,22 @@ class OpenAIBackend:
             base["stop"] = list(decoding.stop)
         if decoding.seed is not None:
             base["seed"] = decoding.seed
-        responses = self._map([{**base, "prompt": prompt} for prompt in prompts])
-        results = []
-        for response in responses:
+        budgets = self._budgets(prompts, decoding.max_tokens)
+        runnable = [i for i, budget in enumerate(budgets) if budget > 0]
+        self.too_long += len(prompts) - len(runnable)
+        responses = self._map(
+            [{**base, "max_tokens": budgets[i], "prompt": prompts[i]} for i in runnable]
+        )
+        results: list[list[str]] = [[""] * decoding.n for _ in prompts]
+        for i, response in zip(runnable, responses, strict=True):
             choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
-            results.append([choice["text"] for choice in choices])
+            results[i] = [choice["text"] for choice in choices]
         return results
+
+    def _budgets(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
+        if self.tokenizer is None:
+            return [max_tokens] * len(prompts)
+        return _budgets(self.tokenizer, prompts, max_tokens, self.window())
 
     def next_token_logprobs(
         self, prompts: Sequence[str], candidates: Sequence[int]
@@ -181,6 +228,44 @@ class OpenAIBackend:
             top = (logprobs.get("top_logprobs") or [{}])[0] or {}
             rows.append([float(top.get(s, -math.inf)) for s in strings])
         return rows
+
+
+def _budgets(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_tokens: int,
+    window: int,
+    max_input: int | None = None,
+) -> list[int]:
+    """Each prompt's max_tokens: at most what the window leaves after it; 0 when the prompt
+    does not fit (it fills the window, or is longer than `max_input`)."""
+    lengths = [len(ids) for ids in tokenizer.encode_batch(list(prompts))]
+    return [
+        0 if max_input is not None and n > max_input else max(0, min(max_tokens, window - n))
+        for n in lengths
+    ]
+
+
+def _window(reported: Any, fallback: int | None) -> int:
+    if isinstance(reported, int) and not isinstance(reported, bool) and reported > 0:
+        return reported
+    return fallback or DEFAULT_CONTEXT_WINDOW
+
+
+def _get_json(client: Any, url: str) -> Any:
+    """GET a JSON document once; None on any failure (the caller falls back to a default)."""
+    import httpx
+
+    try:
+        response = client.get(url)
+    except httpx.HTTPError:
+        return None
+    if response.status_code != 200:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return None
 
 
 def _client(api_key: str | None, timeout: float):
@@ -219,6 +304,11 @@ class TGIBackend:
     ``seed, seed + 1, ...``. Candidate log-probabilities come from ``top_n_tokens`` of the
     first generated token (ids, so no tokenizer is needed); a candidate outside them reads as
     ``-inf``.
+
+    ``max_new_tokens`` is capped per prompt to fit the context window (see the module doc):
+    the window is ``max_total_tokens`` from ``GET /info``, else `context_window`, else 2048,
+    and a prompt longer than ``/info``'s ``max_input_tokens`` is not sent. Prompts are measured
+    with `tokenizer` (the model's own); without one, ``max_tokens`` is sent unchanged.
     """
 
     url: str
@@ -227,12 +317,32 @@ class TGIBackend:
     timeout: float = 600.0
     retries: int = 4
     top_n_tokens: int = 5
+    tokenizer: Any = None
+    #: The window when the server does not report one.
+    context_window: int | None = None
+    #: Prompts that did not fit the window (answered with empty outputs, not sent).
+    too_long: int = field(default=0, init=False)
     _client: Any = field(default=None, init=False, repr=False)
+    _window: int | None = field(default=None, init=False, repr=False)
+    _max_input: int | None = field(default=None, init=False, repr=False)
 
-    def _post(self, payload: dict[str, Any]) -> Any:
+    def _http(self):
         if self._client is None:
             self._client = _client(self.api_key, self.timeout)
-        return _post_json(self._client, self.url.rstrip("/") + "/generate", payload, self.retries)
+        return self._client
+
+    def _post(self, payload: dict[str, Any]) -> Any:
+        return _post_json(self._http(), self.url.rstrip("/") + "/generate", payload, self.retries)
+
+    def window(self) -> int:
+        """The server's ``max_total_tokens`` (asked once), else `context_window`, else 2048."""
+        if self._window is None:
+            info = _get_json(self._http(), self.url.rstrip("/") + "/info")
+            info = info if isinstance(info, dict) else {}
+            self._window = _window(info.get("max_total_tokens"), self.context_window)
+            max_input = info.get("max_input_tokens", info.get("max_input_length"))
+            self._max_input = _window(max_input, self._window - 1)
+        return self._window
 
     def _map(self, payloads: list[dict[str, Any]]) -> list[Any]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
@@ -240,11 +350,21 @@ class TGIBackend:
 
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
         sample = decoding.temperature > 0
+        if self.tokenizer is None:
+            budgets = [decoding.max_tokens] * len(prompts)
+        else:
+            window = self.window()
+            budgets = _budgets(
+                self.tokenizer, prompts, decoding.max_tokens, window, self._max_input
+            )
+        runnable = [i for i, budget in enumerate(budgets) if budget > 0]
+        self.too_long += len(prompts) - len(runnable)
         payloads = []
-        for prompt in prompts:
+        for i in runnable:
+            prompt = prompts[i]
             for j in range(decoding.n):
                 parameters: dict[str, Any] = {
-                    "max_new_tokens": decoding.max_tokens,
+                    "max_new_tokens": budgets[i],
                     "do_sample": sample,
                 }
                 if sample:
@@ -257,7 +377,10 @@ class TGIBackend:
                     parameters["stop"] = list(decoding.stop)
                 payloads.append({"inputs": prompt, "parameters": parameters})
         texts = [_strip_stop(r["generated_text"], decoding.stop) for r in self._map(payloads)]
-        return [texts[i * decoding.n : (i + 1) * decoding.n] for i in range(len(prompts))]
+        results: list[list[str]] = [[""] * decoding.n for _ in prompts]
+        for k, i in enumerate(runnable):
+            results[i] = texts[k * decoding.n : (k + 1) * decoding.n]
+        return results
 
     def next_token_logprobs(
         self, prompts: Sequence[str], candidates: Sequence[int]

@@ -14,6 +14,19 @@ from pathlib import Path
 __all__ = ["add_eval_parser", "cmd_eval"]
 
 
+def _at_least_one(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or less would silently mean something else)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be at least 1, got {value} (leave it out for each task's default)"
+        )
+    return value
+
+
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "eval",
@@ -30,7 +43,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--data-dir", required=True, type=Path, help="open-instruct's eval layout")
     ev.add_argument("--output", type=Path, default=Path("runs/eval"))
     ev.add_argument("--protocol", choices=["paper", "clean"], default="paper")
-    ev.add_argument("--max-examples", type=int, help="cap examples per task (per subject)")
+    ev.add_argument(
+        "--max-examples",
+        type=_at_least_one,
+        help="cap examples per task (per subject, task or language), at least 1",
+    )
     ev.add_argument("--full", action="store_true", help="every example (GSM: all 1,319)")
     ev.add_argument("--gsm-exemplars", type=Path, help="JSON with the 8 GSM exemplars")
     ev.add_argument("--gsm-train", type=Path, help="GSM8K train JSONL to draw exemplars from")
@@ -46,6 +63,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--api-model", help="model name on that server (default: MODEL)")
     ev.add_argument("--api-key", help="bearer token for --api-base")
+    ev.add_argument(
+        "--max-model-len",
+        type=_at_least_one,
+        help="context window of --api-base when the server does not report it (default 2048)",
+    )
     ev.add_argument("--judge-url", help="AlpacaFarm judge: OpenAI-compatible endpoint")
     ev.add_argument("--judge-model", help="the judge's model name (default: gpt-4)")
     ev.add_argument(
@@ -65,6 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         TASKS,
         CachedBackend,
         EvalContext,
+        check_tasks,
         markdown_breakdowns,
         markdown_table,
         run_tasks,
@@ -74,12 +97,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if not args.task and not args.judge_url and "alpaca_farm" in tasks:
         tasks.remove("alpaca_farm")
         print("alpaca_farm skipped: it needs a judge (--judge-url)", file=sys.stderr)
-    args.output.mkdir(parents=True, exist_ok=True)
-    tokenizer, backend = _backend(args)
     ctx = EvalContext(
-        context_window=getattr(backend, "context_window", 2048),
-        backend=CachedBackend(backend, args.output / "cache.jsonl"),
-        tokenizer=tokenizer,
+        backend=None,  # set below, once the inputs are known to be there
+        tokenizer=None,
         data_dir=args.data_dir,
         protocol=args.protocol,
         max_examples=args.max_examples,
@@ -98,6 +118,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
         },
         progress=lambda message: print(message, file=sys.stderr),
     )
+    # Check the tasks and their inputs (runner.missing_files) before loading anything: a missing
+    # file is reported in seconds, not after a 14 GB checkpoint has been read. run_tasks checks
+    # again, cheaply.
+    check_tasks(tasks, ctx)
+    args.output.mkdir(parents=True, exist_ok=True)
+    tokenizer, backend = _backend(args)
+    ctx.tokenizer = tokenizer
+    ctx.backend = CachedBackend(backend, args.output / "cache.jsonl")
+    if args.api_base:  # asked once; prompts and max_tokens are fitted to it
+        ctx.context_window = backend.window()
+        print(f"{args.api_base}: context window of {ctx.context_window} tokens", file=sys.stderr)
+    else:
+        ctx.context_window = backend.context_window
     results = []
 
     def save(result) -> None:
@@ -133,9 +166,19 @@ def _backend(args: argparse.Namespace):
 
         tokenizer = Tokenizer.load(resolve_checkpoint(args.model))
         if args.api_style == "tgi":
-            return tokenizer, TGIBackend(args.api_base, api_key=args.api_key)
+            backend = TGIBackend(
+                args.api_base,
+                api_key=args.api_key,
+                tokenizer=tokenizer,
+                context_window=args.max_model_len,
+            )
+            return tokenizer, backend
         backend = OpenAIBackend(
-            args.api_base, args.api_model or args.model, tokenizer, api_key=args.api_key
+            args.api_base,
+            args.api_model or args.model,
+            tokenizer,
+            api_key=args.api_key,
+            context_window=args.max_model_len,
         )
         return tokenizer, backend
     from tulu.engine.engine import LLM

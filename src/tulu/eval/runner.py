@@ -6,8 +6,12 @@ the task module's protocol, asks the backend, and scores. The context's backend 
 prompt and the decoding settings, so an interrupted run resumes where it stopped: prompts are
 sent in chunks and each chunk is written as soon as it returns.
 
-Before any model work, `missing_files` checks every selected task's inputs and reports all
-that is missing in one message.
+Before any model work, `check_tasks` (through `missing_files`) checks every selected task's inputs (data files, and
+the GSM exemplars' source) and reports all that is missing in one message.
+
+``EvalContext.max_examples`` means the same for every task: None is the protocol's default
+(MMLU, Codex and AlpacaFarm: everything; GSM 200; BBH 40 per task; TyDi QA 100 per language),
+N >= 1 caps it, and ``full`` ignores it. Values below 1 are refused.
 """
 
 from __future__ import annotations
@@ -24,11 +28,14 @@ from tulu.errors import DataError
 from tulu.eval.backends import Backend, Decoding
 
 __all__ = [
+    "BENCHMARKS",
     "PAPER_SUITE",
     "TASKS",
     "CachedBackend",
     "EvalContext",
     "TaskResult",
+    "card_average",
+    "check_tasks",
     "markdown_breakdowns",
     "markdown_table",
     "missing_files",
@@ -50,6 +57,21 @@ PAPER_SUITE: dict[str, str] = {
     "alpaca_farm": "AlpacaFarm",
 }
 
+#: The six benchmarks of the card's Average, for each of their settings (columns).
+BENCHMARKS: dict[str, str] = {
+    "mmlu_0shot": "MMLU",
+    "mmlu_5shot": "MMLU",
+    "gsm_direct": "GSM",
+    "gsm_cot": "GSM",
+    "bbh_direct": "BBH",
+    "bbh_cot": "BBH",
+    "tydiqa_gp": "TyDi QA",
+    "tydiqa_cb": "TyDi QA",
+    "codex_pass1": "Codex-Eval",
+    "codex_pass10": "Codex-Eval",
+    "alpaca_farm": "AlpacaFarm",
+}
+
 _CHUNK = 256  # prompts per backend call: the most an interruption can lose
 
 
@@ -59,7 +81,7 @@ class EvalContext:
     tokenizer: Any
     data_dir: Path
     protocol: str = "paper"
-    max_examples: int | None = None  # None: each task's protocol default
+    max_examples: int | None = None  # None: each task's protocol default; N >= 1: a cap
     full: bool = False  # every example (GSM: 1,319 instead of 200)
     options: dict[str, Any] = field(default_factory=dict)
     context_window: int = 2048  # prompts are fitted to min(2048, this) where the protocol allows
@@ -131,13 +153,22 @@ class CachedBackend:
 
 
 # ------------------------------------------------------------------------------ tasks
+def _limit(ctx: EvalContext, default: int | None) -> int | None:
+    """How many examples a task takes: None for all (``full``, or a default of all), else the
+    ``max_examples`` cap, or the protocol's `default` when no cap was given."""
+    if ctx.full:
+        return None
+    return default if ctx.max_examples is None else ctx.max_examples
+
+
 def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
     def run(ctx: EvalContext) -> TaskResult:
         from tulu.eval import mmlu
 
         data = mmlu.load_mmlu(ctx.data_dir / "mmlu")
-        if ctx.max_examples is not None and not ctx.full:  # the first N test questions per subject
-            data = {s: {**d, "test": d["test"][: ctx.max_examples]} for s, d in data.items()}
+        limit = _limit(ctx, None)
+        if limit is not None:  # the first N test questions per subject
+            data = {s: {**d, "test": d["test"][:limit]} for s, d in data.items()}
         keys, prompts = [], []
         for subject, splits in data.items():
             for index, row in enumerate(splits["test"]):
@@ -177,7 +208,7 @@ def _gsm(mode: str) -> Callable[[EvalContext], TaskResult]:
         from tulu.eval import gsm
 
         questions = gsm.load_gsm(ctx.data_dir / "gsm" / "test.jsonl")
-        limit = None if ctx.full else (ctx.max_examples or gsm.DEFAULT_MAX_EXAMPLES)
+        limit = _limit(ctx, gsm.DEFAULT_MAX_EXAMPLES)
         questions = gsm.sample_questions(questions, limit)
         source = gsm.resolve_exemplars(
             ctx.options.get("gsm_exemplars"), ctx.options.get("gsm_train")
@@ -209,8 +240,9 @@ def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
         from tulu.eval import humaneval, sandbox
 
         problems = humaneval.load_problems(_humaneval_path(ctx))
-        if ctx.max_examples is not None and not ctx.full:
-            problems = problems[: ctx.max_examples]
+        limit = _limit(ctx, None)
+        if limit is not None:
+            problems = problems[:limit]
         samples = int(ctx.options.get("codex_samples", 20))
         if samples < k:
             raise DataError(
@@ -268,7 +300,7 @@ def _bbh(mode: str) -> Callable[[EvalContext], TaskResult]:
         from tulu.eval import bbh
 
         tasks = bbh.load_bbh(ctx.data_dir / "bbh")
-        limit = None if ctx.full else (ctx.max_examples or bbh.DEFAULT_MAX_EXAMPLES)
+        limit = _limit(ctx, bbh.DEFAULT_MAX_EXAMPLES)
         examples = bbh.sample_examples(tasks, limit, protocol=ctx.protocol)
         keys, prompts = [], []
         for name, rows in examples.items():
@@ -309,7 +341,7 @@ def _tydiqa(mode: str) -> Callable[[EvalContext], TaskResult]:
         root = ctx.data_dir / "tydiqa"
         dev = tydiqa.load_dev(root)
         train = tydiqa.load_train(root, tydiqa.LANGUAGES)
-        limit = None if ctx.full else (ctx.max_examples or tydiqa.DEFAULT_MAX_EXAMPLES)
+        limit = _limit(ctx, tydiqa.DEFAULT_MAX_EXAMPLES)
         questions, exemplars = tydiqa.sample_tydiqa(dev, train, limit, protocol=ctx.protocol)
         templates = tydiqa.load_templates(ctx.options.get("tydiqa_templates"))
 
@@ -361,8 +393,9 @@ def _alpaca_farm(ctx: EvalContext) -> TaskResult:
         seed=int(ctx.options.get("seed", 42)),
     )
     examples = alpaca_farm.load_alpaca_farm(ctx.data_dir / "alpaca_farm")
-    if ctx.max_examples is not None and not ctx.full:
-        examples = examples[: ctx.max_examples]
+    limit = _limit(ctx, None)
+    if limit is not None:
+        examples = examples[:limit]
     outputs = ctx.backend.generate([e.prompt for e in examples], alpaca_farm.GENERATION)
     texts = [choices[0].strip() for choices in outputs]
     result = alpaca_farm.score(judge.judge(examples, texts))
@@ -406,9 +439,20 @@ TASKS: dict[str, Callable[[EvalContext], TaskResult]] = {
 
 # ------------------------------------------------------------------------------ inputs
 def missing_files(tasks: Sequence[str], ctx: EvalContext) -> list[str]:
-    """Every input a selected task needs and cannot find, as ``"task: path"`` lines."""
+    """Every input a selected task needs and cannot find, as ``"task: path"`` lines.
+
+    Inputs that are options rather than files are listed too, with the flags that give them:
+    the GSM tasks need ``--gsm-exemplars`` or ``--gsm-train``.
+    """
     missing: list[str] = []
     for task in tasks:
+        if task.startswith("gsm") and not (
+            ctx.options.get("gsm_exemplars") or ctx.options.get("gsm_train")
+        ):
+            missing.append(
+                f"{task}: no GSM exemplars: pass --gsm-exemplars FILE (the paper's 8 exemplars, "
+                "JSON) or --gsm-train FILE (GSM8K train.jsonl to draw 8 from)"
+            )
         for path in _inputs(task, ctx):
             if not Path(path).exists():
                 missing.append(f"{task}: {path}")
@@ -457,19 +501,30 @@ def _inputs(task: str, ctx: EvalContext) -> list[Path]:
 
 
 # ------------------------------------------------------------------------------ running
-def run_tasks(
-    tasks: Sequence[str], ctx: EvalContext, on_result: Callable[[TaskResult], None] | None = None
-) -> list[TaskResult]:
-    """Run `tasks` in order (after checking every input), returning their results."""
+def check_tasks(tasks: Sequence[str], ctx: EvalContext) -> None:
+    """Raise DataError unless every task is known, ``max_examples`` is None or at least 1,
+    and every input is there (`missing_files`, all reported at once). Needs no backend."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise DataError(
             f"unknown or not yet available task(s) {', '.join(unknown)} "
             f"(available: {', '.join(TASKS)})"
         )
+    if ctx.max_examples is not None and ctx.max_examples < 1:
+        raise DataError(
+            f"max_examples must be at least 1 (None for each task's default), "
+            f"got {ctx.max_examples}"
+        )
     missing = missing_files(tasks, ctx)
     if missing:
         raise DataError(f"missing evaluation data under {ctx.data_dir}:\n  " + "\n  ".join(missing))
+
+
+def run_tasks(
+    tasks: Sequence[str], ctx: EvalContext, on_result: Callable[[TaskResult], None] | None = None
+) -> list[TaskResult]:
+    """Run `tasks` in order (after `check_tasks`), returning their results."""
+    check_tasks(tasks, ctx)
     results = []
     for task in tasks:
         ctx.progress(f"{task}: running")
@@ -482,14 +537,38 @@ def run_tasks(
     return results
 
 
+def card_average(results: Sequence[TaskResult]) -> float:
+    """The model card's Average: the mean over benchmarks of each benchmark's mean.
+
+    Each benchmark (MMLU, GSM, BBH, TyDi QA, Codex-Eval, AlpacaFarm; see `BENCHMARKS`) first
+    averages the settings of it that are present (MMLU 0- and 5-shot, GSM Direct and CoT, ...),
+    then the benchmarks are averaged with equal weight. A task outside the paper suite counts
+    as a benchmark of its own. With the Pythia-6.9B-Tulu card's eleven figures this gives
+    19.8, the card's Average (the plain mean of the eleven columns would be 20.8). 0.0 when
+    there are no results.
+    """
+    groups: dict[str, list[float]] = {}
+    for result in results:
+        groups.setdefault(BENCHMARKS.get(result.task, result.task), []).append(result.value)
+    if not groups:
+        return 0.0
+    return sum(sum(v) / len(v) for v in groups.values()) / len(groups)
+
+
 def markdown_table(results: Sequence[TaskResult]) -> str:
-    """The model card's table: one column per paper task (in its order) and their average."""
+    """The model card's table: one column per paper task (in its order), then any other task,
+    then ``Average``.
+
+    The Average is the card's (`card_average`): each benchmark's settings are averaged first,
+    then the benchmarks, so MMLU with two columns weighs as much as AlpacaFarm with one. It is
+    not the plain mean of the columns.
+    """
     by_task = {r.task: r for r in results}
     columns = [(task, title) for task, title in PAPER_SUITE.items() if task in by_task]
     extra = [r for r in results if r.task not in PAPER_SUITE]
     header = [title for _, title in columns] + [r.task for r in extra] + ["Average"]
     values = [by_task[task].value for task, _ in columns] + [r.value for r in extra]
-    average = sum(values) / len(values) if values else 0.0
+    average = card_average([by_task[task] for task, _ in columns] + extra)
     cells = [f"{v:.1f}" for v in values] + [f"{average:.1f}"]
     return (
         "| "
