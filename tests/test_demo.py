@@ -82,6 +82,8 @@ def test_training_loss_falls_and_the_model_is_exported(demo) -> None:
     assert len(losses) == rows[-1]["step"] >= 5
     assert losses[-1] < losses[0] - 0.5
     assert "loss: step 1:" in printed
+    assert any("val_loss" in r for r in rows)
+    assert "validation loss: step " in printed
     assert "tulu train " + str(CONFIG) in printed
 
 

@@ -204,9 +204,17 @@ def train_model(
         raise DemoError(f"{run_dir / 'metrics.jsonl'}: no training loss was logged")
     picks = sorted({losses[round(i * (len(losses) - 1) / 7)] for i in range(8)})
     _say("  loss: " + "  ".join(f"step {s}: {loss:.2f}" for s, loss in picks))
-    validation_losses = [r["validation_loss"] for r in rows if "validation_loss" in r]
-    if validation_losses:
-        _say(f"  validation loss: {validation_losses[-1]:.2f}")
+    held_out = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if held_out:
+        (first_step, first), (last_step, last) = held_out[0], held_out[-1]
+        _say(
+            f"  validation loss: step {first_step}: {first:.2f} ... step {last_step}: {last:.2f}"
+            + (
+                "  (a rise: ~130 conversations teach a tiny model to recite, not to generalise)"
+                if last > first
+                else ""
+            )
+        )
     final = run_dir / "final"
     if not (final / "config.json").is_file():
         raise DemoError(f"training wrote no exported model at {final}")
@@ -290,8 +298,8 @@ def serve_and_chat(output: Path, model: Path, train: Path) -> dict:
         chat = stream_chat(server.url, name, question, lambda t: print(t, end="", flush=True))
         _say(f"\n  (finish reason: {chat['finish_reason']})")
         _say(
-            "  (4 layers trained for a minute on ~130 conversations: expect fluent-looking "
-            "nonsense, not answers)"
+            "  (a question from its training data: 4 layers trained for two minutes on ~130 "
+            "conversations can recite what they saw, not answer anything new)"
         )
     finally:
         code = server.stop()
