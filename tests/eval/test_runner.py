@@ -279,6 +279,10 @@ def test_alpaca_farm_task_through_a_judge(tmp_path):
         ctx.options["judge_url"] = None
         with pytest.raises(DataError, match="needs a judge"):
             run_tasks(["alpaca_farm"], ctx)
+        # caught upfront, before any task of the run starts
+        ctx.backend = None
+        with pytest.raises(DataError, match="alpaca_farm: needs a judge"):
+            run_tasks(["mmlu_0shot", "alpaca_farm"], ctx)
     finally:
         judge.shutdown()
         judge.server_close()

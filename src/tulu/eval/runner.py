@@ -379,12 +379,15 @@ def _tydiqa(mode: str) -> Callable[[EvalContext], TaskResult]:
     return run
 
 
+_NO_JUDGE = "needs a judge: --judge-url (an OpenAI-compatible endpoint)"
+
+
 def _alpaca_farm(ctx: EvalContext) -> TaskResult:
     from tulu.eval import alpaca_farm
 
     url = ctx.options.get("judge_url")
     if not url:
-        raise DataError("alpaca_farm needs a judge: --judge-url (an OpenAI-compatible endpoint)")
+        raise DataError(f"alpaca_farm {_NO_JUDGE}")
     judge = alpaca_farm.Judge(
         url,
         ctx.options.get("judge_model") or "gpt-4",
@@ -442,10 +445,12 @@ def missing_files(tasks: Sequence[str], ctx: EvalContext) -> list[str]:
     """Every input a selected task needs and cannot find, as ``"task: path"`` lines.
 
     Inputs that are options rather than files are listed too, with the flags that give them:
-    the GSM tasks need ``--gsm-exemplars`` or ``--gsm-train``.
+    the GSM tasks need ``--gsm-exemplars`` or ``--gsm-train``, AlpacaFarm needs ``--judge-url``.
     """
     missing: list[str] = []
     for task in tasks:
+        if task == "alpaca_farm" and not ctx.options.get("judge_url"):
+            missing.append(f"{task}: {_NO_JUDGE}")
         if task.startswith("gsm") and not (
             ctx.options.get("gsm_exemplars") or ctx.options.get("gsm_train")
         ):
