@@ -99,7 +99,7 @@ def main() -> None:
     )
     parser.add_argument("--preset", default=None, help="tiny (CPU default) or pythia-6.9b (GPU)")
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--max-examples", type=int, default=None)
+    parser.add_argument("--max-examples", type=int, default=None, help="per task, at least 1")
     parser.add_argument("--full", action="store_true")
     parser.add_argument("--codex-samples", type=int, default=20)
     parser.add_argument("--peer-batch", type=int, default=8)
@@ -134,7 +134,7 @@ def main() -> None:
 
     questions = gsm.sample_questions(
         gsm.load_gsm(args.data_dir / "gsm/test.jsonl"),
-        None if args.full else (args.max_examples or 200),
+        None if args.full else (args.max_examples or gsm.DEFAULT_MAX_EXAMPLES),
     )
     source = gsm.resolve_exemplars(args.exemplars)
     prompts = [gsm.build_prompt(q.question, source.exemplars, "cot", "paper") for q in questions]
