@@ -359,3 +359,32 @@ def test_output_is_a_directory(tmp_path: Path, capsys) -> None:
     rc, _out, err = run(capsys, "bench", *TINY, *SMALL, "--output", tmp_path)
     assert rc == 1
     assert "--output" in error_line(err)
+
+
+def test_cli_decode_attention_sdpa_runs_the_fast_path(tmp_path: Path, capsys) -> None:
+    out_file = tmp_path / "bench.json"
+    argv = ["bench", *TINY, *SMALL, "--decode-attention", "sdpa", "--output", out_file]
+    rc, _out, err = run(capsys, *argv)
+    assert rc == 0, err
+    results = json.loads(out_file.read_text())
+    assert results["settings"]["decode_attention"] == "sdpa"
+    assert results["settings"]["cuda_graphs"] is None
+    assert results["workloads"]["fixed_8_5"]["tulu"]["output_tokens"] == 3 * 5
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--decode-attention", "triton"], "triton"),
+        (["--decode-attention", "sdpa", "--enforce-eager"], None),
+    ],
+    ids=["triton-on-cpu", "eager-sdpa"],
+)
+def test_cli_decode_path_choices_on_cpu(extra, message, capsys, monkeypatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rc, _out, err = run(capsys, "bench", *TINY, *SMALL, *extra)
+    if message is None:
+        assert rc == 0, err
+    else:  # the Triton kernel needs CUDA (or the interpreter): one clear line, no traceback
+        assert rc == 1
+        assert message in error_line(err) and "Traceback" not in err

@@ -667,3 +667,15 @@ def test_chat_missing_model(tmp_path: Path, capsys, monkeypatch) -> None:
     rc, out, err = run(capsys, "chat", tmp_path / "none", *CPU)
     assert rc == 1 and out == ""
     assert str(tmp_path / "none") in one_line_error(err, "chat")
+
+
+def test_serve_decode_path_options() -> None:
+    from tulu.cli import _parse
+    from tulu.engine.options import decode_path_settings
+
+    args = _parse(["serve", "m"])
+    assert decode_path_settings(args) == {"decode_attention": "loop", "cuda_graphs": None}
+    args = _parse(["serve", "m", "--decode-attention", "triton", "--enforce-eager"])
+    assert decode_path_settings(args) == {"decode_attention": "triton", "cuda_graphs": False}
+    with pytest.raises(SystemExit):
+        _parse(["serve", "m", "--decode-attention", "flash"])

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu import __version__
+from tulu.engine.options import add_decode_path_arguments
 from tulu.errors import TuluError
 
 # ---------------------------------------------------------------------------------- arguments
@@ -118,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--served-model-name", default=None, help="model id in the APIs (default: MODEL)"
     )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
+    add_decode_path_arguments(serve)
     serve.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting beyond that before 429"
     )

@@ -271,6 +271,8 @@ def test_local_looking_paths_are_not_hub_ids(tmp_path):
 # parent's peak in a child process.
 PEAK_RSS_SCRIPT = """
 import sys, torch
+import torch._dynamo  # imported by nn.init on first use; with triton installed it maps
+                      # libtriton, which must not count as the loader's memory
 from tulu.model.checkpoint import load_model
 
 def peak_kib():

@@ -18,6 +18,8 @@ from tulu.errors import TuluError
 if TYPE_CHECKING:
     from tulu.bench.workloads import BenchSettings
 
+from tulu.engine.options import add_decode_path_arguments, decode_path_settings
+
 __all__ = ["add_bench_parser", "cmd_bench"]
 
 WORKLOAD_NAMES = "single, fixed, mixed, prefill"
@@ -95,6 +97,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="KV-cache size (default: 90%% of free GPU memory; 16 contexts on CPU)",
     )
+    add_decode_path_arguments(b)
     b.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     b.add_argument(
         "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"
@@ -135,6 +138,7 @@ def settings_from_args(args: argparse.Namespace, gpu: bool) -> BenchSettings:
         skip=frozenset(filter(None, (s.strip() for s in args.skip.split(",")))),
         max_num_seqs=args.max_num_seqs,
         kv_cache_gb=args.kv_cache_gb,
+        **decode_path_settings(args),
         compare_transformers=args.compare_transformers,
         hf_batch_size=args.hf_batch_size,
         seed=args.seed,

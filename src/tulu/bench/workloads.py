@@ -110,6 +110,8 @@ class BenchSettings:
     skip: frozenset[str] = field(default_factory=frozenset)
     max_num_seqs: int = 256
     kv_cache_gb: float | None = None  # None: the engine's default sizing
+    decode_attention: str = "loop"  # EngineConfig.decode_attention
+    cuda_graphs: bool | None = None  # EngineConfig.cuda_graphs (None: on where supported)
     compare_transformers: bool = False
     hf_batch_size: int = 64
     hf_compile: bool = False  # also transformers with static cache + torch.compile (GPU only)
@@ -497,6 +499,8 @@ def run_benchmark(
             EngineConfig(
                 kv_cache_bytes=int(gb * 2**30) if gb else None,
                 max_num_seqs=settings.max_num_seqs,
+                decode_attention=settings.decode_attention,
+                cuda_graphs=settings.cuda_graphs,
             ),
         )
     except GenerationError as err:

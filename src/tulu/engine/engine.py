@@ -4,12 +4,17 @@
 one flat batch over the paged KV cache, samples the sequences whose prompt is fully computed,
 applies stop conditions and returns a `RequestOutput` for every request that moved. `abort`
 frees a request's blocks at once. `LLM.generate` is the blocking convenience wrapper.
+
+Decode-only steps can take a fast path (`EngineConfig.decode_attention` / `cuda_graphs`): the
+`DecodeGraphRunner` of `tulu.engine.cuda_graphs`, graph-safe attention and, on CUDA, decode
+steps replayed as CUDA graphs captured at start-up. On CPU the default is the general path.
 """
 
 from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -19,7 +24,10 @@ import torch
 
 from tulu.chat import generation_prompt
 from tulu.engine.attention import PagedAttention, StepLayout
-from tulu.engine.kv_cache import BlockPool, PagedKVCache, plan_kv_cache
+from tulu.engine.cuda_graphs import DecodeGraphRunner
+from tulu.engine.decode_attention import triton_available, triton_interpreting
+from tulu.engine.kv_cache import BlockPool, KVCacheSpec, PagedKVCache, plan_kv_cache
+from tulu.engine.options import DECODE_ATTENTION_CHOICES
 from tulu.engine.output import IncrementalOutput
 from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import (
@@ -39,6 +47,8 @@ from tulu.tokenizer import Tokenizer
 
 Prompt = str | list[int] | list[dict[str, Any]]
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class EngineConfig:
@@ -52,6 +62,15 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     chat_format: bool = True  # render message-list prompts in the Tulu format
+    # Decode fast path (see docs/engine.md). "loop": the per-sequence PagedAttention for every
+    # step; "sdpa"/"triton": decode-only steps run through the static-buffer DecodeGraphRunner
+    # with that graph-safe attention; "auto": "triton" on CUDA when importable, else "loop".
+    # The default stays "loop" until the GPU paths have been run on a GPU (none so far).
+    decode_attention: str = "loop"
+    cuda_graphs: bool | None = None  # None: on for CUDA when decode_attention is not "loop"
+    # Largest decode batch served by the fast path (larger ones take the loop path). None:
+    # 256 with Triton; 32 with SDPA, which gathers the whole context window for every row.
+    max_graph_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs"):
@@ -60,6 +79,18 @@ class EngineConfig:
                 raise GenerationError(
                     f"EngineConfig.{name} must be a positive integer, got {value!r}"
                 )
+        if self.decode_attention not in DECODE_ATTENTION_CHOICES:
+            raise GenerationError(
+                f"EngineConfig.decode_attention must be one of {', '.join(DECODE_ATTENTION_CHOICES)}, "
+                f"got {self.decode_attention!r}"
+            )
+        if self.max_graph_batch_size is not None and (
+            not isinstance(self.max_graph_batch_size, int) or self.max_graph_batch_size < 1
+        ):
+            raise GenerationError(
+                f"EngineConfig.max_graph_batch_size must be a positive integer, got "
+                f"{self.max_graph_batch_size!r}"
+            )
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise GenerationError(
                 f"EngineConfig.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
@@ -137,7 +168,11 @@ class LLMEngine:
             self.config.kv_cache_bytes,
             self.config.gpu_memory_fraction,
         )
-        self.cache = PagedKVCache(model.config, spec, self.dtype, self.device)
+        self.decode_attention, self.cuda_graphs = resolve_fast_path(self.config, self.device)
+        fast = self.decode_attention != "loop"
+        # The fast path pads batches with rows that write to a scratch block outside the pool.
+        cache_spec = KVCacheSpec(spec.num_blocks + 1, spec.block_size) if fast else spec
+        self.cache = PagedKVCache(model.config, cache_spec, self.dtype, self.device)
         self.pool = BlockPool(spec.num_blocks, spec.block_size, self.config.enable_prefix_caching)
         budget = self.config.max_num_batched_tokens or (
             8192 if self.device.type == "cuda" else 2048
@@ -155,6 +190,33 @@ class LLMEngine:
         self._aborted: list[RequestOutput] = []
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
+        # Decode fast path: built, warmed up and (on CUDA) captured once, here.
+        self.decode_runner: DecodeGraphRunner | None = None
+        self.decode_warmup_seconds: float | None = None
+        if fast:
+            self.decode_runner = DecodeGraphRunner(
+                self.model,
+                self.cache,
+                max_batch_size=min(
+                    self.config.max_graph_batch_size
+                    or (256 if self.decode_attention == "triton" else 32),
+                    self.config.max_num_seqs,
+                ),
+                max_model_len=self.max_model_len,
+                scratch_block=spec.num_blocks,
+                attention=self.decode_attention,
+                use_graphs=self.cuda_graphs,
+            )
+            self.decode_warmup_seconds = self.decode_runner.capture()
+            logger.info(
+                "decode fast path: %s attention, CUDA graphs %s, batch sizes up to %d; "
+                "warm-up%s took %.2f s",
+                self.decode_attention,
+                "on" if self.cuda_graphs else "off",
+                self.decode_runner.max_batch_size,
+                " and capture" if self.cuda_graphs else "",
+                self.decode_warmup_seconds,
+            )
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: Prompt) -> list[int]:
@@ -317,12 +379,24 @@ class LLMEngine:
                 end = min(start + count, seq.num_prompt_tokens)
                 prompt_logprob_rows.append((seq, q_start, end - start))
 
-        layout = StepLayout.build(self.cache, slots, seq_layout)
-        input_ids = torch.tensor([tokens], device=self.device)
-        position_ids = torch.tensor([positions], device=self.device)
-        hidden = self.model.hidden_states(
-            input_ids, position_ids, backend=PagedAttention(self.cache, layout)
-        )[0]
+        runner = self.decode_runner
+        if (
+            runner is not None
+            and len(sample_rows) == len(plan.scheduled) == len(tokens) <= runner.max_batch_size
+            and not prompt_logprob_rows
+        ):
+            # Decode-only step (one token per sequence, every one sampled): the fast path.
+            logits = runner.run(
+                tokens, positions, [item.seq.block_table for item in plan.scheduled]
+            ).float()
+            hidden = None
+        else:
+            layout = StepLayout.build(self.cache, slots, seq_layout)
+            input_ids = torch.tensor([tokens], device=self.device)
+            position_ids = torch.tensor([positions], device=self.device)
+            hidden = self.model.hidden_states(
+                input_ids, position_ids, backend=PagedAttention(self.cache, layout)
+            )[0]
         for item in plan.scheduled:
             item.seq.num_computed += item.num_new_tokens
             self.scheduler.register_computed_blocks(item.seq)
@@ -331,8 +405,9 @@ class LLMEngine:
 
         touched: dict[str, _Request] = {}
         if sample_rows:
-            rows = torch.tensor([row for _, row in sample_rows], device=self.device)
-            logits = self.model.embed_out(hidden[rows]).float()
+            if hidden is not None:
+                rows = torch.tensor([row for _, row in sample_rows], device=self.device)
+                logits = self.model.embed_out(hidden[rows]).float()
             self._sample_and_update([s for s, _ in sample_rows], logits, touched)
         outputs = aborted + [self._request_output(r) for r in touched.values()]
         for request in touched.values():
@@ -489,6 +564,38 @@ class LLMEngine:
             ),
             "preemptions": self.scheduler.num_preemptions,
         }
+
+
+def resolve_fast_path(config: EngineConfig, device: torch.device) -> tuple[str, bool]:
+    """(decode attention, CUDA graphs on) for this config on this device.
+
+    "auto" is "triton" on CUDA when Triton imports, else "loop" (today's path, everywhere on
+    CPU). CUDA graphs default to on exactly when the device is CUDA and the decode attention
+    is graph-safe ("sdpa" or "triton").
+    """
+    cuda = device.type == "cuda"
+    attention = config.decode_attention
+    if attention == "auto":
+        attention = "triton" if cuda and triton_available() else "loop"
+    if attention == "triton":
+        if not triton_available():
+            raise GenerationError("decode_attention='triton' needs the triton package")
+        if not cuda and not triton_interpreting():
+            raise GenerationError(
+                f"decode_attention='triton' needs a CUDA device (the model is on {device}), "
+                "or TRITON_INTERPRET=1 to run the kernel in Triton's interpreter"
+            )
+    graphs = config.cuda_graphs
+    if graphs is None:
+        graphs = cuda and attention != "loop"
+    if graphs and not cuda:
+        raise GenerationError(f"cuda_graphs=True needs a CUDA device (the model is on {device})")
+    if graphs and attention == "loop":
+        raise GenerationError(
+            "cuda_graphs=True needs a graph-safe decode attention: decode_attention='sdpa' "
+            "or 'triton', not 'loop'"
+        )
+    return attention, bool(graphs)
 
 
 def _sample_seed(seed: int | None, index: int) -> int | None:

@@ -23,6 +23,7 @@ def serve(args: argparse.Namespace) -> None:
             f"tulu serve needs the 'serve' extra: pip install 'tulu[serve]' ({err})"
         ) from None
     from tulu.engine.engine import EngineConfig, LLMEngine
+    from tulu.engine.options import decode_path_settings
     from tulu.pretrained import load_pretrained
     from tulu.server.service import ServerSettings
 
@@ -45,6 +46,7 @@ def serve(args: argparse.Namespace) -> None:
     config = EngineConfig(
         max_num_seqs=args.max_num_seqs,
         kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
+        **decode_path_settings(args),
     )
     engine = LLMEngine(loaded.model, loaded.tokenizer, config)
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
