@@ -31,7 +31,6 @@ Another template can be passed (``--judge-template FILE``); it must contain the 
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import threading
@@ -48,6 +47,7 @@ import httpx
 from tulu.errors import DataError, TuluError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import chat_wrap
+from tulu.eval.files import read_json
 
 __all__ = [
     "DEFAULT_SEED",
@@ -118,12 +118,7 @@ def build_prompt(instruction: str, input_text: str = "") -> str:
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read file: {exc}") from exc
+    data = read_json(path)
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError(f"{path}: expected a JSON array of objects")
     return data

@@ -40,7 +40,6 @@ The protocol, for each of the 27 tasks:
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import string
@@ -52,6 +51,7 @@ from typing import Literal
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
+from tulu.eval.files import read_json
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -128,12 +128,7 @@ def _base_dir(root: Path) -> Path | None:
 
 
 def _read_examples(path: Path) -> list[BBHExample]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read file: {exc}") from exc
+    data = read_json(path)
     items = data.get("examples") if isinstance(data, dict) else None
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: expected an object with a non-empty 'examples' list")

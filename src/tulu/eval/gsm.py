@@ -49,6 +49,7 @@ from typing import Any, Literal
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
+from tulu.eval.files import read_json
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -219,12 +220,7 @@ def load_exemplars(path: str | Path) -> list[Exemplar]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: exemplars file not found")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read file: {exc}") from exc
+    data = read_json(path)
     items = data.get("exemplars") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: expected a non-empty list, or an object with 'exemplars'")

@@ -52,11 +52,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
+from tulu.eval.files import read_json
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
@@ -135,18 +136,9 @@ def _check_mode(mode: str) -> None:
 # ----------------------------------------------------------------------------------- loading
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read file: {exc}") from exc
-
-
 def _read_squad(path: Path) -> list[TyDiExample]:
     """Every question of a SQuAD-layout file, in file order."""
-    data = _read_json(path)
+    data = read_json(path)
     articles = data.get("data") if isinstance(data, dict) else None
     if not isinstance(articles, list):
         raise DataError(f"{path}: expected an object with a 'data' list (SQuAD layout)")
@@ -248,7 +240,7 @@ def load_templates(path: str | Path | None = None) -> dict[str, dict[str, Templa
             raise DataError(f"{where}: cannot load the packaged templates: {exc}") from exc
     else:
         where = str(path)
-        data = _read_json(Path(path))
+        data = read_json(Path(path))
     if not isinstance(data, dict):
         raise DataError(f"{where}: expected a JSON object")
     result: dict[str, dict[str, Template]] = {}
