@@ -258,16 +258,27 @@ def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_pat
 
     save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
     data = write_eval_data(tmp_path / "data")
+    common = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
+    common += ["--task", "bbh_cot", "--max-examples", "1"]
+    assert main([*common, "--output", str(tmp_path / "local"), "--device", "cpu"]) == 0
+    too_long = _details(tmp_path / "local")["prompts_too_long"]
+    assert too_long > 0 and "did not fit the 512-token window" in capsys.readouterr().err
     server = start_server(checkpoint)
     try:
         for style, base in (("openai", "/v1"), ("tgi", "")):
-            args = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
-            args += ["--output", str(tmp_path / style), "--task", "bbh_cot", "--max-examples", "1"]
+            args = [*common, "--output", str(tmp_path / style)]
             args += ["--api-base", f"http://{server.host}:{server.port}{base}"]
             args += ["--api-style", style, "--api-model", "tiny"]
             assert main(args) == 0, capsys.readouterr().err
             captured = capsys.readouterr()
             assert "context window of 512 tokens" in captured.err
             assert captured.out.startswith("| BBH CoT | Average |")
+            # the same prompts are out of reach over the API as in-process
+            assert _details(tmp_path / style)["prompts_too_long"] == too_long
     finally:
         server.stop()
+
+
+def _details(output) -> dict:
+    (result,) = json.loads((output / "results.json").read_text(encoding="utf-8"))["results"]
+    return result["details"]

@@ -61,7 +61,6 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: 2048 on CPU, 8192 on GPU
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    chat_format: bool = True  # render message-list prompts in the Tulu format
     # Decode fast path (see docs/engine.md). "loop": the per-sequence PagedAttention for every
     # step; "sdpa"/"triton": decode-only steps run through the static-buffer DecodeGraphRunner
     # with that graph-safe attention; "auto": "triton" on CUDA when importable, else "loop".

@@ -132,8 +132,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         ctx.context_window = backend.context_window
     results = []
+    too_long_before = [0]
 
     def save(result) -> None:
+        # Prompts this task could not fit into the context window got empty outputs (and
+        # score as wrong). Counted as generated in this run: answers read back from
+        # cache.jsonl on a resume are not recounted.
+        too_long = backend.too_long - too_long_before[0]
+        too_long_before[0] = backend.too_long
+        if too_long:
+            result.details["prompts_too_long"] = too_long
+            print(
+                f"{result.task}: {too_long} prompt(s) did not fit the {ctx.context_window}-token "
+                "window and were scored on an empty output",
+                file=sys.stderr,
+            )
         results.append(result)
         print(
             f"{result.task}: {result.metric} {result.value:.1f} ({result.seconds:.0f} s)",
