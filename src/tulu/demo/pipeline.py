@@ -304,15 +304,16 @@ def serve_and_chat(output: Path, model: Path, train: Path) -> dict:
     finally:
         code = server.stop()
     _say(f"  server stopped (exit code {code}); its log is {log}")
-    chat["prompt"] = _tulu_prompt(question)
+    chat["prompt"] = _tulu_prompt(question)  # what the server rendered (the test checks it)
     chat["server_exit_code"] = code
     return chat
 
 
 def _tulu_prompt(question: str) -> str:
     from tulu.chat import generation_prompt
+    from tulu.demo import EOS  # the demo tokenizer's end of text, as the server's
 
-    return generation_prompt([{"role": "user", "content": question}], "<|endoftext|>")
+    return generation_prompt([{"role": "user", "content": question}], EOS)
 
 
 # ------------------------------------------------------------------------------ the demo
