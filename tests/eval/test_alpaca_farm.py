@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,8 @@ class FakeJudge(ThreadingHTTPServer):
     It reads the two outputs between the ``[OUTPUT (n)]`` markers of the packaged template
     and answers: the text after ``SAY:`` when an output contains it (to test parsing);
     else the output containing ``GOOD`` when exactly one does; else the longer one.
-    `fail_next` holds status codes to answer with before behaving normally.
+    `fail_next` holds status codes to answer with before behaving normally. Tests of other
+    prompts set `answer`, a function of the request's messages, instead.
     """
 
     daemon_threads = True
@@ -44,6 +45,7 @@ class FakeJudge(ThreadingHTTPServer):
         self.fail_next: list[int] = []
         self.requests: list[dict[str, Any]] = []
         self.headers_seen: list[dict[str, str]] = []
+        self.answer: Callable[[list[dict[str, str]]], str] | None = None
 
     @property
     def base_url(self) -> str:
@@ -85,7 +87,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif status != 200:
             self._send(status, {"error": "try again"})
         else:
-            answer = self.server.decide(body["messages"][0]["content"])
+            if self.server.answer is not None:
+                answer = self.server.answer(body["messages"])
+            else:
+                answer = self.server.decide(body["messages"][0]["content"])
             message = {"role": "assistant", "content": answer}
             self._send(200, {"choices": [{"index": 0, "message": message}]})
 
@@ -199,6 +204,31 @@ def test_connection_refused_names_url() -> None:
         af.Judge(url, "m", concurrency=2).judge(_examples(3), ["a", "b", "c"])
 
 
+def test_output_equal_to_reference_is_a_tie_without_asking(server: FakeJudge) -> None:
+    examples = _examples(3)
+    judgements = af.Judge(server.base_url, "m").judge(
+        examples, ["GOOD", examples[1].reference, "x"]
+    )
+    assert [j.winner for j in judgements] == ["model", "tie", "reference"]
+    assert [j.asked for j in judgements] == [True, False, True]
+    assert len(server.requests) == 2
+    result = af.score(judgements)
+    assert (result.identical, result.ties, result.unparsable) == (1, 1, 0)
+
+
+def test_default_model_and_settings(server: FakeJudge) -> None:
+    judge = af.Judge(server.base_url)
+    assert judge.model == "gpt-4"
+    assert judge.settings() == {
+        "url": server.base_url + "/chat/completions",
+        "model": "gpt-4",
+        "max_tokens": 64,
+        "temperature": 0.0,
+    }
+    judge.judge(_examples(1), ["GOOD"])
+    assert server.requests[0]["max_tokens"] == 64
+
+
 def test_outputs_must_match_examples(server: FakeJudge) -> None:
     with pytest.raises(DataError, match="2 outputs for 3"):
         af.Judge(server.base_url, "m").judge(_examples(3), ["a", "b"])
@@ -220,7 +250,7 @@ def test_template_placeholder_check(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"lacks placeholder\(s\) \{instruction\}"):
         af.load_judge_template(bad)
     with pytest.raises(DataError, match="lacks placeholder"):
-        af.Judge("http://127.0.0.1:1/v1", "m", template_path=bad)
+        af.PairTemplate.load(bad)
     with pytest.raises(DataError, match="judge template file not found"):
         af.load_judge_template(tmp_path / "absent.txt")
 
@@ -231,9 +261,9 @@ def test_custom_template_is_used(server: FakeJudge, tmp_path: Path) -> None:
         'JSON-ish {"keep": "braces"}\n[INSTRUCTION]\n{instruction}\n[END INSTRUCTION]\n'
         "[OUTPUT (1)]\n{output_1}\n[END OUTPUT (1)]\n[OUTPUT (2)]\n{output_2}\n[END OUTPUT (2)]"
     )
-    judgements = af.Judge(server.base_url, "m", template_path=custom).judge(
-        _examples(2), ["GOOD", "x"]
-    )
+    prompt = af.PairTemplate.load(custom)
+    assert prompt.source == str(custom)
+    judgements = af.Judge(server.base_url, "m", prompt=prompt).judge(_examples(2), ["GOOD", "x"])
     assert [j.winner for j in judgements] == ["model", "reference"]
     assert server.requests[0]["messages"][0]["content"].startswith('JSON-ish {"keep": "braces"}')
 
@@ -287,6 +317,12 @@ def test_score_empty_and_mapping() -> None:
     result = af.score(judgements)
     assert (result.wins, result.losses, result.ties, result.unparsable) == (2, 1, 1, 1)
     assert result.win_rate == pytest.approx(2.5 / 4)
+    dropped = af.score(judgements, unparsable="drop")  # AlpacaFarm's rule for its annotators
+    assert (dropped.wins, dropped.losses, dropped.ties, dropped.dropped) == (2, 1, 0, 1)
+    assert dropped.unparsable == 1 and dropped.total == 3
+    assert dropped.win_rate == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="unparsable"):
+        af.score(judgements, unparsable="skip")
 
 
 # ----------------------------------------------------------------------------------- data

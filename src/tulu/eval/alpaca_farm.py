@@ -14,28 +14,36 @@ The protocol:
    header), without needing the tokenizer's EOS. The prompt is not stripped.
 3. Greedy decoding, at most 2,048 new tokens, no stop string (`GENERATION`).
 4. A judge model behind any OpenAI-compatible ``/chat/completions`` endpoint compares the
-   model's output with the reference (`Judge`), one request per example at temperature 0.
-   A seeded coin per example decides whether the model's output is shown as ``(1)`` or
-   ``(2)``, so the judge's position bias averages out instead of favouring one side; the
-   position is recorded in each `Judgement`.
-5. The judge's answer is parsed leniently (``"Output (1)"``, ``"(2)"``, ``"1"``, ...). An
-   explicit tie, or an answer that names neither or both outputs, counts as half a win; the
-   latter are also counted as ``unparsable`` so a badly behaved judge shows up in the report.
-   The win rate (`score`) is ``(wins + ties / 2) / n``, a fraction in ``[0, 1]``.
+   model's output with the reference (`Judge`), at temperature 0. A seeded coin per example
+   decides whether the model's output is shown first or second, so the judge's position bias
+   averages out instead of favouring one side; the position is recorded in each `Judgement`.
+   An output identical to the reference is a tie without asking (AlpacaFarm's rule).
+5. How comparisons become requests and answers become verdicts is the judge prompt's job:
 
-The judge prompt is the project's own (``templates/alpaca_judge.txt``, not the paper's GPT-4
-annotator prompt), so numbers are comparable across our runs, not to the paper's leaderboard.
-Another template can be passed (``--judge-template FILE``); it must contain the placeholders
-``{instruction}``, ``{output_1}`` and ``{output_2}``, checked when it is loaded.
+   - `PairTemplate` (the default): the project's own prompt (``templates/alpaca_judge.txt``),
+     or any ``--judge-template FILE`` holding ``{instruction}``, ``{output_1}`` and
+     ``{output_2}``; one comparison per request as one user message. The answer is parsed
+     leniently (``"Output (1)"``, ``"(2)"``, ``"1"``, ...); an explicit tie, or an answer that
+     names neither or both outputs, counts as half a win, the latter also counted as
+     ``unparsable`` so a badly behaved judge shows up in the report.
+   - `tulu.eval.alpaca_annotator.Annotator` (``--judge-annotator``): an AlpacaFarm annotator
+     config, such as the ``greedy_gpt4`` one behind the paper's figure: batches of 5 in ChatML
+     prompts, verdicts matched by its regular expressions, and batches whose answer cannot be
+     parsed left out of the win rate, as AlpacaFarm did.
+
+6. The win rate (`score`) is ``(wins + ties / 2) / n``, a fraction in ``[0, 1]``, over the
+   examples that got a verdict.
+
+Numbers from the default prompt are comparable across our runs, not to the paper's leaderboard;
+the paper's annotator with the paper's judge model (GPT-4-0314) is what the card's 9.2 used.
 """
 
 from __future__ import annotations
 
 import random
 import re
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -45,6 +53,7 @@ from typing import Any, Literal
 import httpx
 
 from tulu.errors import DataError, TuluError
+from tulu.eval.alpaca_annotator import Annotator, Comparison, JudgeRequest
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import chat_wrap
 from tulu.eval.files import read_json
@@ -60,7 +69,9 @@ __all__ = [
     "AlpacaFarmExample",
     "AlpacaFarmResult",
     "Judge",
+    "JudgePrompt",
     "Judgement",
+    "PairTemplate",
     "build_judge_prompt",
     "build_prompt",
     "load_alpaca_farm",
@@ -220,6 +231,56 @@ def build_judge_prompt(template: str, instruction: str, output_1: str, output_2:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
+@dataclass(frozen=True)
+class PairTemplate:
+    """A judge prompt for one comparison per request, sent as a single user message."""
+
+    text: str
+    source: str = "packaged alpaca_judge.txt"
+    name = "pair template"
+    batch_size = 1
+    default_model = "gpt-4"
+    max_tokens = 64
+    temperature = 0.0
+    # An answer naming neither output (or both) is scored as a tie: guessing would bias the
+    # win rate, and dropping would hide a badly behaved judge behind a smaller n.
+    unparsable = "tie"
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> PairTemplate:
+        """`path`, or the packaged template (see `load_judge_template`)."""
+        text = load_judge_template(path)
+        return cls(text) if path is None else cls(text, str(path))
+
+    def requests(self, comparisons: Sequence[Comparison], seed: int) -> list[JudgeRequest]:
+        del seed  # one request per comparison, in order: nothing to randomise
+        return [
+            JudgeRequest(
+                [
+                    {
+                        "role": "user",
+                        "content": build_judge_prompt(
+                            self.text,
+                            merge_instruction(c.instruction, c.input),
+                            c.output_1,
+                            c.output_2,
+                        ),
+                    }
+                ],
+                (i,),
+            )
+            for i, c in enumerate(comparisons)
+        ]
+
+    def parse(self, answer: str, count: int) -> list[Choice]:
+        del count  # always 1
+        return [parse_choice(answer)]
+
+
+#: How comparisons become judge requests and answers become verdicts.
+JudgePrompt = PairTemplate | Annotator
+
+
 # ----------------------------------------------------------------------------------- parsing
 
 _BARE = re.compile(
@@ -266,8 +327,9 @@ class Judgement:
 
     index: int
     model_position: Literal[1, 2]  # where the model's output was shown; the reference got the other
-    raw: str  # the judge's answer, verbatim
+    raw: str  # the judge's answer, verbatim (for a batched prompt, the whole batch's answer)
     choice: Choice  # parsed: 1, 2, "tie", or None (unparsable)
+    asked: bool = True  # False: the output equals the reference, a tie without asking
 
     @property
     def winner(self) -> Winner:
@@ -278,7 +340,7 @@ class Judgement:
 
     @property
     def unparsable(self) -> bool:
-        """The judge's answer named neither output (or both); it is scored as a tie."""
+        """The judge's answer gave no verdict for this comparison."""
         return self.choice is None
 
 
@@ -295,30 +357,35 @@ def model_positions(n: int, seed: int = DEFAULT_SEED) -> list[Literal[1, 2]]:
 
 _RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
+Messages = list[dict[str, str]]
+
 
 class Judge:
     """An LLM judge behind an OpenAI-compatible chat-completions endpoint.
 
     `url` is either the API base (``http://host:8000/v1``, as given to the ``openai`` client)
-    or the full ``.../chat/completions`` address. Requests run in `concurrency` threads over
-    one `httpx.Client`; 408/409/429/5xx answers and timeouts are retried `max_retries` times
-    with exponential backoff (honouring a numeric ``Retry-After``), since rate limits are the
-    normal state of a hosted judge; a refused connection or any other error status fails at
-    once with a TuluError naming the URL, since retrying cannot fix it.
+    or the full ``.../chat/completions`` address. `prompt` decides how comparisons become
+    requests (default: the packaged `PairTemplate`); `model` defaults to the prompt's own
+    (``gpt-4``, or an annotator config's ``model_name``).
+
+    Requests run in `concurrency` threads over one `httpx.Client`; 408/409/429/5xx answers and
+    timeouts are retried `max_retries` times with exponential backoff (honouring a numeric
+    ``Retry-After``), since rate limits are the normal state of a hosted judge; a refused
+    connection or any other error status fails at once with a TuluError naming the URL, since
+    retrying cannot fix it.
     """
 
     def __init__(
         self,
         url: str,
-        model: str,
-        template_path: str | Path | None = None,
+        model: str | None = None,
+        prompt: JudgePrompt | None = None,
         api_key: str | None = None,
         seed: int = DEFAULT_SEED,
         concurrency: int = 8,
         timeout: float = 120.0,
         max_retries: int = 5,
         backoff: float = 1.0,
-        max_tokens: int = 64,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -326,16 +393,23 @@ class Judge:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
         base = url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
-        self.model = model
-        self.template = load_judge_template(template_path)
+        self.prompt = prompt if prompt is not None else PairTemplate.load()
+        self.model = model or self.prompt.default_model
         self.api_key = api_key
         self.seed = seed
         self.concurrency = concurrency
         self.timeout = timeout
         self.max_retries = max_retries
         self.backoff = backoff
-        self.max_tokens = max_tokens
-        self._local = threading.local()
+
+    def settings(self) -> dict[str, Any]:
+        """What an answer depends on besides the messages: the key of a cached answer."""
+        return {
+            "url": self.url,
+            "model": self.model,
+            "max_tokens": self.prompt.max_tokens,
+            "temperature": self.prompt.temperature,
+        }
 
     # -- one request
 
@@ -354,13 +428,13 @@ class Judge:
                 pass
         return self.backoff * 2**attempt
 
-    def complete(self, client: httpx.Client, prompt: str) -> str:
-        """Send one judge prompt (temperature 0) and return the reply text."""
+    def complete(self, client: httpx.Client, messages: Messages) -> str:
+        """Send one request (the prompt's temperature and max_tokens); return the reply text."""
         payload = {
             "model": self.model,
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": self.max_tokens,
+            "messages": messages,
+            "temperature": self.prompt.temperature,
+            "max_tokens": self.prompt.max_tokens,
         }
         for attempt in range(self.max_retries + 1):
             response: httpx.Response | None = None
@@ -394,33 +468,58 @@ class Judge:
             ) from exc
         return content if isinstance(content, str) else ""
 
-    # -- all examples
-
-    def judge(
-        self, examples: Sequence[AlpacaFarmExample], outputs: Sequence[str]
-    ) -> list[Judgement]:
-        """Judge each model output against its example's reference, in example order."""
-        if len(outputs) != len(examples):
-            raise DataError(f"{len(outputs)} outputs for {len(examples)} AlpacaFarm examples")
-        positions = model_positions(len(examples), self.seed)
-
+    def ask(self, requests: Sequence[Messages]) -> list[str]:
+        """The judge's answers to `requests`, in order, `concurrency` at a time."""
         with httpx.Client(timeout=self.timeout) as client:
-
-            def one(i: int) -> Judgement:
-                example, output, position = examples[i], outputs[i], positions[i]
-                pair = (output, example.reference) if position == 1 else (example.reference, output)
-                prompt = build_judge_prompt(self.template, example.full_instruction, *pair)
-                raw = self.complete(client, prompt)
-                return Judgement(example.index, position, raw, parse_choice(raw))
-
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                futures = [pool.submit(one, i) for i in range(len(examples))]
+                futures = [pool.submit(self.complete, client, m) for m in requests]
                 try:
                     return [f.result() for f in futures]
                 except BaseException:
                     for f in futures:
                         f.cancel()
                     raise
+
+    # -- all examples
+
+    def judge(
+        self,
+        examples: Sequence[AlpacaFarmExample],
+        outputs: Sequence[str],
+        ask: Callable[[Sequence[Messages]], list[str]] | None = None,
+    ) -> list[Judgement]:
+        """Judge each model output against its example's reference, in example order.
+
+        `ask` sends the requests (default `ask`); the evaluation runner passes one that keeps
+        answers in its cache, so an interrupted run does not pay for a judgement twice.
+        """
+        if len(outputs) != len(examples):
+            raise DataError(f"{len(outputs)} outputs for {len(examples)} AlpacaFarm examples")
+        positions = model_positions(len(examples), self.seed)
+        judgements: list[Judgement | None] = [None] * len(examples)
+        to_ask: list[int] = []
+        for i, (example, output) in enumerate(zip(examples, outputs, strict=True)):
+            if output == example.reference:
+                judgements[i] = Judgement(example.index, positions[i], "", "tie", asked=False)
+            else:
+                to_ask.append(i)
+
+        comparisons = []
+        for i in to_ask:
+            example, output = examples[i], outputs[i]
+            pair = (output, example.reference) if positions[i] == 1 else (example.reference, output)
+            comparisons.append(Comparison(example.instruction, example.input, *pair))
+        requests = self.prompt.requests(comparisons, self.seed)
+        answers = (ask or self.ask)([r.messages for r in requests])
+        for request, answer in zip(requests, answers, strict=True):
+            choices = self.prompt.parse(answer, len(request.indices))
+            for j, choice in zip(request.indices, choices, strict=True):
+                i = to_ask[j]
+                judgements[i] = Judgement(examples[i].index, positions[i], answer, choice)
+        missing = [examples[i].index for i, j in enumerate(judgements) if j is None]
+        if missing:  # a JudgePrompt that skipped comparisons: a bug, never a silent loss
+            raise AssertionError(f"no judge request covered examples {missing[:10]}")
+        return [j for j in judgements if j is not None]
 
 
 # ----------------------------------------------------------------------------------- scoring
@@ -430,7 +529,10 @@ class Judge:
 class AlpacaFarmResult:
     """The model's win rate over davinci-003 (ties as half) and the counts behind it.
 
-    ``ties`` includes the ``unparsable`` answers, which are scored as ties.
+    ``unparsable`` counts the comparisons the judge gave no verdict for. Under a prompt whose
+    policy is ``"tie"`` they are among the ``ties``; under ``"drop"`` they are left out of the
+    win rate altogether (``dropped``). ``identical`` counts outputs equal to the reference
+    (ties, not sent to the judge).
     """
 
     win_rate: float
@@ -438,25 +540,36 @@ class AlpacaFarmResult:
     losses: int
     ties: int
     unparsable: int
+    dropped: int = 0
+    identical: int = 0
     per_example: list[Judgement] = field(default_factory=list)
 
     @property
     def total(self) -> int:
-        """Number of judged examples."""
+        """Number of examples behind the win rate."""
         return self.wins + self.losses + self.ties
 
 
-def score(judgements: Sequence[Judgement]) -> AlpacaFarmResult:
-    """Win rate ``(wins + ties / 2) / n`` of the model over the reference."""
-    winners = [j.winner for j in judgements]
+def score(judgements: Sequence[Judgement], unparsable: str = "tie") -> AlpacaFarmResult:
+    """Win rate ``(wins + ties / 2) / n`` of the model over the reference.
+
+    `unparsable` is the judge prompt's policy for comparisons without a verdict: ``"tie"``
+    (half a win each) or ``"drop"`` (left out of n, as AlpacaFarm did).
+    """
+    if unparsable not in ("tie", "drop"):
+        raise ValueError(f"unparsable must be 'tie' or 'drop', got {unparsable!r}")
+    kept = [j for j in judgements if not (unparsable == "drop" and j.unparsable)]
+    winners = [j.winner for j in kept]
     wins, losses = winners.count("model"), winners.count("reference")
     ties = winners.count("tie")
-    n = len(judgements)
+    n = len(kept)
     return AlpacaFarmResult(
         win_rate=(wins + ties / 2) / n if n else 0.0,
         wins=wins,
         losses=losses,
         ties=ties,
         unparsable=sum(j.unparsable for j in judgements),
+        dropped=len(judgements) - n,
+        identical=sum(not j.asked for j in judgements),
         per_example=list(judgements),
     )

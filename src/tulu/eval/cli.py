@@ -69,11 +69,21 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
         help="context window of --api-base when the server does not report it (default 2048)",
     )
     ev.add_argument("--judge-url", help="AlpacaFarm judge: OpenAI-compatible endpoint")
-    ev.add_argument("--judge-model", help="the judge's model name (default: gpt-4)")
     ev.add_argument(
+        "--judge-model",
+        help="the judge's model name (default: gpt-4, or the annotator config's model_name)",
+    )
+    judge_prompt = ev.add_mutually_exclusive_group()
+    judge_prompt.add_argument(
         "--judge-template",
         type=Path,
         help="judge prompt with {instruction}, {output_1}, {output_2} (default: the project's)",
+    )
+    judge_prompt.add_argument(
+        "--judge-annotator",
+        type=Path,
+        help="an AlpacaFarm annotator's configs.yaml (or its directory), e.g. the paper's "
+        "greedy_gpt4: batched ChatML prompts, regex-parsed verdicts",
     )
     ev.add_argument("--judge-api-key", help="bearer token for the judge")
     ev.add_argument("--dtype", help="float32, bfloat16 or float16")
@@ -114,6 +124,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "judge_url": args.judge_url,
             "judge_model": args.judge_model,
             "judge_template": args.judge_template,
+            "judge_annotator": args.judge_annotator,
             "judge_api_key": args.judge_api_key,
         },
         progress=lambda message: print(message, file=sys.stderr),

@@ -118,7 +118,10 @@ class CachedBackend:
         text = json.dumps([kind, prompt, settings], ensure_ascii=False, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
-    def _run(self, kind: str, prompts: Sequence[str], settings: Any, call) -> list[Any]:
+    def memo(self, kind: str, prompts: Sequence[str], settings: Any, call) -> list[Any]:
+        """``call(prompts)``, but answered from the cache where it can and stored as it goes:
+        `kind` and `settings` (JSON-able) are part of each prompt's key.
+        """
         keys = [self._key(kind, p, settings) for p in prompts]
         todo = [i for i, key in enumerate(keys) if key not in self.cache]
         for start in range(0, len(todo), _CHUNK):
@@ -134,7 +137,7 @@ class CachedBackend:
         return [self.cache[key] for key in keys]
 
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
-        return self._run(
+        return self.memo(
             "generate",
             prompts,
             asdict(decoding),
@@ -144,7 +147,7 @@ class CachedBackend:
     def next_token_logprobs(
         self, prompts: Sequence[str], candidates: Sequence[int]
     ) -> list[list[float]]:
-        return self._run(
+        return self.memo(
             "logprobs",
             prompts,
             list(candidates),
@@ -382,16 +385,30 @@ def _tydiqa(mode: str) -> Callable[[EvalContext], TaskResult]:
 _NO_JUDGE = "needs a judge: --judge-url (an OpenAI-compatible endpoint)"
 
 
+def _judge_prompt(ctx: EvalContext):
+    """The AlpacaFarm judge prompt the options ask for (both flags at once are refused)."""
+    from tulu.eval import alpaca_farm
+    from tulu.eval.alpaca_annotator import Annotator
+
+    template, annotator = ctx.options.get("judge_template"), ctx.options.get("judge_annotator")
+    if template and annotator:
+        raise DataError("alpaca_farm: give --judge-template or --judge-annotator, not both")
+    if annotator:
+        return Annotator.load(annotator)
+    return alpaca_farm.PairTemplate.load(template)
+
+
 def _alpaca_farm(ctx: EvalContext) -> TaskResult:
     from tulu.eval import alpaca_farm
 
     url = ctx.options.get("judge_url")
     if not url:
         raise DataError(f"alpaca_farm {_NO_JUDGE}")
+    prompt = _judge_prompt(ctx)
     judge = alpaca_farm.Judge(
         url,
-        ctx.options.get("judge_model") or "gpt-4",
-        template_path=ctx.options.get("judge_template"),
+        ctx.options.get("judge_model"),
+        prompt=prompt,
         api_key=ctx.options.get("judge_api_key"),
         seed=int(ctx.options.get("seed", 42)),
     )
@@ -401,16 +418,39 @@ def _alpaca_farm(ctx: EvalContext) -> TaskResult:
         examples = examples[:limit]
     outputs = ctx.backend.generate([e.prompt for e in examples], alpaca_farm.GENERATION)
     texts = [choices[0].strip() for choices in outputs]
-    result = alpaca_farm.score(judge.judge(examples, texts))
+
+    ask = judge.ask
+    if isinstance(ctx.backend, CachedBackend):  # judge answers are kept like generations
+        cache = ctx.backend
+
+        def ask(requests):
+            keys = [json.dumps(m, ensure_ascii=False) for m in requests]
+            return cache.memo(
+                "judge",
+                keys,
+                judge.settings(),
+                lambda chunk: judge.ask([json.loads(k) for k in chunk]),
+            )
+
+    result = alpaca_farm.score(judge.judge(examples, texts, ask=ask), prompt.unparsable)
     return TaskResult(
         task="alpaca_farm",
         metric="win rate vs davinci-003",
         value=100 * result.win_rate,
         details={
+            "judge": {
+                "model": judge.model,
+                "prompt": prompt.name,
+                "source": prompt.source,
+                "batch_size": prompt.batch_size,
+            },
+            "judged": result.total,
             "wins": result.wins,
             "losses": result.losses,
             "ties": result.ties,
+            "identical": result.identical,
             "unparsable": result.unparsable,
+            "dropped": result.dropped,
         },
         predictions=[
             {
@@ -418,7 +458,7 @@ def _alpaca_farm(ctx: EvalContext) -> TaskResult:
                 "output": t,
                 "model_position": j.model_position,
                 "judge": j.raw,
-                "winner": j.winner,
+                "winner": None if (j.unparsable and prompt.unparsable == "drop") else j.winner,
             }
             for e, t, j in zip(examples, texts, result.per_example, strict=True)
         ],
@@ -499,8 +539,9 @@ def _inputs(task: str, ctx: EvalContext) -> list[Path]:
             root / "alpaca_farm" / name
             for name in (alpaca_farm.SPLIT_FILE, alpaca_farm.REFERENCE_FILE)
         ]
-        if ctx.options.get("judge_template"):
-            paths.append(Path(ctx.options["judge_template"]))
+        for key in ("judge_template", "judge_annotator"):
+            if ctx.options.get(key):
+                paths.append(Path(ctx.options[key]))
         return paths
     return []
 
@@ -523,6 +564,8 @@ def check_tasks(tasks: Sequence[str], ctx: EvalContext) -> None:
     missing = missing_files(tasks, ctx)
     if missing:
         raise DataError(f"missing evaluation data under {ctx.data_dir}:\n  " + "\n  ".join(missing))
+    if "alpaca_farm" in tasks:
+        _judge_prompt(ctx)  # a malformed template or annotator fails now, not after generating
 
 
 def run_tasks(
