@@ -251,7 +251,6 @@ def test_api_backends_fall_back_when_the_server_does_not_say(checkpoint):
 def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_path, capsys):
     """`tulu eval --api-base` used to stop on bbh_cot: its 512 new tokens do not fit after a
     long prompt. Now max_tokens is fitted to the window the server reports (512 here)."""
-    from server.conftest import start_server
     from tulu.cli import main
     from tulu.demo.eval_data import write_eval_data
     from tulu.model.checkpoint import save_model
@@ -263,6 +262,19 @@ def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_pat
     assert main([*common, "--output", str(tmp_path / "local"), "--device", "cpu"]) == 0
     too_long = _details(tmp_path / "local")["prompts_too_long"]
     assert too_long > 0 and "did not fit the 512-token window" in capsys.readouterr().err
+    for style, captured in _eval_over_both_apis(checkpoint, common, tmp_path, capsys):
+        assert "context window of 512 tokens" in captured.err
+        assert captured.out.startswith("| BBH CoT | Average |")
+        # the same prompts are out of reach over the API as in-process
+        assert _details(tmp_path / style)["prompts_too_long"] == too_long
+
+
+def _eval_over_both_apis(checkpoint, common: list[str], tmp_path, capsys):
+    """Run `tulu eval` with arguments `common` against a `tulu serve` of `checkpoint` in the
+    OpenAI and then the TGI style (results under tmp_path/STYLE); yield (style, captured)."""
+    from server.conftest import start_server
+    from tulu.cli import main
+
     server = start_server(checkpoint)
     try:
         for style, base in (("openai", "/v1"), ("tgi", "")):
@@ -270,11 +282,7 @@ def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_pat
             args += ["--api-base", f"http://{server.host}:{server.port}{base}"]
             args += ["--api-style", style, "--api-model", "tiny"]
             assert main(args) == 0, capsys.readouterr().err
-            captured = capsys.readouterr()
-            assert "context window of 512 tokens" in captured.err
-            assert captured.out.startswith("| BBH CoT | Average |")
-            # the same prompts are out of reach over the API as in-process
-            assert _details(tmp_path / style)["prompts_too_long"] == too_long
+            yield style, capsys.readouterr()
     finally:
         server.stop()
 
@@ -282,3 +290,115 @@ def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_pat
 def _details(output) -> dict:
     (result,) = json.loads((output / "results.json").read_text(encoding="utf-8"))["results"]
     return result["details"]
+
+
+def _top_text_token(tokenizer, row: list[float]) -> int:
+    """The most likely token of a full-vocabulary row that decodes to whole text (the OpenAI
+    API names byte tokens its own way, so the backend cannot look those up)."""
+    for token in sorted(range(len(row)), key=lambda t: -row[t]):
+        text = tokenizer.decode([token])
+        if text and "\ufffd" not in text:
+            return token
+    raise AssertionError("no text token")
+
+
+def test_every_backend_cuts_over_long_scoring_prompts_alike(checkpoint):
+    """MMLU scoring needs room for one token after the prompt. The engine keeps the last
+    window - 1 tokens of a longer prompt and counts it; the HTTP backends used to send it
+    whole, and the server's 400 stopped the run. Now they send the same last tokens (as
+    text), count the same prompts, and read the same log-probabilities."""
+    from server.conftest import start_server
+    from tulu.engine.engine import LLM
+    from tulu.eval.backends import TGIBackend
+
+    model, tokenizer = checkpoint.model, checkpoint.tokenizer
+    window = model.config.max_position_embeddings  # 512
+    fits, fits_length = _prompt_of(tokenizer, window - 1)  # exactly room for the answer
+    edge, edge_length = _prompt_of(tokenizer, window)  # fills the window: cut by one token
+    long, long_length = _prompt_of(tokenizer, window + 90)
+    assert (fits_length, edge_length, long_length) == (window - 1, window, window + 90)
+    for prompt in (edge, long):  # the cut text is the engine's ids: the rows must agree
+        tail = tokenizer.encode(prompt)[-(window - 1) :]
+        assert tokenizer.encode(tokenizer.decode(tail)) == tail
+    prompts = [PROMPTS[1], fits, edge, long]
+
+    engine = EngineBackend(LLM(model, tokenizer), progress=False)
+    full = engine.next_token_logprobs(prompts, list(range(len(tokenizer))))
+    assert engine.too_long == 2
+    assert full[1] == pytest.approx(
+        _candidate_logprobs(model, tokenizer, fits, list(range(len(tokenizer)))), abs=1e-4
+    )
+    # each prompt's most likely text token: among a server's top 20 alternatives
+    candidates = list(dict.fromkeys(_top_text_token(tokenizer, row) for row in full))
+    server = start_server(checkpoint)
+    try:
+        url = f"http://{server.host}:{server.port}"
+        for backend in (
+            OpenAIBackend(url + "/v1", "tiny", tokenizer, retries=0),
+            TGIBackend(url, tokenizer=tokenizer, retries=0, top_n_tokens=20),
+        ):
+            rows = backend.next_token_logprobs(prompts, candidates)
+            assert backend.too_long == 2, type(backend).__name__
+            for row, want in zip(rows, full, strict=True):
+                for got, token in zip(row, candidates, strict=True):
+                    rank = sum(v > want[token] for v in want)
+                    if rank < 19:  # among the top 20 (a margin for rounding at the edge)
+                        assert got == pytest.approx(want[token], abs=1e-3)
+                    else:
+                        assert got == -math.inf or got == pytest.approx(want[token], abs=1e-3)
+                assert max(row) > -math.inf
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("which", ["tiny", "gpt-neox-20b"])
+def test_scoring_cut_starts_on_a_whole_character(checkpoint, request, which):
+    """The text sent for a cut prompt re-encodes within the limit and is the prompt's own
+    tail: a cut through a multi-byte character moves right instead of sending U+FFFD (which
+    GPT-NeoX's vocabulary holds as one token, so the length alone does not catch it)."""
+    from tulu.eval.backends import _fit_for_scoring
+    from tulu.tokenizer import Tokenizer
+
+    if which == "tiny":
+        tokenizer = checkpoint.tokenizer
+    else:
+        tokenizer = Tokenizer.from_file(request.getfixturevalue("neox_tokenizer_path"))
+    prompt = "Größe? naïve café, 東京 ✓ — the answer is:" * 6
+    length = len(tokenizer.encode(prompt))
+    replaced = 0
+    for limit in range(1, length + 2):
+        (text,), cut = _fit_for_scoring(tokenizer, [prompt], limit)
+        assert cut == (length > limit)
+        assert len(tokenizer.encode(text)) <= limit
+        assert prompt.endswith(text) and text
+        ids = tokenizer.encode(prompt)
+        replaced += tokenizer.decode(ids[len(ids) - limit :]).startswith("\ufffd")
+    assert replaced > 0  # some cuts did fall inside a character
+
+
+def test_tulu_eval_mmlu_over_the_api_counts_the_same_prompts_too_long(checkpoint, tmp_path, capsys):
+    """An MMLU question too long for the window even 0-shot: in-process it is scored on its
+    last tokens and counted; over the API the run used to stop with the server's 400."""
+    import csv
+
+    from tulu.cli import main
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.eval import mmlu
+    from tulu.model.checkpoint import save_model
+
+    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
+    data = write_eval_data(tmp_path / "data")
+    long_question = "Which of these follows from the story told so far? " * 60
+    for subject in mmlu.SUBJECTS[:2]:
+        path = data.data_dir / "mmlu" / "data" / "test" / f"{subject}_test.csv"
+        with path.open("a", newline="", encoding="utf-8") as out:
+            csv.writer(out).writerow([long_question, "one", "two", "three", "four", "B"])
+    common = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
+    common += ["--task", "mmlu_0shot"]
+    assert main([*common, "--output", str(tmp_path / "local"), "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert _details(tmp_path / "local")["prompts_too_long"] == 2
+    for style, _ in _eval_over_both_apis(checkpoint, common, tmp_path, capsys):
+        details = _details(tmp_path / style)
+        assert details["prompts_too_long"] == 2, style
+        assert details["questions"] == _details(tmp_path / "local")["questions"]

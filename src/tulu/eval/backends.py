@@ -19,6 +19,12 @@ whose prompt plus ``max_tokens`` exceeds the window (``tulu serve`` and vLLM ans
 the HTTP backends count prompt tokens with the model's tokenizer and learn the window from
 the server (``/v1/models``' ``max_model_len``, TGI's ``/info``), or else from
 ``context_window`` (default 2048).
+
+Scoring (`next_token_logprobs`) needs room for one token after the prompt. A prompt that
+leaves none is cut to its last ``window - 1`` tokens (the question and the answer prefix,
+which decide the next token) and counted in ``too_long``, by every backend alike: the engine
+cuts the token ids, the HTTP backends send the text of those last tokens (servers take text),
+so a server's 400 for an over-long prompt does not stop a whole MMLU run.
 """
 
 from __future__ import annotations
@@ -71,7 +77,8 @@ class EngineBackend:
         engine = llm.engine
         self.tokenizer = engine.tokenizer
         self.context_window = engine.model.config.max_position_embeddings
-        #: Prompts that did not fit the context window (answered with empty outputs).
+        #: Prompts that did not fit the context window: generations get empty outputs,
+        #: scoring keeps the prompt's last tokens (see the module doc).
         self.too_long = 0
 
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
@@ -137,7 +144,8 @@ class OpenAIBackend:
     ``max_tokens`` is capped per prompt to fit the context window (see the module doc): the
     window is the ``max_model_len`` that ``GET /v1/models`` reports for `model` (``tulu serve``
     and vLLM report it), else `context_window`, else 2048. Prompts are measured with
-    `tokenizer`; without one, ``max_tokens`` is sent unchanged.
+    `tokenizer`; without one, ``max_tokens`` is sent unchanged. Scoring cuts a prompt that
+    leaves no room for one token to its last ``window - 1`` tokens (see the module doc).
     """
 
     api_base: str
@@ -150,7 +158,8 @@ class OpenAIBackend:
     top_logprobs: int = 20
     #: The window when the server does not report one.
     context_window: int | None = None
-    #: Prompts that did not fit the window (answered with empty outputs, not sent).
+    #: Prompts that did not fit the window: generations get empty outputs (not sent), scoring
+    #: sends the prompt's last tokens (see the module doc).
     too_long: int = field(default=0, init=False)
     _client: Any = field(default=None, init=False, repr=False)
     _window: int | None = field(default=None, init=False, repr=False)
@@ -221,6 +230,8 @@ class OpenAIBackend:
             "temperature": 0.0,
             "logprobs": self.top_logprobs,
         }
+        prompts, cut = _fit_for_scoring(self.tokenizer, prompts, self.window() - 1)
+        self.too_long += cut
         responses = self._map([{**base, "prompt": prompt} for prompt in prompts])
         rows = []
         for response in responses:
@@ -244,6 +255,37 @@ def _budgets(
         0 if max_input is not None and n > max_input else max(0, min(max_tokens, window - n))
         for n in lengths
     ]
+
+
+def _fit_for_scoring(tokenizer: Any, prompts: Sequence[str], limit: int) -> tuple[list[str], int]:
+    """The prompts to score, each at most `limit` tokens, and how many had to be cut.
+
+    A longer prompt keeps its last tokens, as `EngineBackend.next_token_logprobs` does: the
+    end of an MMLU prompt (question, choices, "The answer is:") decides the next token.
+    """
+    fitted: list[str] = []
+    cut = 0
+    for prompt, ids in zip(prompts, tokenizer.encode_batch(list(prompts)), strict=True):
+        if len(ids) > limit:
+            cut += 1
+            prompt = _tail_text(tokenizer, ids, limit)
+        fitted.append(prompt)
+    return fitted, cut
+
+
+def _tail_text(tokenizer: Any, ids: Sequence[int], limit: int) -> str:
+    """The text of the last `limit` tokens of `ids`, cut further right if needed so that it
+    starts on a whole character and encodes to at most `limit` tokens again.
+
+    The server re-tokenizes what it is sent: a cut through a multi-byte character would send
+    U+FFFD, and a different BPE merge at the cut could make the text a token longer than the
+    window allows (the server would refuse it).
+    """
+    for start in range(max(0, len(ids) - limit), len(ids)):
+        text = tokenizer.decode(ids[start:])
+        if not text.startswith("\ufffd") and len(tokenizer.encode(text)) <= limit:
+            return text
+    return ""
 
 
 def _window(reported: Any, fallback: int | None) -> int:
@@ -302,13 +344,14 @@ class TGIBackend:
 
     TGI returns one sequence per request, so ``n`` samples are ``n`` requests with seeds
     ``seed, seed + 1, ...``. Candidate log-probabilities come from ``top_n_tokens`` of the
-    first generated token (ids, so no tokenizer is needed); a candidate outside them reads as
-    ``-inf``.
+    first generated token (ids, so the candidates need no mapping); a candidate outside them
+    reads as ``-inf``.
 
     ``max_new_tokens`` is capped per prompt to fit the context window (see the module doc):
     the window is ``max_total_tokens`` from ``GET /info``, else `context_window`, else 2048,
-    and a prompt longer than ``/info``'s ``max_input_tokens`` is not sent. Prompts are measured
-    with `tokenizer` (the model's own); without one, ``max_tokens`` is sent unchanged.
+    and a prompt longer than ``/info``'s ``max_input_tokens`` is not sent (scoring sends its
+    last tokens instead). Prompts are measured with `tokenizer` (the model's own); without
+    one, ``max_tokens`` is sent unchanged and scoring prompts are sent whole.
     """
 
     url: str
@@ -320,7 +363,8 @@ class TGIBackend:
     tokenizer: Any = None
     #: The window when the server does not report one.
     context_window: int | None = None
-    #: Prompts that did not fit the window (answered with empty outputs, not sent).
+    #: Prompts that did not fit the window: generations get empty outputs (not sent), scoring
+    #: sends the prompt's last tokens (see the module doc).
     too_long: int = field(default=0, init=False)
     _client: Any = field(default=None, init=False, repr=False)
     _window: int | None = field(default=None, init=False, repr=False)
@@ -386,6 +430,11 @@ class TGIBackend:
         self, prompts: Sequence[str], candidates: Sequence[int]
     ) -> list[list[float]]:
         parameters = {"max_new_tokens": 1, "details": True, "top_n_tokens": self.top_n_tokens}
+        if self.tokenizer is not None:  # without one, prompts are sent as given
+            window = self.window()  # also learns max_input_tokens
+            limit = min(window - 1, self._max_input or window)
+            prompts, cut = _fit_for_scoring(self.tokenizer, prompts, limit)
+            self.too_long += cut
         responses = self._map([{"inputs": p, "parameters": parameters} for p in prompts])
         rows = []
         for response in responses:
