@@ -31,12 +31,16 @@ from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
 from tulu.errors import TokenizerError
+from tulu.hub import looks_like_hub_id, snapshot
 
 __all__ = ["SPECIAL_TOKEN_NAMES", "StreamDecoder", "Tokenizer"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+
+#: What `Tokenizer.load` fetches of a hub repository: the files `from_dir` reads, no weights.
+TOKENIZER_HUB_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
 
 #: The special-token fields we read and write, in the order new tokens are added.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -231,18 +235,30 @@ class Tokenizer:
         return cls(backend, model_max_length=model_max_length, source=str(directory), **tokens)
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """A checkpoint directory (`from_dir`) or a bare tokenizer.json (`from_file`).
+    def load(cls, path: str | Path, *, revision: str | None = None) -> Tokenizer:
+        """A checkpoint directory (`from_dir`), a bare tokenizer.json (`from_file`), or a hub id
+        ``org/name`` (its tokenizer files only, through the HF cache, as `tulu chat` resolves a
+        checkpoint).
 
-        Commands that only need a tokenizer (data conversion, tokenization) accept either.
+        Commands that only need a tokenizer (data conversion, tokenization) accept any of them.
         """
-        path = Path(path)
-        if path.is_dir():
-            return cls.from_dir(path)
-        if path.is_file():
-            return cls.from_file(path)
+        local = Path(path).expanduser()
+        if local.is_dir():
+            return cls.from_dir(local)
+        if local.is_file():
+            return cls.from_file(local)
+        if looks_like_hub_id(path):
+            return cls.from_dir(
+                snapshot(
+                    str(path),
+                    revision=revision,
+                    allow_patterns=TOKENIZER_HUB_FILES,
+                    error=TokenizerError,
+                )
+            )
         raise TokenizerError(
-            f"{path}: no such tokenizer (expected a checkpoint directory or a tokenizer.json)"
+            f"{path}: no such tokenizer (expected a checkpoint directory, a tokenizer.json or "
+            "a hub id org/name)"
         )
 
     # ----------------------------------------------------------------------- vocabulary

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,3 +202,86 @@ def test_tokenize_bad_record_is_one_line(tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert f"tulu data tokenize: error: {path}:2: field 'messages' is empty" in err
+
+
+# ------------------------------------------------------------------------ hub ids for --tokenizer
+
+
+def _tulu(*argv: str | Path, env: dict[str, str]) -> subprocess.Popen:
+    """`tulu ...` in a subprocess: huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE when it
+    is imported. `tulu data` imports no torch, so these start in a fraction of a second."""
+    script = Path(sys.executable).with_name("tulu")
+    found = str(script) if script.is_file() else shutil.which("tulu")
+    assert found, "the `tulu` console script is not installed (pip install -e .)"
+    return subprocess.Popen(
+        [found, *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_tokenizer_hub_ids_from_an_offline_cache(tmp_path, offline_hub):
+    """`--tokenizer EleutherAI/pythia-6.9b` (and a recipe's `tokenizer:`) resolve through the HF
+    cache as `tulu chat MODEL` does; the result equals the local directory's."""
+    from tulu.demo import corpus_text, train_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(corpus_text()).save(tokenizer_dir)
+    hub_id = "EleutherAI/pythia-6.9b"
+    snapshot = offline_hub.add(hub_id, tokenizer_dir)
+    records = tmp_path / "records.jsonl"
+    records.write_text(_lines(*(dict(GOOD, id=f"mine_{i}") for i in range(5))), encoding="utf-8")
+    sharegpt = SAMPLES / "sharegpt_html_cleaned.json"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"tokenizer: {hub_id}\nsources:\n  - {{name: mine, path: {records}}}\n"
+        f"  - {{name: sharegpt, source: sharegpt, path: {sharegpt}}}\n"
+    )
+    tokenize = ["data", "tokenize", records, "--workers", "1", "--cache-dir"]
+    convert = ["data", "convert", "--source", "sharegpt", "--input", sharegpt, "--output"]
+    commands = {
+        "tokenize": [*tokenize, tmp_path / "cache", "--tokenizer", hub_id],
+        "tokenize-local": [*tokenize, tmp_path / "cache-local", "--tokenizer", tokenizer_dir],
+        "convert": [*convert, tmp_path / "hub.jsonl", "--tokenizer", hub_id],
+        "convert-local": [*convert, tmp_path / "local.jsonl", "--tokenizer", tokenizer_dir],
+        "mix": ["data", "mix", recipe, "--output", tmp_path / "mix.jsonl", "--no-plot"],
+    }
+    procs = {name: _tulu(*argv, env=offline_hub.env) for name, argv in commands.items()}
+    done = {name: _finish(proc) for name, proc in procs.items()}
+    for name, (rc, _, err) in done.items():
+        assert rc == 0, f"{name}: {err}"
+    hub_dir = Path(done["tokenize"][1].strip())
+    meta = json.loads((hub_dir / "meta.json").read_text())
+    assert Path(meta["tokenizer"]["source"]).resolve() == snapshot.resolve()
+    # the same tokenizer, so the same cache key as the local directory's
+    assert hub_dir.name == Path(done["tokenize-local"][1].strip()).name
+    converted = (tmp_path / "hub.jsonl").read_text(encoding="utf-8")
+    assert converted and converted == (tmp_path / "local.jsonl").read_text(encoding="utf-8")
+    stats = json.loads((tmp_path / "mix.stats.json").read_text())
+    assert stats["total"]["tokens"] > 0
+    assert {s["name"]: s["selected"] for s in stats["sources"]}["sharegpt"] > 0
+
+
+def test_unknown_tokenizer_hub_id_offline_is_one_line(tmp_path, offline_hub):
+    records = tmp_path / "records.jsonl"
+    records.write_text(_lines(GOOD), encoding="utf-8")
+    missing = "EleutherAI/not-cached"
+    sharegpt = SAMPLES / "sharegpt_html_cleaned.json"
+    commands = {
+        "data tokenize": ["data", "tokenize", records, "--tokenizer", missing],
+        "data convert": ["data", "convert", "--source", "sharegpt", "--input", sharegpt]
+        + ["--output", tmp_path / "o.jsonl", "--tokenizer", missing],
+    }
+    procs = {name: _tulu(*argv, env=offline_hub.env) for name, argv in commands.items()}
+    for command, proc in procs.items():
+        rc, out, err = _finish(proc)
+        assert rc == 1 and out == "", err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert err.startswith(f"tulu {command}: error: ")
+        assert (
+            f"{missing}: not found in the Hugging Face cache and could not be downloaded "
+            "(HF_HUB_OFFLINE is set)"
+        ) in err

@@ -217,6 +217,24 @@ def test_missing_input_file_is_named(tmp_path):
         build_mixture(recipe, tmp_path / "mix.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("written", "expected"),
+    [
+        ("tok", "{base}/tok"),  # a path, relative to the recipe's folder like the data files
+        ("org/tok", "{base}/org/tok"),  # an existing path wins over the hub id it resembles
+        ("EleutherAI/pythia-6.9b", "EleutherAI/pythia-6.9b"),  # no such path: a hub id
+        ("missing/tokenizer.json", "{base}/missing/tokenizer.json"),  # reads as a file
+    ],
+)
+def test_recipe_tokenizer_path_or_hub_id(tmp_path, written, expected):
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "org" / "tok").mkdir(parents=True)
+    recipe = load_recipe(
+        _recipe(tmp_path, f"tokenizer: {written}\nsources:\n  - {{path: a.jsonl}}\n")
+    )
+    assert str(recipe.tokenizer) == expected.format(base=tmp_path)
+
+
 def test_data_dir_overrides_the_recipe_folder(tmp_path, two_sources):
     recipe_dir = tmp_path / "elsewhere"
     recipe_dir.mkdir()

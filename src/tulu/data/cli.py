@@ -38,7 +38,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     opts = convert.add_argument_group("source options (only for the sources that take them)")
     opts.add_argument("--templates", help="instruction templates JSON (instruction sources)")
     opts.add_argument("--seed", type=int, help="template choice seed (default 42)")
-    opts.add_argument("--tokenizer", help="tokenizer dir or tokenizer.json (sharegpt chunking)")
+    opts.add_argument(
+        "--tokenizer", help="tokenizer dir, tokenizer.json or hub id org/name (sharegpt chunking)"
+    )
     opts.add_argument("--max-tokens", type=int, help="sharegpt chunk size in tokens (default 2048)")
     opts.add_argument("--paths", choices=["all", "leaves"], help="oasst1: which tree paths")
     opts.add_argument("--top-k", type=int, help="oasst1: keep replies with rank < K")
@@ -52,7 +54,10 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
     mix.add_argument("--output", required=True, type=Path, help="train split JSONL")
     mix.add_argument("--validation-output", type=Path, help="default: OUTPUT.validation.jsonl")
     mix.add_argument("--data-dir", type=Path, help="base of the recipe's relative paths")
-    mix.add_argument("--tokenizer", type=Path, help="for token statistics and sharegpt chunking")
+    mix.add_argument(
+        "--tokenizer",
+        help="tokenizer dir, tokenizer.json or hub id org/name (token statistics, sharegpt)",
+    )
     mix.add_argument("--seed", type=int, help="override the recipe's seed")
     mix.add_argument("--skip-bad", action="store_true", help="skip bad items and count them")
     mix.add_argument("--no-plot", action="store_true", help="do not write the length histogram")
@@ -61,7 +66,9 @@ def add_data_parser(sub: argparse._SubParsersAction) -> None:
         "tokenize", help="tokenize records for training (cached, parallel) and report batching"
     )
     tokenize.add_argument("file", type=Path, metavar="FILE", help="records JSONL or Parquet")
-    tokenize.add_argument("--tokenizer", required=True, type=Path)
+    tokenize.add_argument(
+        "--tokenizer", required=True, help="tokenizer dir, tokenizer.json or hub id org/name"
+    )
     tokenize.add_argument("--max-seq-length", type=int, default=2048)
     tokenize.add_argument("--output", type=Path, help="directory (default: the cache)")
     tokenize.add_argument(

@@ -86,7 +86,7 @@ def _spool_source(
     seen_ids: dict[bytes, tuple[int, int]],
     seen_contents: set[bytes],
     skip_bad: bool,
-    tokenizer_path: Path | None,
+    tokenizer_path: Path | str | None,
 ) -> _Spool:
     spool = _Spool(spec, directory / f"{index:02d}-{spec.name}.jsonl")
     spool.report = ConversionReport(bad=BadInput(skip_bad=skip_bad))
@@ -158,9 +158,10 @@ def build_mixture(
     recipe's tokenizer path unless the source's options name one.
     """
     output = Path(output)
+    tokenizer_path = recipe.tokenizer
     if tokenizer is None and recipe.tokenizer is not None:
         tokenizer = Tokenizer.load(recipe.tokenizer)
-    tokenizer_path = recipe.tokenizer
+        tokenizer_path = None  # the loaded files below: a hub id is not looked up again
     if tokenizer is not None and tokenizer_path is None:
         source = Path(tokenizer.source)
         tokenizer_path = source if source.exists() else None

@@ -6,6 +6,7 @@ A recipe is a YAML file::
     validation: 0.01          # held-out share: a fraction (< 1) or a number of records (>= 1)
     dedup: [id, content]      # drop repeated ids and repeated conversations (default: both)
     tokenizer: null           # optional: for token statistics and ShareGPT's 2,048-token chunks
+                              # (directory, tokenizer.json or hub id: EleutherAI/pythia-6.9b)
     max_seq_length: 2048      # length that counts as "truncated" in the statistics
     sources:
       - name: dolly                       # label in the report (default: the source)
@@ -15,8 +16,9 @@ A recipe is a YAML file::
         options: {seed: 42}               # converter options
 
 Relative paths are resolved against ``--data-dir`` when given, else against the recipe's own
-directory. Every key is checked: an unknown or misspelt key is an error that names the file,
-the entry and the valid keys, before any data is read.
+directory; a tokenizer that is no such path but reads as a hub id ``org/name`` is one. Every
+key is checked: an unknown or misspelt key is an error that names the file, the entry and the
+valid keys, before any data is read.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import yaml
 
 from tulu.data.sources import SOURCES, converter_options
 from tulu.errors import DataError
+from tulu.hub import looks_like_hub_id
 
 __all__ = ["Recipe", "SourceSpec", "load_recipe", "parse_recipe"]
 
@@ -64,7 +67,7 @@ class Recipe:
     seed: int = 42
     validation: float = 0.0
     dedup: tuple[str, ...] = _DEDUP_KINDS
-    tokenizer: Path | None = None
+    tokenizer: Path | str | None = None  # a path, or a hub id (str)
     max_seq_length: int = 2048
     origin: str = "<recipe>"
 
@@ -96,6 +99,15 @@ def _resolve(value: Any, base: Path, where: str) -> Path:
         raise DataError(f"{where}: expected a file path, got {value!r}")
     path = Path(value).expanduser()
     return path if path.is_absolute() else base / path
+
+
+def _resolve_tokenizer(value: Any, base: Path, where: str) -> Path | str:
+    """A tokenizer path, relative to `base` like the data files; or, when no such path exists
+    and `value` reads as one, a hub id kept as written (``Tokenizer.load`` fetches it)."""
+    path = _resolve(value, base, where)
+    if not path.exists() and looks_like_hub_id(value):
+        return value
+    return path
 
 
 def _parse_source(entry: Any, index: int, base: Path, origin: str) -> SourceSpec:
@@ -164,7 +176,7 @@ def parse_recipe(data: Any, origin: str, base: Path) -> Recipe:
         raise DataError(f"{origin}: max_seq_length: expected a positive integer")
     tokenizer = data.get("tokenizer")
     tokenizer_path = (
-        None if tokenizer is None else _resolve(tokenizer, base, f"{origin}: tokenizer")
+        None if tokenizer is None else _resolve_tokenizer(tokenizer, base, f"{origin}: tokenizer")
     )
 
     entries = data.get("sources")

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from tulu.errors import CheckpointError
+from tulu.hub import looks_like_hub_id, snapshot
 from tulu.model.config import NeoXConfig, dtype_name, parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.model.safetensors_reader import read_header, read_tensors
@@ -51,33 +52,17 @@ def canonical_name(name: str) -> str:
 def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint directory for `model`: a directory path, or a hub id `org/name`.
 
-    Hub ids go through huggingface_hub's cache, so HF_HOME / HF_HUB_CACHE and HF_HUB_OFFLINE
-    behave as they do for every other HF tool.
+    Hub ids go through huggingface_hub's cache (`tulu.hub`), so HF_HOME / HF_HUB_CACHE and
+    HF_HUB_OFFLINE behave as they do for every other HF tool.
     """
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    text = str(model)
-    looks_local = text.startswith((".", "/", "~")) or path.suffix or text.count("/") != 1
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
-    if looks_local or not re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if not looks_like_hub_id(model):
         raise CheckpointError(f"{model}: no such checkpoint directory (and not a hub id org/name)")
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError as err:  # pragma: no cover - huggingface_hub is a dependency
-        raise CheckpointError(f"{model}: huggingface_hub is needed for hub ids ({err})") from None
-    try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=_HUB_FILES))
-    except LocalEntryNotFoundError:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = " (HF_HUB_OFFLINE is set)" if offline else ""
-        raise CheckpointError(
-            f"{model}: not found in the Hugging Face cache and could not be downloaded{hint}"
-        ) from None
-    except (HfHubHTTPError, OSError, ValueError) as err:
-        raise CheckpointError(f"{model}: could not fetch from the hub: {err}") from None
+    return snapshot(str(model), revision=revision, allow_patterns=_HUB_FILES, error=CheckpointError)
 
 
 # ---------------------------------------------------------------------------------- weights

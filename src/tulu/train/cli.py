@@ -38,7 +38,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         "--dtype", help="float32, bfloat16 or float16 (default: the source's stored dtype)"
     )
     export.add_argument(
-        "--tokenizer", help="checkpoint directory or tokenizer.json (default: the source's)"
+        "--tokenizer",
+        help="checkpoint directory, tokenizer.json or hub id org/name (default: the source's)",
     )
 
 
@@ -160,7 +161,10 @@ def _local_tokenizer(config: Any) -> Any:
 
     m = config.model
     if m.tokenizer:
-        return Tokenizer.load(m.tokenizer) if Path(m.tokenizer).exists() else None
+        if Path(m.tokenizer).expanduser().exists():
+            return Tokenizer.load(m.tokenizer)
+        cached = _hub_file(m.tokenizer, "tokenizer.json", None)  # a hub id already in the cache
+        return Tokenizer.from_dir(cached.parent) if cached is not None else None
     if m.path:
         local = Path(m.path).expanduser()
         if local.is_dir():

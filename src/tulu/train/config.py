@@ -53,7 +53,7 @@ class ModelConfig:
     preset: str | None = None
     config: dict[str, Any] | None = None
     init_seed: int = 0
-    tokenizer: str | None = None  # default: the checkpoint's own tokenizer
+    tokenizer: str | None = None  # directory, tokenizer.json or hub id; default: the checkpoint's
     dtype: Literal["float32", "bfloat16", "float16"] | None = None  # default: bf16 GPU, fp32 CPU
     gradient_checkpointing: bool = True
 

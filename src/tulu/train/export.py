@@ -75,7 +75,7 @@ def _load_tokenizer(
     looked = ", ".join(str(d / TOKENIZER_FILE) for d in candidates)
     raise TokenizerError(
         f"no tokenizer to export: {TOKENIZER_FILE} not found (looked for {looked}); "
-        "pass --tokenizer (a checkpoint directory or a tokenizer.json)"
+        "pass --tokenizer (a checkpoint directory, a tokenizer.json or a hub id)"
     )
 
 

@@ -257,7 +257,7 @@ def _rank0_first(world: World, fn: Callable[[], T]) -> T:
 
 
 def load_tokenizer(config: TrainConfig) -> Tokenizer:
-    """``model.tokenizer`` (a directory or tokenizer.json), else the checkpoint's own."""
+    """``model.tokenizer`` (a directory, tokenizer.json or hub id), else the checkpoint's own."""
     m = config.model
     if m.tokenizer:
         return Tokenizer.load(m.tokenizer)

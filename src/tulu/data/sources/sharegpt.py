@@ -66,9 +66,9 @@ def convert(
 ) -> Iterator[dict[str, Any]]:
     """Yield the chunks of every usable conversation of the array in `path`.
 
-    `tokenizer` (a tokenizer directory or a tokenizer.json) is required: chunk sizes are counted
-    in the tokens of the model to be trained. Options are checked, and the tokenizer loaded,
-    before any data is read, so a bad recipe fails at once with a `DataError`.
+    `tokenizer` (a tokenizer directory, a tokenizer.json or a hub id) is required: chunk sizes
+    are counted in the tokens of the model to be trained. Options are checked, and the
+    tokenizer loaded, before any data is read, so a bad recipe fails at once with a `DataError`.
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise DataError(
@@ -80,18 +80,16 @@ def convert(
 def _load_tokenizer(option: str | os.PathLike[str] | None) -> Tokenizer:
     if option is None:
         raise DataError(
-            f"source {DATASET!r} needs the option tokenizer (a tokenizer directory or "
-            "tokenizer.json): long conversations are split into chunks of max_tokens tokens"
+            f"source {DATASET!r} needs the option tokenizer (a tokenizer directory, a "
+            "tokenizer.json or a hub id): long conversations are split into chunks of "
+            "max_tokens tokens"
         )
     if not isinstance(option, str | os.PathLike):
         raise DataError(
             f"source {DATASET!r}: option tokenizer must be a path, got {type_name(option)}"
         )
-    location = Path(option)
     try:
-        if location.is_dir():
-            return Tokenizer.from_dir(location)
-        return Tokenizer.from_file(location)
+        return Tokenizer.load(option)
     except TokenizerError as err:
         raise DataError(f"source {DATASET!r}: option tokenizer: {err}") from None
 
