@@ -9,9 +9,6 @@ process to compare with a single-process run over the same global batches.
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -19,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 
+from train.conftest import torchrun
 from tulu.errors import CheckpointError, ConfigError, TuluError
 from tulu.model.config import NeoXConfig
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
@@ -209,12 +207,6 @@ def _worker_main(out_dir: Path, ref_checkpoint: Path) -> None:
 # ------------------------------------------------------------------------------ fixtures
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _reference(tied: bool, checkpoint: Path | None = None) -> dict[str, Any]:
     """The single-process run (no process group, no FSDP, no activation checkpointing)."""
     model = make_model(tied)
@@ -241,23 +233,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "tied=False": _reference(False, tmp / "reference-checkpoint"),
         "tied=True": _reference(True),
     }
-    # TMPDIR: torchrun's own scratch directories land in the test's tmp, not in /tmp.
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp)}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        __file__,
-        str(tmp),
-        str(tmp / "reference-checkpoint"),
-    ]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    proc = torchrun(__file__, str(tmp), str(tmp / "reference-checkpoint"), tmp=tmp, timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     workers = torch.load(tmp / "results.pt", weights_only=False)
     return {"reference": reference, "workers": workers, "dir": tmp}
@@ -317,12 +293,6 @@ def test_checkpoint_from_one_process_resumes_in_two(runs: dict[str, Any]) -> Non
 
 
 # ------------------------------------------------------------------------------ one process
-
-
-@pytest.fixture
-def no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
 
 
 def test_single_process_needs_no_process_group(no_torchrun_env: None) -> None:

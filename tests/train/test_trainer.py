@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +24,7 @@ import pytest
 import torch
 import yaml
 
+from train.conftest import ENV, torchrun
 from tulu.demo import corpus_text, train_tokenizer
 from tulu.errors import TuluError
 from tulu.model.checkpoint import load_model
@@ -38,7 +37,6 @@ from tulu.train.metrics import read_metrics
 from tulu.train.trainer import backward_step, build_model_config, train
 
 TRAIN_EXAMPLES = 45  # odd: the last micro-batch and the last step of an epoch are short
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 # ------------------------------------------------------------------------------ fixtures
@@ -65,13 +63,17 @@ def write_jsonl(path: Path, items: list[dict[str, Any]]) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("assets")
+def write_assets(root: Path) -> Path:
+    """The demo's tokenizer trained on its corpus, and the train and validation records."""
     train_tokenizer(corpus_text()).save(root / "tokenizer")
     write_jsonl(root / "train.jsonl", records(TRAIN_EXAMPLES, 0))
     write_jsonl(root / "validation.jsonl", records(6, 1000))
     return root
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_assets(tmp_path_factory.mktemp("assets"))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -392,12 +394,6 @@ def test_misspelt_key_is_one_line_and_exit_code_1(assets: Path, tmp_path: Path) 
 
 
 # ------------------------------------------------------------------------------ 2 processes
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["paper", "unbiased"])
 def test_two_processes_train_like_one(assets: Path, tmp_path: Path, normalization: str) -> None:
@@ -417,23 +413,7 @@ def test_two_processes_train_like_one(assets: Path, tmp_path: Path, normalizatio
     )
     data = config_data(assets, tmp_path / "two", *overrides)
     path = write_config(tmp_path / "two.yaml", data)
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [
-        str(torchrun) if torchrun.exists() else sys.executable,
-        *([] if torchrun.exists() else ["-m", "torch.distributed.run"]),
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "tulu.train",
-        str(path),
-    ]
-    # TMPDIR: torchrun's own scratch directories land in the test's tmp, not in /tmp.
-    env = {**ENV, "TMPDIR": str(tmp_path)}
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    proc = torchrun("-m", "tulu.train", str(path), tmp=tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
     one = train(make_config(assets, tmp_path / "one", *overrides))

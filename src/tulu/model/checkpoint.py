@@ -3,6 +3,9 @@
 Loading builds the model on the meta device (no memory), validates every tensor's name and
 shape against the config before reading anything, then reads tensors one by one straight into
 the requested dtype and device. Peak memory is the loaded weights plus one read chunk.
+`checkpoint_tensors` is that validated stream of tensors on its own, for callers that place
+each tensor themselves: the FSDP trainer keeps only each rank's slice
+(`tulu.train.distributed.load_checkpoint_shards`).
 
 Supported layouts, in order of preference:
 - `model.safetensors`, or shards listed in `model.safetensors.index.json`;
@@ -17,7 +20,7 @@ import os
 import pickle
 import re
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,7 @@ from tulu.errors import CheckpointError
 from tulu.hub import looks_like_hub_id, snapshot
 from tulu.model.config import NeoXConfig, dtype_name, parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
-from tulu.model.safetensors_reader import read_header, read_tensors
+from tulu.model.safetensors_reader import TensorEntry, read_header, read_tensors
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -111,6 +114,15 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
+def read_checkpoint_config(directory: Path) -> NeoXConfig:
+    """The `NeoXConfig` of the checkpoint directory `directory` (its config.json)."""
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(
+            f"{directory}: config.json not found (is this a checkpoint directory?)"
+        )
+    return NeoXConfig.from_json(directory / "config.json")
+
+
 def load_model(
     model: str | os.PathLike,
     *,
@@ -124,28 +136,49 @@ def load_model(
     where half-precision matmuls are slow or unsupported.
     """
     directory = resolve_checkpoint(model, revision)
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(
-            f"{directory}: config.json not found (is this a checkpoint directory?)"
-        )
-    config = NeoXConfig.from_json(directory / "config.json")
+    config = read_checkpoint_config(directory)
     if dtype is None:
         target = config.dtype
         if torch.device(device).type == "cpu" and target == torch.float16:
             target = torch.float32
     else:
         target = parse_dtype(dtype, "dtype")
-    weights = find_weight_files(directory)
     with torch.device("meta"):
         net = GPTNeoXForCausalLM(config)
-    wanted = expected_shapes(net)
-    if weights.kind == "safetensors":
-        tensors = _load_safetensors(weights.files, wanted, target, device)
-    else:
-        tensors = _load_bin(weights.files, wanted, target, device)
-    _assign_all(net, tensors, wanted, directory)
+    tensors = checkpoint_tensors(
+        directory, expected_shapes(net), lambda _, stored: _target_dtype(stored, target), device
+    )
+    for name, tensor in tensors:
+        module_name, _, attr = name.rpartition(".")
+        net.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor)
+    net.tie_weights()  # a tied head shares the loaded embedding (tied checkpoints store one)
     net.eval()
     return net
+
+
+def checkpoint_tensors(
+    directory: Path,
+    wanted: dict[str, tuple[int, ...]],
+    dtype_for: Callable[[str, torch.dtype], torch.dtype],
+    device: str | torch.device = "cpu",
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of the checkpoint in `directory`, one at a time: (our name, tensor).
+
+    `wanted` is `expected_shapes` of the model; `dtype_for(name, stored dtype)` picks the dtype
+    each tensor is read into, on `device`. Nothing is kept: a caller that drops each tensor
+    holds one at a time. Every error is a `CheckpointError` that names the file and tensor:
+    an unknown name, a wrong shape (buffers old transformers versions saved are skipped), and
+    tensors the checkpoint lacks, which names the checkpoint directory. The weight files and
+    names are checked when this is called, before anything is read: for safetensors that
+    covers every name, shape and missing tensor; `.bin` files are checked as each is loaded,
+    and missing tensors after the last one.
+    """
+    weights = find_weight_files(directory)
+    if weights.kind == "safetensors":
+        plan = _plan_safetensors(weights.files, wanted)
+        _check_complete(directory, wanted, {e.name for _, keep in plan for e in keep})
+        return _read_safetensors(plan, dtype_for, device)
+    return _read_bin(directory, weights.files, wanted, dtype_for, device)
 
 
 def _check_tensor(source: Path, name: str, shape: tuple[int, ...], wanted: dict) -> bool:
@@ -165,39 +198,54 @@ def _check_tensor(source: Path, name: str, shape: tuple[int, ...], wanted: dict)
     return True
 
 
-def _load_safetensors(
-    files: list[Path], wanted: dict, dtype: torch.dtype, device
-) -> Iterator[tuple[str, torch.Tensor]]:
-    headers = [(path, read_header(path)) for path in files]
+def _check_complete(directory: Path, wanted: dict, names: set[str]) -> None:
+    missing = sorted(set(wanted) - {canonical_name(n) for n in names})
+    if missing:
+        shown = ", ".join(missing[:8]) + (
+            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
+        )
+        raise CheckpointError(f"{directory}: checkpoint is missing tensors: {shown}")
+
+
+def _plan_safetensors(files: list[Path], wanted: dict) -> list[tuple[Path, list[TensorEntry]]]:
+    """Each file with the entries to load, every header validated before any data is read."""
     plan = []
-    for path, entries in headers:  # validate everything before reading any data
-        keep = [e for e in entries.values() if _check_tensor(path, e.name, e.shape, wanted)]
-        plan.append((path, keep))
+    for path in files:
+        entries = read_header(path).values()
+        plan.append((path, [e for e in entries if _check_tensor(path, e.name, e.shape, wanted)]))
+    return plan
+
+
+def _read_safetensors(
+    plan: list[tuple[Path, list[TensorEntry]]], dtype_for, device
+) -> Iterator[tuple[str, torch.Tensor]]:
     for path, keep in plan:
         for entry, tensor in read_tensors(
-            path, keep, lambda e: _target_dtype(e.dtype, dtype), device
+            path, keep, lambda e: dtype_for(canonical_name(e.name), e.dtype), device
         ):
             yield canonical_name(entry.name), tensor
+            del tensor  # before the next read: the caller may have dropped it already
 
 
 def _target_dtype(stored: torch.dtype, requested: torch.dtype) -> torch.dtype:
     return requested if stored.is_floating_point else stored
 
 
-def _load_bin(
-    files: list[Path], wanted: dict, dtype: torch.dtype, device
+def _read_bin(
+    directory: Path, files: list[Path], wanted: dict, dtype_for, device
 ) -> Iterator[tuple[str, torch.Tensor]]:
+    seen: set[str] = set()
     for path in files:
         state = _torch_load(path)
         for name, tensor in state.items():
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
             if _check_tensor(path, name, tuple(tensor.shape), wanted):
-                yield (
-                    canonical_name(name),
-                    tensor.to(device=device, dtype=_target_dtype(tensor.dtype, dtype)),
-                )
+                key = canonical_name(name)
+                seen.add(key)
+                yield key, tensor.to(device=device, dtype=dtype_for(key, tensor.dtype))
         del state
+    _check_complete(directory, wanted, seen)
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:
@@ -216,29 +264,6 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
-
-
-def _assign_all(
-    net: GPTNeoXForCausalLM, tensors: Iterator[tuple[str, torch.Tensor]], wanted: dict, where: Path
-) -> None:
-    seen: set[str] = set()
-    for name, tensor in tensors:
-        module_name, _, attr = name.rpartition(".")
-        module = net.get_submodule(module_name)
-        module._parameters[attr] = nn.Parameter(tensor)
-        seen.add(name)
-    if net.config.tie_word_embeddings:
-        if "embed_out.weight" in seen and "gpt_neox.embed_in.weight" not in seen:
-            net.gpt_neox.embed_in.weight = net.embed_out.weight
-            seen.add("gpt_neox.embed_in.weight")
-        net.embed_out.weight = net.gpt_neox.embed_in.weight
-        seen.add("embed_out.weight")
-    missing = sorted(set(wanted) - seen)
-    if missing:
-        shown = ", ".join(missing[:8]) + (
-            f" and {len(missing) - 8} more" if len(missing) > 8 else ""
-        )
-        raise CheckpointError(f"{where}: checkpoint is missing tensors: {shown}")
 
 
 # ---------------------------------------------------------------------------------- save

@@ -35,6 +35,9 @@ Decisions (see `prepare_model` for details):
 - Activation checkpointing is the model's own per-layer `torch.utils.checkpoint` call, which
   FSDP2 supports as "module-hook-based activation checkpointing".
 - `distributed.fsdp: never` with more than one process is a `ConfigError` (no DDP).
+- A checkpoint is never loaded whole under FSDP: the model is built on the meta device,
+  sharded, and every rank reads the checkpoint into its own shards
+  (`load_checkpoint_shards`), holding its shards plus one full tensor at a time.
 
 Under FSDP every forward must go through the root module's call: `model(...)`, or
 `model.loss(...)` on a bare `GPTNeoXForCausalLM` (it calls `self(...)`). `hidden_states`, or
@@ -47,7 +50,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,14 +71,17 @@ __all__ = [
     "all_reduce_sum",
     "barrier",
     "broadcast_object",
+    "checkpoint_slots",
     "clip_grad_norm",
     "compute_dtype",
     "full_model_state_dict",
     "get_train_state",
     "init_distributed",
+    "load_checkpoint_shards",
     "load_sharded",
     "master_dtype",
     "micro_batches_for_rank",
+    "on_every_rank",
     "prepare_model",
     "save_sharded",
     "set_train_state",
@@ -263,6 +269,31 @@ def barrier(world: World) -> None:
             dist.barrier()
 
 
+def on_every_rank(fn: Callable[[], T], world: World) -> T:
+    """`fn()` run by every rank, failing on all of them if it fails on any.
+
+    For work each rank does on its own (`fn` must not communicate) before the next collective:
+    a rank whose `fn` raised re-raises its own error, the others a `TuluError` naming the
+    first rank that failed and its message. A failure on one rank therefore stops every rank
+    instead of leaving the others waiting in a collective until the process group times out.
+    """
+    if not world.has_process_group or dist.get_world_size() == 1:
+        return fn()
+    error: Exception | None = None
+    try:
+        result = fn()
+    except Exception as err:
+        error = err
+    failures: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    for rank, failure in enumerate(failures):
+        if failure is not None:
+            raise TuluError(f"rank {rank} failed: {failure}")
+    return result
+
+
 # ------------------------------------------------------------------------------ batches
 
 
@@ -343,9 +374,11 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 def prepare_model(model: nn.Module, world: World, config: TrainConfig) -> nn.Module:
     """Make `model` ready to train on this world, in place; returns it for convenience.
 
-    Pass the model as loaded (on the CPU); build the optimizer afterwards, over the returned
-    model's parameters. Wrappers such as a PEFT `PeftModel` are fine: blocks and models are
-    found by type.
+    Pass the model as loaded (on the CPU), or under FSDP built on the meta device and filled
+    afterwards by `load_checkpoint_shards` (what the trainer does with a checkpoint: no rank
+    ever holds the whole model); build the optimizer afterwards, over the returned model's
+    parameters. Wrappers such as a PEFT `PeftModel` are fine: blocks and models are found by
+    type.
 
     Activation checkpointing: `gradient_checkpointing` of every `GPTNeoXForCausalLM` in
     `model` is set from `model.gradient_checkpointing` of the config; the model then wraps
@@ -375,7 +408,8 @@ def prepare_model(model: nn.Module, world: World, config: TrainConfig) -> nn.Mod
       shards (weights, gradients, Adam moments) per GPU, plus the unsharded bfloat16 units in
       flight, where bfloat16 shards would save only ~7 GB and lose the updates.
     - Parameters are upcast block by block just before that block is sharded, so a model
-      loaded in bfloat16 is never whole in float32.
+      loaded in bfloat16 is never whole in float32 (on the meta device this costs nothing,
+      and `load_checkpoint_shards` reads each tensor straight into its shard's dtype).
     - `reshard_after_forward` applies to the blocks; the root stays unsharded after forward
       (FSDP2's default for the root) because backward needs the LM head first.
     - `cpu_offload` keeps shards, gradients and optimizer state in (pinned) CPU memory; it is
@@ -451,6 +485,108 @@ def _set_dtypes(module: nn.Module, master: torch.dtype, compute: torch.dtype) ->
         want = master if p.requires_grad else compute
         if p.dtype != want:
             p.data = p.data.to(want)
+
+
+# ------------------------------------------------------------------------------ loading shards
+
+Slot = tuple[nn.Module, str]  # (module, attribute name) of a parameter
+
+
+def checkpoint_slots(model: GPTNeoXForCausalLM) -> dict[str, Slot]:
+    """Where each tensor of `model`'s checkpoints goes: name (as in `expected_shapes`, a tied
+    head appears once) -> (module, attribute).
+
+    Take them from the bare model, before a wrapper renames parameters (PEFT's LoRA layers
+    hold a linear layer's weight as ``...base_layer.weight``) and before `prepare_model`:
+    FSDP replaces each parameter with a sharded one, on the same module under the same name.
+    """
+    slots: dict[str, Slot] = {}
+    for name, _ in model.named_parameters():
+        module_name, _, attr = name.rpartition(".")
+        slots[name] = (model.get_submodule(module_name), attr)
+    return slots
+
+
+@torch.no_grad()
+def load_checkpoint_shards(
+    model: nn.Module, directory: Path, slots: dict[str, Slot], world: World
+) -> None:
+    """Fill `model`, built on the meta device and sharded by `prepare_model`, from the HF
+    checkpoint in `directory`: each rank reads the checkpoint itself and keeps only its shards.
+
+    1. The checkpoint is checked before anything is allocated (names, shapes, missing
+       tensors: `tulu.model.checkpoint.checkpoint_tensors`, with `load_model`'s messages).
+    2. `to_empty(device=world.device)` allocates this rank's shards (FSDP2 re-pads them and,
+       with `cpu_offload`, pins them). Tensors that already had values (LoRA adapters, which
+       PEFT creates and initialises before sharding) are saved before and restored after.
+       A tied LM head stays tied: FSDP2 swaps the contents of each parameter object.
+    3. The checkpoint tensors are read one at a time in their parameter's dtype (the float32
+       master dtype for trainable ones, the compute dtype for frozen ones); each rank copies
+       its slice of each into the parameter's local shard and drops the tensor. The slice is
+       `distribute_tensor(..., src_data_rank=None)`: cut locally with the chunking FSDP2
+       shards by (torch.chunk along dim 0, a smaller last chunk, empty chunks for ranks past
+       the end), no communication.
+
+    Host memory per rank while loading: its shards plus the largest single tensor (and one
+    read chunk when the dtype changes). GPT-NeoX has no buffers to recompute (its rotary
+    tables are computed in each forward); any tensor that was on the meta device and is
+    neither restored nor in the checkpoint is an error. Call it through `on_every_rank`.
+    """
+    from tulu.model.checkpoint import checkpoint_tensors
+
+    shapes = {name: tuple(getattr(module, attr).shape) for name, (module, attr) in slots.items()}
+    tensors = checkpoint_tensors(
+        directory, shapes, lambda name, _: getattr(*slots[name]).dtype, device="cpu"
+    )
+    names: dict[Slot, str] = {}
+    kept: dict[Slot, Tensor] = {}
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        module_name, _, attr = name.rpartition(".")
+        slot = (model.get_submodule(module_name), attr)
+        names[slot] = name
+        if not tensor.is_meta:
+            kept[slot] = _local(tensor).clone()
+    model.to_empty(device=world.device)
+    for (module, attr), value in kept.items():
+        _local(getattr(module, attr)).copy_(value)
+    for net in model.modules():
+        if isinstance(net, GPTNeoXForCausalLM) and net.config.tie_word_embeddings:
+            if net.embed_out.weight is not net.gpt_neox.embed_in.weight:
+                raise TuluError("to_empty untied the tied LM head of the sharded model")
+    missing = {slot for slot in names if slot not in kept}
+    for name, full in tensors:
+        slot = slots[name]
+        target = getattr(*slot)
+        _local(target).copy_(_local_shard(full, target, name))
+        missing.discard(slot)
+        del full
+    if missing:
+        unfilled = ", ".join(sorted(names[slot] for slot in missing))
+        raise TuluError(f"{directory}: no value for {unfilled} (not in the checkpoint)")
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (a view FSDP2 all-gathers from), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def _local_shard(full: Tensor, target: Tensor, name: str) -> Tensor:
+    """This rank's part of `full`, laid out as the (sharded) parameter `target`."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(target, DTensor):
+        return full
+    shard = distribute_tensor(
+        full, target.device_mesh, target.placements, src_data_rank=None
+    ).to_local()
+    if shard.shape != target.to_local().shape:
+        raise TuluError(
+            f"{name}: the slice of the checkpoint tensor has shape {list(shard.shape)}, this "
+            f"rank's shard {list(target.to_local().shape)}"
+        )
+    return shard
 
 
 # ------------------------------------------------------------------------------ gradients

@@ -12,7 +12,10 @@ give the usual causal-LM wrapper, with `generate`, on transformers' GPT-NeoX.
 
 PEFT creates the adapters in float32 whatever the base dtype (``autocast_adapter_dtype``) and
 casts each adapted layer's input to the adapters' dtype; the trainer then stores and computes
-them like any trainable parameter (`tulu.train.distributed.prepare_model`).
+them like any trainable parameter (`tulu.train.distributed.prepare_model`). Under FSDP the
+base is still on the meta device when the adapters are added (its checkpoint is read into
+the shards later); `apply_lora` shows PEFT zero-memory CPU stand-ins of the base weights so
+that the adapters get their usual initial values.
 
 Gradient checkpointing needs nothing special: the model checkpoints each layer with
 ``use_reentrant=False``, which back-propagates into adapters inside a checkpointed layer
@@ -27,10 +30,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from tulu.errors import CheckpointError, ConfigError
@@ -110,6 +115,13 @@ def apply_lora(
     The base weights are frozen (only ``lora_A``/``lora_B`` train); the model is modified in
     place. `base_model_path` (the checkpoint the model was loaded from) is written to
     adapter_config.json as ``base_model_name_or_path`` when the adapter is saved.
+
+    A base on the meta device (the trainer's FSDP load, which fills it in after sharding) gets
+    adapters with real values all the same: PEFT sees zero-memory CPU placeholders of the
+    base weights (`_cpu_placeholders`), so it creates and initialises the adapters on the CPU
+    exactly as on a loaded model, drawing the same random numbers; the base goes back to the
+    meta device afterwards. (PEFT would otherwise move the adapters to the base's device,
+    meta, and their initial values would be lost.)
     """
     peft = _peft()
     lora_targets(model, config.target_modules)
@@ -122,13 +134,55 @@ def apply_lora(
         task_type=None,
     )
     try:
-        peft_model = peft.get_peft_model(model, peft_config)
+        with _cpu_placeholders(model):
+            peft_model = peft.get_peft_model(model, peft_config)
     except ValueError as err:
         raise ConfigError(f"lora: PEFT refused the configuration: {err}") from None
     # Set afterwards: get_peft_model replaces it with the model's `name_or_path` attribute
     # (a transformers convention we do not carry), warning that it did.
     _active_config(peft_model).base_model_name_or_path = _base_path(base_model_path)
     return peft_model
+
+
+@contextmanager
+def _cpu_placeholders(model: nn.Module) -> Iterator[None]:
+    """Within the block, every parameter of `model` on the meta device is a CPU tensor of the
+    same shape and dtype that occupies no memory (one zero, expanded); afterwards they are on
+    the meta device again, with the requires_grad PEFT gave them. Tied parameters stay tied.
+
+    PEFT's default LoRA initialisation reads only the layers' shapes, never the base weights.
+    """
+    placeholders = _replace_parameters(
+        model, lambda p: p.is_meta, lambda p: torch.zeros((), dtype=p.dtype).expand(p.shape)
+    )
+    try:
+        yield
+    finally:
+        ids = {id(p) for p in placeholders}
+        _replace_parameters(
+            model,
+            lambda p: id(p) in ids,
+            lambda p: torch.empty(p.shape, dtype=p.dtype, device="meta"),
+        )
+
+
+def _replace_parameters(
+    model: nn.Module,
+    select: Callable[[nn.Parameter], bool],
+    make: Callable[[nn.Parameter], torch.Tensor],
+) -> list[nn.Parameter]:
+    """Replace each selected parameter, wherever it is registered, by `make(p)` as a
+    parameter with the same requires_grad; returns the new parameters. One replacement per
+    parameter object, so ties hold."""
+    memo: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}  # id -> (old, new): keeps old alive
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is None or (id(p) not in memo and not select(p)):
+                continue
+            if id(p) not in memo:
+                memo[id(p)] = (p, nn.Parameter(make(p), requires_grad=p.requires_grad))
+            module._parameters[name] = memo[id(p)][1]
+    return [new for _, new in memo.values()]
 
 
 def _active_config(peft_model: Any) -> Any:

@@ -4,11 +4,14 @@ GPU, or N GPUs under torchrun (one code path, `tulu.train.distributed`).
 What a run does, in order: set up the process group (if any); seed python, numpy and torch
 from ``seed``; load the tokenizer and the model (a checkpoint, or a fresh model from
 ``model.preset`` / ``model.config`` initialised with ``model.init_seed``); wrap it with LoRA
-when enabled; `prepare_model` (device, dtypes, activation checkpointing, FSDP2); tokenize the
-training and validation files (rank 0 first, the others then hit the cache); build the
-optimizer and schedule; resume from a checkpoint if there is one; run the steps of the
-`DataPlan`; write checkpoints, metrics, the validation loss, the loss plot and the final HF
-export (`tulu.train.checkpointing`, `tulu.train.metrics`).
+when enabled; `prepare_model` (device, dtypes, activation checkpointing, FSDP2), all in
+`model_for_training`. Under FSDP a checkpoint is not loaded whole: the model is built on the
+meta device and each rank reads the checkpoint into its own shards after `prepare_model`
+(`tulu.train.distributed.load_checkpoint_shards`). Then the run tokenizes the training and
+validation files (rank 0 first, the others then hit the cache); builds the optimizer and
+schedule; resumes from a checkpoint if there is one (loaded over the model's weights); runs
+the steps of the `DataPlan`; writes checkpoints, metrics, the validation loss, the loss plot
+and the final HF export (`tulu.train.checkpointing`, `tulu.train.metrics`).
 
 Paths in the config (data files, tokenizer, output directory) are used as written: relative
 ones resolve against the current directory, not the config file's.
@@ -92,10 +95,13 @@ from tulu.train.distributed import (
     all_reduce_sum,
     barrier,
     broadcast_object,
+    checkpoint_slots,
     clip_grad_norm,
     compute_dtype,
     init_distributed,
+    load_checkpoint_shards,
     master_dtype,
+    on_every_rank,
     prepare_model,
     shutdown,
     uses_fsdp,
@@ -111,6 +117,7 @@ __all__ = [
     "evaluate",
     "load_tokenizer",
     "micro_batch_loss",
+    "model_for_training",
     "train",
 ]
 
@@ -300,18 +307,38 @@ def build_model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> NeoX
         raise ConfigError(f"model.config: {err}") from None
 
 
-def _load_model(config: TrainConfig, tokenizer: Tokenizer, world: World) -> GPTNeoXForCausalLM:
+def _load_model(
+    config: TrainConfig, tokenizer: Tokenizer, world: World
+) -> tuple[GPTNeoXForCausalLM, Callable[[nn.Module], None] | None]:
+    """The model to train, and the step that fills it in after `prepare_model` (or None).
+
+    A checkpoint under FSDP: the model is built on the meta device (nothing allocated) in the
+    master dtype, from the checkpoint's config.json (a hub id downloads on rank 0 first). The
+    returned step, called with the prepared (sharded) model, makes every rank read the
+    checkpoint and keep only its own shards (`load_checkpoint_shards`); it fails on every rank
+    if it fails on one. Otherwise the model comes back whole: a checkpoint loaded in the
+    compute dtype (one process), or a fresh model initialised from ``model.init_seed``.
+    """
     m = config.model
-    if m.path:
+    fill: Callable[[nn.Module], None] | None = None
+    if m.path and uses_fsdp(config, world):
+        from tulu.model.checkpoint import read_checkpoint_config, resolve_checkpoint
+
+        directory = _rank0_first(world, lambda: resolve_checkpoint(m.path, m.revision))
+        with torch.device("meta"):
+            model = GPTNeoXForCausalLM(read_checkpoint_config(directory))
+        # The master dtype (float32 unless adamw_bf16), as a whole load under FSDP used: PEFT
+        # first creates adapters in the base's dtype, so they get the same initial values.
+        model.to(master_dtype(config, world.device))
+        slots = checkpoint_slots(model)
+
+        def fill(prepared: nn.Module) -> None:
+            on_every_rank(lambda: load_checkpoint_shards(prepared, directory, slots, world), world)
+
+    elif m.path:
         from tulu.model.checkpoint import load_model
 
-        # FSDP upcasts trainable weights to float32 master shards: load them in float32 (an
-        # fp16 checkpoint would lose bits through bfloat16); otherwise in the compute dtype.
-        dtype = (
-            master_dtype(config, world.device)
-            if uses_fsdp(config, world)
-            else compute_dtype(config, world.device)
-        )
+        dtype = compute_dtype(config, world.device)
         model = _rank0_first(world, lambda: load_model(m.path, dtype=dtype, revision=m.revision))
     else:
         model = GPTNeoXForCausalLM(build_model_config(config, tokenizer))
@@ -321,7 +348,32 @@ def _load_model(config: TrainConfig, tokenizer: Tokenizer, world: World) -> GPTN
             f"model: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
             f"tokenizer's ({tokenizer.vocab_size}); token ids would fall outside the embeddings"
         )
-    return model
+    return model, fill
+
+
+def model_for_training(
+    config: TrainConfig, tokenizer: Tokenizer, world: World
+) -> tuple[nn.Module, NeoXConfig]:
+    """The model `train` trains, in training mode, and its `NeoXConfig`: the checkpoint
+    (``model.path``) or a fresh model, wrapped with LoRA when enabled, prepared for this world
+    (`prepare_model`: device, dtypes, activation checkpointing, FSDP2). Under FSDP a
+    checkpoint is read into the shards after `prepare_model`, each rank keeping only its own
+    (see `_load_model`). Seed first (`seed_everything`): LoRA draws its initial adapters
+    from torch's global generator. Every rank calls it.
+    """
+    model, fill = _load_model(config, tokenizer, world)
+    model_config = model.config
+    if config.lora.enabled:
+        from tulu.train.lora import apply_lora
+
+        model = apply_lora(model, config.lora, base_model_path=config.model.path)
+    model = prepare_model(model, world, config)
+    if fill is not None:
+        fill(model)
+    # prepare_model sets the flag on the object it gets; a PeftModel keeps its own copy.
+    _base_model(model).gradient_checkpointing = config.model.gradient_checkpointing
+    model.train()
+    return model, model_config
 
 
 def _base_model(model: nn.Module) -> GPTNeoXForCausalLM:
@@ -377,17 +429,7 @@ class _Run:
         accumulation_steps(config, world)  # the batch must divide over the processes
         seed_everything(config.seed)
         self.tokenizer = _rank0_first(world, lambda: load_tokenizer(config))
-        model = _load_model(config, self.tokenizer, world)
-        self.model_config = model.config
-        if config.lora.enabled:
-            from tulu.train.lora import apply_lora
-
-            model = apply_lora(model, config.lora, base_model_path=config.model.path)
-        model = prepare_model(model, world, config)
-        # prepare_model sets the flag on the object it gets; a PeftModel keeps its own copy.
-        _base_model(model).gradient_checkpointing = config.model.gradient_checkpointing
-        model.train()
-        self.model = model
+        self.model, self.model_config = model_for_training(config, self.tokenizer, world)
         self.pad_id = pad_token_id(self.tokenizer)
         train_set = _tokenize(config.data.train, self.tokenizer, config, world)
         self.plan = DataPlan(train_set, config, world, pad_token_id=self.pad_id)
@@ -398,7 +440,7 @@ class _Run:
                 self.validation = validation_micro_batches(
                     val_set, config.optim.micro_batch_size, world, pad_token_id=self.pad_id
                 )
-        self.optimizer = build_optimizer(model, config.optim)
+        self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim, self.plan.total_steps)
 
     def resume(self) -> None:
