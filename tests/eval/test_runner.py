@@ -204,6 +204,21 @@ def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
         run_tasks(["mmlu_7shot"], ctx)
 
 
+def test_too_few_codex_samples_fail_before_any_task_runs(bundled):
+    """pass@10 from 5 samples: refused up front, not after the tasks before it have run."""
+    ctx = EvalContext(
+        backend=Untouchable(),
+        tokenizer=None,
+        data_dir=bundled.data_dir,
+        options={"codex_samples": 5},
+    )
+    with pytest.raises(DataError, match=r"^codex_pass10 needs 10 or more samples per problem "):
+        run_tasks(["mmlu_0shot", "codex_pass1", "codex_pass10"], ctx)
+    ctx.options["codex_samples"] = 0
+    with pytest.raises(DataError, match=r"^codex_pass1 needs 1 or more samples"):
+        run_tasks(["codex_pass1"], ctx)
+
+
 def test_markdown_table_follows_the_model_card():
     results = [
         TaskResult("gsm_cot", "em", 15.5),

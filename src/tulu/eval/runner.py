@@ -238,6 +238,14 @@ def _gsm(mode: str) -> Callable[[EvalContext], TaskResult]:
     return run
 
 
+#: pass@k of each Codex task: it needs at least k samples per problem.
+_CODEX_K = {"codex_pass1": 1, "codex_pass10": 10}
+
+
+def _codex_samples(ctx: EvalContext) -> int:
+    return int(ctx.options.get("codex_samples", 20))
+
+
 def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
     def run(ctx: EvalContext) -> TaskResult:
         from tulu.eval import humaneval, sandbox
@@ -246,11 +254,7 @@ def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
         limit = _limit(ctx, None)
         if limit is not None:
             problems = problems[:limit]
-        samples = int(ctx.options.get("codex_samples", 20))
-        if samples < k:
-            raise DataError(
-                f"codex_pass{k} needs at least {k} samples per problem (--codex-samples {samples})"
-            )
+        samples = _codex_samples(ctx)
         decoding = Decoding(
             max_tokens=512,
             temperature=temperature,
@@ -572,7 +576,8 @@ def _inputs(task: str, ctx: EvalContext) -> list[Path]:
 # ------------------------------------------------------------------------------ running
 def check_tasks(tasks: Sequence[str], ctx: EvalContext) -> None:
     """Raise DataError unless every task is known, ``max_examples`` is None or at least 1,
-    and every input is there (`missing_files`, all reported at once). Needs no backend."""
+    the Codex tasks have their k samples per problem, and every input is there
+    (`missing_files`, all reported at once). Needs no backend."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise DataError(
@@ -584,6 +589,13 @@ def check_tasks(tasks: Sequence[str], ctx: EvalContext) -> None:
             f"max_examples must be at least 1 (None for each task's default), "
             f"got {ctx.max_examples}"
         )
+    for task in tasks:  # before any task runs: pass@10 fails after hours of earlier tasks
+        k = _CODEX_K.get(task, 0)
+        if _codex_samples(ctx) < k:
+            raise DataError(
+                f"{task} needs {k} or more samples per problem "
+                f"(--codex-samples {_codex_samples(ctx)})"
+            )
     missing = missing_files(tasks, ctx)
     if missing:
         raise DataError(f"missing evaluation data under {ctx.data_dir}:\n  " + "\n  ".join(missing))
