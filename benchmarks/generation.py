@@ -20,6 +20,8 @@ mixed workload on) and writes `results/generation-PRESET-DEVICE.json`.
     python benchmarks/generation.py                                    # CPU: pythia-70m, float32
     python benchmarks/generation.py --preset pythia-6.9b --num-requests 1000   # on a GPU
     python benchmarks/generation.py --num-requests 4 --mixed-requests 4 --output /tmp/g.json
+    python benchmarks/generation.py --preset pythia-6.9b --decode-attention triton \
+        --hf-num-requests 128          # the GPU fast paths; transformers on a sample (a rate)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from tulu.bench.workloads import (
     resolve_device,
     run_benchmark,
 )
+from tulu.engine.options import add_decode_path_arguments, decode_path_settings
 from tulu.errors import TuluError
 from tulu.model.config import parse_dtype
 
@@ -60,6 +63,13 @@ def main() -> int:
         "--mixed-requests", type=int, default=None, help="default: 1000 on GPU, 24 on CPU"
     )
     parser.add_argument("--hf-batch-size", type=int, default=64)
+    parser.add_argument(
+        "--hf-num-requests",
+        type=int,
+        default=None,
+        help="transformers runs the first N requests of each throughput workload (default: all)",
+    )
+    add_decode_path_arguments(parser)
     parser.add_argument("--single-new-tokens", type=int, default=128)
     parser.add_argument("--kv-cache-gb", type=float, default=None)
     parser.add_argument(
@@ -100,6 +110,8 @@ def main() -> int:
             kv_cache_gb=args.kv_cache_gb,
             compare_transformers=True,
             hf_batch_size=args.hf_batch_size,
+            hf_num_requests=args.hf_num_requests,
+            **decode_path_settings(args),
             hf_compile=args.hf_compile,
             seed=0,
         )

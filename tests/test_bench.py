@@ -188,6 +188,32 @@ def test_run_benchmark_figures_are_consistent(model) -> None:
     assert "tulu/HF" in report and "3 mixed (2-12 in / 1-7 out)" in report
 
 
+def test_transformers_runs_a_sample_of_the_throughput_requests(model) -> None:
+    """--hf-num-requests: transformers gets the first N of the same requests, tulu all of them;
+    both figures are rates, so the ratio stays meaningful."""
+    settings = BenchSettings(
+        num_requests=5,
+        prompt_len=4,
+        output_len=3,
+        mixed_requests=5,
+        mixed_prompt_range=(2, 8),
+        mixed_output_range=(1, 5),
+        skip=frozenset({"single", "prefill"}),
+        compare_transformers=True,
+        hf_batch_size=2,
+        hf_num_requests=2,
+    )
+    results = run_benchmark(model, settings, name="tiny")
+    w = results["workloads"]
+    assert w["fixed_4_3"]["tulu"]["output_tokens"] == 5 * 3
+    assert w["fixed_4_3"]["transformers"]["output_tokens"] == 2 * 3
+    for key in ("fixed_4_3", "mixed"):
+        assert w[key]["requests"] == 5 and w[key]["transformers_requests"] == 2
+        check_throughput(w[key]["tulu"], 5)
+        check_throughput(w[key]["transformers"], 2)
+    assert results["settings"]["hf_num_requests"] == 2
+
+
 def test_skip_leaves_workloads_out(model) -> None:
     settings = BenchSettings(
         num_requests=2, prompt_len=4, output_len=2, repeats=1, skip=frozenset({"single", "prefill"})
@@ -272,6 +298,7 @@ BAD = [
     (["--repeats", "0"], "--repeats"),
     (["--max-num-seqs", "0"], "--max-num-seqs"),
     (["--hf-batch-size", "0"], "--hf-batch-size"),
+    (["--hf-num-requests", "0"], "--hf-num-requests"),
     (["--kv-cache-gb", "0"], "--kv-cache-gb"),
     (["--kv-cache-gb", "nan"], "--kv-cache-gb"),
     (["--skip", "single,bogus"], "--skip"),

@@ -119,6 +119,12 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         default=64,
         help="transformers' generate batch size (default: %(default)s)",
     )
+    b.add_argument(
+        "--hf-num-requests",
+        type=int,
+        help="transformers runs only the first N requests of each throughput workload (its "
+        "figure is a rate; default: all)",
+    )
     b.add_argument("--output", type=Path, help="also write the results as JSON to this file")
 
 
@@ -141,6 +147,7 @@ def settings_from_args(args: argparse.Namespace, gpu: bool) -> BenchSettings:
         **decode_path_settings(args),
         compare_transformers=args.compare_transformers,
         hf_batch_size=args.hf_batch_size,
+        hf_num_requests=args.hf_num_requests,
         seed=args.seed,
     )
 
