@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -303,6 +304,35 @@ def test_sigkilled_run_resumes_exactly(assets: Path, tmp_path: Path) -> None:
     assert len(train_losses(out / "metrics.jsonl")) == 20
     for key in ("loss", "lr", "grad_norm", "val_loss", "tokens", "trained_tokens"):
         assert [e.get(key) for e in got] == [e.get(key) for e in expected], key
+
+
+def test_adamw_bf16_run_logs_checkpoints_and_resumes(assets: Path, tmp_path: Path) -> None:
+    """The shipped 6.9B recipe's optimizer end to end, on a fresh model: model.dtype bfloat16
+    makes its parameters bfloat16 (a fresh model used to stay float32, which adamw_bf16
+    refuses), and torchao's tensor learning rate reaches metrics.jsonl and trainer.json as a
+    number (it used to stop the run at its first log line). A resumed run continues the
+    same losses: the scheduler state read back from JSON sets the same rates."""
+    overrides = (
+        "model.dtype=bfloat16",
+        "optim.optimizer=adamw_bf16",
+        "optim.max_steps=6",
+        "optim.warmup_ratio=0.2",
+        "checkpoint.every_steps=3",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    out = tmp_path / "run"
+    straight = train(make_config(assets, out, *overrides))
+    entries = [e for e in read_metrics(straight.metrics_file) if "loss" in e]
+    assert [type(e["lr"]) for e in entries] == [float] * 6
+    assert len({e["lr"] for e in entries}) > 2  # warmup, then decay
+    state = json.loads((out / "step-000003" / "trainer.json").read_text())
+    assert all(isinstance(x, float) for x in state["scheduler"]["base_lrs"])
+    shutil.rmtree(out / "step-000006")  # as if it had died after step 5
+    resumed = train(make_config(assets, out, *overrides))
+    assert resumed.resumed_from == out / "step-000003"
+    assert [resumed.losses[s] for s in (4, 5, 6)] == [straight.losses[s] for s in (4, 5, 6)]
 
 
 # ------------------------------------------------------------------------------ divergence

@@ -343,6 +343,8 @@ def _load_model(
     else:
         model = GPTNeoXForCausalLM(build_model_config(config, tokenizer))
         model.init_weights(m.init_seed)
+        if not uses_fsdp(config, world):  # as a loaded checkpoint: in the compute dtype
+            model.to(compute_dtype(config, world.device))
     if model.config.vocab_size < tokenizer.vocab_size:
         raise ConfigError(
             f"model: the model's vocabulary ({model.config.vocab_size}) is smaller than the "
@@ -374,6 +376,19 @@ def model_for_training(
     _base_model(model).gradient_checkpointing = config.model.gradient_checkpointing
     model.train()
     return model, model_config
+
+
+def _plain(value: Any) -> Any:
+    """`value` with one-element tensors as Python numbers, for JSON: torchao's optimizers keep
+    the learning rate as a tensor (so that a new rate does not recompile their step), and the
+    scheduler's state then holds tensors. Loading the numbers back sets the same rates."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_plain(v) for v in value)
+    return value
 
 
 def _base_model(model: nn.Module) -> GPTNeoXForCausalLM:
@@ -487,7 +502,7 @@ class _Run:
     def _trainer_state(self, loss: float | None) -> dict[str, Any]:
         return {
             **self.plan.position_after(self.step).as_dict(),
-            "scheduler": self.scheduler.state_dict(),
+            "scheduler": _plain(self.scheduler.state_dict()),
             "elapsed": self._elapsed(),
             "steps_per_epoch": self.plan.steps_per_epoch,
             "total_steps": self.plan.total_steps,
@@ -528,7 +543,7 @@ class _Run:
     def _run_step(self, planned: Any, throughput: Throughput) -> float:
         config, world = self.config, self.world
         started = time.perf_counter()
-        lr = self.scheduler.get_last_lr()[0]
+        lr = float(self.scheduler.get_last_lr()[0])  # a tensor with torchao's optimizers
         stats = backward_step(
             self.model,
             planned.micro_batches,

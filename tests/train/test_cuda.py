@@ -1,0 +1,81 @@
+"""Training on a GPU: the paths the CPU suite cannot reach (bfloat16 compute, torchao's
+compiled optimizers on CUDA, FSDP2 over NCCL, CUDA RNG state in checkpoints). Skipped without
+CUDA; `benchmarks/device_check.py` runs them on a lent GPU machine."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from train.test_trainer import make_config, write_assets
+from tulu.train.metrics import read_metrics
+from tulu.train.trainer import train
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.usefixtures("no_torchrun_env"),
+]
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_assets(tmp_path_factory.mktemp("assets"))
+
+
+def _run(assets: Path, out: Path, *overrides: str):
+    config = make_config(
+        assets,
+        out,
+        f"optim.max_steps={STEPS}",
+        "checkpoint.every_steps=5",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        *overrides,
+    )
+    return train(config)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_bf16", "adamw_8bit"])
+def test_bfloat16_training_on_cuda_learns(assets: Path, tmp_path: Path, optimizer: str) -> None:
+    result = _run(assets, tmp_path, "model.dtype=bfloat16", f"optim.optimizer={optimizer}")
+    losses = [result.losses[s] for s in range(1, STEPS + 1)]
+    assert all(math.isfinite(x) for x in losses), losses
+    assert sum(losses[-3:]) / 3 < losses[0] - 1.0, losses
+    logged = [e for e in read_metrics(result.metrics_file) if "loss" in e]
+    assert logged and all(e["tokens_per_s"] > 0 for e in logged)
+    if "H100" in torch.cuda.get_device_name() or "H200" in torch.cuda.get_device_name():
+        assert all(0 < e["mfu"] < 1 for e in logged)  # a known peak: MFU is reported
+
+
+def test_fsdp_on_one_gpu_over_nccl_trains_like_the_plain_run(assets: Path, tmp_path: Path) -> None:
+    """float32 compute on both sides, so FSDP2's mixed-precision policy changes nothing: the
+    NCCL process group, sharding and float32 reductions must give the plain run's losses."""
+    plain = _run(assets, tmp_path / "plain", "model.dtype=float32", "distributed.fsdp=never")
+    fsdp = _run(assets, tmp_path / "fsdp", "model.dtype=float32", "distributed.fsdp=always")
+    for step in range(1, STEPS + 1):
+        assert fsdp.losses[step] == pytest.approx(plain.losses[step], rel=1e-4, abs=1e-5), step
+
+
+@pytest.mark.parametrize("fsdp", ["never", "always"])
+def test_resume_on_cuda_continues_the_same_run(assets: Path, tmp_path: Path, fsdp: str) -> None:
+    """10 steps straight; then the step-10 checkpoint removed and the run resumed from step 5:
+    steps 6-10 again, with the model, optimizer, scheduler, data position and CUDA RNG restored
+    (adamw_bf16's stochastic rounding draws from it). CUDA kernels with atomics may differ in
+    the last bits, hence a tolerance instead of the CPU test's bitwise equality."""
+    out = tmp_path / "run"
+    overrides = ("model.dtype=bfloat16", "optim.optimizer=adamw_bf16", f"distributed.fsdp={fsdp}")
+    straight = _run(assets, out, *overrides)
+    assert straight.final_step == STEPS
+    shutil.rmtree(out / f"step-{STEPS:06d}")
+    resumed = _run(assets, out, *overrides)
+    assert resumed.resumed_from == out / "step-000005"
+    for step in range(6, STEPS + 1):
+        assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=2e-3), step
