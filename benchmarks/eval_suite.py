@@ -1,19 +1,29 @@
 """Evaluation speed: the paper suite through `tulu.eval.runner` on random weights.
 
-The time is what matters here (random weights score nothing): on a GPU the default is the
-Pythia-6.9B shape in bfloat16 with each task's full protocol size; on a CPU a tiny model and
-`--max-examples` per task (per subject / per task / per language), since the full suite would
-take hours there. AlpacaFarm needs a judge and is left out; TyDi QA runs when the data
-directory has train data for every language. The peer is transformers' `generate` on the same
-GSM CoT prompts, one batch at a time, in the same run.
+The time is what matters here (random weights score nothing, and never stop early, so every
+generation runs to its token limit: the slowest case). On a GPU the default is the
+Pythia-6.9B shape in bfloat16 with each task's protocol size (GSM 200, BBH 40 per task, ...);
+on a CPU a tiny model and `--max-examples` per task (per subject / per task / per language),
+since the full suite would take hours there. TyDi QA runs when the data directory has train
+data for every language. AlpacaFarm is timed as its generation alone (`alpaca_farm_gen`: the
+805 prompts, greedy, up to 2,048 new tokens): its judge is a remote API, not this machine's
+work. The peer is transformers' `generate` on the first `--peer-examples` GSM CoT prompts, one
+batch at a time, against tulu on the same prompts, in the same run.
+
+Tasks run in the order given (`--tasks`; default: the paper suite, cheapest first); the
+results file is rewritten after each task, so a run stopped by a time limit keeps what it
+finished, and `--time-budget` starts no task after that many seconds. A suite too long for
+one sitting can be timed in parts (`--tasks` lists) on the same machine and summed.
 
     python benchmarks/eval_suite.py --data-dir ../shared/data/eval                  # CPU
-    python benchmarks/eval_suite.py --data-dir DATA/eval --preset pythia-6.9b --full  # GPU
+    python benchmarks/eval_suite.py --data-dir DATA/eval --preset pythia-6.9b       # GPU
+    python benchmarks/eval_suite.py --data-dir DATA/eval --tasks codex_pass1,codex_pass10
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -21,15 +31,35 @@ from pathlib import Path
 
 import torch
 
+from tulu.bench.workloads import random_model, transformers_twin
 from tulu.engine.engine import LLM
+from tulu.errors import TuluError
 from tulu.eval.backends import Decoding, EngineBackend
-from tulu.eval.runner import PAPER_SUITE, EvalContext, missing_files, run_tasks
+from tulu.eval.runner import PAPER_SUITE, EvalContext, check_tasks, missing_files, run_tasks
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+
+
+#: AlpacaFarm's generation, timed without its judge (a remote API).
+ALPACA_GENERATION = "alpaca_farm_gen"
+#: The default order: cheapest first, so a time budget keeps the most tasks.
+DEFAULT_TASKS = (
+    "tydiqa_cb",
+    "tydiqa_gp",
+    "mmlu_0shot",
+    "mmlu_5shot",
+    "gsm_direct",
+    "gsm_cot",
+    "bbh_direct",
+    "bbh_cot",
+    "codex_pass1",
+    "codex_pass10",
+    ALPACA_GENERATION,
+)
 
 
 def build_model(args, device: torch.device, dtype: torch.dtype, vocab: int) -> GPTNeoXForCausalLM:
@@ -47,24 +77,28 @@ def build_model(args, device: torch.device, dtype: torch.dtype, vocab: int) -> G
     config = type(config).from_dict(
         {**config.to_dict(), "vocab_size": max(config.vocab_size, vocab)}
     )
-    with torch.device(device):
-        model = GPTNeoXForCausalLM(config).to(dtype)
-    model.init_weights(seed=0)
-    return model.eval()
+    return random_model(config, device, seed=0)
 
 
-def peer_gsm(model_dir_model, tokenizer: Tokenizer, prompts: list[str], device, batch: int):
-    """transformers' generate on the same prompts (greedy, 512 tokens, stop at a newline)."""
-    import transformers
+def time_alpaca_generation(ctx: EvalContext) -> tuple[float, dict]:
+    """AlpacaFarm's generations (its protocol's prompts and decoding), without the judge."""
+    from tulu.eval import alpaca_farm
 
-    config = transformers.GPTNeoXConfig(
-        **{k: v for k, v in model_dir_model.config.to_dict().items() if k != "architectures"}
-    )
-    hf = transformers.GPTNeoXForCausalLM(config).to(
-        device=device, dtype=next(model_dir_model.parameters()).dtype
-    )
-    hf.load_state_dict(model_dir_model.state_dict(), strict=False)
-    hf.eval()
+    examples = alpaca_farm.load_alpaca_farm(ctx.data_dir / "alpaca_farm")
+    if ctx.max_examples is not None:
+        examples = examples[: ctx.max_examples]
+    started = time.perf_counter()
+    outputs = ctx.backend.generate([e.prompt for e in examples], alpaca_farm.GENERATION)
+    seconds = time.perf_counter() - started
+    return seconds, {"prompts": len(examples), "outputs": sum(len(o) for o in outputs)}
+
+
+def peer_gsm(
+    model: GPTNeoXForCausalLM, tokenizer: Tokenizer, prompts: list[str], device, batch: int
+):
+    """transformers' generate on the same prompts (greedy, 512 tokens, stop at a newline), on
+    the very tensors of `model` (`transformers_twin`: no second copy of a 6.9B model)."""
+    hf = transformers_twin(model)
     newline = tokenizer.encode("\n")
     started = time.perf_counter()
     for start in range(0, len(prompts), batch):
@@ -86,8 +120,25 @@ def peer_gsm(model_dir_model, tokenizer: Tokenizer, prompts: list[str], device, 
     return time.perf_counter() - started
 
 
+def parse_tasks(text: str | None) -> list[str]:
+    if text is None:
+        return list(DEFAULT_TASKS)
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    known = [t for t in PAPER_SUITE if t != "alpaca_farm"] + [ALPACA_GENERATION]
+    unknown = [t for t in tasks if t not in known]
+    if unknown or not tasks:
+        raise SystemExit(
+            f"eval_suite.py: --tasks: unknown task {unknown[0]!r}; known: {', '.join(known)}"
+            if unknown
+            else "eval_suite.py: --tasks: no task given"
+        )
+    return tasks
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared/data/eval")
     parser.add_argument(
         "--tokenizer",
@@ -100,16 +151,26 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="tiny (CPU default) or pythia-6.9b (GPU)")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--max-examples", type=int, default=None, help="per task, at least 1")
-    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--full", action="store_true", help="GSM: all 1,319 questions")
     parser.add_argument("--codex-samples", type=int, default=20)
+    parser.add_argument("--tasks", default=None, help="comma list (default: the whole suite)")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="start no task after this many seconds"
+    )
+    parser.add_argument(
+        "--peer-examples", type=int, default=None, help="GSM CoT prompts for the peer (0: none)"
+    )
     parser.add_argument("--peer-batch", type=int, default=8)
+    parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
+    tasks = parse_tasks(args.tasks)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("pythia-6.9b" if device.type == "cuda" else "tiny")
     dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.max_examples is None and not args.full and device.type == "cpu":
         args.max_examples = 2
+    began = time.perf_counter()
     tokenizer = Tokenizer.load(args.tokenizer)
     model = build_model(args, device, dtype, len(tokenizer))
     llm = LLM(model, tokenizer)
@@ -122,67 +183,88 @@ def main() -> None:
         context_window=model.config.max_position_embeddings,
         options={"gsm_exemplars": args.exemplars, "codex_samples": args.codex_samples},
     )
-    tasks = [t for t in PAPER_SUITE if t != "alpaca_farm"]
-    skipped = sorted({line.split(":")[0] for line in missing_files(tasks, ctx)})
+    runner_tasks = [t for t in tasks if t != ALPACA_GENERATION]
+    skipped = sorted({line.split(":")[0] for line in missing_files(runner_tasks, ctx)})
+    if ALPACA_GENERATION in tasks and not (args.data_dir / "alpaca_farm").is_dir():
+        skipped.append(ALPACA_GENERATION)
     tasks = [t for t in tasks if t not in skipped]
+    check_tasks([t for t in tasks if t != ALPACA_GENERATION], ctx)  # bad settings fail now
+    out = args.output or RESULTS / f"eval-suite-{device.type}.json"
+    report: dict = {
+        "preset": args.preset,
+        "dtype": dtype_name(dtype),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "max_examples": None if args.full else args.max_examples,
+        "codex_samples": args.codex_samples,
+        "skipped": skipped,
+        "not_reached": [],
+        "setup_seconds": time.perf_counter() - began,
+        "seconds": {},
+        "suite_seconds": 0.0,
+    }
 
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(
+        f"{args.preset} ({dtype_name(dtype)}, {device.type}); skipped: {', '.join(skipped) or '-'}"
+    )
     started = time.perf_counter()
-    results = run_tasks(tasks, ctx)
-    total = time.perf_counter() - started
+    for i, task in enumerate(tasks):
+        if args.time_budget is not None and time.perf_counter() - started > args.time_budget:
+            report["not_reached"] = tasks[i:]
+            break
+        if task == ALPACA_GENERATION:
+            seconds, report["alpaca_farm_gen"] = time_alpaca_generation(ctx)
+        else:
+            (result,) = run_tasks([task], ctx)
+            seconds = result.seconds
+        report["seconds"][task] = seconds
+        report["suite_seconds"] = sum(report["seconds"].values())
+        save()
+        print(f"  {task:<16} {seconds:8.1f} s", flush=True)
+    print(f"  {'suite':<16} {report['suite_seconds']:8.1f} s")
+    if report["not_reached"]:
+        print(f"  not reached in --time-budget {args.time_budget:g} s: {report['not_reached']}")
 
-    from tulu.eval import gsm
+    n_peer = args.peer_examples
+    if n_peer is None or n_peer > 0:
+        from tulu.eval import gsm
 
-    questions = gsm.sample_questions(
-        gsm.load_gsm(args.data_dir / "gsm/test.jsonl"),
-        None if args.full else (args.max_examples or gsm.DEFAULT_MAX_EXAMPLES),
-    )
-    source = gsm.resolve_exemplars(args.exemplars)
-    prompts = [gsm.build_prompt(q.question, source.exemplars, "cot", "paper") for q in questions]
-    t0 = time.perf_counter()
-    EngineBackend(llm, progress=False).generate(prompts, Decoding(max_tokens=512, stop=("\n",)))
-    ours_gsm = time.perf_counter() - t0
-    peer = peer_gsm(model, tokenizer, prompts, device, args.peer_batch)
-
-    rows = [(r.task, r.seconds) for r in results]
-    print(
-        f"\n{args.preset} ({dtype_name(dtype)}, {device.type}), max_examples "
-        f"{'full' if args.full else args.max_examples}; skipped: {', '.join(skipped) or '-'}"
-    )
-    for task, seconds in rows:
-        print(f"  {task:<14} {seconds:8.1f} s")
-    print(f"  {'suite':<14} {total:8.1f} s")
-    print(
-        f"GSM CoT generation ({len(prompts)} prompts): tulu {ours_gsm:.1f} s, transformers "
-        f"{peer:.1f} s, ratio {peer / ours_gsm:.2f}x"
-    )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"eval-suite-{device.type}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "preset": args.preset,
-                "dtype": dtype_name(dtype),
-                "device": torch.cuda.get_device_name()
-                if device.type == "cuda"
-                else platform.processor(),
-                "max_examples": None if args.full else args.max_examples,
-                "codex_samples": args.codex_samples,
-                "skipped": skipped,
-                "seconds": dict(rows),
-                "suite_seconds": total,
-                "gsm_cot": {
-                    "prompts": len(prompts),
-                    "tulu_s": ours_gsm,
-                    "transformers_s": peer,
-                    "ratio": peer / ours_gsm,
-                },
-            },
-            indent=2,
+        questions = gsm.sample_questions(
+            gsm.load_gsm(args.data_dir / "gsm/test.jsonl"),
+            None if args.full else (args.max_examples or gsm.DEFAULT_MAX_EXAMPLES),
+        )[:n_peer]
+        source = gsm.resolve_exemplars(args.exemplars)
+        prompts = [
+            gsm.build_prompt(q.question, source.exemplars, "cot", "paper") for q in questions
+        ]
+        t0 = time.perf_counter()
+        EngineBackend(llm, progress=False).generate(prompts, Decoding(max_tokens=512, stop=("\n",)))
+        ours_gsm = time.perf_counter() - t0
+        # The engine's KV cache took most of a GPU's free memory: give it back for the peer.
+        del ctx, llm
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        peer = peer_gsm(model, tokenizer, prompts, device, args.peer_batch)
+        report["gsm_cot"] = {
+            "prompts": len(prompts),
+            "tulu_s": ours_gsm,
+            "transformers_s": peer,
+            "ratio": peer / ours_gsm,
+        }
+        print(
+            f"GSM CoT generation ({len(prompts)} prompts): tulu {ours_gsm:.1f} s, transformers "
+            f"{peer:.1f} s, ratio {peer / ours_gsm:.2f}x"
         )
-        + "\n"
-    )
+    save()
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except TuluError as err:  # bad data or settings: one line, as the tulu commands print them
+        raise SystemExit(f"eval_suite.py: error: {err}") from None

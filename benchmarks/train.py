@@ -1,8 +1,10 @@
 """Training throughput: tulu's training step vs transformers' GPTNeoX, same weights, one run.
 
-Three measurements, on the same random micro-batches, one after the other:
+Measurements on the same random micro-batches, one after the other:
 
-- **tulu**: the trainer's whole optimizer step for one micro-batch, with the model prepared
+- **tulu**, once per `--optimizer` in the comma list (each optimizer built afresh, so each
+  peak holds its own states; on a GPU each is printed beside `tulu train --dry-run`'s
+  estimate): the trainer's whole optimizer step for one micro-batch, with the model prepared
   as `tulu.train` prepares it for a single process (`init_distributed`, `prepare_model`,
   `build_optimizer`, `build_scheduler`): `backward_step` (forward + backward with our loss),
   `clip_grad_norm` (the norm is always measured; clipping is off, `max_grad_norm: null`),
@@ -31,6 +33,7 @@ included). Ratios are tulu / transformers for every figure.
 
     python benchmarks/train.py                        # CPU: 4 layers x 256, float32, 512 tokens
     python benchmarks/train.py --optimizer adamw_bf16 # on a GPU: Pythia-6.9B, bfloat16, 4 x 2048
+    python benchmarks/train.py --optimizer adamw_bf16,adamw_8bit   # both options' peaks
 """
 
 from __future__ import annotations
@@ -54,8 +57,9 @@ import transformers
 
 from tulu.model import GPTNeoXForCausalLM, NeoXConfig, preset
 from tulu.model.config import dtype_name, parse_dtype
-from tulu.train.config import LoggingConfig, ModelConfig, OptimConfig, TrainConfig
+from tulu.train.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 from tulu.train.distributed import World, clip_grad_norm, init_distributed, prepare_model
+from tulu.train.memory import estimate_memory
 from tulu.train.metrics import micro_batch_flops, peak_flops
 from tulu.train.optim import build_optimizer, build_scheduler
 from tulu.train.trainer import backward_step, micro_batch_loss
@@ -65,6 +69,7 @@ RESULTS = Path(__file__).parent / "results"
 #: a minute, with Pythia's vocabulary (its LM head dominates at this width).
 TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
 TOKEN_IDS = 50277  # ids of the Pythia tokenizer; the padded vocabularies are larger
+OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
 
 
 # ------------------------------------------------------------------------------ machine
@@ -159,7 +164,7 @@ def build_ours(config: NeoXConfig, train_config: TrainConfig, world: World, seed
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
     model = model.to(dtype).to_empty(device=world.device)
-    model.init_weights(seed)
+    model.init_weights(seed, on_device=True)
     model = prepare_model(model, world, train_config)
     model.train()
     return model
@@ -250,8 +255,10 @@ def time_tulu(
     batches: list[dict],
     warmup: int,
     steps: int,
+    label: str = "tulu step",
 ) -> dict[str, Any]:
-    """The trainer's optimizer step (`_Run._run_step` without its logging)."""
+    """The trainer's optimizer step (`_Run._run_step` without its logging). The optimizer is
+    built here and dropped on return, so the next measurement starts without its states."""
     optimizer = build_optimizer(ours, train_config.optim)
     scheduler = build_scheduler(optimizer, train_config.optim, warmup + steps)
 
@@ -271,7 +278,7 @@ def time_tulu(
         return stats.loss
 
     try:
-        return measure("tulu step", step, batches, warmup, steps, world.device)
+        return measure(label, step, batches, warmup, steps, world.device)
     finally:
         optimizer.zero_grad(set_to_none=True)
 
@@ -338,13 +345,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="timed steps (10 GPU, 10 CPU)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps (3 GPU, 2 CPU)")
     parser.add_argument(
-        "--optimizer", default="adamw", choices=("adamw", "adamw_bf16", "adamw_8bit")
+        "--optimizer",
+        default="adamw",
+        help="tulu's optimizer, or a comma list (adamw, adamw_bf16, adamw_8bit): each is timed "
+        "in turn on the same model, with its own peak memory and dry-run estimate",
     )
     parser.add_argument("--no-checkpointing", action="store_true", help="keep all activations")
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak for MFU")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default: results/train-<dev>.json")
     args = parser.parse_args()
+    optimizers = [o.strip() for o in args.optimizer.split(",") if o.strip()]
+    unknown = [o for o in optimizers if o not in OPTIMIZERS]
+    if unknown or not optimizers or len(set(optimizers)) != len(optimizers):
+        parser.error(
+            f"--optimizer: expected some of {', '.join(OPTIMIZERS)}, got {args.optimizer!r}"
+        )
 
     gpu = torch.device(args.device).type == "cuda"
     dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"))
@@ -361,8 +377,9 @@ def main() -> None:
             dtype=dtype_name(dtype),
             gradient_checkpointing=checkpointing,
         ),
+        data=DataConfig(train="(random batches)", max_seq_length=args.seq_len),
         optim=OptimConfig(
-            optimizer=args.optimizer,
+            optimizer=optimizers[0],
             micro_batch_size=micro_batch,
             global_batch_size=micro_batch,
             max_grad_norm=None,
@@ -389,7 +406,7 @@ def main() -> None:
         f"{config.num_parameters() / 1e6:,.1f}M parameters ({config.num_hidden_layers} layers x "
         f"{config.hidden_size}, vocab {config.vocab_size}), {dtype_name(dtype)}, "
         f"micro-batch {micro_batch} x {args.seq_len} tokens, activation checkpointing "
-        f"{'on' if checkpointing else 'off'}, optimizer {args.optimizer}; {device_name}, "
+        f"{'on' if checkpointing else 'off'}, optimizer {', '.join(optimizers)}; {device_name}, "
         f"{torch.get_num_threads()} threads; built in {build_seconds:.1f} s",
         flush=True,
     )
@@ -411,66 +428,8 @@ def main() -> None:
     )
     del check, total, count
 
-    print("timing:", flush=True)
-    results = {
-        "tulu": time_tulu(ours, config, train_config, world, batches, warmup, steps),
-        "transformers": time_transformers(theirs, None, device, batches, warmup, steps),
-        "transformers_adamw": time_transformers(
-            theirs,
-            dataclasses.replace(train_config.optim, optimizer="adamw"),
-            device,
-            batches,
-            warmup,
-            steps,
-        ),
-    }
-
-    # ---- report
-    fig = {k: figures(v, tokens, flops, peak) for k, v in results.items()}
-    columns = ("tulu", "transformers", "transformers_adamw")
-    memory_label = "peak memory GiB" if gpu else "peak RSS growth GiB"
-    metrics = (
-        ("tokens/s", "tokens_per_s", "{:,.0f}"),
-        ("ms/step", "ms_per_step", "{:,.1f}"),
-        ("MFU", "mfu", "{:.1%}"),
-        (memory_label, "peak_memory_gib", "{:.2f}"),
-    )
-
-    def cell(value: float | None, fmt: str) -> str:
-        return "n/a" if value is None else fmt.format(value)
-
-    def ratio(a: float | None, b: float | None) -> str:
-        return f"{a / b:.2f}x" if a is not None and b else "n/a"
-
-    print(
-        f"\n{'':<22}{'tulu step':>12}{'HF fwd+bwd':>12}{'HF +AdamW':>12}"
-        f"{'tulu/HF fb':>12}{'tulu/HF +A':>12}"
-    )
-    table = []
-    for label, key, fmt in metrics:
-        a, b, c = (fig[col][key] for col in columns)
-        print(
-            f"{label:<22}{cell(a, fmt):>12}{cell(b, fmt):>12}{cell(c, fmt):>12}"
-            f"{ratio(a, b):>12}{ratio(a, c):>12}"
-        )
-        table.append(
-            {
-                "metric": label,
-                "tulu": a,
-                "transformers_fwd_bwd": b,
-                "transformers_fwd_bwd_adamw": c,
-                "ratio_vs_fwd_bwd": a / b if a is not None and b else None,
-                "ratio_vs_fwd_bwd_adamw": a / c if a is not None and c else None,
-            }
-        )
-    if peak is None:
-        print("MFU: n/a (no known peak for this device; pass --peak-tflops)")
-    else:
-        print(f"MFU against a peak of {peak / 1e12:,.0f} TFLOP/s")
-    print(f"model FLOPs per step {flops / 1e12:,.3f} TFLOP (tulu.train.metrics.micro_batch_flops)")
-
     out = args.out or RESULTS / f"train-{device.type}.json"
-    report = {
+    report: dict[str, Any] = {
         "config": {
             "preset": args.preset or ("pythia-6.9b" if gpu else "tiny"),
             "model": config.to_dict(),
@@ -482,7 +441,7 @@ def main() -> None:
             "steps": steps,
             "warmup": warmup,
             "activation_checkpointing": checkpointing,
-            "optimizer": args.optimizer,
+            "optimizers": optimizers,
             "transformers_optimizer": "torch.optim.AdamW (tulu's adamw settings)",
             "attn_implementation": "sdpa",
             "model_flops_per_step": flops,
@@ -493,9 +452,6 @@ def main() -> None:
             "transformers": hf_loss,
             "abs_difference": abs(ours_loss - hf_loss),
         },
-        "figures": fig,
-        "table": table,
-        "raw": results,
         "machine": {
             "device": str(device),
             "device_name": device_name,
@@ -510,9 +466,133 @@ def main() -> None:
         },
         "build_seconds": build_seconds,
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    # `tulu train --dry-run`'s estimate for each optimizer, beside a GPU's measured peak
+    # (max_memory_allocated, which excludes the estimate's fixed overhead: CUDA context,
+    # slack). The CPU's figure (RSS growth, weights excluded) is not comparable.
+    estimates = {
+        name: estimate_memory(config, train_config, 1, optimizer=name)
+        for name in (optimizers if gpu else ())
+    }
+    measurements: list[tuple[str, str, Callable[[], dict[str, Any]]]] = [
+        (
+            f"tulu_{name}",
+            f"tulu step ({name})",
+            lambda name=name: time_tulu(
+                ours,
+                config,
+                dataclasses.replace(
+                    train_config, optim=dataclasses.replace(train_config.optim, optimizer=name)
+                ),
+                world,
+                batches,
+                warmup,
+                steps,
+                label=f"tulu step ({name})",
+            ),
+        )
+        for name in optimizers
+    ]
+    measurements += [
+        (
+            "transformers",
+            "HF fwd+bwd",
+            lambda: time_transformers(theirs, None, device, batches, warmup, steps),
+        ),
+        (
+            "transformers_adamw",
+            "HF fwd+bwd+AdamW",
+            lambda: time_transformers(
+                theirs,
+                dataclasses.replace(train_config.optim, optimizer="adamw"),
+                device,
+                batches,
+                warmup,
+                steps,
+            ),
+        ),
+    ]
+
+    print("timing:", flush=True)
+    results: dict[str, dict[str, Any]] = {}
+    labels: dict[str, str] = {}
+    for key, label, measure_one in measurements:
+        results[key] = measure_one()
+        labels[key] = label
+        # Written after every measurement: a run stopped by a time limit keeps what it has.
+        report.update(tabulate(results, labels, estimates, tokens, flops, peak))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print_table(report["table"], gpu)
+    if peak is None:
+        print("MFU: n/a (no known peak for this device; pass --peak-tflops)")
+    else:
+        print(f"MFU against a peak of {peak / 1e12:,.0f} TFLOP/s")
+    print(f"model FLOPs per step {flops / 1e12:,.3f} TFLOP (tulu.train.metrics.micro_batch_flops)")
+    if gpu:
+        print(
+            "dry-run GiB: `tulu train --dry-run`'s estimate, with its 1 GiB CUDA-context overhead"
+        )
+    else:
+        print("RSS growth GiB: the resident set's growth over the measurement (weights excluded)")
     print(f"wrote {out}")
+
+
+def tabulate(
+    results: dict[str, dict[str, Any]],
+    labels: dict[str, str],
+    estimates: dict[str, Any],
+    tokens: int,
+    flops: float,
+    peak: float | None,
+) -> dict[str, Any]:
+    """The report's `figures`, `table` and `raw` for the measurements done so far; ratios are
+    tokens/s over transformers' once it has been measured."""
+    fig = {k: figures(v, tokens, flops, peak) for k, v in results.items()}
+    for name, estimate in estimates.items():
+        if f"tulu_{name}" in fig:
+            fig[f"tulu_{name}"]["estimate_gib"] = estimate.total / 2**30
+            fig[f"tulu_{name}"]["estimate_without_overhead_gib"] = (
+                estimate.total - estimate.overhead
+            ) / 2**30
+
+    def ratio(a: float | None, key: str) -> float | None:
+        b = fig.get(key, {}).get("tokens_per_s")
+        return a / b if a is not None and b else None
+
+    table = [
+        {
+            "measurement": labels[key],
+            "tokens_per_s": f["tokens_per_s"],
+            "ms_per_step": f["ms_per_step"],
+            "mfu": f["mfu"],
+            "peak_memory_gib": f["peak_memory_gib"],
+            "estimate_gib": f.get("estimate_gib"),
+            "ratio_vs_fwd_bwd": ratio(f["tokens_per_s"], "transformers"),
+            "ratio_vs_fwd_bwd_adamw": ratio(f["tokens_per_s"], "transformers_adamw"),
+        }
+        for key, f in fig.items()
+    ]
+    return {"figures": fig, "table": table, "raw": results}
+
+
+def print_table(table: list[dict[str, Any]], gpu: bool) -> None:
+    def cell(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else fmt.format(value)
+
+    memory_label = "peak GiB" if gpu else "RSS growth GiB"
+    print(
+        f"\n{'':<26}{'tokens/s':>10}{'ms/step':>10}{'MFU':>8}{memory_label:>16}"
+        f"{'dry-run GiB':>13}{'vs HF fb':>10}{'vs HF +A':>10}"
+    )
+    for row in table:
+        print(
+            f"{row['measurement']:<26}{cell(row['tokens_per_s'], '{:,.0f}'):>10}"
+            f"{cell(row['ms_per_step'], '{:,.1f}'):>10}{cell(row['mfu'], '{:.1%}'):>8}"
+            f"{cell(row['peak_memory_gib'], '{:.2f}'):>16}{cell(row['estimate_gib'], '{:.2f}'):>13}"
+            f"{cell(row['ratio_vs_fwd_bwd'], '{:.2f}x'):>10}"
+            f"{cell(row['ratio_vs_fwd_bwd_adamw'], '{:.2f}x'):>10}"
+        )
 
 
 if __name__ == "__main__":

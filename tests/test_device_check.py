@@ -1,0 +1,166 @@
+"""benchmarks/device_check.py: the prepared GPU run, checked here at CPU sizes (`--smoke`), so
+that a session's few minutes of device time are not lost to a broken script."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+needs_shared = pytest.mark.skipif(
+    not (SHARED / "data" / "eval").is_dir(), reason="../shared/data/eval is absent"
+)
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location(
+        "device_check", REPO / "benchmarks" / "device_check.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["device_check"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+device_check = _load()
+
+
+@pytest.fixture(scope="module")
+def carry(tmp_path_factory) -> Path:
+    if not (SHARED / "data" / "eval").is_dir():
+        pytest.skip("../shared/data/eval is absent")
+    return device_check.prepare(SHARED, tmp_path_factory.mktemp("dc") / "carry", wheels=False)
+
+
+@needs_shared
+def test_prepare_copies_what_the_gpu_machine_lacks(carry) -> None:
+    data = carry / "data"
+    for name in device_check.EVAL_DIRS:
+        assert any((data / "eval" / name).iterdir()), name
+    assert not (data / "eval" / "tydiqa").exists()  # 3 of 9 languages: it cannot run
+    assert (data / "tokenizer.json").is_file() and (data / "gsm_8shot_exemplars.json").is_file()
+    assert (carry / "wheels").is_dir()
+    size = sum(f.stat().st_size for f in carry.rglob("*") if f.is_file())
+    assert size < 32 * 2**20  # the device tool carries 64 MiB at most, wheels included
+
+
+def test_the_carry_folder_is_excluded_from_git_once(tmp_path, monkeypatch) -> None:
+    (tmp_path / ".git" / "info").mkdir(parents=True)
+    (tmp_path / ".git" / "info" / "exclude").write_text("# git's own comment\n")
+    monkeypatch.setattr(device_check, "REPO", tmp_path)
+    device_check._exclude_from_git(tmp_path / ".device-carry")
+    device_check._exclude_from_git(tmp_path / ".device-carry")
+    device_check._exclude_from_git(tmp_path.parent / "elsewhere")  # outside: not listed
+    lines = (tmp_path / ".git" / "info" / "exclude").read_text().splitlines()
+    assert lines == ["# git's own comment", "/.device-carry/"]
+
+
+@needs_shared
+def test_smoke_run_has_every_part_and_figure(carry, tmp_path, capsys) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pytest-gpu.xml").write_text("stale")  # an earlier run's file is not reused
+    rc = device_check.main(["run", "--smoke", "--carry", str(carry), "--out", str(out)])
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "device-check.json").read_text())
+    statuses = {name: part["status"] for name, part in summary["parts"].items()}
+    assert statuses == dict.fromkeys(device_check.PARTS, "ok"), (
+        out / "device-check.log"
+    ).read_text()[-3000:]
+    assert rc == 0
+    assert summary["machine"]["torch"] and summary["machine"]["matmul_tflops"] > 0
+    figures = {(row["issue"], row["figure"]) for row in summary["figures"]}
+    for issue, start in [
+        (4, "pytest -m gpu"),
+        (4, "single-stream decode tokens/s"),
+        (4, "4 x (128/256) output tokens/s"),
+        (4, "prefill tokens/s"),
+        (7, "train MFU, adamw"),
+        (7, "train peak GiB, adamw"),
+        (8, "paper suite s"),
+    ]:
+        assert any(i == issue and f.startswith(start) for i, f in figures), start
+    tests = next(r for r in summary["figures"] if r["figure"].startswith("pytest"))
+    assert tests["measured"].startswith("0 / 0 / ")  # on a CPU every GPU test skips
+    log = (out / "device-check.log").read_text()
+    for part in device_check.PARTS:
+        assert f"===== {part}: " in log
+    assert "eval_suite.py" in log and "--time-budget" in log
+    eval_result = json.loads((out / "eval.json").read_text())
+    assert set(eval_result["seconds"]) == {"mmlu_0shot", "gsm_direct"}
+    assert eval_result["gsm_cot"]["prompts"] == 1
+    written = sorted(p.name for p in out.iterdir())
+    assert set(written) <= set(device_check.OUTPUT_FILES) and len(written) <= 8
+    assert "issue figure" in printed
+
+
+def test_a_failing_fast_path_falls_back_to_the_loop(tmp_path) -> None:
+    """The engine part's fast path fails (here: an option generation.py refuses at once):
+    the part still measures the engine, on the eager per-sequence path, and says so."""
+    out = tmp_path / "out"
+    argv = ["run", "--smoke", "--parts", "engine", "--decode-attention", "bogus"]
+    rc = device_check.main([*argv, "--out", str(out)])
+    summary = json.loads((out / "device-check.json").read_text())
+    engine = summary["parts"]["engine"]
+    assert rc == 0 and engine["status"] == "ok"
+    assert engine["note"].startswith("fallback (loop, eager) after the fast path failed")
+    assert "--decode-attention loop --enforce-eager" in engine["command"]
+    assert (out / "engine-loop.json").is_file() and not (out / "engine.json").exists()
+    rows = {row["figure"]: row for row in summary["figures"]}
+    assert rows["decode path"]["measured"] == engine["note"]
+    assert rows["single-stream decode tokens/s"]["measured"] > 0
+
+
+def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path) -> None:
+    pid_file = tmp_path / "child.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "time.sleep(120)\n"
+    )
+    step = device_check.Step("slow", [sys.executable, "-c", script], 3)
+    started = time.perf_counter()
+    outcome = device_check.execute(step, 3, dict(os.environ), tmp_path / "log")
+    assert outcome.status == "timeout" and time.perf_counter() - started < 30
+    child = int(pid_file.read_text())
+    for _ in range(100):  # the group was killed; the child is gone once reaped by init
+        if not Path(f"/proc/{child}").exists() or "Z" in _state(child):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {child} of the killed part is still running")
+    assert "===== slow: timeout" in (tmp_path / "log").read_text()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return "Z"
+
+
+def test_parts_that_do_not_fit_the_budget_are_skipped(tmp_path) -> None:
+    out = tmp_path / "out"
+    argv = ["run", "--smoke", "--parts", "env,eval", "--budget-s", "5", "--out", str(out)]
+    assert device_check.main(argv) == 1
+    summary = json.loads((out / "device-check.json").read_text())
+    assert {n: p["status"] for n, p in summary["parts"].items()} == {
+        "env": "skipped",
+        "eval": "skipped",
+    }
+    assert summary["figures"] == []
+
+
+def test_unknown_parts_are_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        device_check.main(["run", "--out", "x", "--parts", "env,gpu"])
+    assert info.value.code == 2
+    assert "expected some of env, tests, engine, train, eval" in capsys.readouterr().err
