@@ -74,6 +74,36 @@ def test_fsdp_on_one_gpu_over_nccl_trains_like_the_plain_run(assets: Path, tmp_p
         assert fsdp.losses[step] == pytest.approx(plain.losses[step], rel=1e-4, abs=1e-5), step
 
 
+@pytest.mark.parametrize("cpu_offload", [False, True], ids=["on-gpu", "cpu-offload"])
+def test_fsdp_loads_a_checkpoint_into_cuda_shards(
+    assets: Path, tmp_path: Path, cpu_offload: bool
+) -> None:
+    """model.path under FSDP: each tensor read on the CPU and sliced into CUDA shards (or
+    pinned CPU shards with cpu_offload), then trained over NCCL like the whole model loaded
+    in one process."""
+    from tulu.model import GPTNeoXForCausalLM, NeoXConfig
+    from tulu.model.checkpoint import save_model
+    from tulu.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(assets / "tokenizer")
+    fields = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4}
+    fields |= {"intermediate_size": 63, "max_position_embeddings": 64, "vocab_size": 641}
+    model = GPTNeoXForCausalLM(NeoXConfig(**fields, torch_dtype="float32"))
+    model.init_weights(5)
+    checkpoint = save_model(model, tmp_path / "checkpoint", tokenizer=tokenizer)
+    common = (f"model.path={checkpoint}", "model.config=null", "model.dtype=float32")
+    plain = _run(assets, tmp_path / "plain", *common, "distributed.fsdp=never")
+    sharded = _run(
+        assets,
+        tmp_path / "sharded",
+        *common,
+        "distributed.fsdp=always",
+        f"distributed.cpu_offload={str(cpu_offload).lower()}",
+    )
+    for step in range(1, STEPS + 1):
+        assert sharded.losses[step] == pytest.approx(plain.losses[step], rel=1e-4, abs=1e-5)
+
+
 @pytest.mark.parametrize("fsdp", ["never", "always"])
 def test_resume_on_cuda_continues_the_same_run(assets: Path, tmp_path: Path, fsdp: str) -> None:
     """10 steps straight; then the step-10 checkpoint removed and the run resumed from step 5:
