@@ -9,9 +9,11 @@ are built. The model is Pythia-14M's shape cut to one layer, with tiny counts.
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -212,6 +214,34 @@ def test_transformers_runs_a_sample_of_the_throughput_requests(model) -> None:
         check_throughput(w[key]["tulu"], 5)
         check_throughput(w[key]["transformers"], 2)
     assert results["settings"]["hf_num_requests"] == 2
+
+
+def test_the_engine_is_gone_before_transformers_runs(model, monkeypatch) -> None:
+    """On a GPU the engine's KV cache holds most of the free memory: transformers' batched
+    generate would run out of memory beside it, so the engine is dropped first."""
+    engines: list[weakref.ref] = []
+    real_init, real_twin = workloads.LLM.__init__, workloads.transformers_twin
+
+    def tracked_init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        engines.append(weakref.ref(self))
+
+    alive_when_twin_built: list[bool] = []
+
+    def twin(m):
+        gc.collect()
+        alive_when_twin_built.extend(ref() is not None for ref in engines)
+        return real_twin(m)
+
+    monkeypatch.setattr(workloads.LLM, "__init__", tracked_init)
+    monkeypatch.setattr(workloads, "transformers_twin", twin)
+    settings = BenchSettings(
+        num_requests=2, prompt_len=4, output_len=2, repeats=1, compare_transformers=True
+    )
+    results = run_benchmark(model, settings, name="tiny")
+    assert alive_when_twin_built == [False]
+    assert results["transformers_peak_memory_bytes"] >= 0
+    assert "(transformers " in format_report(results)
 
 
 def test_skip_leaves_workloads_out(model) -> None:

@@ -17,6 +17,11 @@ Workloads (all greedy, EOS ignored, so every request produces exactly its reques
 - peak memory, and on a GPU the decode roofline: the bytes one decode step must read (weights
   plus the live KV cache) over the measured device copy bandwidth.
 
+The requests are drawn first. tulu runs every workload, then its engine is dropped (on a GPU
+its KV cache holds most of the free memory) before transformers runs the same requests: each
+system has the device to itself, and each has its own peak memory (on the CPU the second is
+the process's high-water mark, which may be tulu's).
+
 transformers (when compared) runs its batched `generate` on length-sorted, left-padded batches
 of `hf_batch_size` requests, each batch generating up to its longest requested output; only the
 requested tokens are counted, as in vLLM's throughput benchmark for its HF backend. Its model
@@ -31,6 +36,7 @@ front ends), so `tulu bench` prints them on one line.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import platform
@@ -470,32 +476,85 @@ def copy_bandwidth(device: torch.device) -> float:
 
 
 # ------------------------------------------------------------------------------ the run
-def run_benchmark(
+@dataclass
+class _Workload:
+    """One workload's inputs, drawn before anything is timed so both systems get the same."""
+
+    kind: str  # single | throughput | prefill
+    key: str  # in results["workloads"]
+    label: str  # the table's workload column
+    requests: list[Request]
+
+
+def _plan(settings: BenchSettings, config: NeoXConfig, rng: random.Random, vocab: int) -> list:
+    p_len, new = settings.prompt_len, settings.single_new_tokens
+    plan: list[_Workload] = []
+    if settings.runs("single"):
+        reqs = make_requests(rng, settings.repeats, (p_len, p_len), (new, new), vocab)
+        plan.append(_Workload("single", "single_stream", "single stream", reqs))
+    fixed = (settings.output_len, settings.output_len)
+    for workload, n, prompt_range, output_range, key, label in (
+        (
+            "fixed",
+            settings.num_requests,
+            (p_len, p_len),
+            fixed,
+            f"fixed_{p_len}_{settings.output_len}",
+            f"{settings.num_requests} x ({p_len} in / {settings.output_len} out)",
+        ),
+        (
+            "mixed",
+            settings.mixed_requests,
+            settings.mixed_prompt_range,
+            settings.mixed_output_range,
+            "mixed",
+            f"{settings.mixed_requests} mixed ({settings.mixed_prompt_range[0]}-"
+            f"{settings.mixed_prompt_range[1]} in / {settings.mixed_output_range[0]}-"
+            f"{settings.mixed_output_range[1]} out)",
+        ),
+    ):
+        if settings.runs(workload):
+            reqs = make_requests(rng, n, prompt_range, output_range, vocab)
+            plan.append(_Workload("throughput", key, label, reqs))
+    if settings.runs("prefill"):
+        n = settings.prefill_length(config)
+        reqs = make_requests(rng, settings.repeats, (n, n), (1, 1), vocab)
+        plan.append(_Workload("prefill", f"prefill_{n + 1}", f"prefill {n:,} tokens", reqs))
+    return plan
+
+
+def _measure(work: _Workload, single: Callable, throughput: Callable) -> dict[str, Any]:
+    """One system's figures for `work`: `single(prompt, new_tokens)` for the single stream and
+    the prefill (a one-token request: its time to first token is the prefill),
+    `throughput(requests)` for the offline workloads."""
+    prompts = [p for p, _ in work.requests]
+    if work.kind == "single":
+        new = work.requests[0][1]
+        return median_of(lambda prompt: single(prompt, new), prompts)
+    if work.kind == "prefill":
+        ms = median_of(lambda prompt: single(prompt, 1), prompts)["ttft_ms"]
+        return {"tokens_per_s": len(prompts[0]) / ms * 1e3}
+    return throughput(work.requests)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _run_tulu(
     model: GPTNeoXForCausalLM,
+    tokenizer: Tokenizer | None,
     settings: BenchSettings,
-    *,
-    name: str,
-    preset_name: str | None = None,
-    tokenizer: Tokenizer | None = None,
-    progress: Callable[[str], None] | None = None,
+    plan: list[_Workload],
+    say: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Every workload `settings` asks for; the results as a JSON-ready dict.
-
-    The dict holds `workloads` (each workload's raw figures per system), the run's metadata,
-    `roofline` on a GPU, and `table`: one row per figure with tulu's value, transformers' value
-    and the ratio (> 1 means tulu is better: faster, or less time), both None when transformers
-    was not run. `format_report` prints it.
-    """
+    """Every workload of `plan` on a fresh engine; its figures, start-up time, peak memory and
+    KV-cache size. The engine is dropped on return."""
     config = model.config
-    check_settings(settings, config)
-    say = progress or (lambda _message: None)
-    param = next(model.parameters())
-    device, dtype = param.device, param.dtype
-    gpu = device.type == "cuda"
-    theirs = transformers_twin(model) if settings.compare_transformers else None
-    rng = random.Random(settings.seed)
-    vocab = min(config.vocab_size, PROMPT_VOCAB_CAP, len(tokenizer) if tokenizer else math.inf)
-
+    device = next(model.parameters()).device
     started = time.perf_counter()
     gb = settings.kv_cache_gb
     try:
@@ -521,113 +580,125 @@ def run_benchmark(
             f"{held} {capacity:,} tokens, fewer than the {largest:,} tokens of the largest "
             "request (raise --kv-cache-gb)"
         )
-    # One short warm-up request each, so that one-off costs (allocator, kernels) are not timed.
+    # One short warm-up request, so that one-off costs (allocator, kernels) are not timed.
     llm.generate([[1, 2, 3]], _greedy(4), progress=False)
+    figures = {}
+    for work in plan:
+        say(f"tulu: {work.label}")
+        figures[work.key] = _measure(
+            work,
+            lambda prompt, new: tulu_single_stream(llm, prompt, new, device),
+            lambda reqs: tulu_throughput(llm, reqs, device),
+        )
+    return {
+        "figures": figures,
+        "startup": startup,
+        "peak": peak_memory_bytes(device),
+        "num_blocks": pool.num_blocks,
+        "block_size": pool.block_size,
+    }
+
+
+def run_benchmark(
+    model: GPTNeoXForCausalLM,
+    settings: BenchSettings,
+    *,
+    name: str,
+    preset_name: str | None = None,
+    tokenizer: Tokenizer | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every workload `settings` asks for; the results as a JSON-ready dict.
+
+    The requests are drawn first; tulu's engine then runs every workload, and is shut down
+    (its KV cache, which takes most of a GPU's free memory, given back) before transformers
+    runs the same workloads on the same weights: each system has the device to itself.
+
+    The dict holds `workloads` (each workload's raw figures per system), the run's metadata
+    (`peak_memory_bytes` is tulu's, `transformers_peak_memory_bytes` transformers'),
+    `roofline` on a GPU, and `table`: one row per figure with tulu's value, transformers'
+    value and the ratio (> 1 means tulu is better: faster, or less time), both None when
+    transformers was not run. `format_report` prints it.
+    """
+    config = model.config
+    check_settings(settings, config)
+    say = progress or (lambda _message: None)
+    param = next(model.parameters())
+    device, dtype = param.device, param.dtype
+    gpu = device.type == "cuda"
+    rng = random.Random(settings.seed)
+    vocab = min(config.vocab_size, PROMPT_VOCAB_CAP, len(tokenizer) if tokenizer else math.inf)
+    plan = _plan(settings, config, rng, vocab)
+    results: dict[str, Any] = {"workloads": {w.key: {} for w in plan}}
+    workloads = results["workloads"]
+
+    # ---- tulu (its engine, and the KV cache it holds, are gone when this returns)
+    _free(device)
+    engine_info = _run_tulu(model, tokenizer, settings, plan, say)
+    for key, figures in engine_info.pop("figures").items():
+        workloads[key]["tulu"] = figures
+    _free(device)
+
+    # ---- transformers, on the same requests (throughput: the first hf_num_requests)
+    theirs = transformers_twin(model) if settings.compare_transformers else None
+    hf_peak = None
     if theirs is not None:
         hf_generate(theirs, [([1, 2, 3], 4)], 4, device)
+        for work in plan:
+            sample = work.requests
+            if work.kind == "throughput":
+                sample = sample[: settings.hf_num_requests]
+                workloads[work.key]["transformers_requests"] = len(sample)
+            say(f"transformers: {work.label}")
+            workloads[work.key]["transformers"] = _measure(
+                _Workload(work.kind, work.key, work.label, sample),
+                lambda prompt, new: hf_single_stream(theirs, prompt, new, device),
+                lambda reqs: hf_throughput(theirs, reqs, settings.hf_batch_size, device),
+            )
+        hf_peak = peak_memory_bytes(device)
 
-    results: dict[str, Any] = {"workloads": {}}
-    workloads = results["workloads"]
+    # ---- the table (and the committed JSON layout: prefill figures flat, requests counts)
     rows: list[tuple[str, str, float, float | None, float | None]] = []
 
-    def add(
-        workload: str, metric: str, ours: float, hf: float | None, higher_is_better: bool = True
-    ) -> None:
-        ratio = None if hf is None else (ours / hf if higher_is_better else hf / ours)
+    def add(workload: str, metric: str, ours: float, hf: float | None, higher: bool = True):
+        ratio = None if hf is None else (ours / hf if higher else hf / ours)
         rows.append((workload, metric, ours, hf, ratio))
 
-    def of(figures: dict | None, key: str) -> float | None:
-        return None if figures is None else figures[key]
+    for work in plan:
+        entry = workloads[work.key]
+        a, b = entry["tulu"], entry.get("transformers")
+        if work.kind == "single":
+            p_len = len(work.requests[0][0])
+            for metric, key, higher in (
+                (f"TTFT ms ({p_len}-token prompt)", "ttft_ms", False),
+                ("ms / output token", "ms_per_token", False),
+                ("tokens/s", "tokens_per_s", True),
+            ):
+                add(work.label, metric, a[key], None if b is None else b[key], higher)
+        elif work.kind == "throughput":
+            entry["requests"] = len(work.requests)
+            add(
+                work.label,
+                "output tokens/s",
+                a["output_tokens_per_s"],
+                None if b is None else b["output_tokens_per_s"],
+            )
+        else:
+            flat: dict[str, Any] = {"prompt_tokens": len(work.requests[0][0])}
+            flat["tulu_tokens_per_s"] = a["tokens_per_s"]
+            if b is not None:
+                flat["transformers_tokens_per_s"] = b["tokens_per_s"]
+            workloads[work.key] = flat
+            add(work.label, "tokens/s", a["tokens_per_s"], None if b is None else b["tokens_per_s"])
 
-    def both(entry: dict, ours: dict, hf: dict | None) -> dict:
-        entry["tulu"] = ours
-        if hf is not None:
-            entry["transformers"] = hf
-        return entry
-
-    p_len, new = settings.prompt_len, settings.single_new_tokens
-    single_prompts: list[list[int]] = []
-    if settings.runs("single"):
-        say(f"single stream: {settings.repeats} x ({p_len} in / {new} out)")
-        single_prompts = [
-            p for p, _ in make_requests(rng, settings.repeats, (p_len, p_len), (1, 1), vocab)
-        ]
-        a = median_of(lambda p: tulu_single_stream(llm, p, new, device), single_prompts)
-        b = None
-        if theirs is not None:
-            b = median_of(lambda p: hf_single_stream(theirs, p, new, device), single_prompts)
-        workloads["single_stream"] = both({}, a, b)
-        add(
-            "single stream",
-            f"TTFT ms ({p_len}-token prompt)",
-            a["ttft_ms"],
-            of(b, "ttft_ms"),
-            False,
-        )
-        add("single stream", "ms / output token", a["ms_per_token"], of(b, "ms_per_token"), False)
-        add("single stream", "tokens/s", a["tokens_per_s"], of(b, "tokens_per_s"))
-
-    throughput_runs = [
-        (
-            "fixed",
-            settings.num_requests,
-            (p_len, p_len),
-            (settings.output_len, settings.output_len),
-            f"fixed_{p_len}_{settings.output_len}",
-            f"{settings.num_requests} x ({p_len} in / {settings.output_len} out)",
-        ),
-        (
-            "mixed",
-            settings.mixed_requests,
-            settings.mixed_prompt_range,
-            settings.mixed_output_range,
-            "mixed",
-            f"{settings.mixed_requests} mixed ({settings.mixed_prompt_range[0]}-"
-            f"{settings.mixed_prompt_range[1]} in / {settings.mixed_output_range[0]}-"
-            f"{settings.mixed_output_range[1]} out)",
-        ),
-    ]
-    for workload, n, prompt_range, output_range, key, label in throughput_runs:
-        if not settings.runs(workload):
-            continue
-        say(f"offline throughput: {label}")
-        reqs = make_requests(rng, n, prompt_range, output_range, vocab)
-        a = tulu_throughput(llm, reqs, device)
-        b = None
-        record: dict[str, Any] = {"requests": n}
-        if theirs is not None:
-            sample = reqs[: settings.hf_num_requests]
-            b = hf_throughput(theirs, sample, settings.hf_batch_size, device)
-            record["transformers_requests"] = len(sample)
-        workloads[key] = both(record, a, b)
-        add(
-            label,
-            "output tokens/s",
-            a["output_tokens_per_s"],
-            of(b, "output_tokens_per_s"),
-        )
-
-    if settings.runs("prefill"):
-        n = settings.prefill_length(config)
-        say(f"prefill: {settings.repeats} x {n} tokens")
-        prompts = [p for p, _ in make_requests(rng, settings.repeats, (n, n), (1, 1), vocab)]
-        # The prompt and one new token: the time to the first token is the prefill.
-        a_ms = median_of(lambda p: tulu_single_stream(llm, p, 1, device), prompts)["ttft_ms"]
-        entry: dict[str, Any] = {"prompt_tokens": n, "tulu_tokens_per_s": n / a_ms * 1e3}
-        b_rate = None
-        if theirs is not None:
-            b_ms = median_of(lambda p: hf_single_stream(theirs, p, 1, device), prompts)["ttft_ms"]
-            b_rate = n / b_ms * 1e3
-            entry["transformers_tokens_per_s"] = b_rate
-        workloads[f"prefill_{n + 1}"] = entry
-        add(f"prefill {n:,} tokens", "tokens/s", entry["tulu_tokens_per_s"], b_rate)
-
-    if gpu and settings.hf_compile and theirs is not None and single_prompts:
+    single = next((w for w in plan if w.kind == "single"), None)
+    if gpu and settings.hf_compile and theirs is not None and single is not None:
         say("transformers with static cache + torch.compile: compiling")
+        p_len, new = len(single.requests[0][0]), single.requests[0][1]
         theirs.generation_config.cache_implementation = "static"
         theirs.forward = torch.compile(theirs.forward, mode="reduce-overhead", fullgraph=True)
         t0 = time.perf_counter()
-        hf_single_stream(theirs, single_prompts[0], 8, device)  # compile
+        hf_single_stream(theirs, single.requests[0][0], 8, device)  # compile
         compile_s = time.perf_counter() - t0
         prompt = make_requests(rng, 1, (p_len, p_len), (1, 1), vocab)[0][0]
         c = hf_single_stream(theirs, prompt, new, device)
@@ -642,9 +713,6 @@ def run_benchmark(
             c["tokens_per_s"],
         )
 
-    transformers_version = None
-    if theirs is not None:
-        transformers_version = import_transformers().__version__
     results.update(
         {
             "model": name,
@@ -657,11 +725,12 @@ def run_benchmark(
             else (platform.processor() or "cpu"),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
-            "transformers": transformers_version,
-            "engine_startup_seconds": startup,
-            "peak_memory_bytes": peak_memory_bytes(device),
-            "kv_cache_blocks": pool.num_blocks,
-            "block_size": pool.block_size,
+            "transformers": import_transformers().__version__ if theirs is not None else None,
+            "engine_startup_seconds": engine_info["startup"],
+            "peak_memory_bytes": engine_info["peak"],
+            "transformers_peak_memory_bytes": hf_peak,
+            "kv_cache_blocks": engine_info["num_blocks"],
+            "block_size": engine_info["block_size"],
             "settings": settings.as_dict(),
         }
     )
@@ -669,7 +738,9 @@ def run_benchmark(
         bandwidth = copy_bandwidth(device)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         kv_per_token = config.kv_cache_bytes_per_token(dtype)
-        step_bytes = weights + kv_per_token * (p_len + new // 2)
+        step_bytes = weights + kv_per_token * (
+            settings.prompt_len + settings.single_new_tokens // 2
+        )
         limit = bandwidth / step_bytes
         achieved = workloads.get("single_stream", {}).get("tulu", {}).get("tokens_per_s")
         results["roofline"] = {
@@ -707,8 +778,11 @@ def format_report(results: dict[str, Any]) -> str:
             hf, ratio = row["transformers"], row["ratio"]
             line += f" {hf:>13.1f} {ratio:>7.2f}x" if hf is not None else f" {'-':>13} {'-':>8}"
         lines.append(line)
+    memory = f"peak memory {results['peak_memory_bytes'] / 2**20:,.0f} MiB"
+    if results.get("transformers_peak_memory_bytes") is not None:
+        memory += f" (transformers {results['transformers_peak_memory_bytes'] / 2**20:,.0f} MiB)"
     lines.append(
-        f"peak memory {results['peak_memory_bytes'] / 2**20:,.0f} MiB; engine start-up "
+        f"{memory}; engine start-up "
         f"{results['engine_startup_seconds']:.1f} s; KV cache {results['kv_cache_blocks']} blocks "
         f"x {results['block_size']} tokens"
     )
