@@ -101,6 +101,49 @@ def test_smoke_run_has_every_part_and_figure(carry, tmp_path, capsys) -> None:
     assert "issue figure" in printed
 
 
+class _Parsed(Exception):
+    """Raised where a benchmark, its arguments accepted, would start the real work."""
+
+
+def _entry(path: str) -> tuple[object, str]:
+    """("pkg.module.attr" or "pkg.module.Class.attr") -> (owner, attribute name)."""
+    owner_path, _, name = path.rpartition(".")
+    try:
+        return importlib.import_module(owner_path), name
+    except ModuleNotFoundError:
+        module, _, cls = owner_path.rpartition(".")
+        return getattr(importlib.import_module(module), cls), name
+
+
+@pytest.mark.parametrize(
+    ("part", "entry"),
+    [
+        ("engine", "tulu.bench.workloads.random_model"),
+        ("train", "tulu.train.distributed.init_distributed"),
+        ("eval", "tulu.tokenizer.Tokenizer.load"),
+    ],
+)
+def test_the_gpu_commands_parse(part, entry, tmp_path, monkeypatch) -> None:
+    """The GPU-size command lines (not run by --smoke) are accepted by their scripts up to
+    the point where the work starts: a typo there would only show on the GPU machine, after
+    its start-up minutes."""
+    import argparse
+    import runpy
+
+    def reached(*_args, **_kwargs):
+        raise _Parsed
+
+    args = argparse.Namespace(parts=(part,), smoke=False, decode_attention=None, eval_tasks=None)
+    data = device_check.DataPaths(tmp_path, tmp_path / "tokenizer.json", tmp_path / "ex.json")
+    (step,) = device_check.plan(args, tmp_path, data)
+    owner, name = _entry(entry)
+    monkeypatch.setattr(owner, name, reached)
+    for argv in [step.argv] + ([step.fallback.argv] if step.fallback else []):
+        monkeypatch.setattr(sys, "argv", argv[1:])
+        with pytest.raises(_Parsed):
+            runpy.run_path(argv[1], run_name="__main__")
+
+
 def test_a_failing_fast_path_falls_back_to_the_loop(tmp_path) -> None:
     """The engine part's fast path fails (here: an option generation.py refuses at once):
     the part still measures the engine, on the eager per-sequence path, and says so."""
