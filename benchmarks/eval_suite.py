@@ -34,7 +34,7 @@ import torch
 from tulu.bench.workloads import random_model, transformers_twin
 from tulu.engine.engine import LLM
 from tulu.errors import TuluError
-from tulu.eval.backends import Decoding, EngineBackend
+from tulu.eval.backends import EngineBackend
 from tulu.eval.runner import PAPER_SUITE, EvalContext, check_tasks, missing_files, run_tasks
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.config import dtype_name, parse_dtype
@@ -98,6 +98,8 @@ def peer_gsm(
 ):
     """transformers' generate on the same prompts (greedy, 512 tokens, stop at a newline), on
     the very tensors of `model` (`transformers_twin`: no second copy of a 6.9B model)."""
+    from tulu.eval import gsm
+
     hf = transformers_twin(model)
     newline = tokenizer.encode("\n")
     started = time.perf_counter()
@@ -110,7 +112,7 @@ def peer_gsm(
             hf.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                max_new_tokens=512,
+                max_new_tokens=gsm.GENERATION.max_tokens,
                 do_sample=False,
                 eos_token_id=newline[-1],
                 pad_token_id=0,
@@ -241,7 +243,7 @@ def main() -> None:
             gsm.build_prompt(q.question, source.exemplars, "cot", "paper") for q in questions
         ]
         t0 = time.perf_counter()
-        EngineBackend(llm, progress=False).generate(prompts, Decoding(max_tokens=512, stop=("\n",)))
+        EngineBackend(llm, progress=False).generate(prompts, gsm.GENERATION)
         ours_gsm = time.perf_counter() - t0
         # The engine's KV cache took most of a GPU's free memory: give it back for the peer.
         del ctx, llm

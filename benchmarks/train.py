@@ -59,7 +59,7 @@ from tulu.model import GPTNeoXForCausalLM, NeoXConfig, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.train.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
 from tulu.train.distributed import World, clip_grad_norm, init_distributed, prepare_model
-from tulu.train.memory import estimate_memory
+from tulu.train.memory import OPTIMIZERS, estimate_memory
 from tulu.train.metrics import micro_batch_flops, peak_flops
 from tulu.train.optim import build_optimizer, build_scheduler
 from tulu.train.trainer import backward_step, micro_batch_loss
@@ -69,7 +69,6 @@ RESULTS = Path(__file__).parent / "results"
 #: a minute, with Pythia's vocabulary (its LM head dominates at this width).
 TINY = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4}
 TOKEN_IDS = 50277  # ids of the Pythia tokenizer; the padded vocabularies are larger
-OPTIMIZERS = ("adamw", "adamw_bf16", "adamw_8bit")
 
 
 # ------------------------------------------------------------------------------ machine

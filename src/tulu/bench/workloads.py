@@ -486,19 +486,20 @@ class _Workload:
     requests: list[Request]
 
 
-def _plan(settings: BenchSettings, config: NeoXConfig, rng: random.Random, vocab: int) -> list:
+def _plan(
+    settings: BenchSettings, config: NeoXConfig, rng: random.Random, vocab: int
+) -> list[_Workload]:
     p_len, new = settings.prompt_len, settings.single_new_tokens
     plan: list[_Workload] = []
     if settings.runs("single"):
         reqs = make_requests(rng, settings.repeats, (p_len, p_len), (new, new), vocab)
         plan.append(_Workload("single", "single_stream", "single stream", reqs))
-    fixed = (settings.output_len, settings.output_len)
     for workload, n, prompt_range, output_range, key, label in (
         (
             "fixed",
             settings.num_requests,
             (p_len, p_len),
-            fixed,
+            (settings.output_len, settings.output_len),
             f"fixed_{p_len}_{settings.output_len}",
             f"{settings.num_requests} x ({p_len} in / {settings.output_len} out)",
         ),
@@ -660,7 +661,7 @@ def run_benchmark(
     # ---- the table (and the committed JSON layout: prefill figures flat, requests counts)
     rows: list[tuple[str, str, float, float | None, float | None]] = []
 
-    def add(workload: str, metric: str, ours: float, hf: float | None, higher: bool = True):
+    def add(workload: str, metric: str, ours: float, hf: float | None, higher: bool = True) -> None:
         ratio = None if hf is None else (ours / hf if higher else hf / ours)
         rows.append((workload, metric, ours, hf, ratio))
 
