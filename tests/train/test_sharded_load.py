@@ -20,6 +20,7 @@ it, without hanging.
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,14 @@ def write_checkpoints(root: Path) -> None:
     for p in large.parameters():
         p.data.fill_(0.01)
     save_model(large, root / "large")
+
+
+def without_weights(checkpoint: Path, copy: Path) -> Path:
+    """A copy of `checkpoint` whose weight files are garbage: loading them is an error."""
+    shutil.copytree(checkpoint, copy)
+    for weights in [*copy.glob("*.safetensors"), *copy.glob("*.bin")]:
+        weights.write_bytes(b"not weights")
+    return copy
 
 
 def worker_config(checkpoint: Path, lora: bool = False, dtype: str = "float32") -> TrainConfig:
@@ -288,7 +297,7 @@ def test_two_processes_from_a_checkpoint_train_and_resume_like_one(
 ) -> None:
     """torchrun -m tulu.train from model.path (FSDP, sharded load) vs one process (the whole
     checkpoint loaded, no FSDP): the same losses and exported weights; then a 2-process run
-    resumed from the step-2 checkpoint (loaded over the sharded load) continues the same."""
+    resumed from the step-2 checkpoint continues the same."""
     overrides = (
         f"model.path={checkpoints / 'odd'}",
         "model.config=null",
@@ -312,7 +321,13 @@ def test_two_processes_from_a_checkpoint_train_and_resume_like_one(
         return train_losses(tmp_path / out / "metrics.jsonl")
 
     two = two_processes("two")
-    resumed = two_processes("resumed", f"checkpoint.resume={tmp_path / 'two' / 'step-000002'}")
+    # The resumed run never reads model.path's weights (the DCP checkpoint holds them all):
+    # here they are garbage, and it still continues exactly.
+    resumed = two_processes(
+        "resumed",
+        f"checkpoint.resume={tmp_path / 'two' / 'step-000002'}",
+        f"model.path={without_weights(checkpoints / 'odd', tmp_path / 'no-weights')}",
+    )
     one = train(make_config(assets, tmp_path / "one", *overrides))
     assert sorted(two) == sorted(resumed) == sorted(one.losses) == [1, 2, 3, 4]
     for step, loss in one.losses.items():
@@ -326,6 +341,47 @@ def test_two_processes_from_a_checkpoint_train_and_resume_like_one(
         b = load_model(tmp_path / out / "final", dtype=torch.float32).state_dict()
         for name in a:
             torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.usefixtures("no_torchrun_env")
+@pytest.mark.parametrize("fsdp", ["never", "always"])
+def test_a_resumed_run_does_not_read_the_checkpoint_weights(
+    assets: Path, checkpoints: Path, tmp_path: Path, fsdp: str
+) -> None:
+    """One process, whole model or FSDP over a mesh of one: resumed from its step-2
+    checkpoint with model.path's weights replaced by garbage, the run still gives the
+    uninterrupted run's losses (only model.path's config.json is read)."""
+    overrides = (
+        "model.config=null",
+        f"distributed.fsdp={fsdp}",
+        "optim.micro_batch_size=2",
+        "optim.global_batch_size=4",
+        "optim.max_steps=4",
+        "optim.lr=3e-3",
+        "checkpoint.every_steps=2",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    straight = train(
+        make_config(assets, tmp_path / "straight", f"model.path={checkpoints / 'odd'}", *overrides)
+    )
+    weightless = without_weights(checkpoints / "odd", tmp_path / "no-weights")
+    resumed = train(
+        make_config(
+            assets,
+            tmp_path / "resumed",
+            f"model.path={weightless}",
+            f"checkpoint.resume={tmp_path / 'straight' / 'step-000002'}",
+            *overrides,
+        )
+    )
+    assert resumed.resumed_from == tmp_path / "straight" / "step-000002"
+    assert sorted(resumed.losses) == [3, 4]
+    for step in (3, 4):
+        assert resumed.losses[step] == pytest.approx(straight.losses[step], rel=1e-6), step
+    with pytest.raises(TuluError, match="model.safetensors"):
+        train(make_config(assets, tmp_path / "fresh", f"model.path={weightless}", *overrides))
 
 
 @pytest.mark.usefixtures("no_torchrun_env")

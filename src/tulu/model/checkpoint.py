@@ -156,6 +156,23 @@ def load_model(
     return net
 
 
+def empty_model(
+    config: NeoXConfig, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> GPTNeoXForCausalLM:
+    """A model with uninitialised weights in `dtype` (default float32) on `device`, for
+    callers that fill every weight next (a state dict, a training checkpoint). Fast even at
+    6.9B: built on the meta device, then given storage in the target dtype directly, so it
+    never holds a float32 copy of a bfloat16 model. The tied LM head is tied again.
+    """
+    with torch.device("meta"):
+        net = GPTNeoXForCausalLM(config)
+    if dtype is not None:
+        net.to(dtype)
+    net.to_empty(device=device)
+    net.tie_weights()
+    return net
+
+
 def checkpoint_tensors(
     directory: Path,
     wanted: dict[str, tuple[int, ...]],

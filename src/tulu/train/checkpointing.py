@@ -49,7 +49,6 @@ from torch import nn
 
 from tulu.errors import CheckpointError
 from tulu.model.config import NeoXConfig
-from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.train.config import CheckpointConfig, TrainConfig
 from tulu.train.distributed import (
     World,
@@ -290,15 +289,6 @@ def load_checkpoint(
 
 
 # ------------------------------------------------------------------------------ export
-def _empty_model(config: NeoXConfig) -> GPTNeoXForCausalLM:
-    """A model with uninitialised CPU weights (fast even at 6.9B: nothing is initialised)."""
-    with torch.device("meta"):
-        model = GPTNeoXForCausalLM(config)
-    model.to_empty(device="cpu")
-    model.tie_weights()
-    return model
-
-
 def _replace_dir(tmp: Path, final: Path) -> Path:
     _swap_in(tmp, final)
     return final
@@ -315,13 +305,13 @@ def export_final(
 ) -> dict[str, Path]:
     """Write ``final/`` (and ``final-adapter/`` for LoRA) under the output directory; all
     ranks call it (the weights are gathered), rank 0 writes. Returns the paths written."""
-    from tulu.model.checkpoint import save_model
+    from tulu.model.checkpoint import empty_model, save_model
 
     state = full_model_state_dict(model, world)
     written: dict[str, Path] = {}
     if world.is_main:
         root = Path(config.checkpoint.output_dir)
-        net = _empty_model(model_config)
+        net = empty_model(model_config)
         try:
             if config.lora.enabled:
                 from tulu.train.lora import apply_lora, merge_lora, save_adapter

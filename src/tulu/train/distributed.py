@@ -508,36 +508,20 @@ def checkpoint_slots(model: GPTNeoXForCausalLM) -> dict[str, Slot]:
 
 
 @torch.no_grad()
-def load_checkpoint_shards(
-    model: nn.Module, directory: Path, slots: dict[str, Slot], world: World
-) -> None:
-    """Fill `model`, built on the meta device and sharded by `prepare_model`, from the HF
-    checkpoint in `directory`: each rank reads the checkpoint itself and keeps only its shards.
+def allocate_shards(model: nn.Module, world: World) -> dict[Slot, str]:
+    """Give `model`, built on the meta device and sharded by `prepare_model`, real (and
+    uninitialised) storage for this rank's shards; returns the slots still without a value,
+    by name.
 
-    1. The checkpoint is checked before anything is allocated (names, shapes, missing
-       tensors: `tulu.model.checkpoint.checkpoint_tensors`, with `load_model`'s messages).
-    2. `to_empty(device=world.device)` allocates this rank's shards (FSDP2 re-pads them and,
-       with `cpu_offload`, pins them). Tensors that already had values (LoRA adapters, which
-       PEFT creates and initialises before sharding) are saved before and restored after.
-       A tied LM head stays tied: FSDP2 swaps the contents of each parameter object.
-    3. The checkpoint tensors are read one at a time in their parameter's dtype (the float32
-       master dtype for trainable ones, the compute dtype for frozen ones); each rank copies
-       its slice of each into the parameter's local shard and drops the tensor. The slice is
-       `distribute_tensor(..., src_data_rank=None)`: cut locally with the chunking FSDP2
-       shards by (torch.chunk along dim 0, a smaller last chunk, empty chunks for ranks past
-       the end), no communication.
+    `to_empty(device=world.device)` allocates the shards (FSDP2 re-pads them and, with
+    `cpu_offload`, pins them). Tensors that already had values (LoRA adapters, which PEFT
+    creates and initialises before sharding) are saved before and restored after. A tied LM
+    head stays tied: FSDP2 swaps the contents of each parameter object.
 
-    Host memory per rank while loading: its shards plus the largest single tensor (and one
-    read chunk when the dtype changes). GPT-NeoX has no buffers to recompute (its rotary
-    tables are computed in each forward); any tensor that was on the meta device and is
-    neither restored nor in the checkpoint is an error. Call it through `on_every_rank`.
+    A resumed run calls this alone: its DCP checkpoint holds every parameter, so reading
+    the HF checkpoint first (`load_checkpoint_shards`) would be wasted work (14 GB for
+    6.9B in bfloat16, on every rank).
     """
-    from tulu.model.checkpoint import checkpoint_tensors
-
-    shapes = {name: tuple(getattr(module, attr).shape) for name, (module, attr) in slots.items()}
-    tensors = checkpoint_tensors(
-        directory, shapes, lambda name, _: getattr(*slots[name]).dtype, device="cpu"
-    )
     names: dict[Slot, str] = {}
     kept: dict[Slot, Tensor] = {}
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
@@ -553,15 +537,44 @@ def load_checkpoint_shards(
         if isinstance(net, GPTNeoXForCausalLM) and net.config.tie_word_embeddings:
             if net.embed_out.weight is not net.gpt_neox.embed_in.weight:
                 raise TuluError("to_empty untied the tied LM head of the sharded model")
-    missing = {slot for slot in names if slot not in kept}
+    return {slot: name for slot, name in names.items() if slot not in kept}
+
+
+@torch.no_grad()
+def load_checkpoint_shards(
+    model: nn.Module, directory: Path, slots: dict[str, Slot], world: World
+) -> None:
+    """Fill `model`, built on the meta device and sharded by `prepare_model`, from the HF
+    checkpoint in `directory`: each rank reads the checkpoint itself and keeps only its shards.
+
+    1. The checkpoint is checked before anything is allocated (names, shapes, missing
+       tensors: `tulu.model.checkpoint.checkpoint_tensors`, with `load_model`'s messages).
+    2. `allocate_shards` allocates this rank's shards, keeping values already set (LoRA).
+    3. The checkpoint tensors are read one at a time in their parameter's dtype (the float32
+       master dtype for trainable ones, the compute dtype for frozen ones); each rank copies
+       its slice of each into the parameter's local shard and drops the tensor. The slice is
+       cut on the host (`_local_shard`), so only this rank's part travels to its device.
+
+    Host memory per rank while loading: its shards plus the largest single tensor (and one
+    read chunk when the dtype changes). GPT-NeoX has no buffers to recompute (its rotary
+    tables are computed in each forward); any tensor that was on the meta device and is
+    neither restored nor in the checkpoint is an error. Call it through `on_every_rank`.
+    """
+    from tulu.model.checkpoint import checkpoint_tensors
+
+    shapes = {name: tuple(getattr(module, attr).shape) for name, (module, attr) in slots.items()}
+    tensors = checkpoint_tensors(
+        directory, shapes, lambda name, _: getattr(*slots[name]).dtype, device="cpu"
+    )
+    missing = allocate_shards(model, world)
     for name, full in tensors:
         slot = slots[name]
         target = getattr(*slot)
         _local(target).copy_(_local_shard(full, target, name))
-        missing.discard(slot)
+        missing.pop(slot, None)
         del full
     if missing:
-        unfilled = ", ".join(sorted(names[slot] for slot in missing))
+        unfilled = ", ".join(sorted(missing.values()))
         raise TuluError(f"{directory}: no value for {unfilled} (not in the checkpoint)")
 
 
@@ -573,14 +586,30 @@ def _local(tensor: Tensor) -> Tensor:
 
 
 def _local_shard(full: Tensor, target: Tensor, name: str) -> Tensor:
-    """This rank's part of `full`, laid out as the (sharded) parameter `target`."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """This rank's part of `full`, laid out as the (sharded) parameter `target`, cut where
+    `full` lies (the host), so that only the part travels to the device.
+
+    Each `Shard(dim)` placement cuts as FSDP2 shards: ``torch.chunk`` along `dim` over that
+    mesh dimension (a smaller last chunk, empty chunks for ranks past the end); `Replicate`
+    keeps the whole. (`distribute_tensor` would first copy the whole tensor to the device:
+    the 0.8 GB embedding of 6.9B, on every rank.) The shape is checked against the shard.
+    """
+    from torch.distributed.tensor import DTensor, Replicate, Shard
 
     if not isinstance(target, DTensor):
         return full
-    shard = distribute_tensor(
-        full, target.device_mesh, target.placements, src_data_rank=None
-    ).to_local()
+    mesh = target.device_mesh
+    shard = full
+    for mesh_dim, placement in enumerate(target.placements):
+        if isinstance(placement, Shard):
+            chunks = shard.chunk(mesh.size(mesh_dim), dim=placement.dim)
+            index = mesh.get_local_rank(mesh_dim)
+            if index < len(chunks):
+                shard = chunks[index]
+            else:
+                shard = shard.narrow(placement.dim, 0, 0)
+        elif not isinstance(placement, Replicate):
+            raise TuluError(f"{name}: cannot load into a parameter placed as {placement}")
     if shard.shape != target.to_local().shape:
         raise TuluError(
             f"{name}: the slice of the checkpoint tensor has shape {list(shard.shape)}, this "

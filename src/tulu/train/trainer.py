@@ -9,7 +9,8 @@ when enabled; `prepare_model` (device, dtypes, activation checkpointing, FSDP2),
 meta device and each rank reads the checkpoint into its own shards after `prepare_model`
 (`tulu.train.distributed.load_checkpoint_shards`). Then the run tokenizes the training and
 validation files (rank 0 first, the others then hit the cache); builds the optimizer and
-schedule; resumes from a checkpoint if there is one (loaded over the model's weights); runs
+schedule; resumes from a checkpoint if there is one (it holds every weight, so a resumed run
+reads only the config.json of ``model.path``, never its weights); runs
 the steps of the `DataPlan`; writes checkpoints, metrics, the validation loss, the loss plot
 and the final HF export (`tulu.train.checkpointing`, `tulu.train.metrics`).
 
@@ -93,6 +94,7 @@ from tulu.train.distributed import (
     World,
     accumulation_steps,
     all_reduce_sum,
+    allocate_shards,
     barrier,
     broadcast_object,
     checkpoint_slots,
@@ -308,7 +310,7 @@ def build_model_config(config: TrainConfig, tokenizer: Tokenizer | None) -> NeoX
 
 
 def _load_model(
-    config: TrainConfig, tokenizer: Tokenizer, world: World
+    config: TrainConfig, tokenizer: Tokenizer, world: World, *, resuming: bool
 ) -> tuple[GPTNeoXForCausalLM, Callable[[nn.Module], None] | None]:
     """The model to train, and the step that fills it in after `prepare_model` (or None).
 
@@ -318,6 +320,10 @@ def _load_model(
     checkpoint and keep only its own shards (`load_checkpoint_shards`); it fails on every rank
     if it fails on one. Otherwise the model comes back whole: a checkpoint loaded in the
     compute dtype (one process), or a fresh model initialised from ``model.init_seed``.
+
+    `resuming`: a training checkpoint will be loaded over every weight, so the checkpoint's
+    weights are not read at all (only its config.json): the model gets uninitialised
+    storage (`allocate_shards` under FSDP, `empty_model` otherwise).
     """
     m = config.model
     fill: Callable[[nn.Module], None] | None = None
@@ -333,8 +339,18 @@ def _load_model(
         slots = checkpoint_slots(model)
 
         def fill(prepared: nn.Module) -> None:
-            on_every_rank(lambda: load_checkpoint_shards(prepared, directory, slots, world), world)
+            if resuming:
+                on_every_rank(lambda: allocate_shards(prepared, world), world)
+            else:
+                on_every_rank(
+                    lambda: load_checkpoint_shards(prepared, directory, slots, world), world
+                )
 
+    elif m.path and resuming:
+        from tulu.model.checkpoint import empty_model, read_checkpoint_config, resolve_checkpoint
+
+        directory = _rank0_first(world, lambda: resolve_checkpoint(m.path, m.revision))
+        model = empty_model(read_checkpoint_config(directory), compute_dtype(config, world.device))
     elif m.path:
         from tulu.model.checkpoint import load_model
 
@@ -354,16 +370,17 @@ def _load_model(
 
 
 def model_for_training(
-    config: TrainConfig, tokenizer: Tokenizer, world: World
+    config: TrainConfig, tokenizer: Tokenizer, world: World, *, resuming: bool = False
 ) -> tuple[nn.Module, NeoXConfig]:
     """The model `train` trains, in training mode, and its `NeoXConfig`: the checkpoint
     (``model.path``) or a fresh model, wrapped with LoRA when enabled, prepared for this world
     (`prepare_model`: device, dtypes, activation checkpointing, FSDP2). Under FSDP a
     checkpoint is read into the shards after `prepare_model`, each rank keeping only its own
     (see `_load_model`). Seed first (`seed_everything`): LoRA draws its initial adapters
-    from torch's global generator. Every rank calls it.
+    from torch's global generator. Every rank calls it. `resuming` (a training checkpoint
+    will be loaded next): the weights of ``model.path`` are not read, see `_load_model`.
     """
-    model, fill = _load_model(config, tokenizer, world)
+    model, fill = _load_model(config, tokenizer, world, resuming=resuming)
     model_config = model.config
     if config.lora.enabled:
         from tulu.train.lora import apply_lora
@@ -443,8 +460,14 @@ class _Run:
         config, world = self.config, self.world
         accumulation_steps(config, world)  # the batch must divide over the processes
         seed_everything(config.seed)
+        if world.is_main:
+            remove_stale_temps(self.output_dir)
+        resume = resolve_resume(config.checkpoint) if world.is_main else None
+        self.resume_path: Path | None = broadcast_object(resume, world)
         self.tokenizer = _rank0_first(world, lambda: load_tokenizer(config))
-        self.model, self.model_config = model_for_training(config, self.tokenizer, world)
+        self.model, self.model_config = model_for_training(
+            config, self.tokenizer, world, resuming=self.resume_path is not None
+        )
         self.pad_id = pad_token_id(self.tokenizer)
         train_set = _tokenize(config.data.train, self.tokenizer, config, world)
         self.plan = DataPlan(train_set, config, world, pad_token_id=self.pad_id)
@@ -460,9 +483,7 @@ class _Run:
 
     def resume(self) -> None:
         config, world = self.config, self.world
-        if world.is_main:
-            remove_stale_temps(self.output_dir)
-        path = broadcast_object(resolve_resume(config.checkpoint) if world.is_main else None, world)
+        path = self.resume_path
         self.resumed_from = path
         self.last_checkpoint = path
         self.step = 0
