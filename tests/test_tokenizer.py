@@ -189,6 +189,18 @@ def test_encode_batch_matches_encode(tiny_json: Path) -> None:
     assert tok.encode_batch([]) == []
 
 
+def test_text_with_an_unpaired_surrogate_is_a_tokenizer_error(tiny_json: Path) -> None:
+    """A cut emoji escaped in JSON ("\\ud83d") names where it is; other texts still encode."""
+    tok = Tokenizer.from_file(tiny_json)
+    with pytest.raises(TokenizerError, match=r"unpaired surrogate '\\ud83d' at character 3"):
+        tok.encode("abc\ud83d")
+    with pytest.raises(TokenizerError, match=r"text 1 contains .* at character 0"):
+        tok.encode_batch(["fine", "\udc00x"])
+    with pytest.raises(TypeError):  # not a string at all: the caller's bug, not bad input
+        tok.encode(None)  # type: ignore[arg-type]
+    assert tok.encode_batch(["abc"]) == [tok.encode("abc")]
+
+
 def test_decode_round_trip(tiny_json: Path) -> None:
     tok = Tokenizer.from_file(tiny_json)
     for text in STREAM_TEXTS:

@@ -308,8 +308,16 @@ class Tokenizer:
     # ----------------------------------------------------------------------- encode / decode
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with no BOS/EOS added; literal special tokens are recognised."""
-        return self._backend.encode(text, add_special_tokens=False).ids
+        """Token ids of `text`, with no BOS/EOS added; literal special tokens are recognised.
+
+        A string that is not valid Unicode (an unpaired surrogate, which JSON's ``\\ud83d``
+        escapes can produce) is a `TokenizerError` saying where, not the library's TypeError.
+        """
+        try:
+            return self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:
+            _check_text(text, "the text")
+            raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once (parallel in the tokenizers library)."""
@@ -317,7 +325,12 @@ class Tokenizer:
         if not texts:
             return []
         batch = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
-        return [enc.ids for enc in batch(texts, add_special_tokens=False)]
+        try:
+            return [enc.ids for enc in batch(texts, add_special_tokens=False)]
+        except TypeError:
+            for index, text in enumerate(texts):
+                _check_text(text, f"text {index}" if len(texts) > 1 else "the text")
+            raise
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -420,3 +433,17 @@ class StreamDecoder:
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
         return new_text[len(prefix_text) :]
+
+
+def _check_text(text: object, what: str) -> None:
+    """Raise a `TokenizerError` if `text` is a string UTF-8 cannot encode (what the tokenizers
+    library refuses with a bare TypeError), naming the first bad character's index."""
+    if not isinstance(text, str):
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TokenizerError(
+            f"{what} contains an unpaired surrogate {text[err.start]!r} at character "
+            f"{err.start} (not valid Unicode; a cut emoji?)"
+        ) from None

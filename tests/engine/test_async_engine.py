@@ -11,7 +11,7 @@ import torch
 from tulu.engine.async_engine import AsyncLLM, EngineDeadError
 from tulu.engine.engine import LLM, EngineConfig, LLMEngine
 from tulu.engine.sampling import SamplingParams
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 from tulu.model import GPTNeoXForCausalLM, preset
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -40,6 +40,11 @@ PROMPTS = [[(7 * i + j) % 500 + 1 for j in range(3 + 5 * i)] for i in range(10)]
 
 def run(coro):
     return asyncio.run(coro)
+
+
+async def collect(stream) -> list:
+    """Every output of a stream (wrapped in asyncio.wait_for, a hang fails the test)."""
+    return [out async for out in stream]
 
 
 def assert_idle(engine: LLMEngine) -> None:
@@ -208,3 +213,71 @@ def test_engine_failure_reaches_every_stream(model, monkeypatch):
         await llm.shutdown()
 
     run(main())
+
+
+def test_a_refused_chat_prompt_fails_alone(tok_model, demo_tokenizer):
+    """Malformed chat messages raise ChatFormatError (a TuluError, not a GenerationError): the
+    request is refused, and the engine keeps serving instead of dying."""
+    engine = LLMEngine(tok_model, demo_tokenizer, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        bad = [{"role": "user", "content": 5}]
+        with pytest.raises(TuluError, match="field 'content'"):
+            await asyncio.wait_for(collect(llm.generate(bad, GREEDY)), 3)
+        assert llm.is_running
+        outs = [o async for o in llm.generate(PROMPTS[0], GREEDY)]
+        assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == 24
+        await llm.shutdown()
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_engine_death_reaches_requests_not_yet_admitted(model, monkeypatch):
+    """The engine thread dying while it adds a request must fail that request's waiter (it
+    waits for admission, not for outputs), never leave it waiting forever."""
+    engine = LLMEngine(model, None, EngineConfig())
+
+    def broken_add(*args, **kwargs):
+        raise RuntimeError("simulated bug in add_request")
+
+    async def main():
+        llm = AsyncLLM(engine)
+        monkeypatch.setattr(engine, "add_request", broken_add)
+        llm.start()
+        with pytest.raises(EngineDeadError, match="simulated bug"):
+            await asyncio.wait_for(collect(llm.generate(PROMPTS[0], GREEDY)), 3)
+        assert not llm.is_running
+        await llm.shutdown()
+
+    run(main())
+
+
+def test_a_reused_request_id_never_gets_the_old_requests_outputs(model):
+    """Leaving a stream aborts its request later, on the engine thread; a new stream that
+    reuses the id in between must not receive the old request's abort notice."""
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        endless = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        stream = llm.generate(PROMPTS[3], endless, request_id="same")
+        first = await anext(stream)
+        assert first.request_id == "same"
+        await stream.aclose()  # queues the abort of the old request
+        outs = await asyncio.wait_for(
+            collect(llm.generate(PROMPTS[0], GREEDY, request_id="same")), 3
+        )
+        assert [o.request_id for o in outs] == ["same"] * len(outs)
+        assert outs[-1].outputs[0].finish_reason == "length"
+        assert (
+            outs[-1].outputs[0].token_ids
+            == LLM(model, None).generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids
+        )
+        await llm.shutdown()
+
+    run(main())
+    assert_idle(engine)

@@ -882,6 +882,25 @@ def test_other_refusals(tiny_model, make_engine):
     engine.abort("dup")
 
 
+@pytest.mark.parametrize("field", ["logprobs", "prompt_logprobs"])
+def test_more_top_logprobs_than_the_vocabulary_are_refused(
+    field, scripted_model, make_table, make_engine, drain
+):
+    """Refused at add_request, not by a crash in the middle of a step (which would kill the
+    async engine for every request)."""
+    model = scripted_model(make_table({}, vocab_size=8, positions=32))
+    engine = make_engine(model)
+    with pytest.raises(GenerationError, match=rf"SamplingParams.{field} .*9.* vocabulary of 8"):
+        engine.add_request([1, 2], SamplingParams(max_tokens=2, **{field: 9}))
+    with pytest.raises(GenerationError, match=rf"SamplingParams.{field} .*9.* vocabulary of 8"):
+        generate_ids(model, [1, 2], SamplingParams(max_tokens=2, **{field: 9}))
+    assert engine.num_unfinished_requests == 0
+    fits = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True, **{field: 8})
+    engine.add_request([1, 2], fits, request_id="all")
+    out = drain(engine)["all"][-1]
+    assert out.finished and len(out.outputs[0].token_ids) == 2
+
+
 def test_generate_refuses_atomically(tiny_model, make_llm):
     llm = make_llm(tiny_model)
     with pytest.raises(GenerationError, match=r"prompt 2: .*empty"):
@@ -891,8 +910,30 @@ def test_generate_refuses_atomically(tiny_model, make_llm):
         llm.generate([[1], [2]], [GREEDY])
 
 
+def test_generate_refuses_malformed_chat_messages_atomically(tok_model, demo_tokenizer, make_llm):
+    """A chat prompt is refused with ChatFormatError, not GenerationError: the prompts added
+    before it must still be withdrawn, and the error must still say which prompt it was."""
+    llm = make_llm(tok_model, demo_tokenizer)
+    bad = [{"role": "user", "content": 5}]
+    with pytest.raises(GenerationError, match=r"prompt 2: message 0, field 'content'"):
+        llm.generate(["hello", [{"role": "user", "content": "hi"}], bad], GREEDY)
+    assert llm.engine.num_unfinished_requests == 0
+    assert not llm.engine.has_unfinished_requests()
+
+
 @pytest.mark.parametrize(
-    "field", [dict(block_size=0), dict(max_num_seqs=0), dict(max_num_batched_tokens=0)]
+    "field",
+    [
+        dict(block_size=0),
+        dict(block_size=True),
+        dict(max_num_seqs=0),
+        dict(max_num_batched_tokens=0),
+        dict(max_num_batched_tokens=2.5),
+        dict(max_num_batched_tokens="5"),
+        dict(kv_cache_bytes="1000000"),
+        dict(gpu_memory_fraction=float("nan")),
+        dict(gpu_memory_fraction=1.5),
+    ],
 )
 def test_engine_config_validation(field):
     with pytest.raises(GenerationError, match=next(iter(field))):

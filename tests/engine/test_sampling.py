@@ -54,6 +54,8 @@ BAD_VALUES = [
     ("repetition_penalty", 0),
     ("repetition_penalty", -1.0),
     ("repetition_penalty", INF),
+    # Beyond float32 (the sampler's arithmetic): inf * a logit of 0 is NaN, which argmax picks.
+    ("repetition_penalty", 1e39),
     ("presence_penalty", 2.5),
     ("presence_penalty", -2.1),
     ("frequency_penalty", 3),

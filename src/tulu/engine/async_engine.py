@@ -6,11 +6,15 @@ to per-request asyncio queues on the event loop. The event loop never waits on t
 
 Leaving the `async for` early (the client went away, the task was cancelled) aborts the
 request, which frees its KV blocks on the engine thread's next turn.
+
+Each submission has its own engine request id (the caller's id plus a serial number), so the
+abort notice of a stream that was left can never reach a later stream reusing the caller's id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -21,7 +25,7 @@ from typing import Any
 
 from tulu.engine.engine import LLMEngine, Prompt, RequestOutput
 from tulu.engine.sampling import SamplingParams
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +36,9 @@ class EngineDeadError(RuntimeError):
 
 @dataclass
 class _Add:
-    request_id: str
+    request_id: str  # the engine's id of this submission
     prompt: Prompt
     params: SamplingParams
-    accepted: asyncio.Future
 
 
 @dataclass
@@ -47,7 +50,9 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, asyncio.Queue] = {}  # by engine request id
+        self._engine_ids: dict[str, str] = {}  # the caller's request id -> the engine's
+        self._submissions = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
@@ -70,8 +75,8 @@ class AsyncLLM:
         deadline = time.monotonic() + drain_timeout
         while self._streams and time.monotonic() < deadline and self.is_running:
             await asyncio.sleep(0.05)
-        for request_id in list(self._streams):
-            self.abort(request_id)
+        for engine_id in list(self._streams):
+            self._abort(engine_id)
         self._stopping = True
         self._commands.put(None)
         self._wake.set()
@@ -101,7 +106,8 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as they come; the last one has finished=True.
 
-        Validation errors (GenerationError) are raised before the first output.
+        Validation errors (a TuluError, usually GenerationError) are raised before the first
+        output.
         """
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self._error or 'not started'})")
@@ -110,31 +116,40 @@ class AsyncLLM:
         if request_id is None:
             self._ids += 1
             request_id = f"async-{self._ids}"
-        if request_id in self._streams:
+        if request_id in self._engine_ids:
             raise GenerationError(f"request id {request_id!r} is already in use")
+        self._submissions += 1
+        engine_id = f"{request_id}#{self._submissions}"
+        # A refusal, the outputs and the engine's death all arrive on this one queue.
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = stream
-        accepted = self._loop.create_future()
-        self._commands.put(_Add(request_id, prompt, params or SamplingParams(), accepted))
+        self._streams[engine_id] = stream
+        self._engine_ids[request_id] = engine_id
+        self._commands.put(_Add(engine_id, prompt, params or SamplingParams()))
         self._wake.set()
         finished = False
         try:
-            await accepted
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
-                yield item
+                yield dataclasses.replace(item, request_id=request_id)
                 if finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
+            self._streams.pop(engine_id, None)
+            self._engine_ids.pop(request_id, None)
             if not finished:
-                self.abort(request_id)
+                self._abort(engine_id)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        """Abort the running request with this (caller's) id; its stream ends with the notice."""
+        engine_id = self._engine_ids.get(request_id)
+        if engine_id is not None:
+            self._abort(engine_id)
+
+    def _abort(self, engine_id: str) -> None:
+        self._commands.put(_Abort(engine_id))
         self._wake.set()
 
     # ------------------------------------------------------------------ engine thread
@@ -143,13 +158,15 @@ class AsyncLLM:
         if stream is not None:
             stream.put_nowait(item)
 
-    def _resolve(self, future: asyncio.Future, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is None:
-            future.set_result(True)
-        else:
-            future.set_exception(error)
+    def _fail_all(self, error: BaseException) -> None:
+        """On the event loop: end every stream, including those still waiting for admission.
+
+        Runs on the loop (not the engine thread) so that no `generate` call can register a
+        stream between the snapshot and the notice: once this is scheduled, `is_running` (or
+        `_stopping`) already refuses new ones.
+        """
+        for stream in self._streams.values():
+            stream.put_nowait(error)
 
     def _run(self) -> None:
         loop = self._loop
@@ -171,14 +188,12 @@ class AsyncLLM:
         except BaseException as err:  # a bug or out-of-memory: fail every waiting client loudly
             log.exception("engine thread died")
             self._error = err
-            dead = EngineDeadError(f"the engine stopped: {err!r}")
-            for request_id in list(self._streams):
-                loop.call_soon_threadsafe(self._deliver, request_id, dead)
+            loop.call_soon_threadsafe(
+                self._fail_all, EngineDeadError(f"the engine stopped: {err!r}")
+            )
             return
         # Shut down: whoever still waits (a request submitted during shutdown) is told so.
-        gone = EngineDeadError("the engine shut down")
-        for request_id in list(self._streams):
-            loop.call_soon_threadsafe(self._deliver, request_id, gone)
+        loop.call_soon_threadsafe(self._fail_all, EngineDeadError("the engine shut down"))
 
     def _apply_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
@@ -193,7 +208,5 @@ class AsyncLLM:
                 continue
             try:
                 self.engine.add_request(command.prompt, command.params, command.request_id)
-            except GenerationError as err:
-                loop.call_soon_threadsafe(self._resolve, command.accepted, err)
-            else:
-                loop.call_soon_threadsafe(self._resolve, command.accepted, None)
+            except TuluError as err:  # bad input (GenerationError, ChatFormatError, ...)
+                loop.call_soon_threadsafe(self._deliver, command.request_id, err)

@@ -41,7 +41,7 @@ from tulu.engine.sampling import (
     sample,
 )
 from tulu.engine.scheduler import Scheduler, Sequence
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
 
@@ -72,12 +72,19 @@ class EngineConfig:
     max_graph_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs"):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if value is None and name in ("max_num_batched_tokens", "kv_cache_bytes"):
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GenerationError(
                     f"EngineConfig.{name} must be a positive integer, got {value!r}"
                 )
+        fraction = self.gpu_memory_fraction
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise GenerationError(
+                f"EngineConfig.gpu_memory_fraction must be in (0, 1], got {fraction!r}"
+            )
         if self.decode_attention not in DECODE_ATTENTION_CHOICES:
             raise GenerationError(
                 f"EngineConfig.decode_attention must be one of {', '.join(DECODE_ATTENTION_CHOICES)}, "
@@ -89,10 +96,6 @@ class EngineConfig:
             raise GenerationError(
                 f"EngineConfig.max_graph_batch_size must be a positive integer, got "
                 f"{self.max_graph_batch_size!r}"
-            )
-        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
-            raise GenerationError(
-                f"EngineConfig.max_num_batched_tokens must be >= 1, got {self.max_num_batched_tokens}"
             )
 
 
@@ -642,10 +645,13 @@ class LLM:
         try:
             for prompt, p in zip(prompts, param_list, strict=True):
                 ids.append(engine.add_request(prompt, p))
-        except GenerationError as err:
+        except BaseException as err:
+            # All or nothing: withdraw the prompts already added, whatever refused this one.
             for rid in ids:
                 engine.abort(rid)
-            raise GenerationError(f"prompt {len(ids)}: {err}") from None
+            if isinstance(err, TuluError):  # GenerationError, ChatFormatError, ...
+                raise GenerationError(f"prompt {len(ids)}: {err}") from None
+            raise
         results: dict[str, RequestOutput] = {}
         mine = set(ids)
         show = progress if progress is not None else len(prompts) > 16

@@ -67,6 +67,7 @@ GREEDY_TEMPERATURE = 1e-5
 temperature would overflow float32 anyway)."""
 
 _UINT64_MASK = (1 << 64) - 1
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 # ----------------------------------------------------------------------------------------------
@@ -217,6 +218,15 @@ class SamplingParams:
         repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
         if repetition_penalty <= 0:
             raise _fail("repetition_penalty", "> 0", self.repetition_penalty)
+        if repetition_penalty > _FLOAT32_MAX:
+            # It becomes inf in the float32 sampler, and inf * a logit of 0 is NaN, which the
+            # argmax then picks: the most penalised token would win. (A huge temperature is
+            # harmless: every logit becomes 0, the uniform distribution it tends to.)
+            raise _fail(
+                "repetition_penalty",
+                f"at most {_FLOAT32_MAX:.4g} (float32)",
+                self.repetition_penalty,
+            )
         self.repetition_penalty = repetition_penalty
 
         for name in ("presence_penalty", "frequency_penalty"):
@@ -716,10 +726,19 @@ def candidate_logprobs(logits_row: torch.Tensor, candidate_ids: Sequence[int]) -
 
 
 def check_token_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
-    """Token ids a request names must exist in the model's vocabulary (checked per model)."""
+    """Token ids a request names must exist in the model's vocabulary, and it cannot ask for
+    more top log-probabilities than there are tokens (checked per model, before the request
+    runs: a step would otherwise fail halfway, for every request in its batch)."""
     for name in ("stop_token_ids", "candidate_token_ids"):
         for token in getattr(params, name) or ():
             if token >= vocab_size:
                 raise GenerationError(
                     f"SamplingParams.{name} contains {token}, outside the vocabulary [0, {vocab_size})"
                 )
+    for name in ("logprobs", "prompt_logprobs"):
+        count = getattr(params, name)
+        if count is not None and count > vocab_size:
+            raise GenerationError(
+                f"SamplingParams.{name} asks for {count} top log-probabilities, more than the "
+                f"model's vocabulary of {vocab_size} tokens"
+            )
