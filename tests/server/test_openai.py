@@ -553,6 +553,21 @@ def test_prompt_longer_than_the_context_window(client, server):
     assert str(window) in err.value.message and err.value.param == "messages"
 
 
+def test_a_prompt_of_several_that_does_not_fit_is_named(client, server):
+    window = server.service.max_model_len
+
+    def refusal(prompt) -> dict:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=prompt, max_tokens=2)
+        return err.value.body
+
+    too_long = refusal([[5, 6], [5] * (window + 3)])
+    assert too_long["message"].startswith("prompt 1: "), too_long
+    assert str(window + 3) in too_long["message"] and too_long["param"] == "prompt"
+    assert refusal([PROMPT, ""])["message"].startswith("prompt 1: ")
+    assert not refusal("")["message"].startswith("prompt")  # a single prompt needs no number
+
+
 def test_wrong_model_is_not_found(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-4", messages=MESSAGES)
@@ -642,12 +657,62 @@ def test_error_shape(server):
     assert error["type"] == "invalid_request_error" and error["param"] == "temperature"
 
 
+@pytest.mark.parametrize("path", ["/completions", "/chat/completions"])
+def test_malformed_json_says_where_and_names_no_param(server, path):
+    """FastAPI reports the offset of a JSON syntax error as the error's location; it is a
+    position in the body, never an OpenAI `param` (which names a request field)."""
+    response = httpx.post(
+        f"{server.base_url}{path}",
+        content=b'{"model": "tiny", "prompt": oops}',
+        headers={**server.headers, "content-type": "application/json"},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] is None, error
+    assert error["message"].startswith("the request body is not valid JSON at character 28"), error
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/completions", b'{"model": "tiny", "prompt": "cut \\ud83d", "max_tokens": 1}'),
+        (
+            "/chat/completions",
+            b'{"model": "tiny", "max_tokens": 1, '
+            b'"messages": [{"role": "user", "content": "cut \\ud83d"}]}',
+        ),
+    ],
+)
+def test_unpaired_surrogate_in_the_text_is_a_bad_request(server, path, body):
+    """JSON can escape half an emoji; such text cannot be tokenized: a 400 that says so."""
+    response = httpx.post(
+        f"{server.base_url}{path}",
+        content=body,
+        headers={**server.headers, "content-type": "application/json"},
+    )
+    assert response.status_code == 400, response.text
+    assert "unpaired surrogate" in response.json()["error"]["message"]
+
+
 def test_full_server_answers_429(make_server):
     full = make_server(max_num_seqs=0, max_queue=0)
     with full.openai() as client, pytest.raises(openai.RateLimitError):
         client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
     with full.openai() as client, pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+
+
+def test_more_prompts_than_the_server_admits_is_a_bad_request(make_server):
+    """A batch that could never be admitted is a 400 naming `prompt`, not a 429 "retry later"
+    (which a client would retry forever); a batch that fits still runs."""
+    small = make_server(max_num_seqs=2, max_queue=2)
+    with small.openai() as client:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=MODEL, prompt=["Hi"] * 5, max_tokens=2)
+        assert err.value.body["param"] == "prompt"
+        assert "5 prompts" in err.value.body["message"] and "(4)" in err.value.body["message"]
+        reply = client.completions.create(model=MODEL, prompt=["Hi"] * 4, max_tokens=2)
+        assert len(reply.choices) == 4
 
 
 def test_logprob_values_are_finite_json(server):

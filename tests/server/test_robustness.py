@@ -841,6 +841,25 @@ def test_metrics_report_requests_tokens_latencies_and_the_engine(new_server, slo
     assert samples["tulu_requests_in_flight"][()] == 0
 
 
+def test_metrics_count_refused_requests_under_their_route(new_server):
+    """401 and 413 are answered by the middleware before routing; they still count under the
+    route that was asked for, and only paths that are no route count as "unmatched"."""
+    server = new_server(api_key=KEY, max_body_bytes=256)
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, timeout=WAIT) as client:
+        assert client.post("/v1/completions", json=_valid("/v1/completions")).status_code == 401
+        assert client.post("/generate", json=_valid("/generate")).status_code == 401
+        assert client.get("/nowhere").status_code == 401
+        big = {"prompt": "a" * 1000}
+        assert client.post("/v1/chat/completions", json=big, headers=auth).status_code == 413
+    samples = scrape(server.url, auth)
+    assert requests_total(samples, "/v1/completions", 401) == 1
+    assert requests_total(samples, "/generate", 401) == 1
+    assert requests_total(samples, "/v1/chat/completions", 413) == 1
+    assert requests_total(samples, "unmatched", 401) == 1
+    assert requests_total(samples, "unmatched", 413) == 0
+
+
 def test_metrics_show_running_and_queued_requests_and_blocks_in_use(new_server, slow_model):
     server = new_server(model=slow_model(0.02), engine_config=EngineConfig(max_num_seqs=2))
 

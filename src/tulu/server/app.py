@@ -59,13 +59,15 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     for item in err.errors():
         loc = [str(x) for x in item.get("loc", ()) if x != "body"]
         where = ".".join(loc)
-        param = param or (where or None)
         kind = item.get("type", "")
         if kind == "json_invalid":
-            parts.append(
-                f"the request body is not valid JSON ({item.get('ctx', {}).get('error', item.get('msg'))})"
-            )
-        elif kind == "missing" and not loc:
+            # FastAPI's loc is ("body", <character offset>): a position, not a parameter.
+            at = f" at character {where}" if where else ""
+            reason = item.get("ctx", {}).get("error", item.get("msg"))
+            parts.append(f"the request body is not valid JSON{at} ({reason})")
+            continue
+        param = param or (where or None)
+        if kind == "missing" and not loc:
             parts.append("the request body is empty; a JSON object is required")
         elif kind == "extra_forbidden":
             parts.append(f"unknown field {where!r}")
@@ -74,8 +76,18 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     return "; ".join(parts) or "invalid request", param
 
 
-class BodyTooLarge(TuluError):
-    """A chunked request body ran past the size limit (HTTP 413)."""
+class BodyTooLarge(TuluError, StarletteHTTPException):
+    """A chunked request body ran past the size limit (HTTP 413).
+
+    Also an HTTPException because FastAPI re-raises those from its body parsing, while any
+    other exception there becomes a bare 400 "There was an error parsing the body".
+    """
+
+    def __init__(self, message: str):
+        StarletteHTTPException.__init__(self, 413, message)
+
+    def __str__(self) -> str:
+        return str(self.detail)
 
 
 class ApiKeyAndMetricsMiddleware:
@@ -86,9 +98,15 @@ class ApiKeyAndMetricsMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, api_key: str | None, metrics: ServerMetrics, max_body_bytes: int
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        metrics: ServerMetrics,
+        max_body_bytes: int,
+        route_paths: frozenset[str] = frozenset(),
     ):
         self.app = app
+        self.route_paths = route_paths
         self.api_key = api_key.encode() if api_key else None
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
@@ -127,9 +145,17 @@ class ApiKeyAndMetricsMiddleware:
                 return
             await self.app(scope, self._limited(receive), send_and_count)
         finally:
-            route = scope.get("route")
-            label = getattr(route, "path", None) or "unmatched"
+            label = self._route_label(scope)
             self.metrics.requests.labels(route=label, status=str(status["code"])).inc()
+
+    def _route_label(self, scope: Scope) -> str:
+        """The route's path template. When this middleware answered itself (401, 413) the
+        router never ran; the path is then looked up among the app's paths (all static), so
+        refused requests are counted under their route rather than as "unmatched"."""
+        path = getattr(scope.get("route"), "path", None)
+        if path is None and scope["path"] in self.route_paths:
+            path = scope["path"]
+        return path or "unmatched"
 
     @staticmethod
     def _declared_length(scope: Scope) -> int:
@@ -259,11 +285,17 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
 
     app.include_router(openai_router)
     app.include_router(tgi_router)
+    route_paths = frozenset(
+        route.path
+        for route in [*app.routes, *openai_router.routes, *tgi_router.routes]
+        if isinstance(getattr(route, "path", None), str)
+    )
     app.add_middleware(
         ApiKeyAndMetricsMiddleware,
         api_key=settings.api_key,
         metrics=metrics,
         max_body_bytes=settings.max_body_bytes,
+        route_paths=route_paths,
     )
     return app
 

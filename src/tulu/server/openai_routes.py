@@ -4,8 +4,9 @@ The routes translate the OpenAI protocol (`tulu.server.openai_protocol`) to `Sam
 and prompt ids, hand them to the `GenerationService` (admission, timeouts, disconnects,
 metrics) and translate the engine's outputs back. What a vLLM user relies on:
 
-- several prompts in one completions request run concurrently; prompt ``i``'s ``n`` choices
-  get the indices ``i * n .. i * n + n - 1``;
+- several prompts in one completions request run concurrently (at most ``max_num_seqs +
+  max_queue`` of them, else 400); prompt ``i``'s ``n`` choices get the indices
+  ``i * n .. i * n + n - 1``;
 - ``echo`` with ``logprobs`` scores the prompt (``max_tokens=0`` scores without generating);
   the first prompt token has no log-probability (null);
 - log-probabilities come from the raw model logits (before penalties and temperature);
@@ -592,6 +593,15 @@ async def _completion_prompts(
         items: list[Any] = [prompt]
     else:
         items = list(prompt)
+    # Each prompt takes one admission slot: a batch larger than all of them can never run, so
+    # it is a bad request (not "retry later"), refused before tokenizing it on the event loop.
+    limit = service.settings.max_num_seqs + service.settings.max_queue
+    if len(items) > max(limit, 1):
+        raise ApiError(
+            f"the request has {len(items)} prompts, more than this server admits at once "
+            f"({limit}); send them in several requests",
+            "prompt",
+        )
     vocab = service.llm.engine.model_config.vocab_size
     prompts = []
     for index, item in enumerate(items):
@@ -627,7 +637,12 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     texts = await _completion_prompts(body.prompt, service)
     prompts = []
     for index, (ids, echo) in enumerate(texts):
-        max_tokens = _check_length(service, ids, requested, "prompt", "max_tokens")
+        try:
+            max_tokens = _check_length(service, ids, requested, "prompt", "max_tokens")
+        except ApiError as err:
+            if len(texts) > 1:  # say which of the prompts does not fit
+                err.message = f"prompt {index}: {err.message}"
+            raise
         params = _sampling_params(
             body,
             service,
