@@ -198,6 +198,7 @@ def test_bad_records_stop_the_mixture_unless_skipped(tmp_path):
         ("sources:\n  - {path: a.jsonl}\n  - {path: x/a.jsonl}\n", "'a' used more than once"),
         ("seed: x\nsources:\n  - {path: a.jsonl}\n", "seed: expected an integer"),
         ("validation: 1.5\nsources:\n  - {path: a.jsonl}\n", "validation: expected a fraction"),
+        ("validation: .nan\nsources:\n  - {path: a.jsonl}\n", "validation: expected a fraction"),
         ("dedup: [ids]\nsources:\n  - {path: a.jsonl}\n", "dedup: expected a list"),
         ("sources: [\n", "recipe.yaml:2: invalid YAML"),
         ("- 1\n", "expected a mapping with a 'sources' list"),

@@ -68,6 +68,11 @@ GOOD = make_record(
             "not UTF-8",
             "unpaired surrogate",
         ),
+        (
+            {"dataset": "d", "id": "x\ud83d", "messages": [{"role": "assistant", "content": "a"}]},
+            "not UTF-8",
+            "field 'id': contains an unpaired surrogate",
+        ),
     ],
 )
 def test_check_record_names_the_problem(value, kind, fragment):

@@ -84,6 +84,26 @@ def test_word_tokenizer_counts_words(word_tokenizer: Path) -> None:
     assert [len(ids) for ids in tokenizer.encode_batch(["a b  c\nd", "", words(17)])] == [4, 0, 17]
 
 
+def test_unpaired_surrogates_are_bad_input_not_a_crash(
+    tmp_path: Path, word_tokenizer: Path
+) -> None:
+    """A cut emoji escaped in the dump ("\\ud83d") cannot be tokenized nor written as UTF-8:
+    the conversation is bad input, whether the surrogate is in a turn or in the id."""
+    path = tmp_path / "sg.json"
+    items = [
+        conv("a", ("human", "hi \ud83d"), ("gpt", "hello")),
+        conv("b\udc80", ("human", "hi"), ("gpt", "hello")),
+        conv("c", ("human", "hi"), ("gpt", "hello")),
+    ]
+    body = ",\n".join(json.dumps(item) for item in items)  # ASCII escapes, as in the dumps
+    path.write_text(f"[\n{body}\n]\n", encoding="utf-8")
+    with pytest.raises(BadRecord, match=r"sg.json:2: conversations\[0\].value: .* surrogate"):
+        run(path, word_tokenizer)
+    records, report = run(path, word_tokenizer, skip_bad=True)
+    assert ids(records) == ["sharegpt_c_0"]
+    assert report.bad.counts == Counter({"not UTF-8": 2})
+
+
 # --- roles and drop rules -----------------------------------------------------------------
 
 

@@ -176,6 +176,26 @@ def test_missing_files_reported_together(tmp_path: Path) -> None:
         bbh.load_bbh(tmp_path, ["snarks"])
 
 
+def test_prompt_file_without_the_answer_marker_is_refused_naming_file_and_line(
+    tmp_path: Path,
+) -> None:
+    """In CoT mode too (no Direct conversion to trip on), and for a file with no exemplars."""
+    (tmp_path / "bbh").mkdir()
+    (tmp_path / "cot-prompts").mkdir()
+    (tmp_path / "bbh" / "snarks.json").write_text('{"examples": [{"input": "q", "target": "t"}]}')
+    prompt = tmp_path / "cot-prompts" / "snarks.txt"
+    good = "Q: a\nA: Let's think. So the answer is b."
+    prompt.write_text(f"canary\n-----\nD\n\n{good}\n\nQ: c\nA: Let's think.\nd.\n")
+    with pytest.raises(DataError, match=rf"^{prompt}:8: exemplar lacks .*Q: c"):
+        bbh.load_bbh(tmp_path, ["snarks"])
+    prompt.write_text("canary\n-----\nD\n")
+    with pytest.raises(DataError, match=rf"^{prompt}: no exemplars"):
+        bbh.load_bbh(tmp_path, ["snarks"])
+    prompt.write_text(f"canary\n-----\nD\n\n{good}\n")
+    loaded = bbh.load_bbh(tmp_path, ["snarks"])
+    assert bbh.task_prompt(loaded["snarks"].cot_prompt_file, "direct") == "D\n\nQ: a\nA: b."
+
+
 def test_score_checks_counts() -> None:
     examples = {"a": [bbh.BBHExample("q", "yes")]}
     with pytest.raises(DataError, match="2 outputs for 1"):

@@ -176,6 +176,87 @@ def test_cache_resumes_without_calling_the_backend(tmp_path):
     assert Counting.calls == calls + 2
 
 
+class _Echo:
+    """Answers a prompt with itself upper-cased, counting the prompts it was asked."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def generate(self, prompts, decoding):
+        self.calls += len(prompts)
+        return [[p.upper()] for p in prompts]
+
+
+def test_cache_entry_after_a_cut_line_survives_the_next_resume(tmp_path):
+    """A run killed mid-write leaves a line without its newline; the entries written by the
+    resumed run must not join that line (and be lost again on the next resume)."""
+    path = tmp_path / "cache.jsonl"
+    CachedBackend(_Echo(), path).generate(["a"], Decoding(max_tokens=4))
+    with open(path, "a", encoding="utf-8") as out:
+        out.write('{"key": "cut off')
+    resumed = CachedBackend(_Echo(), path)
+    assert resumed.skipped == [2]
+    assert resumed.generate(["a", "b"], Decoding(max_tokens=4)) == [["A"], ["B"]]
+    again = _Echo()
+    assert CachedBackend(again, path).generate(["a", "b"], Decoding(max_tokens=4)) == [
+        ["A"],
+        ["B"],
+    ]
+    assert again.calls == 0
+
+
+def test_cache_keeps_outputs_with_line_separators_and_surrogates(tmp_path):
+    """U+2028 or NEL in a generation, or a lone surrogate from a server's JSON, neither break
+    the cache file's lines nor its writing."""
+    path = tmp_path / "cache.jsonl"
+
+    class Odd:
+        def generate(self, prompts, decoding):
+            return [["x\u2028y\x85z", "\ud800"] for _ in prompts]
+
+    assert CachedBackend(Odd(), path).generate(["p"], Decoding(max_tokens=4)) == [
+        ["x\u2028y\x85z", "\ud800"]
+    ]
+    reread = CachedBackend(_Echo(), path)
+    assert reread.skipped == []
+    assert reread.generate(["p"], Decoding(max_tokens=4)) == [["x\u2028y\x85z", "\ud800"]]
+
+
+def test_cache_of_another_model_is_not_reused(tmp_path):
+    path = tmp_path / "cache.jsonl"
+    CachedBackend(_Echo(), path, identity={"checkpoint": "a"}).generate(
+        ["p"], Decoding(max_tokens=4)
+    )
+    other = _Echo()
+    CachedBackend(other, path, identity={"checkpoint": "b"}).generate(["p"], Decoding(max_tokens=4))
+    assert other.calls == 1
+    same = _Echo()
+    CachedBackend(same, path, identity={"checkpoint": "a"}).generate(["p"], Decoding(max_tokens=4))
+    assert same.calls == 0
+
+
+def test_tulu_eval_does_not_score_a_model_on_another_models_cache(bundled, tmp_path, capsys):
+    """Two checkpoints evaluated into one --output: the second is generated, not read back."""
+    from tulu.cli import main
+    from tulu.demo import corpus_text, tiny_model, train_tokenizer
+    from tulu.model.checkpoint import save_model
+
+    tokenizer = train_tokenizer(corpus_text())
+    for seed in (0, 1):
+        save_model(tiny_model(len(tokenizer), seed), tmp_path / f"m{seed}", tokenizer=tokenizer)
+    out = tmp_path / "out"
+
+    def run(model: str) -> int:
+        args = ["eval", model, "--data-dir", str(bundled.data_dir), "--output", str(out)]
+        args += ["--task", "gsm_direct", "--max-examples", "1"]
+        assert main([*args, "--gsm-exemplars", str(bundled.gsm_exemplars)]) == 0
+        return out.joinpath("cache.jsonl").read_text().count("\n")
+
+    assert run(str(tmp_path / "m0")) == 1
+    assert run(str(tmp_path / "m0")) == 1  # resumed from the cache
+    assert run(str(tmp_path / "m1")) == 2  # another model: generated again
+
+
 def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
     from tulu.eval import runner
 
@@ -434,6 +515,30 @@ def test_gsm_without_exemplars_fails_the_upfront_check(bundled):
     # either option satisfies it
     ctx.options["gsm_train"] = bundled.data_dir / "gsm" / "test.jsonl"
     assert not any("GSM exemplars" in line for line in missing_files(["gsm_cot"], ctx))
+
+
+def test_files_missing_from_a_partial_download_fail_the_upfront_check(bundled, tmp_path):
+    """A subject's CSV or a task's file gone from otherwise present dirs: listed all at once
+    before any task runs (codex comes first and has all it needs)."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(bundled.data_dir, data)
+    gone = [
+        *data.glob("mmlu/**/dev/anatomy_dev.csv"),
+        data / "bbh" / "bbh" / "snarks.json",
+        data / "bbh" / "cot-prompts" / "navigate.txt",
+    ]
+    assert len(gone) == 3
+    for path in gone:
+        path.unlink()
+    ctx = EvalContext(backend=Untouchable(), tokenizer=None, data_dir=data)
+    with pytest.raises(DataError) as info:
+        run_tasks(["codex_pass1", "mmlu_5shot", "bbh_cot"], ctx)
+    lines = str(info.value).splitlines()[1:]
+    assert sorted(line.strip() for line in lines) == sorted(
+        [f"mmlu_5shot: {gone[0]}", f"bbh_cot: {gone[1]}", f"bbh_cot: {gone[2]}"]
+    )
 
 
 def test_max_examples_below_one_is_refused(bundled, capsys):

@@ -54,6 +54,14 @@ def test_syntax_error_is_an_error() -> None:
     assert "SyntaxError" in result.detail
 
 
+def test_program_with_a_lone_surrogate_is_an_error_not_a_crash() -> None:
+    """A completion from a server's JSON can hold "\\ud800", which UTF-8 cannot encode."""
+    results = run_many(["assert True\n", "x = '\ud800'\n"])
+    assert results[0].passed
+    assert not results[1].passed and results[1].status == "error"
+    assert "not valid Unicode" in results[1].detail
+
+
 def test_stdout_is_truncated() -> None:
     result = run_program("print('x' * 1_000_000)\n", max_output_chars=500)
     assert result.passed

@@ -307,6 +307,36 @@ def test_missing_files_and_combined_train_layout(tmp_path: Path) -> None:
         tydiqa.load_train(base, ["arabic", "english"])
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "where"),
+    [
+        ("id", 7, "qas[1]: expected string 'id'"),
+        ("question", None, "qas[1]: expected string 'id'"),
+        ("answers", [{"text": 5}], "qas[1] (english-2-1): every answer needs a string 'text'"),
+        ("context", ["c"], "paragraphs[1]: expected a string 'context'"),
+    ],
+)
+def test_wrongly_typed_fields_are_refused_with_their_place(
+    tmp_path: Path, field: str, value: object, where: str
+) -> None:
+    """Not a raw AttributeError, nor a value that fails later in tokenization or scoring."""
+
+    def qa(qid: str) -> dict[str, object]:
+        return {"id": qid, "question": "q", "answers": [{"text": "a", "answer_start": 0}]}
+
+    paragraphs = [
+        {"context": "c", "qas": [qa("english-1-0")]},
+        {"context": "c2", "qas": [qa("english-2-0"), qa("english-2-1")]},
+    ]
+    target = paragraphs[1] if field == "context" else paragraphs[1]["qas"][1]
+    target[field] = value
+    (tmp_path / tydiqa.DEV_FILE).write_text(json.dumps({"data": [{"paragraphs": paragraphs}]}))
+    with pytest.raises(DataError) as info:
+        tydiqa.load_dev(tmp_path)
+    assert str(info.value).startswith(f"{tmp_path / tydiqa.DEV_FILE}: data[0].paragraphs[1]")
+    assert where in str(info.value)
+
+
 def test_bad_templates_and_score_errors(tmp_path: Path) -> None:
     bad = tmp_path / "t.json"
     bad.write_text(json.dumps({"with_context": {"english": {"instruction": "x"}}}))

@@ -23,6 +23,7 @@ valid keys, before any data is read.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -161,7 +162,12 @@ def parse_recipe(data: Any, origin: str, base: Path) -> Recipe:
     if not _is_int(seed):
         raise DataError(f"{origin}: seed: expected an integer, got {seed!r}")
     validation = data.get("validation", 0)
-    if not _is_number(validation) or validation < 0 or (1 <= validation and validation % 1):
+    if (
+        not _is_number(validation)
+        or not math.isfinite(validation)  # YAML's .nan passes every comparison below
+        or validation < 0
+        or (1 <= validation and validation % 1)
+    ):
         raise DataError(
             f"{origin}: validation: expected a fraction in [0, 1) or a whole number of "
             f"records, got {validation!r}"

@@ -170,6 +170,7 @@ def check_record(value: Any, where: str) -> dict[str, Any]:
                 "wrong type",
                 f"field {name!r}: expected a string, got {type_name(value[name])}",
             )
+        _check_utf8(value[name], where, f"field {name!r}")
     messages = value["messages"]
     if not isinstance(messages, list):
         raise BadRecord(
@@ -200,12 +201,7 @@ def check_record(value: Any, where: str) -> dict[str, Any]:
                 "wrong type",
                 f"{at}.content: expected a string, got {type_name(content)}",
             )
-        try:
-            content.encode("utf-8")
-        except UnicodeEncodeError:
-            raise BadRecord(
-                where, "not UTF-8", f"{at}.content: contains an unpaired surrogate (not UTF-8)"
-            ) from None
+        _check_utf8(content, where, f"{at}.content")
         if role == "assistant":
             if not content.strip():
                 raise BadRecord(where, "empty assistant turn", f"{at}: empty assistant turn")
@@ -213,6 +209,17 @@ def check_record(value: Any, where: str) -> dict[str, Any]:
     if not has_assistant:
         raise BadRecord(where, "no assistant turn", "no assistant turn (nothing to train on)")
     return dict(value)
+
+
+def _check_utf8(text: str, where: str, at: str) -> None:
+    """A `BadRecord` for a string that UTF-8 cannot encode (an unpaired surrogate, e.g. a cut
+    emoji escaped in the JSON): written out, it would end the run with a UnicodeEncodeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRecord(
+            where, "not UTF-8", f"{at}: contains an unpaired surrogate (not UTF-8)"
+        ) from None
 
 
 def make_record(dataset: str, record_id: str, messages: list[dict[str, str]]) -> dict[str, Any]:

@@ -119,7 +119,7 @@ class BBHTask:
 # ----------------------------------------------------------------------------------- loading
 
 
-def _base_dir(root: Path) -> Path | None:
+def data_dir_base(root: Path) -> Path | None:
     """The directory holding ``bbh/`` and ``cot-prompts/`` under `root` (open-instruct's layout)."""
     for candidate in (root, root / "bbh"):
         if (candidate / "bbh").is_dir() and (candidate / "cot-prompts").is_dir():
@@ -144,6 +144,24 @@ def _read_examples(path: Path) -> list[BBHExample]:
     return examples
 
 
+def _check_cot_prompt(path: Path, text: str) -> None:
+    """Refuse a CoT prompt file without exemplars, or with one lacking ``"\\nA:"`` or "So the
+    answer is": Direct prompts are cut at that marker and CoT outputs are read after it, so such
+    a file would silently teach a model answers the scorer cannot find. Checked on loading, in
+    both modes, so that the error names the file and line."""
+    lineno, exemplars = 3, 0  # the first two lines (canary, separator) are not part of it
+    for block in "".join(text.splitlines(keepends=True)[2:]).split("\n\n"):
+        if block.startswith("Q:"):
+            exemplars += 1
+            if ANSWER_MARKER not in block or "\nA:" not in block:
+                raise DataError(
+                    f"{path}:{lineno}: exemplar lacks '\\nA:' or {ANSWER_MARKER!r}: {block[:80]!r}"
+                )
+        lineno += block.count("\n") + 2
+    if not exemplars:
+        raise DataError(f"{path}: no exemplars (blocks starting 'Q:' after the first two lines)")
+
+
 def load_bbh(data_dir: str | Path, tasks: Sequence[str] = TASKS) -> dict[str, BBHTask]:
     """Read every task's examples and CoT prompt file.
 
@@ -152,7 +170,7 @@ def load_bbh(data_dir: str | Path, tasks: Sequence[str] = TASKS) -> dict[str, BB
     diagnosed in one run.
     """
     root = Path(data_dir)
-    base = _base_dir(root)
+    base = data_dir_base(root)
     if base is None:
         raise DataError(
             f"BBH data not found: no directory with both bbh/ and cot-prompts/ among "
@@ -176,7 +194,9 @@ def load_bbh(data_dir: str | Path, tasks: Sequence[str] = TASKS) -> dict[str, BB
             prompt_text = prompt_path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise DataError(f"{prompt_path}: cannot read file: {exc}") from exc
-        loaded[task] = BBHTask(task, _read_examples(base / "bbh" / f"{task}.json"), prompt_text)
+        examples = _read_examples(base / "bbh" / f"{task}.json")
+        _check_cot_prompt(prompt_path, prompt_text)
+        loaded[task] = BBHTask(task, examples, prompt_text)
     return loaded
 
 

@@ -138,9 +138,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # again, cheaply.
     check_tasks(tasks, ctx)
     args.output.mkdir(parents=True, exist_ok=True)
-    tokenizer, backend = _backend(args)
+    tokenizer, backend, identity = _backend(args)
     ctx.tokenizer = tokenizer
-    ctx.backend = CachedBackend(backend, args.output / "cache.jsonl")
+    ctx.backend = CachedBackend(backend, args.output / "cache.jsonl", identity)
+    if ctx.backend.skipped:
+        print(
+            f"{args.output / 'cache.jsonl'}: {len(ctx.backend.skipped)} unreadable line(s) "
+            f"ignored (first: line {ctx.backend.skipped[0]}); their generations are redone",
+            file=sys.stderr,
+        )
     if args.api_base:  # asked once; prompts and max_tokens are fitted to it
         ctx.context_window = backend.window()
         print(f"{args.api_base}: context window of {ctx.context_window} tokens", file=sys.stderr)
@@ -186,6 +192,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _backend(args: argparse.Namespace):
+    """The tokenizer, the backend, and the backend's identity for the cache keys: the server
+    and model name, or the checkpoint directory, its weight files' sizes and times, and the
+    dtype (a retrained or other checkpoint must not be answered from the cache)."""
     from tulu.eval.backends import EngineBackend, OpenAIBackend, TGIBackend
 
     if args.api_base:
@@ -193,6 +202,11 @@ def _backend(args: argparse.Namespace):
         from tulu.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(resolve_checkpoint(args.model))
+        identity = {
+            "api": args.api_base,
+            "style": args.api_style,
+            "model": args.api_model or args.model,
+        }
         if args.api_style == "tgi":
             backend = TGIBackend(
                 args.api_base,
@@ -200,7 +214,7 @@ def _backend(args: argparse.Namespace):
                 tokenizer=tokenizer,
                 context_window=args.max_model_len,
             )
-            return tokenizer, backend
+            return tokenizer, backend, identity
         backend = OpenAIBackend(
             args.api_base,
             args.api_model or args.model,
@@ -208,9 +222,16 @@ def _backend(args: argparse.Namespace):
             api_key=args.api_key,
             context_window=args.max_model_len,
         )
-        return tokenizer, backend
+        return tokenizer, backend, identity
     from tulu.engine.engine import LLM
+    from tulu.model.checkpoint import find_weight_files
     from tulu.pretrained import load_pretrained
 
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer))
+    weights = find_weight_files(loaded.directory).files
+    identity = {
+        "checkpoint": str(Path(loaded.directory).resolve()),
+        "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weights],
+        "dtype": str(next(loaded.model.parameters()).dtype),
+    }
+    return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer)), identity

@@ -103,7 +103,7 @@ class MMLUQuestion:
 # ----------------------------------------------------------------------------------- loading
 
 
-def _split_dirs(root: Path) -> Path | None:
+def split_dirs(root: Path) -> Path | None:
     """The directory holding ``dev/`` and ``test/`` under `root`, trying the known layouts."""
     for candidate in (root, root / "data", root / "mmlu", root / "mmlu" / "data"):
         if all((candidate / split).is_dir() for split in SPLITS):
@@ -152,7 +152,7 @@ def load_mmlu(
     one DataError, so a partial download is diagnosed in one run rather than one file at a time.
     """
     root = Path(data_dir)
-    base = _split_dirs(root)
+    base = split_dirs(root)
     if base is None:
         looked = ", ".join(
             str(c) for c in (root, root / "data", root / "mmlu", root / "mmlu" / "data")

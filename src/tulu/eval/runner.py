@@ -99,23 +99,35 @@ class TaskResult:
 
 
 class CachedBackend:
-    """A backend whose finished generations persist in a JSONL file (see the module doc)."""
+    """A backend whose finished generations persist in a JSONL file (see the module doc).
 
-    def __init__(self, backend: Backend, path: Path | None) -> None:
+    `identity` (JSON-able) names what generates: the model and its weights, or the server. It
+    is part of every key, so one output directory reused for another model regenerates instead
+    of scoring the first model's answers. Unreadable lines (a write cut by an interruption)
+    are redone; `skipped` holds their line numbers so the caller can say so.
+    """
+
+    def __init__(self, backend: Backend, path: Path | None, identity: Any = None) -> None:
         self.backend = backend
         self.path = path
+        self.identity = identity
         self.cache: dict[str, Any] = {}
+        self.skipped: list[int] = []
         if path is not None and path.is_file():
-            for line in path.read_text(encoding="utf-8").splitlines():
+            data = path.read_bytes()
+            for lineno, line in enumerate(data.splitlines(), start=1):
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(line.decode("utf-8"))
                     self.cache[entry["key"]] = entry["value"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    continue  # a line cut by an interruption: that generation is redone
+                except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                    self.skipped.append(lineno)
+            if data and not data.endswith(b"\n"):  # else the next entry would join the cut line
+                with open(path, "a", encoding="utf-8") as out:
+                    out.write("\n")
 
-    @staticmethod
-    def _key(kind: str, prompt: str, settings: Any) -> str:
-        text = json.dumps([kind, prompt, settings], ensure_ascii=False, sort_keys=True)
+    def _key(self, kind: str, prompt: str, settings: Any) -> str:
+        parts = [kind, prompt, settings] + ([] if self.identity is None else [self.identity])
+        text = json.dumps(parts, sort_keys=True)
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def memo(self, kind: str, prompts: Sequence[str], settings: Any, call) -> list[Any]:
@@ -130,7 +142,8 @@ class CachedBackend:
             lines = []
             for i, value in zip(chunk, values, strict=True):
                 self.cache[keys[i]] = value
-                lines.append(json.dumps({"key": keys[i], "value": value}, ensure_ascii=False))
+                # ASCII escapes: a lone surrogate from a server's JSON cannot break the write
+                lines.append(json.dumps({"key": keys[i], "value": value}))
             if self.path is not None:
                 with open(self.path, "a", encoding="utf-8") as out:
                     out.write("".join(line + "\n" for line in lines))
@@ -533,11 +546,19 @@ def missing_files(tasks: Sequence[str], ctx: EvalContext) -> list[str]:
 
 def _inputs(task: str, ctx: EvalContext) -> list[Path]:
     root = ctx.data_dir
+    # MMLU and BBH: every per-subject / per-task file, so that a partial download is reported
+    # here, before the model loads and the earlier tasks run, not when the task starts.
     if task.startswith("mmlu"):
-        for base in (root / "mmlu", root / "mmlu" / "data"):
-            if (base / "dev").is_dir() and (base / "test").is_dir():
-                return []
-        return [root / "mmlu" / "dev", root / "mmlu" / "test"]
+        from tulu.eval import mmlu
+
+        base = mmlu.split_dirs(root / "mmlu")
+        if base is None:
+            return [root / "mmlu" / "dev", root / "mmlu" / "test"]
+        return [
+            base / split / f"{subject}_{split}.csv"
+            for subject in mmlu.SUBJECTS
+            for split in mmlu.SPLITS
+        ]
     if task.startswith("gsm"):
         paths = [root / "gsm" / "test.jsonl"]
         for key in ("gsm_exemplars", "gsm_train"):
@@ -545,8 +566,16 @@ def _inputs(task: str, ctx: EvalContext) -> list[Path]:
                 paths.append(Path(ctx.options[key]))
         return paths
     if task.startswith("bbh"):
-        base = root / "bbh"
-        return [base / "bbh", base / "cot-prompts"]
+        from tulu.eval import bbh
+
+        base = bbh.data_dir_base(root / "bbh")
+        if base is None:
+            return [root / "bbh" / "bbh", root / "bbh" / "cot-prompts"]
+        return [
+            base / folder / f"{name}{suffix}"
+            for name in bbh.TASKS
+            for folder, suffix in (("bbh", ".json"), ("cot-prompts", ".txt"))
+        ]
     if task.startswith("tydiqa"):
         from tulu.eval import tydiqa
 

@@ -410,7 +410,10 @@ def run_program(
         control.mkdir()
         program = control / "program.py"
         runner = control / "runner.py"
-        program.write_text(source, encoding="utf-8")
+        try:
+            program.write_text(source, encoding="utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate, e.g. from a server's JSON
+            return ExecutionResult(False, "error", f"program is not valid Unicode text: {exc}", 0.0)
         runner.write_text(_RUNNER_SOURCE, encoding="utf-8")
         denied = _default_deny_read() if deny_read is None else [os.fspath(p) for p in deny_read]
         config = {

@@ -137,25 +137,49 @@ def _check_mode(mode: str) -> None:
 
 
 def _read_squad(path: Path) -> list[TyDiExample]:
-    """Every question of a SQuAD-layout file, in file order."""
+    """Every question of a SQuAD-layout file, in file order.
+
+    Every field is type-checked here, with its place in the file (``data[0].paragraphs[3]
+    .qas[1]``) in the error: a bad value would otherwise fail later, in tokenization or
+    scoring, with no hint of where it came from."""
     data = read_json(path)
     articles = data.get("data") if isinstance(data, dict) else None
     if not isinstance(articles, list):
         raise DataError(f"{path}: expected an object with a 'data' list (SQuAD layout)")
     examples = []
-    try:
-        for article in articles:
-            for paragraph in article["paragraphs"]:
-                context = paragraph["context"]
-                for qa in paragraph["qas"]:
-                    qid = qa["id"]
-                    answers = tuple(a["text"] for a in qa["answers"])
-                    if not answers:
-                        raise DataError(f"{path}: question {qid} has no answers")
-                    language = qid.split("-")[0]
-                    examples.append(TyDiExample(qid, language, context, qa["question"], answers))
-    except (KeyError, TypeError) as exc:
-        raise DataError(f"{path}: malformed SQuAD record (missing or bad {exc})") from exc
+    for a, article in enumerate(articles):
+        paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
+        if not isinstance(paragraphs, list):
+            raise DataError(f"{path}: data[{a}]: expected an object with a 'paragraphs' list")
+        for p, paragraph in enumerate(paragraphs):
+            where = f"{path}: data[{a}].paragraphs[{p}]"
+            if not (
+                isinstance(paragraph, dict)
+                and isinstance(paragraph.get("context"), str)
+                and isinstance(paragraph.get("qas"), list)
+            ):
+                raise DataError(f"{where}: expected a string 'context' and a 'qas' list")
+            for q, qa in enumerate(paragraph["qas"]):
+                if not (
+                    isinstance(qa, dict)
+                    and isinstance(qa.get("id"), str)
+                    and isinstance(qa.get("question"), str)
+                    and isinstance(qa.get("answers"), list)
+                ):
+                    raise DataError(
+                        f"{where}.qas[{q}]: expected string 'id' and 'question' and an "
+                        "'answers' list"
+                    )
+                qid = qa["id"]
+                texts = [x.get("text") if isinstance(x, dict) else None for x in qa["answers"]]
+                if not all(isinstance(text, str) for text in texts):
+                    raise DataError(f"{where}.qas[{q}] ({qid}): every answer needs a string 'text'")
+                if not texts:
+                    raise DataError(f"{path}: question {qid} has no answers")
+                language = qid.split("-")[0]
+                examples.append(
+                    TyDiExample(qid, language, paragraph["context"], qa["question"], tuple(texts))
+                )
     return examples
 
 

@@ -141,6 +141,12 @@ def _parse(value: Any, where: str) -> tuple[str, list[tuple[str, str]]]:
                     "wrong type",
                     f"{at}.{name}: expected a string, got {type_name(turn[name])}",
                 )
+        try:  # before tokenization, which cannot take an unpaired surrogate (a cut emoji)
+            turn["value"].encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRecord(
+                where, "not UTF-8", f"{at}.value: contains an unpaired surrogate (not UTF-8)"
+            ) from None
         if turn["from"] not in _ROLES:
             raise BadRecord(
                 where,
