@@ -531,6 +531,12 @@ STOP_CASES = {
     "min-tokens": dict(max_tokens=40, min_tokens="WORDS+1"),
     "min-tokens-reached-at-eos": dict(max_tokens=40, min_tokens="WORDS"),
     "min-tokens-past-both-eos": dict(max_tokens=30, min_tokens=29),
+    "min-tokens-ignores-an-earlier-stop-string": dict(
+        max_tokens=40, stop=["brown"], min_tokens="WORDS"
+    ),
+    "min-tokens-then-a-stop-string": dict(
+        max_tokens=40, stop=["brown", "lazy"], min_tokens="WORDS+1"
+    ),
     "keep-special-tokens": dict(max_tokens="WORDS+3", ignore_eos=True, skip_special_tokens=False),
 }
 
@@ -603,6 +609,13 @@ def test_stop_conditions_match_the_reference(script, demo_tokenizer, make_engine
     assert results["min-tokens-reached-at-eos"].token_ids == words + [eos]
     assert results["min-tokens-past-both-eos"].finish_reason == "length"
     assert eos not in results["min-tokens-past-both-eos"].token_ids[:29]
+    # As in vLLM, a stop string ending within the first min_tokens tokens does not count.
+    r = results["min-tokens-ignores-an-earlier-stop-string"]
+    assert (r.token_ids, r.stop_reason) == (words + [eos], eos)
+    assert r.text == " The quick brown fox jumps"
+    r = results["min-tokens-then-a-stop-string"]
+    assert r.stop_reason == "lazy"
+    assert r.text == tok.decode(words + [filler]) + " over the "
 
 
 def test_cumulative_text_never_shows_part_of_a_stop_string(

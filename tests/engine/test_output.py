@@ -87,6 +87,7 @@ def feed(
     include_stop: bool = False,
     skip_special_tokens: bool = True,
     keep_pushing: bool = True,
+    min_tokens: int = 0,
 ) -> Run:
     """Push `ids` one by one, then finish(); check the streaming invariants on the way."""
     out = IncrementalOutput(
@@ -95,6 +96,7 @@ def feed(
         stop,
         include_stop=include_stop,
         skip_special_tokens=skip_special_tokens,
+        min_tokens=min_tokens,
     )
     run = Run(output=out)
     for i, token in enumerate(ids):
@@ -284,6 +286,24 @@ def test_stop_repeated_in_text_stops_at_first_occurrence(tok: Tokenizer) -> None
     run = feed(tok, tok.encode("a: b: c: d"), stop=[": "])
     assert run.output.stopped_by == ": "
     assert run.output.text == "a"
+
+
+def test_min_tokens_holds_back_stop_strings_as_vllm_does(tok: Tokenizer) -> None:
+    """A stop string counts only once more than min_tokens tokens are out, and only if it
+    ends after them: one complete within the first min_tokens tokens never stops."""
+    text = "a: b: c: d"
+    ids = tok.encode(text)
+    first = next(k for k in range(1, len(ids) + 1) if ": " in tok.decode(ids[:k]))
+    run = feed(tok, ids, stop=[": "], min_tokens=first)  # the first ": " is inside them
+    assert run.output.stopped_by == ": "
+    assert run.output.text == "a: b"
+    assert run.stopped_at is not None and run.stopped_at >= first
+    # Longer than the whole output: no stop string ever counts.
+    run = feed(tok, ids, stop=[": "], min_tokens=len(ids))
+    assert run.output.stopped_by is None and run.output.text == text
+    # A stop string that starts inside the first min_tokens tokens but ends after them counts.
+    run = feed(tok, ids, stop=["a: b: c"], min_tokens=first)
+    assert run.output.stopped_by == "a: b: c" and run.output.text == ""
 
 
 def test_text_before_the_stop_is_fully_delivered(tok: Tokenizer) -> None:

@@ -304,6 +304,7 @@ class LLMEngine:
                     params.stop,
                     include_stop=params.include_stop_str_in_output,
                     skip_special_tokens=params.skip_special_tokens,
+                    min_tokens=params.min_tokens,
                 )
             seqs.append(seq)
         completions = [

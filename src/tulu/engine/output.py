@@ -4,6 +4,11 @@ A stop string may be split over several tokens, or end inside a multi-byte UTF-8
 so it is matched on the decoded text, never on token ids. Text that could still be the start
 of a stop string is held back, so that a streaming client never sees any part of the stop
 text (unless `include_stop` asks for it).
+
+As in vLLM, stop strings are not looked for until more than `min_tokens` tokens have been
+pushed, and then only in text that ends after that point: a stop string complete within the
+first `min_tokens` tokens never stops the output (``min_tokens`` means at least that many
+tokens, whatever ends the completion).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class IncrementalOutput:
         *,
         include_stop: bool = False,
         skip_special_tokens: bool = True,
+        min_tokens: int = 0,
     ):
         self._decoder = StreamDecoder(
             tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens
@@ -31,6 +37,8 @@ class IncrementalOutput:
         self._stop = [s for s in stop if s]
         self._hold = max((len(s) for s in self._stop), default=1) - 1
         self._include_stop = include_stop
+        self._min_tokens = min_tokens
+        self._pushed = 0
         self._decoded = ""
         self._emitted = 0
         self.stopped_by: str | None = None
@@ -47,7 +55,8 @@ class IncrementalOutput:
             return ""
         before = len(self._decoded)
         self._decoded += self._decoder.push(token_id)
-        if self._find_stop(max(0, before - self._hold)):
+        self._pushed += 1
+        if self._find_stop(before):
             return self._take(len(self._decoded))
         return self._take(len(self._decoded) - self._hold)
 
@@ -56,13 +65,16 @@ class IncrementalOutput:
         if self.stopped_by is None:
             before = len(self._decoded)
             self._decoded += self._decoder.flush()
-            self._find_stop(max(0, before - self._hold))
+            self._find_stop(before)
         return self._take(len(self._decoded))
 
-    def _find_stop(self, start: int) -> bool:
+    def _find_stop(self, before: int) -> bool:
+        """Cut at the earliest stop string that ends in the text added after `before`."""
+        if self._pushed <= self._min_tokens:
+            return False
         best: tuple[int, str] | None = None
         for stop in self._stop:
-            at = self._decoded.find(stop, start)
+            at = self._decoded.find(stop, max(0, before - len(stop) + 1))
             if at != -1 and (best is None or at < best[0]):
                 best = (at, stop)
         if best is None:

@@ -101,6 +101,7 @@ def generate_ids(
             params.stop,
             include_stop=params.include_stop_str_in_output,
             skip_special_tokens=params.skip_special_tokens,
+            min_tokens=params.min_tokens,
         )
         if tokenizer is not None
         else None

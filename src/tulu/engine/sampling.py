@@ -185,8 +185,8 @@ class SamplingParams:
     position, e.g. the answer letters of a multiple-choice scorer (which needs max_tokens=1)."""
 
     min_tokens: int = 0
-    """Generate at least this many tokens before EOS or a stop token may end the completion
-    (0..max_tokens)."""
+    """Generate at least this many tokens before EOS, a stop token or a stop string may end the
+    completion (0..max_tokens); as in vLLM, a stop string counts only if it ends after them."""
 
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
