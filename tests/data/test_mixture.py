@@ -219,6 +219,31 @@ def test_missing_input_file_is_named(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("source", "sample", "options", "message"),
+    [
+        (
+            "dolly",
+            "databricks-dolly-15k.jsonl",
+            "{seed: abc}",
+            "option 'seed': expected an integer",
+        ),
+        ("oasst1", "2023-04-12_oasst_ready.trees.jsonl", "{top_k: -1}", "option top_k must be"),
+    ],
+)
+def test_a_bad_converter_option_names_the_recipe_and_source(
+    tmp_path, source, sample, options, message
+):
+    """Converters check option values when they start; the error says where in the recipe."""
+    path = Path(__file__).resolve().parents[2] / "src/tulu/data/samples" / sample
+    text = f"sources:\n  - {{name: mine, source: {source}, path: {path}, options: {options}}}\n"
+    recipe = load_recipe(_recipe(tmp_path, text))
+    with pytest.raises(DataError) as info:
+        build_mixture(recipe, tmp_path / "mix.jsonl")
+    assert str(info.value).startswith(f"{tmp_path / 'recipe.yaml'}: sources[0] (mine).options: ")
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize(
     ("written", "expected"),
     [
         ("tok", "{base}/tok"),  # a path, relative to the recipe's folder like the data files

@@ -170,6 +170,9 @@ def test_exemplars_dropped_from_the_end(data: dict, tokenizer: Tokenizer) -> Non
     )
     # Nothing fits: stop at zero exemplars rather than going negative.
     assert mmlu.build_prompt_and_shots(subject, dev, row, 5, tokenizer, "paper", 1)[1] == 0
+    # A dev file with too few rows for k: the error names the subject's dev file.
+    with pytest.raises(DataError, match=rf"dev set \(dev/{subject}_dev.csv\) has 2"):
+        mmlu.build_prompt_and_shots(subject, dev[:2], row, 5, tokenizer, "paper")
 
 
 def test_real_prompts_fit_the_default_limit(data: dict, tokenizer: Tokenizer) -> None:

@@ -228,6 +228,12 @@ def test_gold_scores_100_and_wrong_scores_0(dev: dict[str, list[TyDiExample]]) -
     assert table["telugu"] == {"f1": 0.0, "exact_match": 0.0, "total": 100}
 
 
+def test_a_dev_language_without_train_questions_is_named() -> None:
+    dev = {"english": [EX_EN], "klingon": [TyDiExample("klingon-1", "klingon", "c", "q", ("a",))]}
+    with pytest.raises(DataError, match="dev questions include klingon.*it has: english"):
+        tydiqa.sample_tydiqa(dev, {"english": [EX_EN]})
+
+
 def test_macro_average_over_languages() -> None:
     questions = {
         "english": [TyDiExample("english-1", "english", "", "q", ("cat",))],

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu.data.recipe import Recipe, SourceSpec
-from tulu.data.records import BadInput, ConversionReport, write_records
+from tulu.data.records import BadInput, ConversionReport, OptionError, write_records
 from tulu.data.sources import convert_source
 from tulu.data.stats import LengthCounter, SourceStats
 from tulu.errors import DataError
@@ -78,6 +78,16 @@ def _digest(value: Any) -> bytes:
     return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
 
 
+def _located(
+    records: Iterator[dict[str, Any]], recipe: Recipe, index: int, spec: SourceSpec
+) -> Iterator[dict[str, Any]]:
+    """`records`, with a bad converter option's error saying where in the recipe it is."""
+    try:
+        yield from records
+    except OptionError as err:
+        raise DataError(f"{recipe.origin}: sources[{index}] ({spec.name}).options: {err}") from None
+
+
 def _spool_source(
     spec: SourceSpec,
     directory: Path,
@@ -97,7 +107,9 @@ def _spool_source(
     with open(spool.path, "wb") as out:
         for number, path in enumerate(spec.paths):
             file_key = (index, number)
-            for record in convert_source(spec.source, path, spool.report, options):
+            for record in _located(
+                convert_source(spec.source, path, spool.report, options), recipe, index, spec
+            ):
                 if by_id:
                     key = _digest(record["id"])
                     owner = seen_ids.get(key)

@@ -59,6 +59,11 @@ class BadRecord(DataError):
         super().__init__(f"{where}: {self.detail}")
 
 
+class OptionError(DataError):
+    """A converter option with a bad value. Raised by converters, which do not know where the
+    option was given: a recipe adds its file and source entry (`tulu.data.mixture`)."""
+
+
 #: What readers call with each unusable item: a `BadInput`, or any function taking the error.
 BadHandler = Callable[[BadRecord], None]
 

@@ -33,6 +33,7 @@ from typing import Any
 from tulu.data.records import (
     BadRecord,
     ConversionReport,
+    OptionError,
     check_object,
     make_record,
     string_field,
@@ -90,7 +91,7 @@ def make_rng(seed: int) -> random.Random:
     a different stream than ``42``, so anything but an int is rejected.
     """
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise DataError(f"option 'seed': expected an integer, got {type_name(seed)}")
+        raise OptionError(f"option 'seed': expected an integer, got {type_name(seed)}")
     return random.Random(seed)
 
 
@@ -281,7 +282,7 @@ def resolve_templates(templates: str | Path | None) -> TemplateSet:
     if templates is None:
         return default_templates()
     if not isinstance(templates, str | Path):
-        raise DataError(f"option 'templates': expected a file path, got {type_name(templates)}")
+        raise OptionError(f"option 'templates': expected a file path, got {type_name(templates)}")
     return load_templates(templates)
 
 

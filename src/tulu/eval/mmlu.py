@@ -244,7 +244,8 @@ def build_prompt_and_shots(
         raise ValueError(f"k must be >= 0, got {k}")
     if k > len(dev_rows):
         raise DataError(
-            f"MMLU {subject}: asked for {k} exemplars but the dev set has {len(dev_rows)}"
+            f"MMLU {subject}: asked for {k} exemplars but the dev set "
+            f"(dev/{subject}_dev.csv) has {len(dev_rows)}"
         )
     prompt = _wrapped(subject, dev_rows, test_row, k, protocol)
     if tokenizer is None:

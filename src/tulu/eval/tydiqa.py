@@ -321,7 +321,11 @@ def sample_tydiqa(
         return questions, exemplars
     missing = [lang for lang in languages if not train.get(lang)]
     if missing:
-        raise DataError(f"TyDi QA: no train questions to draw exemplars for {', '.join(missing)}")
+        raise DataError(
+            f"TyDi QA: the dev questions include {', '.join(missing)}, for which the train "
+            f"data has no questions to draw exemplars from (it has: "
+            f"{', '.join(sorted(lang for lang in train if train[lang])) or 'none'})"
+        )
     for lang in languages:
         pool = list(train[lang])
         if len(pool) < n_shot:

@@ -38,8 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu.data.readers import iter_jsonl, numbered_items
-from tulu.data.records import BadRecord, ConversionReport, make_record, type_name
-from tulu.errors import DataError
+from tulu.data.records import BadRecord, ConversionReport, OptionError, make_record, type_name
 
 __all__ = ["PATHS", "convert"]
 
@@ -89,8 +88,8 @@ def convert(
 # --------------------------------------------------------------------------- options
 
 
-def _option_error(name: str, expected: str, value: Any) -> DataError:
-    return DataError(f"source {DATASET!r}: option {name} must be {expected}, got {value!r}")
+def _option_error(name: str, expected: str, value: Any) -> OptionError:
+    return OptionError(f"source {DATASET!r}: option {name} must be {expected}, got {value!r}")
 
 
 def _check_paths(value: Any) -> str:

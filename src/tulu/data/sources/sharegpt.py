@@ -31,12 +31,13 @@ from tulu.data.readers import iter_json_array, numbered_items
 from tulu.data.records import (
     BadRecord,
     ConversionReport,
+    OptionError,
     check_object,
     make_record,
     string_field,
     type_name,
 )
-from tulu.errors import DataError, TokenizerError
+from tulu.errors import TokenizerError
 from tulu.tokenizer import Tokenizer
 
 __all__ = ["TURN_OVERHEAD", "convert"]
@@ -71,7 +72,7 @@ def convert(
     tokenizer loaded, before any data is read, so a bad recipe fails at once with a `DataError`.
     """
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise DataError(
+        raise OptionError(
             f"source {DATASET!r}: option max_tokens must be a positive integer, got {max_tokens!r}"
         )
     return _convert(Path(path), report, _load_tokenizer(tokenizer), max_tokens)
@@ -79,19 +80,19 @@ def convert(
 
 def _load_tokenizer(option: str | os.PathLike[str] | None) -> Tokenizer:
     if option is None:
-        raise DataError(
+        raise OptionError(
             f"source {DATASET!r} needs the option tokenizer (a tokenizer directory, a "
             "tokenizer.json or a hub id): long conversations are split into chunks of "
             "max_tokens tokens"
         )
     if not isinstance(option, str | os.PathLike):
-        raise DataError(
+        raise OptionError(
             f"source {DATASET!r}: option tokenizer must be a path, got {type_name(option)}"
         )
     try:
         return Tokenizer.load(option)
     except TokenizerError as err:
-        raise DataError(f"source {DATASET!r}: option tokenizer: {err}") from None
+        raise OptionError(f"source {DATASET!r}: option tokenizer: {err}") from None
 
 
 def _convert(
