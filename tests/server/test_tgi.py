@@ -368,6 +368,11 @@ def test_sse_framing(server, tokenizer):
         assert events[-1]["generated_text"] == tokenizer.decode(
             [e["token"]["id"] for e in events], skip_special_tokens=True
         )
+    # Without "details": true the last event has none either (as TGI's router).
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 3}}
+    events = sse_events(post(server, "/generate_stream", body).text)
+    assert len(events) == 3 and all(e["details"] is None for e in events)
+    assert events[-1]["generated_text"] is not None
 
 
 def test_compat_route_and_api_key(server):

@@ -6,7 +6,7 @@ A drop-in for text-generation-inference clients (the `text_generation` package, 
 - `POST /generate` -> `{"generated_text", "details"?}`; `details` only when asked for.
 - `POST /generate_stream` -> server-sent events, one per token
   (`data: {"index", "token", "top_tokens"?, "generated_text": null, "details": null}`); the last
-  event carries the whole `generated_text` and the `details`. An error after the stream has
+  event carries the whole `generated_text`, and the `details` when they were asked for (as TGI). An error after the stream has
   started is sent as an event `data: {"error", "error_type"}`.
 - `POST /` with `{"inputs", "parameters", "stream"}`: what the `text_generation` client posts to
   the base URL. `stream` false answers a one-element list (TGI's "compat" route), true streams.
@@ -416,12 +416,13 @@ async def _events(
                 if last:
                     text = completion.text
                     event.generated_text = job.inputs + text if job.return_full_text else text
-                    event.details = StreamDetails(
-                        finish_reason=_finish_reason(completion, eos),
-                        generated_tokens=len(completion.token_ids),
-                        seed=job.seed,
-                        input_length=len(job.prompt_ids),
-                    )
+                    if job.details:  # as TGI: only when asked for
+                        event.details = StreamDetails(
+                            finish_reason=_finish_reason(completion, eos),
+                            generated_tokens=len(completion.token_ids),
+                            seed=job.seed,
+                            input_length=len(job.prompt_ids),
+                        )
                 yield _sse(event.to_json())
             if output.finished:
                 return
