@@ -190,10 +190,20 @@ def test_greedy_generate_equals_the_reference_generator(server, model, tokenizer
     assert all(t.logprob is not None and t.logprob <= 0 for t in details.tokens)
     assert joined(details.tokens) == response.generated_text
 
-    # do_sample false is greedy whatever the sampling parameters say
-    again = client(server).generate(PROMPT, max_new_tokens=24, temperature=1.7, top_k=5, top_p=0.5)
+    # do_sample false with neutral sampling parameters is greedy...
+    again = client(server).generate(PROMPT, max_new_tokens=24, temperature=1.0)
     assert again.generated_text == expected.text
     assert again.details.seed is None
+    # ...but, as in TGI, a temperature, top_k or top_p that changes the distribution samples.
+    for warper in ({"temperature": 1.7}, {"top_k": 5}, {"top_p": 0.5}):
+        sampled = client(server).generate(PROMPT, max_new_tokens=24, seed=3, **warper)
+        assert sampled.details.seed == 3, warper
+        explicit = client(server).generate(
+            PROMPT, max_new_tokens=24, seed=3, do_sample=True, **warper
+        )
+        assert sampled.generated_text == explicit.generated_text, warper
+    hot = client(server).generate(PROMPT, max_new_tokens=24, temperature=50.0, seed=3)
+    assert hot.generated_text != expected.text  # sampled, not greedy
 
 
 def test_decoder_input_details_scores_the_raw_prompt(server, model, tokenizer):

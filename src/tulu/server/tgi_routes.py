@@ -18,9 +18,10 @@ the app's error handlers).
 
 Differences from TGI worth knowing:
 
-- `do_sample` false is greedy whatever `temperature`, `top_k` and `top_p` say; true without a
-  `temperature` samples at 1.0. A sampled request without a `seed` gets a random one, reported
-  in `details.seed` so the result can be reproduced; greedy requests report `seed: null`.
+- As in TGI, a request samples when `do_sample` is true or when it sets a `temperature` other
+  than 1, a `top_k` or a `top_p` below 1 (TGI's "warpers" turn sampling on); otherwise it is
+  greedy. A sampled request without a `seed` gets a random one, reported in `details.seed` so
+  the result can be reproduced; greedy requests report `seed: null`.
 - Log-probabilities are those of the model (the raw logits), before penalties, temperature and
   truncation.
 - A stop sequence is kept at the end of `generated_text` (as TGI does); generation stops where
@@ -167,6 +168,16 @@ def _check_parameters(p: GenerateParameters, max_input_tokens: int, *, stream: b
         raise _invalid("`decoder_input_details` is not supported when streaming tokens")
 
 
+def _warps(p: GenerateParameters) -> bool:
+    """Whether the parameters change the distribution, which makes TGI sample even with
+    `do_sample` false (its NextTokenChooser: ``sampling = do_sample or has_warpers``)."""
+    return (
+        (p.temperature is not None and p.temperature != 1.0)
+        or bool(p.top_k)
+        or (p.top_p is not None and p.top_p < 1.0)
+    )
+
+
 async def _prepare(body: GenerateRequest, service: GenerationService, *, stream: bool) -> _Job:
     """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422)."""
     p = body.parameters or GenerateParameters()
@@ -178,7 +189,7 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
         prompt_ids = prompt_ids[-p.truncate :]
     max_tokens = service.check_length(len(prompt_ids), p.max_new_tokens)
 
-    if p.do_sample:
+    if p.do_sample or _warps(p):
         temperature = p.temperature if p.temperature is not None else 1.0
         seed = p.seed if p.seed is not None else random.getrandbits(63)
     else:
