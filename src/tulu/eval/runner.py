@@ -3,8 +3,9 @@
 A task is a function ``(EvalContext) -> TaskResult``: it loads its data, builds its prompts with
 the task module's protocol, asks the backend, and scores. The context's backend is wrapped in a
 `CachedBackend`, which stores every finished generation in ``OUTPUT/cache.jsonl`` keyed by the
-prompt and the decoding settings, so an interrupted run resumes where it stopped: prompts are
-sent in chunks and each chunk is written as soon as it returns.
+prompt, the decoding settings and what generates (the checkpoint and its weight files, or the
+server), so an interrupted run resumes where it stopped: prompts are sent in chunks and each
+chunk is written as soon as it returns.
 
 Before any model work, `check_tasks` (through `missing_files`) checks every selected task's inputs (data files, and
 the GSM exemplars' source) and reports all that is missing in one message.
