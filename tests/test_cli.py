@@ -536,6 +536,45 @@ def test_generate_missing_input_file(ckpt: Checkpoint, tmp_path: Path, capsys, s
     assert spies["load"].calls == []
 
 
+@pytest.mark.parametrize("device", ["gpu0", "cuda:99"])  # a typo; a GPU that is not there
+def test_generate_unusable_device(ckpt: Checkpoint, capsys, spies, device: str) -> None:
+    rc, out, err = run(capsys, "generate", ckpt.directory, "--device", device, "--prompt", "Hi")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate").startswith(f"--device: cannot use device '{device}'")
+    assert spies["generate"].calls == []
+
+
+def test_generate_output_is_a_directory(ckpt: Checkpoint, tmp_path: Path, capsys, spies) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi"}])
+    target = tmp_path / "results"
+    target.mkdir()
+    rc, out, err = run(
+        capsys, "generate", ckpt.directory, *CPU, "--input", source, "--output", target
+    )
+    assert rc == 1 and out == ""
+    assert (
+        one_line_error(err, "generate")
+        == f"--output {target}: is a directory, expected a file name"
+    )
+    assert spies["load"].calls == [] and spies["generate"].calls == []  # nothing to throw away
+    assert list(target.iterdir()) == []
+
+
+def test_generate_output_under_a_file(ckpt: Checkpoint, tmp_path: Path, capsys, spies) -> None:
+    source = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi"}])
+    blocker = tmp_path / "taken"
+    blocker.write_text("keep me")
+    target = blocker / "out.jsonl"
+    rc, out, err = run(
+        capsys, "generate", ckpt.directory, *CPU, "--input", source, "--output", target
+    )
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message.startswith(f"--output {target}: cannot create its directory {blocker}")
+    assert spies["load"].calls == [] and spies["generate"].calls == []
+    assert blocker.read_text() == "keep me"
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [

@@ -209,3 +209,13 @@ def test_run_chat_reports_generation_errors_and_goes_on(small_window_model, toke
     assert "\nerror: the message needs" in out and "64 tokens" in out
     assert [m["role"] for m in session.turns] == ["user", "assistant"]
     assert session.turns[0] == user("Hi")
+
+
+def test_run_chat_reports_invalid_text_and_keeps_the_conversation(model, tokenizer) -> None:
+    """A line that is not valid Unicode (undecodable stdin bytes arrive as surrogates) is
+    reported like any bad message; the chat and its history go on."""
+    session = ChatSession(model, tokenizer, GREEDY)
+    out = drive(session, ["Hello", "caf\udce9", "/history"])
+    assert "\nerror: " in out and "unpaired surrogate" in out
+    assert [m["role"] for m in session.turns] == ["user", "assistant"]
+    assert session.turns[0] == user("Hello")

@@ -219,6 +219,23 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     return prompts
 
 
+def _prepare_output(path: Path | None) -> None:
+    """Refuse an --output that cannot be written (a directory, a parent that is a file) and
+    create its missing parent directories, before the model is loaded: found only after
+    generating, the failure would throw every result away."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise TuluError(f"--output {path}: is a directory, expected a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TuluError(
+            f"--output {path}: cannot create its directory {path.parent} "
+            f"({err.strerror}: {err.filename})"
+        ) from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -229,6 +246,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     prompts = _prompts_of(args)
+    _prepare_output(args.output)
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
@@ -279,7 +297,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_jsonl(results, sys.stdout)
         return 0
     # Written to a temporary name first, so a crash never leaves a truncated file behind.
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(args.output.name + ".partial")
     with open(partial, "w", encoding="utf-8") as out:
         count = write_jsonl(results, out)

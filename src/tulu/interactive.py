@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from tulu.chat import Message, generation_prompt
 from tulu.engine.reference import generate_text
 from tulu.engine.sampling import SamplingParams
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
 
@@ -60,7 +60,7 @@ class ChatSession:
             result = generate_text(
                 self.model, self.tokenizer, self.messages(), self.params, on_text=on_text
             )
-        except GenerationError:
+        except TuluError:
             self.turns.pop()
             raise
         self.turns.append({"role": "assistant", "content": result.text or ""})
@@ -108,7 +108,7 @@ def run_chat(
             continue
         try:
             session.reply(line, write)
-        except GenerationError as err:
+        except TuluError as err:  # a bad message (too long, not valid Unicode): keep chatting
             write(f"\nerror: {err}\n")
             continue
         write("\n")

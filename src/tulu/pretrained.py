@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tulu.errors import TokenizerError
+from tulu.errors import TokenizerError, TuluError
 from tulu.model.checkpoint import load_model, resolve_checkpoint
 from tulu.model.config import PRESET_NAMES, NeoXConfig, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
@@ -27,6 +27,23 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def parse_device(value: str | torch.device | None, where: str = "--device") -> torch.device:
+    """The device `value` names (None or "": `default_device()`), checked to be usable here.
+
+    torch rejects a misspelt device or a GPU that is not there deep inside the first tensor
+    operation, with a raw RuntimeError or AssertionError; probing with an empty tensor turns
+    both into one error naming the option, before anything is loaded.
+    """
+    try:
+        device = torch.device(value or default_device())
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
+        raise TuluError(f"{where}: cannot use device {str(value)!r} ({reason})") from None
+    return device
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """bfloat16 on GPUs (what the model was trained in); float32 on CPU, where it is fastest."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -36,12 +53,12 @@ def load_pretrained(
     model: str | os.PathLike,
     *,
     dtype: str | torch.dtype | None = None,
-    device: str | None = None,
+    device: str | torch.device | None = None,
     revision: str | None = None,
 ) -> Pretrained:
     """A checkpoint directory or hub id -> model (eval mode) + its tokenizer."""
     directory = resolve_checkpoint(model, revision)
-    device = device or default_device()
+    device = parse_device(device)
     target = parse_dtype(dtype, "--dtype") if dtype is not None else default_dtype(device)
     tokenizer = Tokenizer.from_dir(directory)
     net = load_model(directory, dtype=target, device=device)

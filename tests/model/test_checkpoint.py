@@ -202,6 +202,21 @@ def test_truncated_and_corrupt_safetensors(tmp_path):
         load_model(tmp_path)
 
 
+def test_overlapping_safetensors_entries(tmp_path):
+    save_model(tiny_model(), tmp_path)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    a, b = "gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias"
+    header[b]["data_offsets"] = header[a]["data_offsets"]  # same shape: b would read a's bytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (header_len - len(raw))  # keep the data offsets valid
+    path.write_bytes(data[:8] + raw + data[8 + header_len :])
+    with pytest.raises(CheckpointError, match=r"corrupt safetensors header: tensors .* overlap"):
+        load_model(tmp_path)
+
+
 def test_truncated_bin(tmp_path):
     _write_bin_checkpoint(tiny_model(), tmp_path / "ckpt")
     path = tmp_path / "ckpt" / "pytorch_model.bin"
@@ -214,6 +229,93 @@ def test_missing_shard(tmp_path):
     save_model(tiny_model(), tmp_path, max_shard_bytes=200_000)
     next(tmp_path.glob("model-00002-*.safetensors")).unlink()
     with pytest.raises(CheckpointError, match="shard 'model-00002-of-.*' is listed but missing"):
+        load_model(tmp_path)
+
+
+def _sharded(tmp_path) -> tuple[list[Path], dict]:
+    """A checkpoint in several safetensors shards: (shard paths, index dict)."""
+    save_model(tiny_model(), tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    return sorted(tmp_path.glob("model-*.safetensors")), index
+
+
+def test_tensor_stored_in_two_shards_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shards, _ = _sharded(tmp_path)
+    first, second = load_file(shards[0]), load_file(shards[1])
+    name = next(iter(first))
+    second[name] = torch.zeros_like(first[name])  # a stale copy: which one is right?
+    save_file(second, shards[1], metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"'{name}' is stored twice .*{shards[0].name}"):
+        load_model(tmp_path)
+
+
+def test_embed_out_and_lm_head_together_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model(), tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    state["lm_head.weight"] = state["embed_out.weight"] * 2  # both names of the same head
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'lm_head.weight' is stored twice"):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("head", ["embed_out.weight", "lm_head.weight"])
+def test_separate_head_in_a_tied_checkpoint_names_the_config_field(tmp_path, head):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model(tie_word_embeddings=True), tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    state[head] = state["gpt_neox.embed_in.weight"] * 2
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=rf"'{head}' is a separate LM head.*tie_word_emb"):
+        load_model(tmp_path)
+
+
+def test_tensor_not_in_the_shard_its_index_names(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    shards, index = _sharded(tmp_path)
+    first, second = load_file(shards[0]), load_file(shards[1])
+    name = next(iter(first))
+    second[name] = first.pop(name)  # moved to another shard; the index still says shards[0]
+    save_file(first, shards[0], metadata={"format": "pt"})
+    save_file(second, shards[1], metadata={"format": "pt"})
+    with pytest.raises(
+        CheckpointError,
+        match=rf"index.json: lists tensor '{name}' in '{shards[0].name}', but that file",
+    ):
+        load_model(tmp_path)
+
+
+def test_bin_shard_lacking_an_indexed_tensor(tmp_path):
+    _write_bin_checkpoint(tiny_model(), tmp_path / "ckpt", shards=2)
+    index_path = tmp_path / "ckpt" / "pytorch_model.bin.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["gpt_neox.embed_in.weight"] = "pytorch_model-00002-of-00002.bin"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="lists tensor 'gpt_neox.embed_in.weight' in"):
+        load_model(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_non_float_weight_names_the_tensor(tmp_path, layout):
+    from safetensors.torch import save_file
+
+    state = dict(tiny_model().state_dict())
+    state["gpt_neox.final_layer_norm.bias"] = torch.zeros(64, dtype=torch.int64)
+    tiny_model().config.save(tmp_path)
+    if layout == "bin":
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(
+        CheckpointError, match="'gpt_neox.final_layer_norm.bias' has dtype int64, expected a float"
+    ):
         load_model(tmp_path)
 
 

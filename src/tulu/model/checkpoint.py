@@ -75,6 +75,24 @@ class WeightFiles:
 
     kind: str  # "safetensors" or "bin"
     files: list[Path]
+    # The shard index (`*.index.json`) and its tensor -> shard file name map, when sharded.
+    index: Path | None = None
+    weight_map: dict[str, str] | None = None
+
+    def check_shard(self, shard: Path, names: set[str]) -> None:
+        """Raise unless `shard` holds every tensor the index assigns to it.
+
+        A shard that lacks a tensor its index promises means the index and the shards come
+        from different saves (or a shard was rewritten): refuse rather than guess.
+        """
+        if self.weight_map is None:
+            return
+        for name, listed in self.weight_map.items():
+            if listed == shard.name and name not in names:
+                raise CheckpointError(
+                    f"{self.index}: lists tensor {name!r} in {shard.name!r}, but that file "
+                    f"does not contain it"
+                )
 
 
 def find_weight_files(directory: Path) -> WeightFiles:
@@ -83,7 +101,8 @@ def find_weight_files(directory: Path) -> WeightFiles:
         (BIN_INDEX, BIN_SINGLE, "bin"),
     ):
         if (directory / index_name).is_file():
-            return WeightFiles(kind, _index_files(directory / index_name))
+            files, weight_map = _index_files(directory / index_name)
+            return WeightFiles(kind, files, directory / index_name, weight_map)
         if (directory / single).is_file():
             return WeightFiles(kind, [directory / single])
     raise CheckpointError(
@@ -92,7 +111,7 @@ def find_weight_files(directory: Path) -> WeightFiles:
     )
 
 
-def _index_files(index_path: Path) -> list[Path]:
+def _index_files(index_path: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
@@ -106,7 +125,7 @@ def _index_files(index_path: Path) -> list[Path]:
         if not shard_path.is_file():
             raise CheckpointError(f"{index_path}: shard {shard!r} is listed but missing")
         files.append(shard_path)
-    return files
+    return files, {str(name): str(shard) for name, shard in weight_map.items()}
 
 
 def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -184,7 +203,8 @@ def checkpoint_tensors(
     `wanted` is `expected_shapes` of the model; `dtype_for(name, stored dtype)` picks the dtype
     each tensor is read into, on `device`. Nothing is kept: a caller that drops each tensor
     holds one at a time. Every error is a `CheckpointError` that names the file and tensor:
-    an unknown name, a wrong shape (buffers old transformers versions saved are skipped), and
+    an unknown name, a wrong shape or non-float dtype (buffers old transformers versions saved
+    are skipped), a tensor stored twice, a shard lacking what its index lists, and
     tensors the checkpoint lacks, which names the checkpoint directory. The weight files and
     names are checked when this is called, before anything is read: for safetensors that
     covers every name, shape and missing tensor; `.bin` files are checked as each is loaded,
@@ -192,17 +212,33 @@ def checkpoint_tensors(
     """
     weights = find_weight_files(directory)
     if weights.kind == "safetensors":
-        plan = _plan_safetensors(weights.files, wanted)
+        plan = _plan_safetensors(weights, wanted)
         _check_complete(directory, wanted, {e.name for _, keep in plan for e in keep})
         return _read_safetensors(plan, dtype_for, device)
-    return _read_bin(directory, weights.files, wanted, dtype_for, device)
+    return _read_bin(directory, weights, wanted, dtype_for, device)
 
 
-def _check_tensor(source: Path, name: str, shape: tuple[int, ...], wanted: dict) -> bool:
-    """True if the tensor is one we load; raises on a wrong shape or an unknown name."""
+def _check_tensor(
+    source: Path,
+    name: str,
+    shape: tuple[int, ...],
+    dtype: torch.dtype,
+    wanted: dict,
+    seen: dict[str, tuple[Path, str]],
+) -> bool:
+    """True if the tensor is one we load; raises on a wrong shape, dtype or an unknown name,
+    and on a tensor already found (`seen`: our name -> file and stored name), which would
+    otherwise silently replace the first copy (shards from two saves, or both `embed_out` and
+    `lm_head`)."""
     if _IGNORED.search(name):
         return False
     key = canonical_name(name)
+    if key == "embed_out.weight" and key not in wanted:  # a tied head has no tensor of its own
+        raise CheckpointError(
+            f"{source}: tensor {name!r} is a separate LM head, but config.json sets "
+            f"tie_word_embeddings true (the head is the input embedding); set it to false "
+            f"to load this head"
+        )
     if key not in wanted:
         raise CheckpointError(
             f"{source}: unexpected tensor {name!r} (not part of a GPT-NeoX model)"
@@ -212,6 +248,18 @@ def _check_tensor(source: Path, name: str, shape: tuple[int, ...], wanted: dict)
             f"{source}: tensor {name!r} has shape {list(shape)}, the config expects "
             f"{list(wanted[key])}"
         )
+    if not dtype.is_floating_point:  # every GPT-NeoX weight is floating point
+        raise CheckpointError(
+            f"{source}: tensor {name!r} has dtype {dtype_name(dtype)}, expected a "
+            f"floating-point dtype"
+        )
+    if key in seen:
+        other_file, other_name = seen[key]
+        raise CheckpointError(
+            f"{source}: tensor {name!r} is stored twice (also as {other_name!r} in "
+            f"{other_file}); refusing to guess which copy to load"
+        )
+    seen[key] = (source, name)
     return True
 
 
@@ -224,12 +272,19 @@ def _check_complete(directory: Path, wanted: dict, names: set[str]) -> None:
         raise CheckpointError(f"{directory}: checkpoint is missing tensors: {shown}")
 
 
-def _plan_safetensors(files: list[Path], wanted: dict) -> list[tuple[Path, list[TensorEntry]]]:
+def _plan_safetensors(weights: WeightFiles, wanted: dict) -> list[tuple[Path, list[TensorEntry]]]:
     """Each file with the entries to load, every header validated before any data is read."""
     plan = []
-    for path in files:
-        entries = read_header(path).values()
-        plan.append((path, [e for e in entries if _check_tensor(path, e.name, e.shape, wanted)]))
+    seen: dict[str, tuple[Path, str]] = {}
+    for path in weights.files:
+        header = read_header(path)
+        weights.check_shard(path, set(header))
+        keep = [
+            e
+            for e in header.values()
+            if _check_tensor(path, e.name, e.shape, e.dtype, wanted, seen)
+        ]
+        plan.append((path, keep))
     return plan
 
 
@@ -249,20 +304,20 @@ def _target_dtype(stored: torch.dtype, requested: torch.dtype) -> torch.dtype:
 
 
 def _read_bin(
-    directory: Path, files: list[Path], wanted: dict, dtype_for, device
+    directory: Path, weights: WeightFiles, wanted: dict, dtype_for, device
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    seen: set[str] = set()
-    for path in files:
+    seen: dict[str, tuple[Path, str]] = {}
+    for path in weights.files:
         state = _torch_load(path)
+        weights.check_shard(path, set(state))
         for name, tensor in state.items():
             if not isinstance(tensor, torch.Tensor):
                 raise CheckpointError(f"{path}: entry {name!r} is not a tensor")
-            if _check_tensor(path, name, tuple(tensor.shape), wanted):
+            if _check_tensor(path, name, tuple(tensor.shape), tensor.dtype, wanted, seen):
                 key = canonical_name(name)
-                seen.add(key)
                 yield key, tensor.to(device=device, dtype=dtype_for(key, tensor.dtype))
         del state
-    _check_complete(directory, wanted, seen)
+    _check_complete(directory, wanted, set(seen))
 
 
 def _torch_load(path: Path) -> dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ Writing checkpoints uses the `safetensors` library.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -87,6 +88,15 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         entries[name] = _entry(path, name, info, data_start, size)
+    # Two tensors sharing bytes would silently load one's data as the other's.
+    ordered = sorted((e for e in entries.values() if e.end > e.begin), key=lambda e: e.begin)
+    for before, after in itertools.pairwise(ordered):
+        if after.begin < before.end:
+            raise CheckpointError(
+                f"{path}: corrupt safetensors header: tensors {before.name!r} and "
+                f"{after.name!r} overlap (bytes {before.begin}-{before.end} and "
+                f"{after.begin}-{after.end})"
+            )
     return entries
 
 
