@@ -14,12 +14,14 @@ from tulu.errors import CheckpointError
 from tulu.model.config import NeoXConfig
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.train.checkpointing import (
+    Restored,
     checkpoint_name,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
     remove_stale_temps,
     resolve_resume,
+    restore_scheduler,
     save_checkpoint,
 )
 from tulu.train.config import CheckpointConfig, TrainConfig
@@ -138,3 +140,70 @@ def test_resume_settings(tmp_path: Path) -> None:
     (tmp_path / "step-000001").mkdir()
     with pytest.raises(CheckpointError, match="not a complete checkpoint"):
         resolve_resume(CheckpointConfig(resume=str(tmp_path / "step-000001")))
+
+
+def sized_model(**changes: int) -> GPTNeoXForCausalLM:
+    fields = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1}
+    fields.update(changes)
+    config = NeoXConfig(
+        **fields, num_attention_heads=2, intermediate_size=64, torch_dtype="float32"
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        # DCP loads only what it is asked for: without a check, a deeper model's checkpoint
+        # loaded into a shallower model without complaint.
+        ({"num_hidden_layers": 1}, r"the checkpoint has tensor gpt_neox\.layers\.1\.\S+, which"),
+        ({"num_hidden_layers": 3}, r"tensor gpt_neox\.layers\.2\.\S+ of this model is not in"),
+        ({"num_hidden_layers": 2, "hidden_size": 64}, r"embed_in\.weight has shape \[64, 32\] in"),
+    ],
+)
+def test_checkpoint_of_another_model_shape_names_the_tensor(
+    tmp_path: Path, changes: dict[str, int], message: str
+) -> None:
+    config = make_config(tmp_path)
+    model = sized_model(num_hidden_layers=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    path = save(config, 1, model, optimizer)
+    other = sized_model(**changes)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(
+            path,
+            model=other,
+            optimizer=torch.optim.AdamW(other.parameters(), lr=1e-2),
+            world=World(),
+            seed=0,
+        )
+    assert "config.yaml" in str(info.value)
+
+
+def test_corrupt_trainer_state_and_rng_files_are_named(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    path = save(config, 1, model, optimizer)
+
+    def load() -> Restored:
+        return load_checkpoint(path, model=model, optimizer=optimizer, world=World(), seed=0)
+
+    rng_file = path / "rng" / "rank-00000.pt"
+    rng_file.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=r"rank-00000\.pt: unreadable RNG state"):
+        load()
+    rng_file.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"rank-00000\.pt: unreadable RNG state"):
+        load()
+    rng_file.unlink()  # no RNG file: seeded from (seed, rank, step) instead
+    restored = load()
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(CheckpointError, match=r"trainer\.json: unusable scheduler state"):
+        restore_scheduler(scheduler, restored)  # the test's trainer state has {} for it
+    (path / "trainer.json").write_text('{"step": 1, "scheduler": "linear"}')
+    with pytest.raises(CheckpointError, match=r"trainer\.json: no scheduler state"):
+        load()

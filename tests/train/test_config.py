@@ -66,6 +66,11 @@ def test_yaml_exponent_floats_and_overrides(tmp_path):
         (["optim"], "expected key=value"),
         (["data.train="], "data.train: the training records file is required"),
         (["optim=3"], "optim: expected a mapping of settings, got 3"),
+        (["seed=-1"], "seed: must be in [0, 2**63)"),
+        (["seed=99999999999999999999"], "seed: must be in [0, 2**63)"),
+        (["model.init_seed=99999999999999999999"], "model.init_seed: must be in [0, 2**63)"),
+        (["optim..lr=1"], "override 'optim..lr=1': empty name in the key 'optim..lr'"),
+        ([".lr=1"], "empty name in the key '.lr'"),
     ],
 )
 def test_errors_name_the_key(tmp_path, overrides, message):
@@ -84,6 +89,41 @@ def test_model_source_is_required():
 def test_invalid_yaml_names_the_line(tmp_path):
     path = _write(tmp_path, "model:\n  preset: [\n")
     with pytest.raises(ConfigError, match=r"train\.yaml:\d+: invalid YAML"):
+        load_train_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "optim: {lr: 0.1}\noptim: {epochs: 3}\n",
+            r"train\.yaml:4: .*duplicate key 'optim' \(first on line 3\)",
+        ),
+        (
+            "optim:\n  lr: 0.1\n  lr: 0.2\n",
+            r"train\.yaml:5: .*duplicate key 'lr' \(first on line 4\)",
+        ),
+        ("optim: {lr: 0.1, lr: 0.2}\n", r"train\.yaml:3: .*duplicate key 'lr'"),
+    ],
+)
+def test_duplicate_keys_are_an_error(tmp_path, text, message):
+    """PyYAML keeps the last duplicate: a second section would silently reset the first's
+    settings to their defaults."""
+    path = _write(tmp_path, "model: {preset: pythia-14m}\ndata: {train: a.jsonl}\n" + text)
+    with pytest.raises(ConfigError, match=message):
+        load_train_config(path)
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    """The duplicate-key check leaves YAML's ``<<`` merge keys alone."""
+    path = _write(tmp_path, "data: {train: a.jsonl}\nmodel:\n  <<: {preset: pythia-14m}\n")
+    assert load_train_config(path).model.preset == "pythia-14m"
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    path = tmp_path / "train.yaml"
+    path.write_bytes(b"model: {preset: pythia-14m}\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"train\.yaml: not UTF-8 text"):
         load_train_config(path)
 
 

@@ -157,8 +157,27 @@ def test_sorted_padding_keeps_every_example() -> None:
 
 
 def test_empty_dataset_is_an_error() -> None:
-    with pytest.raises(DataError, match="no examples"):
-        DataPlan(FakeDataset([]), make_config(), World(), pad_token_id=1)
+    config = make_config(data__train="t.jsonl")
+    with pytest.raises(DataError, match=r"no training examples \(t\.jsonl has no records\)"):
+        DataPlan(FakeDataset([]), config, World(), pad_token_id=1)
+
+
+def test_empty_dataset_error_says_why_examples_were_dropped() -> None:
+    """Every example longer than max_seq_length in its prompt: the error says so, rather than
+    "no examples" of a file that has thousands."""
+    data = FakeDataset([])
+    data.meta = {
+        "source": "t.jsonl",
+        "num_records": 40,
+        "dropped": {"no trained token after truncation": 38},
+        "skipped_bad": {"invalid JSON": 2},
+    }
+    message = (
+        r"t\.jsonl: 38 dropped \(no trained token after truncation\), 2 skipped as bad "
+        r"\(invalid JSON\); raise data\.max_seq_length \(32\)"
+    )
+    with pytest.raises(DataError, match=message):
+        DataPlan(data, make_config(), World(), pad_token_id=1)
 
 
 def test_validation_batches_cover_the_set_once_over_ranks() -> None:

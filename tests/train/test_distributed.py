@@ -398,6 +398,11 @@ def test_sharded_checkpoint_round_trip_without_process_group(tmp_path: Path) -> 
 
     with pytest.raises(CheckpointError, match="no .metadata"):
         load_sharded(loaded, tmp_path / "missing")
+    for shard in (tmp_path / "ckpt").glob("*.distcp"):  # a torn write
+        shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"ckpt: cannot load .*\(rank 0: \w+") as info:
+        load_sharded(loaded, tmp_path / "ckpt")
+    assert "Traceback" not in str(info.value)  # the reason, not every rank's stack
 
 
 def test_fsdp_always_in_one_process(no_torchrun_env: None) -> None:

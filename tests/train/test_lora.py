@@ -121,8 +121,19 @@ def test_load_adapter_round_trip(adapted: nn.Module, base_dir: Path, tmp_path: P
 def test_load_adapter_rejects_a_mismatched_model(adapted: nn.Module, tmp_path: Path) -> None:
     directory = save_adapter(adapted, tmp_path / "adapter")
     other = build_model(TINY.with_(hidden_size=32, intermediate_size=128))
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match=r"does not fit .*size mismatch for \S+lora_A"):
         load_adapter(other, directory)
+    # PEFT itself only warns when layers are missing or left over: the adapter of a deeper
+    # base lost its last layer's tensors, and a shallower base's left a layer untrained.
+    shallower = build_model(TINY.with_(num_hidden_layers=1))
+    with pytest.raises(CheckpointError, match=r"tensor \S+layers\.1\.\S+, which matches no"):
+        load_adapter(shallower, directory)
+    deeper = build_model(TINY.with_(num_hidden_layers=3))
+    with pytest.raises(CheckpointError, match=r"tensor \S+layers\.2\.\S+ is not in the adapter"):
+        load_adapter(deeper, directory)
+    (directory / "adapter_model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="unreadable adapter weights"):
+        load_adapter(build_model(TINY), directory)
     (directory / "adapter_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="adapter_model.safetensors"):
         load_adapter(build_model(TINY), directory)

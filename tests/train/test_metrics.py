@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tulu.errors import CheckpointError
 from tulu.model.config import NeoXConfig, preset
 from tulu.train.config import LoggingConfig
 from tulu.train.metrics import (
@@ -125,3 +126,35 @@ def test_tensorboard_and_plot(tmp_path: Path) -> None:
 
 def test_plot_without_training_entries(tmp_path: Path) -> None:
     assert plot_metrics([{"step": 1, "val_loss": 2.0}], tmp_path / "x.png") is None
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path: Path) -> None:
+    """An output directory that cannot be written (here a file stands in its way: the tests
+    may run as root, which ignores permissions) names the path and the setting, no traceback
+    of OSError."""
+    config = LoggingConfig(tensorboard=False, progress=False)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(CheckpointError, match=r"file/out: cannot write the metrics .*output_dir"):
+        MetricsLogger(blocker / "out", config, enabled=True, total_steps=2)
+
+    (tmp_path / "run" / "loss.png").mkdir(parents=True)
+    logger = MetricsLogger(tmp_path / "run", config, enabled=True, total_steps=2)
+    logger.log_step(entry(1, 1.0))
+    with pytest.raises(CheckpointError, match=r"loss\.png: cannot write the loss plot"):
+        logger.plot()
+    logger.close()
+    assert [e["step"] for e in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a full disk)")
+def test_a_full_disk_while_logging_is_a_clear_error(tmp_path: Path) -> None:
+    config = LoggingConfig(tensorboard=False, progress=False)
+    logger = MetricsLogger(tmp_path, config, enabled=True, total_steps=2)
+    logger._file.close()
+    logger._file = open("/dev/full", "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+    with pytest.raises(
+        CheckpointError, match=r"metrics\.jsonl: cannot write the metrics of step 1"
+    ):
+        logger.log_step(entry(1, 1.0))
+    logger.close()  # does not raise again: the failure was reported

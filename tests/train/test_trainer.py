@@ -27,7 +27,7 @@ import yaml
 
 from train.conftest import ENV, torchrun
 from tulu.demo import corpus_text, train_tokenizer
-from tulu.errors import TuluError
+from tulu.errors import ConfigError, TuluError
 from tulu.model.checkpoint import load_model
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -421,6 +421,21 @@ def test_misspelt_key_is_one_line_and_exit_code_1(assets: Path, tmp_path: Path) 
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("tulu train: error:")
     assert "optim.lrr: unknown setting" in lines[0]
+
+
+def test_max_seq_length_beyond_the_models_context(assets: Path, tmp_path: Path, capsys) -> None:
+    """Rotary positions have no table to overflow: without a check, examples longer than
+    the model's context trained silently at positions it never saw."""
+    config = make_config(assets, tmp_path / "out", "data.max_seq_length=65")
+    message = r"data\.max_seq_length: 65 is longer than the model's context \(max_position_emb"
+    with pytest.raises(ConfigError, match=message):
+        train(config)
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
+    from tulu.cli import main
+
+    assert main(["train", str(path), "data.max_seq_length=65", "--dry-run"]) == 0
+    assert "error: data.max_seq_length: 65 is longer" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------ 2 processes

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -73,6 +74,7 @@ __all__ = [
     "load_checkpoint",
     "remove_stale_temps",
     "resolve_resume",
+    "restore_scheduler",
     "save_checkpoint",
 ]
 
@@ -258,7 +260,61 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{file}: unreadable trainer state ({err})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{file}: no global step in the trainer state")
+    if not isinstance(state.get("scheduler"), dict):
+        raise CheckpointError(f"{file}: no scheduler state in the trainer state")
     return state
+
+
+def restore_scheduler(scheduler: Any, restored: Restored) -> None:
+    """Load the checkpoint's scheduler state; one that torch cannot take (an edited or
+    foreign trainer.json) is a `CheckpointError` naming the file."""
+    try:
+        scheduler.load_state_dict(dict(restored.trainer_state["scheduler"]))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise CheckpointError(
+            f"{restored.path / TRAINER_FILE}: unusable scheduler state ({err!r})"
+        ) from None
+
+
+def _check_model_tensors(state_dir: Path, model_state: dict[str, Any]) -> None:
+    """The checkpoint's model tensors against the model's, by name and shape.
+
+    DCP loads only the tensors it is asked for, so without this a checkpoint of a deeper
+    model (or one with LoRA) would load into a smaller model and silently leave the rest
+    behind. A checkpoint whose metadata cannot be read is left to `load_sharded` to report.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        metadata = dcp.FileSystemReader(str(state_dir)).read_metadata()
+    except Exception:  # noqa: BLE001 - load_sharded reports an unreadable checkpoint
+        return
+    prefix = "model."
+    saved = {
+        key[len(prefix) :]: getattr(meta, "size", None)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(prefix)
+    }
+    hint = f"; the checkpoint was written with the settings in {state_dir.parent / CONFIG_FILE}"
+    extra = sorted(set(saved) - set(model_state))
+    if extra:
+        raise CheckpointError(
+            f"{state_dir.parent}: the checkpoint has tensor {extra[0]}, which this model does "
+            f"not have ({len(extra)} such tensor(s)){hint}"
+        )
+    missing = sorted(set(model_state) - set(saved))
+    if missing:
+        raise CheckpointError(
+            f"{state_dir.parent}: tensor {missing[0]} of this model is not in the checkpoint "
+            f"({len(missing)} such tensor(s)){hint}"
+        )
+    for name, tensor in model_state.items():
+        shape, size = tuple(getattr(tensor, "shape", ())), saved[name]
+        if size is not None and tuple(size) != shape:
+            raise CheckpointError(
+                f"{state_dir.parent}: tensor {name} has shape {list(size)} in the checkpoint "
+                f"and {list(shape)} in this model{hint}"
+            )
 
 
 def load_checkpoint(
@@ -274,14 +330,25 @@ def load_checkpoint(
     trainer_state = read_trainer_state(path)
     step = trainer_state["step"]
     state = get_train_state(model, optimizer)
+    _check_model_tensors(path / STATE_DIR, state["model"])
     load_sharded(state, path / STATE_DIR)
     set_train_state(model, optimizer, state)
     rng_file = path / RNG_DIR / f"rank-{world.rank:05d}.pt"
     if rng_file.is_file():
         try:
             set_rng_state(torch.load(rng_file, weights_only=True))
-        except (RuntimeError, OSError, KeyError, ValueError, TypeError) as err:
-            raise CheckpointError(f"{rng_file}: unreadable RNG state ({err})") from None
+        except (
+            RuntimeError,
+            OSError,
+            KeyError,
+            ValueError,
+            TypeError,
+            EOFError,
+            pickle.UnpicklingError,
+        ) as err:
+            # torch's unpickling messages run to a paragraph: its first sentence is enough.
+            detail = str(err).split("\n")[0].split(". ")[0] or type(err).__name__
+            raise CheckpointError(f"{rng_file}: unreadable RNG state ({detail})") from None
     else:
         seed_everything(seed + 1_000_003 * world.rank + step)
     metrics = read_metrics(path / METRICS_FILE) if world.is_main else []

@@ -228,6 +228,12 @@ def dry_run_report(config: Any, source: Path | str = "config") -> str:
             f"{model_config.num_hidden_layers} layers, hidden {model_config.hidden_size}, "
             f"vocab {model_config.vocab_size}"
         )
+        from tulu.train.trainer import check_context
+
+        try:
+            check_context(config, model_config)
+        except TuluError as err:
+            lines.append(f"  error: {err}")
     lines.append(
         f"  dtype {m.dtype or 'default (bfloat16 on GPU, float32 on CPU)'}, gradient "
         f"checkpointing {'on' if m.gradient_checkpointing else 'off'}, LoRA "

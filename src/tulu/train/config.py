@@ -286,6 +286,10 @@ def _check_ranges(config: TrainConfig) -> None:
     need(c.keep_last > 0, "checkpoint.keep_last", "must be positive")
     need(g.every_steps > 0, "logging.every_steps", "must be positive")
     need(g.peak_tflops is None or g.peak_tflops > 0, "logging.peak_tflops", "must be positive")
+    # torch's generators take seeds below 2**64 and numpy's none below 0; 2**63 leaves room for
+    # the seed + epoch and seed + rank offsets derived from it.
+    need(0 <= config.seed < 2**63, "seed", "must be in [0, 2**63)")
+    need(0 <= m.init_seed < 2**63, "model.init_seed", "must be in [0, 2**63)")
     lora = config.lora
     need(lora.r > 0, "lora.r", "must be positive")
     need(lora.alpha > 0, "lora.alpha", "must be positive")
@@ -308,6 +312,31 @@ class _Loader(yaml.SafeLoader):
     the way everyone writes it must be a number, so exponent floats without a dot resolve too."""
 
 
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    """A mapping whose keys are unique: PyYAML keeps the last of duplicate keys, so a second
+    ``optim:`` section would silently reset every setting of the first to its default."""
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *anchor``, merged by PyYAML
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        line = key_node.start_mark.line + 1
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key; PyYAML's own constructor reports it
+            continue
+        if duplicate:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key]})",
+                key_node.start_mark,
+            )
+        seen[key] = line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)$"),
@@ -338,6 +367,8 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-5")
         parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r}: empty name in the key {key!r}")
         node = data
         for part in parts[:-1]:
             child = node.get(part)
@@ -355,6 +386,8 @@ def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainC
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise ConfigError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     try:
         data = _yaml(text) or {}
     except yaml.YAMLError as err:

@@ -115,6 +115,21 @@ def filler(micro_batch: MicroBatch) -> MicroBatch:
     return out
 
 
+def _why_empty(dataset: Any, config: TrainConfig) -> str:
+    """Why tokenization left nothing, from the dataset's meta (a `TokenizedDataset`): an
+    empty file, or records all dropped (truncation to max_seq_length cut every assistant
+    token) or skipped as bad."""
+    meta = getattr(dataset, "meta", None) or {}
+    source = meta.get("source", config.data.train)
+    dropped, bad = meta.get("dropped") or {}, meta.get("skipped_bad") or {}
+    reasons = [f"{count} dropped ({reason})" for reason, count in dropped.items()]
+    reasons += [f"{count} skipped as bad ({reason})" for reason, count in bad.items()]
+    if not reasons:
+        return f"{source} has no records"
+    hint = f"; raise data.max_seq_length ({config.data.max_seq_length})" if dropped else ""
+    return f"{source}: " + ", ".join(reasons) + hint
+
+
 class DataPlan:
     """The steps of a run over `dataset` (see the module doc).
 
@@ -132,7 +147,7 @@ class DataPlan:
     ) -> None:
         o, d = config.optim, config.data
         if len(dataset) == 0:
-            raise DataError("data.train: the tokenized training set has no examples")
+            raise DataError(f"data.train: no training examples ({_why_empty(dataset, config)})")
         if o.global_batch_size % o.micro_batch_size:
             raise ConfigError(
                 f"optim.global_batch_size: {o.global_batch_size} is not a multiple of "

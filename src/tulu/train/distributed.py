@@ -719,7 +719,13 @@ def load_sharded(state_dict: dict[str, Any], directory: str | Path) -> None:
         with _dcp_quiet():
             dcp.load(state_dict, checkpoint_id=str(path), no_dist=not _dist_active())
     except dcp.api.CheckpointException as err:
-        raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({err})") from err
+        # str(err) holds every failing rank's whole traceback; the exceptions themselves
+        # say what is wrong (a missing key, a size mismatch naming the tensor, a torn file).
+        reasons = "; ".join(
+            f"rank {rank}: {type(exc).__name__}" + (f": {exc}" if str(exc) else "")
+            for rank, (exc, _) in sorted(err.failures.items())
+        )
+        raise CheckpointError(f"{path}: cannot load the sharded checkpoint ({reasons})") from err
 
 
 def _dist_active() -> bool:

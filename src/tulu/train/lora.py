@@ -257,13 +257,45 @@ def load_adapter(
     config = peft.LoraConfig.from_pretrained(str(directory))
     config.task_type = None  # our model takes no HF generation hooks (see the module doc)
     try:
-        return peft.PeftModel.from_pretrained(
+        saved = peft.utils.load_peft_weights(str(directory), device="cpu")
+    except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
+        raise CheckpointError(
+            f"{directory}: unreadable adapter weights ({type(err).__name__}: {err})"
+        ) from None
+    try:
+        peft_model = peft.PeftModel.from_pretrained(
             model, str(directory), config=config, is_trainable=is_trainable
         )
     except (ValueError, RuntimeError, KeyError) as err:
+        # load_state_dict's message is a header line, then one line per mismatched tensor.
+        detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
         raise CheckpointError(
-            f"{directory}: the adapter does not fit the model: {str(err).splitlines()[0]}"
+            f"{directory}: the adapter does not fit the model: {detail}"
         ) from None
+    _check_adapter_tensors(peft_model, saved, directory)
+    return peft_model
+
+
+def _check_adapter_tensors(peft_model: Any, saved: dict[str, Any], directory: Any) -> None:
+    """PEFT only warns about adapter tensors that match no layer of the model (an adapter of
+    a deeper base: they are dropped) and leaves layers without saved tensors at their fresh
+    values (a shallower base); either way the result is not the trained adapter."""
+    from peft.utils import get_peft_model_state_dict
+
+    expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise CheckpointError(
+            f"{directory}: the adapter does not fit the model: it has tensor {extra[0]}, which "
+            f"matches no layer of the model ({len(extra)} such tensor(s)); is the base the one "
+            "it was trained on?"
+        )
+    missing = sorted(set(expected) - set(saved))
+    if missing:
+        raise CheckpointError(
+            f"{directory}: the adapter does not fit the model: tensor {missing[0]} is not in "
+            f"the adapter ({len(missing)} such tensor(s)); is the base the one it was trained on?"
+        )
 
 
 def merge_lora(peft_model: Any) -> GPTNeoXForCausalLM:

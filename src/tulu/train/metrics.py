@@ -47,6 +47,7 @@ SXM and H200 989 TFLOP/s, H100 PCIe 756, A100 312), else unknown: no MFU (on the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -56,7 +57,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tulu.errors import ConfigError
+from tulu.errors import CheckpointError, ConfigError
 from tulu.model.config import NeoXConfig
 from tulu.train.config import LoggingConfig
 
@@ -213,11 +214,15 @@ class MetricsLogger:
         self._file: Any = None
         if not enabled:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_metrics(self.path, self.entries)
-        self._file = self.path.open("a", encoding="utf-8")
-        if config.tensorboard:
-            self._writer = _summary_writer(self.output_dir / TENSORBOARD_DIR, start_step + 1)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_metrics(self.path, self.entries)
+            self._file = self.path.open("a", encoding="utf-8")
+            if config.tensorboard:
+                self._writer = _summary_writer(self.output_dir / TENSORBOARD_DIR, start_step + 1)
+        except OSError as err:
+            self.close()
+            raise _unwritable(self.output_dir, "the metrics and TensorBoard events", err) from None
         if config.progress and sys.stderr.isatty():
             self._start_progress()
 
@@ -276,8 +281,11 @@ class MetricsLogger:
     # ------------------------------------------------------------------------ entries
     def _append(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
-        self._file.write(json.dumps(entry) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(entry) + "\n")
+            self._file.flush()
+        except OSError as err:
+            raise _unwritable(self.path, f"the metrics of step {entry['step']}", err) from None
 
     def log_step(self, entry: dict[str, Any]) -> None:
         """Record a training step's metrics (keys as in the module doc)."""
@@ -310,21 +318,35 @@ class MetricsLogger:
             print(message, file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        """Stop the display and close the files. Every line was flushed when it was logged
+        (a failure raised then), so a failing close has nothing left to lose and must not
+        hide the error that ends the run."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
         if self._writer is not None:
-            self._writer.close()
+            with contextlib.suppress(OSError):
+                self._writer.close()
             self._writer = None
         if self._file is not None:
-            self._file.close()
+            with contextlib.suppress(OSError):
+                self._file.close()
             self._file = None
 
     def plot(self) -> Path | None:
         """Write output_dir/loss.png (see `plot_metrics`); None when disabled or empty."""
         if not self.enabled or not self.config.plot:
             return None
-        return plot_metrics(self.entries, self.output_dir / PLOT_FILE)
+        try:
+            return plot_metrics(self.entries, self.output_dir / PLOT_FILE)
+        except OSError as err:
+            raise _unwritable(self.output_dir / PLOT_FILE, "the loss plot", err) from None
+
+
+def _unwritable(path: Path, what: str, err: OSError) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: cannot write {what} ({err.strerror or err}); check checkpoint.output_dir"
+    )
 
 
 def _summary_writer(directory: Path, purge_step: int) -> Any:

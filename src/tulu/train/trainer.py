@@ -81,6 +81,7 @@ from tulu.train.checkpointing import (
     load_checkpoint,
     remove_stale_temps,
     resolve_resume,
+    restore_scheduler,
     save_checkpoint,
     seed_everything,
 )
@@ -116,6 +117,7 @@ __all__ = [
     "TrainResult",
     "backward_step",
     "build_model_config",
+    "check_context",
     "evaluate",
     "load_tokenizer",
     "micro_batch_loss",
@@ -369,6 +371,18 @@ def _load_model(
     return model, fill
 
 
+def check_context(config: TrainConfig, model_config: NeoXConfig) -> None:
+    """``data.max_seq_length`` within the model's context: rotary positions have no table to
+    overflow, so longer examples would train silently at positions the model never saw, and
+    the exported config.json would still claim the shorter context."""
+    context = model_config.max_position_embeddings
+    if config.data.max_seq_length > context:
+        raise ConfigError(
+            f"data.max_seq_length: {config.data.max_seq_length} is longer than the model's "
+            f"context (max_position_embeddings {context}); lower it to {context} or less"
+        )
+
+
 def model_for_training(
     config: TrainConfig, tokenizer: Tokenizer, world: World, *, resuming: bool = False
 ) -> tuple[nn.Module, NeoXConfig]:
@@ -468,6 +482,7 @@ class _Run:
         self.model, self.model_config = model_for_training(
             config, self.tokenizer, world, resuming=self.resume_path is not None
         )
+        check_context(config, self.model_config)
         self.pad_id = pad_token_id(self.tokenizer)
         train_set = _tokenize(config.data.train, self.tokenizer, config, world)
         self.plan = DataPlan(train_set, config, world, pad_token_id=self.pad_id)
@@ -505,7 +520,7 @@ class _Run:
                     "batching or batch sizes changed); resume with the same settings or set "
                     "checkpoint.resume: never"
                 )
-            self.scheduler.load_state_dict(state["scheduler"])
+            restore_scheduler(self.scheduler, restored)
             self.step = restored.step
             self.elapsed_before = float(state.get("elapsed", 0.0))
             history = restored.metrics
