@@ -216,6 +216,36 @@ def test_bad_flags_are_refused_without_a_traceback(checkpoint):
     assert "Traceback" not in run.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "-1"], "--port must be in 0..65535, got -1"),
+        (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy} (Address already in use)"),
+        (["--host", "no-such-host.invalid", "--port", "{free}"], "--host 'no-such-host.invalid'"),
+        (["--api-key", "", "--port", "{free}"], "--api-key is empty"),
+    ],
+    ids=["bad-port", "port-in-use", "bad-host", "empty-api-key"],
+)
+def test_unusable_address_or_key_is_refused_before_loading(checkpoint, flags, message):
+    """The port is taken before the model loads: a busy port or a bad host is a one-line
+    error at once. An empty --api-key (an unset variable) would silently serve without one."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        values = {"busy": busy.getsockname()[1], "free": free_port()}
+        run = subprocess.run(
+            [sys.executable, "-c", CLI, "serve", str(checkpoint)]
+            + [flag.format(**values) for flag in flags],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert run.returncode == 1, run.stderr
+    assert message.format(**values) in run.stderr
+    assert "Traceback" not in run.stderr
+    assert "loaded" not in run.stderr  # refused before the model was loaded
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGTERM
 # ----------------------------------------------------------------------------------------------

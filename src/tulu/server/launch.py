@@ -1,4 +1,9 @@
-"""`tulu serve`: load the model, build the engine and the app, run uvicorn until SIGTERM."""
+"""`tulu serve`: check the flags, take the port, load the model, build the engine and the app,
+run uvicorn until SIGTERM.
+
+The listening socket is bound before the model is loaded (as vLLM does): a port in use or a
+host that does not resolve is found in a second, not after minutes of loading weights.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import contextlib
 import logging
 import os
+import socket
 import time
 
 from tulu.errors import TuluError
@@ -37,7 +43,12 @@ def serve(args: argparse.Namespace) -> None:
             )
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
         raise TuluError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
+    if args.api_key is not None and not args.api_key.strip():
+        # Most likely `--api-key "$KEY"` with KEY unset: serving without a key is not what
+        # was asked for.
+        raise TuluError("--api-key is empty; omit the option to serve without an API key")
     api_key = args.api_key or os.environ.get("TULU_API_KEY") or None
+    sock = listening_socket(args.host, args.port)
 
     started = time.perf_counter()
     loaded = load_pretrained(
@@ -86,7 +97,37 @@ def serve(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=args.drain_timeout,
     )
-    _graceful_server(config).run()
+    _graceful_server(config).run(sockets=[sock])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port), listening; a TuluError naming both if it cannot be.
+
+    uvicorn serves on it (`Server.run(sockets=...)`), so nothing can take the port between this
+    check and the first request. SO_REUSEADDR as uvicorn sets it: a restart does not wait for
+    the old connections' TIME_WAIT.
+    """
+    if not 0 <= port <= 65535:
+        raise TuluError(f"--port must be in 0..65535, got {port}")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise TuluError(f"--host {host!r}: cannot listen there ({err.strerror or err})") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise TuluError(
+            f"cannot listen on {host}:{port} ({err.strerror or err}); is another server "
+            "using the port? Pick another with --port"
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _graceful_server(config):
