@@ -1,7 +1,8 @@
 """HTML-cleaned ShareGPT (``sg_90k_part1_html_cleaned.json``, ...) -> conversation chunks.
 
 Each release file is one JSON array of ``{"id", "conversations": [{"from", "value"}]}``. Tulu v1
-used FastChat's cleaned dumps, then open-instruct's rules, which this converter reproduces:
+used FastChat's cleaned dumps, then open-instruct's rules, which this converter follows
+(differences below):
 
 1. Roles: ``human``/``user`` -> user, ``gpt``/``chatgpt`` -> assistant. A conversation with a
    ``system`` or ``bing`` turn is dropped (those are not ChatGPT conversations, or carry a
@@ -14,7 +15,17 @@ used FastChat's cleaned dumps, then open-instruct's rules, which this converter 
    costs ``len(tokens(value)) + 6`` (room for the chat-format markers), the user/assistant
    exchanges are taken in order, and a chunk is closed when the next exchange would not fit.
    An exchange that does not fit on its own is dropped (counted) and the next chunk starts
-   after it; FastChat would keep it and let training truncate it.
+   after it; FastChat would keep it and let training truncate it, open-instruct's copy of the
+   splitter (``scripts/split_sharegpt_conversations.py``) drops it as we do.
+
+Where the public Tulu v1 mixture differs, on purpose: open-instruct's splitter never emits a
+conversation's last chunk when its last exchange does not fit in the chunk before it (the
+chunk is only written from the ``i == len - 2`` branch), losing that exchange; we keep it.
+Its splitter also cut a trailing odd turn of any speaker before checking roles, then checked
+roles per chunk and accepted only ``human``/``gpt``: it kept the valid chunks of a
+conversation that rule 1 or 2 drops whole, and dropped the chunks with ``user``/``chatgpt``
+turns, which rule 1 maps. So a few conversations give different chunks or ids here than in
+that mixture.
 
 Records are named ``sharegpt_{id}_{start}``, `start` being the index of the chunk's first turn
 in the conversation, as FastChat names its split conversations (``{id}_{start}``).
