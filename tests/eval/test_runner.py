@@ -257,6 +257,19 @@ def test_tulu_eval_does_not_score_a_model_on_another_models_cache(bundled, tmp_p
     assert run(str(tmp_path / "m1")) == 2  # another model: generated again
 
 
+def test_tulu_eval_output_that_is_a_file_fails_before_the_model_loads(bundled, tmp_path, capsys):
+    from tulu.cli import main
+
+    blocker = tmp_path / "results"
+    blocker.write_text("not a directory")
+    args = ["eval", str(tmp_path / "no-such-model"), "--data-dir", str(bundled.data_dir)]
+    args += ["--task", "gsm_direct", "--gsm-exemplars", str(bundled.gsm_exemplars)]
+    assert main([*args, "--output", str(blocker)]) == 1
+    err = capsys.readouterr().err
+    assert f"--output {blocker}: cannot create the directory (File exists)" in err
+    assert blocker.read_text() == "not a directory"
+
+
 def test_missing_inputs_are_listed_together(tmp_path, monkeypatch):
     from tulu.eval import runner
 

@@ -11,6 +11,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from tulu.errors import TuluError
+
 __all__ = ["add_eval_parser", "cmd_eval"]
 
 
@@ -137,7 +139,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # file is reported in seconds, not after a 14 GB checkpoint has been read. run_tasks checks
     # again, cheaply.
     check_tasks(tasks, ctx)
-    args.output.mkdir(parents=True, exist_ok=True)
+    try:
+        args.output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file in the way, no permission: before the model loads
+        raise TuluError(
+            f"--output {args.output}: cannot create the directory ({err.strerror})"
+        ) from None
     tokenizer, backend, identity = _backend(args)
     ctx.tokenizer = tokenizer
     ctx.backend = CachedBackend(backend, args.output / "cache.jsonl", identity)
