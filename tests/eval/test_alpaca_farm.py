@@ -341,6 +341,18 @@ def test_prompt_format() -> None:
     )
 
 
+def test_prompt_strips_instruction_and_input_only_when_joined() -> None:
+    # open-instruct's 2023 eval/alpaca_farm_eval.py (commit e44fcf58, convert_to_msg_format):
+    # instruction.strip() + "\n\n" + input.strip() with an input, the raw instruction without.
+    assert af.build_prompt(" Fix this. \n", "\n teh cat ") == (
+        "<|user|>\nFix this.\n\nteh cat\n<|assistant|>\n"
+    )
+    assert af.build_prompt("Say hi. \n") == "<|user|>\nSay hi. \n\n<|assistant|>\n"
+    assert af.build_prompt("Say hi. ", "  ") == "<|user|>\nSay hi.\n\n\n<|assistant|>\n"
+    # the judge sees the fields as given
+    assert af.merge_instruction(" Fix this. ", "teh cat") == " Fix this. \n\nteh cat"
+
+
 def test_missing_files_listed(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"{af.SPLIT_FILE}, .*{af.REFERENCE_FILE}"):
         af.load_alpaca_farm(tmp_path)

@@ -7,11 +7,12 @@ The protocol:
    apart; the AlpacaEval reference-outputs file has them merged. Both are read: the first for
    the fields, the second for the reference answer, and they are checked to be the same 805
    instructions in the same order, so a mismatched pair of files cannot go unnoticed.
-2. The model sees ``instruction + "\\n\\n" + input`` (just the instruction when there is no
-   input) as one Tulu user turn: ``chat_wrap(prompt, "")``, i.e.
-   ``"<|user|>\\n" + prompt + "\\n<|assistant|>\\n"``. That is the same text as
-   ``tulu.chat.generation_prompt([user prompt], eos)`` (no EOS appears before the assistant
-   header), without needing the tokenizer's EOS. The prompt is not stripped.
+2. The model sees ``instruction.strip() + "\\n\\n" + input.strip()`` (just the instruction,
+   unstripped, when there is no input: open-instruct's 2023 ``eval/alpaca_farm_eval.py``
+   strips the two parts only when joining them) as one Tulu user turn:
+   ``chat_wrap(prompt, "")``, i.e. ``"<|user|>\\n" + prompt + "\\n<|assistant|>\\n"``. That
+   is the same text as ``tulu.chat.generation_prompt([user prompt], eos)`` (no EOS appears
+   before the assistant header), without needing the tokenizer's EOS.
 3. Greedy decoding, at most 2,048 new tokens, no stop string (`GENERATION`).
 4. A judge model behind any OpenAI-compatible ``/chat/completions`` endpoint compares the
    model's output with the reference (`Judge`), at temperature 0. A seeded coin per example
@@ -124,8 +125,14 @@ def merge_instruction(instruction: str, input_text: str) -> str:
 
 
 def build_prompt(instruction: str, input_text: str = "") -> str:
-    """The model's prompt: the merged instruction as one Tulu user turn, assistant open."""
-    return chat_wrap(merge_instruction(instruction, input_text), "")
+    """The model's prompt: the merged instruction as one Tulu user turn, assistant open.
+
+    With an input, both parts are stripped before joining, as open-instruct's generation
+    script did; the judge still sees the fields as given (`merge_instruction`).
+    """
+    if input_text:
+        return chat_wrap(instruction.strip() + "\n\n" + input_text.strip(), "")
+    return chat_wrap(instruction, "")
 
 
 def _read_records(path: Path) -> list[dict[str, Any]]:
