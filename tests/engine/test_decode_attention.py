@@ -8,7 +8,9 @@ runs in Triton's interpreter on CPU tensors: the variable `TRITON_INTERPRET=1` m
 before Triton is first imported (Triton defines its own library functions at import, and other
 tests may import it through torch), so `test_triton_kernel_runs_in_a_child_process` reruns this
 module's `interpreted` tests in a child pytest with the variable set; the parent's environment
-is never touched. GPU-only checks (the compiled kernel) are marked `gpu`.
+is never touched. The kernel is also compiled for the H100/H200 (sm_90) without a GPU, which
+checks what interpreting cannot; GPU-only checks (the compiled kernel's results) are marked
+`gpu`.
 """
 
 from __future__ import annotations
@@ -284,6 +286,56 @@ def test_triton_kernel_runs_in_a_child_process():
     stdout = run_interpreted_child("tests/engine/test_decode_attention.py")
     assert "11 passed" in stdout, stdout[-3000:]
     assert os.environ.get("TRITON_INTERPRET") == INTERPRET_AT_IMPORT  # nothing leaked here
+
+
+# ---------------------------------------------------------------------------- compiled, no GPU
+STRIDES = [
+    f"stride_{x}" for x in ("ob", "oh", "qb", "qh", "kb", "kt", "kh", "vb", "vt", "vh", "bt")
+]
+
+
+@pytest.mark.parametrize(
+    ("pointer", "head_size", "block_size"),
+    [("*bf16", 128, 16), ("*fp32", 16, 16), ("*fp16", 80, 5)],
+    ids=["pythia-6.9b-bf16", "tiny-fp32", "head-80-block-5"],
+)
+def test_kernel_compiles_for_hopper(pointer, head_size, block_size):
+    """The kernel through Triton's whole compiler to an sm_90 (H100/H200) binary, ptxas
+    included, on the CPU: the interpreter checks what it computes, not what only compiling
+    checks (types of loop-carried values, constexpr arithmetic, shapes the hardware lays out).
+    The constexprs are those `triton_paged_decode` passes."""
+    if da.triton_interpreting() or importlib.util.find_spec("triton") is None:
+        pytest.skip("needs Triton, compiling (not interpreting)")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = da._kernel()
+    block_pad = da._next_power_of_2(block_size)
+    constexprs = {
+        "HEAD_SIZE": head_size,
+        "HEAD_PAD": da._next_power_of_2(head_size),
+        "BLOCK_SIZE": block_size,
+        "BLOCK_PAD": block_pad,
+        "PAGES": max(1, 64 // block_pad),
+    }
+    pointers = {name: pointer for name in ("out_ptr", "q_ptr", "k_cache_ptr", "v_cache_ptr")}
+    signature = {
+        **pointers,
+        "block_tables_ptr": "*i32",
+        "context_lens_ptr": "*i32",
+        "scale": "fp32",
+        **dict.fromkeys(STRIDES, "i32"),
+        **dict.fromkeys(constexprs, "constexpr"),
+    }
+    assert list(signature) == kernel.arg_names
+    source = ASTSource(
+        fn=kernel,
+        signature=signature,
+        constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+    assert compiled.asm["cubin"] and ".target sm_90" in compiled.asm["ptx"]
 
 
 # ---------------------------------------------------------------------------- GPU

@@ -8,6 +8,7 @@ process to compare with a single-process run over the same global batches.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -316,6 +317,31 @@ def test_bad_environment_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
         init_distributed(DistributedConfig(), device="cpu")
 
 
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_cuda_backend_pairs_gloo_with_nccl_for_cpu_offload(
+    monkeypatch: pytest.MonkeyPatch, cpu_offload: bool
+) -> None:
+    """Two GPUs with FSDP2's CPU offload: the gradients live on the CPU and their norm is
+    all-reduced there every step, which NCCL alone cannot do (no CUDA needed to check the
+    process group that init_distributed asks for)."""
+    import torch.distributed as dist
+
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    asked: dict[str, Any] = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kwargs: asked.update(kwargs))
+    world = init_distributed(DistributedConfig(cpu_offload=cpu_offload), device="cuda")
+    assert world.device == torch.device("cuda", 0)
+    assert asked["backend"] == ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl")
+    assert asked["device_id"] == torch.device("cuda", 0)
+
+
 def test_micro_batches_are_dealt_round_robin() -> None:
     batches = list(range(8))
     assert micro_batches_for_rank(batches, World()) == batches
@@ -403,6 +429,81 @@ def test_sharded_checkpoint_round_trip_without_process_group(tmp_path: Path) -> 
     with pytest.raises(CheckpointError, match=r"ckpt: cannot load .*\(rank 0: \w+") as info:
         load_sharded(loaded, tmp_path / "ckpt")
     assert "Traceback" not in str(info.value)  # the reason, not every rank's stack
+
+
+@pytest.fixture
+def cpu_offload_optimizer(monkeypatch: pytest.MonkeyPatch):
+    """Factory: torchao's real CPUOffloadOptimizer (AdamW) over a CPU model.
+
+    It needs CUDA only for its copy stream and pinned buffers: a stream that does nothing and
+    unpinned buffers let its whole logic (the gradient hooks, the CPU optimizers, the copies
+    back) run on the CPU.
+    """
+    offload = pytest.importorskip("torchao.optim.cpu_offload")
+
+    class Stream:
+        def wait_stream(self, other: Any) -> None:
+            pass
+
+        def record_event(self) -> Stream:
+            return self
+
+        def synchronize(self) -> None:
+            pass
+
+    empty_like = torch.empty_like
+    monkeypatch.setattr(offload, "get_available_devices", lambda: ["cpu", "cuda"])
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda *args: Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(
+        torch, "empty_like", lambda t, *, pin_memory=False, **kw: empty_like(t, **kw)
+    )
+
+    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
+        return offload.CPUOffloadOptimizer(model.parameters(), lr=3e-3, weight_decay=0.01)
+
+    return make
+
+
+def test_cpu_offload_optimizer_checkpoint_round_trip(tmp_path: Path, cpu_offload_optimizer) -> None:
+    """optim.offload_optimizer: DCP's get_state_dict cannot read torchao's CPUOffloadOptimizer
+    (it crashed at the first checkpoint). Saved and resumed, the next steps are the same: the
+    CPU optimizers' states are restored, their CPU copies of the parameters refreshed from the
+    loaded model (else a step starts again from the initial weights), and the LR scheduler
+    still reaches the on-device optimizer of the small parameters."""
+    from torch.optim.lr_scheduler import LambdaLR
+
+    def schedule(optimizer: torch.optim.Optimizer) -> LambdaLR:
+        return LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
+
+    def run(model, optimizer, scheduler, steps: range) -> list[float]:
+        losses = []
+        for step in steps:
+            losses.append(backward_step(model, World(), step))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        return losses
+
+    model = make_model()
+    optimizer = cpu_offload_optimizer(model)
+    scheduler = schedule(optimizer)
+    assert optimizer.optim_dict and optimizer.d_opt is not None  # offloaded and small params
+    run(model, optimizer, scheduler, range(2))
+    save_sharded(get_train_state(model, optimizer), tmp_path / "ckpt")
+
+    fresh = make_model()
+    fresh_optimizer = cpu_offload_optimizer(fresh)
+    fresh_scheduler = schedule(fresh_optimizer)
+    loaded = get_train_state(fresh, fresh_optimizer)
+    load_sharded(loaded, tmp_path / "ckpt")
+    set_train_state(fresh, fresh_optimizer, loaded)
+    fresh_scheduler.load_state_dict(scheduler.state_dict())
+    assert_state_close(fresh.state_dict(), model.state_dict())
+    want = run(model, optimizer, scheduler, range(2, 5))
+    assert run(fresh, fresh_optimizer, fresh_scheduler, range(2, 5)) == want
+    assert_state_close(fresh.state_dict(), model.state_dict())
 
 
 def test_fsdp_always_in_one_process(no_torchrun_env: None) -> None:

@@ -127,6 +127,13 @@ def test_offload_optimizer_needs_cuda() -> None:
         build_optimizer(tiny_model(), OptimConfig(offload_optimizer=True))
 
 
+def test_offload_optimizer_refuses_gradient_clipping() -> None:
+    """torchao's CPUOffloadOptimizer takes each gradient to the CPU during backward, before
+    the trainer clips: with max_grad_norm the large parameters would step unclipped."""
+    with pytest.raises(ConfigError, match="max_grad_norm.*silently ignored"):
+        build_optimizer(tiny_model(), OptimConfig(offload_optimizer=True, max_grad_norm=1.0))
+
+
 def test_adamw_bf16_refuses_float32_parameters() -> None:
     with pytest.raises(ConfigError, match="adamw_bf16.*float32"):
         build_optimizer(tiny_model(), OptimConfig(optimizer="adamw_bf16"))

@@ -118,7 +118,7 @@ class DistributedConfig:
     fsdp: Literal["auto", "always", "never"] = "auto"
     reshard_after_forward: bool = True
     cpu_offload: bool = False
-    backend: str | None = None  # default: nccl on CUDA, gloo on CPU
+    backend: str | None = None  # default: nccl on CUDA (+ gloo with cpu_offload), gloo on CPU
 
 
 @dataclass

@@ -159,7 +159,8 @@ def init_distributed(config: DistributedConfig, device: str | None = None) -> Wo
     `distributed.fsdp: always` (a 1-process group over an in-memory store, so FSDP can be used
     as the mixed-precision engine on one GPU without any launcher).
 
-    The backend is `distributed.backend`, else nccl for CUDA and gloo for the CPU. Each process
+    The backend is `distributed.backend`, else nccl for CUDA (with gloo beside it for CPU
+    tensors under `cpu_offload`) and gloo for the CPU. Each process
     drives the GPU cuda:LOCAL_RANK. An already initialised group (e.g. set up by a test or a
     notebook) is reused.
     """
@@ -184,7 +185,7 @@ def init_distributed(config: DistributedConfig, device: str | None = None) -> Wo
         return world
     if not dist.is_available():
         raise ConfigError("distributed: this torch build has no torch.distributed support")
-    backend = config.backend or ("nccl" if dev.type == "cuda" else "gloo")
+    backend = config.backend or _default_backend(dev, config)
     kwargs: dict[str, Any] = {"backend": backend}
     if dev.type == "cuda":
         kwargs["device_id"] = dev
@@ -204,6 +205,19 @@ def init_distributed(config: DistributedConfig, device: str | None = None) -> Wo
             f"distributed.backend: cannot initialise the {backend!r} process group ({err})"
         ) from err
     return world
+
+
+def _default_backend(device: torch.device, config: DistributedConfig) -> str:
+    """nccl on CUDA, gloo on the CPU; both on CUDA with `cpu_offload`.
+
+    With `cpu_offload` FSDP2 keeps gradients on the CPU, and the all-reduce of their norm
+    (`clip_grad_norm`, every step) then runs on CPU tensors, which NCCL cannot reduce ("No
+    backend type associated with device type cpu"); torchtitan pairs the backends the same
+    way for its CPU offload.
+    """
+    if device.type != "cuda":
+        return "gloo"
+    return "cuda:nccl,cpu:gloo" if config.cpu_offload else "nccl"
 
 
 def shutdown(world: World, *, synchronize: bool | None = None) -> None:
@@ -659,11 +673,19 @@ def get_train_state(
     An optimizer that has not stepped yet gets its state initialised by torch (a step with
     zero gradients and lr 0), so that there is something to load into; that step counts in
     Adam's bias correction, so call this on a fresh optimizer only to load a checkpoint.
+
+    torchao's `CPUOffloadOptimizer` (``optim.offload_optimizer``) is no torch optimizer
+    inside, which `get_state_dict` cannot read: see `_offload_optimizer_state`.
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
         return {"model": get_model_state_dict(model)}
+    if _is_cpu_offload_optimizer(optimizer):
+        return {
+            "model": get_model_state_dict(model),
+            "optimizer": _offload_optimizer_state(model, optimizer),
+        }
     model_state, optim_state = get_state_dict(model, optimizer)
     return {"model": model_state, "optimizer": optim_state}
 
@@ -680,12 +702,91 @@ def set_train_state(
             raise CheckpointError("the checkpoint state has no optimizer state to load")
         set_model_state_dict(model, state["model"])
         return
+    if _is_cpu_offload_optimizer(optimizer):
+        set_model_state_dict(model, state["model"])
+        _load_offload_optimizer_state(model, optimizer, state["optimizer"])
+        return
     set_state_dict(
         model,
         optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
     )
+
+
+def _is_cpu_offload_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether `optimizer` is torchao's CPUOffloadOptimizer (torchao is imported if it is)."""
+    torchao_optim = sys.modules.get("torchao.optim")
+    cls = getattr(torchao_optim, "CPUOffloadOptimizer", None)
+    return cls is not None and isinstance(optimizer, cls)
+
+
+def _offload_optimizer_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
+    """A CPUOffloadOptimizer's state, for `save_sharded`, keyed by parameter name.
+
+    torchao's CPUOffloadOptimizer subclasses `Optimizer` without being one inside: no `state`,
+    one optimizer per large parameter over a pinned CPU copy of it (``optim_dict``,
+    ``param_d2h_map``), and one on-device optimizer for the small parameters (``d_opt``), so
+    DCP's `get_state_dict` fails on it and its own `state_dict` is keyed by position. Here
+    each CPU optimizer's state dict is stored under its parameter's name ("offloaded"), the
+    on-device one as DCP gives it ("on_device"). CPU optimizers that have not stepped get
+    their state initialised as torch does it (one step with zero gradients and lr 0).
+    """
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    offloaded = {}
+    for name, param in model.named_parameters():
+        inner = optimizer.optim_dict.get(param)
+        if inner is not None:
+            _init_offloaded_state(inner)
+            offloaded[name] = inner.state_dict()
+    state: dict[str, Any] = {"offloaded": offloaded}
+    if optimizer.d_opt is not None:
+        state["on_device"] = get_optimizer_state_dict(model, optimizer.d_opt)
+    return state
+
+
+@torch.no_grad()
+def _init_offloaded_state(inner: torch.optim.Optimizer) -> None:
+    """One step with zero gradients and lr 0, if `inner` has no state yet. Its parameters'
+    gradients are torchao's pinned buffers, which must survive, so they are set back after
+    (torch's own initialisation would skip an optimizer whose parameters have gradients)."""
+    if inner.state:
+        return
+    params = [p for group in inner.param_groups for p in group["params"]]
+    grads = [p.grad for p in params]
+    lrs = [group["lr"] for group in inner.param_groups]
+    for group, lr in zip(inner.param_groups, lrs, strict=True):
+        group["lr"] = torch.zeros_like(lr) if isinstance(lr, Tensor) else 0.0
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    inner.step()
+    for p, grad in zip(params, grads, strict=True):
+        p.grad = grad
+    for group, lr in zip(inner.param_groups, lrs, strict=True):
+        group["lr"] = lr
+
+
+@torch.no_grad()
+def _load_offload_optimizer_state(model: nn.Module, optimizer: Any, state: dict[str, Any]) -> None:
+    """Load `_offload_optimizer_state`'s dict (filled by `load_sharded`) into `optimizer`.
+
+    The CPU copies of the parameters are refreshed from the (just loaded) model: the
+    optimizer took them when it was built, before the checkpoint was read, and each step
+    updates the copy and writes it back over the parameter. Its list of the on-device
+    optimizer's parameter groups (what its `param_groups`, hence the LR scheduler, sees) is
+    pointed at the groups loading created, or the scheduler would set stale copies.
+    """
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    for name, param in model.named_parameters():
+        inner = optimizer.optim_dict.get(param)
+        if inner is not None:
+            inner.load_state_dict(state["offloaded"][name])
+            optimizer.param_d2h_map[param].copy_(param.detach())
+    if optimizer.d_opt is not None:
+        set_optimizer_state_dict(model, optimizer.d_opt, state["on_device"])
+        optimizer.d_param_groups = optimizer.d_opt.param_groups
 
 
 @contextmanager

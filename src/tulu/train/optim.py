@@ -23,7 +23,8 @@ Optimizers (`optim.optimizer`):
 torchao's optimizers run their update through `torch.compile`: that works on CUDA and, with a
 C++ compiler (g++/clang++), on CPU too; the first step compiles (seconds per distinct shape).
 ``offload_optimizer: true`` wraps the chosen optimizer in torchao's `CPUOffloadOptimizer`
-(states and the update on the CPU, for single-GPU runs): it needs CUDA.
+(states and the update on the CPU, for single-GPU runs): it needs CUDA, and no gradient
+clipping (its gradients leave for the CPU during backward, before the trainer clips).
 
 Schedules (`optim.scheduler`), all after a linear warmup from 0 to lr over
 ceil(warmup_ratio * total_steps) steps, as in transformers' `get_*_schedule_with_warmup`:
@@ -112,6 +113,16 @@ def build_optimizer(params: nn.Module | NamedParams, config: OptimConfig) -> tor
             "(use adamw, adamw_bf16 or adamw_8bit)"
         )
     if config.offload_optimizer:
+        if config.max_grad_norm is not None:
+            # torchao copies each gradient to the CPU in a hook as soon as backward has
+            # accumulated it, so the trainer's clipping, which comes later, would only reach
+            # the small parameters it keeps on the device: the others would step unclipped.
+            raise ConfigError(
+                "optim.offload_optimizer: torchao's CPUOffloadOptimizer copies each gradient "
+                "to the CPU during backward, before gradient clipping, so optim.max_grad_norm "
+                f"({config.max_grad_norm}) would be silently ignored; set optim.max_grad_norm: "
+                "null or optim.offload_optimizer: false"
+            )
         return _cpu_offload(groups, cls, {**kwargs, **extra}, flat)
     return cls(groups, **kwargs, **extra)
 
