@@ -45,17 +45,20 @@ def build_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     perturb: bool = True,
+    on_device: bool = False,
 ) -> GPTNeoXForCausalLM:
     """Our model with seeded random weights, in eval mode.
 
     Built on the meta device and materialised directly on `device` in `dtype` (no throw-away
     default initialisation, no float32 copy of a big model), then `init_weights(seed)`.
+    `on_device` draws the weights on `device` (see `init_weights`): seconds instead of about
+    40 s of single-threaded CPU sampling for 6.9B, which a short GPU session cannot spare.
     """
     with torch.device("meta"):
         model = GPTNeoXForCausalLM(config)
     model.to(dtype)  # free on meta: materialise directly in the target dtype
     model.to_empty(device=device)
-    model.init_weights(seed)  # also re-ties a tied LM head that to_empty() untied
+    model.init_weights(seed, on_device=on_device)  # also re-ties a head to_empty() untied
     if perturb:
         perturb_norms_and_biases(model, seed)
     return model.eval()

@@ -411,7 +411,9 @@ def compare_bf16_with_transformers(
     from tulu.engine.sampling import SamplingParams
 
     # Built on meta and materialised on `device` in bfloat16: no float32 or CPU copy.
-    ours = build_model(config, seed=0, device=device, dtype=torch.bfloat16)
+    ours = build_model(
+        config, seed=0, device=device, dtype=torch.bfloat16, on_device=device != "cpu"
+    )
     hf = to_transformers(ours, attn_implementation=None)  # a second copy on the device
     ids = random_ids(logits_shape, seed=0).to(device)
     with torch.no_grad():
