@@ -21,7 +21,7 @@ import torch
 
 from tulu.chat import generation_prompt
 from tulu.engine import engine as engine_module
-from tulu.engine.engine import EngineConfig, RequestOutput
+from tulu.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from tulu.engine.reference import generate_ids
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import GenerationError
@@ -951,6 +951,15 @@ def test_generate_refuses_malformed_chat_messages_atomically(tok_model, demo_tok
 def test_engine_config_validation(field):
     with pytest.raises(GenerationError, match=next(iter(field))):
         EngineConfig(**field)
+
+
+def test_a_kv_cache_larger_than_memory_is_a_clear_error(tiny_model):
+    """An explicit budget beyond what can be allocated (here 1 PiB of host memory) names the
+    cache's size and the option, instead of the allocator's report."""
+    with pytest.raises(
+        GenerationError, match=r"KV cache of \d+ blocks .* does not fit.*kv-cache-gb"
+    ):
+        LLMEngine(tiny_model, None, EngineConfig(kv_cache_bytes=2**50))
 
 
 def test_prompt_longer_than_the_step_budget_without_chunked_prefill(tiny_model, make_engine, drain):

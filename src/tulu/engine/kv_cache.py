@@ -13,6 +13,7 @@ any more keep their contents and stay findable until the space is needed (LRU ev
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -211,8 +212,20 @@ class PagedKVCache:
             config.num_attention_heads,
             config.head_size,
         )
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        try:
+            self.keys = torch.zeros(shape, dtype=dtype, device=device)
+            self.values = torch.zeros(shape, dtype=dtype, device=device)
+        except (torch.OutOfMemoryError, RuntimeError) as err:
+            # An explicit kv_cache_bytes (--kv-cache-gb) larger than what is free: say so,
+            # rather than the allocator's report (a RuntimeError on the CPU).
+            if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
+                raise
+            self.keys = self.values = None  # type: ignore[assignment]
+            wanted = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            raise GenerationError(
+                f"the KV cache of {spec.num_blocks} blocks ({wanted / 2**30:.2f} GiB) does not "
+                f"fit in the free memory of {device}; ask for less (--kv-cache-gb)"
+            ) from None
         self.block_size = spec.block_size
         self.num_blocks = spec.num_blocks
 
