@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tulu.bench.workloads import random_model, transformers_twin
+from tulu.bench.workloads import check_output, random_model, transformers_twin
 from tulu.engine.engine import LLM
 from tulu.errors import TuluError
 from tulu.eval.backends import EngineBackend
@@ -122,6 +122,22 @@ def peer_gsm(
     return time.perf_counter() - started
 
 
+def peer_prompts(args: argparse.Namespace) -> list[str]:
+    """The GSM CoT prompts the peer comparison runs, built before the suite so that a missing
+    file fails at once rather than after the suite's minutes."""
+    from tulu.eval import gsm
+
+    try:
+        questions = gsm.sample_questions(
+            gsm.load_gsm(args.data_dir / "gsm/test.jsonl"),
+            None if args.full else (args.max_examples or gsm.DEFAULT_MAX_EXAMPLES),
+        )[: args.peer_examples]
+        source = gsm.resolve_exemplars(args.exemplars)
+    except TuluError as err:
+        raise TuluError(f"the GSM CoT peer: {err} (--peer-examples 0 runs no peer)") from None
+    return [gsm.build_prompt(q.question, source.exemplars, "cot", "paper") for q in questions]
+
+
 def parse_tasks(text: str | None) -> list[str]:
     if text is None:
         return list(DEFAULT_TASKS)
@@ -166,12 +182,21 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     tasks = parse_tasks(args.tasks)
+    if args.peer_batch < 1:
+        parser.error(f"--peer-batch must be a positive integer, got {args.peer_batch}")
+    if args.peer_examples is not None and args.peer_examples < 0:
+        parser.error(f"--peer-examples must be 0 (no peer) or more, got {args.peer_examples}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("pythia-6.9b" if device.type == "cuda" else "tiny")
-    dtype = parse_dtype(args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = parse_dtype(
+        args.dtype or ("bfloat16" if device.type == "cuda" else "float32"), "--dtype"
+    )
     if args.max_examples is None and not args.full and device.type == "cpu":
         args.max_examples = 2
+    out = args.output or RESULTS / f"eval-suite-{device.type}.json"
+    check_output(out)
+    prompts = peer_prompts(args) if args.peer_examples != 0 else []
     began = time.perf_counter()
     tokenizer = Tokenizer.load(args.tokenizer)
     model = build_model(args, device, dtype, len(tokenizer))
@@ -191,11 +216,12 @@ def main() -> None:
         skipped.append(ALPACA_GENERATION)
     tasks = [t for t in tasks if t not in skipped]
     check_tasks([t for t in tasks if t != ALPACA_GENERATION], ctx)  # bad settings fail now
-    out = args.output or RESULTS / f"eval-suite-{device.type}.json"
     report: dict = {
         "preset": args.preset,
         "dtype": dtype_name(dtype),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
+        "device": (
+            torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+        ),
         "max_examples": None if args.full else args.max_examples,
         "codex_samples": args.codex_samples,
         "skipped": skipped,
@@ -230,18 +256,9 @@ def main() -> None:
     if report["not_reached"]:
         print(f"  not reached in --time-budget {args.time_budget:g} s: {report['not_reached']}")
 
-    n_peer = args.peer_examples
-    if n_peer is None or n_peer > 0:
+    if prompts:
         from tulu.eval import gsm
 
-        questions = gsm.sample_questions(
-            gsm.load_gsm(args.data_dir / "gsm/test.jsonl"),
-            None if args.full else (args.max_examples or gsm.DEFAULT_MAX_EXAMPLES),
-        )[:n_peer]
-        source = gsm.resolve_exemplars(args.exemplars)
-        prompts = [
-            gsm.build_prompt(q.question, source.exemplars, "cot", "paper") for q in questions
-        ]
         t0 = time.perf_counter()
         EngineBackend(llm, progress=False).generate(prompts, gsm.GENERATION)
         ours_gsm = time.perf_counter() - t0

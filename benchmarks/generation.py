@@ -35,6 +35,7 @@ import torch
 
 from tulu.bench.workloads import (
     BenchSettings,
+    check_output,
     format_report,
     preset_config,
     random_model,
@@ -94,6 +95,8 @@ def main() -> int:
     try:
         device = resolve_device(args.device)
         gpu = device.type == "cuda"
+        out = args.output or RESULTS / f"generation-{args.preset}-{device.type}.json"
+        check_output(out)
         dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
         default_requests = 1000 if gpu else 24
         settings = BenchSettings(
@@ -131,8 +134,6 @@ def main() -> int:
 
     print()
     print(format_report(results))
-    out = args.output or RESULTS / f"generation-{args.preset}-{device.type}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
     return 0

@@ -340,6 +340,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if not args.rate > 0:
         p.error("--rate must be > 0")
+    for name in ("request_timeout", "idle_timeout", "startup_timeout"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value > 0):
+            p.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if not args.temperature >= 0:
+        p.error("--temperature must be >= 0")
+    # The name becomes results/serving-NAME.json, written after the run: a path in it would
+    # lose the run's figures to a missing folder.
+    if args.name is not None and (not args.name or Path(args.name).name != args.name):
+        p.error(f"--name {args.name!r}: a file name part (results/serving-NAME.json), not a path")
     return args
 
 

@@ -19,6 +19,8 @@ real data, for both sides alike.
 
     python benchmarks/tokenization.py                  # 490,000 examples
     python benchmarks/tokenization.py --examples 50000
+    python benchmarks/tokenization.py --examples 2000 --peer-examples 200 --mode-examples 500 \
+        --output /tmp/tokenize.json                    # smoke test, a few seconds
 """
 
 from __future__ import annotations
@@ -520,7 +522,20 @@ def main() -> None:
     parser.add_argument("--max-seq-length", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, default=None, help="default: every core")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS / "tokenize.json",
+        help="results file (default: results/tokenize.json; trial runs: somewhere in /tmp)",
+    )
     args = parser.parse_args()
+    for name in ("examples", "peer_examples", "mode_examples", "max_seq_length", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.workers is not None and args.workers < 1:
+        parser.error("--workers must be a positive integer")
+    if args.output.is_dir():
+        parser.error(f"--output {args.output}: is a directory, expected a JSON file name")
 
     from tulu.data.batching import padding_report
     from tulu.data.tokenize import _default_workers, tokenize_records
@@ -665,8 +680,8 @@ def main() -> None:
     print(f"\n{'batching':<16} {'batches':>9} {'rows':>9} {'padded fraction':>16}")
     for s in report:
         print(f"{s.mode:<16} {s.batches:>9,} {s.rows:>9,} {s.padded_fraction:>16.2%}")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / "tokenize.json"
+    out = args.output
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -43,6 +43,7 @@ import ctypes
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -55,6 +56,8 @@ from typing import Any
 import torch
 import transformers
 
+from tulu.bench.workloads import check_output, resolve_device
+from tulu.errors import TuluError
 from tulu.model import GPTNeoXForCausalLM, NeoXConfig, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.train.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
@@ -361,8 +364,11 @@ def main() -> None:
             f"--optimizer: expected some of {', '.join(OPTIMIZERS)}, got {args.optimizer!r}"
         )
 
-    gpu = torch.device(args.device).type == "cuda"
-    dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"))
+    check_args(parser, args)
+    gpu = resolve_device(args.device).type == "cuda"
+    dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
+    out = args.out or RESULTS / f"train-{'cuda' if gpu else 'cpu'}.json"
+    check_output(out, "--out")
     args.seq_len = args.seq_len or (2048 if gpu else 512)
     micro_batch = args.micro_batch or (4 if gpu else 2)
     steps = args.steps or 10
@@ -427,7 +433,6 @@ def main() -> None:
     )
     del check, total, count
 
-    out = args.out or RESULTS / f"train-{device.type}.json"
     report: dict[str, Any] = {
         "config": {
             "preset": args.preset or ("pythia-6.9b" if gpu else "tiny"),
@@ -537,6 +542,20 @@ def main() -> None:
     print(f"wrote {out}")
 
 
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse sizes that could not run (or that `or` defaults would silently replace: a
+    `--steps 0` must not time 10 steps), naming the flag, before a model is built."""
+    for name in ("layers", "hidden_size", "vocab_size", "seq_len", "micro_batch", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.warmup is not None and args.warmup < 0:
+        parser.error(f"--warmup must be 0 or more, got {args.warmup}")
+    tflops = args.peak_tflops
+    if tflops is not None and not (math.isfinite(tflops) and tflops > 0):
+        parser.error(f"--peak-tflops must be a positive number, got {tflops}")
+
+
 def tabulate(
     results: dict[str, dict[str, Any]],
     labels: dict[str, str],
@@ -597,4 +616,7 @@ def print_table(table: list[dict[str, Any]], gpu: bool) -> None:
 if __name__ == "__main__":
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
-        main()
+        try:
+            main()
+        except TuluError as err:  # bad settings: one line, as the tulu commands print them
+            raise SystemExit(f"train.py: error: {err}") from None

@@ -445,3 +445,170 @@ def test_cli_decode_path_choices_on_cpu(extra, message, capsys, monkeypatch) -> 
     else:  # the Triton kernel needs CUDA (or the interpreter): one clear line, no traceback
         assert rc == 1
         assert message in error_line(err) and "Traceback" not in err
+
+
+def test_output_that_cannot_be_written_fails_before_the_run(tmp_path: Path, capsys, monkeypatch):
+    """A results path under a regular file cannot be created: refused at once, not after the
+    benchmark has run (then with a traceback, and its figures lost)."""
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before --output was checked")
+
+    monkeypatch.setattr(workloads, "random_model", no_model)
+    (tmp_path / "file").write_text("")
+    rc, _out, err = run(capsys, "bench", *TINY, *SMALL, "--output", tmp_path / "file" / "b.json")
+    assert rc == 1
+    assert "--output" in error_line(err)
+
+
+# ------------------------------------------------------------------------------ benchmarks/*.py
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+class _Started(Exception):
+    """Raised where a benchmark script, its arguments accepted, would start the real work."""
+
+
+def run_script(
+    name: str, argv: list[str], monkeypatch, capsys, work: tuple[object, str]
+) -> tuple[object, str]:
+    """Run benchmarks/`name` with `argv` in this process, `work` (owner, attribute) replaced by
+    a function that raises _Started; returns (exit code, or _Started if the work began; stderr).
+    """
+    import runpy
+
+    def started(*_args, **_kwargs):
+        raise _Started
+
+    # The script's imports first: a module first imported while `work` is replaced would keep
+    # the replacement (a from-import binds it) after this test, for every later test.
+    monkeypatch.setattr(sys, "argv", [name, "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+    monkeypatch.setattr(*work, started)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    capsys.readouterr()
+    try:
+        runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+    except _Started:
+        return _Started, capsys.readouterr().err
+    except SystemExit as exit_:
+        err = capsys.readouterr().err
+        code = exit_.code
+        if isinstance(code, str):  # SystemExit("message"): printed to stderr, exit status 1
+            return 1, err + code
+        return code, err
+    return 0, capsys.readouterr().err
+
+
+def test_generation_script_refuses_an_output_directory(tmp_path, monkeypatch, capsys) -> None:
+    argv = ["--preset", "pythia-14m", "--layers", "1", "--output", str(tmp_path)]
+    work = (workloads, "random_model")
+    code, err = run_script("generation.py", argv, monkeypatch, capsys, work)
+    assert code == 1 and "Traceback" not in err
+    assert f"generation.py: error: --output {tmp_path}: is a directory" in err
+
+
+TRAIN_BAD = [
+    (["--steps", "0"], "--steps must be a positive integer"),
+    (["--steps", "-1"], "--steps must be a positive integer"),
+    (["--warmup", "-1"], "--warmup must be 0 or more"),
+    (["--seq-len", "0"], "--seq-len must be a positive integer"),
+    (["--micro-batch", "-1"], "--micro-batch must be a positive integer"),
+    (["--layers", "0"], "--layers must be a positive integer"),
+    (["--peak-tflops", "nan"], "--peak-tflops must be a positive number"),
+    (["--device", "bogus"], "--device: unknown device 'bogus'"),
+    (["--dtype", "float8"], "--dtype: unknown dtype"),
+    (["--out", "."], "--out .: is a directory"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), TRAIN_BAD, ids=[" ".join(e) for e, _ in TRAIN_BAD])
+def test_train_script_refuses_bad_settings_at_once(extra, message, monkeypatch, capsys) -> None:
+    pytest.importorskip("transformers")
+    import tulu.train.distributed
+
+    work = (tulu.train.distributed, "init_distributed")
+    code, err = run_script("train.py", ["--preset", "tiny", *extra], monkeypatch, capsys, work)
+    assert code in (1, 2) and "Traceback" not in err
+    assert f"train.py: error: {message}" in err
+
+
+EVAL_BAD = [
+    (["--peer-batch", "0"], "--peer-batch must be a positive integer"),
+    (["--peer-examples", "-1"], "--peer-examples must be 0 (no peer) or more"),
+    (["--output", "."], "--output .: is a directory"),
+    (["--peer-examples", "1"], "the GSM CoT peer: "),  # no gsm/test.jsonl in --data-dir
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), EVAL_BAD, ids=[" ".join(e) for e, _ in EVAL_BAD])
+def test_eval_suite_script_refuses_bad_settings_at_once(
+    extra, message, tmp_path, monkeypatch, capsys
+) -> None:
+    """Refused before the tokenizer and the model load, not after the suite has run."""
+    from tulu.tokenizer import Tokenizer
+
+    argv = ["--data-dir", str(tmp_path), "--tasks", "mmlu_0shot", *extra]
+    code, err = run_script("eval_suite.py", argv, monkeypatch, capsys, (Tokenizer, "load"))
+    assert code in (1, 2) and "Traceback" not in err
+    assert f"eval_suite.py: error: {message}" in err
+
+
+SERVING_BAD = [
+    (["--request-timeout", "-1"], "--request-timeout must be a positive number"),
+    (["--idle-timeout", "nan"], "--idle-timeout must be a positive number"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--name", "a/b"], "--name 'a/b': a file name part"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), SERVING_BAD, ids=[" ".join(e) for e, _ in SERVING_BAD]
+)
+def test_serving_script_refuses_bad_settings(extra, message, monkeypatch, capsys) -> None:
+    pytest.importorskip("httpx")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import serving
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    with pytest.raises(SystemExit) as exit_:
+        serving.parse_args(["--url", "http://127.0.0.1:9", *extra])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+TOKENIZATION_BAD = [
+    (["--examples", "0"], "--examples must be a positive integer"),
+    (["--peer-examples", "0"], "--peer-examples must be a positive integer"),
+    (["--workers", "0"], "--workers must be a positive integer"),
+    (["--output", "."], "--output .: is a directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), TOKENIZATION_BAD, ids=[" ".join(e) for e, _ in TOKENIZATION_BAD]
+)
+def test_tokenization_script_refuses_bad_settings(extra, message, monkeypatch, capsys) -> None:
+    import tulu.data.tokenize
+
+    work = (tulu.data.tokenize, "tokenize_records")
+    code, err = run_script("tokenization.py", extra, monkeypatch, capsys, work)
+    assert code == 2 and "Traceback" not in err
+    assert f"tokenization.py: error: {message}" in err
+
+
+def test_tokenization_script_writes_where_output_says(tmp_path, monkeypatch, capsys) -> None:
+    """A trial run must not overwrite the committed results/tokenize.json."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "tok.json"
+    argv = ["--examples", "40", "--peer-examples", "20", "--mode-examples", "20"]
+    argv += ["--tokenizer", str(tmp_path / "absent.json"), "--workers", "1"]
+    argv += ["--output", str(out)]
+    monkeypatch.setattr(sys, "argv", ["tokenization.py", *argv])
+    import runpy
+
+    runpy.run_path(str(BENCHMARKS / "tokenization.py"), run_name="__main__")
+    results = json.loads(out.read_text())
+    assert results["examples"] == 40 and results["open_instruct"]["identical_to_tulu"]

@@ -94,6 +94,7 @@ def test_smoke_run_has_every_part_and_figure(carry, tmp_path, capsys) -> None:
         assert f"===== {part}: " in log
     assert "eval_suite.py" in log and "--time-budget" in log
     eval_result = json.loads((out / "eval.json").read_text())
+    assert eval_result["device"]  # platform.processor() is "" on many Linux machines
     assert set(eval_result["seconds"]) == {"mmlu_0shot", "gsm_direct"}
     assert eval_result["gsm_cot"]["prompts"] == 1
     written = sorted(p.name for p in out.iterdir())
@@ -120,7 +121,7 @@ def _entry(path: str) -> tuple[object, str]:
     [
         ("engine", "tulu.bench.workloads.random_model"),
         ("train", "tulu.train.distributed.init_distributed"),
-        ("eval", "tulu.tokenizer.Tokenizer.load"),
+        ("eval", "tulu.eval.gsm.load_gsm"),  # the peer's prompts, built before the suite
     ],
 )
 def test_the_gpu_commands_parse(part, entry, tmp_path, monkeypatch) -> None:
@@ -136,6 +137,12 @@ def test_the_gpu_commands_parse(part, entry, tmp_path, monkeypatch) -> None:
     args = argparse.Namespace(parts=(part,), smoke=False, decode_attention=None, eval_tasks=None)
     data = device_check.DataPaths(tmp_path, tmp_path / "tokenizer.json", tmp_path / "ex.json")
     (step,) = device_check.plan(args, tmp_path, data)
+    # The script's imports first: a module first imported while `entry` is replaced would keep
+    # the replacement (a from-import binds it) for every later test (tulu.train.trainer's
+    # init_distributed, say, which test_demo's training then calls).
+    monkeypatch.setattr(sys, "argv", [step.argv[1], "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(step.argv[1], run_name="__main__")
     owner, name = _entry(entry)
     monkeypatch.setattr(owner, name, reached)
     for argv in [step.argv] + ([step.fallback.argv] if step.fallback else []):
@@ -207,3 +214,41 @@ def test_unknown_parts_are_refused(capsys) -> None:
         device_check.main(["run", "--out", "x", "--parts", "env,gpu"])
     assert info.value.code == 2
     assert "expected some of env, tests, engine, train, eval" in capsys.readouterr().err
+
+
+def test_a_truncated_junit_file_gives_no_counts(tmp_path) -> None:
+    """pytest killed at its limit while writing its XML: the summary is still written."""
+    xml = tmp_path / "pytest-gpu.xml"
+    xml.write_text('<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="3"')
+    assert device_check.junit_counts(xml) == {}
+    assert device_check.figures({}, tmp_path) == []
+
+
+def test_help_lists_every_command(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        device_check.main(["--help"])
+    assert info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "SUPPRESS" not in printed
+    assert "probe" in printed
+
+
+@pytest.mark.parametrize("budget", ["nan", "0", "-5", "soon"])
+def test_a_budget_that_bounds_nothing_is_refused(budget, tmp_path, capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        argv = ["run", "--smoke", "--parts", "env", "--out", str(tmp_path / "out")]
+        device_check.main([*argv, "--budget-s", budget])
+    assert info.value.code == 2
+    assert "--budget-s: expected a positive number of seconds" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_carry_folder_without_data_is_refused_before_any_part(tmp_path) -> None:
+    """The device tool drops a carry path the checkout lacks: the run stops at once rather
+    than spend the device time on parts that cannot find their data or wheels."""
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        argv = ["run", "--smoke", "--parts", "env", "--out", str(out)]
+        device_check.main([*argv, "--carry", str(tmp_path / "absent")])
+    assert "holds no data/" in str(info.value.code) and "prepare" in str(info.value.code)
+    assert not out.exists()

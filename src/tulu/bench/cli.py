@@ -156,6 +156,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from tulu.bench.workloads import (
+        check_output,
         check_settings,
         format_report,
         import_transformers,
@@ -175,8 +176,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise TuluError(f"give MODEL ({args.model}) or --preset ({args.preset}), not both")
     if args.layers is not None and args.preset is None:
         raise TuluError("--layers only applies to --preset (random weights)")
-    if args.output is not None and args.output.is_dir():
-        raise TuluError(f"--output {args.output}: is a directory, expected a JSON file name")
+    check_output(args.output)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, "--dtype") if args.dtype else default_dtype(device)
     settings = settings_from_args(args, device.type == "cuda")
