@@ -127,6 +127,9 @@ def main() -> int:
             name=args.preset,
             preset_name=args.preset,
             progress=lambda message: print(message, file=sys.stderr),
+            # Each workload's figures as soon as they exist: a run stopped at a time limit
+            # (device_check.py's engine part) keeps what it measured.
+            partial=lambda so_far: write_json(out, so_far),
         )
     except TuluError as err:
         print(f"generation.py: error: {err}", file=sys.stderr)
@@ -134,9 +137,17 @@ def main() -> int:
 
     print()
     print(format_report(results))
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out, results)
     print(f"wrote {out}")
     return 0
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` to `path` whole or not at all (a temporary file, then a rename): the
+    process may be killed at any moment."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

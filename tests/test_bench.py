@@ -244,6 +244,26 @@ def test_the_engine_is_gone_before_transformers_runs(model, monkeypatch) -> None
     assert "(transformers " in format_report(results)
 
 
+def test_partial_results_follow_every_workload(model) -> None:
+    """Each workload's figures are handed out (JSON-ready) as soon as they exist, tulu's first,
+    then transformers', so a run stopped at a time limit keeps what it measured."""
+    snapshots: list[dict] = []
+    settings = BenchSettings(
+        num_requests=2, prompt_len=4, output_len=2, repeats=1, compare_transformers=True
+    )
+    results = run_benchmark(
+        model, settings, name="tiny", partial=lambda d: snapshots.append(json.loads(json.dumps(d)))
+    )
+    keys = list(results["workloads"])
+    assert len(snapshots) == 2 * len(keys)
+    first = snapshots[0]
+    assert first["partial"] and first["engine_startup_seconds"] > 0
+    assert [k for k, v in first["workloads"].items() if v] == keys[:1]
+    assert "tulu" in first["workloads"][keys[0]]
+    assert all("tulu" in w for w in snapshots[len(keys) - 1]["workloads"].values())
+    assert all("transformers" in w for w in snapshots[-1]["workloads"].values())
+
+
 def test_skip_leaves_workloads_out(model) -> None:
     settings = BenchSettings(
         num_requests=2, prompt_len=4, output_len=2, repeats=1, skip=frozenset({"single", "prefill"})

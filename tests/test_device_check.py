@@ -168,6 +168,36 @@ def test_a_failing_fast_path_falls_back_to_the_loop(tmp_path) -> None:
     assert rows["single-stream decode tokens/s"]["measured"] > 0
 
 
+def test_figures_written_before_the_limit_are_kept_without_the_fallback(
+    tmp_path, monkeypatch
+) -> None:
+    """generation.py writes each workload's figures as it goes: when the fast path is stopped
+    at its limit after some, those are reported and the slower fallback is not run."""
+    out = tmp_path / "out"
+    partial = {"partial": True, "workloads": {"single_stream": {"tulu": {"tokens_per_s": 5.0}}}}
+    script = (
+        "import json, sys, time\n"
+        f"open(sys.argv[1], 'w').write({json.dumps(json.dumps(partial))})\n"
+        "time.sleep(120)\n"
+    )
+    marker = tmp_path / "fallback-ran"
+    fallback = device_check.Step(
+        "engine", [sys.executable, "-c", f"open({str(marker)!r}, 'w')"], 30, min_s=0
+    )
+    engine = out / "engine.json"
+    step = device_check.Step(
+        "engine", [sys.executable, "-c", script, str(engine)], 3, engine, fallback=fallback
+    )
+    monkeypatch.setattr(device_check, "plan", lambda *_args: [step])
+    rc = device_check.main(["run", "--smoke", "--parts", "engine", "--out", str(out)])
+    summary = json.loads((out / "device-check.json").read_text())
+    assert rc == 1 and summary["parts"]["engine"]["status"] == "timeout"
+    assert summary["parts"]["engine"]["note"] == "timeout after measuring single_stream"
+    rows = {row["figure"]: row for row in summary["figures"]}
+    assert rows["single-stream decode tokens/s"]["measured"] == 5.0
+    assert not marker.exists()
+
+
 def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path) -> None:
     pid_file = tmp_path / "child.pid"
     script = (

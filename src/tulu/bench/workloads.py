@@ -569,9 +569,11 @@ def _run_tulu(
     settings: BenchSettings,
     plan: list[_Workload],
     say: Callable[[str], None],
+    measured: Callable[[str, dict[str, Any], float], None],
 ) -> dict[str, Any]:
     """Every workload of `plan` on a fresh engine; its figures, start-up time, peak memory and
-    KV-cache size. The engine is dropped on return."""
+    KV-cache size. `measured(key, figures, startup_seconds)` is called as each workload
+    finishes. The engine is dropped on return."""
     config = model.config
     device = next(model.parameters()).device
     started = time.perf_counter()
@@ -609,6 +611,7 @@ def _run_tulu(
             lambda prompt, new: tulu_single_stream(llm, prompt, new, device),
             lambda reqs: tulu_throughput(llm, reqs, device),
         )
+        measured(work.key, figures[work.key], startup)
     return {
         "figures": figures,
         "startup": startup,
@@ -626,6 +629,7 @@ def run_benchmark(
     preset_name: str | None = None,
     tokenizer: Tokenizer | None = None,
     progress: Callable[[str], None] | None = None,
+    partial: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Every workload `settings` asks for; the results as a JSON-ready dict.
 
@@ -638,6 +642,10 @@ def run_benchmark(
     `roofline` on a GPU, and `table`: one row per figure with tulu's value, transformers'
     value and the ratio (> 1 means tulu is better: faster, or less time), both None when
     transformers was not run. `format_report` prints it.
+
+    `partial`, if given, gets ``{"partial": True, "workloads": ..., "engine_startup_seconds":
+    ...}`` after every workload of either system, so that a run stopped at a time limit (a
+    short GPU session) keeps the figures it has measured.
     """
     config = model.config
     check_settings(settings, config)
@@ -651,9 +659,21 @@ def run_benchmark(
     results: dict[str, Any] = {"workloads": {w.key: {} for w in plan}}
     workloads = results["workloads"]
 
+    startup: list[float] = []
+
+    def report() -> None:
+        if partial is not None:
+            so_far = {"engine_startup_seconds": startup[0]} if startup else {}
+            partial({"partial": True, "workloads": workloads, **so_far})
+
+    def tulu_measured(key: str, figures: dict[str, Any], startup_seconds: float) -> None:
+        workloads[key]["tulu"] = figures
+        startup[:] = [startup_seconds]
+        report()
+
     # ---- tulu (its engine, and the KV cache it holds, are gone when this returns)
     _free(device)
-    engine_info = _run_tulu(model, tokenizer, settings, plan, say)
+    engine_info = _run_tulu(model, tokenizer, settings, plan, say, tulu_measured)
     for key, figures in engine_info.pop("figures").items():
         workloads[key]["tulu"] = figures
     _free(device)
@@ -674,6 +694,7 @@ def run_benchmark(
                 lambda prompt, new: hf_single_stream(theirs, prompt, new, device),
                 lambda reqs: hf_throughput(theirs, reqs, settings.hf_batch_size, device),
             )
+            report()
         hf_peak = peak_memory_bytes(device)
 
     # ---- the table (and the committed JSON layout: prefill figures flat, requests counts)
