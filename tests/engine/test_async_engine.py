@@ -161,7 +161,7 @@ def test_shutdown_drains_then_aborts(model, monkeypatch):
     engine = LLMEngine(model, None, EngineConfig())
     real_step = engine.step
 
-    def slow_step():  # >= 2 s for the long request, so the drain deadline surely cuts it
+    def slow_step():  # >= 2 s for the long request, so the 1 s drain deadline surely cuts it
         time.sleep(0.01)
         return real_step()
 
@@ -173,16 +173,20 @@ def test_shutdown_drains_then_aborts(model, monkeypatch):
         short = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
         endless = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
-        async def collect(prompt, params):
+        async def collect(prompt, params, started: asyncio.Event):
             last = None
             async for out in llm.generate(prompt, params):
                 last = out
+                started.set()
             return last
 
-        quick = asyncio.create_task(collect(PROMPTS[0], short))
-        slow = asyncio.create_task(collect(PROMPTS[9], endless))
-        await asyncio.sleep(0.05)
-        await llm.shutdown(drain_timeout=0.2)
+        started = asyncio.Event(), asyncio.Event()
+        quick = asyncio.create_task(collect(PROMPTS[0], short, started[0]))
+        slow = asyncio.create_task(collect(PROMPTS[9], endless, started[1]))
+        # Both running (not merely queued) when the shutdown begins; the quick one needs a
+        # few 10 ms steps of the 1 s drain, the long one at least 2 s.
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+        await llm.shutdown(drain_timeout=1.0)
         done_quick, done_slow = await quick, await slow
         assert done_quick.outputs[0].finish_reason == "length"
         # Past the deadline the long request is aborted, and its stream ends with the notice.

@@ -962,16 +962,19 @@ def test_a_kv_cache_larger_than_memory_is_a_clear_error(tiny_model):
         LLMEngine(tiny_model, None, EngineConfig(kv_cache_bytes=2**50))
 
 
-def test_prompt_longer_than_the_step_budget_without_chunked_prefill(tiny_model, make_engine, drain):
+def test_prompt_longer_than_the_step_budget_without_chunked_prefill(
+    tiny_model, make_engine, drain, expected
+):
+    """Unchunked, a prompt over the step budget runs alone in its step (or it would never
+    run), and its continuation is the reference generator's."""
     engine = make_engine(tiny_model, enable_chunked_prefill=False, max_num_batched_tokens=32)
+    engine.add_request(PROMPTS[8], GREEDY, request_id="long")  # 64 tokens
     try:
-        engine.add_request(PROMPTS[8], GREEDY, request_id="long")  # 64 tokens
-    except GenerationError:
-        return  # refusing it up front is fine
-    try:
-        drain(engine, max_steps=100)
+        outputs = drain(engine, max_steps=100)
     finally:
         engine.abort("long")
+    final = outputs["long"][-1]
+    assert final.finished and final.outputs[0].token_ids == expected[8]
 
 
 # ----------------------------------------------------------------------------------------------

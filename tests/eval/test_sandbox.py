@@ -26,10 +26,12 @@ def _group_gone(pgid: int) -> bool:
     return False
 
 
-def _assert_not_passed(result: ExecutionResult, *, within: float = 3.0) -> None:
+def _assert_not_passed(result: ExecutionResult) -> None:
+    """Stopped by a guard, not by the wall clock: "failed" is a program that ended on its own
+    (a refused call raised), where a hang would have been "timeout" after run_program's 3 s.
+    (Checked by status, not by timing the run, which a loaded machine makes flaky.)"""
     assert not result.passed
-    assert result.status in ("failed", "timeout")
-    assert result.duration_s < within, result
+    assert result.status == "failed", result
     assert result.pid is not None and _group_gone(result.pid)
 
 
@@ -188,7 +190,10 @@ def test_infinite_loop_is_killed_with_its_process_group() -> None:
     result = run_program("while True:\n    pass\n", timeout=1.0)
     elapsed = time.monotonic() - start
     assert result.status == "timeout" and not result.passed
-    assert elapsed < 2.5
+    # Killed by the 1 s it was given (wall clock, or the CPU limit just above it); the bound on
+    # the elapsed time only detects a kill that came far too late, not the sandbox's speed.
+    assert result.detail.startswith(("timed out after 1 s", "CPU time limit exceeded"))
+    assert elapsed < 30
     assert result.pid is not None
     with pytest.raises(ProcessLookupError):
         os.killpg(result.pid, 0)
@@ -197,7 +202,7 @@ def test_infinite_loop_is_killed_with_its_process_group() -> None:
 def test_sleeping_program_times_out() -> None:
     result = run_program("import time\ntime.sleep(30)\n", timeout=1.0)
     assert result.status == "timeout"
-    assert result.duration_s < 2.5
+    assert result.detail.startswith("timed out after 1 s"), result  # the 1 s it was given
     assert _group_gone(result.pid or 0)
 
 

@@ -329,6 +329,26 @@ def metric(server, name: str, **labels: str) -> float:
     return 0.0
 
 
+class StepCounter:
+    """Counts the model's forward passes (engine steps) while in use: the service's token
+    metric stops at the disconnect, so only the engine's own work shows whether the request
+    was aborted or ran on to the end of the context."""
+
+    def __init__(self, server):
+        self.steps = 0
+        self.embed = server.model.gpt_neox.embed_in
+
+    def __enter__(self) -> StepCounter:
+        self.handle = self.embed.register_forward_hook(lambda *_: self._count())
+        return self
+
+    def _count(self) -> None:
+        self.steps += 1
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
+
+
 def test_client_disconnect_mid_stream_aborts(server):
     before = metric(server, "tulu_generation_tokens_total")
     body = {
@@ -338,25 +358,35 @@ def test_client_disconnect_mid_stream_aborts(server):
         "ignore_eos": True,
         "stream": True,
     }
-    with httpx.stream(
-        "POST", f"{server.base_url}/chat/completions", json=body, headers=server.headers, timeout=30
-    ) as response:
-        lines = response.iter_lines()
-        assert next(lines).startswith("data: ")
-    server.wait_idle()  # the abort freed every block
+    with StepCounter(server) as counter:
+        with httpx.stream(
+            "POST",
+            f"{server.base_url}/chat/completions",
+            json=body,
+            headers=server.headers,
+            timeout=30,
+        ) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+        server.wait_idle()  # the abort freed every block
     generated = metric(server, "tulu_generation_tokens_total") - before
     assert generated < 400, f"the request ran on after the client left ({generated} tokens)"
+    assert counter.steps < 400, f"the request ran on after the client left ({counter.steps} steps)"
 
 
 def test_client_disconnect_without_streaming_aborts(server):
     before = metric(server, "tulu_generation_tokens_total")
     body = {"model": MODEL, "prompt": PROMPT, "n": 16, "max_tokens": None, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(f"{server.base_url}/completions", json=body, headers=server.headers, timeout=0.2)
-    server.wait_idle()
+    with StepCounter(server) as counter:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server.base_url}/completions", json=body, headers=server.headers, timeout=0.2
+            )
+        server.wait_idle()
     generated = metric(server, "tulu_generation_tokens_total") - before
     room = server.service.max_model_len - len(server.tokenizer.encode(PROMPT))
     assert generated < 16 * room
+    assert counter.steps < room / 2, f"{counter.steps} steps for {room} tokens: not aborted"
     assert metric(server, "tulu_requests_total", route="/v1/completions", status="499") >= 1
 
 

@@ -22,6 +22,7 @@ import asyncio
 import hmac
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable
 
@@ -66,11 +67,31 @@ class _NoEos(nn.Module):
 
 class SlowModel(GPTNeoXForCausalLM):
     """The tiny checkpoint's model, `delay` seconds slower per forward pass and without EOS, so
-    a request is still running when a test looks at it."""
+    a request is still running when a test looks at it.
+
+    `hold(after=n)` stops the engine thread in its (n+1)-th forward pass from now until
+    `release()`: no request can progress or finish meanwhile, so a test can check what the
+    server does in that time without racing the generation's speed. (The engine applies
+    aborts between steps, so a held engine cannot abort either.)"""
 
     delay = 0.02
+    passes = 0
+    hold_from: int | None = None
+    released: threading.Event
+
+    def hold(self, after: int = 0) -> None:
+        self.released = threading.Event()
+        self.hold_from = self.passes + after
+
+    def release(self) -> None:
+        self.hold_from = None
+        self.released.set()
 
     def hidden_states(self, *args, **kwargs):
+        self.passes += 1
+        if self.hold_from is not None and self.passes > self.hold_from:
+            self.released.wait(WAIT)  # bounded: a test that forgets to release cannot hang
+            self.hold_from = None
         time.sleep(self.delay)
         return super().hidden_states(*args, **kwargs)
 
@@ -182,16 +203,21 @@ async def _read_stream(client: httpx.AsyncClient, route: str, body: dict) -> tup
 
 
 def test_over_the_queue_limit_answers_429_at_once(new_server, slow_model):
+    """The extra requests are refused while the engine is held (no admitted request can
+    finish meanwhile), so a 429 that waited for capacity would time out instead."""
+    model = slow_model(0.0)
     server = new_server(
-        model=slow_model(0.02),
+        model=model,
         max_num_seqs=2,
         max_queue=2,
         engine_config=EngineConfig(max_num_seqs=2),
     )
-    admitted_tokens = 40  # >= 0.8 s per pair of requests: the extra requests come meanwhile
+    admitted_tokens = 40
+    refusal_timeout = 10.0  # only detects a refusal that waits for capacity (it never comes)
 
     async def main():
         async with httpx.AsyncClient(base_url=server.url, timeout=WAIT) as client:
+            model.hold()
             admitted = [
                 asyncio.create_task(
                     _read_stream(client, route, long_body(route, admitted_tokens, True))
@@ -199,32 +225,27 @@ def test_over_the_queue_limit_answers_429_at_once(new_server, slow_model):
                 for route in ("/v1/completions", "/v1/chat/completions") * 2
             ]
             try:
-                await async_wait_for(
-                    lambda: (
-                        server.service.in_flight == 4
-                        and server.engine.stats()["running"] == 2
-                        and server.engine.stats()["waiting"] == 2
-                    ),
-                    "4 requests admitted, 2 running",
-                )
+                await async_wait_for(lambda: server.service.in_flight == 4, "4 requests admitted")
                 refused = []
                 for route in ("/v1/completions", "/v1/chat/completions", "/generate", "/"):
                     for stream in (False, True):
-                        started = time.monotonic()
                         response = await client.post(
-                            stream_route(route, stream), json=long_body(route, 5, stream)
+                            stream_route(route, stream),
+                            json=long_body(route, 5, stream),
+                            timeout=refusal_timeout,
                         )
-                        refused.append((route, stream, response, time.monotonic() - started))
+                        refused.append((route, stream, response))
                 assert server.service.in_flight == 4, "a refused request was admitted"
+                assert not any(task.done() for task in admitted), "an admitted request ended"
             finally:
+                model.release()
                 results = await asyncio.gather(*admitted, return_exceptions=True)
             return refused, results
 
     refused, results = asyncio.run(main())
-    for route, stream, response, seconds in refused:
+    for route, stream, response in refused:
         where = f"{route} stream={stream}"
         assert response.status_code == 429, f"{where}: {response.status_code} {response.text}"
-        assert seconds < 0.5, f"{where}: the 429 took {seconds:.2f} s"
         body = assert_error_shape(route, response, 429)
         if route.startswith("/v1"):
             assert body["error"]["type"] == "rate_limit_exceeded"
@@ -274,7 +295,8 @@ def test_a_burst_never_admits_more_than_the_limit(new_server, slow_model):
 @pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/generate_stream"])
 def test_dropping_100_streams_mid_stream_frees_every_block(new_server, slow_model, route):
     # 400 tokens at >= 20 ms a step: over 8 s if the requests ran to the end.
-    server = new_server(model=slow_model(0.02))
+    model = slow_model(0.02)
+    server = new_server(model=model)
     count, tokens, read = 100, 400, 3
 
     async def one(client: httpx.AsyncClient) -> int:
@@ -293,10 +315,13 @@ def test_dropping_100_streams_mid_stream_frees_every_block(new_server, slow_mode
         async with httpx.AsyncClient(base_url=server.url, timeout=WAIT, limits=limits) as client:
             return await asyncio.gather(*(one(client) for _ in range(count)))
 
-    started = time.monotonic()
+    before = model.passes
     assert asyncio.run(main()) == [read] * count
-    server.wait_idle(timeout=6.0)  # well before the requests could have finished
-    assert time.monotonic() - started < 8.0
+    # Aborted or run to the end, the server goes idle: the engine's forward passes tell them
+    # apart (the timeout only detects a hang).
+    server.wait_idle(timeout=WAIT)
+    steps = model.passes - before
+    assert steps < tokens / 2, f"{steps} forward passes for {read} tokens read: not aborted"
     assert server.engine.stats()["kv_blocks_used"] == 0
     generated = scrape(server.url)["tulu_generation_tokens_total"][()]
     assert generated < count * tokens / 2, f"{generated} tokens generated: not aborted"
@@ -308,11 +333,16 @@ def test_dropping_100_streams_mid_stream_frees_every_block(new_server, slow_mode
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/generate"])
 def test_a_non_streaming_client_that_times_out_aborts_its_request(new_server, slow_model, route):
-    server = new_server(model=slow_model(0.02))
+    model = slow_model(0.02)
+    server = new_server(model=model)
+    before = model.passes
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server.url}{route}", json=long_body(route, 400, False), timeout=0.5)
     # The request needs > 8 s; the server notices the closed connection within about 0.25 s.
-    server.wait_idle(timeout=4.0)
+    # The forward passes tell an abort from a run to the end (the timeout only detects a hang).
+    server.wait_idle(timeout=WAIT)
+    steps = model.passes - before
+    assert steps < 200, f"{steps} forward passes for a request whose client left"
     generated = scrape(server.url)["tulu_generation_tokens_total"][()]
     assert generated < 200, f"{generated} tokens generated after the client left"
     ok = httpx.post(f"{server.url}{route}", json=long_body(route, 3, False), timeout=WAIT)
@@ -339,7 +369,7 @@ def test_a_client_that_leaves_while_queued_is_aborted(new_server, slow_model, ro
     gives up, and the request must leave the queue before the first one finishes."""
     server = new_server(model=slow_model(0.02), engine_config=EngineConfig(max_num_seqs=1))
     with httpx.Client(base_url=server.url, timeout=WAIT) as client:
-        first = long_body("/v1/completions", 150, True)  # about 3 s
+        first = long_body("/v1/completions", 450, True)  # over 9 s (20 ms a step at least)
         with client.stream("POST", "/v1/completions", json=first) as running:
             assert running.status_code == 200
             lines = running.iter_lines()
@@ -349,7 +379,7 @@ def test_a_client_that_leaves_while_queued_is_aborted(new_server, slow_model, ro
             wait_for(
                 lambda: server.service.in_flight == 1 and not server.engine.scheduler.waiting,
                 "the queued request of the departed client to be aborted",
-                timeout=1.5,
+                timeout=6.0,  # well before the first one could finish
             )
             assert server.engine.stats()["running"] == 1  # the first one still runs
     server.wait_idle()  # leaving the first stream aborts it too
@@ -399,25 +429,37 @@ def test_a_client_disconnect_is_not_logged_as_an_error(new_server, slow_model, r
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/generate"])
 def test_request_timeout_answers_504(new_server, slow_model, route):
-    server = new_server(model=slow_model(0.02), request_timeout=0.5)
-    started = time.monotonic()
-    response = httpx.post(f"{server.url}{route}", json=long_body(route, 400, False), timeout=WAIT)
-    elapsed = time.monotonic() - started
+    """The engine is held after a few steps, so the request can only end by the timeout."""
+    model = slow_model(0.0)
+    server = new_server(model=model, request_timeout=0.5)
+    model.hold(after=3)
+    try:
+        # 10 s: ample for a 0.5 s timeout, and a held request never ends without one.
+        response = httpx.post(
+            f"{server.url}{route}", json=long_body(route, 400, False), timeout=10.0
+        )
+    finally:
+        model.release()
     body = assert_error_shape(route, response, 504)
-    assert elapsed < 3.0, f"the 504 came after {elapsed:.1f} s"
     message = body["error"]["message"] if route.startswith("/v1") else body["error"]
     assert "timeout" in message and "0.5" in message, message
-    server.wait_idle(timeout=3.0)
+    server.wait_idle()
 
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/generate_stream"])
 def test_request_timeout_ends_a_stream_with_an_error_event(new_server, slow_model, route):
-    server = new_server(model=slow_model(0.02), request_timeout=0.5)
-    started = time.monotonic()
-    response = httpx.post(f"{server.url}{route}", json=long_body(route, 400, True), timeout=WAIT)
-    elapsed = time.monotonic() - started
+    """Held after a few tokens, the stream can only end by the timeout's error event."""
+    model = slow_model(0.0)
+    server = new_server(model=model, request_timeout=0.5)
+    model.hold(after=5)
+    try:
+        # 10 s: ample for a 0.5 s timeout, and a held request never ends without one.
+        response = httpx.post(
+            f"{server.url}{route}", json=long_body(route, 400, True), timeout=10.0
+        )
+    finally:
+        model.release()
     assert response.status_code == 200, response.text
-    assert elapsed < 3.0, f"the stream ended after {elapsed:.1f} s"
     events = sse_events(response.text)
     errors = [e for e in events if isinstance(e, dict) and "error" in e]
     assert len(errors) == 1, events[-3:]
@@ -429,7 +471,7 @@ def test_request_timeout_ends_a_stream_with_an_error_event(new_server, slow_mode
         assert errors[0]["error_type"] == "timeout"
         assert events[-1] is errors[0]
     assert len(events) > 3, "no token was streamed before the timeout"
-    server.wait_idle(timeout=3.0)
+    server.wait_idle()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -55,9 +55,13 @@ def random_model(model_class: type[GPTNeoXForCausalLM] = GPTNeoXForCausalLM):
 
 class SlowModel(GPTNeoXForCausalLM):
     """Every forward pass takes 20 ms more, so that a request is still running when a test
-    looks at it (200 tokens take more than 4 s)."""
+    looks at it (200 tokens take more than 4 s); `passes` counts them, so a test can tell an
+    aborted request from one that ran to the end."""
+
+    passes = 0
 
     def hidden_states(self, *args, **kwargs):
+        self.passes += 1
         time.sleep(0.02)
         return super().hidden_states(*args, **kwargs)
 
@@ -561,23 +565,28 @@ def test_overloaded_is_429(make_server):
         response = httpx.post(slow.url + "/generate", json=body, timeout=30)
         assert response.status_code == 429
         assert response.json()["error_type"] == "overloaded"
-    slow.wait_idle(timeout=2)  # leaving the stream aborted the request
+    slow.wait_idle()  # leaving the stream aborted the request (as the next test checks)
     assert Client(slow.url, timeout=30).generate(PROMPT, max_new_tokens=2).details
 
 
 def test_client_disconnect_aborts_the_request(make_server):
-    slow = make_server(model=random_model(SlowModel))
+    """The greedy continuation runs the full 200 tokens (no EOS), so fewer than 100 forward
+    passes mean the request was aborted (the idle timeouts only detect a hang)."""
+    model = random_model(SlowModel)
+    slow = make_server(model=model)
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": 200}}  # >= 4 s to finish
+    before = model.passes
     with httpx.stream("POST", slow.url + "/generate_stream", json=body, timeout=30) as stream:
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")
-    slow.wait_idle(timeout=2)  # long before the 200 tokens could have been generated
+    slow.wait_idle(timeout=30)
+    assert model.passes - before < 100, f"{model.passes - before} passes: not aborted"
 
-    started = time.monotonic()
+    before = model.passes
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(slow.url + "/generate", json=body, timeout=0.3)
-    slow.wait_idle(timeout=2)
-    assert time.monotonic() - started < 2.5
+    slow.wait_idle(timeout=30)
+    assert model.passes - before < 100, f"{model.passes - before} passes: not aborted"
 
 
 def test_request_timeout_mid_stream_is_an_error_event(make_server):

@@ -115,9 +115,10 @@ def test_lora_bytes_are_exact() -> None:
 def test_8bit_state_bytes_are_exact() -> None:
     pytest.importorskip("torchao")
     module = nn.Module()
-    module.big = nn.Parameter(torch.randn(64, 128))  # 8192 values: quantized states
-    module.odd = nn.Parameter(torch.randn(4097))  # not a multiple of 256: plain states
-    module.small = nn.Parameter(torch.randn(100))  # under 4096: plain states
+    gen = torch.Generator().manual_seed(0)
+    module.big = nn.Parameter(torch.randn(64, 128, generator=gen))  # 8192 values: quantized
+    module.odd = nn.Parameter(torch.randn(4097, generator=gen))  # not a multiple of 256: plain
+    module.small = nn.Parameter(torch.randn(100, generator=gen))  # under 4096: plain states
     optimizer = build_optimizer(module, OptimConfig(optimizer="adamw_8bit"))
     for p in module.parameters():
         p.grad = torch.ones_like(p)
