@@ -438,6 +438,23 @@ def test_max_seq_length_beyond_the_models_context(assets: Path, tmp_path: Path, 
     assert "error: data.max_seq_length: 65 is longer" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("key", ["train", "validation"])
+def test_a_missing_data_file_stops_the_run_before_the_model_is_built(
+    assets: Path, tmp_path: Path, monkeypatch, key: str
+) -> None:
+    """Building a 6.9B model takes minutes: a missing file is reported before it starts."""
+    import tulu.train.trainer as trainer
+
+    def not_yet(*_args, **_kwargs):
+        raise AssertionError("the model was built before the data files were checked")
+
+    monkeypatch.setattr(trainer, "model_for_training", not_yet)
+    missing = tmp_path / "missing.jsonl"
+    config = make_config(assets, tmp_path / "out", f"data.{key}={missing}")
+    with pytest.raises(ConfigError, match=rf"data\.{key}: {missing}: cannot open \(No such file"):
+        train(config)
+
+
 # ------------------------------------------------------------------------------ 2 processes
 @pytest.mark.slow
 @pytest.mark.parametrize("normalization", ["paper", "unbiased"])

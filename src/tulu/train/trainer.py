@@ -118,6 +118,7 @@ __all__ = [
     "backward_step",
     "build_model_config",
     "check_context",
+    "check_data_files",
     "evaluate",
     "load_tokenizer",
     "micro_batch_loss",
@@ -371,6 +372,20 @@ def _load_model(
     return model, fill
 
 
+def check_data_files(config: TrainConfig) -> None:
+    """The training and validation files exist and can be opened: checked before the model
+    is built, which takes minutes for 6.9B, rather than when they are tokenized after it."""
+    for key in ("train", "validation"):
+        path = getattr(config.data, key)
+        if not path:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ConfigError(f"data.{key}: {path}: cannot open ({err.strerror})") from None
+
+
 def check_context(config: TrainConfig, model_config: NeoXConfig) -> None:
     """``data.max_seq_length`` within the model's context: rotary positions have no table to
     overflow, so longer examples would train silently at positions the model never saw, and
@@ -474,6 +489,7 @@ class _Run:
         config, world = self.config, self.world
         accumulation_steps(config, world)  # the batch must divide over the processes
         seed_everything(config.seed)
+        check_data_files(config)  # on every rank: each fails alike, none waits for rank 0
         if world.is_main:
             remove_stale_temps(self.output_dir)
         resume = resolve_resume(config.checkpoint) if world.is_main else None
