@@ -31,11 +31,12 @@ from pathlib import Path
 
 import torch
 
-from tulu.bench.workloads import check_output, random_model, transformers_twin
+from tulu.bench.workloads import random_model, transformers_twin
 from tulu.engine.engine import LLM
 from tulu.errors import TuluError
 from tulu.eval.backends import EngineBackend
 from tulu.eval.runner import PAPER_SUITE, EvalContext, check_tasks, missing_files, run_tasks
+from tulu.jsonl import check_output
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.tokenizer import Tokenizer

@@ -35,7 +35,6 @@ import torch
 
 from tulu.bench.workloads import (
     BenchSettings,
-    check_output,
     format_report,
     preset_config,
     random_model,
@@ -44,6 +43,7 @@ from tulu.bench.workloads import (
 )
 from tulu.engine.options import add_decode_path_arguments, decode_path_settings
 from tulu.errors import TuluError
+from tulu.jsonl import check_output
 from tulu.model.config import parse_dtype
 
 RESULTS = Path(__file__).parent / "results"

@@ -56,8 +56,9 @@ from typing import Any
 import torch
 import transformers
 
-from tulu.bench.workloads import check_output, resolve_device
+from tulu.bench.workloads import resolve_device
 from tulu.errors import TuluError
+from tulu.jsonl import check_output
 from tulu.model import GPTNeoXForCausalLM, NeoXConfig, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.train.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig

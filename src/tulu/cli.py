@@ -219,34 +219,17 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     return prompts
 
 
-def _prepare_output(path: Path | None) -> None:
-    """Refuse an --output that cannot be written (a directory, a parent that is a file) and
-    create its missing parent directories, before the model is loaded: found only after
-    generating, the failure would throw every result away."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise TuluError(f"--output {path}: is a directory, expected a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise TuluError(
-            f"--output {path}: cannot create its directory {path.parent} "
-            f"({err.strerror}: {err.filename})"
-        ) from None
-
-
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from tulu.engine.engine import LLM, EngineConfig
     from tulu.engine.reference import check_prompt_length
-    from tulu.jsonl import write_jsonl
+    from tulu.jsonl import check_output, write_jsonl
     from tulu.pretrained import load_pretrained
 
     params = _sampling_params(args)
     prompts = _prompts_of(args)
-    _prepare_output(args.output)
+    check_output(args.output)
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )

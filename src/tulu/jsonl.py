@@ -1,10 +1,31 @@
-"""JSON Lines writing for command output (reading lives in `tulu.data.readers`)."""
+"""Command output: JSON Lines writing, and checking an output file's path before the work
+(reading lives in `tulu.data.readers`)."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TextIO
+
+from tulu.errors import TuluError
+
+
+def check_output(path: Path | None, flag: str = "--output") -> None:
+    """Refuse an output file that cannot be written before the work, not after it (a run
+    that took minutes must not lose its results to a typo in the name): a directory, or a
+    place where the file cannot be created. Missing parent directories are created."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise TuluError(f"{flag} {path}: is a directory, expected a file name")
+    probe = path.with_name(path.name + ".partial")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise TuluError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
 
 
 def write_jsonl(records: Iterable[dict[str, Any]], out: TextIO) -> int:

@@ -156,7 +156,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import torch
 
     from tulu.bench.workloads import (
-        check_output,
         check_settings,
         format_report,
         import_transformers,
@@ -165,6 +164,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         resolve_device,
         run_benchmark,
     )
+    from tulu.jsonl import check_output
     from tulu.model.config import NeoXConfig, parse_dtype
     from tulu.pretrained import default_dtype
 

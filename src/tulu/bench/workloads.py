@@ -45,7 +45,6 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -61,7 +60,6 @@ __all__ = [
     "WORKLOADS",
     "BenchSettings",
     "Request",
-    "check_output",
     "check_settings",
     "copy_bandwidth",
     "format_report",
@@ -197,22 +195,6 @@ def check_settings(settings: BenchSettings, config: NeoXConfig) -> None:
     if settings.runs("prefill"):
         n = settings.prefill_length(config)
         fits(n + 1, f"--prefill-tokens {n} + 1 generated token")
-
-
-def check_output(path: Path | None, flag: str = "--output") -> None:
-    """Refuse a results file that cannot be written before the run, not after it: a benchmark
-    that has run for minutes must not lose its figures to a typo in the file name."""
-    if path is None:
-        return
-    if path.is_dir():
-        raise TuluError(f"{flag} {path}: is a directory, expected a JSON file name")
-    probe = path.with_name(path.name + ".partial")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise TuluError(f"{flag} {path}: cannot write there ({err.strerror or err})") from None
 
 
 def _largest_request(settings: BenchSettings, config: NeoXConfig) -> int:
