@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import platform
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from tulu.engine.engine import LLM
 from tulu.errors import TuluError
 from tulu.eval.backends import EngineBackend
 from tulu.eval.runner import PAPER_SUITE, EvalContext, check_tasks, missing_files, run_tasks
-from tulu.jsonl import check_output
+from tulu.jsonl import check_output, write_json
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.tokenizer import Tokenizer
@@ -233,8 +232,7 @@ def main() -> None:
     }
 
     def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
 
     print(
         f"{args.preset} ({dtype_name(dtype)}, {device.type}); skipped: {', '.join(skipped) or '-'}"

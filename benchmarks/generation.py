@@ -27,7 +27,6 @@ mixed workload on) and writes `results/generation-PRESET-DEVICE.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -43,7 +42,7 @@ from tulu.bench.workloads import (
 )
 from tulu.engine.options import add_decode_path_arguments, decode_path_settings
 from tulu.errors import TuluError
-from tulu.jsonl import check_output
+from tulu.jsonl import check_output, write_json
 from tulu.model.config import parse_dtype
 
 RESULTS = Path(__file__).parent / "results"
@@ -140,14 +139,6 @@ def main() -> int:
     write_json(out, results)
     print(f"wrote {out}")
     return 0
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write `data` to `path` whole or not at all (a temporary file, then a rename): the
-    process may be killed at any moment."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

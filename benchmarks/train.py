@@ -42,7 +42,6 @@ import argparse
 import ctypes
 import dataclasses
 import gc
-import json
 import math
 import os
 import platform
@@ -58,7 +57,7 @@ import transformers
 
 from tulu.bench.workloads import resolve_device
 from tulu.errors import TuluError
-from tulu.jsonl import check_output
+from tulu.jsonl import check_output, write_json
 from tulu.model import GPTNeoXForCausalLM, NeoXConfig, preset
 from tulu.model.config import dtype_name, parse_dtype
 from tulu.train.config import DataConfig, LoggingConfig, ModelConfig, OptimConfig, TrainConfig
@@ -525,8 +524,7 @@ def main() -> None:
         labels[key] = label
         # Written after every measurement: a run stopped by a time limit keeps what it has.
         report.update(tabulate(results, labels, estimates, tokens, flops, peak))
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json(out, report)
 
     print_table(report["table"], gpu)
     if peak is None:

@@ -11,6 +11,14 @@ from typing import Any, TextIO
 from tulu.errors import TuluError
 
 
+def write_json(path: Path, data: Any) -> None:
+    """Write `data` as indented JSON to `path` whole or not at all (a temporary file, then a
+    rename): results rewritten as a run goes must stay readable if it is killed mid-write."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+
+
 def check_output(path: Path | None, flag: str = "--output") -> None:
     """Refuse an output file that cannot be written before the work, not after it (a run
     that took minutes must not lose its results to a typo in the name): a directory, or a
