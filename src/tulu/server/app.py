@@ -285,6 +285,8 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
 
     app.include_router(openai_router)
     app.include_router(tgi_router)
+    # This FastAPI lists an included router as one entry without a path: its routes are
+    # taken from the routers themselves.
     route_paths = frozenset(
         route.path
         for route in [*app.routes, *openai_router.routes, *tgi_router.routes]
