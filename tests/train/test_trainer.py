@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -434,8 +435,36 @@ def test_max_seq_length_beyond_the_models_context(assets: Path, tmp_path: Path, 
     path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
     from tulu.cli import main
 
-    assert main(["train", str(path), "data.max_seq_length=65", "--dry-run"]) == 0
-    assert "error: data.max_seq_length: 65 is longer" in capsys.readouterr().out
+    assert main(["train", str(path), "data.max_seq_length=65", "--dry-run"]) == 1
+    out, err = capsys.readouterr()
+    assert "error: data.max_seq_length: 65 is longer" in out
+    assert "dry run found 1 problem(s)" in err and "data.max_seq_length: 65" in err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("checkpoint.output_dir={blocker}/out", r"checkpoint\.output_dir: .*is not a directory"),
+        ("data.train={tmp}/missing.jsonl", r"data\.train: .*missing\.jsonl is not a file"),
+        ("data.validation={tmp}/missing.jsonl", r"data\.validation: .*missing\.jsonl is not a"),
+    ],
+)
+def test_dry_run_exits_1_when_the_run_would_fail(
+    assets: Path, tmp_path: Path, capsys, override: str, expected: str
+) -> None:
+    """The dry run answers "would this run?": a problem that stops the real run makes it exit
+    1 (it printed an error line and exited 0, so `--dry-run && torchrun ...` went ahead)."""
+    from tulu.cli import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
+    setting = override.format(blocker=blocker, tmp=tmp_path)
+    assert main(["train", str(path), setting, "--dry-run"]) == 1
+    out, err = capsys.readouterr()
+    assert "per-device memory (GiB)" in out  # the rest of the report is still printed
+    assert re.search(expected, err), err
+    assert blocker.read_text() == "x" and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("key", ["train", "validation"])
@@ -453,6 +482,33 @@ def test_a_missing_data_file_stops_the_run_before_the_model_is_built(
     config = make_config(assets, tmp_path / "out", f"data.{key}={missing}")
     with pytest.raises(ConfigError, match=rf"data\.{key}: {missing}: cannot open \(No such file"):
         train(config)
+
+
+def test_an_unwritable_output_dir_stops_the_run_before_the_model_is_built(
+    assets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A mistyped or read-only checkpoint.output_dir surfaced at the first metrics line,
+    after the model was built (minutes for 6.9B); now it is the first thing reported."""
+    import tulu.train.trainer as trainer
+
+    def not_yet(*_args, **_kwargs):
+        raise AssertionError("the model was built before the output directory was checked")
+
+    monkeypatch.setattr(trainer, "model_for_training", not_yet)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    config = make_config(assets, blocker / "out")
+    with pytest.raises(ConfigError, match=r"checkpoint\.output_dir: .*a-file/out: cannot write"):
+        train(config)
+    assert blocker.read_text() == "not a directory"  # nothing lost
+
+
+def test_the_output_dir_probe_leaves_nothing_behind(tmp_path: Path) -> None:
+    from tulu.train.trainer import check_output_dir
+
+    check_output_dir(tmp_path / "new" / "out", rank=3)
+    assert (tmp_path / "new" / "out").is_dir()
+    assert list((tmp_path / "new" / "out").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------ 2 processes

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,15 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, args.overrides)
     if args.dry_run:
-        print(dry_run_report(config, args.config))
+        report = dry_run(config, args.config)
+        print(report.text)
+        if report.problems:
+            print(
+                f"tulu train: dry run found {len(report.problems)} problem(s) that would stop "
+                f"the run: {'; '.join(report.problems)}",
+                file=sys.stderr,
+            )
+            return 1
         return 0
     from tulu.train.trainer import train
 
@@ -201,7 +210,30 @@ def _count_lines(path: Path) -> int:
         return sum(1 for line in f if line.strip())
 
 
-def dry_run_report(config: Any, source: Path | str = "config") -> str:
+@dataclass
+class DryRunReport:
+    """What ``tulu train --dry-run`` found: the printed report, and the problems in it that
+    would stop a real run (any of them makes the dry run exit 1, so that
+    ``tulu train C --dry-run && torchrun ... C`` never launches a run bound to fail)."""
+
+    text: str
+    problems: list[str]
+
+
+def _output_dir_problem(output_dir: Path) -> str | None:
+    """Why ``checkpoint.output_dir`` could not be created or written to, without creating it
+    (the dry run writes nothing): its nearest existing ancestor must be a writable directory."""
+    existing = output_dir.expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"checkpoint.output_dir: {output_dir}: {existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"checkpoint.output_dir: {output_dir}: {existing} is not writable"
+    return None
+
+
+def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
     """What ``tulu train --dry-run`` prints: the settings, the data plan and memory needs."""
     from tulu.errors import TuluError
     from tulu.train.memory import estimate_table
@@ -209,11 +241,17 @@ def dry_run_report(config: Any, source: Path | str = "config") -> str:
     m, d, o, c = config.model, config.data, config.optim, config.checkpoint
     world_size = _world_size()
     lines = [f"config: {source}"]
+    problems: list[str] = []
+
+    def problem(line: str, message: str) -> None:
+        lines.append(line)
+        problems.append(message)
+
     tokenizer = None
     try:
         tokenizer = _local_tokenizer(config)
     except TuluError as err:
-        lines.append(f"tokenizer: {err}")
+        problem(f"tokenizer: {err}", str(err))
     model_config, origin = None, ""
     try:
         model_config, origin = _model_config(config, tokenizer)
@@ -233,7 +271,7 @@ def dry_run_report(config: Any, source: Path | str = "config") -> str:
         try:
             check_context(config, model_config)
         except TuluError as err:
-            lines.append(f"  error: {err}")
+            problem(f"  error: {err}", str(err))
     lines.append(
         f"  dtype {m.dtype or 'default (bfloat16 on GPU, float32 on CPU)'}, gradient "
         f"checkpointing {'on' if m.gradient_checkpointing else 'off'}, LoRA "
@@ -251,11 +289,13 @@ def dry_run_report(config: Any, source: Path | str = "config") -> str:
         f"{o.loss_normalization}"
     )
     per_pass = o.micro_batch_size * world_size
-    accumulation = (
-        f"{o.global_batch_size // per_pass}"
-        if o.global_batch_size % per_pass == 0
-        else "(does not divide!)"
-    )
+    accumulation = f"{o.global_batch_size // per_pass}"
+    if o.global_batch_size % per_pass:
+        accumulation = "(does not divide!)"
+        problems.append(
+            f"optim.global_batch_size: {o.global_batch_size} is not a multiple of "
+            f"micro_batch_size x processes = {per_pass}"
+        )
     lines.append(
         f"  global batch {o.global_batch_size} rows = micro batch {o.micro_batch_size} x "
         f"accumulation {accumulation} x {world_size} process(es)"
@@ -264,19 +304,31 @@ def dry_run_report(config: Any, source: Path | str = "config") -> str:
         f"checkpoint: {c.output_dir}, every {c.every_steps or 'end only'} steps, keep "
         f"{c.keep_last}, resume {c.resume}, export {'on' if c.export else 'off'}"
     )
-    lines.append(_data_plan(config, tokenizer, world_size))
+    unwritable = _output_dir_problem(Path(c.output_dir))
+    if unwritable:
+        problem(f"  error: {unwritable}", unwritable)
+    for key in ("train", "validation"):
+        data_file = getattr(d, key)
+        if data_file and not Path(data_file).is_file():
+            message = f"data.{key}: {data_file} is not a file"
+            problem(f"data: error: {message}", message)
+    plan, plan_problem = _data_plan(config, tokenizer, world_size)
+    lines.append(plan)
+    if plan_problem:
+        problems.append(plan_problem)
     if model_config is not None:
         sizes = sorted({1, 8, world_size})
         try:
             lines.append(estimate_table(model_config, config, sizes))
         except TuluError as err:
-            lines.append(f"memory estimate: {err}")
+            problem(f"memory estimate: {err}", str(err))
     else:
         lines.append("memory estimate: needs the model's config (see above)")
-    return "\n".join(lines)
+    return DryRunReport("\n".join(lines), problems)
 
 
-def _data_plan(config: Any, tokenizer: Any, world_size: int) -> str:
+def _data_plan(config: Any, tokenizer: Any, world_size: int) -> tuple[str, str | None]:
+    """The data-plan line, and the problem it found (None if the plan is sound or unknown)."""
     from tulu.errors import TuluError
     from tulu.train.distributed import World
     from tulu.train.optim import warmup_steps
@@ -284,16 +336,17 @@ def _data_plan(config: Any, tokenizer: Any, world_size: int) -> str:
     d, o = config.data, config.optim
     path = Path(d.train)
     if not path.is_file():
-        return f"data plan: {path} does not exist yet"
+        return "data plan: needs the training file (see above)", None
     if tokenizer is None:
         records = _count_lines(path) if path.suffix == ".jsonl" else None
         if records is None or d.batching != "padding":
-            return "data plan: needs the tokenizer on disk"
+            return "data plan: needs the tokenizer on disk", None
         micro = -(-records // o.micro_batch_size)
         steps = o.epochs * -(-micro // (o.global_batch_size // o.micro_batch_size))
         if o.max_steps:
             steps = min(steps, o.max_steps)
-        return f"data plan: {records:,} records, about {steps:,} steps (tokenizer not on disk)"
+        plan = f"data plan: {records:,} records, about {steps:,} steps (tokenizer not on disk)"
+        return plan, None
     try:
         from tulu.data.tokenize import tokenize_records
         from tulu.train.data_loader import DataPlan
@@ -312,12 +365,13 @@ def _data_plan(config: Any, tokenizer: Any, world_size: int) -> str:
             dataset, config, World(world_size=world_size), pad_token_id=pad_token_id(tokenizer)
         )
     except TuluError as err:
-        return f"data plan: {err}"
+        return f"data plan: error: {err}", str(err)
     s = plan.summary()
-    return (
+    summary = (
         f"data plan: {s['examples']:,} examples ({dataset.num_tokens:,} tokens, "
         f"{dataset.num_trained_tokens:,} trained), {s['rows_per_epoch']:,} rows and "
         f"{s['micro_batches_per_epoch']:,} micro-batches per epoch, {s['steps_per_epoch']:,} "
         f"steps per epoch, {s['total_steps']:,} steps in total "
         f"({warmup_steps(o, plan.total_steps)} warmup)"
     )
+    return summary, None

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -386,6 +387,23 @@ def check_data_files(config: TrainConfig) -> None:
             raise ConfigError(f"data.{key}: {path}: cannot open ({err.strerror})") from None
 
 
+def check_output_dir(output_dir: Path, rank: int) -> None:
+    """``checkpoint.output_dir`` can be created and written to, checked before the model is
+    built: otherwise a read-only or mistyped path surfaced only at the first metrics line or
+    checkpoint, minutes (or hours) into the run. Each rank writes and removes its own probe
+    file, since every rank writes its shards of a checkpoint."""
+    probe = output_dir / f".tulu-write-probe-{rank}-{os.getpid()}"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        reason = err.strerror or str(err)
+        raise ConfigError(
+            f"checkpoint.output_dir: {output_dir}: cannot write there ({reason})"
+        ) from None
+
+
 def check_context(config: TrainConfig, model_config: NeoXConfig) -> None:
     """``data.max_seq_length`` within the model's context: rotary positions have no table to
     overflow, so longer examples would train silently at positions the model never saw, and
@@ -490,6 +508,7 @@ class _Run:
         accumulation_steps(config, world)  # the batch must divide over the processes
         seed_everything(config.seed)
         check_data_files(config)  # on every rank: each fails alike, none waits for rank 0
+        check_output_dir(self.output_dir, world.rank)  # every rank writes checkpoint shards
         if world.is_main:
             remove_stale_temps(self.output_dir)
         resume = resolve_resume(config.checkpoint) if world.is_main else None
