@@ -158,3 +158,36 @@ def test_a_full_disk_while_logging_is_a_clear_error(tmp_path: Path) -> None:
     ):
         logger.log_step(entry(1, 1.0))
     logger.close()  # does not raise again: the failure was reported
+
+
+def strict_json(line: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_a_nan_validation_loss_is_written_as_null(tmp_path: Path) -> None:
+    """A validation loss over no trained tokens is NaN; Python wrote it as a bare NaN, which
+    jq, JavaScript and most JSON readers refuse (the whole file, not just the line)."""
+    config = LoggingConfig(tensorboard=False, progress=False)
+    logger = MetricsLogger(tmp_path, config, enabled=True, total_steps=4)
+    logger.log_step(entry(1, 2.0))
+    logger.log_validation({"step": 1, "val_loss": float("nan"), "val_tokens": 0})
+    logger.log_step(entry(2, float("inf")))
+    logger.close()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    parsed = [strict_json(line) for line in lines]
+    assert parsed[1] == {"step": 1, "val_loss": None, "val_tokens": 0}
+    assert parsed[2]["loss"] is None and parsed[2]["lr"] == 2e-3
+    history = read_metrics(tmp_path / "metrics.jsonl")
+    resumed = MetricsLogger(
+        tmp_path, config, enabled=True, total_steps=4, start_step=2, history=history
+    )  # rewrites the file from the history it read back
+    resumed.log_validation({"step": 2, "val_loss": 1.5, "val_tokens": 9})
+    assert resumed.plot() == tmp_path / "loss.png"  # the null loss is left out of the plot
+    resumed.close()
+    rewritten = [
+        strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().split("\n")[:-1]
+    ]
+    assert [e.get("val_loss", "-") for e in rewritten] == ["-", None, "-", 1.5]

@@ -16,6 +16,8 @@ and loss-bearing tokens over all ranks, `tokens_per_s` real tokens per second ov
 interval since the previous log line, `mfu` null when unknown, `elapsed` seconds of training
 since the run began (resumed runs continue the count). Validation losses are lines of their
 own: ``{"step": 10, "epoch": 0.5, "val_loss": 2.4, "val_tokens": 4321, "elapsed": 64.0}``.
+A non-finite value (a validation loss over no trained tokens is NaN) is written as null, so
+the file is strict JSON that jq or JavaScript can read.
 On resume the file is rewritten with the checkpoint's snapshot of it, so it never holds steps
 after the resumed one twice (or steps of a run that was cut off and never checkpointed), and
 TensorBoard is told to purge events after the resumed step the same way (``purge_step``).
@@ -162,12 +164,23 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
     return entries
 
 
+def json_line(entry: dict[str, Any]) -> str:
+    """One metrics.jsonl line: strict JSON, with a non-finite value (a validation loss over
+    no trained tokens is NaN) written as null. Python's default ``NaN`` is not JSON: jq,
+    JavaScript and most JSON readers other than Python's refuse the whole file."""
+    finite = {
+        key: None if isinstance(value, float) and not math.isfinite(value) else value
+        for key, value in entry.items()
+    }
+    return json.dumps(finite, allow_nan=False) + "\n"
+
+
 def write_metrics(path: Path, entries: Iterable[dict[str, Any]]) -> None:
     """Replace `path` with `entries`, atomically (a temporary file, then a rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
     with tmp.open("w", encoding="utf-8") as f:
         for entry in entries:
-            f.write(json.dumps(entry) + "\n")
+            f.write(json_line(entry))
     os.replace(tmp, path)
 
 
@@ -282,7 +295,7 @@ class MetricsLogger:
     def _append(self, entry: dict[str, Any]) -> None:
         self.entries.append(entry)
         try:
-            self._file.write(json.dumps(entry) + "\n")
+            self._file.write(json_line(entry))
             self._file.flush()
         except OSError as err:
             raise _unwritable(self.path, f"the metrics of step {entry['step']}", err) from None
@@ -360,6 +373,10 @@ def _summary_writer(directory: Path, purge_step: int) -> Any:
     return SummaryWriter(log_dir=str(directory), purge_step=purge_step)
 
 
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
 def plot_metrics(entries: list[dict[str, Any]], path: str | os.PathLike) -> Path | None:
     """A PNG with the training (and validation) loss and the learning rate against the step."""
     train = [e for e in entries if "loss" in e]
@@ -367,7 +384,7 @@ def plot_metrics(entries: list[dict[str, Any]], path: str | os.PathLike) -> Path
         return None
     from matplotlib.figure import Figure  # no pyplot: no global backend, no GUI
 
-    val = [e for e in entries if "val_loss" in e]
+    val = [e for e in entries if _finite(e.get("val_loss"))]
     fig = Figure(figsize=(8, 6))
     ax_loss, ax_lr = fig.subplots(2, 1, sharex=True)
     ax_loss.plot([e["step"] for e in train], [e["loss"] for e in train], label="train")
