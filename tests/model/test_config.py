@@ -337,6 +337,9 @@ def raw(**changes: object) -> dict:
         (raw(torch_dtype="float8"), "float8"),
         (raw(dtype="int4"), "int4"),
         (raw(torch_dtype=16), "torch_dtype"),
+        (raw(hidden_dropout=1.0), "hidden_dropout.*must be in"),
+        (raw(attention_dropout=-0.1), "attention_dropout.*must be in"),
+        (raw(attention_dropout="0.1"), "attention_dropout.*must be a finite number"),
     ],
 )
 def test_bad_configs_are_config_errors(config: dict, match: str) -> None:

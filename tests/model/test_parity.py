@@ -383,6 +383,54 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(packed: bool) -> None:
         torch.testing.assert_close(loss_a / count_a, hf_loss, rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------------------------- dropout
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_dropout_matches_transformers_in_training_mode(parallel: bool) -> None:
+    """A config's hidden_dropout and attention_dropout were parsed and then ignored: training
+    a checkpoint that asks for dropout ran without it. Drawn from the same seed, our dropout
+    masks are transformers' (same places, same order of draws), so the logits match exactly;
+    eval mode (inference) has none."""
+    config = preset(
+        "pythia-70m",
+        num_hidden_layers=2,
+        hidden_dropout=0.3,
+        attention_dropout=0.2,
+        use_parallel_residual=parallel,
+    )
+    ours = build_model(config, seed=3)
+    theirs = to_transformers(ours, attn_implementation="sdpa")
+    ids = random_ids((2, 24), 4, config.vocab_size)
+    ours.train(), theirs.train()
+    with torch.no_grad():
+        torch.manual_seed(11)
+        dropped = ours(ids)
+        torch.manual_seed(11)
+        torch.testing.assert_close(dropped, theirs(ids).logits, rtol=0, atol=FP32_TOL)
+        torch.manual_seed(12)
+        assert (ours(ids) - dropped).abs().max() > 0.1  # other masks: dropout is applied
+        ours.eval(), theirs.eval()
+        torch.testing.assert_close(ours(ids), theirs(ids).logits, rtol=0, atol=FP32_TOL)
+        torch.testing.assert_close(ours(ids), ours(ids), rtol=0, atol=0)
+
+
+def test_gradient_checkpointing_replays_the_same_dropout_masks() -> None:
+    config = preset("pythia-70m", num_hidden_layers=2, hidden_dropout=0.1, attention_dropout=0.1)
+    model = build_model(config, seed=4).train()
+    ids = random_ids((2, 32), 8, config.vocab_size)
+    results = []
+    for checkpointing in (False, True):
+        model.gradient_checkpointing = checkpointing
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(21)
+        total, count = model.loss(ids, ids)
+        (total / count).backward()
+        results.append((total.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
 # ------------------------------------------------------------------------------- weight tying
 def test_meta_materialised_tied_model_stays_tied() -> None:
     with torch.device("meta"):

@@ -183,6 +183,23 @@ def test_saved_activations_match_autograd(
     assert est.saved == pytest.approx(real, rel=0.005)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["full", "checkpointing"])
+def test_hidden_dropout_masks_are_counted(checkpointing: bool) -> None:
+    config = TINY.with_(hidden_dropout=0.1)
+    model = build_model(config, dtype=torch.bfloat16).train()
+    model.gradient_checkpointing = checkpointing
+    real = saved_activation_bytes(model, 2, 24)
+    est = activation_bytes(config, 2, 24, torch.bfloat16, checkpointing=checkpointing)
+    without = activation_bytes(TINY, 2, 24, torch.bfloat16, checkpointing=checkpointing)
+    # CUDA's fused dropout keeps a bool mask (counted); the CPU kernel keeps it in the
+    # activations' dtype, a second byte per masked value here.
+    h, layers = config.hidden_size, config.num_hidden_layers
+    masks = 2 * 24 * (h if checkpointing else (2 * layers + 1) * h)
+    assert est.saved + masks == pytest.approx(real, rel=0.005)
+    assert est.saved - without.saved == masks
+    assert est.layer_backward - without.layer_backward == (2 * 24 * 2 * h if checkpointing else 0)
+
+
 def test_checkpointing_keeps_only_layer_inputs() -> None:
     big = preset("pythia-1b")
     full = activation_bytes(big, 1, 2048, torch.bfloat16, checkpointing=False)

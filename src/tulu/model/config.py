@@ -187,6 +187,12 @@ class NeoXConfig:
                 raise ConfigError(
                     f"config: linear rope scaling needs a positive 'factor', got {factor!r}"
                 )
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise bad(name, "must be a number in [0, 1)")
+            if not 0.0 <= value < 1.0:
+                raise bad(name, "must be in [0, 1)")
         parse_dtype(self.torch_dtype, "config field 'torch_dtype'")
 
     # ----------------------------------------------------------------------------- I/O

@@ -2,7 +2,9 @@
 
 One module serves training and inference:
 - training calls `model(input_ids)` (causal SDPA, optional per-example segments for packed
-  rows, optional activation checkpointing per layer);
+  rows, optional activation checkpointing per layer, and the config's dropout where
+  transformers applies it: ``hidden_dropout`` after the embedding and on the attention and
+  MLP outputs, ``attention_dropout`` on the attention weights; Pythia has none);
 - inference passes an `AttentionBackend` (a KV cache) that receives each layer's rotated
   queries, keys and values and returns the attention output. The reference generator plugs in
   `ContiguousKVCache` below; the serving engine plugs in its paged cache the same way.
@@ -75,11 +77,13 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x_rot * cos + rotated_half * sin, x_pass), dim=-1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
     """Causal self-attention over the given tokens only (training and cache-free inference)."""
     if attn_mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 def build_attention_mask(
@@ -137,7 +141,8 @@ class GPTNeoXAttention(nn.Module):
         q, k, v = qkv.transpose(1, 2).chunk(3, dim=-1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if backend is None:
-            out = causal_attention(q, k, v, attn_mask)
+            dropout = self.config.attention_dropout if self.training else 0.0
+            out = causal_attention(q, k, v, attn_mask, dropout)
         else:
             out = backend.attend(self.layer_idx, q, k, v)
         return self.dense(out.transpose(1, 2).reshape(b, t, -1))
@@ -162,6 +167,9 @@ class GPTNeoXLayer(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.attention = GPTNeoXAttention(config, layer_idx)
         self.mlp = GPTNeoXMLP(config)
+        # Parameter-free (no state-dict entries); identity in eval mode and at p = 0.
+        self.post_attention_dropout = nn.Dropout(config.hidden_dropout)
+        self.post_mlp_dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(
         self,
@@ -172,18 +180,21 @@ class GPTNeoXLayer(nn.Module):
         attn_mask: Tensor | None = None,
     ) -> Tensor:
         attn = self.attention(self.input_layernorm(hidden), cos, sin, backend, attn_mask)
+        attn = self.post_attention_dropout(attn)
         if self.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x))
-            return self.mlp(self.post_attention_layernorm(hidden)) + attn + hidden
+            mlp = self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(hidden)))
+            return mlp + attn + hidden
         # x' = x + attn(ln1(x)); x' + mlp(ln2(x'))
         hidden = attn + hidden
-        return self.mlp(self.post_attention_layernorm(hidden)) + hidden
+        return self.post_mlp_dropout(self.mlp(self.post_attention_layernorm(hidden))) + hidden
 
 
 class GPTNeoXModel(nn.Module):
     def __init__(self, config: NeoXConfig):
         super().__init__()
         self.embed_in = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.emb_dropout = nn.Dropout(config.hidden_dropout)
         self.layers = nn.ModuleList(
             GPTNeoXLayer(config, i) for i in range(config.num_hidden_layers)
         )
@@ -284,7 +295,7 @@ class GPTNeoXForCausalLM(nn.Module):
         b, t = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(t, device=input_ids.device).expand(b, t)
-        hidden = self.gpt_neox.embed_in(input_ids)
+        hidden = self.gpt_neox.emb_dropout(self.gpt_neox.embed_in(input_ids))
         cos, sin = rotary_cos_sin(self.config, position_ids, hidden.dtype)
         attn_mask = None
         if backend is None:

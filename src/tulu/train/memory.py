@@ -232,6 +232,9 @@ def _layer_saved_per_token(config: NeoXConfig, s: int, lora: LoraConfig | None, 
         total += _linear_input_bytes(in_features, _lora_matches(suffix, lora), s, lora, a)
     total += 4 * NORM_STAT_BYTES  # two LayerNorms x (mean, rstd)
     total += 4 * config.num_attention_heads  # float32 log-sum-exp per head
+    if config.hidden_dropout > 0:
+        total += 2 * h  # CUDA's one-byte masks of the attention and MLP output dropouts
+    # attention_dropout adds nothing on a GPU: the fused SDPA kernels regenerate their masks.
     return total
 
 
@@ -269,6 +272,8 @@ def activation_bytes(
         ids = 0
     else:
         first_layer, ids = 0, 8  # embedding backward keeps the int64 ids
+        if config.hidden_dropout > 0:
+            constant += h  # the embedding dropout's one-byte mask (CUDA)
     if checkpointing:
         saved = tokens * (layers * h * s + constant + ids)
         recompute = tokens * per_layer
