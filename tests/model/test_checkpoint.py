@@ -8,6 +8,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,20 @@ def test_save_load_round_trip_and_transformers_loads_it(tmp_path, shard_bytes):
     assert torch.equal(logits(model, IDS), logits(again, IDS))
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
     assert torch.equal(logits(model, IDS), logits(hf, IDS))
+
+
+def test_single_file_beside_an_index_loads_what_transformers_loads(tmp_path):
+    """With both model.safetensors and a shard index present, transformers reads the single
+    file; reading the index instead loaded other weights than the reference does."""
+    save_model(tiny_model(seed=1), tmp_path / "sharded", max_shard_bytes=200_000)
+    save_model(tiny_model(seed=2), tmp_path / "both")
+    for shard in (tmp_path / "sharded").glob("model*"):
+        shard.rename(tmp_path / "both" / shard.name)
+    assert (tmp_path / "both" / "model.safetensors.index.json").is_file()
+    ours = load_model(tmp_path / "both")
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path / "both").eval()
+    assert torch.equal(logits(ours, IDS), logits(hf, IDS))
+    assert torch.equal(logits(ours, IDS), logits(tiny_model(seed=2), IDS))
 
 
 def test_tied_embeddings_round_trip(tmp_path):
@@ -263,17 +278,51 @@ def test_embed_out_and_lm_head_together_are_refused(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
 @pytest.mark.parametrize("head", ["embed_out.weight", "lm_head.weight"])
-def test_separate_head_in_a_tied_checkpoint_names_the_config_field(tmp_path, head):
+def test_a_tied_config_with_a_different_stored_head_loads_untied_like_transformers(
+    tmp_path, head, layout
+):
+    """config.json ties the head, the weights hold another one: transformers keeps both (and
+    warns). We refused such checkpoints; now both libraries give the same logits."""
     from safetensors.torch import load_file, save_file
 
     save_model(tiny_model(tie_word_embeddings=True), tmp_path)
     path = tmp_path / "model.safetensors"
     state = load_file(path)
-    state[head] = state["gpt_neox.embed_in.weight"] * 2
+    state[head] = state["gpt_neox.embed_in.weight"].flip(0).contiguous()
+    if layout == "bin":
+        path.unlink()
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(state, path, metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="tie_word_embeddings true.*differs.*untied"):
+        ours = load_model(tmp_path)
+    assert not ours.config.tie_word_embeddings
+    assert ours.embed_out.weight is not ours.gpt_neox.embed_in.weight
+    assert torch.equal(ours.embed_out.weight, state[head])
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(ours, IDS), logits(hf, IDS))
+    save_model(ours, tmp_path / "again")  # re-saved untied: no warning next time
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(logits(load_model(tmp_path / "again"), IDS), logits(ours, IDS))
+
+
+def test_a_tied_config_with_an_equal_stored_head_stays_tied(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    save_model(tiny_model(tie_word_embeddings=True), tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = load_file(path)
+    state["lm_head.weight"] = state["gpt_neox.embed_in.weight"].clone()
     save_file(state, path, metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match=rf"'{head}' is a separate LM head.*tie_word_emb"):
-        load_model(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = load_model(tmp_path)
+    assert ours.embed_out.weight is ours.gpt_neox.embed_in.weight
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(ours, IDS), logits(hf, IDS))
 
 
 def test_tensor_not_in_the_shard_its_index_names(tmp_path):

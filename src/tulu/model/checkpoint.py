@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from tulu.errors import CheckpointError
 from tulu.hub import looks_like_hub_id, snapshot
 from tulu.model.config import NeoXConfig, dtype_name, parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
-from tulu.model.safetensors_reader import TensorEntry, read_header, read_tensors
+from tulu.model.safetensors_reader import TensorEntry, read_header, read_tensor, read_tensors
 
 SAFE_SINGLE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -44,10 +45,14 @@ _IGNORED = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
 _HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
 
 
+HEAD = "embed_out.weight"
+EMBEDDING = "gpt_neox.embed_in.weight"
+
+
 def canonical_name(name: str) -> str:
     """Map the names other writers use onto ours (transformers 5 calls embed_out lm_head)."""
     if name == "lm_head.weight":
-        return "embed_out.weight"
+        return HEAD
     return name
 
 
@@ -96,15 +101,19 @@ class WeightFiles:
 
 
 def find_weight_files(directory: Path) -> WeightFiles:
-    for index_name, single, kind in (
-        (SAFE_INDEX, SAFE_SINGLE, "safetensors"),
-        (BIN_INDEX, BIN_SINGLE, "bin"),
+    """The weight files transformers' `from_pretrained` would read from `directory`, in its
+    order of preference: a single file before a shard index, safetensors before pickles. A
+    directory holding both a single file and an index (a model re-saved at another shard size
+    by a tool that left the old files) thus loads the same weights in both libraries."""
+    for single, index_name, kind in (
+        (SAFE_SINGLE, SAFE_INDEX, "safetensors"),
+        (BIN_SINGLE, BIN_INDEX, "bin"),
     ):
+        if (directory / single).is_file():
+            return WeightFiles(kind, [directory / single])
         if (directory / index_name).is_file():
             files, weight_map = _index_files(directory / index_name)
             return WeightFiles(kind, files, directory / index_name, weight_map)
-        if (directory / single).is_file():
-            return WeightFiles(kind, [directory / single])
     raise CheckpointError(
         f"{directory}: no weights found (looked for {SAFE_SINGLE}, {SAFE_INDEX}, "
         f"{BIN_SINGLE}, {BIN_INDEX})"
@@ -134,12 +143,46 @@ def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def read_checkpoint_config(directory: Path) -> NeoXConfig:
-    """The `NeoXConfig` of the checkpoint directory `directory` (its config.json)."""
+    """The `NeoXConfig` the checkpoint in `directory` loads as: its config.json, untied when
+    config.json ties the LM head to the input embedding but the weights hold a head of other
+    values. transformers then keeps both (with a warning) rather than dropping the stored head,
+    and so do we: the same checkpoint gives the same logits in both libraries. A stored head
+    equal to the embedding stays tied."""
     if not (directory / "config.json").is_file():
         raise CheckpointError(
             f"{directory}: config.json not found (is this a checkpoint directory?)"
         )
-    return NeoXConfig.from_json(directory / "config.json")
+    config = NeoXConfig.from_json(directory / "config.json")
+    if config.tie_word_embeddings:
+        stored = _stored_embeddings(directory)
+        head, embedding = stored.get(HEAD), stored.get(EMBEDDING)
+        if head is not None and embedding is not None and not torch.equal(head, embedding):
+            warnings.warn(
+                f"{directory}: config.json sets tie_word_embeddings true, but the checkpoint "
+                "holds an LM head that differs from the input embedding: loading both, "
+                "untied, as transformers does (set tie_word_embeddings to false to silence "
+                "this warning)",
+                stacklevel=2,
+            )
+            config = config.with_(tie_word_embeddings=False)
+    return config
+
+
+def _stored_embeddings(directory: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint's input embedding and separate LM head, those it has (our names)."""
+    wanted = (HEAD, EMBEDDING)
+    found: dict[str, torch.Tensor] = {}
+    weights = find_weight_files(directory)
+    for path in weights.files:
+        if weights.kind == "safetensors":
+            for entry in read_header(path).values():
+                if canonical_name(entry.name) in wanted:
+                    found[canonical_name(entry.name)] = read_tensor(path, entry)
+        else:
+            for name, tensor in _torch_load(path).items():
+                if canonical_name(name) in wanted and isinstance(tensor, torch.Tensor):
+                    found[canonical_name(name)] = tensor
+    return found
 
 
 def load_model(
@@ -233,12 +276,11 @@ def _check_tensor(
     if _IGNORED.search(name):
         return False
     key = canonical_name(name)
-    if key == "embed_out.weight" and key not in wanted:  # a tied head has no tensor of its own
-        raise CheckpointError(
-            f"{source}: tensor {name!r} is a separate LM head, but config.json sets "
-            f"tie_word_embeddings true (the head is the input embedding); set it to false "
-            f"to load this head"
-        )
+    if key == HEAD and key not in wanted:
+        # A tied model's head is its embedding; `read_checkpoint_config` untied the config
+        # if this stored copy differs, so here it is equal and redundant.
+        _check_duplicate(source, name, key, seen)
+        return False
     if key not in wanted:
         raise CheckpointError(
             f"{source}: unexpected tensor {name!r} (not part of a GPT-NeoX model)"
@@ -253,6 +295,12 @@ def _check_tensor(
             f"{source}: tensor {name!r} has dtype {dtype_name(dtype)}, expected a "
             f"floating-point dtype"
         )
+    _check_duplicate(source, name, key, seen)
+    return True
+
+
+def _check_duplicate(source: Path, name: str, key: str, seen: dict[str, tuple[Path, str]]) -> None:
+    """Record `name` (our `key`) as found in `source`; raise if it was found before."""
     if key in seen:
         other_file, other_name = seen[key]
         raise CheckpointError(
@@ -260,7 +308,6 @@ def _check_tensor(
             f"{other_file}); refusing to guess which copy to load"
         )
     seen[key] = (source, name)
-    return True
 
 
 def _check_complete(directory: Path, wanted: dict, names: set[str]) -> None:
