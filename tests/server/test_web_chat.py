@@ -96,6 +96,7 @@ class ChatRecorder:
         self.bodies: list[dict] = []
         self.delay = 0.0  # seconds before each response body chunk
         self.canned: bytes | None = None  # answer with this event stream instead of the app
+        self.extra: dict = {}  # fields merged into the request body the app receives
         self.piece = 7  # bytes per chunk of the canned stream
 
     async def __call__(self, scope, receive, send):
@@ -114,6 +115,8 @@ class ChatRecorder:
                 break
         body = b"".join(parts)
         self.bodies.append(json.loads(body or b"null"))
+        if self.extra:
+            body = json.dumps({**self.bodies[-1], **self.extra}).encode()
         replayed = False
 
         async def replaying_receive():
@@ -395,13 +398,26 @@ def test_conversation_streams_and_keeps_its_history(chat_server, browser, tmp_pa
 
 
 def test_stop_aborts_the_reply_and_keeps_what_arrived(chat_server, browser):
+    """Stop keeps the text that arrived and the server drops the request. The engine is slowed
+    to 50 steps/s and the reply cannot end early (ignore_eos), so a server that kept
+    generating after the browser left would run all 300 steps, where an abort stops it
+    within about a second of the click."""
     driver, server = browser, chat_server
     open_page(driver, server)
     driver.find_element(By.ID, "new-chat").click()
     set_field(driver, "system", "")
     set_field(driver, "temperature", "0")
-    set_field(driver, "max-tokens", "64")
+    set_field(driver, "max-tokens", "300")
     server.recorder.delay = 0.25  # a slow reply, so that Stop lands mid-stream
+    server.recorder.extra = {"ignore_eos": True}
+    steps = []
+    embed = server.app.state.service.llm.engine.model.gpt_neox.embed_in
+
+    def slow_step(*_) -> None:  # returns None: a forward hook's return value replaces the output
+        steps.append(1)
+        time.sleep(0.02)
+
+    hook = embed.register_forward_hook(slow_step)
     try:
         box = driver.find_element(By.ID, "message")
         box.send_keys("Tell me a story", Keys.ENTER)
@@ -416,8 +432,17 @@ def test_stop_aborts_the_reply_and_keeps_what_arrived(chat_server, browser):
         assert driver.find_element(By.ID, "send").get_attribute("disabled") is not None
         driver.find_element(By.ID, "stop").click()
         wait_for(driver, idle, "the page to stop", timeout=5)
+        service = server.app.state.service
+        engine = service.llm.engine
+        deadline = time.monotonic() + 15
+        while (service.in_flight or engine.num_unfinished_requests) and (
+            time.monotonic() < deadline
+        ):
+            time.sleep(0.05)
     finally:
+        hook.remove()
         server.recorder.delay = 0.0
+        server.recorder.extra = {}
     [reply] = bubbles(driver, "assistant")
     assert reply.get_attribute("data-status") == "stopped"
     partial = text_of(driver, reply.find_element(By.CLASS_NAME, "content"))
@@ -429,13 +454,12 @@ def test_stop_aborts_the_reply_and_keeps_what_arrived(chat_server, browser):
     assert "Stopped" in driver.find_element(By.ID, "status").text
     assert driver.find_element(By.ID, "stop").get_attribute("disabled") is not None
     # The server noticed the disconnect and dropped the request.
-    service = server.app.state.service
-    deadline = time.monotonic() + 15
-    while service.in_flight and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert service.in_flight == 0, (
-        "the server kept generating after the browser aborted the streamed request: the "
-        "streaming route must abort the engine request when the client disconnects"
+    assert service.in_flight == 0 and engine.num_unfinished_requests == 0
+    assert engine.pool.num_used == 0  # every KV block went back
+    assert len(steps) < 250, (
+        f"the server kept generating after the browser aborted the streamed request "
+        f"({len(steps)} engine steps of 300): the streaming route must abort the engine "
+        "request when the client disconnects"
     )
 
 
