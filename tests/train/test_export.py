@@ -210,3 +210,108 @@ def test_command_line(adapter_dir: Path, base_dir: Path, tmp_path: Path, capsys)
         cmd_export(args)
     with pytest.raises(SystemExit):
         parse(["export", str(adapter_dir)])  # --output is required
+
+
+# ---------------------------------------------------------------------------- regressions
+def test_tied_head_adapter_leaves_the_input_embedding_alone(tmp_path: Path) -> None:
+    """A LoRA on the head of a tied model adapts the head only; merging into the shared
+    weight used to change the input embedding too (logits off by ~0.1)."""
+    from tulu.train.lora import apply_lora, save_adapter
+
+    tied = TINY.with_(tie_word_embeddings=True)
+    base = save_model(build_model(tied, seed=5), tmp_path / "base", tokenizer=tiny_tokenizer())
+    lora = LoraConfig(r=4, alpha=8, target_modules=["query_key_value", "embed_out"])
+    model = apply_lora(load_model(base), lora, base_model_path=base)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(1)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    out = export_checkpoint(adapter, tmp_path / "merged", merge_lora=True)
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    expected = adapted_logits(adapter, base)
+    torch.testing.assert_close(ours(out), expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(theirs(out), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_unusable_output_fails_before_loading(base_dir: Path, tmp_path: Path, capsys) -> None:
+    from tulu.cli import main
+
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine")
+    for output in (a_file, a_file / "sub"):
+        capsys.readouterr()
+        assert main(["export", str(base_dir), "--output", str(output)]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+        assert f"tulu export: error: --output {output}:" in err
+    assert a_file.read_text() == "mine"
+
+
+def test_existing_output_is_replaced_only_when_it_is_an_export(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    save_model(load_model(base_dir), out, tokenizer=tiny_tokenizer(), max_shard_bytes=40_000)
+    assert (out / "model.safetensors.index.json").is_file()  # a sharded previous export
+    export_checkpoint(base_dir, out, merge_lora=False, dtype="bfloat16")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in base_dir.iterdir())
+    assert stored_dtype(out) == torch.bfloat16
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "README.md").write_text("notes")
+    (mine / "model_v1.safetensors").write_bytes(b"weights")
+    (mine / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"--output .*mine: holds 2 item.*'README.md'"):
+        export_checkpoint(base_dir, mine, merge_lora=False)
+    assert sorted(p.name for p in mine.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model_v1.safetensors",
+    ]
+    assert (mine / "config.json").read_text() == "{}"
+
+
+def test_failed_write_keeps_the_previous_export(
+    base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+
+    out = export_checkpoint(base_dir, tmp_path / "out", merge_lora=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(CheckpointError, match=r"--output .*out.*No space left"):
+        export_checkpoint(base_dir, out, merge_lora=False, dtype="bfloat16")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "out"]  # no staging left
+
+
+def test_bad_adapter_config_values_name_the_file(adapter_dir: Path, tmp_path: Path) -> None:
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for bad in ({"r": "four"}, {"layers_pattern": "layers"}):  # PEFT: TypeError, ValueError
+        config_path.write_text(json.dumps({**config, **bad}))
+        with pytest.raises(CheckpointError, match="adapter_config.json: PEFT cannot"):
+            export_checkpoint(adapter_dir, tmp_path / "o1", merge_lora=True)
+
+    moved = str(tmp_path / "elsewhere" / "base")  # the base moved since training
+    config_path.write_text(json.dumps({**config, "base_model_name_or_path": moved}))
+    with pytest.raises(CheckpointError, match="adapter_config.json.*base_model_name_or_path"):
+        export_checkpoint(adapter_dir, tmp_path / "o2", merge_lora=True)
+
+
+def test_tokenizer_larger_than_the_vocabulary_is_refused(base_dir: Path, tmp_path: Path) -> None:
+    from tokenizers import models as tokenizer_models
+
+    words = {f"w{i}": i for i in range(TINY.vocab_size + 1)}  # one id past the embeddings
+    big = Tokenizer(Backend(tokenizer_models.WordLevel(words, unk_token="w0")))
+    with pytest.raises(TokenizerError, match=r"321 ids but the model .*base.* has 320"):
+        export_checkpoint(base_dir, tmp_path / "out", merge_lora=False, tokenizer=big)
+    assert not (tmp_path / "out").exists()

@@ -29,7 +29,12 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     export.add_argument(
         "source", metavar="SOURCE", help="model directory, hub id, or LoRA adapter directory"
     )
-    export.add_argument("--output", required=True, type=Path, help="directory to write")
+    export.add_argument(
+        "--output",
+        required=True,
+        type=Path,
+        help="directory to write: a new or empty one, or an earlier export (replaced)",
+    )
     export.add_argument(
         "--merge-lora",
         action="store_true",

@@ -19,6 +19,8 @@ stored in (Pythia: float16), so an export is the size of its base.
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -26,6 +28,7 @@ import torch
 from tulu.errors import CheckpointError, ConfigError, TokenizerError
 from tulu.model.checkpoint import find_weight_files, load_model, resolve_checkpoint, save_model
 from tulu.model.config import NeoXConfig, parse_dtype
+from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.model.safetensors_reader import read_header
 from tulu.tokenizer import Tokenizer
 from tulu.train.lora import (
@@ -39,6 +42,13 @@ from tulu.train.lora import merge_lora as merge_adapter
 __all__ = ["export_checkpoint", "stored_dtype"]
 
 TOKENIZER_FILE = "tokenizer.json"
+#: The files an export writes (`save_model` and `Tokenizer.save`). An existing --output that
+#: holds nothing else is an earlier export and is replaced; anything else belongs to the user.
+_EXPORT_FILES = re.compile(
+    r"(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json"
+    r"|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json"
+)
+_STAGING = re.compile(r"\.tmp-export-\d+")
 
 
 def stored_dtype(directory: Path) -> torch.dtype:
@@ -59,7 +69,13 @@ def _resolve_base(adapter_dir: Path, base: str) -> Path:
     beside = adapter_dir / base
     if not as_written.is_dir() and not Path(base).is_absolute() and beside.is_dir():
         return beside
-    return resolve_checkpoint(base)
+    try:
+        return resolve_checkpoint(base)
+    except CheckpointError as err:  # e.g. an absolute path from the machine it was trained on
+        raise CheckpointError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path: {err}; set it to the "
+            "base checkpoint the adapter was trained on"
+        ) from None
 
 
 def _load_tokenizer(
@@ -79,6 +95,17 @@ def _load_tokenizer(
     )
 
 
+def _check_vocabulary(tokenizer: Tokenizer, model_dir: Path) -> None:
+    """The tokenizer's ids fit the model's embedding rows, checked before the model is loaded:
+    a mismatched --tokenizer would otherwise give an export that fails on its first prompt."""
+    rows = NeoXConfig.from_json(model_dir / "config.json").vocab_size
+    if len(tokenizer) > rows:
+        raise TokenizerError(
+            f"the tokenizer has {len(tokenizer):,} ids but the model ({model_dir}) has "
+            f"{rows:,} embedding rows; is --tokenizer the model's tokenizer?"
+        )
+
+
 def _check_output(output: Path, *sources: Path) -> None:
     resolved = output.expanduser().resolve()
     for source in sources:
@@ -86,6 +113,66 @@ def _check_output(output: Path, *sources: Path) -> None:
             raise ConfigError(
                 f"--output {output}: is the source directory {source}; export to a new one"
             )
+
+
+def _check_writable(output: Path) -> None:
+    """Refuse, before minutes of loading and merging, an --output that cannot be written or
+    that holds files of the user's (an export never deletes or overwrites those)."""
+    target = output.expanduser()
+    existing = next(p for p in (target, *target.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output {output}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {output}: {existing} is not writable")
+    if existing == target:
+        foreign = sorted(p.name for p in target.iterdir() if not _ours(p))
+        if foreign:
+            raise ConfigError(
+                f"--output {output}: holds {len(foreign)} item(s) that an export does not "
+                f"write, e.g. {foreign[0]!r}; choose a new or empty directory (one that holds "
+                "only an earlier export is replaced)"
+            )
+
+
+def _ours(path: Path) -> bool:
+    """A file an export writes, or the staging directory of an interrupted one."""
+    if path.is_dir() and not path.is_symlink():
+        return _STAGING.fullmatch(path.name) is not None
+    return path.is_file() and _EXPORT_FILES.fullmatch(path.name) is not None
+
+
+def _write(
+    model: GPTNeoXForCausalLM, output: Path, tokenizer: Tokenizer, dtype: torch.dtype
+) -> Path:
+    """Write the export into a staging directory inside `output`, then move it into place.
+
+    A failed or interrupted write (a full disk, Ctrl-C during minutes of writing) leaves any
+    earlier export as it was, and never a partial one. The swap itself deletes config.json
+    first and moves the new one in last, so a directory with config.json is complete. Files
+    are moved, not the directory, so that --output may be a mount point.
+    """
+    target = output.expanduser()
+    created = not target.exists()
+    staging = target / f".tmp-export-{os.getpid()}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        for leftover in target.iterdir():  # staging of an interrupted export
+            if leftover.is_dir() and _STAGING.fullmatch(leftover.name):
+                shutil.rmtree(leftover)
+        save_model(model, staging, tokenizer=tokenizer, dtype=dtype)
+        last = "config.json"
+        for old in sorted(target.iterdir(), key=lambda p: p.name != last):
+            if old != staging and _ours(old):  # an earlier export's files, nothing else
+                old.unlink()
+        for new in sorted(staging.iterdir(), key=lambda p: p.name == last):
+            new.rename(target / new.name)
+    except OSError as err:
+        raise CheckpointError(f"--output {output}: cannot write the export ({err})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and target.is_dir() and not any(target.iterdir()):
+            target.rmdir()
+    return output
 
 
 def export_checkpoint(
@@ -120,9 +207,11 @@ def export_checkpoint(
             )
         base = _resolve_base(local, str(base_name))
         _check_output(output, local, base)
+        _check_writable(output)
         target = parse_dtype(dtype, "--dtype") if dtype is not None else stored_dtype(base)
-        model = merge_adapter(load_adapter(load_model(base, dtype=torch.float32), local))
         tokenizer = _load_tokenizer(tokenizer, [local, base])
+        _check_vocabulary(tokenizer, base)
+        model = merge_adapter(load_adapter(load_model(base, dtype=torch.float32), local))
     else:
         directory = resolve_checkpoint(source)
         if not (directory / "config.json").is_file():
@@ -131,10 +220,12 @@ def export_checkpoint(
                 "adapter) found"
             )
         _check_output(output, directory)
+        _check_writable(output)
         target = parse_dtype(dtype, "--dtype") if dtype is not None else stored_dtype(directory)
-        model = load_model(directory, dtype=target)
         tokenizer = _load_tokenizer(tokenizer, [directory])
-    return save_model(model, output, tokenizer=tokenizer, dtype=target)
+        _check_vocabulary(tokenizer, directory)
+        model = load_model(directory, dtype=target)
+    return _write(model, output, tokenizer, target)
 
 
 # ------------------------------------------------------------------------------ command line

@@ -254,7 +254,12 @@ def load_adapter(
     trained with transformers' GPT-NeoX: the tensor names are the same)."""
     peft = _peft()
     read_adapter_config(directory)
-    config = peft.LoraConfig.from_pretrained(str(directory))
+    try:
+        config = peft.LoraConfig.from_pretrained(str(directory))
+    except (TypeError, ValueError) as err:  # PEFT's checks of the values (r: "four", ...)
+        raise CheckpointError(
+            f"{Path(directory) / ADAPTER_CONFIG}: PEFT cannot read this LoRA config ({err})"
+        ) from None
     config.task_type = None  # our model takes no HF generation hooks (see the module doc)
     try:
         saved = peft.utils.load_peft_weights(str(directory), device="cpu")
@@ -266,6 +271,10 @@ def load_adapter(
         peft_model = peft.PeftModel.from_pretrained(
             model, str(directory), config=config, is_trainable=is_trainable
         )
+    except TypeError as err:  # a value of the wrong type (r: "four"), used only here
+        raise CheckpointError(
+            f"{Path(directory) / ADAPTER_CONFIG}: PEFT cannot use this LoRA config ({err})"
+        ) from None
     except (ValueError, RuntimeError, KeyError) as err:
         # load_state_dict's message is a header line, then one line per mismatched tensor.
         detail = " ".join(line.strip() for line in str(err).splitlines()[:2])
@@ -305,6 +314,7 @@ def merge_lora(peft_model: Any) -> GPTNeoXForCausalLM:
     replaced by ordinary (merged) linear layers, every parameter trainable again, as a freshly
     built model would be.
     """
+    _untie_adapted_head(peft_model.get_base_model())
     merged = peft_model.merge_and_unload()
     if not isinstance(merged, GPTNeoXForCausalLM):
         raise ConfigError(
@@ -313,3 +323,19 @@ def merge_lora(peft_model: Any) -> GPTNeoXForCausalLM:
         )
     merged.requires_grad_(True)
     return merged
+
+
+def _untie_adapted_head(model: nn.Module) -> None:
+    """Give an adapted LM head of a tied model its own weight, and the config
+    ``tie_word_embeddings: false``, before merging.
+
+    Unmerged, a LoRA on ``embed_out`` changes only the head: the input embedding is the shared
+    base weight. Merged into that shared weight, it would change the input embedding as well.
+    """
+    head = model.embed_out
+    if not model.config.tie_word_embeddings or not hasattr(head, "get_base_layer"):
+        return
+    layer = head.get_base_layer()
+    weight = layer.weight
+    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    model.config = model.config.with_(tie_word_embeddings=False)
