@@ -9,11 +9,11 @@ from typing import Any
 
 import torch
 
-from tulu.errors import TokenizerError, TuluError
-from tulu.model.checkpoint import load_model, resolve_checkpoint
-from tulu.model.config import PRESET_NAMES, NeoXConfig, dtype_name, parse_dtype, preset
+from tulu.errors import TuluError
+from tulu.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
+from tulu.model.config import PRESET_NAMES, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
-from tulu.tokenizer import Tokenizer
+from tulu.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
 @dataclass
@@ -75,12 +75,12 @@ def describe(
         config, source, tokenizer = preset(str(model)), f"preset {model}", None
     else:
         directory = resolve_checkpoint(model, revision)
-        config = NeoXConfig.from_json(directory / "config.json")
+        config = read_checkpoint_config(directory)  # as it loads (a tied head may untie)
         source = str(directory)
-        try:
-            tokenizer = Tokenizer.from_dir(directory)
-        except TokenizerError:  # info still works for a directory without tokenizer files
-            tokenizer = None
+        # info still works for a directory without tokenizer files; a broken one is an error
+        # (generate, chat and serve would fail on it), not an omission.
+        has_tokenizer = (directory / TOKENIZER_FILE).is_file()
+        tokenizer = Tokenizer.from_dir(directory) if has_tokenizer else None
     target = parse_dtype(dtype, "--dtype") if dtype else config.dtype
     itemsize = torch.empty((), dtype=target).element_size()
     params = config.num_parameters()

@@ -172,7 +172,10 @@ def _stored_embeddings(directory: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's input embedding and separate LM head, those it has (our names)."""
     wanted = (HEAD, EMBEDDING)
     found: dict[str, torch.Tensor] = {}
-    weights = find_weight_files(directory)
+    try:
+        weights = find_weight_files(directory)
+    except CheckpointError:  # no weights: the config stands (`tulu info`); loading says so
+        return found
     for path in weights.files:
         if weights.kind == "safetensors":
             for entry in read_header(path).values():

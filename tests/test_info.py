@@ -1,0 +1,66 @@
+"""`tulu info` (tulu.pretrained.describe): numbers against transformers, and broken inputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.conftest import build_model
+from tulu.cli import main
+from tulu.model import preset
+from tulu.model.checkpoint import save_model
+from tulu.pretrained import describe
+from tulu.tokenizer import Tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+TINY = preset("pythia-14m", num_hidden_layers=2, vocab_size=320)  # hidden 128, 4 heads
+
+
+def tokenizer() -> Tokenizer:
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models
+
+    vocab = {"<|endoftext|>": 0, **{chr(97 + i): i + 1 for i in range(26)}}
+    return Tokenizer(Backend(models.WordLevel(vocab, unk_token="<|endoftext|>")))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_match_transformers(tied: bool, tmp_path: Path) -> None:
+    config = TINY.with_(tie_word_embeddings=tied)
+    with torch.device("meta"):
+        hf = transformers.GPTNeoXForCausalLM(transformers.GPTNeoXConfig(**config.to_dict()))
+    info = describe(save_model(build_model(config), tmp_path / "model"))
+    assert info["parameters"] == hf.num_parameters()
+    assert info["weights_bytes"] == 4 * hf.num_parameters()  # float32, as saved
+
+
+def test_broken_tokenizer_is_an_error_not_an_omission(tmp_path: Path, capsys) -> None:
+    directory = save_model(build_model(TINY), tmp_path / "model", tokenizer=tokenizer())
+    assert describe(directory)["tokenizer_size"] == 27
+    (directory / "tokenizer.json").write_text("{not json")
+    assert main(["info", str(directory)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tulu info: error: ") and len(err.splitlines()) == 1, err
+    assert "tokenizer.json" in err
+    (directory / "tokenizer.json").unlink()  # no tokenizer at all: info without one
+    info = describe(directory)
+    assert "tokenizer_size" not in info and info["parameters"] == TINY.num_parameters()
+
+
+def test_a_tied_config_with_a_separate_stored_head_counts_it(tmp_path: Path) -> None:
+    """Such a checkpoint loads untied (as in transformers): info counts the head it loads."""
+    from safetensors.torch import load_file, save_file
+
+    directory = save_model(build_model(TINY.with_(tie_word_embeddings=True)), tmp_path / "m")
+    tied = describe(directory)["parameters"]
+    state = load_file(directory / "model.safetensors")
+    state["embed_out.weight"] = state["gpt_neox.embed_in.weight"] + 1
+    save_file(state, directory / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="untied"):
+        info = describe(directory)
+    assert info["parameters"] == tied + TINY.vocab_size * TINY.hidden_size
+    (directory / "model.safetensors").unlink()  # config only: the config stands
+    assert describe(directory)["parameters"] == tied
