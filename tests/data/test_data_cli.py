@@ -54,6 +54,21 @@ def test_validate_passes_good_files(tmp_path, capsys):
     assert "2 valid records, ok" in capsys.readouterr().err
 
 
+def test_validate_reports_an_unreadable_file_and_goes_on(tmp_path, capsys):
+    good = tmp_path / "r.jsonl"
+    good.write_text(_lines(GOOD, "{not json"), encoding="utf-8")
+    missing = tmp_path / "nope.jsonl"
+    assert main(["data", "validate", str(missing), str(tmp_path), str(good)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [
+        f"{missing}: cannot open (No such file or directory)",
+        f"{tmp_path}: is a directory, expected a file",
+        f"{good}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)",
+    ]
+    assert f"{missing}: 0 valid records, unreadable" in err
+    assert f"{good}: 1 valid records, 1 bad" in err
+
+
 def test_convert_records_and_option_checks(tmp_path, capsys):
     source = tmp_path / "in.jsonl"
     source.write_text(_lines(GOOD, "[1]", GOOD), encoding="utf-8")
@@ -71,6 +86,26 @@ def test_convert_records_and_option_checks(tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 2
     assert main([*args, "--top-k", "2"]) == 1
     assert "--top-k does not apply to source 'records'" in capsys.readouterr().err
+
+
+def test_convert_several_inputs_keeps_ids_unique(tmp_path, capsys):
+    # Positional ids restart in every file (cot_0, ...); left as is, a later mix would drop the
+    # second file's records as duplicates of the first's.
+    files = []
+    for name, texts in (("zs", ["a", "b"]), ("fs", ["c", "d", "e"])):
+        files += ["--input", str(tmp_path / f"{name}.jsonl")]
+        (tmp_path / f"{name}.jsonl").write_text(
+            _lines(*({"inputs": f"q{t}", "targets": t} for t in texts)), encoding="utf-8"
+        )
+    out = tmp_path / "cot.jsonl"
+    assert main(["data", "convert", "--source", "cot", *files, "--output", str(out)]) == 0
+    assert "2 ids also used by an earlier input file" in capsys.readouterr().err
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == ["cot_0", "cot_1", "cot_0@fs", "cot_1@fs", "cot_2"]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("sources:\n  - {path: cot.jsonl}\n")
+    assert main(["data", "mix", str(recipe), "--output", str(tmp_path / "mix.jsonl")]) == 0
+    assert "5 train + 0 validation records" in capsys.readouterr().err
 
 
 def test_convert_unknown_source(tmp_path, capsys):
@@ -121,6 +156,28 @@ def test_mix_recipe_error_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("tulu data mix: error: ") and "unknown key(s) 'cuont'" in err
     assert "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--validation-output", "{out}/mix.jsonl"], "would overwrite --output"),
+        (["--validation-output", "{out}/mix.stats.json"], "the statistics would overwrite"),
+        (["--validation-output", "{out}/sub/../mix.lengths.png"], "the histogram would overwrite"),
+    ],
+)
+def test_mix_refuses_two_outputs_at_one_path(tmp_path, capsys, extra, message):
+    # Otherwise the later write silently replaces the earlier file (validation split lost).
+    (tmp_path / "mine.jsonl").write_text(
+        _lines(*(dict(GOOD, id=f"mine_{i}") for i in range(10))), encoding="utf-8"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("validation: 0.5\ndedup: [id]\nsources:\n  - {path: mine.jsonl}\n")
+    out = tmp_path / "out"
+    args = [a.format(out=out) for a in extra]
+    assert main(["data", "mix", str(recipe), "--output", str(out / "mix.jsonl"), *args]) == 1
+    assert message in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_sources_lists_every_converter(capsys):
@@ -202,6 +259,20 @@ def test_tokenize_bad_record_is_one_line(tmp_path, capsys):
     assert main(args) == 1
     err = capsys.readouterr().err
     assert f"tulu data tokenize: error: {path}:2: field 'messages' is empty" in err
+
+
+def test_byte_order_mark_is_read_by_validate_and_tokenize(tmp_path, capsys):
+    from tulu.demo import corpus_text, train_tokenizer
+
+    tokenizer_dir = tmp_path / "tok"
+    train_tokenizer(corpus_text()).save(tokenizer_dir)
+    path = tmp_path / "excel.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + _lines(GOOD, GOOD).replace("\n", "\r\n").encode())
+    assert main(["data", "validate", str(path)]) == 0
+    assert "2 valid records, ok" in capsys.readouterr().err
+    args = ["data", "tokenize", str(path), "--tokenizer", str(tokenizer_dir), "--workers", "1"]
+    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "2 examples" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ hub ids for --tokenizer

@@ -210,6 +210,36 @@ def test_recipe_errors_name_the_key(tmp_path, text, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("seed: 2023-13-45\n", "invalid YAML (month must be in 1..12)"),
+        ("seed: " + "9" * 5000 + "\n", "invalid YAML ("),
+        ("sources: " + "[" * 5000 + "]" * 5000 + "\n", "invalid YAML (nested too deeply)"),
+    ],
+    ids=["bad-date", "huge-int", "deep"],
+)
+def test_yaml_the_loader_rejects_is_an_error_not_a_crash(tmp_path, text, message):
+    # PyYAML lets ValueError (a value its constructors refuse) and RecursionError through.
+    path = _recipe(tmp_path, text)
+    with pytest.raises(DataError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"{path}: {message}")
+
+
+def test_output_that_is_a_directory_fails_before_writing_anything(two_sources):
+    recipe = load_recipe(_recipe(two_sources, "validation: 4\nsources:\n  - {path: b.jsonl}\n"))
+    (two_sources / "out").mkdir()
+    before = sorted(p.name for p in two_sources.iterdir())
+    with pytest.raises(DataError, match=r"out: is a directory, expected an output file name"):
+        build_mixture(recipe, two_sources / "out")
+    with pytest.raises(DataError, match=r"mix\.parquet: records are written as JSON Lines"):
+        build_mixture(
+            recipe, two_sources / "mix.jsonl", validation_output=two_sources / "mix.parquet"
+        )
+    assert sorted(p.name for p in two_sources.iterdir()) == before  # no validation split left
+
+
 def test_missing_input_file_is_named(tmp_path):
     recipe = load_recipe(_recipe(tmp_path, "sources:\n  - {path: nowhere.jsonl}\n"))
     with pytest.raises(

@@ -181,6 +181,34 @@ def test_json_array_reader_empty_array_and_bom(tmp_path):
     assert list(iter_json_array(path, BadInput())) == []
 
 
+def test_jsonl_reader_skips_a_byte_order_mark_on_the_first_line_only(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": 2}\n\xef\xbb\xbf{"a": 3}\n')
+    bad = BadInput(collect=True)
+    assert list(iter_jsonl(path, bad)) == [(f"{path}:1", {"a": 1}), (f"{path}:2", {"a": 2})]
+    assert [(e.where, e.kind) for e in bad.errors] == [(f"{path}:3", "invalid JSON")]
+
+
+def test_numbers_python_cannot_read_are_bad_json_not_a_crash(tmp_path):
+    # json raises a plain ValueError (not JSONDecodeError) past int()'s 4300-digit limit.
+    huge = "9" * 5000
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(f'{{"a": {huge}}}\n{{"a": 2}}\n', encoding="utf-8")
+    with pytest.raises(BadRecord, match=r"d\.jsonl:1: invalid JSON \(a number longer than"):
+        list(iter_jsonl(jsonl, BadInput()))
+    bad = BadInput(skip_bad=True)
+    assert [v for _, v in iter_jsonl(jsonl, bad)] == [{"a": 2}]
+    assert bad.counts == {"invalid JSON": 1}
+
+    array = tmp_path / "a.json"
+    array.write_text(f'[{{"a": 1}},\n {{"a": {huge}}},\n {{"a": 3}}]', encoding="utf-8")
+    with pytest.raises(BadRecord, match=r"a\.json:2: invalid JSON \(a number longer than"):
+        list(iter_json_array(array, BadInput()))
+    bad = BadInput(skip_bad=True)
+    assert [v for _, v in iter_json_array(array, bad)] == [{"a": 1}]
+    assert bad.counts == {"invalid JSON": 1}
+
+
 def test_missing_file_and_directory_are_clear(tmp_path):
     with pytest.raises(DataError, match="cannot open"):
         list(iter_jsonl(tmp_path / "nope.jsonl", BadInput()))
@@ -219,6 +247,30 @@ def test_corrupt_parquet_is_a_clear_error(tmp_path):
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(DataError, match="not a readable Parquet file"):
         list(iter_records(path, BadInput()))
+
+
+def test_damaged_parquet_page_is_a_clear_error(tmp_path):
+    # The footer is intact, so the file opens; the damage shows only when a page is decoded.
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "mix.parquet"
+    pq.write_table(pa.Table.from_pylist([GOOD] * 4), path, row_group_size=2)
+    column = pq.ParquetFile(path).metadata.row_group(1).column(3)  # messages' content
+    start = column.dictionary_page_offset or column.data_page_offset
+    data = bytearray(path.read_bytes())
+    middle = start + column.total_compressed_size // 2
+    data[middle - 4 : middle + 4] = bytes(b ^ 0xFF for b in data[middle - 4 : middle + 4])
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"mix\.parquet: not a readable Parquet file past row"):
+        list(iter_records(path, BadInput()))
+
+
+def test_write_records_refuses_a_parquet_name(tmp_path):
+    # It writes JSON Lines; under a .parquet name every reader would call the file corrupt.
+    path = tmp_path / "mix.parquet"
+    with pytest.raises(DataError, match=r"mix\.parquet: records are written as JSON Lines"):
+        write_records([GOOD], path)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_write_records_is_atomic(tmp_path):

@@ -327,3 +327,14 @@ def test_unreadable_template_files(tmp_path: Path) -> None:
     latin1.write_bytes(b'{"with_input": "\xe9"}')
     with pytest.raises(DataError, match="latin1.json: template file is not valid UTF-8"):
         load_templates(latin1)
+
+
+def test_template_files_json_cannot_read_are_errors_not_crashes(tmp_path: Path) -> None:
+    huge = tmp_path / "huge.json"
+    huge.write_text('{"with_input": [{"weight": ' + "9" * 5000 + "}]}", encoding="utf-8")
+    with pytest.raises(DataError, match=r"huge\.json: template file is not valid JSON \(a number"):
+        load_templates(huge)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    with pytest.raises(DataError, match=r"deep\.json: template file is not valid JSON \(nested"):
+        load_templates(deep)

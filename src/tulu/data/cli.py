@@ -101,12 +101,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         bad = BadInput(collect=True)
-        good = sum(1 for _ in iter_records(path, bad))
+        good, unreadable = 0, None
+        try:
+            for _ in iter_records(path, bad):
+                good += 1
+        except DataError as err:  # missing, a directory, damaged Parquet: report, go on
+            unreadable = err
         for error in bad.errors:
             print(str(error))
+        if unreadable is not None:
+            print(str(unreadable))
         status = "ok" if not bad.errors else f"{len(bad.errors):,} bad"
+        if unreadable is not None:
+            status = f"{status}, unreadable" if bad.errors else "unreadable"
         _err(f"{path}: {good:,} valid records, {status}")
-        failed |= bool(bad.errors)
+        failed |= bool(bad.errors) or unreadable is not None
     return 1 if failed else 0
 
 
@@ -143,14 +152,28 @@ def cmd_convert(args: argparse.Namespace) -> int:
     get_converter(args.source)  # an unknown source fails before anything is read
     options = _convert_options(args)
     report = ConversionReport(bad=BadInput(skip_bad=args.skip_bad))
+    renamed = 0
 
     def records():
-        for path in args.input:
-            yield from convert_source(args.source, path, report, options)
+        # Converters number records by position, so every input file starts again at
+        # `{source}_0`; as in a mixture, an id an earlier file already used becomes
+        # `{id}@{file stem}`, or a later mix would drop those records as duplicates.
+        nonlocal renamed
+        owners: dict[str, int] = {}
+        for number, path in enumerate(args.input):
+            for record in convert_source(args.source, path, report, options):
+                if len(args.input) > 1:
+                    if owners.setdefault(record["id"], number) != number:
+                        record["id"] = f"{record['id']}@{path.stem}"
+                        owners.setdefault(record["id"], number)
+                        renamed += 1
+                yield record
 
     write_records(records(), args.output)
     for line in report.summary_lines():
         _err(line)
+    if renamed:
+        _err(f"{renamed} ids also used by an earlier input file were made unique as id@file")
     _err(f"wrote {args.output}")
     return 0
 
@@ -160,10 +183,21 @@ def cmd_mix(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tulu.data.mixture import build_mixture
+    from tulu.data.mixture import build_mixture, validation_path_for
     from tulu.data.recipe import load_recipe
     from tulu.data.stats import render_table, save_histogram, stats_json
 
+    stem = args.output.with_suffix("")
+    stats_path = Path(f"{stem}.stats.json")
+    plot_path = None if args.no_plot else Path(f"{stem}.lengths.png")
+    _check_distinct_outputs(
+        {
+            "--output": args.output,
+            "--validation-output": args.validation_output or validation_path_for(args.output),
+            "the statistics": stats_path,
+            "the histogram": plot_path,
+        }
+    )
     recipe = load_recipe(args.recipe, data_dir=args.data_dir)
     if args.seed is not None:
         recipe = replace(recipe, seed=args.seed)
@@ -183,7 +217,6 @@ def cmd_mix(args: argparse.Namespace) -> int:
     for note in result.notes:
         console.print(f"note: {note}", markup=False, highlight=False)
 
-    stem = args.output.with_suffix("")
     summary = stats_json(result.sources) | {
         "recipe": str(args.recipe),
         "seed": recipe.seed,
@@ -191,15 +224,12 @@ def cmd_mix(args: argparse.Namespace) -> int:
         "validation": None if result.validation_path is None else str(result.validation_path),
         "notes": result.notes,
     }
-    stats_path = Path(f"{stem}.stats.json")
     stats_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     written = [str(result.train_path), str(stats_path)]
     if result.validation_path is not None:
         written.insert(1, str(result.validation_path))
     if result.lengths is not None and not args.no_plot:
-        written.append(
-            str(save_histogram(result.lengths, f"{stem}.lengths.png", recipe.max_seq_length))
-        )
+        written.append(str(save_histogram(result.lengths, plot_path, recipe.max_seq_length)))
     elif result.lengths is None:
         console.print("no tokenizer given: token columns and the histogram are skipped")
     console.print(
@@ -209,6 +239,19 @@ def cmd_mix(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
+
+
+def _check_distinct_outputs(outputs: dict[str, Path | None]) -> None:
+    """Refuse two outputs of one run at the same path: the later write would silently replace
+    the earlier file (e.g. the validation split with the train split)."""
+    seen: dict[Path, str] = {}
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        key = path.resolve()
+        if key in seen:
+            raise DataError(f"{path}: {name} would overwrite {seen[key]} (choose another path)")
+        seen[key] = name
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

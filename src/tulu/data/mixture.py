@@ -33,7 +33,13 @@ from pathlib import Path
 from typing import Any
 
 from tulu.data.recipe import Recipe, SourceSpec
-from tulu.data.records import BadInput, ConversionReport, OptionError, write_records
+from tulu.data.records import (
+    BadInput,
+    ConversionReport,
+    OptionError,
+    check_output_path,
+    write_records,
+)
 from tulu.data.sources import convert_source
 from tulu.data.stats import LengthCounter, SourceStats
 from tulu.errors import DataError
@@ -170,6 +176,9 @@ def build_mixture(
     recipe's tokenizer path unless the source's options name one.
     """
     output = Path(output)
+    # Found only when writing, a bad train path would leave the validation split on its own.
+    check_output_path(validation_output or validation_path_for(output))
+    check_output_path(output)
     tokenizer_path = recipe.tokenizer
     if tokenizer is None and recipe.tokenizer is not None:
         tokenizer = Tokenizer.load(recipe.tokenizer)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,12 @@ def _syntax_kind(err: json.JSONDecodeError, end: int) -> str:
     return "invalid JSON"
 
 
+def _too_long() -> str:
+    """The detail for an integer `json` refuses to convert: Python caps int() at 4300 digits by
+    default, and `json` raises that as a plain ValueError, not a JSONDecodeError."""
+    return f"invalid JSON (a number longer than {sys.get_int_max_str_digits()} digits)"
+
+
 def _message(err: json.JSONDecodeError) -> str:
     # "Unterminated string starting at" already ends in "at"; we append "at column N".
     return err.msg.removesuffix(" at")
@@ -67,12 +74,16 @@ def open_binary(path: Path):
 BLANK = object()
 
 
-def parse_jsonl_line(raw: bytes, where: str) -> Any:
+def parse_jsonl_line(raw: bytes, where: str, *, first: bool = False) -> Any:
     """The JSON value of one JSON Lines line, `BLANK` for a blank line, or a `BadRecord`.
 
     The one definition of how a line is read, shared by `iter_jsonl` and the tokenization
-    workers, so both report the same reasons for the same bytes.
+    workers, so both report the same reasons for the same bytes. On the `first` line a UTF-8
+    byte order mark (written by Windows editors and Excel exports) is skipped, as
+    `iter_json_array` skips it.
     """
+    if first:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -88,6 +99,8 @@ def parse_jsonl_line(raw: bytes, where: str) -> Any:
     except json.JSONDecodeError as err:
         kind = _syntax_kind(err, len(line.rstrip()))
         raise BadRecord(where, kind, f"{kind} ({_message(err)} at column {err.colno})") from None
+    except ValueError:
+        raise BadRecord(where, "invalid JSON", _too_long()) from None
 
 
 def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
@@ -97,7 +110,7 @@ def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
         for number, raw in enumerate(handle, start=1):
             where = f"{path}:{number}"
             try:
-                value = parse_jsonl_line(raw, where)
+                value = parse_jsonl_line(raw, where, first=number == 1)
             except BadRecord as err:
                 bad(err)
                 continue
@@ -149,6 +162,9 @@ def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, An
         except json.JSONDecodeError as err:
             bad(syntax_error(err.pos, _message(err), _syntax_kind(err, len(text.rstrip()))))
             return
+        except ValueError:  # where the element ends is unknown: the rest is one bad item
+            bad(BadRecord(f"{path}:{line_of(pos)}", "invalid JSON", _too_long()))
+            return
         where = f"{path}:{line_of(pos)}"
         if _NOT_UTF8.search(text, pos, end):
             bad(BadRecord(where, "not UTF-8", "contains bytes that are not valid UTF-8"))
@@ -182,9 +198,17 @@ def iter_parquet(path: str | Path) -> Iterator[tuple[str, Any]]:
         parquet = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises its own error types for corrupt files
         raise DataError(f"{path}: not a readable Parquet file ({err})") from None
+    batches = parquet.iter_batches(batch_size=4096)
     row = 0
-    for batch in parquet.iter_batches(batch_size=4096):
-        for value in batch.to_pylist():
+    while True:
+        try:  # a corrupt page surfaces only here, as pyarrow's OSError or ArrowInvalid
+            batch = next(batches, None)
+            values = [] if batch is None else batch.to_pylist()
+        except Exception as err:
+            raise DataError(f"{path}: not a readable Parquet file past row {row} ({err})") from None
+        if batch is None:
+            return
+        for value in values:
             row += 1
             yield f"{path}:row {row}", value
 

@@ -223,5 +223,9 @@ def load_recipe(path: str | Path, data_dir: str | Path | None = None) -> Recipe:
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise DataError(f"{path}{line}: invalid YAML ({problem})") from None
+    except ValueError as err:  # a value the constructor rejects: 2023-13-45, an int > 4300 digits
+        raise DataError(f"{path}: invalid YAML ({err})") from None
+    except RecursionError:
+        raise DataError(f"{path}: invalid YAML (nested too deeply)") from None
     base = Path(data_dir) if data_dir is not None else path.parent
     return parse_recipe(data, str(path), base)

@@ -36,6 +36,7 @@ __all__ = [
     "BadRecord",
     "ConversionReport",
     "check_object",
+    "check_output_path",
     "check_record",
     "make_record",
     "string_field",
@@ -232,6 +233,20 @@ def make_record(dataset: str, record_id: str, messages: list[dict[str, str]]) ->
     return {"dataset": dataset, "id": record_id, "messages": messages}
 
 
+def check_output_path(path: str | Path) -> Path:
+    """`path` as a `Path` if records can be written there, else a `DataError`.
+
+    Records are written as JSON Lines only; a ``.parquet`` name would get JSON text that every
+    reader, ours included, then rejects as a corrupt Parquet file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected an output file name")
+    if path.suffix.lower() == ".parquet":
+        raise DataError(f"{path}: records are written as JSON Lines; name the file .jsonl")
+    return path
+
+
 def write_records(records: Iterable[dict[str, Any]], path: str | Path) -> int:
     """Write records as JSON Lines to `path` atomically; return how many were written.
 
@@ -239,9 +254,7 @@ def write_records(records: Iterable[dict[str, Any]], path: str | Path) -> int:
     the same directory is renamed over it), so a failed or interrupted conversion never leaves
     a half-written file or clobbers a previous good one.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, expected an output file name")
+    path = check_output_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")

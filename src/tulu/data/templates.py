@@ -183,6 +183,10 @@ def load_templates(path: str | Path) -> TemplateSet:
         raise DataError(
             f"{path}:{err.lineno}: template file is not valid JSON ({err.msg}, column {err.colno})"
         ) from None
+    except ValueError:  # json lets int()'s 4300-digit limit through as a plain ValueError
+        raise DataError(f"{path}: template file is not valid JSON (a number too long)") from None
+    except RecursionError:
+        raise DataError(f"{path}: template file is not valid JSON (nested too deeply)") from None
     return parse_templates(data, str(path))
 
 

@@ -112,7 +112,7 @@ class _Encoder:
         for number, raw in enumerate(lines, start=first_line):
             where = f"{path}:{number}"
             try:
-                value = parse_jsonl_line(raw, where)
+                value = parse_jsonl_line(raw, where, first=number == 1)
             except BadRecord as err:
                 bad.append((err.where, err.kind, err.detail))
                 if not self.skip_bad:
