@@ -28,7 +28,7 @@ import yaml
 
 from train.conftest import ENV, torchrun
 from tulu.demo import corpus_text, train_tokenizer
-from tulu.errors import ConfigError, TuluError
+from tulu.errors import CheckpointError, ConfigError, TuluError
 from tulu.model.checkpoint import load_model
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -211,6 +211,54 @@ def test_export_loads_in_tulu_and_transformers(trained: dict[str, Any]) -> None:
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_a_step_checkpoint_exports_as_an_hf_model(trained: dict[str, Any], tmp_path: Path) -> None:
+    """`tulu export step-N`: an intermediate step becomes a model every tool opens; the last
+    step's export is the run's own final export."""
+    from tulu.cli import main
+
+    out = trained["out"]
+    last = out / "step-000012"
+    assert json.loads((last / "trainer.json").read_text())["compute_dtype"] == "float32"
+    assert (last / "model_config.json").is_file() and (last / "tokenizer").is_dir()
+    assert main(["export", str(last), "--output", str(tmp_path / "s12")]) == 0
+    assert main(["export", str(out / "step-000008"), "--output", str(tmp_path / "s8")]) == 0
+    ids = torch.tensor([Tokenizer.from_dir(tmp_path / "s12").encode("What is 2 plus 3?")])
+    with torch.no_grad():
+        final = load_model(out / "final")(ids)
+        torch.testing.assert_close(load_model(tmp_path / "s12")(ids), final, rtol=0, atol=0)
+        assert not torch.allclose(load_model(tmp_path / "s8")(ids), final, atol=1e-3)
+    assert (tmp_path / "s12" / "tokenizer.json").read_bytes() == (
+        out / "final" / "tokenizer.json"
+    ).read_bytes()
+
+    # A checkpoint from before model_config.json and tokenizer/ existed: the run's settings
+    # (config.yaml) rebuild the same model.
+    old = tmp_path / "old-step"
+    shutil.copytree(last, old)
+    (old / "model_config.json").unlink()
+    shutil.rmtree(old / "tokenizer")
+    state = json.loads((old / "trainer.json").read_text())
+    del state["compute_dtype"]
+    (old / "trainer.json").write_text(json.dumps(state))
+    assert main(["export", str(old), "--output", str(tmp_path / "old")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(tmp_path / "old")(ids), final, rtol=0, atol=0)
+
+
+def test_a_step_checkpoint_of_another_model_is_refused(
+    trained: dict[str, Any], tmp_path: Path
+) -> None:
+    step = tmp_path / "step-000012"
+    shutil.copytree(trained["out"] / "step-000012", step)
+    config = json.loads((step / "model_config.json").read_text())
+    (step / "model_config.json").write_text(json.dumps({**config, "num_hidden_layers": 1}))
+    from tulu.train.export import export_checkpoint
+
+    with pytest.raises(CheckpointError, match=r"gpt_neox\.layers\.1\..*which this model does not"):
+        export_checkpoint(step, tmp_path / "out", merge_lora=False)
+    assert not (tmp_path / "out").exists()
+
+
 # ------------------------------------------------------------------------------ normalisation
 def test_loss_normalisations_by_hand(assets: Path, tmp_path: Path) -> None:
     """Two micro-batches with 2 and 9 trained tokens: "paper" averages their means, "unbiased"
@@ -367,7 +415,7 @@ def test_lora_run_exports_adapter_and_merged_model(assets: Path, tmp_path: Path)
         "lora.enabled=true",
         "lora.r=4",
         "optim.max_steps=3",
-        "checkpoint.every_steps=null",
+        "checkpoint.every_steps=3",
         "logging.tensorboard=false",
         "logging.plot=false",
     )
@@ -383,6 +431,13 @@ def test_lora_run_exports_adapter_and_merged_model(assets: Path, tmp_path: Path)
         torch.testing.assert_close(merged(ids), adapted(ids), rtol=1e-4, atol=1e-5)
         with adapted.disable_adapter():
             assert not torch.allclose(adapted(ids), merged(ids), atol=1e-4)  # it trained
+    # The step checkpoint (base + adapters in DCP shards) exports merged, as the final model.
+    from tulu.train.export import export_checkpoint
+
+    export_checkpoint(tmp_path / "step-000003", tmp_path / "from-step", merge_lora=False)
+    with torch.no_grad():
+        from_step = load_model(tmp_path / "from-step", dtype=torch.float32)(ids)
+        torch.testing.assert_close(from_step, merged(ids), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------ command line
@@ -545,3 +600,10 @@ def test_two_processes_train_like_one(assets: Path, tmp_path: Path, normalizatio
     b = load_model(tmp_path / "two" / "final", dtype=torch.float32).state_dict()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5)
+    # The 2-rank sharded checkpoint exports in one process as the run's own final export.
+    from tulu.train.export import export_checkpoint
+
+    export_checkpoint(tmp_path / "two" / "step-000012", tmp_path / "export", merge_lora=False)
+    c = load_model(tmp_path / "export", dtype=torch.float32).state_dict()
+    for name in b:
+        torch.testing.assert_close(c[name], b[name], rtol=0, atol=0)

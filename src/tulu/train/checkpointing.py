@@ -6,9 +6,12 @@ A checkpoint is a directory ``output_dir/step-000010/``::
                       shards; loads into any number of processes)
     rng/rank-00000.pt RNG states of each rank: python, numpy, torch CPU and CUDA
     config.yaml       the run's configuration
+    model_config.json the model's config.json, and tokenizer/ its tokenizer: with them a
+                      checkpoint exports on its own (`tulu export step-000010`), even after
+                      the base model moved
     metrics.jsonl     the metrics up to this step (the run's file is reset to it on resume)
     trainer.json      global step, data position (epoch, step in epoch), scheduler state,
-                      elapsed time, plan size; written last
+                      elapsed time, plan size, compute dtype; written last
 
 **Atomic**: everything is written into ``output_dir/.tmp-step-000010/`` and renamed into
 place when complete, so a ``step-*`` directory is always whole; a run killed while saving
@@ -84,6 +87,8 @@ TRAINER_FILE = "trainer.json"
 STATE_DIR = "state"
 RNG_DIR = "rng"
 CONFIG_FILE = "config.yaml"
+MODEL_CONFIG_FILE = "model_config.json"
+TOKENIZER_DIR = "tokenizer"
 TMP_PREFIX = ".tmp-"
 _NAME = re.compile(r"^step-(\d+)$")
 
@@ -188,11 +193,15 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     metrics: list[dict[str, Any]],
     world: World,
+    model_config: NeoXConfig | None = None,
+    tokenizer: Any = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and prune old ones (all ranks call this).
 
     `trainer_state` holds the plain values (data position, scheduler state, ...) written to
     trainer.json; `metrics` (rank 0's entries so far) becomes the checkpoint's metrics.jsonl.
+    `model_config` and `tokenizer` (a `tulu.tokenizer.Tokenizer`), when given, are written
+    beside them so that the checkpoint can be exported without the run's other files.
     """
     root = Path(config.checkpoint.output_dir)
     name = checkpoint_name(step)
@@ -211,6 +220,10 @@ def save_checkpoint(
                 yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8"
             )
             write_metrics(tmp / METRICS_FILE, metrics)
+            if model_config is not None:
+                _write_json(tmp / MODEL_CONFIG_FILE, model_config.to_dict())
+            if tokenizer is not None:
+                tokenizer.save(tmp / TOKENIZER_DIR)
             _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step})
             _swap_in(tmp, final)
             _prune(root, config.checkpoint.keep_last)
@@ -276,7 +289,7 @@ def restore_scheduler(scheduler: Any, restored: Restored) -> None:
         ) from None
 
 
-def _check_model_tensors(state_dir: Path, model_state: dict[str, Any]) -> None:
+def check_model_tensors(state_dir: Path, model_state: dict[str, Any]) -> None:
     """The checkpoint's model tensors against the model's, by name and shape.
 
     DCP loads only the tensors it is asked for, so without this a checkpoint of a deeper
@@ -330,7 +343,7 @@ def load_checkpoint(
     trainer_state = read_trainer_state(path)
     step = trainer_state["step"]
     state = get_train_state(model, optimizer)
-    _check_model_tensors(path / STATE_DIR, state["model"])
+    check_model_tensors(path / STATE_DIR, state["model"])
     load_sharded(state, path / STATE_DIR)
     set_train_state(model, optimizer, state)
     rng_file = path / RNG_DIR / f"rank-{world.rank:05d}.pt"

@@ -20,14 +20,20 @@ __all__ = ["add_export_parser", "add_train_parser", "cmd_export", "cmd_train", "
 def add_export_parser(sub: argparse._SubParsersAction) -> None:
     export = sub.add_parser(
         "export",
-        help="write a Hugging Face checkpoint (with tokenizer) from a model or LoRA adapter",
+        help=(
+            "write a Hugging Face checkpoint (with tokenizer) from a model, a LoRA adapter or "
+            "a training step checkpoint"
+        ),
         description=(
-            "Write a full Hugging Face checkpoint directory from a model directory or a LoRA "
-            "adapter directory (merged into its base with --merge-lora)."
+            "Write a full Hugging Face checkpoint directory from a model directory, a LoRA "
+            "adapter directory (merged into its base with --merge-lora) or a step checkpoint "
+            "of a tulu train run (output_dir/step-N)."
         ),
     )
     export.add_argument(
-        "source", metavar="SOURCE", help="model directory, hub id, or LoRA adapter directory"
+        "source",
+        metavar="SOURCE",
+        help="model directory, hub id, LoRA adapter directory, or step checkpoint of a run",
     )
     export.add_argument(
         "--output",
@@ -41,7 +47,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
         help="merge a LoRA adapter into its base (required for an adapter directory)",
     )
     export.add_argument(
-        "--dtype", help="float32, bfloat16 or float16 (default: the source's stored dtype)"
+        "--dtype",
+        help=(
+            "float32, bfloat16 or float16 (default: the source's stored dtype; a step "
+            "checkpoint: its run's compute dtype)"
+        ),
     )
     export.add_argument(
         "--tokenizer",

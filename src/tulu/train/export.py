@@ -1,11 +1,13 @@
 """``tulu export``: turn a training result into a plain Hugging Face checkpoint directory.
 
-The source is either a model directory (config.json + weights; e.g. a full fine-tune's
-output, to change its dtype or add a tokenizer) or a LoRA adapter directory (PEFT's
-adapter_config.json + adapter_model.safetensors, naming its base checkpoint in
-``base_model_name_or_path``). An adapter is exported by merging it into the base weights,
-which the user asks for explicitly with ``--merge-lora``: the result is a full-size copy of the
-base, not a few megabytes of adapter, and it no longer works as an adapter.
+The source is a model directory (config.json + weights; e.g. a full fine-tune's output, to
+change its dtype or add a tokenizer), a LoRA adapter directory (PEFT's adapter_config.json +
+adapter_model.safetensors, naming its base checkpoint in ``base_model_name_or_path``), or a
+training run's step checkpoint (``output_dir/step-000500``, `tulu.train.checkpoint_model`), to
+evaluate or serve an intermediate step. An adapter is exported by merging it into the base
+weights, which the user asks for explicitly with ``--merge-lora``: the result is a full-size
+copy of the base, not a few megabytes of adapter, and it no longer works as an adapter. A LoRA
+run's step checkpoint is merged the same way (it has no adapter format to keep).
 
 The output holds config.json, generation_config.json, safetensors weights and the tokenizer
 files, and opens in transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and in our
@@ -13,7 +15,8 @@ files, and opens in transformers (`AutoModelForCausalLM`, `AutoTokenizer`) and i
 
 Merging happens in float32 (the base is loaded in float32, W + scale * B @ A is computed
 there) and the result is then stored in `dtype`: by default the dtype the base's weights are
-stored in (Pythia: float16), so an export is the size of its base.
+stored in (Pythia: float16), so an export is the size of its base. A step checkpoint is stored
+by default in the dtype its run computed in, as the run's own final export would be.
 """
 
 from __future__ import annotations
@@ -31,6 +34,11 @@ from tulu.model.config import NeoXConfig, parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.model.safetensors_reader import read_header
 from tulu.tokenizer import Tokenizer
+from tulu.train.checkpoint_model import (
+    checkpoint_tokenizer,
+    is_training_checkpoint,
+    load_checkpoint_model,
+)
 from tulu.train.lora import (
     ADAPTER_CONFIG,
     is_adapter_dir,
@@ -95,10 +103,10 @@ def _load_tokenizer(
     )
 
 
-def _check_vocabulary(tokenizer: Tokenizer, model_dir: Path) -> None:
-    """The tokenizer's ids fit the model's embedding rows, checked before the model is loaded:
-    a mismatched --tokenizer would otherwise give an export that fails on its first prompt."""
-    rows = NeoXConfig.from_json(model_dir / "config.json").vocab_size
+def _check_vocabulary(tokenizer: Tokenizer, rows: int, model_dir: Path) -> None:
+    """The tokenizer's ids fit the model's `rows` embedding rows, checked before the model is
+    loaded where possible: a mismatched --tokenizer would otherwise give an export that fails
+    on its first prompt."""
     if len(tokenizer) > rows:
         raise TokenizerError(
             f"the tokenizer has {len(tokenizer):,} ids but the model ({model_dir}) has "
@@ -186,12 +194,22 @@ def export_checkpoint(
     """Write a full HF checkpoint directory for `source` (see the module doc) to `output_dir`.
 
     merge_lora: required (True) when `source` is an adapter directory; nothing to merge for a
-    model directory. tokenizer: a `Tokenizer`, or where to read one; default: the source's
+    model directory; a LoRA run's step checkpoint is always merged. tokenizer: a `Tokenizer`, or where to read one; default: the source's
     (an adapter's own, else its base's). dtype: of the stored weights; default: as the source
     (the base's, for an adapter).
     """
     output = Path(output_dir)
     local = Path(source).expanduser()
+    if local.is_dir() and is_training_checkpoint(local):
+        _check_output(output, local)
+        _check_writable(output)
+        tokenizer = (
+            _load_tokenizer(tokenizer, []) if tokenizer is not None else checkpoint_tokenizer(local)
+        )
+        loaded = load_checkpoint_model(local, tokenizer)
+        _check_vocabulary(tokenizer, loaded.model.config.vocab_size, local)
+        target = parse_dtype(dtype, "--dtype") if dtype is not None else loaded.compute_dtype
+        return _write(loaded.model, output, tokenizer, target)
     if local.is_dir() and is_adapter_dir(local):
         if not merge_lora:
             raise ConfigError(
@@ -210,7 +228,7 @@ def export_checkpoint(
         _check_writable(output)
         target = parse_dtype(dtype, "--dtype") if dtype is not None else stored_dtype(base)
         tokenizer = _load_tokenizer(tokenizer, [local, base])
-        _check_vocabulary(tokenizer, base)
+        _check_vocabulary(tokenizer, NeoXConfig.from_json(base / "config.json").vocab_size, base)
         model = merge_adapter(load_adapter(load_model(base, dtype=torch.float32), local))
     else:
         directory = resolve_checkpoint(source)
@@ -223,7 +241,8 @@ def export_checkpoint(
         _check_writable(output)
         target = parse_dtype(dtype, "--dtype") if dtype is not None else stored_dtype(directory)
         tokenizer = _load_tokenizer(tokenizer, [directory])
-        _check_vocabulary(tokenizer, directory)
+        rows = NeoXConfig.from_json(directory / "config.json").vocab_size
+        _check_vocabulary(tokenizer, rows, directory)
         model = load_model(directory, dtype=target)
     return _write(model, output, tokenizer, target)
 

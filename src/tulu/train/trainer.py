@@ -74,7 +74,7 @@ import torch
 from torch import Tensor, nn
 
 from tulu.errors import CheckpointError, ConfigError, TuluError
-from tulu.model.config import NeoXConfig, preset
+from tulu.model.config import NeoXConfig, dtype_name, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM, next_token_loss
 from tulu.tokenizer import Tokenizer
 from tulu.train.checkpointing import (
@@ -579,6 +579,8 @@ class _Run:
             "total_steps": self.plan.total_steps,
             "world_size": self.world.world_size,
             "loss": loss,
+            # what the final export is written in; `tulu export step-N` defaults to it too
+            "compute_dtype": dtype_name(compute_dtype(self.config, self.world.device)),
         }
 
     def _elapsed(self) -> float:
@@ -608,6 +610,8 @@ class _Run:
             trainer_state=self._trainer_state(loss),
             metrics=self.metrics.entries,
             world=self.world,
+            model_config=self.model_config,
+            tokenizer=self.tokenizer,
         )
         return self.last_checkpoint
 
