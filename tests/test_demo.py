@@ -9,6 +9,7 @@ the served answer is the model's own greedy answer.
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,21 @@ def test_training_loss_falls_and_the_model_is_exported(demo) -> None:
     assert any("val_loss" in r for r in rows)
     assert "validation loss: step " in printed
     assert "tulu train " + str(CONFIG) in printed
+
+
+def test_the_suggested_dry_run_works_as_printed(demo, capsys) -> None:
+    """The closing line's `tulu train ... --dry-run` names this demo's files: the config's
+    own paths are the default output's (runs/demo/...), not this one's."""
+    output, _, printed = demo
+    [command] = [
+        part.strip() for part in printed.splitlines()[-1].split("|") if "--dry-run" in part
+    ]
+    argv = shlex.split(command)
+    assert argv[:3] == ["tulu", "train", str(CONFIG)]
+    assert f"data.train={output / 'data' / 'mix.jsonl'}" in argv
+    assert all(override in argv for override in REDUCED)
+    assert main(argv[1:]) == 0
+    assert "data plan: " in capsys.readouterr().out
 
 
 def test_eval_table_has_every_task_but_the_judged_one(demo) -> None:

@@ -392,5 +392,27 @@ def run_demo(
     width = max(len(k) for k in artefacts)
     for label, path in artefacts.items():
         _say(f"  {label:<{width}}  {path}")
-    _say(f"Next: tulu chat {model}   |   tulu serve {model}   |   tulu train {config} --dry-run")
+    dry_run = _dry_run_command(config, tokenizer, train, validation, train_overrides)
+    _say(f"Next: tulu chat {model}   |   tulu serve {model}   |   {dry_run}")
     return summary
+
+
+def _dry_run_command(
+    config: Path, tokenizer: Path, train: Path, validation: Path, overrides: Sequence[str]
+) -> str:
+    """The `tulu train --dry-run` of the demo's training, as a command that works as printed.
+
+    The config names the default output's files (runs/demo/...); a demo written elsewhere, or
+    trained with overrides, needs those on the command line too, or the dry run would look
+    for data that is not there.
+    """
+    from tulu.train.config import load_train_config
+
+    settings = load_train_config(config)
+    paths = [
+        ("model.tokenizer", settings.model.tokenizer, tokenizer),
+        ("data.train", settings.data.train, train),
+        ("data.validation", settings.data.validation, validation),
+    ]
+    extra = [f"{key}={new}" for key, old, new in paths if Path(old or "") != new]
+    return shlex.join(["tulu", "train", str(config), *extra, *overrides, "--dry-run"])
