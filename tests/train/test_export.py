@@ -315,3 +315,13 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(base_dir: Path, tmp_pat
     with pytest.raises(TokenizerError, match=r"321 ids but the model .*base.* has 320"):
         export_checkpoint(base_dir, tmp_path / "out", merge_lora=False, tokenizer=big)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_directory_points_at_what_it_can_export(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (run / "step-000004" / "state").mkdir(parents=True)
+    (run / "step-000004" / "state" / ".metadata").write_bytes(b"")
+    (run / "step-000004" / "trainer.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"export .*run/final or .*run/step-000004$"):
+        export_checkpoint(run, tmp_path / "out", merge_lora=False)

@@ -183,6 +183,15 @@ def _write(
     return output
 
 
+def _run_dir_hint(directory: Path) -> str:
+    """For a training run's output directory: what in it can be exported."""
+    from tulu.train.checkpointing import FINAL_DIR, latest_checkpoint
+
+    candidates = [directory / FINAL_DIR, latest_checkpoint(directory)]
+    found = [str(p) for p in candidates if p is not None and p.is_dir()]
+    return f"; a training run's output? export {' or '.join(found)}" if found else ""
+
+
 def export_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -234,8 +243,8 @@ def export_checkpoint(
         directory = resolve_checkpoint(source)
         if not (directory / "config.json").is_file():
             raise CheckpointError(
-                f"{directory}: neither config.json (a model) nor {ADAPTER_CONFIG} (a LoRA "
-                "adapter) found"
+                f"{directory}: neither config.json (a model), {ADAPTER_CONFIG} (a LoRA "
+                f"adapter) nor trainer.json (a step checkpoint) found{_run_dir_hint(directory)}"
             )
         _check_output(output, directory)
         _check_writable(output)
