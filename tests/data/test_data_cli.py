@@ -148,6 +148,18 @@ def test_mix_writes_splits_stats_and_histogram(tmp_path, capsys):
     assert (tmp_path / "out" / "mix.validation.jsonl").is_file()
     assert (tmp_path / "out" / "mix.lengths.png").read_bytes()[:4] == b"\x89PNG"
 
+    # Mixed again without a validation split and without the plot: the earlier run's files
+    # stay (they may be the user's) but are named, since the old split may hold records the
+    # new mixture trains on.
+    recipe.write_text("validation: 0\nsources:\n  - {name: mine, path: mine.jsonl}\n")
+    assert main(["data", "mix", str(recipe), "--output", str(out), "--no-plot"]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    for name in ("mix.validation.jsonl", "mix.lengths.png"):
+        assert f"note: {tmp_path / 'out' / name} is left from an earlier run" in err
+        assert (tmp_path / "out" / name).is_file()
+    stats = json.loads((tmp_path / "out" / "mix.stats.json").read_text())
+    assert stats["validation"] is None and len(stats["notes"]) == 2
+
 
 def test_mix_recipe_error_is_one_line(tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"

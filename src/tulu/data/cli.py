@@ -214,7 +214,11 @@ def cmd_mix(args: argparse.Namespace) -> int:
         if reasons:
             listing = ", ".join(f"{n:,} {reason}" for reason, n in reasons.items())
             console.print(f"{source.name}: {listing}", markup=False, highlight=False)
-    for note in result.notes:
+    notes = result.notes + _stale_outputs(
+        validation_path_for(args.output) if result.validation_path is None else None,
+        Path(f"{stem}.lengths.png") if args.no_plot or result.lengths is None else None,
+    )
+    for note in notes:
         console.print(f"note: {note}", markup=False, highlight=False)
 
     summary = stats_json(result.sources) | {
@@ -222,7 +226,7 @@ def cmd_mix(args: argparse.Namespace) -> int:
         "seed": recipe.seed,
         "train": str(result.train_path),
         "validation": None if result.validation_path is None else str(result.validation_path),
-        "notes": result.notes,
+        "notes": notes,
     }
     stats_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     written = [str(result.train_path), str(stats_path)]
@@ -239,6 +243,20 @@ def cmd_mix(args: argparse.Namespace) -> int:
         highlight=False,
     )
     return 0
+
+
+def _stale_outputs(*paths: Path | None) -> list[str]:
+    """Notes on files an earlier mix wrote at this output that this one did not replace.
+
+    They are left alone (they may be the user's), but named: an old validation split beside
+    a new train split may hold records the new mixture trains on.
+    """
+    return [
+        f"{path} is left from an earlier run and is not part of this mixture; delete it "
+        "(a training config that names it would use stale records)"
+        for path in paths
+        if path is not None and path.exists()
+    ]
 
 
 def _check_distinct_outputs(outputs: dict[str, Path | None]) -> None:
