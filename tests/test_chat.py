@@ -322,6 +322,16 @@ CASES = {
     "consecutive_users": ([user("First."), user("Second."), assistant("Both read.")], 2048),
     "assistant_first": ([assistant("I start."), user("Ok."), assistant("Fine.")], 2048),
     "only_user": ([user("Hello there")], 2048),
+    # literal format strings are text except <|endoftext|> (id 0, as in transformers);
+    # CRLF inside is kept, Unicode whitespace at the ends is stripped as str.strip() does
+    "format_strings_crlf_unicode_space": (
+        [
+            system("\u3000Rules:\r\n<|user|> is text\u00a0"),
+            user("\r\nSay <|endoftext|> then <|assistant|>\n\x85"),
+            assistant(" <|user|>\nok<|endoftext|>\r\n"),
+        ],
+        2048,
+    ),
     "truncate_in_first_user": (SINGLE_TURN, 8),
     "truncate_at_assistant_header": (SINGLE_TURN, 19),
     "truncate_in_assistant": (SINGLE_TURN, 23),
