@@ -223,6 +223,18 @@ def test_console_script_entry_point(ckpt: Checkpoint, tmp_path: Path) -> None:
     assert str(tmp_path / "missing") in one_line_error(err, "info")
 
 
+def test_output_reader_gone_ends_quietly(ckpt: Checkpoint, tmp_path: Path) -> None:
+    """`tulu generate ... | head -1`: when the reader of stdout goes away, the command stops
+    with status 141 (128 + SIGPIPE, as shells report it), without a BrokenPipeError traceback
+    (`main` handles it for every command)."""
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Hello"}])
+    proc = _spawn("generate", ckpt.directory, *CPU, "--max-tokens", "4", "--input", prompts)
+    proc.stdout.close()  # the reader is gone before the first write
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
 def test_info_hub_id_from_offline_cache(ckpt: Checkpoint, tmp_path: Path) -> None:
     # The layout huggingface_hub keeps: models--{org}--{name}/refs/main holds the commit,
     # snapshots/{commit}/ the files. huggingface_hub reads HF_HUB_CACHE and HF_HUB_OFFLINE
@@ -699,6 +711,30 @@ def test_chat_too_long_message_reports_and_continues(ckpt: Checkpoint, capsys, m
     assert rc == 0, err
     assert "error: the message needs" in out and "512 tokens" in out
     assert out.split(">>> ")[-1] == "/history\n\n"  # the failed turn is not kept
+
+
+def test_chat_stdin_bytes_that_are_not_utf8(ckpt: Checkpoint, monkeypatch) -> None:
+    """With strict UTF-8 standard streams (a UTF-8 locale such as en_US.UTF-8, or
+    PYTHONIOENCODING), a line with undecodable bytes is reported like any bad message, not a
+    traceback; the chat goes on, and the line is echoed byte for byte."""
+    stdin = io.TextIOWrapper(io.BytesIO(b"caf\xe9\nHello\n"), encoding="utf-8", errors="strict")
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    monkeypatch.setattr(sys, "stdout", stdout)
+    argv = ["chat", str(ckpt.directory), *CPU, "--temperature", "0", "--max-tokens", "6"]
+    assert main(argv) == 0
+    stdout.flush()
+    blocks = stdout.buffer.getvalue().split(b">>> ")
+    assert blocks[1].startswith(b"caf\xe9\n\nerror: ") and b"unpaired surrogate" in blocks[1]
+    reply = reference(ckpt, "Hello", max_tokens=6).text
+    assert blocks[2] == f"Hello\n{reply}\n\n".encode()
+
+
+def test_chat_system_flag_that_is_not_valid_text(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    rc, out, err = run(capsys, "chat", ckpt.directory, *CPU, "--system", "caf\udce9")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "chat").startswith("the system prompt: the text contains")
 
 
 def test_chat_missing_model(tmp_path: Path, capsys, monkeypatch) -> None:

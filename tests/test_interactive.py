@@ -9,7 +9,7 @@ from tulu.chat import generation_prompt
 from tulu.demo import corpus_text, tiny_model, train_tokenizer
 from tulu.engine.reference import generate_text
 from tulu.engine.sampling import SamplingParams
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 from tulu.interactive import HELP, ChatSession, run_chat
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.tokenizer import Tokenizer
@@ -219,3 +219,66 @@ def test_run_chat_reports_invalid_text_and_keeps_the_conversation(model, tokeniz
     assert "\nerror: " in out and "unpaired surrogate" in out
     assert [m["role"] for m in session.turns] == ["user", "assistant"]
     assert session.turns[0] == user("Hello")
+
+
+class InterruptFirst:
+    """Stands in for tulu.interactive.generate_text: the first call streams a little text and
+    then gets Ctrl-C (KeyboardInterrupt, as SIGINT raises it mid-reply); later calls generate."""
+
+    def __init__(self) -> None:
+        self.messages: list[list[dict]] = []
+
+    def __call__(self, model, tokenizer, messages, params, **kwargs):
+        self.messages.append([dict(m) for m in messages])
+        if len(self.messages) == 1:
+            kwargs["on_text"]("par")
+            raise KeyboardInterrupt
+        return generate_text(model, tokenizer, messages, params, **kwargs)
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_keeps_the_chat(model, tokenizer, monkeypatch) -> None:
+    spy = InterruptFirst()
+    monkeypatch.setattr(tulu.interactive, "generate_text", spy)
+    session = ChatSession(model, tokenizer, GREEDY)
+    try:
+        out = drive(session, ["Hello", "Hi", "/history"])
+    except KeyboardInterrupt:  # re-raised, it would stop the whole test run
+        pytest.fail("Ctrl-C during a reply ended the chat")
+    reply = generate_text(model, tokenizer, [user("Hi")], GREEDY).text
+    assert ">>> par\n(reply interrupted; that message is not kept)\n>>> " in out
+    # the chat went on, and the interrupted exchange is not part of the next prompt
+    assert spy.messages[1] == [user("Hi")]
+    assert f">>> {reply}\n>>> [user] Hi\n[assistant] {reply}\n>>> \n" in out
+    assert session.turns == [user("Hi"), assistant(reply)]
+
+
+def test_interrupted_reply_leaves_the_history_untouched(small_window_model, tokenizer) -> None:
+    """Even when the new message made old exchanges drop out of the window: those are only
+    dropped for a reply that completes."""
+    session = ChatSession(small_window_model, tokenizer, GREEDY)
+    for i in range(3):
+        session.reply(f"Question number {i}: what do birds eat?", lambda _: None)
+    before = list(session.turns)
+
+    def interrupt(_: str) -> None:
+        raise KeyboardInterrupt
+
+    long = "Tell me about the birds by the sea " * 3
+    assert len(prompt_ids(tokenizer, [*before, user(long)])) >= 64  # would drop old turns
+    with pytest.raises(KeyboardInterrupt):
+        session.reply(long, interrupt)
+    assert session.turns == before
+
+
+def test_system_prompt_that_is_not_valid_text_is_refused(model, tokenizer) -> None:
+    """`/system` with undecodable bytes (surrogates) is refused and the old prompt kept,
+    rather than making every later message fail."""
+    session = ChatSession(model, tokenizer, GREEDY, system="Be kind.")
+    out = drive(session, ["/system caf\udce9", "/history"])
+    assert "error: the system prompt: the text contains an unpaired surrogate" in out
+    assert ">>> [system] Be kind.\n>>> " in out
+    assert session.system == "Be kind."
+    with pytest.raises(
+        TuluError, match="the system prompt: the text contains an unpaired surrogate"
+    ):
+        ChatSession(model, tokenizer, GREEDY, system="caf\udce9")

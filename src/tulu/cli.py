@@ -7,7 +7,9 @@ and the command exits with status 1.
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -297,6 +299,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
     session = ChatSession(loaded.model, loaded.tokenizer, params, system=args.system)
+    # Under a strict UTF-8 locale one undecodable byte typed or piped in would end the chat
+    # with a UnicodeDecodeError; as surrogates it becomes a bad message the session reports.
+    for stream in (sys.stdin, sys.stdout):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="surrogateescape")
     interactive = sys.stdin.isatty()
     if interactive:
         try:
@@ -459,6 +466,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`tulu generate ... | head`): stop quietly, as a
+        # command killed by SIGPIPE would. stdout is pointed at /dev/null so that Python's
+        # final flush of what is still buffered does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ HELP = """Commands:
   /system TEXT   set the system prompt (empty TEXT removes it) and reset
   /history       show the conversation so far
   /exit          quit (Ctrl-D works too)
-Anything else is sent to the model."""
+Anything else is sent to the model; Ctrl-C stops a reply and keeps the chat."""
 
 
 @dataclass
@@ -29,6 +29,22 @@ class ChatSession:
     params: SamplingParams
     system: str | None = None
     turns: list[Message] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.set_system(self.system)
+
+    def set_system(self, text: str | None) -> None:
+        """Set (or, with None or "", remove) the system prompt.
+
+        Text the tokenizer cannot encode (undecodable input bytes arrive as surrogates) is
+        refused here: accepted, it would make every later message fail.
+        """
+        if text:
+            try:
+                self.tokenizer.encode(text)
+            except TuluError as err:
+                raise TuluError(f"the system prompt: {err}") from None
+        self.system = text or None
 
     def messages(self) -> list[Message]:
         head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
@@ -42,7 +58,8 @@ class ChatSession:
         """Add a user turn, stream the assistant's answer through `on_text`, keep both turns.
 
         When the conversation outgrows the context window, the oldest turns are dropped
-        (the system prompt stays) until the prompt fits.
+        (the system prompt stays) until the prompt fits. The history changes only when the
+        reply completes: an error or Ctrl-C (KeyboardInterrupt) leaves it as it was.
         """
         window = self.model.config.max_position_embeddings
         head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
@@ -53,17 +70,13 @@ class ChatSession:
                 f"the message needs {alone} tokens with the system prompt but the model's "
                 f"context window is {window} tokens"
             )
-        self.turns.append({"role": "user", "content": user_text})
-        while len(self.turns) > 1 and self._prompt_tokens(self.messages()) >= window:
-            del self.turns[:2]  # the oldest user/assistant exchange
-        try:
-            result = generate_text(
-                self.model, self.tokenizer, self.messages(), self.params, on_text=on_text
-            )
-        except TuluError:
-            self.turns.pop()
-            raise
-        self.turns.append({"role": "assistant", "content": result.text or ""})
+        turns: list[Message] = [*self.turns, {"role": "user", "content": user_text}]
+        while len(turns) > 1 and self._prompt_tokens(head + turns) >= window:
+            del turns[:2]  # the oldest user/assistant exchange
+        result = generate_text(
+            self.model, self.tokenizer, head + turns, self.params, on_text=on_text
+        )
+        self.turns = [*turns, {"role": "assistant", "content": result.text or ""}]
         return result.text or ""
 
 
@@ -93,7 +106,11 @@ def run_chat(
                 session.turns.clear()
                 write("(conversation reset)\n")
             elif command == "/system":
-                session.system = argument.strip() or None
+                try:
+                    session.set_system(argument.strip())
+                except TuluError as err:
+                    write(f"error: {err}\n")
+                    continue
                 session.turns.clear()
                 write(
                     f"(system prompt {'set' if session.system else 'removed'}; conversation reset)\n"
@@ -110,5 +127,8 @@ def run_chat(
             session.reply(line, write)
         except TuluError as err:  # a bad message (too long, not valid Unicode): keep chatting
             write(f"\nerror: {err}\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the conversation
+            write("\n(reply interrupted; that message is not kept)\n")
             continue
         write("\n")
