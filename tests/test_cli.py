@@ -441,6 +441,13 @@ INPUT_ERRORS = {
     "prompt-not-string": ([GOOD, {"prompt": 5}], False, "'prompt'"),
     "empty-messages": ([GOOD, {"messages": []}], False, "'messages'"),
     "messages-with-raw": ([GOOD, {"messages": [{"role": "user", "content": "x"}]}], True, "--raw"),
+    # The result fields would silently replace a gold answer (lost in place, --output = input).
+    "gold-output": ([GOOD, {"prompt": "Hi", "output": "gold"}], False, "field 'output' is one"),
+    "both-prompt-and-messages": (
+        [GOOD, {"prompt": "Hi", "messages": [{"role": "user", "content": "x"}]}],
+        False,
+        "both 'prompt' and 'messages'",
+    ),
 }
 LATE_ERRORS = {
     "unknown-role": ([GOOD, {"messages": [{"role": "robot", "content": "x"}]}], False, "'robot'"),

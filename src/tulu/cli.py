@@ -179,6 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- commands
 
 
+# What `tulu generate` adds to each input record in its JSONL output.
+RESULT_FIELDS = frozenset({"output", "finish_reason", "prompt_tokens", "completion_tokens"})
+
+
 def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any]]:
     """(where, record, prompt) for every input, all validated before the model is loaded.
 
@@ -199,6 +203,16 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = []
     for where, record in records:
+        written = sorted(RESULT_FIELDS & set(record))
+        if written:
+            # The result would replace them: a gold 'output' lost, in place with --output
+            # equal to --input.
+            raise TuluError(
+                f"{where}: field {written[0]!r} is one that generate writes "
+                f"({', '.join(sorted(RESULT_FIELDS))}); rename it so that it is kept"
+            )
+        if "messages" in record and "prompt" in record:
+            raise TuluError(f"{where}: has both 'prompt' and 'messages'; keep one of them")
         if "messages" in record:
             if args.raw:
                 raise TuluError(f"{where}: 'messages' records cannot be used with --raw")
