@@ -24,7 +24,11 @@ from tulu.errors import TuluError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id (org/name)")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory, hub id (org/name), or LoRA adapter directory (merged at load)",
+    )
     p.add_argument(
         "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"
     )

@@ -10,7 +10,12 @@ from typing import Any
 import torch
 
 from tulu.errors import TuluError
-from tulu.model.checkpoint import load_model, read_checkpoint_config, resolve_checkpoint
+from tulu.model.checkpoint import (
+    find_weight_files,
+    load_model,
+    read_checkpoint_config,
+    resolve_checkpoint,
+)
 from tulu.model.config import PRESET_NAMES, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -21,6 +26,9 @@ class Pretrained:
     model: GPTNeoXForCausalLM
     tokenizer: Tokenizer
     directory: Path
+    # Every file the weights came from (a LoRA adapter's and its base's): what a cache of
+    # this model's outputs must be keyed on.
+    weight_files: list[Path]
 
 
 def default_device() -> str:
@@ -56,14 +64,43 @@ def load_pretrained(
     device: str | torch.device | None = None,
     revision: str | None = None,
 ) -> Pretrained:
-    """A checkpoint directory or hub id -> model (eval mode) + its tokenizer."""
-    directory = resolve_checkpoint(model, revision)
+    """A checkpoint directory or hub id -> model (eval mode) + its tokenizer.
+
+    A LoRA adapter directory (PEFT's adapter_config.json naming its base) loads as its base
+    with the adapter merged in, as `tulu export --merge-lora` writes it: merged in float32 on
+    the CPU, then cast to `dtype` on `device`; its tokenizer is the adapter's own, else the
+    base's.
+    """
     device = parse_device(device)
     target = parse_dtype(dtype, "--dtype") if dtype is not None else default_dtype(device)
+    local = Path(model).expanduser()
+    if local.is_dir() and (local / "adapter_config.json").is_file():
+        return _load_merged_adapter(local, target, device)
+    directory = resolve_checkpoint(model, revision)
     tokenizer = Tokenizer.from_dir(directory)
     net = load_model(directory, dtype=target, device=device)
     net.requires_grad_(False)
-    return Pretrained(net, tokenizer, directory)
+    return Pretrained(net, tokenizer, directory, find_weight_files(directory).files)
+
+
+def _load_merged_adapter(adapter_dir: Path, dtype: torch.dtype, device: torch.device) -> Pretrained:
+    from tulu.train.lora import adapter_base, load_adapter, merge_lora
+
+    base = adapter_base(adapter_dir)
+    has_own = (adapter_dir / TOKENIZER_FILE).is_file()
+    tokenizer = Tokenizer.from_dir(adapter_dir if has_own else base)
+    rows = read_checkpoint_config(base).vocab_size
+    if len(tokenizer) > rows:
+        raise TuluError(
+            f"{adapter_dir}: the tokenizer has {len(tokenizer):,} ids but the base model "
+            f"({base}) has {rows:,} embedding rows"
+        )
+    net = merge_lora(load_adapter(load_model(base, dtype=torch.float32), adapter_dir))
+    net = net.to(device=device, dtype=dtype).eval()
+    net.requires_grad_(False)
+    adapter_files = sorted(p for p in adapter_dir.glob("adapter_model.*") if p.is_file())
+    files = [adapter_dir / "adapter_config.json", *adapter_files, *find_weight_files(base).files]
+    return Pretrained(net, tokenizer, adapter_dir, files)
 
 
 def describe(

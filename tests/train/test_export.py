@@ -325,3 +325,29 @@ def test_a_run_directory_points_at_what_it_can_export(tmp_path: Path) -> None:
     (run / "step-000004" / "trainer.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"export .*run/final or .*run/step-000004$"):
         export_checkpoint(run, tmp_path / "out", merge_lora=False)
+
+
+def test_an_adapter_directory_loads_merged_for_generate_chat_serve_and_eval(
+    adapter_dir: Path, base_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """`tulu generate/chat/serve/eval ADAPTER_DIR` run the base with the adapter merged, as
+    `tulu export --merge-lora` would write it (they used to refuse: no config.json)."""
+    from tulu.cli import main
+    from tulu.pretrained import load_pretrained
+
+    loaded = load_pretrained(adapter_dir, dtype="float32", device="cpu")
+    exported = export_checkpoint(adapter_dir, tmp_path / "merged", merge_lora=True, dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.model(IDS), adapted_logits(adapter_dir, base_dir), rtol=1e-5, atol=1e-5
+        )
+        assert torch.equal(loaded.model(IDS), ours(exported))
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    names = {p.name for p in loaded.weight_files}  # the eval cache's key covers both
+    assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= names
+    texts = []
+    for model in (adapter_dir, exported):
+        argv = ["generate", str(model), "--device", "cpu", "--dtype", "float32", "--raw"]
+        assert main([*argv, "--prompt", TEXT, "--max-tokens", "8"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].strip()

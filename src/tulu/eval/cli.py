@@ -39,7 +39,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
             "finished generations are cached in OUTPUT/cache.jsonl, so a rerun resumes."
         ),
     )
-    ev.add_argument("model", metavar="MODEL", help="checkpoint directory or hub id")
+    ev.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory, hub id, or LoRA adapter directory (merged at load)",
+    )
     ev.add_argument("--suite", choices=["paper"], default="paper")
     ev.add_argument("--task", action="append", help="run only this task (repeatable)")
     ev.add_argument("--data-dir", required=True, type=Path, help="open-instruct's eval layout")
@@ -231,14 +235,12 @@ def _backend(args: argparse.Namespace):
         )
         return tokenizer, backend, identity
     from tulu.engine.engine import LLM
-    from tulu.model.checkpoint import find_weight_files
     from tulu.pretrained import load_pretrained
 
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    weights = find_weight_files(loaded.directory).files
     identity = {
         "checkpoint": str(Path(loaded.directory).resolve()),
-        "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in weights],
+        "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in loaded.weight_files],
         "dtype": str(next(loaded.model.parameters()).dtype),
     }
     return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer)), identity

@@ -41,9 +41,9 @@ from tulu.train.checkpoint_model import (
 )
 from tulu.train.lora import (
     ADAPTER_CONFIG,
+    adapter_base,
     is_adapter_dir,
     load_adapter,
-    read_adapter_config,
 )
 from tulu.train.lora import merge_lora as merge_adapter
 
@@ -68,22 +68,6 @@ def stored_dtype(directory: Path) -> torch.dtype:
             if entry.dtype.is_floating_point:
                 return entry.dtype
     return NeoXConfig.from_json(directory / "config.json").dtype
-
-
-def _resolve_base(adapter_dir: Path, base: str) -> Path:
-    """The adapter's base: as written (a path from the current directory, or a hub id), or a
-    path relative to the adapter directory."""
-    as_written = Path(base).expanduser()
-    beside = adapter_dir / base
-    if not as_written.is_dir() and not Path(base).is_absolute() and beside.is_dir():
-        return beside
-    try:
-        return resolve_checkpoint(base)
-    except CheckpointError as err:  # e.g. an absolute path from the machine it was trained on
-        raise CheckpointError(
-            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path: {err}; set it to the "
-            "base checkpoint the adapter was trained on"
-        ) from None
 
 
 def _load_tokenizer(
@@ -203,8 +187,8 @@ def export_checkpoint(
     """Write a full HF checkpoint directory for `source` (see the module doc) to `output_dir`.
 
     merge_lora: required (True) when `source` is an adapter directory; nothing to merge for a
-    model directory; a LoRA run's step checkpoint is always merged. tokenizer: a `Tokenizer`, or where to read one; default: the source's
-    (an adapter's own, else its base's). dtype: of the stored weights; default: as the source
+    model directory; a LoRA run's step checkpoint is always merged. tokenizer: a `Tokenizer`,
+    or where to read one; default: the source's (an adapter's own, else its base's). dtype: of the stored weights; default: as the source
     (the base's, for an adapter).
     """
     output = Path(output_dir)
@@ -225,14 +209,7 @@ def export_checkpoint(
                 f"{local}: is a LoRA adapter directory ({ADAPTER_CONFIG}); pass --merge-lora "
                 "to write its base model with the adapter merged into the weights"
             )
-        config = read_adapter_config(local)
-        base_name = config.get("base_model_name_or_path")
-        if not base_name:
-            raise CheckpointError(
-                f"{local / ADAPTER_CONFIG}: base_model_name_or_path is empty; the export needs "
-                "the base checkpoint the adapter was trained on"
-            )
-        base = _resolve_base(local, str(base_name))
+        base = adapter_base(local)
         _check_output(output, local, base)
         _check_writable(output)
         target = parse_dtype(dtype, "--dtype") if dtype is not None else stored_dtype(base)

@@ -247,6 +247,32 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def adapter_base(directory: str | os.PathLike) -> Path:
+    """The base checkpoint of the adapter in `directory`, from its adapter_config.json's
+    ``base_model_name_or_path``: as written (a path from the current directory, or a hub id),
+    or a path relative to the adapter directory."""
+    adapter_dir = Path(directory)
+    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    if not base:
+        raise CheckpointError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; it must name "
+            "the base checkpoint the adapter was trained on"
+        )
+    base = str(base)
+    beside = adapter_dir / base
+    if not Path(base).expanduser().is_dir() and not Path(base).is_absolute() and beside.is_dir():
+        return beside
+    from tulu.model.checkpoint import resolve_checkpoint
+
+    try:
+        return resolve_checkpoint(base)
+    except CheckpointError as err:  # e.g. an absolute path from the machine it was trained on
+        raise CheckpointError(
+            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path: {err}; set it to the "
+            "base checkpoint the adapter was trained on"
+        ) from None
+
+
 def load_adapter(
     model: GPTNeoXForCausalLM, directory: str | os.PathLike, *, is_trainable: bool = False
 ) -> Any:
