@@ -178,3 +178,18 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(base_dir: Path)
     assert all(g is not None and g.abs().max() > 0 for g in checkpointed.values())
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], msg=name)
+
+
+def test_a_tied_model_with_an_adapted_head_prepares_for_training() -> None:
+    """LoRA on ``embed_out`` of a tied model: the trainer's device move re-ties the head
+    (`tie_weights`), which raised KeyError on PEFT's wrapper ("attribute 'weight' already
+    exists"), so such a run crashed before its first step."""
+    from tulu.train.config import TrainConfig
+    from tulu.train.distributed import World, prepare_model
+
+    model = build_model(TINY.with_(tie_word_embeddings=True), seed=5)
+    lora = LoraConfig(enabled=True, r=4, alpha=8, target_modules=["query_key_value", "embed_out"])
+    config = TrainConfig(lora=lora)
+    peft_model = prepare_model(apply_lora(model, lora), World(), config)
+    base = peft_model.get_base_model()
+    assert base.embed_out.get_base_layer().weight is base.gpt_neox.embed_in.weight

@@ -216,10 +216,14 @@ class GPTNeoXForCausalLM(nn.Module):
         """Share the input embedding with the LM head when the config asks for it.
 
         Called again after anything that gives parameters new storage (`to_empty` after a
-        meta-device build), which silently unties them.
+        meta-device build), which silently unties them. A head wrapped by a LoRA adapter
+        (PEFT's layer, whose ``weight`` is a read-only view of its base layer's) is tied
+        through that base layer.
         """
         if self.config.tie_word_embeddings:
-            self.embed_out.weight = self.gpt_neox.embed_in.weight
+            head = self.embed_out
+            base = head.get_base_layer() if hasattr(head, "get_base_layer") else head
+            base.weight = self.gpt_neox.embed_in.weight
 
     # ------------------------------------------------------------------------ weights
     @torch.no_grad()
