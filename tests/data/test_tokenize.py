@@ -412,6 +412,16 @@ def test_cache_misses_on_any_change(tmp_path, tiny, corpus) -> None:
     assert len([d for d in cache.iterdir() if not d.name.startswith(".")]) == 5
 
 
+def test_a_renamed_file_read_another_way_is_not_a_cache_hit(tmp_path, tiny, corpus) -> None:
+    """A JSONL file renamed ``.parquet`` holds the same bytes but is read as Parquet: it must
+    be refused as a broken Parquet file, not answered with the JSONL file's cached tokens."""
+    path = write_jsonl(tmp_path / "data.jsonl", corpus[:30])
+    tokenize_records(path, tiny, 32, cache_dir=tmp_path / "c", progress=False)
+    renamed = path.rename(tmp_path / "data.parquet")
+    with pytest.raises(DataError, match="data.parquet"):
+        tokenize_records(renamed, tiny, 32, cache_dir=tmp_path / "c", progress=False)
+
+
 def test_leftover_temp_directory_is_never_read(tmp_path, tiny, corpus) -> None:
     path = write_jsonl(tmp_path / "data.jsonl", corpus[:30])
     cache = tmp_path / "c"

@@ -231,8 +231,13 @@ def _parquet_chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]
         yield "items", (batch, 0)
 
 
+def _reader(path: Path) -> str:
+    """How a file is read, chosen by its suffix: ``parquet`` or ``jsonl``."""
+    return "parquet" if path.suffix.lower() == ".parquet" else "jsonl"
+
+
 def _chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
-    if path.suffix.lower() == ".parquet":
+    if _reader(path) == "parquet":
         return _parquet_chunks(path, chunk_lines)
     return _jsonl_chunks(path, chunk_lines)
 
@@ -288,7 +293,7 @@ def _settings(max_seq_length: int) -> dict[str, Any]:
 
 
 def cache_key(path: str | Path, tokenizer: Tokenizer, max_seq_length: int) -> str:
-    """sha256 over the format version, the settings, the tokenizer and the file's bytes.
+    """sha256 over the format version, the settings, the tokenizer, the reader and the bytes.
 
     The tokenizer enters as its full JSON (vocabulary, merges, normalizer, added tokens) plus
     the special tokens, since the EOS string is written into every example. The file is
@@ -304,6 +309,8 @@ def cache_key(path: str | Path, tokenizer: Tokenizer, max_seq_length: int) -> st
     field("settings", json.dumps(_settings(max_seq_length), sort_keys=True).encode())
     field("tokenizer", tokenizer.backend.to_str().encode())
     field("special_tokens", json.dumps(tokenizer.special_tokens, sort_keys=True).encode())
+    # The same bytes read as JSONL and as Parquet are different data (one of them an error).
+    field("reader", _reader(Path(path)).encode())
     from tulu.data.readers import open_binary
 
     with open_binary(Path(path)) as handle:
