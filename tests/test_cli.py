@@ -178,6 +178,16 @@ def test_info_without_tokenizer_files(ckpt: Checkpoint, tmp_path: Path, capsys) 
     assert "tokenizer_size" not in info
 
 
+@pytest.mark.parametrize("where", ["directory", "preset"])
+def test_revision_with_a_local_model_is_an_error(where: str, ckpt: Checkpoint, capsys) -> None:
+    """--revision names a hub commit; with a directory or preset it used to be ignored, so the
+    user silently got another version than the one asked for."""
+    model = ckpt.directory if where == "directory" else "pythia-70m"
+    rc, out, err = run(capsys, "info", model, "--revision", "v1")
+    assert rc == 1 and out == ""
+    assert "revision 'v1' applies to hub ids only" in one_line_error(err, "info")
+
+
 def test_info_missing_directory(tmp_path: Path, capsys) -> None:
     missing = tmp_path / "nope"
     rc, out, err = run(capsys, "info", missing)

@@ -14,6 +14,7 @@ from tulu.model.checkpoint import (
     find_weight_files,
     load_model,
     read_checkpoint_config,
+    refuse_local_revision,
     resolve_checkpoint,
 )
 from tulu.model.config import PRESET_NAMES, dtype_name, parse_dtype, preset
@@ -75,6 +76,7 @@ def load_pretrained(
     target = parse_dtype(dtype, "--dtype") if dtype is not None else default_dtype(device)
     local = Path(model).expanduser()
     if local.is_dir() and (local / "adapter_config.json").is_file():
+        refuse_local_revision(local, revision)
         return _load_merged_adapter(local, target, device)
     directory = resolve_checkpoint(model, revision)
     tokenizer = Tokenizer.from_dir(directory)
@@ -109,6 +111,7 @@ def describe(
     """Sizes and memory needs of a checkpoint (or a preset name) from its config alone."""
     source: str
     if str(model) in PRESET_NAMES:
+        refuse_local_revision(f"preset {model}", revision)
         config, source, tokenizer = preset(str(model)), f"preset {model}", None
     else:
         directory = resolve_checkpoint(model, revision)

@@ -343,6 +343,8 @@ def test_an_adapter_directory_loads_merged_for_generate_chat_serve_and_eval(
         )
         assert torch.equal(loaded.model(IDS), ours(exported))
     assert not any(p.requires_grad for p in loaded.model.parameters())
+    with pytest.raises(CheckpointError, match="revision 'v1' applies to hub ids only"):
+        load_pretrained(adapter_dir, dtype="float32", device="cpu", revision="v1")
     names = {p.name for p in loaded.weight_files}  # the eval cache's key covers both
     assert {"adapter_config.json", "adapter_model.safetensors", "model.safetensors"} <= names
     texts = []

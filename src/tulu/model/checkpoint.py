@@ -57,6 +57,15 @@ def canonical_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------- resolve
+def refuse_local_revision(source: str | os.PathLike, revision: str | None) -> None:
+    """A revision names a hub commit; given with a local directory or a preset it would be
+    silently ignored (as transformers does), so the user would not get the version asked for."""
+    if revision is not None:
+        raise CheckpointError(
+            f"{source}: revision {revision!r} applies to hub ids only, and this is not one"
+        )
+
+
 def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Path:
     """A local checkpoint directory for `model`: a directory path, or a hub id `org/name`.
 
@@ -65,6 +74,7 @@ def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) ->
     """
     path = Path(model).expanduser()
     if path.is_dir():
+        refuse_local_revision(path, revision)
         return path
     if path.exists():
         raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
