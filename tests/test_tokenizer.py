@@ -428,3 +428,48 @@ def test_stream_work_is_windowed(tiny_json: Path) -> None:
     assert "".join(pieces) == tok.decode(ids)
     # O(window) per token: total decoded ids grows linearly, far below the O(n^2) of re-decoding
     assert Counting.decoded < 20 * len(ids)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_stream_skipping_special_tokens_random_ids(neox_tokenizer_path: Path, seed: int) -> None:
+    """Special-heavy random ids (special, other added, byte and ordinary tokens, and prompts
+    ending in specials), skipped: the invariant holds and every delta extends the decode."""
+    tok = Tokenizer.from_file(neox_tokenizer_path)
+    rng = random.Random(seed)
+    special = sorted(tok.special_ids())
+    added = sorted(tok.backend.get_added_tokens_decoder())
+    byte_ids = [tok.token_to_id(c) for c in pre_tokenizers.ByteLevel.alphabet()]
+    pools = [special, added, [i for i in byte_ids if i is not None], range(len(tok))]
+    for _ in range(200):
+        prompt = [rng.choice(rng.choice(pools)) for _ in range(rng.randrange(8))]
+        ids = [rng.choice(rng.choice(pools)) for _ in range(rng.randrange(1, 30))]
+        full = tok.decode(ids, skip_special_tokens=True)
+        pieces = _stream(tok, ids, prompt_ids=prompt, skip_special_tokens=True)
+        assert "".join(pieces) == full, (prompt, ids)
+        shown = ""
+        for piece in pieces:
+            shown += piece
+            assert full.startswith(shown), (prompt, ids)
+
+
+def test_skipped_special_tokens_cost_no_decoding(tiny_json: Path) -> None:
+    """A long run of skipped special tokens used to stay pending and be decoded again at each
+    push: quadratic in the run's length."""
+    tok = Tokenizer.from_file(tiny_json)
+    eos = tok.token_to_id("<|endoftext|>")
+    assert eos in tok.special_ids()
+
+    class Counting:
+        decoded = 0
+
+        def special_ids(self):
+            return tok.special_ids()
+
+        def decode(self, ids, skip_special_tokens=False):
+            Counting.decoded += len(ids)
+            return tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = tok.encode("Hi") + [eos] * 500 + tok.encode(" there")
+    pieces = _stream(Counting(), ids, skip_special_tokens=True)  # type: ignore[arg-type]
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True) == "Hi there"
+    assert Counting.decoded < 100
