@@ -661,6 +661,31 @@ def test_text_and_chat_prompts(tok_model, demo_tokenizer, make_llm):
         assert output.outputs[0].text == tok.decode(want.token_ids, skip_special_tokens=True)
 
 
+def test_generate_takes_a_single_prompt_as_one_prompt(tok_model, demo_tokenizer, make_llm):
+    """As in vLLM, `generate("text")` is one prompt (it was iterated: one prompt per
+    character), and so is a bare list of token ids or of chat messages."""
+    tok = demo_tokenizer
+    llm = make_llm(tok_model, tok)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    messages = [{"role": "user", "content": "Hi"}]
+    text = "Hello world"
+    for single, listed in [
+        (text, [text]),
+        (tok.encode(text), [tok.encode(text)]),
+        (messages, [messages]),
+    ]:
+        outputs = llm.generate(single, params)
+        assert [o.prompt_token_ids for o in outputs] == [
+            o.prompt_token_ids for o in llm.generate(listed, params)
+        ]
+    assert len(llm.generate([], params)) == 0
+    for bad, name in [(None, "NoneType"), (5, "int")]:
+        with pytest.raises(GenerationError, match=f"prompts must be .*got {name}"):
+            llm.generate(bad, params)
+    with pytest.raises(GenerationError, match="params must be SamplingParams .*got int"):
+        llm.generate([text], 5)
+
+
 def test_streaming_deltas_rebuild_sampled_text(tok_model, demo_tokenizer, make_llm):
     tok = demo_tokenizer
     llm = make_llm(tok_model, tok, max_num_batched_tokens=16, kv_cache_bytes=64 * BYTES_PER_TOKEN)
@@ -824,11 +849,24 @@ def test_request_longer_than_the_context_window_is_refused(tiny_model, make_engi
 def test_request_larger_than_the_whole_pool_is_refused(tiny_model, make_engine, drain):
     engine = make_engine(tiny_model, kv_cache_bytes=8 * 16 * BYTES_PER_TOKEN)  # 128 tokens
     assert engine.pool.num_blocks == 8
-    with pytest.raises(GenerationError, match=r"150 tokens.*128 tokens"):
+    with pytest.raises(GenerationError, match=r"149 tokens.*128 tokens"):
         engine.add_request([1] * 100, SamplingParams(max_tokens=50))
     engine.add_request([1] * 100, SamplingParams(max_tokens=28, ignore_eos=True), request_id="ok")
     out = drain(engine)["ok"][-1]
     assert len(out.outputs[0].token_ids) == 28
+
+
+@pytest.mark.parametrize("config", [dict(), dict(decode_attention="sdpa")], ids=["loop", "sdpa"])
+def test_a_request_filling_the_whole_pool_exactly_runs(tiny_model, make_engine, drain, config):
+    """The last generated token never enters the KV cache, so prompt + max_tokens may exceed
+    the pool by one token (it was refused, with a wrong count of the tokens it needed)."""
+    engine = make_engine(tiny_model, kv_cache_bytes=8 * 16 * BYTES_PER_TOKEN, **config)
+    params = SamplingParams(max_tokens=29, temperature=0.0, ignore_eos=True)
+    engine.add_request(PROMPTS[10][:100], params, request_id="full")
+    out = drain(engine)["full"][-1]
+    assert out.outputs[0].token_ids == generate_ids(tiny_model, PROMPTS[10][:100], params).token_ids
+    with pytest.raises(GenerationError, match=r"129 tokens.*128 tokens"):
+        engine.add_request([1] * 100, SamplingParams(max_tokens=30))
 
 
 def test_kv_budget_smaller_than_one_block_is_refused(tiny_model):

@@ -259,10 +259,12 @@ class LLMEngine:
                 f"the prompt has {num_prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
                 f"{total} tokens exceed the model's context window of {self.max_model_len} tokens"
             )
+        # The last generated token is sampled but never fed back, so it needs no KV slot.
+        needed = total - 1
         capacity = self.pool.num_blocks * self.pool.block_size
-        if total > capacity:
+        if needed > capacity:
             raise GenerationError(
-                f"the request needs {total} tokens of KV cache but the whole cache holds "
+                f"the request needs {needed} tokens of KV cache but the whole cache holds "
                 f"{capacity} tokens"
             )
 
@@ -609,6 +611,29 @@ def _sample_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _prompt_list(prompts: Prompt | Iterable[Prompt]) -> list[Prompt]:
+    """The prompts of one `LLM.generate` call as a list.
+
+    A single prompt is wrapped, not iterated: a string would otherwise become one prompt per
+    character, silently. A list of token ids or of chat messages cannot be a list of prompts
+    (an int or a dict is no prompt), so it is one prompt too.
+    """
+    if isinstance(prompts, str):
+        return [prompts]
+    try:
+        items = list(prompts)
+    except TypeError:
+        raise GenerationError(
+            f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}"
+        ) from None
+    if items and (
+        all(isinstance(t, int) and not isinstance(t, bool) for t in items)
+        or all(isinstance(m, dict) for m in items)
+    ):
+        return [items]
+    return items
+
+
 class LLM:
     """Blocking offline generation: `LLM(model, tokenizer).generate(prompts, params)`."""
 
@@ -622,7 +647,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Iterable[Prompt],
+        prompts: Prompt | Iterable[Prompt],
         params: SamplingParams | Iterable[SamplingParams] | None = None,
         *,
         progress: bool | None = None,
@@ -630,13 +655,20 @@ class LLM:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in the prompts' order.
 
-        A progress bar is shown for more than 16 prompts when `progress` is None.
+        `prompts` may also be a single prompt (a string, a list of token ids or a list of chat
+        messages), as in vLLM: it gives a list of one result. A progress bar is shown for more
+        than 16 prompts when `progress` is None.
         """
-        prompts = list(prompts)
+        prompts = _prompt_list(prompts)
         if isinstance(params, SamplingParams) or params is None:
             param_list = [params or SamplingParams()] * len(prompts)
         else:
-            param_list = list(params)
+            try:
+                param_list = list(params)
+            except TypeError:
+                raise GenerationError(
+                    f"params must be SamplingParams or a list of them, got {type(params).__name__}"
+                ) from None
             if len(param_list) != len(prompts):
                 raise GenerationError(
                     f"{len(prompts)} prompts but {len(param_list)} SamplingParams"
