@@ -39,6 +39,7 @@ class _Add:
     request_id: str  # the engine's id of this submission
     prompt: Prompt
     params: SamplingParams
+    lora: str | None = None
 
 
 @dataclass
@@ -103,8 +104,11 @@ class AsyncLLM:
         prompt: Prompt,
         params: SamplingParams | None = None,
         request_id: str | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Submit a request and yield its outputs as they come; the last one has finished=True.
+
+        `lora` names one of the engine's LoRA adapters (None: the base model).
 
         Validation errors (a TuluError, usually GenerationError) are raised before the first
         output.
@@ -124,7 +128,7 @@ class AsyncLLM:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[engine_id] = stream
         self._engine_ids[request_id] = engine_id
-        self._commands.put(_Add(engine_id, prompt, params or SamplingParams()))
+        self._commands.put(_Add(engine_id, prompt, params or SamplingParams(), lora))
         self._wake.set()
         finished = False
         try:
@@ -207,6 +211,8 @@ class AsyncLLM:
                 self.engine.abort(command.request_id)
                 continue
             try:
-                self.engine.add_request(command.prompt, command.params, command.request_id)
+                self.engine.add_request(
+                    command.prompt, command.params, command.request_id, lora=command.lora
+                )
             except TuluError as err:  # bad input (GenerationError, ChatFormatError, ...)
                 loop.call_soon_threadsafe(self._deliver, command.request_id, err)

@@ -8,15 +8,20 @@ frees a request's blocks at once. `LLM.generate` is the blocking convenience wra
 Decode-only steps can take a fast path (`EngineConfig.decode_attention` / `cuda_graphs`): the
 `DecodeGraphRunner` of `tulu.engine.cuda_graphs`, graph-safe attention and, on CUDA, decode
 steps replayed as CUDA graphs captured at start-up. On CPU the default is the general path.
+
+With `lora_modules`, requests may name an unmerged LoRA adapter (`tulu.engine.lora`); a step
+mixes rows of different adapters, and the prefix cache keeps each adapter's blocks apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import logging
+import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +32,7 @@ from tulu.engine.attention import PagedAttention, StepLayout
 from tulu.engine.cuda_graphs import DecodeGraphRunner
 from tulu.engine.decode_attention import triton_available, triton_interpreting
 from tulu.engine.kv_cache import BlockPool, KVCacheSpec, PagedKVCache, plan_kv_cache
+from tulu.engine.lora import LoraAdapters
 from tulu.engine.options import DECODE_ATTENTION_CHOICES
 from tulu.engine.output import IncrementalOutput
 from tulu.engine.reference import TokenLogprob
@@ -154,10 +160,21 @@ class LLMEngine:
         model: GPTNeoXForCausalLM,
         tokenizer: Tokenizer | None,
         config: EngineConfig | None = None,
+        lora_modules: Mapping[str, str | os.PathLike[str]] | None = None,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        # Unmerged LoRA adapters a request may name (`add_request(..., lora=name)`).
+        self.lora = LoraAdapters(model, lora_modules) if lora_modules else None
+        if self.lora is not None and self.config.decode_attention != "loop":
+            # The fast path's static buffers and graphs fix the rows of a step; adapter rows
+            # change from step to step.
+            logger.warning(
+                "LoRA adapters are loaded: the decode fast path (%s) is off",
+                self.config.decode_attention,
+            )
+            self.config = dataclasses.replace(self.config, decode_attention="loop")
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.model_config = model.config
@@ -249,6 +266,15 @@ class LLMEngine:
             "a prompt must be a string, a list of token ids, or a list of chat messages"
         )
 
+    def _lora_slot(self, lora: str | None) -> int:
+        if lora is None:
+            return 0
+        if not isinstance(lora, str):
+            raise GenerationError(f"lora must be an adapter name, got {type(lora).__name__}")
+        if self.lora is None:
+            raise GenerationError(f"lora: no adapter named {lora!r} (no adapters are loaded)")
+        return self.lora.slot(lora)
+
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Refuse requests that could never run, instead of queueing them forever."""
         if num_prompt_tokens == 0:
@@ -274,10 +300,13 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         arrival_time: float | None = None,
+        lora: str | None = None,
     ) -> str:
+        """Queue a request; `lora` names one of the engine's adapters (None: the base)."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise GenerationError(f"params must be SamplingParams, got {type(params).__name__}")
+        lora_slot = self._lora_slot(lora)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self._requests:
             raise GenerationError(f"request id {request_id!r} is already in use")
@@ -298,6 +327,8 @@ class LLMEngine:
                 params=params,
                 arrival=arrival,
                 generator=make_generator(_sample_seed(params.seed, index), self.device),
+                lora_slot=lora_slot,
+                lora_salt=f"lora:{lora}".encode() if lora_slot else None,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -361,7 +392,7 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return aborted
-        tokens, positions, slots, seq_layout = [], [], [], []
+        tokens, positions, slots, seq_layout, lora_slots = [], [], [], [], []
         sample_rows: list[tuple[Sequence, int]] = []
         prompt_logprob_rows: list[tuple[Sequence, int, int]] = []
         bs = self.pool.block_size
@@ -370,6 +401,7 @@ class LLMEngine:
             start = seq.num_computed
             q_start = len(tokens)
             tokens.extend(seq.token_ids[start : start + count])
+            lora_slots.extend([seq.lora_slot] * count)
             positions.extend(range(start, start + count))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
@@ -399,6 +431,8 @@ class LLMEngine:
             layout = StepLayout.build(self.cache, slots, seq_layout)
             input_ids = torch.tensor([tokens], device=self.device)
             position_ids = torch.tensor([positions], device=self.device)
+            if self.lora is not None:
+                self.lora.use(lora_slots, self.device)
             hidden = self.model.hidden_states(
                 input_ids, position_ids, backend=PagedAttention(self.cache, layout)
             )[0]
@@ -642,8 +676,9 @@ class LLM:
         model: GPTNeoXForCausalLM,
         tokenizer: Tokenizer | None,
         config: EngineConfig | None = None,
+        lora_modules: Mapping[str, str | os.PathLike[str]] | None = None,
     ):
-        self.engine = LLMEngine(model, tokenizer, config)
+        self.engine = LLMEngine(model, tokenizer, config, lora_modules)
 
     def generate(
         self,
@@ -652,12 +687,14 @@ class LLM:
         *,
         progress: bool | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
+        lora: str | Iterable[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in the prompts' order.
 
         `prompts` may also be a single prompt (a string, a list of token ids or a list of chat
-        messages), as in vLLM: it gives a list of one result. A progress bar is shown for more
-        than 16 prompts when `progress` is None.
+        messages), as in vLLM: it gives a list of one result. `lora` names the LoRA adapter of
+        every prompt, or gives one name (or None: the base) per prompt. A progress bar is shown
+        for more than 16 prompts when `progress` is None.
         """
         prompts = _prompt_list(prompts)
         if isinstance(params, SamplingParams) or params is None:
@@ -673,11 +710,17 @@ class LLM:
                 raise GenerationError(
                     f"{len(prompts)} prompts but {len(param_list)} SamplingParams"
                 )
+        if lora is None or isinstance(lora, str):
+            lora_list: list[str | None] = [lora] * len(prompts)
+        else:
+            lora_list = list(lora)
+            if len(lora_list) != len(prompts):
+                raise GenerationError(f"{len(prompts)} prompts but {len(lora_list)} lora names")
         engine = self.engine
         ids = []
         try:
-            for prompt, p in zip(prompts, param_list, strict=True):
-                ids.append(engine.add_request(prompt, p))
+            for prompt, p, name in zip(prompts, param_list, lora_list, strict=True):
+                ids.append(engine.add_request(prompt, p, lora=name))
         except BaseException as err:
             # All or nothing: withdraw the prompts already added, whatever refused this one.
             for rid in ids:

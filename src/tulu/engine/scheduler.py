@@ -50,6 +50,11 @@ class Sequence:
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    # The LoRA adapter the sequence runs with (`tulu.engine.lora`; 0 = the base model) and
+    # the seed of its block hashes: keys and values depend on the adapter, so cached blocks
+    # are shared only between sequences of the same adapter.
+    lora_slot: int = 0
+    lora_salt: bytes | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -161,7 +166,7 @@ class Scheduler:
         bs = self.block_size
         while (len(seq.block_hashes) + 1) * bs <= upto_tokens:
             j = len(seq.block_hashes)
-            parent = seq.block_hashes[-1] if seq.block_hashes else None
+            parent = seq.block_hashes[-1] if seq.block_hashes else seq.lora_salt
             seq.block_hashes.append(hash_block(parent, seq.token_ids[j * bs : (j + 1) * bs]))
 
     def register_computed_blocks(self, seq: Sequence) -> None:

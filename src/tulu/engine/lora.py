@@ -1,0 +1,245 @@
+"""Several LoRA adapters served over one base model, unmerged (vLLM's multi-LoRA).
+
+`tulu serve BASE --lora-modules name=DIR ...` keeps one copy of the base weights and lets
+each request pick an adapter (or none); a batch mixes requests of different adapters. Each
+adapted linear layer gets a forward hook that adds ``scale * (x @ A.T) @ B.T`` to the rows
+of the step's tokens that belong to that adapter. The hooks leave the model's modules, names
+and state dict untouched, and cost nothing but a Python call when a step uses no adapter.
+
+Why not merge: a merged adapter is a whole model copy per adapter; unmerged, an adapter costs
+only its A and B matrices. The price is a little extra compute on adapted rows, and no CUDA
+graphs (the rows of each adapter change from step to step), which the engine turns off when
+adapters are loaded.
+
+Scope, each refused with a message that names the adapter and points to `tulu export
+--merge-lora`, which handles them: LoRA on the embeddings or the LM head, DoRA, trained
+biases, ``modules_to_save``, per-module ``rank_pattern``/``alpha_pattern``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from tulu.errors import CheckpointError, GenerationError
+
+__all__ = ["LoraAdapters"]
+
+_PREFIX = "base_model.model."
+_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+_MERGE_HINT = "serve it merged instead (tulu export --merge-lora, or tulu serve ADAPTER_DIR)"
+
+
+@dataclass(frozen=True)
+class _Adapter:
+    """One adapter's per-layer (A, B * scale) pairs, on the model's device and dtype."""
+
+    name: str
+    path: Path
+    rank: int
+    layers: dict[str, tuple[Tensor, Tensor]]
+
+
+def _number(config: Mapping[str, Any], key: str, default: Any, where: Path) -> Any:
+    value = config.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise CheckpointError(f"{where}: {key} must be a positive number, got {value!r}")
+    return value
+
+
+def _check_scope(config: Mapping[str, Any], where: Path) -> None:
+    """Refuse the LoRA variants this path does not compute (they would be silently wrong)."""
+    unsupported = {
+        "use_dora": bool(config.get("use_dora")),
+        "fan_in_fan_out": bool(config.get("fan_in_fan_out")),
+        "modules_to_save": bool(config.get("modules_to_save")),
+        "rank_pattern": bool(config.get("rank_pattern")),
+        "alpha_pattern": bool(config.get("alpha_pattern")),
+        "bias": config.get("bias", "none") not in (None, "none"),
+    }
+    found = [key for key, used in unsupported.items() if used]
+    if found:
+        raise CheckpointError(
+            f"{where}: {found[0]} is set, which unmerged LoRA serving does not support; "
+            + _MERGE_HINT
+        )
+
+
+def _read_adapter(
+    name: str, directory: Path, linears: Mapping[str, nn.Linear], dtype: torch.dtype
+) -> _Adapter:
+    """Read and check one adapter directory against the model's linear layers."""
+    from tulu.train.lora import ADAPTER_CONFIG, read_adapter_config
+
+    config = read_adapter_config(directory)
+    where = directory / ADAPTER_CONFIG
+    _check_scope(config, where)
+    rank = _number(config, "r", 8, where)
+    alpha = _number(config, "lora_alpha", 8, where)
+    if not isinstance(rank, int):
+        raise CheckpointError(f"{where}: r must be an integer, got {rank!r}")
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    try:
+        saved = _load_weights(directory)
+    except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
+        raise CheckpointError(
+            f"{directory}: unreadable adapter weights ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(saved, dict) or not all(isinstance(t, Tensor) for t in saved.values()):
+        raise CheckpointError(f"{directory}: the adapter weights are not a dict of tensors")
+    halves: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in saved.items():
+        layer, half = _split_key(key)
+        if layer is None:
+            raise CheckpointError(
+                f"{directory}: tensor {key} is not a LoRA A/B matrix of a linear layer "
+                f"(embedding LoRA, DoRA or saved modules); {_MERGE_HINT}"
+            )
+        if layer not in linears:
+            kind = "the LM head" if layer == "embed_out" else "no linear layer of the model"
+            raise CheckpointError(
+                f"{directory}: tensor {key} adapts {kind}; "
+                + (
+                    _MERGE_HINT
+                    if layer == "embed_out"
+                    else "is the base the one it was trained on?"
+                )
+            )
+        halves.setdefault(layer, {})[half] = tensor
+    if not halves:
+        raise CheckpointError(f"{directory}: the adapter holds no LoRA tensors")
+    layers = {}
+    for layer, pair in sorted(halves.items()):
+        layers[layer] = _checked_pair(directory, layer, pair, linears[layer], rank, scale, dtype)
+    return _Adapter(name, directory, rank, layers)
+
+
+def _load_weights(directory: Path) -> dict[str, Tensor]:
+    """The adapter's tensors, as PEFT saves them (safetensors, else a weights-only pickle);
+    read here so that serving adapters does not need PEFT installed."""
+    from safetensors.torch import load_file
+
+    from tulu.train.lora import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+
+    if (directory / ADAPTER_WEIGHTS).is_file():
+        return load_file(directory / ADAPTER_WEIGHTS, device="cpu")
+    return torch.load(directory / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    """``base_model.model.<layer>.lora_A.weight`` -> (``<layer>``, "A"); (None, "") otherwise."""
+    if not key.startswith(_PREFIX):
+        return None, ""
+    for suffix, half in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[len(_PREFIX) : -len(suffix)], half
+    return None, ""
+
+
+def _checked_pair(
+    directory: Path,
+    layer: str,
+    pair: dict[str, Tensor],
+    linear: nn.Linear,
+    rank: int,
+    scale: float,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    for half in ("A", "B"):
+        if half not in pair:
+            raise CheckpointError(f"{directory}: {layer} has no lora_{half} tensor")
+    a, b = pair["A"], pair["B"]
+    expected = {"A": (rank, linear.in_features), "B": (linear.out_features, rank)}
+    for half, tensor in (("A", a), ("B", b)):
+        if tuple(tensor.shape) != expected[half]:
+            raise CheckpointError(
+                f"{directory}: {_PREFIX}{layer}.lora_{half}.weight has shape "
+                f"{list(tensor.shape)}, expected {list(expected[half])} (r={rank} and the "
+                "layer's size); is the base the one it was trained on?"
+            )
+    device = linear.weight.device
+    a = a.to(device=device, dtype=dtype).contiguous()
+    b = (b.to(torch.float32) * scale).to(device=device, dtype=dtype).contiguous()
+    return a, b
+
+
+class LoraAdapters:
+    """Named LoRA adapters hooked onto `model`'s linear layers; a request picks one by name.
+
+    Before each forward pass the engine calls `use` with one adapter slot per input row
+    (0 = the base model, unchanged). All adapters are read and checked before any hook is
+    added, so a bad adapter leaves the model as it was.
+    """
+
+    def __init__(self, model: nn.Module, adapters: Mapping[str, str | os.PathLike[str]]) -> None:
+        # The LM head runs outside the hidden-state pass, on other rows (the sampled ones).
+        linears = {
+            n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed_out"
+        }
+        dtype = next(model.parameters()).dtype
+        self._adapters: list[_Adapter] = []
+        for name, directory in adapters.items():
+            if not name or name != name.strip():
+                raise CheckpointError(f"LoRA adapter name {name!r}: must be non-empty, no spaces")
+            self._adapters.append(_read_adapter(name, Path(directory), linears, dtype))
+        self._slot_of = {a.name: slot for slot, a in enumerate(self._adapters, start=1)}
+        self._groups: list[tuple[int, Tensor]] = []
+        self._hooks = [
+            linears[layer].register_forward_hook(self._hook(layer))
+            for layer in sorted({layer for a in self._adapters for layer in a.layers})
+        ]
+
+    @property
+    def names(self) -> list[str]:
+        return [a.name for a in self._adapters]
+
+    def path(self, name: str) -> Path:
+        return self._adapters[self.slot(name) - 1].path
+
+    def slot(self, name: str | None) -> int:
+        """The slot of adapter `name` (0 for None: the base model)."""
+        if name is None:
+            return 0
+        if name not in self._slot_of:
+            known = ", ".join(map(repr, self.names)) or "none are loaded"
+            raise GenerationError(f"lora: no adapter named {name!r} (loaded: {known})")
+        return self._slot_of[name]
+
+    def use(self, slots: Sequence[int], device: torch.device | str) -> None:
+        """Set the adapter of each row of the next forward pass's flattened input."""
+        rows: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot:
+                rows.setdefault(slot, []).append(row)
+        self._groups = [
+            (slot, torch.tensor(indices, device=device)) for slot, indices in rows.items()
+        ]
+
+    def remove(self) -> None:
+        """Take the hooks off the model (it computes as the plain base again)."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._groups = []
+
+    def _hook(self, layer: str):
+        def add_lora(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            if not self._groups:
+                return output
+            x = args[0].reshape(-1, args[0].shape[-1])
+            flat = output.view(-1, output.shape[-1])  # a Linear output: contiguous
+            for slot, rows in self._groups:
+                pair = self._adapters[slot - 1].layers.get(layer)
+                if pair is not None:
+                    a, b = pair
+                    flat.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+            return output
+
+        return add_lora

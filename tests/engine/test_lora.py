@@ -1,0 +1,311 @@
+"""Unmerged multi-LoRA (`tulu.engine.lora`): each row computes as its own merged adapter.
+
+The reference for every adapter is PEFT's merge of it into the base (`tulu.train.lora`),
+the path `tulu export --merge-lora` and `tulu serve ADAPTER_DIR` take.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.conftest import check_idle, random_model, tiny_config
+from tulu.engine.engine import EngineConfig, LLMEngine, RequestOutput
+from tulu.engine.reference import generate_ids
+from tulu.engine.sampling import SamplingParams
+from tulu.errors import CheckpointError, GenerationError
+from tulu.model.checkpoint import load_model, save_model
+from tulu.train.config import LoraConfig
+
+peft = pytest.importorskip("peft")
+
+from tulu.engine.lora import LoraAdapters  # noqa: E402 - needs peft
+from tulu.train.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+
+TINY = tiny_config(vocab_size=320)
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def make_adapter(base_dir: Path, out: Path, seed: int, **lora) -> Path:
+    """An adapter with random (non-zero) A and B, saved as PEFT saves it."""
+    config = LoraConfig(**{"r": 4, "alpha": 8, **lora})
+    model = apply_lora(load_model(base_dir), config, base_model_path=base_dir)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return save_adapter(model, out)
+
+
+@pytest.fixture(scope="module")
+def lora_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("lora")
+    base = save_model(random_model(TINY, seed=11), root / "base")
+    poet = make_adapter(base, root / "poet", seed=2, r=2, alpha=6, target_modules=["dense_h_to_4h"])
+    _edit_config(poet, use_rslora=True)  # another rank, fewer layers, rsLoRA's scale
+    return {"base": base, "sql": make_adapter(base, root / "sql", seed=1), "poet": poet}
+
+
+@torch.no_grad()
+def merged_logits(lora_dirs: dict[str, Path], name: str | None, ids: torch.Tensor) -> torch.Tensor:
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    if name is not None:
+        model = merge_lora(load_adapter(model, lora_dirs[name]))
+    return model(ids)
+
+
+@torch.no_grad()
+def test_each_row_computes_as_its_merged_adapter(lora_dirs: dict[str, Path]) -> None:
+    model = load_model(lora_dirs["base"], dtype=torch.float32).eval()
+    adapters = LoraAdapters(model, {"sql": lora_dirs["sql"], "poet": lora_dirs["poet"]})
+    assert adapters.names == ["sql", "poet"] and adapters.slot(None) == 0
+    ids = torch.randint(0, 320, (3, 7), generator=torch.Generator().manual_seed(3))
+    names = [None, "sql", "poet"]
+    # one batch, each sequence with its own adapter: slots per flattened row
+    adapters.use([adapters.slot(n) for n in names for _ in range(7)], "cpu")
+    mixed = model(ids)
+    for i, name in enumerate(names):
+        expected = merged_logits(lora_dirs, name, ids[i : i + 1])[0]
+        torch.testing.assert_close(mixed[i], expected, rtol=1e-5, atol=1e-5)
+        if name is not None:  # the adapter really changes the output
+            assert not torch.allclose(mixed[i], merged_logits(lora_dirs, None, ids[i : i + 1])[0])
+    # no adapter in a step: the plain base, bit for bit; after remove(), too
+    adapters.use([0] * 21, "cpu")
+    plain = merged_logits(lora_dirs, None, ids)
+    assert torch.equal(model(ids), plain)
+    adapters.use([1] * 21, "cpu")
+    adapters.remove()
+    assert torch.equal(model(ids), plain)
+
+
+def test_unknown_adapter_name_is_a_clear_error(lora_dirs: dict[str, Path]) -> None:
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    adapters = LoraAdapters(model, {"sql": lora_dirs["sql"]})
+    with pytest.raises(GenerationError, match="no adapter named 'sq1' \\(loaded: 'sql'\\)"):
+        adapters.slot("sq1")
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"use_dora": True}, "use_dora is set"),
+        ({"bias": "all"}, "bias is set"),
+        ({"modules_to_save": ["embed_out"]}, "modules_to_save is set"),
+        ({"rank_pattern": {"dense": 2}}, "rank_pattern is set"),
+        ({"r": 8}, r"lora_A.weight has shape \[4, 64\], expected \[8, 64\]"),
+        ({"lora_alpha": "x"}, "lora_alpha must be a positive number"),
+        ({"peft_type": "IA3"}, "only LoRA adapters"),
+    ],
+)
+def test_bad_adapters_are_refused_and_leave_the_model_alone(
+    lora_dirs: dict[str, Path], tmp_path: Path, change: dict, message: str
+) -> None:
+    bad = make_adapter(lora_dirs["base"], tmp_path / "bad", seed=3)
+    _edit_config(bad, **change)
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=message):
+        LoraAdapters(model, {"good": lora_dirs["sql"], "bad": bad})
+    assert not any(m._forward_hooks for m in model.modules())
+
+
+def test_lm_head_adapters_are_refused(lora_dirs: dict[str, Path], tmp_path: Path) -> None:
+    head = make_adapter(
+        lora_dirs["base"], tmp_path / "head", seed=4, target_modules=["dense", "embed_out"]
+    )
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="adapts the LM head.*merge-lora"):
+        LoraAdapters(model, {"head": head})
+
+
+def test_an_adapter_of_another_base_is_refused(lora_dirs: dict[str, Path], tmp_path: Path) -> None:
+    deeper = save_model(random_model(TINY.with_(num_hidden_layers=3), seed=1), tmp_path / "deep")
+    adapter = make_adapter(deeper, tmp_path / "deep-lora", seed=5)
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    with pytest.raises(CheckpointError, match="layers.2.*no linear layer of the model"):
+        LoraAdapters(model, {"deep": adapter})
+
+
+# ------------------------------------------------------------------------------------ engine
+
+
+def run_engine(engine: LLMEngine, requests: list[tuple[list[int], str | None]]) -> list[list[int]]:
+    """Add every (prompt ids, adapter) at once and step until all finish; output ids in order."""
+    ids = [engine.add_request(p, GREEDY, lora=name) for p, name in requests]
+    done: dict[str, RequestOutput] = {}
+    while len(done) < len(ids):
+        for output in engine.step():
+            if output.finished:
+                done[output.request_id] = output
+    return [done[i].outputs[0].token_ids for i in ids]
+
+
+@pytest.fixture(scope="module")
+def merged_models(lora_dirs: dict[str, Path]) -> dict[str | None, torch.nn.Module]:
+    models: dict[str | None, torch.nn.Module] = {None: load_model(lora_dirs["base"]).eval()}
+    for name in ("sql", "poet"):
+        models[name] = merge_lora(load_adapter(load_model(lora_dirs["base"]), lora_dirs[name]))
+        models[name].eval()
+    return models
+
+
+ENGINE_CONFIGS = {
+    "plain": dict(block_size=4),
+    # a pool for about two requests at a time (preemption), steps of 7 tokens (chunked prefill)
+    "tiny-pool-chunked": dict(
+        block_size=4, kv_cache_bytes=120 * 2 * 2 * 64 * 4, max_num_batched_tokens=7
+    ),
+    "no-prefix-caching": dict(block_size=4, enable_prefix_caching=False),
+}
+
+
+@pytest.mark.parametrize("config", ENGINE_CONFIGS.values(), ids=ENGINE_CONFIGS.keys())
+def test_engine_mixes_adapters_in_a_batch_token_for_token(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list, config: dict
+) -> None:
+    """Requests of the base and of two adapters, in one batch, sharing a 16-token prefix: each
+    gets its merged model's greedy tokens (a block cached by one adapter and reused by another
+    would change them), under preemption and chunked prefill too."""
+    model = load_model(lora_dirs["base"]).eval()
+    engine = LLMEngine(
+        model,
+        None,
+        EngineConfig(**config),
+        lora_modules={"sql": lora_dirs["sql"], "poet": lora_dirs["poet"]},
+    )
+    _engines.append(engine)
+    gen = torch.Generator().manual_seed(7)
+    common = torch.randint(0, 320, (16,), generator=gen).tolist()
+    names = [None, "sql", "poet"] * 3
+    prompts = [common + torch.randint(0, 320, (n,), generator=gen).tolist() for n in range(1, 10)]
+    requests = list(zip(prompts, names, strict=True))
+    want = [generate_ids(merged_models[n], p, GREEDY).token_ids for p, n in requests]
+    assert run_engine(engine, requests) == want
+    # the adapters matter: the same prompt gives three different continuations
+    same = [
+        generate_ids(merged_models[n], prompts[0], GREEDY).token_ids for n in (None, "sql", "poet")
+    ]
+    assert len({tuple(t) for t in same}) == 3
+    # and a second wave hits the prefix cache of its own adapter only
+    assert run_engine(engine, requests[:3]) == want[:3]
+    if config.get("enable_prefix_caching", True) and "kv_cache_bytes" not in config:
+        assert engine.scheduler.prefix_hits > 0
+    if "kv_cache_bytes" in config:
+        assert engine.stats()["preemptions"] > 0
+    check_idle(engine)
+
+
+def test_engine_refuses_unknown_adapters(lora_dirs: dict[str, Path], _engines: list) -> None:
+    model = load_model(lora_dirs["base"]).eval()
+    plain = LLMEngine(model, None, EngineConfig())
+    with pytest.raises(
+        GenerationError, match="no adapter named 'sql' \\(no adapters are loaded\\)"
+    ):
+        plain.add_request([1, 2, 3], GREEDY, lora="sql")
+    engine = LLMEngine(model, None, EngineConfig(), lora_modules={"sql": lora_dirs["sql"]})
+    _engines.extend([plain, engine])
+    with pytest.raises(GenerationError, match="no adapter named 'poet'"):
+        engine.add_request([1, 2, 3], GREEDY, lora="poet")
+    with pytest.raises(GenerationError, match="lora must be an adapter name"):
+        engine.add_request([1, 2, 3], GREEDY, lora=3)  # type: ignore[arg-type]
+    engine.lora.remove()
+
+
+def test_async_streams_pick_their_adapter(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    import asyncio
+
+    from tulu.engine.async_engine import AsyncLLM
+
+    model = load_model(lora_dirs["base"]).eval()
+    engine = LLMEngine(model, None, EngineConfig(), lora_modules={"sql": lora_dirs["sql"]})
+    _engines.append(engine)
+    prompt = list(range(5, 25))
+
+    async def main() -> tuple[list[list[int]], str]:
+        llm = AsyncLLM(engine)
+        llm.start()
+
+        async def tokens(lora: str | None) -> list[int]:
+            return [
+                t
+                async for out in llm.generate(prompt, GREEDY, lora=lora)
+                for t in out.outputs[0].delta_token_ids
+            ]
+
+        got = await asyncio.gather(tokens(None), tokens("sql"))
+        try:
+            await tokens("nope")
+            refusal = ""
+        except GenerationError as err:
+            refusal = str(err)
+        await llm.shutdown()
+        return list(got), refusal
+
+    got, refusal = asyncio.run(main())
+    assert got == [generate_ids(merged_models[n], prompt, GREEDY).token_ids for n in (None, "sql")]
+    assert "no adapter named 'nope'" in refusal
+
+
+def test_llm_generate_takes_one_adapter_or_one_per_prompt(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    from tulu.engine.engine import LLM
+
+    model = load_model(lora_dirs["base"]).eval()
+    llm = LLM(model, None, EngineConfig(), lora_modules={"sql": lora_dirs["sql"]})
+    _engines.append(llm.engine)
+    prompts = [list(range(3, 13)), list(range(40, 47))]
+
+    def want(names):
+        return [
+            generate_ids(merged_models[n], p, GREEDY).token_ids
+            for p, n in zip(prompts, names, strict=True)
+        ]
+
+    def got(outputs):
+        return [o.outputs[0].token_ids for o in outputs]
+
+    assert got(llm.generate(prompts, GREEDY, lora="sql")) == want(["sql", "sql"])
+    assert got(llm.generate(prompts, GREEDY, lora=[None, "sql"])) == want([None, "sql"])
+    with pytest.raises(GenerationError, match="2 prompts but 1 lora names"):
+        llm.generate(prompts, GREEDY, lora=["sql"])
+    with pytest.raises(GenerationError, match="prompt 1: lora: no adapter named 'x'"):
+        llm.generate(prompts, GREEDY, lora=["sql", "x"])
+
+
+def test_pickled_adapters_load_and_damaged_weights_are_refused(
+    lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT's .bin format loads as its safetensors twin; damaged weights name the directory."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    pickled = Path(shutil.copytree(lora_dirs["sql"], tmp_path / "pickled"))
+    torch.save(load_file(pickled / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    (pickled / "adapter_model.safetensors").unlink()
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    ids = torch.arange(5, 15).unsqueeze(0)
+    adapters = LoraAdapters(model, {"sql": pickled})
+    adapters.use([1] * 10, "cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), merged_logits(lora_dirs, "sql", ids))
+    adapters.remove()
+    torch.save([1, 2], pickled / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="pickled: the adapter weights are not a dict"):
+        LoraAdapters(model, {"sql": pickled})
+    (pickled / "adapter_model.bin").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="pickled: unreadable adapter weights"):
+        LoraAdapters(model, {"sql": pickled})
