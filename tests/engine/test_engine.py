@@ -528,6 +528,12 @@ STOP_CASES = {
     "stop-string-after-eos-ignored": dict(max_tokens=40, stop=["lazy"], ignore_eos=True),
     "stop-token-id": dict(max_tokens=40, stop_token_ids=["WORD3"]),
     "stop-token-id-with-ignore-eos": dict(max_tokens=40, ignore_eos=True, stop_token_ids=["MORE0"]),
+    "stop-token-id-included": dict(
+        max_tokens=40, stop_token_ids=["WORD3"], include_stop_str_in_output=True
+    ),
+    "eos-kept-and-included": dict(
+        max_tokens=40, skip_special_tokens=False, include_stop_str_in_output=True
+    ),
     "min-tokens": dict(max_tokens=40, min_tokens="WORDS+1"),
     "min-tokens-reached-at-eos": dict(max_tokens=40, min_tokens="WORDS"),
     "min-tokens-past-both-eos": dict(max_tokens=30, min_tokens=29),
@@ -603,6 +609,11 @@ def test_stop_conditions_match_the_reference(script, demo_tokenizer, make_engine
     assert results["stop-token-id"].token_ids == words[:4]
     assert results["stop-token-id"].stop_reason == words[3]
     assert results["stop-token-id-with-ignore-eos"].token_ids == words + [eos, more[0]]
+    # As in vLLM, a stop token's text is in the output only when the stop text is asked for.
+    assert results["stop-token-id"].text == tok.decode(words[:3])
+    assert results["stop-token-id-included"].text == tok.decode(words[:4])
+    assert results["eos"].text == " The quick brown fox jumps"
+    assert results["eos-kept-and-included"].text == " The quick brown fox jumps<|endoftext|>"
     min_tokens = results["min-tokens"]
     assert min_tokens.token_ids[: len(words) + 1] == words + [filler]  # EOS was blocked...
     assert min_tokens.token_ids[len(words) + 1 :] == more + [eos]  # ...until min_tokens

@@ -518,6 +518,9 @@ class LLMEngine:
         finish, reason = None, None
         if token in self._stop_ids(seq):
             finish, reason = "stop", token
+            if seq.output is not None and seq.params.include_stop_str_in_output:
+                # As vLLM: the stop token's own text is kept when the stop text is asked for.
+                completion.delta_text += seq.output.push(token)
         elif seq.output is not None:
             delta = seq.output.push(token)
             completion.delta_text += delta

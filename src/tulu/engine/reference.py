@@ -146,6 +146,10 @@ def generate_ids(
             )
         if token in stop_ids:
             finish, stop_reason = "stop", token
+            if output is not None and params.include_stop_str_in_output:
+                delta = output.push(token)  # as vLLM: the stop token's text is asked for
+                if delta and on_text:
+                    on_text(delta)
             break
         if output is not None:
             delta = output.push(token)
