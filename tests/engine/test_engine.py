@@ -690,6 +690,13 @@ def test_generate_takes_a_single_prompt_as_one_prompt(tok_model, demo_tokenizer,
             o.prompt_token_ids for o in llm.generate(listed, params)
         ]
     assert len(llm.generate([], params)) == 0
+    # numpy integers, as list(array) gives them, are token ids like Python ints
+    ids = tok.encode(text)
+    from_numpy = llm.generate(list(np.array(ids)), params) + llm.generate(
+        [list(np.array(ids))], params
+    )
+    assert [o.prompt_token_ids for o in from_numpy] == [ids, ids]
+    assert all(type(t) is int for o in from_numpy for t in o.prompt_token_ids)
     for bad, name in [(None, "NoneType"), (5, "int")]:
         with pytest.raises(GenerationError, match=f"prompts must be .*got {name}"):
             llm.generate(bad, params)

@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import numbers
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -252,10 +253,8 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise GenerationError("chat prompts need a tokenizer")
             return self.tokenizer.encode(generation_prompt(list(prompt), self.tokenizer.eos_token))
-        if isinstance(prompt, (list, tuple)) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            ids = list(prompt)
+        if isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
+            ids = [int(t) for t in prompt]  # numpy integers too (an array's list() gives them)
             bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
             if bad:
                 raise GenerationError(
@@ -648,6 +647,11 @@ def _sample_seed(seed: int | None, index: int) -> int | None:
     return int.from_bytes(digest, "little") >> 1
 
 
+def _is_token_id(value: object) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _prompt_list(prompts: Prompt | Iterable[Prompt]) -> list[Prompt]:
     """The prompts of one `LLM.generate` call as a list.
 
@@ -663,10 +667,7 @@ def _prompt_list(prompts: Prompt | Iterable[Prompt]) -> list[Prompt]:
         raise GenerationError(
             f"prompts must be a prompt or a list of prompts, got {type(prompts).__name__}"
         ) from None
-    if items and (
-        all(isinstance(t, int) and not isinstance(t, bool) for t in items)
-        or all(isinstance(m, dict) for m in items)
-    ):
+    if items and (all(_is_token_id(t) for t in items) or all(isinstance(m, dict) for m in items)):
         return [items]
     return items
 
