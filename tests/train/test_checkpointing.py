@@ -16,6 +16,7 @@ from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.train.checkpointing import (
     Restored,
     checkpoint_name,
+    is_complete,
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -114,6 +115,28 @@ def test_resave_of_the_same_step_replaces_it(tmp_path: Path) -> None:
     save(config, 3, model, optimizer)
     save(config, 3, model, optimizer)
     assert [p.name for p in Path(config.checkpoint.output_dir).iterdir()] == ["step-000003"]
+
+
+def test_checkpoints_after_the_saved_step_are_from_an_abandoned_run(tmp_path: Path) -> None:
+    """A ``resume: never`` rerun (or a resume from an earlier checkpoint) into a directory
+    that holds a longer run's checkpoints: pruning kept the highest steps, so it deleted the
+    checkpoint just written and left the old run's step-12 for ``resume: auto`` to pick.
+    The old run's checkpoints are moved aside, not deleted (a second time under new names)."""
+    config = make_config(tmp_path, keep_last=1)
+    root = Path(config.checkpoint.output_dir)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    for _ in range(2):
+        for step in (8, 12):  # the earlier run
+            save(config, step, model, optimizer)
+        new = save(config, 4, model, optimizer)  # the rerun's first checkpoint
+        assert new.is_dir() and resolve_resume(config.checkpoint) == new
+        assert [s for s, _ in list_checkpoints(root)] == [4]
+        assert sorted(p.name for p in root.iterdir()) == ["abandoned", "step-000004"]
+    aside = sorted(p.name for p in (root / "abandoned").iterdir())
+    assert aside == ["step-000012", "step-000012-2"]  # step 8 was pruned by keep_last
+    assert all(is_complete(root / "abandoned" / name) for name in aside)
 
 
 def test_resume_ignores_temporary_and_incomplete_directories(tmp_path: Path) -> None:

@@ -384,6 +384,39 @@ def test_adamw_bf16_run_logs_checkpoints_and_resumes(assets: Path, tmp_path: Pat
     assert [resumed.losses[s] for s in (4, 5, 6)] == [straight.losses[s] for s in (4, 5, 6)]
 
 
+def test_settings_changed_for_a_resumed_run_apply_and_are_reported(
+    assets: Path, tmp_path: Path, capsys
+) -> None:
+    """A run of 2 steps resumed with a new lr, a longer run and weight decay: the checkpoint
+    restored its optimizer's and scheduler's settings over the config's, so the new lr and
+    weight decay were silently ignored, and the first resumed step ran at the old schedule's
+    last rate (0 for a linear decay that had ended), not at the longer schedule's."""
+    base = (
+        "optim.max_steps=2",
+        "checkpoint.every_steps=2",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    first = tmp_path / "first"
+    train(make_config(assets, first, *base))
+    capsys.readouterr()
+    longer = (*base, "optim.max_steps=4", "optim.lr=2e-3")
+    runs = {}
+    for decay in ("0.0", "0.5"):
+        out = tmp_path / f"decay-{decay}"
+        shutil.copytree(first, out)
+        runs[decay] = train(make_config(assets, out, *longer, f"optim.weight_decay={decay}"))
+        assert runs[decay].resumed_from == out / "step-000002"
+    lrs = {e["step"]: e["lr"] for e in read_metrics(runs["0.0"].metrics_file) if "loss" in e}
+    assert [lrs[s] for s in (3, 4)] == pytest.approx([2e-3 * 2 / 4, 2e-3 * 1 / 4])
+    assert runs["0.5"].losses[4] != runs["0.0"].losses[4]  # the weight decay took effect
+    err = capsys.readouterr().err
+    assert "settings changed since the checkpoint" in err
+    assert "optim.lr: 0.01 -> 0.002" in err and "optim.max_steps: 2 -> 4" in err
+    assert "optim.weight_decay: 0.0 -> 0.5" in err
+
+
 # ------------------------------------------------------------------------------ divergence
 def test_nan_loss_stops_at_the_step_and_keeps_the_last_checkpoint(
     assets: Path, tmp_path: Path
@@ -502,6 +535,7 @@ def test_max_seq_length_beyond_the_models_context(assets: Path, tmp_path: Path, 
         ("checkpoint.output_dir={blocker}/out", r"checkpoint\.output_dir: .*is not a directory"),
         ("data.train={tmp}/missing.jsonl", r"data\.train: .*missing\.jsonl is not a file"),
         ("data.validation={tmp}/missing.jsonl", r"data\.validation: .*missing\.jsonl is not a"),
+        ("checkpoint.resume={tmp}/nowhere", r"checkpoint\.resume: .*nowhere: no such checkpoint"),
     ],
 )
 def test_dry_run_exits_1_when_the_run_would_fail(
@@ -520,6 +554,29 @@ def test_dry_run_exits_1_when_the_run_would_fail(
     assert "per-device memory (GiB)" in out  # the rest of the report is still printed
     assert re.search(expected, err), err
     assert blocker.read_text() == "x" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model.config.hidden_size=33", r"hidden_size 33 is not divisible by num_attention_heads"),
+        ("model.config.hiden=3", r"model\.config\.hiden: unknown model setting"),
+    ],
+)
+def test_dry_run_exits_1_on_an_invalid_model_config(
+    assets: Path, tmp_path: Path, capsys, override: str, expected: str
+) -> None:
+    """A model config the real run refuses was printed as "config from <error>" by a dry run
+    that exited 0."""
+    from tulu.cli import main
+
+    path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))
+    assert main(["train", str(path), override, "--dry-run"]) == 1
+    out, err = capsys.readouterr()
+    assert re.search(r"model: fresh .*; error: .*" + expected, out), out
+    assert "dry run found 1 problem(s)" in err and re.search(expected, err), err
+    with pytest.raises(ConfigError, match=expected):
+        train(make_config(assets, tmp_path / "out", override))
 
 
 @pytest.mark.parametrize("key", ["train", "validation"])

@@ -19,7 +19,8 @@ leaves only a ``.tmp-*`` directory, which resume ignores and the next run remove
 checkpoint that must replace one of the same name (a ``resume: never`` rerun) is swapped in
 the same way (old renamed aside, new renamed in, old deleted). Pruning to
 ``checkpoint.keep_last`` deletes trainer.json first, so a half-deleted directory never looks
-complete either.
+complete either. Checkpoints of later steps than the one just written are left over from an
+abandoned run in the same directory: they are moved into ``abandoned/`` (see `_prune`).
 
 **Resume** (``checkpoint.resume``): ``auto`` takes the latest complete checkpoint in
 `output_dir` (none: start fresh), ``never`` starts fresh, anything else is the path of a
@@ -36,12 +37,14 @@ the base with the adapter merged in.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pickle
 import random
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,6 +93,7 @@ CONFIG_FILE = "config.yaml"
 MODEL_CONFIG_FILE = "model_config.json"
 TOKENIZER_DIR = "tokenizer"
 TMP_PREFIX = ".tmp-"
+ABANDONED_DIR = "abandoned"
 _NAME = re.compile(r"^step-(\d+)$")
 
 
@@ -226,7 +230,7 @@ def save_checkpoint(
                 tokenizer.save(tmp / TOKENIZER_DIR)
             _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step})
             _swap_in(tmp, final)
-            _prune(root, config.checkpoint.keep_last)
+            _prune(root, config.checkpoint.keep_last, step)
     except OSError as err:
         raise CheckpointError(
             f"{final}: cannot write the checkpoint of step {step} ({err})"
@@ -248,10 +252,39 @@ def _swap_in(tmp: Path, final: Path) -> None:
         tmp.rename(final)
 
 
-def _prune(root: Path, keep_last: int) -> None:
-    for _, path in list_checkpoints(root)[:-keep_last]:
+def _prune(root: Path, keep_last: int, step: int) -> None:
+    """Keep the `keep_last` latest checkpoints up to `step`, the one just written.
+
+    Checkpoints after `step` are from an abandoned run (a ``resume: never`` rerun, or a
+    resume from an earlier checkpoint, into the same directory). Left in place they would
+    push the new ones out of the last `keep_last` (which deleted the checkpoint just
+    written) and be what ``resume: auto`` picks next time. They are someone's training
+    time, so they are moved into ``abandoned/``, not deleted.
+    """
+    found = list_checkpoints(root)
+    for s, path in found:
+        if s > step:
+            _set_aside(root, path)
+    for path in [path for s, path in found if s <= step][:-keep_last]:
         (path / TRAINER_FILE).unlink(missing_ok=True)  # incomplete from here on
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _set_aside(root: Path, path: Path) -> None:
+    """Move an abandoned run's checkpoint to ``root/abandoned/`` (a new name if taken)."""
+    aside = root / ABANDONED_DIR
+    aside.mkdir(exist_ok=True)
+    target = aside / path.name
+    for n in itertools.count(2):
+        if not target.exists():
+            break
+        target = aside / f"{path.name}-{n}"
+    path.rename(target)
+    print(
+        f"{path.name} is from an abandoned run (later than this run's checkpoints); "
+        f"moved to {target} (resume ignores it; delete it when no longer needed)",
+        file=sys.stderr,
+    )
 
 
 # ------------------------------------------------------------------------------ load

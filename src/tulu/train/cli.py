@@ -251,6 +251,7 @@ def _output_dir_problem(output_dir: Path) -> str | None:
 def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
     """What ``tulu train --dry-run`` prints: the settings, the data plan and memory needs."""
     from tulu.errors import TuluError
+    from tulu.train.checkpointing import resolve_resume
     from tulu.train.memory import estimate_table
 
     m, d, o, c = config.model, config.data, config.optim, config.checkpoint
@@ -267,13 +268,16 @@ def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
         tokenizer = _local_tokenizer(config)
     except TuluError as err:
         problem(f"tokenizer: {err}", str(err))
-    model_config, origin = None, ""
+    model_config, origin, model_error = None, "", None
     try:
         model_config, origin = _model_config(config, tokenizer)
-    except TuluError as err:
-        origin = str(err)
+    except TuluError as err:  # an invalid model.config or config.json stops the run too
+        model_error = str(err)
     what = m.path or f"fresh ({m.preset or 'custom'}{', ' + str(m.config) if m.config else ''})"
-    lines.append(f"model: {what}; config from {origin}")
+    if model_error is None:
+        lines.append(f"model: {what}; config from {origin}")
+    else:
+        problem(f"model: {what}; error: {model_error}", model_error)
     if model_config is not None:
         lines.append(
             f"  {model_config.num_parameters():,} parameters "
@@ -322,6 +326,10 @@ def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
     unwritable = _output_dir_problem(Path(c.output_dir))
     if unwritable:
         problem(f"  error: {unwritable}", unwritable)
+    try:
+        resolve_resume(c)
+    except TuluError as err:
+        problem(f"  error: {err}", str(err))
     for key in ("train", "validation"):
         data_file = getattr(d, key)
         if data_file and not Path(data_file).is_file():

@@ -10,9 +10,11 @@ meta device and each rank reads the checkpoint into its own shards after `prepar
 (`tulu.train.distributed.load_checkpoint_shards`). Then the run tokenizes the training and
 validation files (rank 0 first, the others then hit the cache); builds the optimizer and
 schedule; resumes from a checkpoint if there is one (it holds every weight, so a resumed run
-reads only the config.json of ``model.path``, never its weights); runs
-the steps of the `DataPlan`; writes checkpoints, metrics, the validation loss, the loss plot
-and the final HF export (`tulu.train.checkpointing`, `tulu.train.metrics`).
+reads only the config.json of ``model.path``, never its weights; settings changed since the
+checkpoint, such as ``optim.lr`` or ``max_steps``, apply from the first resumed step and are
+listed on stderr); runs the steps of the `DataPlan`; writes checkpoints, metrics, the
+validation loss, the loss plot and the final HF export (`tulu.train.checkpointing`,
+`tulu.train.metrics`).
 
 Paths in the config (data files, tokenizer, output directory) are used as written: relative
 ones resolve against the current directory, not the config file's.
@@ -64,6 +66,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -71,6 +74,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+import yaml
 from torch import Tensor, nn
 
 from tulu.errors import CheckpointError, ConfigError, TuluError
@@ -78,6 +82,7 @@ from tulu.model.config import NeoXConfig, dtype_name, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM, next_token_loss
 from tulu.tokenizer import Tokenizer
 from tulu.train.checkpointing import (
+    CONFIG_FILE,
     export_final,
     load_checkpoint,
     remove_stale_temps,
@@ -455,6 +460,73 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _optimizer_settings(optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's settings from this run's config (weight decay, betas, eps, ...),
+    but not its rates, which the schedule sets."""
+    skip = ("params", "lr", "initial_lr")
+    return [{k: v for k, v in g.items() if k not in skip} for g in optimizer.param_groups]
+
+
+def _apply_settings(
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    settings: list[dict[str, Any]],
+    base_lrs: list[float],
+) -> None:
+    """Put this run's optimizer settings and schedule back after a checkpoint was loaded.
+
+    Loading restores the checkpoint's param-group settings and the scheduler's base rates, so
+    ``optim.lr``, ``weight_decay``, ``betas`` or ``eps`` changed for the resumed run were
+    ignored, and its first step ran at the old schedule's rate (0 after a finished linear
+    decay when ``max_steps`` grew). Unchanged settings give back exactly the restored values.
+    """
+    for group, saved in zip(optimizer.param_groups, settings, strict=True):
+        group.update(saved)
+    scheduler.base_lrs = list(base_lrs)
+    rates = [
+        base * fn(scheduler.last_epoch)
+        for fn, base in zip(scheduler.lr_lambdas, base_lrs, strict=True)
+    ]
+    for group, base, rate in zip(optimizer.param_groups, base_lrs, rates, strict=True):
+        group["initial_lr"] = base
+        if isinstance(group["lr"], Tensor):  # torchao keeps it a tensor (see `_plain`)
+            group["lr"].fill_(rate)
+        else:
+            group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports for the next step
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"optim.lr": 2e-05, ...} from nested mappings."""
+    if not isinstance(data, dict) or not data:
+        return {prefix.rstrip("."): data}
+    return {k: v for key, val in data.items() for k, v in _flat(val, f"{prefix}{key}.").items()}
+
+
+def _report_changed_settings(path: Path, config: TrainConfig) -> None:
+    """Tell the user which settings differ from the checkpoint's (its config.yaml): they take
+    effect from the first resumed step. A checkpoint without a readable config says nothing."""
+    try:
+        saved = yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return
+    if not isinstance(saved, dict):
+        return
+    before, now = _flat(saved), _flat(config.to_dict())
+    changed = [
+        f"{key}: {before.get(key)} -> {now.get(key)}"
+        for key in [*now, *(k for k in before if k not in now)]
+        if key != "checkpoint.resume" and before.get(key) != now.get(key)
+    ]
+    if changed:
+        print(
+            f"resuming from {path} with settings changed since the checkpoint: "
+            + "; ".join(changed),
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def _base_model(model: nn.Module) -> GPTNeoXForCausalLM:
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model  # type: ignore[return-value]
@@ -540,6 +612,7 @@ class _Run:
         self.elapsed_before = 0.0
         history: list[dict[str, Any]] = []
         if path is not None:
+            settings = _optimizer_settings(self.optimizer)  # before the checkpoint's replace them
             restored = load_checkpoint(
                 Path(path),
                 model=self.model,
@@ -555,7 +628,11 @@ class _Run:
                     "batching or batch sizes changed); resume with the same settings or set "
                     "checkpoint.resume: never"
                 )
+            base_lrs = list(self.scheduler.base_lrs)
             restore_scheduler(self.scheduler, restored)
+            _apply_settings(self.optimizer, self.scheduler, settings, base_lrs)
+            if world.is_main:
+                _report_changed_settings(Path(path), config)
             self.step = restored.step
             self.elapsed_before = float(state.get("elapsed", 0.0))
             history = restored.metrics
