@@ -402,3 +402,64 @@ def test_tulu_eval_mmlu_over_the_api_counts_the_same_prompts_too_long(checkpoint
         details = _details(tmp_path / style)
         assert details["prompts_too_long"] == 2, style
         assert details["questions"] == _details(tmp_path / "local")["questions"]
+
+
+def _answering(body: bytes):
+    """An httpx client whose every POST is answered 200 with `body` (GETs: no window)."""
+    import httpx
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "GET":
+            return httpx.Response(404)
+        return httpx.Response(200, content=body)
+
+    return httpx.Client(transport=httpx.MockTransport(handle))
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"<html>gateway</html>", "not JSON"),
+        (b'{"error": {"message": "overloaded"}}', "unexpected answer"),
+        (b'{"choices": [{"index": 0, "text": "a"}]}', "unexpected answer"),  # 1 of 2 samples
+        (b'{"choices": [{"index": 0, "text": null}, {"index": 1, "text": "b"}]}', "unexpected"),
+        (b'{"generated_text": 3}', "unexpected answer"),
+        (b"[]", "unexpected answer"),
+    ],
+)
+def test_api_backends_name_the_url_for_an_answer_they_cannot_read(body, why):
+    """A 200 that is not the API's layout (a proxy's page, an error object, fewer samples
+    than asked): an error naming the URL, not a KeyError or a short sample list."""
+    from tulu.eval.backends import TGIBackend
+
+    for backend, url in (
+        (OpenAIBackend("http://server/v1", "tiny"), "http://server/v1/completions"),
+        (TGIBackend("http://server"), "http://server/generate"),
+    ):
+        backend._client = _answering(body)
+        with pytest.raises(TuluError, match=rf"^{url}: .*{why}"):
+            backend.generate(["hi"], Decoding(max_tokens=2, n=2))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"choices": [{"index": 0, "text": "a"}]}',  # OpenAI layout, logprobs ignored
+        b'{"choices": [{"index": 0, "text": "a", "logprobs": {"top_logprobs": [{}]}}]}',
+        b'{"generated_text": "a"}',  # TGI layout, details / top_n_tokens ignored
+        b'{"generated_text": "a", "details": {"top_tokens": [[]]}}',
+    ],
+)
+def test_api_scoring_refuses_answers_without_alternatives(checkpoint, body):
+    """A server that ignores logprobs / top_n_tokens would score every candidate -inf and
+    answer "A" to every MMLU question; that is an error, not a 25% accuracy."""
+    from tulu.eval.backends import TGIBackend
+
+    tokenizer = checkpoint.tokenizer
+    for backend, url in (
+        (OpenAIBackend("http://server/v1", "tiny", tokenizer), "http://server/v1/completions"),
+        (TGIBackend("http://server", tokenizer=tokenizer), "http://server/generate"),
+    ):
+        backend._client = _answering(body)
+        with pytest.raises(TuluError, match=rf"^{url}: unexpected answer"):
+            backend.next_token_logprobs(["hi"], [1, 2])

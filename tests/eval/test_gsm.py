@@ -184,3 +184,23 @@ def test_generation_settings() -> None:
     assert gsm.GENERATION.temperature == 0.0
     assert gsm.GENERATION.max_tokens == 512
     assert gsm.GENERATION.stop == ("\n",)
+
+
+@pytest.mark.parametrize("gold", ["NaN", "-Infinity", "inf", "sNaN"])
+def test_a_gold_answer_that_is_not_a_finite_number_is_refused(tmp_path: Path, gold: str) -> None:
+    """Decimal parses these, but no model output can ever match them: a damaged file."""
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": f"x #### {gold}"}) + "\n")
+    with pytest.raises(DataError, match=rf"test\.jsonl:1: final answer '{gold}' .* not a number"):
+        gsm.load_gsm(path)
+
+
+def test_a_utf8_bom_is_skipped(tmp_path: Path) -> None:
+    """Files saved by Windows editors start with a BOM; the first line is still a record."""
+    path = tmp_path / "test.jsonl"
+    path.write_text("\ufeff" + json.dumps({"question": "q", "answer": "x #### 5"}) + "\n")
+    assert [(q.question, q.gold) for q in gsm.load_gsm(path)] == [("q", "5")]
+    exemplars = tmp_path / "exemplars.json"
+    item = {"question": "q", "cot_answer": "c", "short_answer": "1"}
+    exemplars.write_text("\ufeff" + json.dumps([item]))
+    assert gsm.load_exemplars(exemplars) == [gsm.Exemplar("q", "c", "1")]

@@ -59,6 +59,12 @@ def test_load_plain_and_gzipped(tmp_path: Path) -> None:
         assert [p.task_id for p in loaded] == ["T/0", "T/1", "T/2"]
 
 
+def test_a_utf8_bom_is_skipped(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text("\ufeff" + json.dumps(_record(0)) + "\n")
+    assert [p.task_id for p in load_problems(path)] == ["T/0"]
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [

@@ -81,6 +81,16 @@ def test_bad_row_names_file_and_line(tmp_path: Path) -> None:
         mmlu.load_mmlu(tmp_path, subjects=["anatomy"])
 
 
+def test_a_utf8_bom_does_not_enter_the_first_question(tmp_path: Path) -> None:
+    """Excel writes CSV with a BOM; pandas (open-instruct's reader) drops it, and so must we,
+    or the first question's prompt would carry an invisible U+FEFF."""
+    for split in mmlu.SPLITS:
+        (tmp_path / split).mkdir()
+        (tmp_path / split / f"anatomy_{split}.csv").write_text("\ufeffq,a,b,c,d,A\n")
+    loaded = mmlu.load_mmlu(tmp_path, subjects=["anatomy"])
+    assert [row.question for row in loaded["anatomy"]["test"]] == ["q"]
+
+
 def test_golden_zero_shot(data: dict, tokenizer: Tokenizer) -> None:
     subject = "abstract_algebra"
     row = data[subject]["test"][0]

@@ -646,3 +646,90 @@ def test_the_eval_extra_is_what_tulu_eval_imports():
     assert re.search(r"^\s*import httpx$", sources, re.M)
     for name in names:  # every listed package is imported
         assert re.search(rf"^\s*(import|from) {name.replace('-', '_')}\b", sources, re.M)
+
+
+@pytest.mark.parametrize(
+    ("option", "task", "content", "message"),
+    [
+        ("gsm_exemplars", "gsm_cot", '{"exemplars": []', "invalid JSON"),
+        ("tydiqa_templates", "tydiqa_gp", '{"with_context": {}}', "'with_context'"),
+    ],
+)
+def test_malformed_option_files_fail_before_any_task_runs(
+    bundled, tmp_path, option, task, content, message
+):
+    """A broken exemplars or templates file stops the run up front, not after the tasks
+    before it (MMLU first here) have used the model."""
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    ctx = EvalContext(
+        backend=Untouchable(),
+        tokenizer=None,
+        data_dir=bundled.data_dir,
+        options={"gsm_exemplars": bundled.gsm_exemplars, option: bad},
+    )
+    with pytest.raises(DataError, match=rf"^{bad}.*{message}"):
+        run_tasks(["mmlu_0shot", task], ctx)
+
+
+def test_an_unwritable_cache_is_a_clear_error(tmp_path):
+    """A full disk or a directory in the way of cache.jsonl: an error naming the file."""
+    from tulu.errors import TuluError
+
+    path = tmp_path / "cache.jsonl"
+    path.mkdir()
+    cached = CachedBackend(_Echo(), path)
+    with pytest.raises(TuluError, match=rf"^{path}: cannot store generations"):
+        cached.generate(["p"], Decoding(max_tokens=4))
+
+
+@pytest.mark.parametrize("blocked", ["cache.jsonl", "results.json"])
+def test_tulu_eval_unwritable_output_files_fail_before_the_model_loads(
+    bundled, tmp_path, monkeypatch, capsys, blocked
+):
+    """Something in the way of an output file (here a directory; as well no permission): a
+    one-line error before the model loads, not a traceback after the first task."""
+    import tulu.pretrained
+    from tulu.cli import main
+
+    def load_pretrained(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(tulu.pretrained, "load_pretrained", load_pretrained)
+    out = tmp_path / "out"
+    (out / blocked).mkdir(parents=True)
+    args = ["eval", str(tmp_path / "model"), "--data-dir", str(bundled.data_dir)]
+    args += ["--task", "gsm_direct", "--gsm-exemplars", str(bundled.gsm_exemplars)]
+    assert main([*args, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"tulu eval: error: --output: cannot write {out / blocked} (Is a directory)" in err
+    assert "Traceback" not in err
+
+
+def test_tulu_eval_results_that_cannot_be_written_are_a_clear_error(
+    bundled, tmp_path, monkeypatch, capsys
+):
+    """Writing results.json fails mid-run (a full disk): an error that says the generations
+    are kept in the cache, not a traceback."""
+    from tulu.cli import main
+    from tulu.demo import corpus_text, tiny_model, train_tokenizer
+    from tulu.model.checkpoint import save_model
+
+    tokenizer = train_tokenizer(corpus_text())
+    save_model(tiny_model(len(tokenizer), 0), tmp_path / "m", tokenizer=tokenizer)
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == "results.json":
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "out"
+    args = ["eval", str(tmp_path / "m"), "--data-dir", str(bundled.data_dir), "--output", str(out)]
+    args += ["--task", "gsm_direct", "--max-examples", "1"]
+    assert main([*args, "--gsm-exemplars", str(bundled.gsm_exemplars)]) == 1
+    err = capsys.readouterr().err
+    assert f"tulu eval: error: {out}: cannot write the results" in err
+    assert "No space left on device" in err and "resume from cache.jsonl" in err
+    assert out.joinpath("cache.jsonl").read_text().count("\n") == 1

@@ -122,6 +122,27 @@ def test_run_many_keeps_order_and_reports_progress() -> None:
     assert seen == [(i, 6) for i in range(1, 7)]
 
 
+def test_run_many_stops_starting_programs_when_interrupted(monkeypatch) -> None:
+    """Ctrl-C during the Codex programs (here: the progress callback raising) must not wait
+    for all the remaining programs to run before the interrupt gets through."""
+    from tulu.eval import sandbox
+
+    started: list[str] = []
+
+    def run_program(source, **kwargs):
+        started.append(source)
+        time.sleep(0.05)
+        return ExecutionResult(True, "passed", "")
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sandbox, "run_program", run_program)
+    with pytest.raises(KeyboardInterrupt):
+        run_many([f"# {i}\n" for i in range(20)], workers=1, progress=interrupt)
+    assert len(started) <= 2  # the one that finished, perhaps the next one already running
+
+
 # --- hostile programs -----------------------------------------------------------------------
 
 
@@ -170,6 +191,23 @@ def test_deleting_a_file_outside_the_sandbox(tmp_path: Path) -> None:
     result = run_program(f"open({str(sentinel)!r}, 'w').write('overwritten')\n")
     _assert_not_passed(result)
     assert sentinel.read_text() == "keep me"
+
+
+def test_changing_mode_or_owner_through_a_read_descriptor(tmp_path: Path) -> None:
+    """Opening to read is allowed outside the working directory; fchmod / fchown on that
+    descriptor must be refused like chmod / chown on the path."""
+    sentinel = tmp_path / "sentinel.txt"
+    sentinel.write_text("keep me")
+    sentinel.chmod(0o644)
+    opened = f"import os\nfd = os.open({str(sentinel)!r}, os.O_RDONLY)\n"
+    for call in ("os.fchmod(fd, 0o600)", f"os.fchown(fd, {os.getuid()}, {os.getgid()})"):
+        result = run_program(opened + call + "\n")
+        _assert_not_passed(result)
+        assert "not allowed" in result.detail, call
+    assert sentinel.stat().st_mode & 0o777 == 0o644
+    # on its own files it still works
+    own = "open('mine', 'w').close()\nfd = os.open('mine', os.O_RDONLY)\nos.fchmod(fd, 0o600)\n"
+    assert run_program("import os\n" + own).passed
 
 
 def test_rmtree_outside_the_sandbox(tmp_path: Path) -> None:

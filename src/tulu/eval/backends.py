@@ -29,12 +29,13 @@ so a server's 400 for an over-long prompt does not stop a whole MMLU run.
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from tulu.errors import TuluError
 
@@ -208,9 +209,9 @@ class OpenAIBackend:
             [{**base, "max_tokens": budgets[i], "prompt": prompts[i]} for i in runnable]
         )
         results: list[list[str]] = [[""] * decoding.n for _ in prompts]
+        url = self.api_base.rstrip("/") + "/completions"
         for i, response in zip(runnable, responses, strict=True):
-            choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
-            results[i] = [choice["text"] for choice in choices]
+            results[i] = _read(url, response, lambda r: _completion_texts(r, decoding.n))
         return results
 
     def _budgets(self, prompts: Sequence[str], max_tokens: int) -> list[int]:
@@ -233,12 +234,42 @@ class OpenAIBackend:
         prompts, cut = _fit_for_scoring(self.tokenizer, prompts, self.window() - 1)
         self.too_long += cut
         responses = self._map([{**base, "prompt": prompt} for prompt in prompts])
-        rows = []
-        for response in responses:
-            logprobs = response["choices"][0].get("logprobs") or {}
-            top = (logprobs.get("top_logprobs") or [{}])[0] or {}
-            rows.append([float(top.get(s, -math.inf)) for s in strings])
-        return rows
+        url = self.api_base.rstrip("/") + "/completions"
+
+        def row(response: Any) -> list[float]:
+            # No alternatives at all is a server that ignores `logprobs`: every candidate
+            # would read -inf and every answer would be "A".
+            top = response["choices"][0]["logprobs"]["top_logprobs"][0]
+            if not isinstance(top, dict) or not top:
+                raise ValueError("no top_logprobs for the first token")
+            return [float(top.get(s, -math.inf)) for s in strings]
+
+        return [_read(url, response, row) for response in responses]
+
+
+def _completion_texts(response: Any, n: int) -> list[str]:
+    """The `n` choices' texts of a ``/v1/completions`` answer, in index order.
+
+    A server that ignores ``n`` would otherwise hand back fewer samples than pass@k needs.
+    """
+    choices = sorted(response["choices"], key=lambda c: c.get("index", 0))
+    texts = [choice["text"] for choice in choices]
+    if len(texts) != n or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"expected {n} choice(s) with a text")
+    return texts
+
+
+_T = TypeVar("_T")
+
+
+def _read(url: str, response: Any, read: Callable[[Any], _T]) -> _T:
+    """`read(response)`, or a TuluError naming `url` and quoting the answer when it lacks
+    what `read` needs (an error object, another API's layout, fewer choices than asked)."""
+    try:
+        return read(response)
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as err:
+        quoted = json.dumps(response, ensure_ascii=False)[:300]
+        raise TuluError(f"{url}: unexpected answer ({err}): {quoted}") from None
 
 
 def _budgets(
@@ -330,7 +361,12 @@ def _post_json(client: Any, url: str, payload: dict[str, Any], retries: int) -> 
                 raise TuluError(f"{url}: request failed ({err})") from None
         else:
             if response.status_code == 200:
-                return response.json()
+                try:
+                    return response.json()
+                except ValueError:
+                    raise TuluError(
+                        f"{url}: HTTP 200 but the answer is not JSON: {response.text[:300]!r}"
+                    ) from None
             if response.status_code not in (429, 500, 502, 503, 504) or attempt == retries:
                 raise TuluError(f"{url}: HTTP {response.status_code}: {response.text[:300]}")
         time.sleep(delay)
@@ -420,7 +456,11 @@ class TGIBackend:
                 if decoding.stop:
                     parameters["stop"] = list(decoding.stop)
                 payloads.append({"inputs": prompt, "parameters": parameters})
-        texts = [_strip_stop(r["generated_text"], decoding.stop) for r in self._map(payloads)]
+        url = self.url.rstrip("/") + "/generate"
+        texts = [
+            _read(url, r, lambda r: _strip_stop(_text(r["generated_text"]), decoding.stop))
+            for r in self._map(payloads)
+        ]
         results: list[list[str]] = [[""] * decoding.n for _ in prompts]
         for k, i in enumerate(runnable):
             results[i] = texts[k * decoding.n : (k + 1) * decoding.n]
@@ -436,12 +476,24 @@ class TGIBackend:
             prompts, cut = _fit_for_scoring(self.tokenizer, prompts, limit)
             self.too_long += cut
         responses = self._map([{"inputs": p, "parameters": parameters} for p in prompts])
-        rows = []
-        for response in responses:
-            top = ((response.get("details") or {}).get("top_tokens") or [[]])[0]
+        url = self.url.rstrip("/") + "/generate"
+
+        def row(response: Any) -> list[float]:
+            # No alternatives at all is a server without top_n_tokens: every candidate would
+            # read -inf and every answer would be "A".
+            top = response["details"]["top_tokens"][0]
+            if not isinstance(top, list) or not top:
+                raise ValueError("no top_tokens for the first token")
             found = {entry["id"]: float(entry["logprob"]) for entry in top}
-            rows.append([found.get(token, -math.inf) for token in candidates])
-        return rows
+            return [found.get(token, -math.inf) for token in candidates]
+
+        return [_read(url, response, row) for response in responses]
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"generated_text is {type(value).__name__}, not a string")
+    return value
 
 
 def _strip_stop(text: str, stop: Sequence[str]) -> str:

@@ -149,6 +149,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TuluError(
             f"--output {args.output}: cannot create the directory ({err.strerror})"
         ) from None
+    # Writable, checked before the model loads: the cache (created here anyway) and any
+    # results files already there (not created, so a failed start leaves no empty ones).
+    for name in ("cache.jsonl", "results.json", "results.md"):
+        path = args.output / name
+        if name != "cache.jsonl" and not path.exists():
+            continue
+        try:
+            with open(path, "a", encoding="utf-8"):
+                pass
+        except OSError as err:
+            raise TuluError(f"--output: cannot write {path} ({err.strerror})") from None
     tokenizer, backend, identity = _backend(args)
     ctx.tokenizer = tokenizer
     ctx.backend = CachedBackend(backend, args.output / "cache.jsonl", identity)
@@ -189,12 +200,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "protocol": args.protocol,
             "results": [asdict(r) for r in results],
         }
-        (args.output / "results.json").write_text(
-            json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
-        )
-        (args.output / "results.md").write_text(
-            markdown_table(results) + "\n" + markdown_breakdowns(results), encoding="utf-8"
-        )
+        try:
+            (args.output / "results.json").write_text(
+                json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n",
+                encoding="utf-8",
+            )
+            (args.output / "results.md").write_text(
+                markdown_table(results) + "\n" + markdown_breakdowns(results), encoding="utf-8"
+            )
+        except OSError as err:  # e.g. a full disk; the generations are in cache.jsonl
+            raise TuluError(
+                f"{args.output}: cannot write the results ({err}); rerun to resume from cache.jsonl"
+            ) from None
 
     run_tasks(tasks, ctx, on_result=save)
     print(markdown_table(results))

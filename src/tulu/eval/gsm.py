@@ -128,9 +128,11 @@ def gold_answer(answer: str, where: str = "answer") -> str:
         raise DataError(f"{where}: no '####' final answer in {answer[-60:]!r}")
     gold = _CLEAN_COMMA.sub("", answer.split("####")[1].strip())
     try:
-        Decimal(gold)
+        finite = Decimal(gold).is_finite()  # "NaN" or "Infinity" could never be matched
     except InvalidOperation:
-        raise DataError(f"{where}: final answer {gold!r} after '####' is not a number") from None
+        finite = False
+    if not finite:
+        raise DataError(f"{where}: final answer {gold!r} after '####' is not a number")
     return gold
 
 
@@ -165,7 +167,7 @@ def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: {what} file not found")
     records = []
     try:
-        with path.open(encoding="utf-8") as handle:
+        with path.open(encoding="utf-8-sig") as handle:  # a leading BOM is skipped
             for lineno, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue

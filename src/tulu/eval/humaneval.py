@@ -47,7 +47,7 @@ def load_problems(path: str | Path) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[str] = set()
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
+        with opener(path, "rt", encoding="utf-8-sig") as f:  # a leading BOM is skipped
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
                     continue

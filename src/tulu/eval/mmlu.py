@@ -114,7 +114,8 @@ def split_dirs(root: Path) -> Path | None:
 def _read_csv(path: Path) -> list[MMLUQuestion]:
     rows: list[MMLUQuestion] = []
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        # utf-8-sig: a BOM (Excel's CSV export) would otherwise start the first question
+        with path.open(encoding="utf-8-sig", newline="") as handle:
             reader = csv.reader(handle)
             start = 1
             for record in reader:

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tulu.errors import DataError
+from tulu.errors import DataError, TuluError
 from tulu.eval.backends import Backend, Decoding
 
 __all__ = [
@@ -146,8 +146,11 @@ class CachedBackend:
                 # ASCII escapes: a lone surrogate from a server's JSON cannot break the write
                 lines.append(json.dumps({"key": keys[i], "value": value}))
             if self.path is not None:
-                with open(self.path, "a", encoding="utf-8") as out:
-                    out.write("".join(line + "\n" for line in lines))
+                try:
+                    with open(self.path, "a", encoding="utf-8") as out:
+                        out.write("".join(line + "\n" for line in lines))
+                except OSError as err:  # full disk, no permission, a directory in the way
+                    raise TuluError(f"{self.path}: cannot store generations ({err})") from None
         return [self.cache[key] for key in keys]
 
     def generate(self, prompts: Sequence[str], decoding: Decoding) -> list[list[str]]:
@@ -629,6 +632,16 @@ def check_tasks(tasks: Sequence[str], ctx: EvalContext) -> None:
     missing = missing_files(tasks, ctx)
     if missing:
         raise DataError(f"missing evaluation data under {ctx.data_dir}:\n  " + "\n  ".join(missing))
+    # Option files are read now too: a malformed one would otherwise fail only when its task
+    # starts, after the model has loaded and the earlier tasks have run.
+    if any(task.startswith("gsm") for task in tasks):
+        from tulu.eval import gsm
+
+        gsm.resolve_exemplars(ctx.options.get("gsm_exemplars"), ctx.options.get("gsm_train"))
+    if any(task.startswith("tydiqa") for task in tasks):
+        from tulu.eval import tydiqa
+
+        tydiqa.load_templates(ctx.options.get("tydiqa_templates"))
     if "alpaca_farm" in tasks:
         _judge_prompt(ctx)  # a malformed template or annotator fails now, not after generating
 

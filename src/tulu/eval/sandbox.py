@@ -202,9 +202,10 @@ def _install_guard(workdir, deny_read, allow_read):
         return wrapped
 
     patched = {}
+    # fchmod / fchown change a file through a descriptor that may have been opened to read
     for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "lchmod",
-                 "truncate", "utime", "mkfifo", "mknod", "chflags", "lchflags", "setxattr",
-                 "removexattr"):
+                 "fchmod", "fchown", "truncate", "utime", "mkfifo", "mknod", "chflags",
+                 "lchflags", "setxattr", "removexattr"):
         if hasattr(os, name):
             patched[name] = one_path(name)
     for name in ("rename", "replace", "link"):
@@ -519,8 +520,14 @@ def run_many(
             pool.submit(run_program, src, timeout=timeout, **kwargs): i  # type: ignore[arg-type]
             for i, src in enumerate(programs)
         }
-        for done, future in enumerate(as_completed(futures), start=1):
-            results[futures[future]] = future.result()
-            if progress is not None:
-                progress(done, total)
+        try:
+            for done, future in enumerate(as_completed(futures), start=1):
+                results[futures[future]] = future.result()
+                if progress is not None:
+                    progress(done, total)
+        except BaseException:
+            # Ctrl-C (or a failing callback): drop the programs not started yet; leaving the
+            # pool would otherwise run every one of them (thousands for Codex) first.
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     return [r for r in results if r is not None]
