@@ -248,6 +248,34 @@ def test_api_backends_fall_back_when_the_server_does_not_say(checkpoint):
     assert OpenAIBackend(f"http://127.0.0.1:{port}/v1", "tiny").window() == 2048
 
 
+def test_answers_cached_under_another_window_are_not_reused(checkpoint, tmp_path, capsys):
+    """The window decides which prompts are skipped and how many tokens each may get; the
+    cache used to answer a rerun with a larger --max-model-len from the smaller one's run."""
+    from tulu.cli import main
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.model.checkpoint import save_model
+
+    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
+    data = write_eval_data(tmp_path / "data")
+    recorder = _Recorder()
+    threading.Thread(target=recorder.serve_forever, args=(0.05,), daemon=True).start()
+    sent = []
+    try:
+        for window in ("400", "2048", "2048"):
+            recorder.payloads.clear()
+            args = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
+            args += ["--task", "bbh_cot", "--max-examples", "1", "--output", str(tmp_path / "o")]
+            args += ["--api-base", recorder.url + "/v1", "--api-model", "tiny"]
+            assert main([*args, "--max-model-len", window]) == 0, capsys.readouterr().err
+            sent.append(len(recorder.payloads))
+    finally:
+        recorder.shutdown()
+        recorder.server_close()
+    assert sent[0] == 0  # every prompt too long for 400 tokens: empty answers, cached
+    assert sent[1] > 0  # another window: asked again, not answered with those
+    assert sent[2] == 0  # the same window again: every answer from the cache
+
+
 def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_path, capsys):
     """`tulu eval --api-base` used to stop on bbh_cot: its 512 new tokens do not fit after a
     long prompt. Now max_tokens is fitted to the window the server reports (512 here)."""

@@ -162,6 +162,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise TuluError(f"--output: cannot write {path} ({err.strerror})") from None
     tokenizer, backend, identity = _backend(args)
     ctx.tokenizer = tokenizer
+    if args.api_base:  # asked once; prompts and max_tokens are fitted to it
+        ctx.context_window = backend.window()
+        print(f"{args.api_base}: context window of {ctx.context_window} tokens", file=sys.stderr)
+        # The window decides which prompts are skipped and how many tokens each may get, so
+        # answers cached under another window (another --max-model-len) are not reused.
+        identity = {**identity, "window": ctx.context_window}
+    else:
+        ctx.context_window = backend.context_window
     ctx.backend = CachedBackend(backend, args.output / "cache.jsonl", identity)
     if ctx.backend.skipped:
         print(
@@ -169,11 +177,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"ignored (first: line {ctx.backend.skipped[0]}); their generations are redone",
             file=sys.stderr,
         )
-    if args.api_base:  # asked once; prompts and max_tokens are fitted to it
-        ctx.context_window = backend.window()
-        print(f"{args.api_base}: context window of {ctx.context_window} tokens", file=sys.stderr)
-    else:
-        ctx.context_window = backend.context_window
     results = []
     too_long_before = [0]
 
