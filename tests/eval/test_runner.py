@@ -710,26 +710,36 @@ def test_tulu_eval_results_that_cannot_be_written_are_a_clear_error(
     bundled, tmp_path, monkeypatch, capsys
 ):
     """Writing results.json fails mid-run (a full disk): an error that says the generations
-    are kept in the cache, not a traceback."""
+    are kept in the cache, not a traceback; the previous results.json stays whole (it is
+    replaced through a temporary file). A task named twice runs once."""
     from tulu.cli import main
     from tulu.demo import corpus_text, tiny_model, train_tokenizer
     from tulu.model.checkpoint import save_model
 
     tokenizer = train_tokenizer(corpus_text())
     save_model(tiny_model(len(tokenizer), 0), tmp_path / "m", tokenizer=tokenizer)
-    real_write_text = Path.write_text
-
-    def write_text(self, *args, **kwargs):
-        if self.name == "results.json":
-            raise OSError(28, "No space left on device")
-        return real_write_text(self, *args, **kwargs)
-
-    monkeypatch.setattr(Path, "write_text", write_text)
     out = tmp_path / "out"
     args = ["eval", str(tmp_path / "m"), "--data-dir", str(bundled.data_dir), "--output", str(out)]
-    args += ["--task", "gsm_direct", "--max-examples", "1"]
-    assert main([*args, "--gsm-exemplars", str(bundled.gsm_exemplars)]) == 1
+    args += ["--task", "gsm_direct", "--task", "gsm_direct", "--max-examples", "1"]
+    args += ["--gsm-exemplars", str(bundled.gsm_exemplars)]
+    assert main(args) == 0
+    before = out.joinpath("results.json").read_text()
+    assert [r["task"] for r in json.loads(before)["results"]] == ["gsm_direct"]
+    out.joinpath("cache.jsonl").unlink()
+    real_write_text = Path.write_text
+
+    def write_text(self, text, *rest, **kwargs):
+        if self.name == ".results.json.tmp":
+            real_write_text(self, text[:10], *rest, **kwargs)  # the disk fills up midway
+            raise OSError(28, "No space left on device")
+        return real_write_text(self, text, *rest, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", write_text)
+    capsys.readouterr()
+    assert main(args) == 1
     err = capsys.readouterr().err
     assert f"tulu eval: error: {out}: cannot write the results" in err
     assert "No space left on device" in err and "resume from cache.jsonl" in err
     assert out.joinpath("cache.jsonl").read_text().count("\n") == 1
+    assert out.joinpath("results.json").read_text() == before
+    assert sorted(p.name for p in out.iterdir()) == ["cache.jsonl", "results.json", "results.md"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -113,7 +114,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run_tasks,
     )
 
-    tasks = args.task or [t for t in PAPER_SUITE if t in TASKS]
+    # A task named twice runs once (it would only score the same answers again).
+    tasks = list(dict.fromkeys(args.task)) if args.task else [t for t in PAPER_SUITE if t in TASKS]
     if not args.task and not args.judge_url and "alpaca_farm" in tasks:
         tasks.remove("alpaca_farm")
         print("alpaca_farm skipped: it needs a judge (--judge-url)", file=sys.stderr)
@@ -204,12 +206,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "results": [asdict(r) for r in results],
         }
         try:
-            (args.output / "results.json").write_text(
+            _write_atomically(
+                args.output / "results.json",
                 json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n",
-                encoding="utf-8",
             )
-            (args.output / "results.md").write_text(
-                markdown_table(results) + "\n" + markdown_breakdowns(results), encoding="utf-8"
+            _write_atomically(
+                args.output / "results.md",
+                markdown_table(results) + "\n" + markdown_breakdowns(results),
             )
         except OSError as err:  # e.g. a full disk; the generations are in cache.jsonl
             raise TuluError(
@@ -220,6 +223,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}", file=sys.stderr)
     return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` through a temporary file, so that an interruption or a full
+    disk leaves the previous results whole rather than a cut file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _backend(args: argparse.Namespace):
