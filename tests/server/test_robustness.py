@@ -673,6 +673,19 @@ def test_bad_content_types_and_methods(shared_server, route):
     assert httpx.get(f"{shared_server.url}/health").status_code == 200
 
 
+@pytest.mark.parametrize("route", POST_ROUTES)
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_json_without_a_json_content_type_says_so(shared_server, route, content_type):
+    """`curl -d '{...}'` sends valid JSON with a form's Content-Type, which FastAPI does not
+    parse: the answer must name the header, not "Input should be a valid dictionary"."""
+    headers = {"content-type": content_type} if content_type else {}
+    body = json.dumps(_valid(route)).encode()
+    response = httpx.post(f"{shared_server.url}{route}", content=body, headers=headers)
+    error = assert_error_shape(route, response, 400 if route.startswith("/v1") else 422)
+    message = error["error"]["message"] if route.startswith("/v1") else error["error"]
+    assert "Content-Type: application/json" in message, message
+
+
 def test_valid_requests_still_work_after_the_bad_ones(shared_server):
     for route in POST_ROUTES:
         response = httpx.post(f"{shared_server.url}{route}", json=_valid(route), timeout=WAIT)
@@ -881,6 +894,22 @@ def test_metrics_report_requests_tokens_latencies_and_the_engine(new_server, slo
     assert samples["tulu_kv_cache_blocks_used"][()] == 0
     assert samples["tulu_kv_cache_blocks_total"][()] == server.engine.pool.num_blocks > 0
     assert samples["tulu_requests_in_flight"][()] == 0
+
+
+def test_inter_token_latency_of_n_choices_is_per_sequence(new_server, slow_model):
+    """The n choices of one request each get a token per engine step: the time between a
+    choice's tokens is the step time, not the step time divided by n."""
+    delay, n, tokens = 0.02, 8, 6
+    server = new_server(model=slow_model(delay))
+    body = {"prompt": "Hello", "max_tokens": tokens, "n": n, "ignore_eos": True}
+    response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=WAIT)
+    assert response.status_code == 200, response.text
+    server.wait_idle()
+    samples = scrape(server.url)
+    count = samples["tulu_inter_token_latency_seconds_count"][()]
+    assert count == n * tokens - n  # every token after each choice's first
+    mean = samples["tulu_inter_token_latency_seconds_sum"][()] / count
+    assert mean >= delay / 2, f"mean inter-token latency {mean:.4f} s, each step >= {delay} s"
 
 
 def test_metrics_count_refused_requests_under_their_route(new_server):

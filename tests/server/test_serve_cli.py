@@ -219,6 +219,34 @@ def test_bad_flags_are_refused_without_a_traceback(checkpoint):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
+        (["--kv-cache-gb", "nan"], "--kv-cache-gb must be a finite number > 0, got nan"),
+        (["--kv-cache-gb", "inf"], "--kv-cache-gb must be a finite number > 0, got inf"),
+        (["--request-timeout", "0"], "--request-timeout must be a finite number > 0, got 0.0"),
+        (["--request-timeout", "nan"], "--request-timeout must be a finite number > 0, got nan"),
+        (["--drain-timeout", "-5"], "--drain-timeout must be a finite number >= 0, got -5.0"),
+    ],
+)
+def test_non_finite_or_non_positive_sizes_and_timeouts_are_refused(
+    checkpoint, flags, message, capsys, monkeypatch
+):
+    """float() takes "nan" and "inf": --kv-cache-gb nan was a ValueError traceback, and a
+    --request-timeout of 0 (or below) served a server that answered every request with 504."""
+    from tulu.cli import main
+    from tulu.server import launch
+
+    def no_serving(config):
+        raise AssertionError(f"{flags} was accepted: the server started")
+
+    monkeypatch.setattr(launch, "_graceful_server", no_serving)
+    assert main(["serve", str(checkpoint), "--port", str(free_port()), *flags]) == 1
+    err = capsys.readouterr().err
+    assert message in err
+    assert "loaded" not in err  # refused before the model was loaded
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
         (["--port", "-1"], "--port must be in 0..65535, got -1"),
         (["--port", "{busy}"], "cannot listen on 127.0.0.1:{busy} (Address already in use)"),
         (["--host", "no-such-host.invalid", "--port", "{free}"], "--host 'no-such-host.invalid'"),

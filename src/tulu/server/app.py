@@ -66,6 +66,14 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
             reason = item.get("ctx", {}).get("error", item.get("msg"))
             parts.append(f"the request body is not valid JSON{at} ({reason})")
             continue
+        if kind == "model_attributes_type" and not loc and isinstance(item.get("input"), bytes):
+            # FastAPI parses the body as JSON only when the Content-Type says so; otherwise
+            # the object gets the raw bytes (`curl -d` sends a form's Content-Type).
+            parts.append(
+                "the request body was not read as JSON: send it with "
+                "'Content-Type: application/json'"
+            )
+            continue
         param = param or (where or None)
         if kind == "missing" and not loc:
             parts.append("the request body is empty; a JSON object is required")

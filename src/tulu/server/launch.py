@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -41,8 +42,19 @@ def serve(args: argparse.Namespace) -> None:
             raise TuluError(
                 f"{name} must be {'>= 1' if name == '--max-num-seqs' else '>= 0'}, got {value}"
             )
-    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
-        raise TuluError(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
+    # argparse's float() takes "nan" and "inf": a NaN passes every comparison, and a request
+    # timeout <= 0 would answer every request with 504.
+    for name, value, low in (
+        ("--kv-cache-gb", args.kv_cache_gb, None),
+        ("--request-timeout", args.request_timeout, None),
+        ("--drain-timeout", args.drain_timeout, 0.0),
+    ):
+        if value is None:
+            continue
+        if not math.isfinite(value) or (value <= 0 if low is None else value < low):
+            raise TuluError(
+                f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value}"
+            )
     if args.api_key is not None and not args.api_key.strip():
         # Most likely `--api-key "$KEY"` with KEY unset: serving without a key is not what
         # was asked for.

@@ -170,7 +170,10 @@ class GenerationService:
                     if last_token_at is None:
                         self.metrics.time_to_first_token.observe(now - started)
                     else:
-                        gap = (now - last_token_at) / new
+                        # The n choices of a request advance together: each gets its token
+                        # after the whole gap, so divide by the steps taken, not by n.
+                        steps = max(len(c.delta_token_ids) for c in output.outputs)
+                        gap = (now - last_token_at) / steps
                         for _ in range(new):
                             self.metrics.inter_token_latency.observe(gap)
                     last_token_at = now
