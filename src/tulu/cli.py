@@ -124,6 +124,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--served-model-name", default=None, help="model id in the APIs (default: MODEL)"
     )
+    serve.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="LoRA adapters served unmerged beside the base model, as in vLLM: a request picks "
+        "one with model=NAME (OpenAI) or parameters.adapter_id=NAME (TGI)",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     add_decode_path_arguments(serve)
     serve.add_argument(

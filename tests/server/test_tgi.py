@@ -490,7 +490,7 @@ def test_negative_temperature(server):
         ({"inputs": PROMPT, "parameters": {"seed": -1}}, "`seed` must be >= 0"),
         ({"inputs": PROMPT, "parameters": {"best_of": 0}}, "`best_of` must be strictly"),
         ({"inputs": PROMPT, "parameters": {"typical_p": 0.9}}, "`typical_p`"),
-        ({"inputs": PROMPT, "parameters": {"adapter_id": "x"}}, "`adapter_id`"),
+        ({"inputs": PROMPT, "parameters": {"adapter_id": "x"}}, "`adapter_id` 'x' is not a loaded"),
         (
             {"inputs": PROMPT, "parameters": {"grammar": {"type": "regex", "value": "a"}}},
             "`grammar`",

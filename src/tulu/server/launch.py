@@ -14,6 +14,7 @@ import math
 import os
 import socket
 import time
+from pathlib import Path
 
 from tulu.errors import TuluError
 
@@ -60,6 +61,8 @@ def serve(args: argparse.Namespace) -> None:
         # was asked for.
         raise TuluError("--api-key is empty; omit the option to serve without an API key")
     api_key = args.api_key or os.environ.get("TULU_API_KEY") or None
+    served_name = args.served_model_name or str(args.model)
+    lora_modules = parse_lora_modules(args.lora_modules, served_name)
     sock = listening_socket(args.host, args.port)
 
     started = time.perf_counter()
@@ -71,7 +74,11 @@ def serve(args: argparse.Namespace) -> None:
         kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
         **decode_path_settings(args),
     )
-    engine = LLMEngine(loaded.model, loaded.tokenizer, config)
+    engine = LLMEngine(loaded.model, loaded.tokenizer, config, lora_modules=lora_modules)
+    if lora_modules:
+        log.info(
+            "LoRA adapters (unmerged): %s", ", ".join(f"{n}={p}" for n, p in lora_modules.items())
+        )
     weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
     log.info(
         "loaded %s (%s parameters, %s on %s) in %.1f s: weights %.2f GiB, KV cache %.2f GiB "
@@ -87,7 +94,7 @@ def serve(args: argparse.Namespace) -> None:
         engine.pool.block_size,
     )
     settings = ServerSettings(
-        served_model_name=args.served_model_name or str(args.model),
+        served_model_name=served_name,
         api_key=api_key,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
@@ -110,6 +117,34 @@ def serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=args.drain_timeout,
     )
     _graceful_server(config).run(sockets=[sock])
+
+
+def parse_lora_modules(specs: list[str], served_name: str) -> dict[str, str]:
+    """``--lora-modules NAME=DIR ...`` as {name: directory}, checked before anything loads.
+
+    A name is what requests put in ``model`` (OpenAI) or ``adapter_id`` (TGI), so it must be
+    unique and differ from the base model's served name.
+    """
+    modules: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name or not directory:
+            raise TuluError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
+        if name == served_name:
+            raise TuluError(
+                f"--lora-modules: {name!r} is the base model's served name; give the adapter "
+                "another name"
+            )
+        if name in modules:
+            raise TuluError(f"--lora-modules: the name {name!r} is given twice")
+        if not (Path(directory).expanduser() / "adapter_config.json").is_file():
+            raise TuluError(
+                f"--lora-modules {name}: {directory} is not a LoRA adapter directory (no "
+                "adapter_config.json)"
+            )
+        modules[name] = str(Path(directory).expanduser())
+    return modules
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

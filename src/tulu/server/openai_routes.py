@@ -73,18 +73,14 @@ CREATED = int(time.time())
 async def list_models(request: Request):
     service = request.app.state.service
     name = service.settings.served_model_name
-    return {
-        "object": "list",
-        "data": [
-            {
-                "id": name,
-                "object": "model",
-                "created": CREATED,
-                "owned_by": "tulu",
-                "max_model_len": service.max_model_len,
-            }
-        ],
-    }
+    entry = {"object": "model", "created": CREATED, "owned_by": "tulu"}
+    entry["max_model_len"] = service.max_model_len
+    # LoRA adapters are listed as vLLM lists them: `root` the adapter, `parent` the base.
+    adapters = [
+        {"id": lora, **entry, "root": path, "parent": name}
+        for lora, path in service.lora_adapters.items()
+    ]
+    return {"object": "list", "data": [{"id": name, **entry}, *adapters]}
 
 
 @router.post("/v1/completions")
@@ -180,16 +176,21 @@ def _param_error(err: GenerationError, rename: dict[str, str] | None = None) -> 
 # ----------------------------------------------------------------------------------------------
 
 
-def _check_model(model: str | None, service: GenerationService) -> str:
+def _check_model(model: str | None, service: GenerationService) -> tuple[str, str | None]:
+    """(the model name to answer with, the LoRA adapter it names or None for the base)."""
     served = service.settings.served_model_name
-    if model is not None and model != served:
-        raise ApiError(
-            f"the model {model!r} does not exist; this server serves {served!r}",
-            "model",
-            404,
-            "not_found_error",
-        )
-    return served
+    if model is None or model == served:
+        return served, None
+    adapters = service.lora_adapters
+    if model in adapters:
+        return model, model
+    also = f" and the LoRA adapters {', '.join(map(repr, adapters))}" if adapters else ""
+    raise ApiError(
+        f"the model {model!r} does not exist; this server serves {served!r}{also}",
+        "model",
+        404,
+        "not_found_error",
+    )
 
 
 def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
@@ -400,6 +401,7 @@ async def _generate(
     service: GenerationService,
     jobs: list[tuple[list[int], SamplingParams, str]],
     stream: bool,
+    lora: str | None = None,
 ) -> _Streams | list[RequestOutput]:
     """Run the generations of one HTTP request.
 
@@ -407,7 +409,9 @@ async def _generate(
     engine failure is still an HTTP error) and return the running streams. Otherwise: the
     final output of each. Either way a client that leaves aborts them (ClientGone).
     """
-    streams = _Streams([service.generate(ids, params, rid) for ids, params, rid in jobs], request)
+    streams = _Streams(
+        [service.generate(ids, params, rid, lora=lora) for ids, params, rid in jobs], request
+    )
     done_with_streams = not stream
     try:
         if stream:
@@ -620,7 +624,7 @@ async def _completion_prompts(
 
 async def _completion(body: CompletionRequest, request: Request) -> Response:
     service: GenerationService = request.app.state.service
-    model = _check_model(body.model, service)
+    model, lora = _check_model(body.model, service)
     _check_common(body)
     if body.suffix is not None:
         raise ApiError("suffix is not supported by this server", "suffix")
@@ -659,11 +663,11 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
 
     jobs = [(p.ids, p.params, p.request_id) for p in prompts]
     if body.stream:
-        streams = await _generate(request, service, jobs, stream=True)
+        streams = await _generate(request, service, jobs, stream=True, lora=lora)
         produce = view.stream(streams, base_id, created, model)
         return _EventStream(streams, produce)
 
-    outputs = await _generate(request, service, jobs, stream=False)
+    outputs = await _generate(request, service, jobs, stream=False, lora=lora)
     choices = []
     for index, output in enumerate(outputs):
         _check_finished(output)
@@ -853,7 +857,7 @@ def _check_chat(body: ChatCompletionRequest) -> None:
 
 async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
     service: GenerationService = request.app.state.service
-    model = _check_model(body.model, service)
+    model, lora = _check_model(body.model, service)
     _check_common(body)
     _check_chat(body)
     messages = [
@@ -885,11 +889,11 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
 
     jobs = [(ids, params, request_id)]
     if body.stream:
-        streams = await _generate(request, service, jobs, stream=True)
+        streams = await _generate(request, service, jobs, stream=True, lora=lora)
         produce = _chat_stream(body, streams, params, strings, ids, request_id, created, model, eos)
         return _EventStream(streams, produce)
 
-    (output,) = await _generate(request, service, jobs, stream=False)
+    (output,) = await _generate(request, service, jobs, stream=False, lora=lora)
     _check_finished(output)
     choices = [
         ChatChoice(

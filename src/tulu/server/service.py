@@ -103,6 +103,12 @@ class GenerationService:
             )
         return max_tokens
 
+    @property
+    def lora_adapters(self) -> dict[str, str]:
+        """The LoRA adapters a request may name: name -> adapter directory."""
+        adapters = self.llm.engine.lora
+        return {} if adapters is None else {n: str(adapters.path(n)) for n in adapters.names}
+
     def request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
 
@@ -123,8 +129,11 @@ class GenerationService:
         params: SamplingParams,
         request_id: str,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        lora: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, with metrics, the request timeout and disconnect checks.
+
+        `lora` names one of the engine's LoRA adapters (None: the base model).
 
         Admission is checked and the slot taken here, before the first await, so requests
         arriving together cannot all pass the check (routes fetch the first output before
@@ -142,7 +151,7 @@ class GenerationService:
         consumer = asyncio.current_task()
         if is_disconnected is not None and consumer is not None:
             watcher = asyncio.create_task(self._watch_disconnect(is_disconnected, consumer, gone))
-        stream = self.llm.generate(prompt_ids, params, request_id)
+        stream = self.llm.generate(prompt_ids, params, request_id, lora=lora)
         deadline = started + self.settings.request_timeout
         try:
             while True:
@@ -195,10 +204,13 @@ class GenerationService:
         params: SamplingParams,
         request_id: str,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
+        lora: str | None = None,
     ) -> RequestOutput:
         """Generate without streaming; the final (finished) output."""
         final = None
-        async for output in self.generate(prompt_ids, params, request_id, is_disconnected):
+        async for output in self.generate(
+            prompt_ids, params, request_id, is_disconnected, lora=lora
+        ):
             final = output
         assert final is not None and final.finished
         return final

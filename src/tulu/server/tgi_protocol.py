@@ -24,7 +24,8 @@ class GenerateParameters(_Strict):
     """`parameters` of /generate, /generate_stream and POST /.
 
     Fields TGI accepts but this server cannot honour (`best_of` > 1, `typical_p`, `watermark`,
-    `grammar`, `adapter_id`) are accepted at their neutral value and rejected otherwise.
+    `grammar`) are accepted at their neutral value and rejected otherwise. `adapter_id` names a
+    LoRA adapter of ``--lora-modules``.
     """
 
     best_of: int | None = None

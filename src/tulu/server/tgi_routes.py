@@ -26,8 +26,9 @@ Differences from TGI worth knowing:
   truncation.
 - A stop sequence is kept at the end of `generated_text` (as TGI does); generation stops where
   the stop sequence ends, even inside a token.
-- `best_of` > 1, `typical_p`, `watermark`, `grammar` and `adapter_id` are rejected (422) unless
-  left at their neutral values.
+- `best_of` > 1, `typical_p`, `watermark` and `grammar` are rejected (422) unless left at their
+  neutral values. `adapter_id` names one of the LoRA adapters of `tulu serve --lora-modules`
+  (as TGI's multi-LoRA does); the served model's own name, or none, is the base model.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class _Job:
     details: bool
     decoder_input_details: bool
     return_full_text: bool
+    lora: str | None = None
 
 
 def _invalid(message: str) -> GenerationError:
@@ -130,11 +132,6 @@ def _check_parameters(p: GenerateParameters, max_input_tokens: int, *, stream: b
         raise _invalid("`watermark` is not supported by this server; leave it false")
     if p.grammar is not None:
         raise _invalid("`grammar` (constrained generation) is not supported by this server")
-    if p.adapter_id is not None:
-        raise _invalid(
-            f"`adapter_id` is not supported: this server serves one model without adapters, "
-            f"got {p.adapter_id!r}"
-        )
     if p.temperature is not None and p.temperature <= 0:
         raise _invalid(f"`temperature` must be strictly positive, got {p.temperature}")
     if p.top_p is not None and not 0 < p.top_p < 1:
@@ -182,6 +179,7 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
     """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422)."""
     p = body.parameters or GenerateParameters()
     _check_parameters(p, service.max_model_len - 1, stream=stream)
+    lora = _adapter(p.adapter_id, service)
     if not body.inputs:
         raise _invalid("`inputs` cannot be empty")
     prompt_ids = await service.encode_text(body.inputs)
@@ -218,7 +216,19 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
         details=p.details,
         decoder_input_details=p.decoder_input_details and p.details,
         return_full_text=bool(p.return_full_text),
+        lora=lora,
     )
+
+
+def _adapter(adapter_id: str | None, service: GenerationService) -> str | None:
+    """The LoRA adapter `adapter_id` names (None: the base model, also under its own name)."""
+    if adapter_id is None or adapter_id == service.settings.served_model_name:
+        return None
+    adapters = service.lora_adapters
+    if adapter_id not in adapters:
+        loaded = ", ".join(map(repr, adapters)) or "none (start tulu serve with --lora-modules)"
+        raise _invalid(f"`adapter_id` {adapter_id!r} is not a loaded adapter; loaded: {loaded}")
+    return adapter_id
 
 
 # ---------------------------------------------------------------------------------- tokens
@@ -352,7 +362,11 @@ async def _generate(job: _Job, request: Request) -> tuple[GenerateResponse, dict
     service: GenerationService = request.app.state.service
     service.admit()
     output = await service.run_to_end(
-        job.prompt_ids, job.params, service.request_id("tgi"), request.is_disconnected
+        job.prompt_ids,
+        job.params,
+        service.request_id("tgi"),
+        request.is_disconnected,
+        lora=job.lora,
     )
     response = _response(job, output, service)
     headers = {
@@ -448,7 +462,11 @@ async def _generate_stream(job: _Job, request: Request) -> _EventStream:
     service: GenerationService = request.app.state.service
     service.admit()
     outputs = service.generate(
-        job.prompt_ids, job.params, service.request_id("tgi"), request.is_disconnected
+        job.prompt_ids,
+        job.params,
+        service.request_id("tgi"),
+        request.is_disconnected,
+        lora=job.lora,
     )
     try:
         # The first output before answering: validation and capacity errors become HTTP errors.

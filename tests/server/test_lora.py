@@ -1,0 +1,207 @@
+"""`tulu serve --lora-modules`: requests pick an unmerged LoRA adapter by name, through the
+real `openai` and `huggingface_hub` clients, and get what the merged adapter generates."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tulu.engine.engine import LLM, EngineConfig, LLMEngine
+from tulu.engine.sampling import SamplingParams
+from tulu.model.checkpoint import load_model
+from tulu.train.config import LoraConfig
+
+peft = pytest.importorskip("peft")
+openai = pytest.importorskip("openai")
+
+from tulu.train.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+
+PROMPTS = ["Hello there, tell me", "The quick brown fox", "Once upon a time"]
+MAX_TOKENS = 12
+
+
+def _adapter(base: Path, out: Path, seed: int, **lora) -> Path:
+    model = apply_lora(
+        load_model(base), LoraConfig(**{"r": 4, "alpha": 8, **lora}), base_model_path=base
+    )
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    return save_adapter(model, out)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_checkpoint_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "sql": _adapter(tiny_checkpoint_dir, root / "sql", seed=1),
+        "poet": _adapter(tiny_checkpoint_dir, root / "poet", seed=2, r=2, target_modules=["dense"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_checkpoint, tiny_checkpoint_dir, adapters) -> dict[str | None, list[str]]:
+    """Greedy texts of each prompt from the base and from each merged adapter."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    texts = {}
+    for name in (None, *adapters):
+        model = load_model(tiny_checkpoint_dir)
+        if name is not None:
+            model = merge_lora(load_adapter(model, adapters[name]))
+        outputs = LLM(model.eval(), tiny_checkpoint.tokenizer).generate(PROMPTS, params)
+        texts[name] = [o.outputs[0].text for o in outputs]
+    assert len({tuple(t) for t in texts.values()}) == 3  # the adapters change the text
+    return texts
+
+
+@pytest.fixture
+def server(make_server, tiny_checkpoint, tiny_checkpoint_dir, adapters):
+    engine = LLMEngine(
+        load_model(tiny_checkpoint_dir).eval(),
+        tiny_checkpoint.tokenizer,
+        EngineConfig(),
+        lora_modules=adapters,
+    )
+    return make_server(engine=engine)
+
+
+def test_models_lists_the_adapters_as_vllm_does(server, adapters) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="none")
+    models = {m.id: m for m in client.models.list().data}
+    assert list(models) == ["tiny", "sql", "poet"]
+    for name, path in adapters.items():
+        entry = models[name].model_dump()
+        assert (entry["parent"], entry["root"]) == ("tiny", str(path))
+        assert entry["max_model_len"] == models["tiny"].model_dump()["max_model_len"]
+
+
+def test_openai_requests_pick_their_adapter_concurrently(server, expected) -> None:
+    """Completions and chat, streamed and not, for the base and both adapters at once."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="none")
+
+    async def complete(model: str, prompt: str, stream: bool) -> str:
+        kwargs = dict(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+        if not stream:
+            return (await client.completions.create(**kwargs)).choices[0].text
+        chunks = await client.completions.create(**kwargs, stream=True)
+        return "".join([c.choices[0].text async for c in chunks if c.choices])
+
+    async def main() -> dict[tuple[str, int, bool], str]:
+        jobs = {
+            (model, i, stream): complete(model, prompt, stream)
+            for model in ("tiny", "sql", "poet")
+            for i, prompt in enumerate(PROMPTS)
+            for stream in (False, True)
+        }
+        results = await asyncio.gather(*jobs.values())
+        return dict(zip(jobs, results, strict=True))
+
+    got = asyncio.run(main())
+    for (model, i, _), text in got.items():
+        assert text == expected[None if model == "tiny" else model][i], (model, i)
+
+
+def test_chat_with_an_adapter_answers_under_its_name(
+    server, tiny_checkpoint, tiny_checkpoint_dir, adapters
+) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="none")
+    messages = [{"role": "user", "content": "Write a query"}]
+    reply = client.chat.completions.create(
+        model="sql", messages=messages, max_tokens=MAX_TOKENS, temperature=0
+    )
+    merged = merge_lora(load_adapter(load_model(tiny_checkpoint_dir), adapters["sql"]))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0)
+    want = LLM(merged.eval(), tiny_checkpoint.tokenizer).generate([messages], params)[0]
+    assert reply.model == "sql"
+    assert reply.choices[0].message.content == want.outputs[0].text
+
+
+def test_unknown_models_are_404_naming_the_adapters(server) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="none")
+    with pytest.raises(openai.NotFoundError) as info:
+        client.completions.create(model="sq1", prompt="hi", max_tokens=2)
+    message = info.value.body["message"]
+    assert "'sq1' does not exist" in message and "LoRA adapters 'sql', 'poet'" in message
+
+
+def test_tgi_adapter_id_picks_the_adapter(server, expected) -> None:
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=server.url)
+    for adapter_id, name in (("sql", "sql"), (None, None), ("tiny", None)):
+        text = client.text_generation(
+            PROMPTS[1], max_new_tokens=MAX_TOKENS, adapter_id=adapter_id, stop=[]
+        )
+        assert text == expected[name][1], adapter_id
+    streamed = "".join(
+        client.text_generation(
+            PROMPTS[2], max_new_tokens=MAX_TOKENS, adapter_id="poet", stream=True
+        )
+    )
+    assert streamed == expected["poet"][2]
+    body = {"inputs": "hi", "parameters": {"adapter_id": "x"}}
+    response = httpx.post(server.url + "/generate", json=body)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert "`adapter_id` 'x' is not a loaded adapter; loaded: 'sql', 'poet'" in error
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        (["sql"], "--lora-modules: expected NAME=DIR, got 'sql'"),
+        (["=DIR"], "expected NAME=DIR"),
+        (["sql={sql}", "sql={poet}"], "the name 'sql' is given twice"),
+        (["tiny={sql}"], "'tiny' is the base model's served name"),
+        (["sql={base}"], "is not a LoRA adapter directory (no adapter_config.json)"),
+    ],
+)
+def test_bad_lora_modules_are_refused_before_loading(
+    tiny_checkpoint_dir, adapters, modules, message, capsys, monkeypatch
+) -> None:
+    from tulu.cli import main
+    from tulu.server import launch
+
+    monkeypatch.setattr(launch, "_graceful_server", lambda config: pytest.fail("it started"))
+    paths = {"sql": adapters["sql"], "poet": adapters["poet"], "base": tiny_checkpoint_dir}
+    args = ["serve", str(tiny_checkpoint_dir), "--served-model-name", "tiny"]
+    args += ["--port", str(_free_port()), "--lora-modules"]
+    assert main([*args, *(m.format(**paths) for m in modules)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "loaded" not in err
+
+
+def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkeypatch) -> None:
+    from tulu.cli import main
+    from tulu.server import launch
+
+    started = []
+
+    class Recorder:
+        def __init__(self, config) -> None:
+            started.append(config.app)
+
+        def run(self, sockets) -> None:
+            sockets[0].close()
+
+    monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    args = ["serve", str(tiny_checkpoint_dir), "--port", str(_free_port()), "--lora-modules"]
+    assert main([*args, f"sql={adapters['sql']}", f" poet = {adapters['poet']}"]) == 0
+    (app,) = started
+    service = app.state.service
+    assert service.lora_adapters == {"sql": str(adapters["sql"]), "poet": str(adapters["poet"])}
+    assert service.llm.engine.decode_runner is None
