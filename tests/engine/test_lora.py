@@ -13,32 +13,24 @@ import pytest
 import torch
 
 from engine.conftest import check_idle, random_model, tiny_config
+from train.conftest import random_adapter
 from tulu.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from tulu.engine.reference import generate_ids
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import CheckpointError, GenerationError
 from tulu.model.checkpoint import load_model, save_model
-from tulu.train.config import LoraConfig
 
 peft = pytest.importorskip("peft")
 
 from tulu.engine.lora import LoraAdapters  # noqa: E402 - needs peft
-from tulu.train.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from tulu.train.lora import load_adapter, merge_lora  # noqa: E402
 
 TINY = tiny_config(vocab_size=320)
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, **lora) -> Path:
-    """An adapter with random (non-zero) A and B, saved as PEFT saves it."""
-    config = LoraConfig(**{"r": 4, "alpha": 8, **lora})
-    model = apply_lora(load_model(base_dir), config, base_model_path=base_dir)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    return save_adapter(model, out)
+    return random_adapter(base_dir, out, seed=seed, scale=0.2, **lora)
 
 
 @pytest.fixture(scope="module")

@@ -8,32 +8,23 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
+from train.conftest import random_adapter
 from tulu.engine.engine import LLM, EngineConfig, LLMEngine
 from tulu.engine.sampling import SamplingParams
 from tulu.model.checkpoint import load_model
-from tulu.train.config import LoraConfig
 
 peft = pytest.importorskip("peft")
 openai = pytest.importorskip("openai")
 
-from tulu.train.lora import apply_lora, load_adapter, merge_lora, save_adapter  # noqa: E402
+from tulu.train.lora import load_adapter, merge_lora  # noqa: E402
 
 PROMPTS = ["Hello there, tell me", "The quick brown fox", "Once upon a time"]
 MAX_TOKENS = 12
 
 
 def _adapter(base: Path, out: Path, seed: int, **lora) -> Path:
-    model = apply_lora(
-        load_model(base), LoraConfig(**{"r": 4, "alpha": 8, **lora}), base_model_path=base
-    )
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
-    return save_adapter(model, out)
+    return random_adapter(base, out, seed=seed, scale=0.3, **lora)
 
 
 @pytest.fixture(scope="module")

@@ -49,3 +49,23 @@ def torchrun(*args: str, tmp: Path, timeout: float) -> subprocess.CompletedProce
 def no_torchrun_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
+
+
+def random_adapter(base_dir: Path, out: Path, *, seed: int, scale: float, **lora) -> Path:
+    """A LoRA adapter of the checkpoint in `base_dir` (r=4, alpha=8 unless `lora` says
+    otherwise) with random, non-zero A and B of standard deviation `scale`, saved as PEFT
+    saves it; a fresh adapter's B is zero, which would hide any mistake in applying it."""
+    import torch
+
+    from tulu.model.checkpoint import load_model
+    from tulu.train.config import LoraConfig
+    from tulu.train.lora import apply_lora, save_adapter
+
+    config = LoraConfig(**{"r": 4, "alpha": 8, **lora})
+    model = apply_lora(load_model(base_dir), config, base_model_path=base_dir)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return save_adapter(model, out)

@@ -17,6 +17,7 @@ from tokenizers import Tokenizer as Backend
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from model.conftest import build_model
+from train.conftest import random_adapter
 from tulu.errors import CheckpointError, ConfigError, TokenizerError
 from tulu.model import preset
 from tulu.model.checkpoint import load_model, save_model
@@ -62,15 +63,7 @@ def base_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def adapter_dir(base_dir: Path, tmp_path: Path) -> Path:
-    from tulu.train.lora import apply_lora, save_adapter
-
-    model = apply_lora(load_model(base_dir), LoraConfig(r=4, alpha=8), base_model_path=base_dir)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(0)
-        for name, p in model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.05)
-    return save_adapter(model, tmp_path / "adapter")
+    return random_adapter(base_dir, tmp_path / "adapter", seed=0, scale=0.05)
 
 
 @torch.no_grad()
