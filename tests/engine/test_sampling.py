@@ -89,6 +89,14 @@ BAD_VALUES = [
 ]
 
 
+def test_an_empty_stop_string_is_named_as_a_string():
+    """`stop: ""` is a string; the message said it must be a list."""
+    with pytest.raises(GenerationError, match="stop must be a non-empty string, got ''"):
+        SamplingParams(stop="")
+    with pytest.raises(GenerationError, match=r"a list of non-empty strings, got \['a', ''\]"):
+        SamplingParams(stop=["a", ""])
+
+
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES)
 def test_sampling_params_rejects_bad_values(name, value):
     with pytest.raises(GenerationError) as info:

@@ -254,7 +254,12 @@ class SamplingParams:
             raise _fail("stop", "a string or a list of strings", self.stop)
         for item in stop:
             if not isinstance(item, str) or not item:
-                raise _fail("stop", "a list of non-empty strings", self.stop)
+                wanted = (
+                    "a non-empty string"
+                    if isinstance(self.stop, str)
+                    else "a list of non-empty strings"
+                )
+                raise _fail("stop", wanted, self.stop)
         self.stop = list(stop)
 
         self.stop_token_ids = _check_int_list(
