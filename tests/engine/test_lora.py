@@ -81,6 +81,23 @@ def test_unknown_adapter_name_is_a_clear_error(lora_dirs: dict[str, Path]) -> No
         adapters.slot("sq1")
 
 
+@pytest.mark.parametrize(
+    ("modules", "message"),
+    [
+        (["sql=runs/sql"], "lora_modules must map adapter names to directories, got list"),
+        ({1: "runs/sql"}, "LoRA adapter name 1: must be a non-empty string"),
+        ({" sql": "runs/sql"}, "without leading or trailing spaces"),
+        ({"sql": 5}, "LoRA adapter 'sql': its directory must be a path, got int"),
+    ],
+)
+def test_malformed_lora_modules_are_clear_errors(
+    lora_dirs: dict[str, Path], modules: object, message: str
+) -> None:
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    with pytest.raises(CheckpointError, match=message):
+        LoraAdapters(model, modules)  # type: ignore[arg-type]
+
+
 def _edit_config(directory: Path, **changes) -> None:
     path = directory / "adapter_config.json"
     config = json.loads(path.read_text())
@@ -95,6 +112,8 @@ def _edit_config(directory: Path, **changes) -> None:
         ({"bias": "all"}, "bias is set"),
         ({"modules_to_save": ["embed_out"]}, "modules_to_save is set"),
         ({"rank_pattern": {"dense": 2}}, "rank_pattern is set"),
+        ({"alora_invocation_tokens": [7, 8]}, "alora_invocation_tokens is set"),
+        ({"arrow_config": {"top_k": 2}}, "arrow_config is set"),
         ({"r": 8}, r"lora_A.weight has shape \[4, 64\], expected \[8, 64\]"),
         ({"lora_alpha": "x"}, "lora_alpha must be a positive number"),
         ({"peft_type": "IA3"}, "only LoRA adapters"),
@@ -275,6 +294,8 @@ def test_llm_generate_takes_one_adapter_or_one_per_prompt(
         llm.generate(prompts, GREEDY, lora=["sql"])
     with pytest.raises(GenerationError, match="prompt 1: lora: no adapter named 'x'"):
         llm.generate(prompts, GREEDY, lora=["sql", "x"])
+    with pytest.raises(GenerationError, match="lora must be an adapter name or a list of them"):
+        llm.generate(prompts, GREEDY, lora=3)  # type: ignore[arg-type]
 
 
 def test_pickled_adapters_load_and_damaged_weights_are_refused(
@@ -301,3 +322,72 @@ def test_pickled_adapters_load_and_damaged_weights_are_refused(
     (pickled / "adapter_model.bin").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="pickled: unreadable adapter weights"):
         LoraAdapters(model, {"sql": pickled})
+
+
+def test_adapter_names_that_prefix_each_other_share_no_cached_blocks(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    """The salt "lora:s" followed by the tokens "25,3,..." once hashed as "lora:s2" followed
+    by "5,3,...": the second adapter reused the first one's keys and values (other tokens,
+    other adapter). Each name now seeds its hashes with a fixed-size digest."""
+    model = load_model(lora_dirs["base"]).eval()
+    engine = LLMEngine(
+        model, None, EngineConfig(block_size=4), {"s": lora_dirs["sql"], "s2": lora_dirs["poet"]}
+    )
+    _engines.append(engine)
+    tail = [3, 4, 5, 6, 7, 8, 9, 10]
+    assert run_engine(engine, [([25, *tail], "s")]) == [
+        generate_ids(merged_models["sql"], [25, *tail], GREEDY).token_ids
+    ]
+    assert run_engine(engine, [([5, *tail], "s2")]) == [
+        generate_ids(merged_models["poet"], [5, *tail], GREEDY).token_ids
+    ]
+    assert engine.scheduler.prefix_hits == 0
+
+
+def test_an_engine_leaves_no_adapter_on_the_model_for_other_engines(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    """The rows of an adapter engine's last step stayed set on its hooks: a plain engine (or a
+    second adapter engine) on the same model then added that adapter to its own rows."""
+    import gc
+
+    model = load_model(lora_dirs["base"]).eval()
+    prompt = list(range(5, 25))
+    want = {n: generate_ids(merged_models[n], prompt, GREEDY).token_ids for n in (None, "sql")}
+    first = LLMEngine(model, None, EngineConfig(), lora_modules={"sql": lora_dirs["sql"]})
+    plain = LLMEngine(model, None, EngineConfig())
+    _engines.extend([first, plain])
+    assert run_engine(first, [(prompt, "sql")]) == [want["sql"]]
+    assert run_engine(plain, [(prompt, None)]) == [want[None]]  # while `first` lives
+    _engines.remove(first)
+    del first
+    gc.collect()
+    assert not any(m._forward_hooks for m in model.modules())  # its hooks went with it
+    second = LLMEngine(model, None, EngineConfig(), lora_modules={"sql": lora_dirs["sql"]})
+    _engines.append(second)
+    assert run_engine(second, [(prompt, "sql"), (prompt, None)]) == [want["sql"], want[None]]
+
+
+def test_the_decode_fast_path_is_turned_off_with_a_warning_only_when_it_was_on(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list, caplog
+) -> None:
+    """`sdpa` would run decode steps through static buffers without the adapters' rows: it
+    is turned off (with graphs, which would otherwise demand it) and said; `auto`, which is
+    the plain path on a CPU anyway, says nothing."""
+    model = load_model(lora_dirs["base"]).eval()
+    prompt = list(range(30, 50))
+    for attention, warned in (("sdpa", True), ("auto", False)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="tulu.engine.engine"):
+            engine = LLMEngine(
+                model,
+                None,
+                EngineConfig(decode_attention=attention),
+                lora_modules={"sql": lora_dirs["sql"]},
+            )
+        _engines.append(engine)
+        assert engine.decode_runner is None and engine.cuda_graphs is False
+        assert ("decode fast path (sdpa) is off" in caplog.text) is warned
+        want = generate_ids(merged_models["sql"], prompt, GREEDY).token_ids
+        assert run_engine(engine, [(prompt, "sql")]) == [want]

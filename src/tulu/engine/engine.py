@@ -166,18 +166,20 @@ class LLMEngine:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
         # Unmerged LoRA adapters a request may name (`add_request(..., lora=name)`).
         self.lora = LoraAdapters(model, lora_modules) if lora_modules else None
-        if self.lora is not None and self.config.decode_attention != "loop":
+        if self.lora is not None and resolve_fast_path(self.config, self.device)[0] != "loop":
             # The fast path's static buffers and graphs fix the rows of a step; adapter rows
             # change from step to step.
             logger.warning(
                 "LoRA adapters are loaded: the decode fast path (%s) is off",
                 self.config.decode_attention,
             )
-            self.config = dataclasses.replace(self.config, decode_attention="loop")
-        param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+            self.config = dataclasses.replace(
+                self.config, decode_attention="loop", cuda_graphs=False
+            )
         self.model_config = model.config
         self.max_model_len = model.config.max_position_embeddings
         spec = plan_kv_cache(
@@ -327,7 +329,7 @@ class LLMEngine:
                 arrival=arrival,
                 generator=make_generator(_sample_seed(params.seed, index), self.device),
                 lora_slot=lora_slot,
-                lora_salt=f"lora:{lora}".encode() if lora_slot else None,
+                lora_salt=_lora_salt(lora) if lora_slot else None,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -432,9 +434,14 @@ class LLMEngine:
             position_ids = torch.tensor([positions], device=self.device)
             if self.lora is not None:
                 self.lora.use(lora_slots, self.device)
-            hidden = self.model.hidden_states(
-                input_ids, position_ids, backend=PagedAttention(self.cache, layout)
-            )[0]
+            try:
+                hidden = self.model.hidden_states(
+                    input_ids, position_ids, backend=PagedAttention(self.cache, layout)
+                )[0]
+            finally:
+                if self.lora is not None:
+                    # Another engine may run this model next: its rows are not these.
+                    self.lora.use((), self.device)
         for item in plan.scheduled:
             item.seq.num_computed += item.num_new_tokens
             self.scheduler.register_computed_blocks(item.seq)
@@ -639,6 +646,13 @@ def resolve_fast_path(config: EngineConfig, device: torch.device) -> tuple[str, 
     return attention, bool(graphs)
 
 
+def _lora_salt(name: str) -> bytes:
+    """The seed of an adapter's block hashes: a fixed-size digest of its name. The name's own
+    bytes would run into the first block's tokens ("lora:s" + "25,3" is "lora:s2" + "5,3"),
+    letting one adapter reuse another's keys and values."""
+    return hashlib.blake2b(f"lora:{name}".encode(), digest_size=16).digest()
+
+
 def _sample_seed(seed: int | None, index: int) -> int | None:
     """Sample i of a seeded request gets its own seed derived from (seed, i); sample 0 uses seed."""
     if seed is None or index == 0:
@@ -717,7 +731,12 @@ class LLM:
         if lora is None or isinstance(lora, str):
             lora_list: list[str | None] = [lora] * len(prompts)
         else:
-            lora_list = list(lora)
+            try:
+                lora_list = list(lora)
+            except TypeError:
+                raise GenerationError(
+                    f"lora must be an adapter name or a list of them, got {type(lora).__name__}"
+                ) from None
             if len(lora_list) != len(prompts):
                 raise GenerationError(f"{len(prompts)} prompts but {len(lora_list)} lora names")
         engine = self.engine

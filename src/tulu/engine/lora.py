@@ -13,13 +13,15 @@ adapters are loaded.
 
 Scope, each refused with a message that names the adapter and points to `tulu export
 --merge-lora`, which handles them: LoRA on the embeddings or the LM head, DoRA, trained
-biases, ``modules_to_save``, per-module ``rank_pattern``/``alpha_pattern``.
+biases, ``modules_to_save``, per-module ``rank_pattern``/``alpha_pattern``, and the variants
+that compute otherwise (aLoRA, Arrow, KaSA).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from tulu.errors import CheckpointError, GenerationError
 
@@ -63,6 +66,12 @@ def _check_scope(config: Mapping[str, Any], where: Path) -> None:
         "rank_pattern": bool(config.get("rank_pattern")),
         "alpha_pattern": bool(config.get("alpha_pattern")),
         "bias": config.get("bias", "none") not in (None, "none"),
+        # PEFT's LoRA variants whose tensors look plain but which compute otherwise: aLoRA
+        # adapts only the tokens from its invocation sequence on, Arrow routes between
+        # adapters, KaSA changes the base weight.
+        "alora_invocation_tokens": bool(config.get("alora_invocation_tokens")),
+        "arrow_config": bool(config.get("arrow_config")),
+        "kasa_config": bool(config.get("kasa_config")),
     }
     found = [key for key, used in unsupported.items() if used]
     if found:
@@ -174,8 +183,8 @@ class LoraAdapters:
     """Named LoRA adapters hooked onto `model`'s linear layers; a request picks one by name.
 
     Before each forward pass the engine calls `use` with one adapter slot per input row
-    (0 = the base model, unchanged). All adapters are read and checked before any hook is
-    added, so a bad adapter leaves the model as it was.
+    (0 = the base model, unchanged), and clears them after it. All adapters are read and
+    checked before any hook is added, so a bad adapter leaves the model as it was.
     """
 
     def __init__(self, model: nn.Module, adapters: Mapping[str, str | os.PathLike[str]]) -> None:
@@ -184,17 +193,32 @@ class LoraAdapters:
             n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed_out"
         }
         dtype = next(model.parameters()).dtype
+        if not isinstance(adapters, Mapping):
+            raise CheckpointError(
+                "lora_modules must map adapter names to directories, got " + type(adapters).__name__
+            )
         self._adapters: list[_Adapter] = []
         for name, directory in adapters.items():
-            if not name or name != name.strip():
-                raise CheckpointError(f"LoRA adapter name {name!r}: must be non-empty, no spaces")
+            if not isinstance(name, str) or not name or name != name.strip():
+                raise CheckpointError(
+                    f"LoRA adapter name {name!r}: must be a non-empty string without leading "
+                    "or trailing spaces"
+                )
+            if not isinstance(directory, str | os.PathLike):
+                raise CheckpointError(
+                    f"LoRA adapter {name!r}: its directory must be a path, got "
+                    + type(directory).__name__
+                )
             self._adapters.append(_read_adapter(name, Path(directory), linears, dtype))
         self._slot_of = {a.name: slot for slot, a in enumerate(self._adapters, start=1)}
         self._groups: list[tuple[int, Tensor]] = []
         self._hooks = [
-            linears[layer].register_forward_hook(self._hook(layer))
+            linears[layer].register_forward_hook(_hook(weakref.ref(self), layer))
             for layer in sorted({layer for a in self._adapters for layer in a.layers})
         ]
+        # The hooks hold only a weak reference to this object, so that dropping it (its
+        # engine) takes them off the model, with the adapters' memory.
+        weakref.finalize(self, _remove_hooks, self._hooks)
 
     @property
     def names(self) -> list[str]:
@@ -224,22 +248,31 @@ class LoraAdapters:
 
     def remove(self) -> None:
         """Take the hooks off the model (it computes as the plain base again)."""
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        _remove_hooks(self._hooks)
         self._groups = []
 
-    def _hook(self, layer: str):
-        def add_lora(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
-            if not self._groups:
-                return output
-            x = args[0].reshape(-1, args[0].shape[-1])
-            flat = output.view(-1, output.shape[-1])  # a Linear output: contiguous
-            for slot, rows in self._groups:
-                pair = self._adapters[slot - 1].layers.get(layer)
-                if pair is not None:
-                    a, b = pair
-                    flat.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
-            return output
 
-        return add_lora
+def _remove_hooks(hooks: list[RemovableHandle]) -> None:
+    for hook in hooks:
+        hook.remove()
+    hooks.clear()
+
+
+def _hook(ref: weakref.ref[LoraAdapters], layer: str):
+    """The forward hook of `layer`: adds each adapter's update to its rows. It reaches the
+    adapters through a weak reference: a hook on the model must not keep them alive."""
+
+    def add_lora(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+        adapters = ref()
+        if adapters is None or not adapters._groups:
+            return output
+        x = args[0].reshape(-1, args[0].shape[-1])
+        flat = output.view(-1, output.shape[-1])  # a Linear output: contiguous
+        for slot, rows in adapters._groups:
+            pair = adapters._adapters[slot - 1].layers.get(layer)
+            if pair is not None:
+                a, b = pair
+                flat.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+        return output
+
+    return add_lora
