@@ -632,3 +632,45 @@ def test_tokenization_script_writes_where_output_says(tmp_path, monkeypatch, cap
     runpy.run_path(str(BENCHMARKS / "tokenization.py"), run_name="__main__")
     results = json.loads(out.read_text())
     assert results["examples"] == 40 and results["open_instruct"]["identical_to_tulu"]
+
+
+LORA_BAD = [
+    (["--rank", "0"], "--rank must be a positive integer"),
+    (["--num-requests", "-1"], "--num-requests must be a positive integer"),
+    (["--output-len", "0"], "--output-len must be a positive integer"),
+    (["--repeats", "0"], "--repeats must be a positive integer"),
+    (["--output", "."], "--output .: is a directory"),
+]
+
+
+@pytest.mark.parametrize(("extra", "message"), LORA_BAD, ids=[" ".join(e) for e, _ in LORA_BAD])
+def test_lora_script_refuses_bad_settings_at_once(extra, message, monkeypatch, capsys) -> None:
+    pytest.importorskip("peft")
+    work = (workloads, "random_model")
+    code, err = run_script("lora.py", ["--preset", "pythia-14m", *extra], monkeypatch, capsys, work)
+    assert code in (1, 2) and "Traceback" not in err
+    assert f"lora.py: error: {message}" in err
+
+
+def test_lora_script_measures_and_agrees_with_peft(tmp_path, monkeypatch, capsys) -> None:
+    """A small run end to end: every figure is there, and tulu's unmerged adapters give PEFT's
+    greedy tokens for every request (float32)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import runpy
+
+    out = tmp_path / "lora.json"
+    argv = ["--preset", "pythia-14m", "--layers", "2", "--num-requests", "6"]
+    argv += ["--prompt-len", "12", "--output-len", "5", "--adapters", "3", "--rank", "4"]
+    argv += ["--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["lora.py", *argv, "--output", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCHMARKS / "lora.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    results = json.loads(out.read_text())
+    assert results["greedy_agreement_with_peft"] == "6/6"
+    for key in ("tulu_base", "tulu_adapters_loaded_unused", "tulu_mixed_adapters"):
+        assert results[key]["output_tokens"] == 30
+    for key in ("transformers_base", "peft_mixed_adapters"):
+        assert results[key]["output_tokens"] == 30 and len(results[key]["runs_tokens_per_s"]) == 1
+    assert results["ratio_tulu_vs_peft"] > 0 and "tulu / PEFT" in capsys.readouterr().out
