@@ -115,7 +115,8 @@ def _edit_config(directory: Path, **changes) -> None:
         ({"alora_invocation_tokens": [7, 8]}, "alora_invocation_tokens is set"),
         ({"arrow_config": {"top_k": 2}}, "arrow_config is set"),
         ({"r": 8}, r"lora_A.weight has shape \[4, 64\], expected \[8, 64\]"),
-        ({"lora_alpha": "x"}, "lora_alpha must be a positive number"),
+        ({"lora_alpha": "x"}, "lora_alpha must be a finite number"),
+        ({"lora_alpha": float("nan")}, "lora_alpha must be a finite number"),
         ({"peft_type": "IA3"}, "only LoRA adapters"),
     ],
 )
@@ -137,6 +138,33 @@ def test_lm_head_adapters_are_refused(lora_dirs: dict[str, Path], tmp_path: Path
     model = load_model(lora_dirs["base"], dtype=torch.float32)
     with pytest.raises(CheckpointError, match="adapts the LM head.*merge-lora"):
         LoraAdapters(model, {"head": head})
+    # trained on transformers 5's GPT-NeoX, whose LM head is called lm_head
+    from safetensors.torch import load_file, save_file
+
+    weights = head / "adapter_model.safetensors"
+    renamed = {k.replace("embed_out", "lm_head"): v for k, v in load_file(weights).items()}
+    save_file(renamed, weights)
+    with pytest.raises(CheckpointError, match="lm_head.lora_A.weight adapts the LM head"):
+        LoraAdapters(model, {"head": head})
+
+
+@torch.no_grad()
+def test_a_negative_alpha_subtracts_the_adapter_as_in_peft(
+    lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT takes any lora_alpha; a negative one (subtracting an adapter) was refused."""
+    import shutil
+
+    negative = Path(shutil.copytree(lora_dirs["sql"], tmp_path / "negative"))
+    _edit_config(negative, lora_alpha=-8)
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    adapters = LoraAdapters(model, {"neg": negative})
+    ids = torch.arange(3, 13).unsqueeze(0)
+    adapters.use([1] * 10, "cpu")
+    got = model(ids)
+    want = merge_lora(load_adapter(load_model(lora_dirs["base"]), negative))(ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    adapters.remove()
 
 
 def test_an_adapter_of_another_base_is_refused(lora_dirs: dict[str, Path], tmp_path: Path) -> None:

@@ -130,6 +130,19 @@ def test_adapter_needs_merge_flag(adapter_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_an_adapter_peft_cannot_merge_is_a_clear_error(adapter_dir: Path, tmp_path: Path) -> None:
+    """aLoRA adapters (PEFT >= 0.17) load but cannot be merged: PEFT's NotImplementedError
+    was a traceback from `tulu export --merge-lora` and from loading ADAPTER_DIR."""
+    if not hasattr(peft.LoraConfig(), "alora_invocation_tokens"):
+        pytest.skip("this PEFT has no aLoRA")
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "alora_invocation_tokens": [7, 8]}))
+    with pytest.raises(CheckpointError, match="PEFT cannot merge this adapter: .*aLoRA"):
+        export_checkpoint(adapter_dir, tmp_path / "merged", merge_lora=True)
+    assert not (tmp_path / "merged").exists()
+
+
 def test_merged_adapter_has_the_adapted_logits(
     adapter_dir: Path, base_dir: Path, tmp_path: Path
 ) -> None:

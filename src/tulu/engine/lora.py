@@ -50,10 +50,14 @@ class _Adapter:
     layers: dict[str, tuple[Tensor, Tensor]]
 
 
-def _number(config: Mapping[str, Any], key: str, default: Any, where: Path) -> Any:
+def _number(
+    config: Mapping[str, Any], key: str, default: Any, where: Path, *, positive: bool = True
+) -> Any:
     value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-        raise CheckpointError(f"{where}: {key} must be a positive number, got {value!r}")
+    wrong = isinstance(value, bool) or not isinstance(value, int | float)
+    if wrong or not math.isfinite(value) or (positive and value <= 0):
+        need = "a positive number" if positive else "a finite number"
+        raise CheckpointError(f"{where}: {key} must be {need}, got {value!r}")
     return value
 
 
@@ -91,7 +95,8 @@ def _read_adapter(
     where = directory / ADAPTER_CONFIG
     _check_scope(config, where)
     rank = _number(config, "r", 8, where)
-    alpha = _number(config, "lora_alpha", 8, where)
+    # PEFT takes any alpha: a negative one subtracts an adapter, zero switches it off.
+    alpha = _number(config, "lora_alpha", 8, where, positive=False)
     if not isinstance(rank, int):
         raise CheckpointError(f"{where}: r must be an integer, got {rank!r}")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
@@ -112,14 +117,12 @@ def _read_adapter(
                 f"(embedding LoRA, DoRA or saved modules); {_MERGE_HINT}"
             )
         if layer not in linears:
-            kind = "the LM head" if layer == "embed_out" else "no linear layer of the model"
+            # transformers 5 calls the LM head lm_head, GPT-NeoX (and tulu) embed_out
+            head = layer in ("embed_out", "lm_head")
+            kind = "the LM head" if head else "no linear layer of the model"
             raise CheckpointError(
                 f"{directory}: tensor {key} adapts {kind}; "
-                + (
-                    _MERGE_HINT
-                    if layer == "embed_out"
-                    else "is the base the one it was trained on?"
-                )
+                + (_MERGE_HINT if head else "is the base the one it was trained on?")
             )
         halves.setdefault(layer, {})[half] = tensor
     if not halves:

@@ -341,7 +341,10 @@ def merge_lora(peft_model: Any) -> GPTNeoXForCausalLM:
     built model would be.
     """
     _untie_adapted_head(peft_model.get_base_model())
-    merged = peft_model.merge_and_unload()
+    try:
+        merged = peft_model.merge_and_unload()
+    except (NotImplementedError, ValueError) as err:  # e.g. aLoRA: "does not support merging"
+        raise CheckpointError(f"PEFT cannot merge this adapter: {err}") from None
     if not isinstance(merged, GPTNeoXForCausalLM):
         raise ConfigError(
             f"merge_lora: expected a GPTNeoXForCausalLM under the adapter, got "
