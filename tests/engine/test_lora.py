@@ -419,3 +419,41 @@ def test_the_decode_fast_path_is_turned_off_with_a_warning_only_when_it_was_on(
         assert ("decode fast path (sdpa) is off" in caplog.text) is warned
         want = generate_ids(merged_models["sql"], prompt, GREEDY).token_ids
         assert run_engine(engine, [(prompt, "sql")]) == [want]
+
+
+# --------------------------------------------------------------------------------------- GPU
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_adapters_on_cuda_match_their_merged_models(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    """The same mixed batch on a CUDA model: float32 greedy tokens equal the merged models'
+    (computed on the CPU), with `auto` (the fast path on CUDA) turned off for the adapters;
+    in bfloat16 the adapted logits stay within bfloat16 rounding of the merged model's."""
+    model = load_model(lora_dirs["base"], dtype=torch.float32, device="cuda").eval()
+    engine = LLMEngine(
+        model,
+        None,
+        EngineConfig(decode_attention="auto", kv_cache_bytes=64 << 20, block_size=4),
+        lora_modules={"sql": lora_dirs["sql"], "poet": lora_dirs["poet"]},
+    )
+    _engines.append(engine)
+    assert engine.decode_runner is None
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 320, (n,), generator=gen).tolist() for n in (5, 17, 30, 9)]
+    requests = list(zip(prompts, [None, "sql", "poet", "sql"], strict=True))
+    want = [generate_ids(merged_models[n], p, GREEDY).token_ids for p, n in requests]
+    assert run_engine(engine, requests) == want
+
+    half = load_model(lora_dirs["base"], dtype=torch.bfloat16, device="cuda").eval()
+    adapters = LoraAdapters(half, {"sql": lora_dirs["sql"]})
+    ids = torch.tensor([prompts[2]], device="cuda")
+    adapters.use([1] * ids.shape[1], "cuda")
+    with torch.no_grad():
+        got = half(ids).float().cpu()
+        ref = merged_models["sql"](ids.cpu())
+    adapters.remove()
+    assert (got - ref).abs().max() < 0.1 * ref.abs().max()
