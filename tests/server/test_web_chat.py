@@ -20,6 +20,7 @@ Skipped, with the reason, when selenium, chromium or chromedriver is missing
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
@@ -181,8 +182,15 @@ class LiveServer:
 @pytest.fixture(scope="module")
 def chat_server(tiny_checkpoint):
     """A live server (its own, not conftest's `launch_server`: the recorder wraps the app)."""
-    tokenizer = tiny_checkpoint.tokenizer
-    engine = LLMEngine(tiny_checkpoint.model, tokenizer, EngineConfig())
+    engine = LLMEngine(tiny_checkpoint.model, tiny_checkpoint.tokenizer, EngineConfig())
+    with live_server(engine) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def live_server(engine: LLMEngine):
+    """uvicorn serving `engine` as MODEL_NAME, with API_KEY, behind a ChatRecorder."""
+    tokenizer = engine.tokenizer
     settings = ServerSettings(served_model_name=MODEL_NAME, api_key=API_KEY, drain_timeout=1.0)
     app = create_app(engine, tokenizer, settings)
     recorder = ChatRecorder(app)
@@ -589,3 +597,61 @@ def test_streamed_events_split_across_reads_and_error_events(chat_server, browse
         assert len(history(driver)) == 2
     finally:
         server.recorder.canned = None
+
+
+# ---------------------------------------------------------------------------- LoRA adapters
+@pytest.fixture(scope="module")
+def lora_chat_server(tiny_checkpoint, tiny_checkpoint_dir, tmp_path_factory):
+    """A live server with two LoRA adapters (`tulu serve --lora-modules`)."""
+    pytest.importorskip("peft")
+    from train.conftest import random_adapter
+    from tulu.model.checkpoint import load_model
+
+    root = tmp_path_factory.mktemp("web-chat-adapters")
+    adapters = {
+        name: random_adapter(tiny_checkpoint_dir, root / name, seed=seed, scale=0.3)
+        for seed, name in enumerate(("sql", "poet"), start=1)
+    }
+    model = load_model(tiny_checkpoint_dir).eval()
+    engine = LLMEngine(model, tiny_checkpoint.tokenizer, EngineConfig(), lora_modules=adapters)
+    with live_server(engine) as server:
+        yield server
+
+
+def test_the_adapter_picker_sends_the_chosen_adapter(lora_chat_server, browser):
+    """With adapters, the page offers the base and each adapter; a reply comes from the one
+    chosen (the same text as the API gives for that model), and the choice can change within
+    a conversation."""
+    from selenium.webdriver.support.ui import Select
+
+    server, driver = lora_chat_server, browser
+    open_page(driver, server)
+    picker = driver.find_element(By.ID, "adapter")
+    wait_for(driver, lambda d: picker.is_displayed(), "the adapter picker")
+    options = [(o.get_attribute("value"), o.text) for o in Select(picker).options]
+    assert options == [("tiny", "base model"), ("sql", "LoRA: sql"), ("poet", "LoRA: poet")]
+    assert Select(picker).first_selected_option.get_attribute("value") == "tiny"
+    set_field(driver, "temperature", "0")
+    set_field(driver, "max-tokens", "12")
+
+    replies = []
+    for model in ("sql", "tiny"):
+        Select(picker).select_by_value(model)
+        send_and_wait(driver, "Write a query")
+        body = server.recorder.bodies[-1]
+        assert body["model"] == model
+        expected = server.post_chat({k: v for k, v in body.items() if k != "stream"})
+        assert expected.status_code == 200, expected.text
+        content = bubbles(driver, "assistant")[-1].find_element(By.CLASS_NAME, "content")
+        replies.append(text_of(driver, content))
+        assert replies[-1] == expected.json()["choices"][0]["message"]["content"]
+    # the two turns were answered by different models (the adapter changes the text)
+    base_alone = server.post_chat(
+        {
+            "model": "tiny",
+            "messages": server.recorder.bodies[0]["messages"],
+            "temperature": 0,
+            "max_tokens": 12,
+        }
+    )
+    assert base_alone.json()["choices"][0]["message"]["content"] != replies[0]
