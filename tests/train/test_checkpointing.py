@@ -3,6 +3,7 @@ picks, and an exact round trip of model, optimizer and RNG states."""
 
 from __future__ import annotations
 
+import json
 import random
 from pathlib import Path
 
@@ -108,13 +109,53 @@ def test_keep_last_prunes_the_oldest(tmp_path: Path) -> None:
 
 
 def test_resave_of_the_same_step_replaces_it(tmp_path: Path) -> None:
+    """The new checkpoint takes the name; the old one (a run saves each step once, so it is
+    an abandoned run's) is moved aside like the abandoned run's later ones."""
     config = make_config(tmp_path)
+    root = Path(config.checkpoint.output_dir)
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     one_step(model, optimizer, 0)
     save(config, 3, model, optimizer)
+    (root / ".tmp-step-000003").mkdir()  # a leftover of a killed save is simply replaced
     save(config, 3, model, optimizer)
-    assert [p.name for p in Path(config.checkpoint.output_dir).iterdir()] == ["step-000003"]
+    assert sorted(p.name for p in root.iterdir()) == ["abandoned", "step-000003"]
+    assert [p.name for p in (root / "abandoned").iterdir()] == ["step-000003"]
+
+
+def test_resuming_from_an_earlier_checkpoint_keeps_every_abandoned_one(tmp_path: Path) -> None:
+    """A run to step 12 resumed from step 4 (say with a lower lr after a loss spike): its
+    save of step 8 deleted the abandoned run's step 8 (swapped out), while the abandoned
+    run's step 12 was moved aside; both are moved aside now."""
+    config = make_config(tmp_path, keep_last=3)
+    root = Path(config.checkpoint.output_dir)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+
+    def save_marked(step: int, run: str) -> Path:
+        return save_checkpoint(
+            config,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            trainer_state={"run": run, "scheduler": {}},
+            metrics=[],
+            world=World(),
+        )
+
+    def run_of(path: Path) -> str:
+        return json.loads((path / "trainer.json").read_text())["run"]
+
+    for step in (4, 8, 12):
+        save_marked(step, "first")
+    save_marked(8, "resumed")
+    assert [(s, run_of(p)) for s, p in list_checkpoints(root)] == [(4, "first"), (8, "resumed")]
+    aside = root / "abandoned"
+    assert {p.name: run_of(p) for p in aside.iterdir()} == {
+        "step-000008": "first",
+        "step-000012": "first",
+    }
 
 
 def test_checkpoints_after_the_saved_step_are_from_an_abandoned_run(tmp_path: Path) -> None:

@@ -579,6 +579,29 @@ def test_dry_run_exits_1_on_an_invalid_model_config(
         train(make_config(assets, tmp_path / "out", override))
 
 
+def test_dry_run_exits_1_on_a_revision_with_a_local_model_path(
+    assets: Path, tmp_path: Path, capsys
+) -> None:
+    """The real run refuses ``model.revision`` with a local ``model.path`` (it could not
+    apply); the dry run read the directory's config.json and exited 0."""
+    from tulu.cli import main
+    from tulu.model.checkpoint import save_model
+
+    config = build_model_config(make_config(assets, tmp_path), Tokenizer.load(assets / "tokenizer"))
+    local = save_model(GPTNeoXForCausalLM(config), tmp_path / "local")
+    data = config_data(assets, tmp_path / "out")
+    data["model"].pop("config")
+    data["model"].update(path=str(local), revision="v1")
+    path = write_config(tmp_path / "c.yaml", data)
+    expected = f"{local}: revision 'v1' applies to hub ids only"
+    assert main(["train", str(path), "--dry-run"]) == 1
+    out, err = capsys.readouterr()
+    assert f"model: {local}; error: {expected}" in out
+    assert "dry run found 1 problem(s)" in err and expected in err
+    with pytest.raises(CheckpointError, match=re.escape(expected)):
+        train(parse_train_config(data))
+
+
 @pytest.mark.parametrize("key", ["train", "validation"])
 def test_a_missing_data_file_stops_the_run_before_the_model_is_built(
     assets: Path, tmp_path: Path, monkeypatch, key: str

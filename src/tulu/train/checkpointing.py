@@ -16,11 +16,12 @@ A checkpoint is a directory ``output_dir/step-000010/``::
 **Atomic**: everything is written into ``output_dir/.tmp-step-000010/`` and renamed into
 place when complete, so a ``step-*`` directory is always whole; a run killed while saving
 leaves only a ``.tmp-*`` directory, which resume ignores and the next run removes. A
-checkpoint that must replace one of the same name (a ``resume: never`` rerun) is swapped in
-the same way (old renamed aside, new renamed in, old deleted). Pruning to
-``checkpoint.keep_last`` deletes trainer.json first, so a half-deleted directory never looks
-complete either. Checkpoints of later steps than the one just written are left over from an
-abandoned run in the same directory: they are moved into ``abandoned/`` (see `_prune`).
+leftover of the same name that is not complete is swapped out the same way (old renamed
+aside, new renamed in, old deleted). Pruning to ``checkpoint.keep_last`` deletes trainer.json
+first, so a half-deleted directory never looks complete either. A run saves each step once,
+after training it, so a complete checkpoint of the same step or a later one is left over from
+an abandoned run in the same directory (a ``resume: never`` rerun, or a resume from an earlier
+checkpoint): it is moved into ``abandoned/`` (see `_prune`).
 
 **Resume** (``checkpoint.resume``): ``auto`` takes the latest complete checkpoint in
 `output_dir` (none: start fresh), ``never`` starts fresh, anything else is the path of a
@@ -229,6 +230,8 @@ def save_checkpoint(
             if tokenizer is not None:
                 tokenizer.save(tmp / TOKENIZER_DIR)
             _write_json(tmp / TRAINER_FILE, {**trainer_state, "step": step})
+            if is_complete(final):  # an abandoned run's: kept, as its later ones (`_prune`)
+                _set_aside(root, final)
             _swap_in(tmp, final)
             _prune(root, config.checkpoint.keep_last, step)
     except OSError as err:
@@ -281,7 +284,7 @@ def _set_aside(root: Path, path: Path) -> None:
         target = aside / f"{path.name}-{n}"
     path.rename(target)
     print(
-        f"{path.name} is from an abandoned run (later than this run's checkpoints); "
+        f"{path.name} is from an abandoned run (this run has not saved it); "
         f"moved to {target} (resume ignores it; delete it when no longer needed)",
         file=sys.stderr,
     )

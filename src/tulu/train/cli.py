@@ -202,6 +202,7 @@ def _local_tokenizer(config: Any) -> Any:
 def _model_config(config: Any, tokenizer: Any) -> tuple[Any, str]:
     """(NeoXConfig or None, where it came from), without downloading weights."""
     from tulu.errors import TuluError
+    from tulu.model.checkpoint import refuse_local_revision
     from tulu.model.config import NeoXConfig, preset
     from tulu.train.trainer import build_model_config
 
@@ -209,6 +210,8 @@ def _model_config(config: Any, tokenizer: Any) -> tuple[Any, str]:
     if not m.path:
         return build_model_config(config, tokenizer), "fresh model"
     local = Path(m.path).expanduser()
+    if local.is_dir():  # the real run refuses a revision here (`resolve_checkpoint`)
+        refuse_local_revision(local, m.revision)
     if (local / "config.json").is_file():
         return NeoXConfig.from_json(local / "config.json"), str(local / "config.json")
     cached = _hub_file(m.path, "config.json", m.revision)
