@@ -706,6 +706,39 @@ def test_tulu_eval_unwritable_output_files_fail_before_the_model_loads(
     assert "Traceback" not in err
 
 
+def test_tulu_eval_output_dir_that_takes_no_new_file_fails_before_the_model_loads(
+    bundled, tmp_path, monkeypatch, capsys
+):
+    """Results are replaced through a temporary file beside them: a directory that takes no
+    new file (read-only, full) must be found before the model loads, even when the results
+    files themselves are writable."""
+    import tulu.pretrained
+    from tulu.cli import main
+
+    def load_pretrained(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    real_write_text = Path.write_text
+
+    def write_text(self, *args, **kwargs):
+        if self.name == ".results.json.tmp":
+            raise OSError(30, "Read-only file system")
+        return real_write_text(self, *args, **kwargs)
+
+    monkeypatch.setattr(tulu.pretrained, "load_pretrained", load_pretrained)
+    monkeypatch.setattr(Path, "write_text", write_text)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_bytes(b"{}")
+    args = ["eval", str(tmp_path / "model"), "--data-dir", str(bundled.data_dir)]
+    args += ["--task", "gsm_direct", "--gsm-exemplars", str(bundled.gsm_exemplars)]
+    assert main([*args, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    expected = f"--output: cannot write {out / 'results.json'} (Read-only file system)"
+    assert expected in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["cache.jsonl", "results.json"]
+
+
 def test_tulu_eval_results_that_cannot_be_written_are_a_clear_error(
     bundled, tmp_path, monkeypatch, capsys
 ):
@@ -729,7 +762,7 @@ def test_tulu_eval_results_that_cannot_be_written_are_a_clear_error(
     real_write_text = Path.write_text
 
     def write_text(self, text, *rest, **kwargs):
-        if self.name == ".results.json.tmp":
+        if self.name == ".results.json.tmp" and text:  # not the empty probe at the start
             real_write_text(self, text[:10], *rest, **kwargs)  # the disk fills up midway
             raise OSError(28, "No space left on device")
         return real_write_text(self, text, *rest, **kwargs)

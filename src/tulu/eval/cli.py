@@ -6,6 +6,7 @@ Building the parser imports nothing heavy (``tulu --help`` stays fast).
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
@@ -151,15 +152,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise TuluError(
             f"--output {args.output}: cannot create the directory ({err.strerror})"
         ) from None
-    # Writable, checked before the model loads: the cache (created here anyway) and any
-    # results files already there (not created, so a failed start leaves no empty ones).
+    # Writable, checked before the model loads: the cache (created here anyway), and the
+    # results, which replace their files through temporary ones (`_write_atomically`): the
+    # directory must take a new file and the name must not be a directory.
     for name in ("cache.jsonl", "results.json", "results.md"):
         path = args.output / name
-        if name != "cache.jsonl" and not path.exists():
-            continue
         try:
-            with open(path, "a", encoding="utf-8"):
-                pass
+            if name == "cache.jsonl":
+                with open(path, "a", encoding="utf-8"):
+                    pass
+            elif path.is_dir():
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+            else:
+                probe = path.with_name(f".{name}.tmp")
+                probe.write_text("", encoding="utf-8")
+                probe.unlink()
         except OSError as err:
             raise TuluError(f"--output: cannot write {path} ({err.strerror})") from None
     tokenizer, backend, identity = _backend(args)
