@@ -110,6 +110,7 @@ def _edit_config(directory: Path, **changes) -> None:
     [
         ({"use_dora": True}, "use_dora is set"),
         ({"bias": "all"}, "bias is set"),
+        ({"lora_bias": True}, "lora_bias is set"),
         ({"modules_to_save": ["embed_out"]}, "modules_to_save is set"),
         ({"rank_pattern": {"dense": 2}}, "rank_pattern is set"),
         ({"alora_invocation_tokens": [7, 8]}, "alora_invocation_tokens is set"),

@@ -70,6 +70,7 @@ def _check_scope(config: Mapping[str, Any], where: Path) -> None:
         "rank_pattern": bool(config.get("rank_pattern")),
         "alpha_pattern": bool(config.get("alpha_pattern")),
         "bias": config.get("bias", "none") not in (None, "none"),
+        "lora_bias": bool(config.get("lora_bias")),  # a bias on lora_B (PEFT >= 0.14)
         # PEFT's LoRA variants whose tensors look plain but which compute otherwise: aLoRA
         # adapts only the tokens from its invocation sequence on, Arrow routes between
         # adapters, KaSA changes the base weight.

@@ -236,11 +236,10 @@ _SPECIAL_IDS: weakref.WeakKeyDictionary[Tokenizer, frozenset[int]] = weakref.Wea
 
 
 def _special_ids(tokenizer: Tokenizer) -> frozenset[int]:
+    """`Tokenizer.special_ids`, computed once per tokenizer (every streamed request asks)."""
     ids = _SPECIAL_IDS.get(tokenizer)
     if ids is None:
-        decoder = tokenizer.backend.get_added_tokens_decoder()
-        ids = frozenset(i for i, token in decoder.items() if token.special)
-        _SPECIAL_IDS[tokenizer] = ids
+        ids = _SPECIAL_IDS[tokenizer] = tokenizer.special_ids()
     return ids
 
 
