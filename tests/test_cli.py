@@ -422,6 +422,55 @@ def test_generate_jsonl_file_to_file(ckpt: Checkpoint, tmp_path: Path, capsys) -
     assert results[0]["meta"] == {"k": [1, 2]}
 
 
+def test_generate_with_lora_modules_picks_each_records_adapter(
+    ckpt: Checkpoint, tmp_path: Path, capsys
+) -> None:
+    """`--lora-modules` runs adapters unmerged in one batch; a record's `lora` field (else
+    `--lora`, else the base) picks one. Each output is what the merged adapter generates."""
+    pytest.importorskip("peft")
+    from train.conftest import random_adapter
+
+    adapters = {
+        name: random_adapter(ckpt.directory, tmp_path / name, seed=seed, scale=0.3)
+        for seed, name in enumerate(("sql", "poet"), start=1)
+    }
+    records = [
+        {"prompt": "Name a color.", "lora": "sql"},
+        {"prompt": "Name a color."},
+        {"prompt": "Name a color.", "lora": None},
+        {"prompt": "Write a line.", "lora": "poet"},
+    ]
+    source = write_jsonl(tmp_path / "prompts.jsonl", records)
+    modules = ["--lora-modules", *(f"{n}={d}" for n, d in adapters.items())]
+    argv = ["generate", ckpt.directory, *CPU, "--input", source, "--max-tokens", "8", *modules]
+    rc, out, err = run(capsys, *argv, "--lora", "poet")
+    assert rc == 0, err
+    outputs = [r["output"] for r in read_jsonl(out)]
+    assert [r.get("lora") for r in read_jsonl(out)] == ["sql", None, None, "poet"]
+
+    def merged(name: str | None, prompt: str) -> str:
+        model = ckpt.directory if name is None else adapters[name]
+        rc, out, err = run(capsys, "generate", model, *CPU, "--prompt", prompt, "--max-tokens", "8")
+        assert rc == 0, err
+        return out.rstrip("\n")
+
+    # record 1 has no field: --lora poet applies; record 2 says null: the base
+    wanted = [("sql", "Name a color."), ("poet", "Name a color.")]
+    wanted += [(None, "Name a color."), ("poet", "Write a line.")]
+    assert outputs == [merged(n, p) for n, p in wanted]
+    assert len(set(outputs[:3])) == 3  # three models, three continuations
+
+    for extra, message in [
+        (["--lora", "sq1"], "--lora: no adapter named 'sq1'; loaded: 'sql', 'poet'"),
+        ([], None),
+    ]:
+        bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "lora": "nope"}])
+        argv = ["generate", ckpt.directory, *CPU, "--input", bad, *modules, *extra]
+        rc, out, err = run(capsys, *argv)
+        assert rc == 1 and out == ""
+        assert (message or "bad.jsonl:1: field 'lora': no adapter named 'nope'") in err
+
+
 def test_generate_jsonl_to_stdout_raw(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
     source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "The sky"}, {"prompt": "Birds", "n": 2}])
     rc, out, _ = run(

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--raw", action="store_true", help="use prompts as plain text, not the chat format"
     )
     gen.add_argument("--system", help="system prompt for chat-format prompts")
+    _add_lora_modules_arg(gen, "a record picks one with its 'lora' field, or --lora for all")
+    gen.add_argument("--lora", metavar="NAME", help="the adapter of every prompt (default: base)")
     _add_sampling_args(gen, temperature=0.0, max_tokens=256)
 
     chat = sub.add_parser("chat", help="interactive chat in the Tulu format (streams replies)")
@@ -124,13 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--served-model-name", default=None, help="model id in the APIs (default: MODEL)"
     )
-    serve.add_argument(
-        "--lora-modules",
-        nargs="+",
-        default=[],
-        metavar="NAME=DIR",
-        help="LoRA adapters served unmerged beside the base model, as in vLLM: a request picks "
-        "one with model=NAME (OpenAI) or parameters.adapter_id=NAME (TGI)",
+    _add_lora_modules_arg(
+        serve, "a request picks one with model=NAME (OpenAI) or parameters.adapter_id=NAME (TGI)"
     )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     add_decode_path_arguments(serve)
@@ -186,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="training config overrides")
     return parser
+
+
+def _add_lora_modules_arg(parser: argparse.ArgumentParser, picking: str) -> None:
+    parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help=f"LoRA adapters run unmerged beside the base model, as in vLLM: {picking}",
+    )
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -247,6 +254,26 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     return prompts
 
 
+def _adapters_of(
+    args: argparse.Namespace, prompts: list[tuple[str, dict[str, Any], Any]]
+) -> tuple[dict[str, str], list[str | None]]:
+    """(--lora-modules as {name: dir}, the adapter of each prompt): a record's 'lora' field,
+    else --lora, else None (the base); every name checked before the model loads."""
+    from tulu.engine.lora import parse_lora_modules
+
+    modules = parse_lora_modules(args.lora_modules)
+    known = ", ".join(map(repr, modules)) or "none (give them with --lora-modules NAME=DIR)"
+    if args.lora is not None and args.lora not in modules:
+        raise TuluError(f"--lora: no adapter named {args.lora!r}; loaded: {known}")
+    names = []
+    for where, record, _ in prompts:
+        name = record.get("lora", args.lora)
+        if name is not None and (not isinstance(name, str) or name not in modules):
+            raise TuluError(f"{where}: field 'lora': no adapter named {name!r}; loaded: {known}")
+        names.append(name)
+    return modules, names
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -257,12 +284,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     params = _sampling_params(args)
     prompts = _prompts_of(args)
+    lora_modules, lora_names = _adapters_of(args, prompts)
     check_output(args.output)
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
     window = loaded.model.config.max_position_embeddings
-    llm = LLM(loaded.model, loaded.tokenizer, EngineConfig())
+    llm = LLM(loaded.model, loaded.tokenizer, EngineConfig(), lora_modules=lora_modules)
     jobs = []  # (record, prompt ids, params) for every input, checked before generating
     for where, record, prompt in prompts:
         try:
@@ -288,6 +316,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         [p for _, _, p in jobs],
         on_output=on_output,
         progress=len(jobs) > 16 and sys.stderr.isatty(),
+        lora=lora_names,
     )
     results = [
         {

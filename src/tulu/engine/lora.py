@@ -33,7 +33,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tulu.errors import CheckpointError, GenerationError
 
-__all__ = ["LoraAdapters"]
+__all__ = ["LoraAdapters", "parse_lora_modules"]
 
 _PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
@@ -181,6 +181,35 @@ def _checked_pair(
     a = a.to(device=device, dtype=dtype).contiguous()
     b = (b.to(torch.float32) * scale).to(device=device, dtype=dtype).contiguous()
     return a, b
+
+
+def parse_lora_modules(specs: Sequence[str], *, reserved: str | None = None) -> dict[str, str]:
+    """``--lora-modules NAME=DIR ...`` (`tulu serve`, `tulu generate`) as {name: directory},
+    checked before anything loads.
+
+    A name is what requests put in ``model`` (OpenAI), ``adapter_id`` (TGI) or a record's
+    ``lora`` field, so it must be unique and differ from `reserved` (the base model's name).
+    """
+    modules: dict[str, str] = {}
+    for spec in specs:
+        name, sep, directory = spec.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name or not directory:
+            raise CheckpointError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
+        if name == reserved:
+            raise CheckpointError(
+                f"--lora-modules: {name!r} is the base model's served name; give the adapter "
+                "another name"
+            )
+        if name in modules:
+            raise CheckpointError(f"--lora-modules: the name {name!r} is given twice")
+        if not (Path(directory).expanduser() / "adapter_config.json").is_file():
+            raise CheckpointError(
+                f"--lora-modules {name}: {directory} is not a LoRA adapter directory (no "
+                "adapter_config.json)"
+            )
+        modules[name] = str(Path(directory).expanduser())
+    return modules
 
 
 class LoraAdapters:

@@ -14,7 +14,6 @@ import math
 import os
 import socket
 import time
-from pathlib import Path
 
 from tulu.errors import TuluError
 
@@ -31,6 +30,7 @@ def serve(args: argparse.Namespace) -> None:
             f"tulu serve needs the 'serve' extra: pip install 'tulu[serve]' ({err})"
         ) from None
     from tulu.engine.engine import EngineConfig, LLMEngine
+    from tulu.engine.lora import parse_lora_modules
     from tulu.engine.options import decode_path_settings
     from tulu.pretrained import load_pretrained
     from tulu.server.service import ServerSettings
@@ -62,7 +62,7 @@ def serve(args: argparse.Namespace) -> None:
         raise TuluError("--api-key is empty; omit the option to serve without an API key")
     api_key = args.api_key or os.environ.get("TULU_API_KEY") or None
     served_name = args.served_model_name or str(args.model)
-    lora_modules = parse_lora_modules(args.lora_modules, served_name)
+    lora_modules = parse_lora_modules(args.lora_modules, reserved=served_name)
     sock = listening_socket(args.host, args.port)
 
     started = time.perf_counter()
@@ -117,34 +117,6 @@ def serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=args.drain_timeout,
     )
     _graceful_server(config).run(sockets=[sock])
-
-
-def parse_lora_modules(specs: list[str], served_name: str) -> dict[str, str]:
-    """``--lora-modules NAME=DIR ...`` as {name: directory}, checked before anything loads.
-
-    A name is what requests put in ``model`` (OpenAI) or ``adapter_id`` (TGI), so it must be
-    unique and differ from the base model's served name.
-    """
-    modules: dict[str, str] = {}
-    for spec in specs:
-        name, sep, directory = spec.partition("=")
-        name, directory = name.strip(), directory.strip()
-        if not sep or not name or not directory:
-            raise TuluError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
-        if name == served_name:
-            raise TuluError(
-                f"--lora-modules: {name!r} is the base model's served name; give the adapter "
-                "another name"
-            )
-        if name in modules:
-            raise TuluError(f"--lora-modules: the name {name!r} is given twice")
-        if not (Path(directory).expanduser() / "adapter_config.json").is_file():
-            raise TuluError(
-                f"--lora-modules {name}: {directory} is not a LoRA adapter directory (no "
-                "adapter_config.json)"
-            )
-        modules[name] = str(Path(directory).expanduser())
-    return modules
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
