@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lora_modules_arg(
         serve, "a request picks one with model=NAME (OpenAI) or parameters.adapter_id=NAME (TGI)"
     )
+    serve.add_argument(
+        "--allow-runtime-lora-updating",
+        action="store_true",
+        help="serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): adapters "
+        "added and removed while serving; anyone with the API key can make the server read "
+        "an adapter directory",
+    )
     serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
     add_decode_path_arguments(serve)
     serve.add_argument(

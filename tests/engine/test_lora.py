@@ -422,6 +422,46 @@ def test_the_decode_fast_path_is_turned_off_with_a_warning_only_when_it_was_on(
         assert run_engine(engine, [(prompt, "sql")]) == [want]
 
 
+def test_adapters_load_and_unload_at_run_time(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    """As vLLM's runtime LoRA updates: an engine made with enable_lora and no adapters takes
+    one later; unloading waits for its requests; a name loaded again with another adapter
+    never meets the blocks cached for the first (slots are never reused)."""
+    model = load_model(lora_dirs["base"]).eval()
+    engine = LLMEngine(model, None, EngineConfig(block_size=4), enable_lora=True)
+    _engines.append(engine)
+    prompt = list(range(40, 66))
+    with pytest.raises(GenerationError, match="no adapter named 'x' \\(loaded: none are loaded\\)"):
+        engine.add_request(prompt, GREEDY, lora="x")
+    engine.load_lora("x", lora_dirs["sql"])
+    assert engine.lora.loaded == {"x": str(lora_dirs["sql"])}
+    want_sql = generate_ids(merged_models["sql"], prompt, GREEDY).token_ids
+    assert run_engine(engine, [(prompt, "x")]) == [want_sql]
+    with pytest.raises(CheckpointError, match="'x' is already loaded"):
+        engine.load_lora("x", lora_dirs["poet"])
+
+    engine.add_request(prompt, GREEDY, request_id="running", lora="x")
+    engine.step()
+    with pytest.raises(GenerationError, match="'x' is in use by 1 unfinished request"):
+        engine.unload_lora("x")
+    engine.abort("running")
+    engine.step()
+    engine.unload_lora("x")
+    assert engine.lora.loaded == {}
+
+    hits = engine.scheduler.prefix_hits
+    engine.load_lora("x", lora_dirs["poet"])  # the same name, another adapter
+    want_poet = generate_ids(merged_models["poet"], prompt, GREEDY).token_ids
+    assert run_engine(engine, [(prompt, "x")]) == [want_poet] != [want_sql]
+    assert engine.scheduler.prefix_hits == hits  # no block of the first 'x' was reused
+
+    plain = LLMEngine(model, None, EngineConfig())
+    _engines.append(plain)
+    with pytest.raises(GenerationError, match="LoRA is not enabled on this engine"):
+        plain.load_lora("x", lora_dirs["sql"])
+
+
 # --------------------------------------------------------------------------------------- GPU
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -458,3 +498,41 @@ def test_adapters_on_cuda_match_their_merged_models(
         ref = merged_models["sql"](ids.cpu())
     adapters.remove()
     assert (got - ref).abs().max() < 0.1 * ref.abs().max()
+
+
+def test_async_load_and_unload_between_steps(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    """AsyncLLM loads an adapter while serving (read off the engine thread), refuses to
+    unload it while a stream uses it, and a call after shutdown fails instead of hanging."""
+    import asyncio
+
+    from tulu.engine.async_engine import AsyncLLM, EngineDeadError
+
+    model = load_model(lora_dirs["base"]).eval()
+    engine = LLMEngine(model, None, EngineConfig(), enable_lora=True)
+    _engines.append(engine)
+    prompt = list(range(7, 27))
+
+    async def main() -> tuple[list[int], str]:
+        llm = AsyncLLM(engine)
+        llm.start()
+        await llm.load_lora("sql", str(lora_dirs["sql"]))
+        stream = llm.generate(prompt, GREEDY, lora="sql")
+        tokens = list((await anext(stream)).outputs[0].delta_token_ids)
+        try:
+            await llm.unload_lora("sql")
+            refusal = ""
+        except GenerationError as err:
+            refusal = str(err)
+        tokens += [t async for out in stream for t in out.outputs[0].delta_token_ids]
+        await llm.unload_lora("sql")
+        assert engine.lora.loaded == {}
+        await llm.shutdown()
+        with pytest.raises(EngineDeadError):
+            await llm.load_lora("poet", str(lora_dirs["poet"]))
+        return tokens, refusal
+
+    tokens, refusal = asyncio.run(main())
+    assert tokens == generate_ids(merged_models["sql"], prompt, GREEDY).token_ids
+    assert "'sql' is in use by 1 unfinished request" in refusal

@@ -196,3 +196,87 @@ def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkey
     service = app.state.service
     assert service.lora_adapters == {"sql": str(adapters["sql"]), "poet": str(adapters["poet"])}
     assert service.llm.engine.decode_runner is None
+
+
+def test_runtime_lora_updates_as_vllm(
+    make_server, tiny_checkpoint, tiny_checkpoint_dir, adapters, expected
+):
+    """POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's bodies and answers):
+    a loaded adapter serves at once and is listed; unloading takes it away."""
+    engine = LLMEngine(
+        load_model(tiny_checkpoint_dir).eval(), tiny_checkpoint.tokenizer, enable_lora=True
+    )
+    server = make_server(engine=engine, allow_runtime_lora_updating=True)
+    client = openai.OpenAI(base_url=server.base_url, api_key="none")
+
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(server.base_url + path, json=body, timeout=30)
+
+    def complete(model: str) -> str:
+        reply = client.completions.create(
+            model=model, prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0
+        )
+        return reply.choices[0].text
+
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    loaded = post("/load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters["sql"])})
+    assert loaded.status_code == 200
+    assert loaded.text == "Success: LoRA adapter 'sql' added successfully."
+    assert [m.id for m in client.models.list().data] == ["tiny", "sql"]
+    assert complete("sql") == expected["sql"][0]
+
+    again = post("/load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters["poet"])})
+    assert (
+        again.status_code == 400 and "'sql' is already loaded" in again.json()["error"]["message"]
+    )
+    missing = post("/load_lora_adapter", {"lora_name": "x", "lora_path": "/no/such/dir"})
+    assert (
+        missing.status_code == 400 and "adapter_config.json" in missing.json()["error"]["message"]
+    )
+    base = post("/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(adapters["sql"])})
+    assert base.status_code == 400 and "base model's served name" in base.text
+
+    removed = post("/unload_lora_adapter", {"lora_name": "sql"})
+    assert removed.status_code == 200
+    assert removed.text == "Success: LoRA adapter 'sql' removed successfully."
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    with pytest.raises(openai.NotFoundError):
+        complete("sql")
+    gone = post("/unload_lora_adapter", {"lora_name": "sql"})
+    assert gone.status_code == 404 and "no LoRA adapter named 'sql'" in gone.text
+
+    # loaded again under the same name, another adapter: its own text (no stale cache)
+    post("/load_lora_adapter", {"lora_name": "sql", "lora_path": str(adapters["poet"])})
+    assert complete("sql") == expected["poet"][0]
+
+
+def test_runtime_lora_updates_are_off_unless_allowed(server) -> None:
+    response = httpx.post(
+        server.base_url + "/load_lora_adapter", json={"lora_name": "a", "lora_path": "/tmp"}
+    )
+    assert response.status_code == 404
+
+
+def test_tulu_serve_allows_runtime_updates_without_initial_adapters(
+    tiny_checkpoint_dir, monkeypatch
+) -> None:
+    from tulu.cli import main
+    from tulu.server import launch
+
+    started = []
+
+    class Recorder:
+        def __init__(self, config) -> None:
+            started.append(config.app)
+
+        def run(self, sockets) -> None:
+            sockets[0].close()
+
+    monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    args = ["serve", str(tiny_checkpoint_dir), "--port", str(_free_port())]
+    assert main([*args, "--allow-runtime-lora-updating"]) == 0
+    (app,) = started
+    service = app.state.service
+    assert service.settings.allow_runtime_lora_updating
+    assert service.llm.engine.lora is not None and service.lora_adapters == {}
+    assert "/v1/load_lora_adapter" in app.openapi()["paths"]

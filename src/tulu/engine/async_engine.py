@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,11 +47,20 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _Call:
+    """Run `fn` on the engine thread (between steps) and settle `future` with its outcome."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
-        self._commands: queue.SimpleQueue[_Add | _Abort | None] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}  # by engine request id
+        self._calls: set[asyncio.Future] = set()  # `_on_engine_thread` calls not yet settled
         self._engine_ids: dict[str, str] = {}  # the caller's request id -> the engine's
         self._submissions = 0
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -146,6 +155,30 @@ class AsyncLLM:
             if not finished:
                 self._abort(engine_id)
 
+    async def load_lora(self, name: str, directory: str) -> None:
+        """Add LoRA adapter `name` while serving (the engine must have LoRA enabled). Its files
+        are read on a worker thread; only the hand-over waits for the engine's current step."""
+        adapters = self.engine._lora_enabled()
+        adapter = await asyncio.to_thread(adapters.read, name, directory)
+        await self._on_engine_thread(lambda: adapters.install(adapter))
+
+    async def unload_lora(self, name: str) -> None:
+        """Remove LoRA adapter `name`; refused (GenerationError) while a request uses it."""
+        await self._on_engine_thread(lambda: self.engine.unload_lora(name))
+
+    async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` run by the engine thread between two steps (never during one)."""
+        if not self.is_running:
+            raise EngineDeadError(f"the engine is not running ({self._error or 'not started'})")
+        future = asyncio.get_running_loop().create_future()
+        self._calls.add(future)
+        try:
+            self._commands.put(_Call(fn, future))
+            self._wake.set()
+            return await future
+        finally:
+            self._calls.discard(future)
+
     def abort(self, request_id: str) -> None:
         """Abort the running request with this (caller's) id; its stream ends with the notice."""
         engine_id = self._engine_ids.get(request_id)
@@ -171,6 +204,9 @@ class AsyncLLM:
         """
         for stream in self._streams.values():
             stream.put_nowait(error)
+        for future in self._calls:  # calls the engine thread will never run
+            if not future.done():
+                future.set_exception(error)
 
     def _run(self) -> None:
         loop = self._loop
@@ -199,6 +235,21 @@ class AsyncLLM:
         # Shut down: whoever still waits (a request submitted during shutdown) is told so.
         loop.call_soon_threadsafe(self._fail_all, EngineDeadError("the engine shut down"))
 
+    @staticmethod
+    def _settle(loop: asyncio.AbstractEventLoop, call: _Call) -> None:
+        try:
+            result = call.fn()
+        except TuluError as err:  # a refusal (in use, already loaded): the caller's to report
+            outcome: tuple[str, Any] = ("set_exception", err)
+        else:
+            outcome = ("set_result", result)
+
+        def settle() -> None:
+            if not call.future.done():  # the caller may have been cancelled meanwhile
+                getattr(call.future, outcome[0])(outcome[1])
+
+        loop.call_soon_threadsafe(settle)
+
     def _apply_commands(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
             try:
@@ -209,6 +260,9 @@ class AsyncLLM:
                 return
             if isinstance(command, _Abort):
                 self.engine.abort(command.request_id)
+                continue
+            if isinstance(command, _Call):
+                self._settle(loop, command)
                 continue
             try:
                 self.engine.add_request(

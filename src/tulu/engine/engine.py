@@ -162,14 +162,18 @@ class LLMEngine:
         tokenizer: Tokenizer | None,
         config: EngineConfig | None = None,
         lora_modules: Mapping[str, str | os.PathLike[str]] | None = None,
+        *,
+        enable_lora: bool = False,
     ):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        # Unmerged LoRA adapters a request may name (`add_request(..., lora=name)`).
-        self.lora = LoraAdapters(model, lora_modules) if lora_modules else None
+        # Unmerged LoRA adapters a request may name (`add_request(..., lora=name)`); with
+        # `enable_lora`, also none at first, for `load_lora` later.
+        lora_on = bool(lora_modules) or enable_lora
+        self.lora = LoraAdapters(model, lora_modules or {}) if lora_on else None
         if self.lora is not None and resolve_fast_path(self.config, self.device)[0] != "loop":
             # The fast path's static buffers and graphs fix the rows of a step; adapter rows
             # change from step to step.
@@ -276,6 +280,32 @@ class LLMEngine:
             raise GenerationError(f"lora: no adapter named {lora!r} (no adapters are loaded)")
         return self.lora.slot(lora)
 
+    def load_lora(self, name: str, directory: str | os.PathLike[str]) -> None:
+        """Add adapter `name` at run time (an engine made with `enable_lora` or adapters)."""
+        self._lora_enabled().install(self._lora_enabled().read(name, directory))
+
+    def unload_lora(self, name: str) -> None:
+        """Remove adapter `name`; refused while a request still runs or waits with it."""
+        adapters = self._lora_enabled()
+        slot = adapters.slot(name)
+        users = sum(
+            1 for r in self._requests.values() if any(s.lora_slot == slot for s in r.seqs)
+        )
+        if users:
+            raise GenerationError(
+                f"lora: adapter {name!r} is in use by {users} unfinished request(s); unload "
+                "it when they are done"
+            )
+        adapters.unload(name)
+
+    def _lora_enabled(self) -> LoraAdapters:
+        if self.lora is None:
+            raise GenerationError(
+                "lora: LoRA is not enabled on this engine (make it with enable_lora=True or "
+                "lora_modules)"
+            )
+        return self.lora
+
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Refuse requests that could never run, instead of queueing them forever."""
         if num_prompt_tokens == 0:
@@ -329,7 +359,7 @@ class LLMEngine:
                 arrival=arrival,
                 generator=make_generator(_sample_seed(params.seed, index), self.device),
                 lora_slot=lora_slot,
-                lora_salt=_lora_salt(lora) if lora_slot else None,
+                lora_salt=self.lora.salt(lora_slot) if self.lora and lora_slot else None,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -644,13 +674,6 @@ def resolve_fast_path(config: EngineConfig, device: torch.device) -> tuple[str, 
             "or 'triton', not 'loop'"
         )
     return attention, bool(graphs)
-
-
-def _lora_salt(name: str) -> bytes:
-    """The seed of an adapter's block hashes: a fixed-size digest of its name. The name's own
-    bytes would run into the first block's tokens ("lora:s" + "25,3" is "lora:s2" + "5,3"),
-    letting one adapter reuse another's keys and values."""
-    return hashlib.blake2b(f"lora:{name}".encode(), digest_size=16).digest()
 
 
 def _sample_seed(seed: int | None, index: int) -> int | None:

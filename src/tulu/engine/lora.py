@@ -19,6 +19,7 @@ that compute otherwise (aLoRA, Arrow, KaSA).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import weakref
@@ -216,49 +217,86 @@ class LoraAdapters:
     """Named LoRA adapters hooked onto `model`'s linear layers; a request picks one by name.
 
     Before each forward pass the engine calls `use` with one adapter slot per input row
-    (0 = the base model, unchanged), and clears them after it. All adapters are read and
-    checked before any hook is added, so a bad adapter leaves the model as it was.
+    (0 = the base model, unchanged), and clears them after it. The adapters given here are
+    all read and checked before any hook is added, so a bad one leaves the model as it was.
+    More can be added later (`read` then `install`) and removed (`unload`), as vLLM's runtime
+    LoRA updates; a slot is never reused, so a name loaded again gets fresh prefix-cache keys.
     """
 
     def __init__(self, model: nn.Module, adapters: Mapping[str, str | os.PathLike[str]]) -> None:
         # The LM head runs outside the hidden-state pass, on other rows (the sampled ones).
-        linears = {
+        self._linears = {
             n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "embed_out"
         }
-        dtype = next(model.parameters()).dtype
+        self._dtype = next(model.parameters()).dtype
         if not isinstance(adapters, Mapping):
             raise CheckpointError(
                 "lora_modules must map adapter names to directories, got " + type(adapters).__name__
             )
-        self._adapters: list[_Adapter] = []
-        for name, directory in adapters.items():
-            if not isinstance(name, str) or not name or name != name.strip():
-                raise CheckpointError(
-                    f"LoRA adapter name {name!r}: must be a non-empty string without leading "
-                    "or trailing spaces"
-                )
-            if not isinstance(directory, str | os.PathLike):
-                raise CheckpointError(
-                    f"LoRA adapter {name!r}: its directory must be a path, got "
-                    + type(directory).__name__
-                )
-            self._adapters.append(_read_adapter(name, Path(directory), linears, dtype))
-        self._slot_of = {a.name: slot for slot, a in enumerate(self._adapters, start=1)}
+        self._adapters: dict[int, _Adapter] = {}
+        self._slot_of: dict[str, int] = {}
+        self._next_slot = 1
         self._groups: list[tuple[int, Tensor]] = []
-        self._hooks = [
-            linears[layer].register_forward_hook(_hook(weakref.ref(self), layer))
-            for layer in sorted({layer for a in self._adapters for layer in a.layers})
-        ]
+        self._hooks: dict[str, RemovableHandle] = {}
         # The hooks hold only a weak reference to this object, so that dropping it (its
         # engine) takes them off the model, with the adapters' memory.
         weakref.finalize(self, _remove_hooks, self._hooks)
+        self.loaded: dict[str, str] = {}  # name -> directory; replaced whole on each change
+        read: dict[str, _Adapter] = {}
+        for name, directory in adapters.items():
+            if name in read:
+                raise CheckpointError(f"LoRA adapter name {name!r} is given twice")
+            read[name] = self.read(name, directory)
+        for adapter in read.values():
+            self.install(adapter)
+
+    def read(self, name: str, directory: str | os.PathLike[str]) -> _Adapter:
+        """Read and check adapter `name` from `directory` without changing anything (so it
+        may run on another thread than the one stepping the engine)."""
+        if not isinstance(name, str) or not name or name != name.strip():
+            raise CheckpointError(
+                f"LoRA adapter name {name!r}: must be a non-empty string without leading "
+                "or trailing spaces"
+            )
+        if not isinstance(directory, str | os.PathLike):
+            raise CheckpointError(
+                f"LoRA adapter {name!r}: its directory must be a path, got "
+                + type(directory).__name__
+            )
+        if name in self.loaded:
+            raise CheckpointError(f"a LoRA adapter named {name!r} is already loaded")
+        return _read_adapter(name, Path(directory), self._linears, self._dtype)
+
+    def install(self, adapter: _Adapter) -> int:
+        """Make a `read` adapter available to requests; its slot."""
+        if adapter.name in self._slot_of:
+            raise CheckpointError(f"a LoRA adapter named {adapter.name!r} is already loaded")
+        slot, self._next_slot = self._next_slot, self._next_slot + 1
+        self._adapters[slot] = adapter
+        self._slot_of[adapter.name] = slot
+        for layer in sorted(adapter.layers):
+            if layer not in self._hooks:
+                hook = _hook(weakref.ref(self), layer)
+                self._hooks[layer] = self._linears[layer].register_forward_hook(hook)
+        self._publish()
+        return slot
+
+    def unload(self, name: str) -> None:
+        """Forget adapter `name` (the caller makes sure no request still uses it)."""
+        slot = self.slot(name)
+        del self._adapters[slot], self._slot_of[name]
+        self._publish()
+
+    def _publish(self) -> None:
+        # A new dict, never one changed in place: other threads (the server's routes) read it.
+        self.loaded = {a.name: str(a.path) for a in self._adapters.values()}
 
     @property
     def names(self) -> list[str]:
-        return [a.name for a in self._adapters]
+        return list(self.loaded)
 
     def path(self, name: str) -> Path:
-        return self._adapters[self.slot(name) - 1].path
+        return self._adapters[self.slot(name)].path
 
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name` (0 for None: the base model)."""
@@ -268,6 +306,13 @@ class LoraAdapters:
             known = ", ".join(map(repr, self.names)) or "none are loaded"
             raise GenerationError(f"lora: no adapter named {name!r} (loaded: {known})")
         return self._slot_of[name]
+
+    def salt(self, slot: int) -> bytes:
+        """The seed of the block hashes of `slot`'s sequences: a fixed-size digest (the name's
+        own bytes would run into the first block's tokens: "s" + "25,3" is "s2" + "5,3"), of
+        the slot too, so that a name unloaded and loaded again never meets its old blocks."""
+        name = self._adapters[slot].name
+        return hashlib.blake2b(f"lora:{slot}:{name}".encode(), digest_size=16).digest()
 
     def use(self, slots: Sequence[int], device: torch.device | str) -> None:
         """Set the adapter of each row of the next forward pass's flattened input."""
@@ -285,8 +330,8 @@ class LoraAdapters:
         self._groups = []
 
 
-def _remove_hooks(hooks: list[RemovableHandle]) -> None:
-    for hook in hooks:
+def _remove_hooks(hooks: dict[str, RemovableHandle]) -> None:
+    for hook in hooks.values():
         hook.remove()
     hooks.clear()
 
@@ -302,7 +347,8 @@ def _hook(ref: weakref.ref[LoraAdapters], layer: str):
         x = args[0].reshape(-1, args[0].shape[-1])
         flat = output.view(-1, output.shape[-1])  # a Linear output: contiguous
         for slot, rows in adapters._groups:
-            pair = adapters._adapters[slot - 1].layers.get(layer)
+            adapter = adapters._adapters.get(slot)
+            pair = adapter.layers.get(layer) if adapter is not None else None
             if pair is not None:
                 a, b = pair
                 flat.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)

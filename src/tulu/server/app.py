@@ -291,13 +291,18 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     from tulu.server.openai_routes import router as openai_router
     from tulu.server.tgi_routes import router as tgi_router
 
-    app.include_router(openai_router)
-    app.include_router(tgi_router)
+    routers = [openai_router, tgi_router]
+    if settings.allow_runtime_lora_updating:
+        from tulu.server.lora_routes import router as lora_router
+
+        routers.append(lora_router)
+    for router in routers:
+        app.include_router(router)
     # This FastAPI lists an included router as one entry without a path: its routes are
     # taken from the routers themselves.
     route_paths = frozenset(
         route.path
-        for route in [*app.routes, *openai_router.routes, *tgi_router.routes]
+        for route in [*app.routes, *(r for router in routers for r in router.routes)]
         if isinstance(getattr(route, "path", None), str)
     )
     app.add_middleware(

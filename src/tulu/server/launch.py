@@ -74,7 +74,13 @@ def serve(args: argparse.Namespace) -> None:
         kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
         **decode_path_settings(args),
     )
-    engine = LLMEngine(loaded.model, loaded.tokenizer, config, lora_modules=lora_modules)
+    engine = LLMEngine(
+        loaded.model,
+        loaded.tokenizer,
+        config,
+        lora_modules=lora_modules,
+        enable_lora=args.allow_runtime_lora_updating,
+    )
     if lora_modules:
         log.info(
             "LoRA adapters (unmerged): %s", ", ".join(f"{n}={p}" for n, p in lora_modules.items())
@@ -100,6 +106,7 @@ def serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout,
+        allow_runtime_lora_updating=args.allow_runtime_lora_updating,
     )
     app = create_app(engine, loaded.tokenizer, settings)
     log.info(

@@ -48,6 +48,8 @@ class ServerSettings:
     # Request bodies beyond this are refused (413) before they are read: a 2,048-token context
     # is ~10 KB of text, and tokenizing megabytes would hold up the event loop.
     max_body_bytes: int = 1 << 20
+    # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA updates).
+    allow_runtime_lora_updating: bool = False
 
 
 class GenerationService:
@@ -107,7 +109,7 @@ class GenerationService:
     def lora_adapters(self) -> dict[str, str]:
         """The LoRA adapters a request may name: name -> adapter directory."""
         adapters = self.llm.engine.lora
-        return {} if adapters is None else {n: str(adapters.path(n)) for n in adapters.names}
+        return {} if adapters is None else adapters.loaded  # a snapshot, safe off its thread
 
     def request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}"
