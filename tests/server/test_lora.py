@@ -176,8 +176,8 @@ def test_bad_lora_modules_are_refused_before_loading(
     assert message in err and "loaded" not in err
 
 
-def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkeypatch) -> None:
-    from tulu.cli import main
+def record_started_apps(monkeypatch) -> list:
+    """Make `tulu serve` hand its app to the returned list instead of serving it."""
     from tulu.server import launch
 
     started = []
@@ -190,6 +190,13 @@ def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkey
             sockets[0].close()
 
     monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    return started
+
+
+def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkeypatch) -> None:
+    from tulu.cli import main
+
+    started = record_started_apps(monkeypatch)
     args = ["serve", str(tiny_checkpoint_dir), "--port", str(_free_port()), "--lora-modules"]
     assert main([*args, f"sql={adapters['sql']}", f" poet = {adapters['poet']}"]) == 0
     (app,) = started
@@ -261,18 +268,8 @@ def test_tulu_serve_allows_runtime_updates_without_initial_adapters(
     tiny_checkpoint_dir, monkeypatch
 ) -> None:
     from tulu.cli import main
-    from tulu.server import launch
 
-    started = []
-
-    class Recorder:
-        def __init__(self, config) -> None:
-            started.append(config.app)
-
-        def run(self, sockets) -> None:
-            sockets[0].close()
-
-    monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    started = record_started_apps(monkeypatch)
     args = ["serve", str(tiny_checkpoint_dir), "--port", str(_free_port())]
     assert main([*args, "--allow-runtime-lora-updating"]) == 0
     (app,) = started
