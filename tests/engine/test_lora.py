@@ -22,7 +22,7 @@ from tulu.model.checkpoint import load_model, save_model
 
 peft = pytest.importorskip("peft")
 
-from tulu.engine.lora import LoraAdapters  # noqa: E402 - needs peft
+from tulu.engine.lora import LoraAdapters, parse_lora_modules  # noqa: E402 - needs peft
 from tulu.train.lora import load_adapter, merge_lora  # noqa: E402
 
 TINY = tiny_config(vocab_size=320)
@@ -96,6 +96,21 @@ def test_malformed_lora_modules_are_clear_errors(
     model = load_model(lora_dirs["base"], dtype=torch.float32)
     with pytest.raises(CheckpointError, match=message):
         LoraAdapters(model, modules)  # type: ignore[arg-type]
+
+
+def test_paths_that_cannot_be_looked_up_are_clear_errors(
+    lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A path the OS refuses to look up (here a name longer than the file system allows;
+    a directory without permission does the same) is bad input: reading it raised a raw
+    OSError, which a runtime load answered with a 500 and `tulu serve` with a traceback."""
+    too_long = tmp_path / ("a" * 300)
+    adapters = LoraAdapters(load_model(lora_dirs["base"], dtype=torch.float32), {})
+    with pytest.raises(CheckpointError, match="LoRA adapter 'x': cannot read .*aaaa"):
+        adapters.read("x", too_long)
+    assert adapters.loaded == {}
+    with pytest.raises(CheckpointError, match="is not a LoRA adapter directory"):
+        parse_lora_modules([f"x={too_long}"])
 
 
 def _edit_config(directory: Path, **changes) -> None:

@@ -277,3 +277,77 @@ def test_tulu_serve_allows_runtime_updates_without_initial_adapters(
     assert service.settings.allow_runtime_lora_updating
     assert service.llm.engine.lora is not None and service.lora_adapters == {}
     assert "/v1/load_lora_adapter" in app.openapi()["paths"]
+
+
+def test_an_adapter_unloaded_after_the_route_checked_it_is_a_404(
+    make_server, tiny_checkpoint, tiny_checkpoint_dir, adapters, monkeypatch
+) -> None:
+    """The routes check a name against a snapshot of the loaded adapters; an unload can reach
+    the engine between that check and the request (or a second unload of the same name). The
+    client then gets what an unknown model or adapter gets, a 404 (TGI: 422), as the docs say,
+    not a 400 "bad request". The stale snapshot stands in for that race."""
+    from tulu.server.service import GenerationService
+
+    engine = LLMEngine(
+        load_model(tiny_checkpoint_dir).eval(), tiny_checkpoint.tokenizer, enable_lora=True
+    )
+    server = make_server(engine=engine, allow_runtime_lora_updating=True)
+    stale = {"sql": str(adapters["sql"])}  # what the routes saw; the engine has none
+    monkeypatch.setattr(GenerationService, "lora_adapters", property(lambda self: stale))
+    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    for stream in (False, True):
+        with pytest.raises(openai.NotFoundError, match="no adapter named 'sql'"):
+            client.completions.create(model="sql", prompt="hi", max_tokens=2, stream=stream)
+    with pytest.raises(openai.NotFoundError, match="no adapter named 'sql'"):
+        client.chat.completions.create(
+            model="sql", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        )
+    gone = httpx.post(server.base_url + "/unload_lora_adapter", json={"lora_name": "sql"})
+    assert gone.status_code == 404 and "no LoRA adapter named 'sql'" in gone.text
+    assert gone.json()["error"]["param"] == "lora_name"
+    body = {"inputs": "hi", "parameters": {"adapter_id": "sql", "max_new_tokens": 2}}
+    tgi = httpx.post(server.url + "/generate", json=body)
+    assert tgi.status_code == 422 and "no adapter named 'sql'" in tgi.json()["error"]
+
+
+def test_loading_a_path_the_os_refuses_is_a_400(
+    make_server, tiny_checkpoint, tiny_checkpoint_dir, tmp_path
+) -> None:
+    """An adapter path that cannot be looked up (a name too long; a directory without
+    permission) answered 500 "internal error: OSError"; it is the request's bad path."""
+    engine = LLMEngine(
+        load_model(tiny_checkpoint_dir).eval(), tiny_checkpoint.tokenizer, enable_lora=True
+    )
+    server = make_server(engine=engine, allow_runtime_lora_updating=True)
+    body = {"lora_name": "x", "lora_path": str(tmp_path / ("a" * 300))}
+    response = httpx.post(server.base_url + "/load_lora_adapter", json=body, timeout=30)
+    assert response.status_code == 400
+    assert "LoRA adapter 'x': cannot read" in response.json()["error"]["message"]
+    assert server.service.lora_adapters == {} and server.service.llm.is_running
+
+
+def test_the_optional_fields_of_vllms_bodies_are_accepted(
+    make_server, tiny_checkpoint, tiny_checkpoint_dir, adapters
+) -> None:
+    """vLLM's bodies also have `lora_int_id` (unload) and `load_inplace` (load): clients that
+    send them were refused as unknown fields. Replacing a loaded adapter in place is refused,
+    saying so."""
+    engine = LLMEngine(
+        load_model(tiny_checkpoint_dir).eval(), tiny_checkpoint.tokenizer, enable_lora=True
+    )
+    server = make_server(engine=engine, allow_runtime_lora_updating=True)
+
+    def post(path: str, body: dict) -> httpx.Response:
+        return httpx.post(server.base_url + path, json=body, timeout=30)
+
+    sql = str(adapters["sql"])
+    body = {"lora_name": "sql", "lora_path": sql, "load_inplace": False}
+    assert post("/load_lora_adapter", body).status_code == 200
+    inplace = post("/load_lora_adapter", {**body, "load_inplace": True})
+    message = inplace.json()["error"]["message"]
+    assert inplace.status_code == 400 and "unload 'sql' first" in message
+    assert message.startswith("load_inplace: replacing a loaded adapter is not supported")
+    assert post("/unload_lora_adapter", {"lora_name": "sql", "lora_int_id": 1}).status_code == 200
+    # in place of nothing: a plain load, as in vLLM
+    assert post("/load_lora_adapter", {**body, "load_inplace": True}).status_code == 200
+    assert server.service.lora_adapters == {"sql": sql}

@@ -170,6 +170,8 @@ class AsyncLLM:
         """`fn()` run by the engine thread between two steps (never during one)."""
         if not self.is_running:
             raise EngineDeadError(f"the engine is not running ({self._error or 'not started'})")
+        if self._stopping:  # the thread may be past its last look at the queue
+            raise EngineDeadError("the engine is shutting down")
         future = asyncio.get_running_loop().create_future()
         self._calls.add(future)
         try:

@@ -288,9 +288,7 @@ class LLMEngine:
         """Remove adapter `name`; refused while a request still runs or waits with it."""
         adapters = self._lora_enabled()
         slot = adapters.slot(name)
-        users = sum(
-            1 for r in self._requests.values() if any(s.lora_slot == slot for s in r.seqs)
-        )
+        users = sum(1 for r in self._requests.values() if any(s.lora_slot == slot for s in r.seqs))
         if users:
             raise GenerationError(
                 f"lora: adapter {name!r} is in use by {users} unfinished request(s); unload "

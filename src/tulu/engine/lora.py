@@ -34,11 +34,17 @@ from torch.utils.hooks import RemovableHandle
 
 from tulu.errors import CheckpointError, GenerationError
 
-__all__ = ["LoraAdapters", "parse_lora_modules"]
+__all__ = ["LoraAdapters", "UnknownLoraAdapter", "parse_lora_modules"]
 
 _PREFIX = "base_model.model."
 _SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
 _MERGE_HINT = "serve it merged instead (tulu export --merge-lora, or tulu serve ADAPTER_DIR)"
+
+
+class UnknownLoraAdapter(GenerationError):
+    """No adapter of that name is loaded. Its own type because a server checks the name
+    first and the adapter may be unloaded before the request reaches the engine: the answer
+    is then the one an unknown model gets (404), not a bad request."""
 
 
 @dataclass(frozen=True)
@@ -204,13 +210,22 @@ def parse_lora_modules(specs: Sequence[str], *, reserved: str | None = None) -> 
             )
         if name in modules:
             raise CheckpointError(f"--lora-modules: the name {name!r} is given twice")
-        if not (Path(directory).expanduser() / "adapter_config.json").is_file():
+        if not _is_file(Path(directory).expanduser() / "adapter_config.json"):
             raise CheckpointError(
                 f"--lora-modules {name}: {directory} is not a LoRA adapter directory (no "
                 "adapter_config.json)"
             )
         modules[name] = str(Path(directory).expanduser())
     return modules
+
+
+def _is_file(path: Path) -> bool:
+    """`path.is_file()`, False where the path cannot even be looked at (a name too long,
+    a directory without permission), which `Path.is_file` raises for."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 class LoraAdapters:
@@ -265,7 +280,12 @@ class LoraAdapters:
             )
         if name in self.loaded:
             raise CheckpointError(f"a LoRA adapter named {name!r} is already loaded")
-        return _read_adapter(name, Path(directory), self._linears, self._dtype)
+        try:
+            return _read_adapter(name, Path(directory), self._linears, self._dtype)
+        except OSError as err:  # unreadable, name too long, I/O error: the path is at fault
+            raise CheckpointError(
+                f"LoRA adapter {name!r}: cannot read {directory} ({err.strerror or err})"
+            ) from None
 
     def install(self, adapter: _Adapter) -> int:
         """Make a `read` adapter available to requests; its slot."""
@@ -304,7 +324,7 @@ class LoraAdapters:
             return 0
         if name not in self._slot_of:
             known = ", ".join(map(repr, self.names)) or "none are loaded"
-            raise GenerationError(f"lora: no adapter named {name!r} (loaded: {known})")
+            raise UnknownLoraAdapter(f"lora: no adapter named {name!r} (loaded: {known})")
         return self._slot_of[name]
 
     def salt(self, slot: int) -> bytes:

@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tulu import __version__
 from tulu.engine.async_engine import AsyncLLM, EngineDeadError
 from tulu.engine.engine import LLMEngine
+from tulu.engine.lora import UnknownLoraAdapter
 from tulu.errors import TuluError
 from tulu.server.metrics import ServerMetrics
 from tulu.server.service import (
@@ -258,6 +259,14 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
         status = 400 if is_openai(request.url.path) else 422
         kind = "invalid_request_error" if status == 400 else "validation"
         return error_response(request.url.path, status, str(err), kind)
+
+    @app.exception_handler(UnknownLoraAdapter)
+    async def on_unknown_adapter(request: Request, err: UnknownLoraAdapter):
+        # The route found the adapter, then it was unloaded before the request reached the
+        # engine: what an unknown `model` gets (OpenAI 404; TGI answers any bad adapter_id 422).
+        if not is_openai(request.url.path):
+            return await on_tulu_error(request, err)
+        return error_response(request.url.path, 404, str(err), "not_found_error", "model")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, err: StarletteHTTPException):

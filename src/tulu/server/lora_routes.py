@@ -13,6 +13,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, ConfigDict
 
+from tulu.engine.lora import UnknownLoraAdapter
 from tulu.server.app import error_response
 from tulu.server.service import GenerationService
 
@@ -24,12 +25,15 @@ class LoadLoraAdapterRequest(BaseModel):
 
     lora_name: str
     lora_path: str
+    # vLLM's: true replaces an adapter loaded under the name, which is refused here.
+    load_inplace: bool = False
 
 
 class UnloadLoraAdapterRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     lora_name: str
+    lora_int_id: int | None = None  # vLLM's, which also unloads by lora_name alone
 
 
 @router.post("/v1/load_lora_adapter")
@@ -45,6 +49,14 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> R
             "invalid_request_error",
             "lora_name",
         )
+    if body.load_inplace and name in service.lora_adapters:
+        return error_response(
+            request.url.path,
+            400,
+            f"load_inplace: replacing a loaded adapter is not supported; unload {name!r} first",
+            "invalid_request_error",
+            "load_inplace",
+        )
     await service.llm.load_lora(name, body.lora_path)  # a TuluError answers 400
     return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -55,13 +67,20 @@ async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) 
     service: GenerationService = request.app.state.service
     name = body.lora_name
     if name not in service.lora_adapters:
-        loaded = ", ".join(map(repr, service.lora_adapters)) or "none"
-        return error_response(
-            request.url.path,
-            404,
-            f"no LoRA adapter named {name!r} is loaded (loaded: {loaded})",
-            "not_found_error",
-            "lora_name",
-        )
-    await service.llm.unload_lora(name)
+        return _not_loaded(request, name, service)
+    try:
+        await service.llm.unload_lora(name)
+    except UnknownLoraAdapter:  # another unload of it got to the engine first
+        return _not_loaded(request, name, service)
     return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+def _not_loaded(request: Request, name: str, service: GenerationService) -> Response:
+    loaded = ", ".join(map(repr, service.lora_adapters)) or "none"
+    return error_response(
+        request.url.path,
+        404,
+        f"no LoRA adapter named {name!r} is loaded (loaded: {loaded})",
+        "not_found_error",
+        "lora_name",
+    )

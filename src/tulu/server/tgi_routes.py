@@ -226,7 +226,7 @@ def _adapter(adapter_id: str | None, service: GenerationService) -> str | None:
         return None
     adapters = service.lora_adapters
     if adapter_id not in adapters:
-        loaded = ", ".join(map(repr, adapters)) or "none (start tulu serve with --lora-modules)"
+        loaded = ", ".join(map(repr, adapters)) or "none"
         raise _invalid(f"`adapter_id` {adapter_id!r} is not a loaded adapter; loaded: {loaded}")
     return adapter_id
 
