@@ -188,10 +188,12 @@ def chat_server(tiny_checkpoint):
 
 
 @contextlib.contextmanager
-def live_server(engine: LLMEngine):
+def live_server(engine: LLMEngine, **settings_fields):
     """uvicorn serving `engine` as MODEL_NAME, with API_KEY, behind a ChatRecorder."""
     tokenizer = engine.tokenizer
-    settings = ServerSettings(served_model_name=MODEL_NAME, api_key=API_KEY, drain_timeout=1.0)
+    settings = ServerSettings(
+        served_model_name=MODEL_NAME, api_key=API_KEY, drain_timeout=1.0, **settings_fields
+    )
     app = create_app(engine, tokenizer, settings)
     recorder = ChatRecorder(app)
 
@@ -614,7 +616,7 @@ def lora_chat_server(tiny_checkpoint, tiny_checkpoint_dir, tmp_path_factory):
     }
     model = load_model(tiny_checkpoint_dir).eval()
     engine = LLMEngine(model, tiny_checkpoint.tokenizer, EngineConfig(), lora_modules=adapters)
-    with live_server(engine) as server:
+    with live_server(engine, allow_runtime_lora_updating=True) as server:
         yield server
 
 
@@ -655,3 +657,35 @@ def test_the_adapter_picker_sends_the_chosen_adapter(lora_chat_server, browser):
         }
     )
     assert base_alone.json()["choices"][0]["message"]["content"] != replies[0]
+
+
+def test_the_picker_drops_an_adapter_unloaded_while_chosen(lora_chat_server, browser):
+    """Runtime LoRA updates: the chosen adapter is unloaded; the next message gets the 404
+    in the conversation and the picker re-reads the list (back on the base)."""
+    from selenium.webdriver.support.ui import Select
+
+    server, driver = lora_chat_server, browser
+    open_page(driver, server)
+    picker = driver.find_element(By.ID, "adapter")
+    wait_for(driver, lambda d: picker.is_displayed(), "the adapter picker")
+    Select(picker).select_by_value("poet")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    poet = server.app.state.service.lora_adapters["poet"]
+    unloaded = httpx.post(
+        server.url("/v1/unload_lora_adapter"), json={"lora_name": "poet"}, headers=headers
+    )
+    assert unloaded.status_code == 200, unloaded.text
+    try:
+        send_and_wait(driver, "Still there?")
+        [error] = driver.find_elements(By.CSS_SELECTOR, "#messages .msg.error")
+        assert "'poet' does not exist" in text_of(driver, error)
+        options = "return [...document.getElementById('adapter').options].map(o => o.value)"
+        wait_for(
+            driver,
+            lambda d: d.execute_script(options) == ["tiny", "sql"],
+            "the picker to drop the unloaded adapter",
+        )
+        assert driver.execute_script("return document.getElementById('adapter').value") == "tiny"
+    finally:  # put it back for the module's other tests
+        body = {"lora_name": "poet", "lora_path": poet}
+        httpx.post(server.url("/v1/load_lora_adapter"), json=body, headers=headers)
