@@ -141,6 +141,11 @@ def test_exemplars_from_train_and_errors(tmp_path: Path) -> None:
         gsm.load_gsm(tmp_path / "missing.jsonl")
     with pytest.raises(DataError, match="not found"):
         gsm.load_exemplars(tmp_path / "missing.json")
+    # a directory given for a file is named as such, not as missing
+    with pytest.raises(DataError, match="is a directory \\(expected the exemplars JSON file\\)"):
+        gsm.load_exemplars(tmp_path)
+    with pytest.raises(DataError, match="is a directory \\(expected the GSM8K"):
+        gsm.load_gsm(tmp_path)
     (tmp_path / "bad.jsonl").write_text(
         '{"question": "q", "answer": "#### 1"}\n{"question": "q"}\n'
     )

@@ -162,9 +162,14 @@ def answers_match(prediction: str | None, gold: str, protocol: ProtocolName = "c
 # ----------------------------------------------------------------------------------- loading
 
 
+def _not_a_file(path: Path) -> str:
+    """Why `path` cannot be read as a file: a directory is not "not found"."""
+    return "is a directory" if path.is_dir() else "not found"
+
+
 def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
     if not path.is_file():
-        raise DataError(f"{path}: {what} file not found")
+        raise DataError(f"{path}: {_not_a_file(path)} (expected the {what} JSONL file)")
     records = []
     try:
         with path.open(encoding="utf-8-sig") as handle:  # a leading BOM is skipped
@@ -221,7 +226,7 @@ def load_exemplars(path: str | Path) -> list[Exemplar]:
     ``{"question", "cot_answer", "short_answer"}`` objects."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: exemplars file not found")
+        raise DataError(f"{path}: {_not_a_file(path)} (expected the exemplars JSON file)")
     data = read_json(path)
     items = data.get("exemplars") if isinstance(data, dict) else data
     if not isinstance(items, list) or not items:
