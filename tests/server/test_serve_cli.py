@@ -223,6 +223,7 @@ def test_bad_flags_are_refused_without_a_traceback(checkpoint):
         (["--kv-cache-gb", "inf"], "--kv-cache-gb must be a finite number > 0, got inf"),
         (["--request-timeout", "0"], "--request-timeout must be a finite number > 0, got 0.0"),
         (["--request-timeout", "nan"], "--request-timeout must be a finite number > 0, got nan"),
+        (["--request-timeout=-inf"], "--request-timeout must be a finite number > 0, got -inf"),
         (["--drain-timeout", "-5"], "--drain-timeout must be a finite number >= 0, got -5.0"),
     ],
 )
@@ -242,6 +243,36 @@ def test_non_finite_or_non_positive_sizes_and_timeouts_are_refused(
     err = capsys.readouterr().err
     assert message in err
     assert "loaded" not in err  # refused before the model was loaded
+
+
+def test_request_timeout_inf_means_no_timeout(checkpoint, monkeypatch, make_server) -> None:
+    """`--request-timeout inf` is how one asks for no timeout; it worked before the finite
+    check, which refused it."""
+    import math
+
+    from tulu.cli import main
+    from tulu.server import launch
+
+    apps = []
+
+    class Recorder:
+        def __init__(self, config) -> None:
+            apps.append(config.app)
+
+        def run(self, sockets) -> None:
+            sockets[0].close()
+
+    monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    argv = ["serve", str(checkpoint), "--port", str(free_port()), "--request-timeout", "inf"]
+    assert main(argv) == 0
+    assert apps[0].state.service.settings.request_timeout == math.inf
+    server = make_server(request_timeout=math.inf)
+    reply = httpx.post(
+        server.base_url + "/completions",
+        json={"model": "tiny", "prompt": "Hello", "max_tokens": 3},
+        timeout=30,
+    )
+    assert reply.status_code == 200, reply.text
 
 
 @pytest.mark.parametrize(

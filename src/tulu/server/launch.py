@@ -44,13 +44,13 @@ def serve(args: argparse.Namespace) -> None:
                 f"{name} must be {'>= 1' if name == '--max-num-seqs' else '>= 0'}, got {value}"
             )
     # argparse's float() takes "nan" and "inf": a NaN passes every comparison, and a request
-    # timeout <= 0 would answer every request with 504.
+    # timeout <= 0 would answer every request with 504. `--request-timeout inf` is no timeout.
     for name, value, low in (
         ("--kv-cache-gb", args.kv_cache_gb, None),
         ("--request-timeout", args.request_timeout, None),
         ("--drain-timeout", args.drain_timeout, 0.0),
     ):
-        if value is None:
+        if value is None or (name == "--request-timeout" and value == math.inf):
             continue
         if not math.isfinite(value) or (value <= 0 if low is None else value < low):
             raise TuluError(
