@@ -284,3 +284,20 @@ def make_server(launch_server) -> Iterator[Callable[..., RunningServer]]:
 def kv_pool() -> Callable[[RunningServer], Any]:
     """`kv_pool(server)`: the engine's KV block pool, for `assert pool.num_used == 0`."""
     return lambda server: server.engine.pool
+
+
+def record_started_apps(monkeypatch) -> list:
+    """Make `tulu serve` hand its app to the returned list instead of serving it."""
+    from tulu.server import launch
+
+    started = []
+
+    class Recorder:
+        def __init__(self, config) -> None:
+            started.append(config.app)
+
+        def run(self, sockets) -> None:
+            sockets[0].close()
+
+    monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    return started

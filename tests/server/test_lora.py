@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.conftest import record_started_apps
 from train.conftest import random_adapter
 from tulu.engine.engine import LLM, EngineConfig, LLMEngine
 from tulu.engine.sampling import SamplingParams
@@ -174,23 +175,6 @@ def test_bad_lora_modules_are_refused_before_loading(
     assert main([*args, *(m.format(**paths) for m in modules)]) == 1
     err = capsys.readouterr().err
     assert message in err and "loaded" not in err
-
-
-def record_started_apps(monkeypatch) -> list:
-    """Make `tulu serve` hand its app to the returned list instead of serving it."""
-    from tulu.server import launch
-
-    started = []
-
-    class Recorder:
-        def __init__(self, config) -> None:
-            started.append(config.app)
-
-        def run(self, sockets) -> None:
-            sockets[0].close()
-
-    monkeypatch.setattr(launch, "_graceful_server", Recorder)
-    return started
 
 
 def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkeypatch) -> None:

@@ -250,19 +250,10 @@ def test_request_timeout_inf_means_no_timeout(checkpoint, monkeypatch, make_serv
     check, which refused it."""
     import math
 
+    from server.conftest import record_started_apps
     from tulu.cli import main
-    from tulu.server import launch
 
-    apps = []
-
-    class Recorder:
-        def __init__(self, config) -> None:
-            apps.append(config.app)
-
-        def run(self, sockets) -> None:
-            sockets[0].close()
-
-    monkeypatch.setattr(launch, "_graceful_server", Recorder)
+    apps = record_started_apps(monkeypatch)
     argv = ["serve", str(checkpoint), "--port", str(free_port()), "--request-timeout", "inf"]
     assert main(argv) == 0
     assert apps[0].state.service.settings.request_timeout == math.inf
