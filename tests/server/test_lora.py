@@ -335,3 +335,14 @@ def test_the_optional_fields_of_vllms_bodies_are_accepted(
     # in place of nothing: a plain load, as in vLLM
     assert post("/load_lora_adapter", {**body, "load_inplace": True}).status_code == 200
     assert server.service.lora_adapters == {"sql": sql}
+
+
+def test_metrics_count_requests_per_adapter(server) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key="none")
+    for model in ("sql", "sql", "poet", "tiny"):
+        client.completions.create(model=model, prompt="Hi", max_tokens=2)
+    text = httpx.get(server.url + "/metrics").text
+    assert 'tulu_lora_requests_total{adapter="sql"} 2.0' in text
+    assert 'tulu_lora_requests_total{adapter="poet"} 1.0' in text
+    assert "tulu_lora_adapters_loaded 2.0" in text
+    assert 'adapter="tiny"' not in text  # the base is not an adapter

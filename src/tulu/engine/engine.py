@@ -639,6 +639,7 @@ class LLMEngine:
                 else 0.0
             ),
             "preemptions": self.scheduler.num_preemptions,
+            "lora_adapters": len(self.lora.loaded) if self.lora is not None else 0,
         }
 
 

@@ -36,6 +36,7 @@ class _EngineCollector:
                 "Prefix-cache hits per full prompt block",
             ),
             ("tulu_preemptions", "preemptions", "Sequences preempted since start"),
+            ("tulu_lora_adapters_loaded", "lora_adapters", "LoRA adapters loaded (unmerged)"),
         ):
             family = GaugeMetricFamily(name, help_text)
             family.add_metric([], float(stats.get(key, 0)))
@@ -73,6 +74,14 @@ class ServerMetrics:
             "tulu_e2e_request_latency_seconds",
             "Time from arrival to the last token",
             buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        # One series per adapter name: names come from --lora-modules and the (guarded)
+        # runtime-loading route, not from requests, so the label set stays small.
+        self.lora_requests = Counter(
+            "tulu_lora_requests",
+            "Generation requests by the LoRA adapter they named",
+            ["adapter"],
             registry=self.registry,
         )
         self.in_flight = Gauge(

@@ -145,6 +145,8 @@ class GenerationService:
         self.admit()
         self.in_flight += 1
         self.metrics.in_flight.inc()
+        if lora is not None:
+            self.metrics.lora_requests.labels(lora).inc()
         started = time.monotonic()
         last_token_at: float | None = None
         generated = 0
