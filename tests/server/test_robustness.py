@@ -448,12 +448,15 @@ def test_request_timeout_answers_504(new_server, slow_model, route):
 
 @pytest.mark.parametrize("route", ["/v1/completions", "/v1/chat/completions", "/generate_stream"])
 def test_request_timeout_ends_a_stream_with_an_error_event(new_server, slow_model, route):
-    """Held after a few tokens, the stream can only end by the timeout's error event."""
+    """Held after a few tokens, the stream can only end by the timeout's error event.
+
+    The timeout (2 s) must outlast the prompt's prefill and the first tokens on a busy CI
+    machine, where 0.5 s sometimes ended the stream before any token was sent."""
     model = slow_model(0.0)
-    server = new_server(model=model, request_timeout=0.5)
+    server = new_server(model=model, request_timeout=2.0)
     model.hold(after=5)
     try:
-        # 10 s: ample for a 0.5 s timeout, and a held request never ends without one.
+        # 10 s: ample for a 2 s timeout, and a held request never ends without one.
         response = httpx.post(
             f"{server.url}{route}", json=long_body(route, 400, True), timeout=10.0
         )
