@@ -34,6 +34,7 @@ import torch
 
 from tulu.bench.workloads import (
     BenchSettings,
+    add_random_model_arguments,
     format_report,
     preset_config,
     random_model,
@@ -52,10 +53,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="pythia-70m")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    add_random_model_arguments(parser)
     parser.add_argument(
         "--num-requests", type=int, default=None, help="default: 1000 on GPU, 24 on CPU"
     )

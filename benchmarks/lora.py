@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from tulu.bench.workloads import (
+    add_random_model_arguments,
     make_requests,
     preset_config,
     random_model,
@@ -133,10 +134,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="pythia-70m")
-    parser.add_argument("--layers", type=int, default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    add_random_model_arguments(parser)
     parser.add_argument("--num-requests", type=int, default=None, help="default: 256 GPU, 32 CPU")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=64)

@@ -11,12 +11,21 @@ from typing import Any, TextIO
 from tulu.errors import TuluError
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` whole or not at all: written to ``.NAME.tmp`` beside it, then
+    renamed, so an interruption or a full disk leaves the previous file as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data: Any) -> None:
-    """Write `data` as indented JSON to `path` whole or not at all (a temporary file, then a
-    rename): results rewritten as a run goes must stay readable if it is killed mid-write."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    """Write `data` as indented JSON to `path` whole or not at all: results rewritten as a run
+    goes must stay readable if it is killed mid-write."""
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def check_output(path: Path | None, flag: str = "--output") -> None:

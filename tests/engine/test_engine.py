@@ -977,6 +977,8 @@ def test_generate_refuses_atomically(tiny_model, make_llm):
     assert not llm.engine.has_unfinished_requests()  # the first two were withdrawn
     with pytest.raises(GenerationError, match="2 prompts but 1 SamplingParams"):
         llm.generate([[1], [2]], [GREEDY])
+    with pytest.raises(GenerationError, match="2 prompts but 0 SamplingParams"):
+        llm.generate([[1], [2]], [])  # an empty list is not "the defaults"
 
 
 def test_generate_refuses_malformed_chat_messages_atomically(tok_model, demo_tokenizer, make_llm):

@@ -36,6 +36,7 @@ front ends), so `tulu bench` prints them on one line.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import itertools
 import math
@@ -241,6 +242,14 @@ def preset_config(name: str, layers: int | None, dtype: torch.dtype) -> NeoXConf
         return preset(name, **overrides)
     except ConfigError as err:
         raise TuluError(f"--preset: {err}") from None
+
+
+def add_random_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--preset, --layers, --device, --dtype: the random-weight model of a benchmark script."""
+    parser.add_argument("--preset", default="pythia-70m")
+    parser.add_argument("--layers", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
 
 
 def random_model(config: NeoXConfig, device: torch.device, seed: int = 0) -> GPTNeoXForCausalLM:

@@ -357,7 +357,9 @@ class LLMEngine:
                 arrival=arrival,
                 generator=make_generator(_sample_seed(params.seed, index), self.device),
                 lora_slot=lora_slot,
-                lora_salt=self.lora.salt(lora_slot) if self.lora and lora_slot else None,
+                lora_salt=self.lora.salt(lora_slot)
+                if self.lora is not None and lora_slot
+                else None,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -737,30 +739,11 @@ class LLM:
         for more than 16 prompts when `progress` is None.
         """
         prompts = _prompt_list(prompts)
-        if isinstance(params, SamplingParams) or params is None:
-            param_list = [params or SamplingParams()] * len(prompts)
-        else:
-            try:
-                param_list = list(params)
-            except TypeError:
-                raise GenerationError(
-                    f"params must be SamplingParams or a list of them, got {type(params).__name__}"
-                ) from None
-            if len(param_list) != len(prompts):
-                raise GenerationError(
-                    f"{len(prompts)} prompts but {len(param_list)} SamplingParams"
-                )
-        if lora is None or isinstance(lora, str):
-            lora_list: list[str | None] = [lora] * len(prompts)
-        else:
-            try:
-                lora_list = list(lora)
-            except TypeError:
-                raise GenerationError(
-                    f"lora must be an adapter name or a list of them, got {type(lora).__name__}"
-                ) from None
-            if len(lora_list) != len(prompts):
-                raise GenerationError(f"{len(prompts)} prompts but {len(lora_list)} lora names")
+        default = SamplingParams() if params is None else params
+        param_list = _one_per_prompt(
+            default, SamplingParams, len(prompts), "params", "SamplingParams"
+        )
+        lora_list = _one_per_prompt(lora, str, len(prompts), "lora", "lora names")
         engine = self.engine
         ids = []
         try:
@@ -797,6 +780,23 @@ class LLM:
             if bar:
                 bar.close()
         return [results[rid] for rid in ids]
+
+
+def _one_per_prompt(value: Any, single: type, count: int, field: str, plural: str) -> list[Any]:
+    """`value` repeated for each of `count` prompts when it is one `single` (or None), else
+    `value` as a list, which must hold one per prompt."""
+    if value is None or isinstance(value, single):
+        return [value] * count
+    try:
+        values = list(value)
+    except TypeError:
+        raise GenerationError(
+            f"{field} must be {'an adapter name' if single is str else single.__name__} or a "
+            f"list of them, got {type(value).__name__}"
+        ) from None
+    if len(values) != count:
+        raise GenerationError(f"{count} prompts but {len(values)} {plural}")
+    return values
 
 
 class _Progress:

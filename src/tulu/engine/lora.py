@@ -315,9 +315,6 @@ class LoraAdapters:
     def names(self) -> list[str]:
         return list(self.loaded)
 
-    def path(self, name: str) -> Path:
-        return self._adapters[self.slot(name)].path
-
     def slot(self, name: str | None) -> int:
         """The slot of adapter `name` (0 for None: the base model)."""
         if name is None:

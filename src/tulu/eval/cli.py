@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from tulu.errors import TuluError
+from tulu.jsonl import write_text_atomically
 
 __all__ = ["add_eval_parser", "cmd_eval"]
 
@@ -153,7 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"--output {args.output}: cannot create the directory ({err.strerror})"
         ) from None
     # Writable, checked before the model loads: the cache (created here anyway), and the
-    # results, which replace their files through temporary ones (`_write_atomically`): the
+    # results, replaced through temporary files beside them (`write_text_atomically`): the
     # directory must take a new file and the name must not be a directory.
     for name in ("cache.jsonl", "results.json", "results.md"):
         path = args.output / name
@@ -213,11 +214,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "results": [asdict(r) for r in results],
         }
         try:
-            _write_atomically(
+            write_text_atomically(
                 args.output / "results.json",
                 json.dumps(payload, indent=1, ensure_ascii=False, default=str) + "\n",
             )
-            _write_atomically(
+            write_text_atomically(
                 args.output / "results.md",
                 markdown_table(results) + "\n" + markdown_breakdowns(results),
             )
@@ -230,17 +231,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(results))
     print(f"wrote {args.output / 'results.json'} and {args.output / 'results.md'}", file=sys.stderr)
     return 0
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` by `text` through a temporary file, so that an interruption or a full
-    disk leaves the previous results whole rather than a cut file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _backend(args: argparse.Namespace):
