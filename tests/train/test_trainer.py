@@ -417,6 +417,17 @@ def test_settings_changed_for_a_resumed_run_apply_and_are_reported(
     assert "optim.weight_decay: 0.0 -> 0.5" in err
 
 
+def test_a_checkpoint_past_a_lowered_max_steps_is_refused(assets: Path, tmp_path: Path) -> None:
+    """Resuming a 3-step checkpoint with max_steps=2 ran no step and exported the 3-step model
+    as if it were the 2-step run's result."""
+    base = ("checkpoint.every_steps=3", "logging.tensorboard=false", "logging.plot=false")
+    out = tmp_path / "run"
+    train(make_config(assets, out, *base, "optim.max_steps=3", "checkpoint.export=false"))
+    with pytest.raises(CheckpointError, match=r"step-000003: the checkpoint is at step 3, past"):
+        train(make_config(assets, out, *base, "optim.max_steps=2"))
+    assert not (out / "final").exists()
+
+
 # ------------------------------------------------------------------------------ divergence
 def test_nan_loss_stops_at_the_step_and_keeps_the_last_checkpoint(
     assets: Path, tmp_path: Path

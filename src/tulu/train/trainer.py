@@ -628,6 +628,14 @@ class _Run:
                     "batching or batch sizes changed); resume with the same settings or set "
                     "checkpoint.resume: never"
                 )
+            if restored.step > self.plan.total_steps:
+                # Resuming would run no step and export a model trained past this run's end.
+                raise CheckpointError(
+                    f"{path}: the checkpoint is at step {restored.step}, past this run's "
+                    f"{self.plan.total_steps} steps (optim.max_steps or the epochs were "
+                    "lowered); raise them, export that checkpoint with `tulu export`, or set "
+                    "checkpoint.resume: never to train from the start"
+                )
             base_lrs = list(self.scheduler.base_lrs)
             restore_scheduler(self.scheduler, restored)
             _apply_settings(self.optimizer, self.scheduler, settings, base_lrs)
