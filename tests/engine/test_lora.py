@@ -183,12 +183,107 @@ def test_a_negative_alpha_subtracts_the_adapter_as_in_peft(
     adapters.remove()
 
 
+@torch.no_grad()
+def test_a_float16_adapter_on_a_float32_model_computes_as_its_merge(
+    lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """An adapter saved in half precision (trained on a half-precision base) is read in the
+    model's dtype, as PEFT's load does."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    half = Path(shutil.copytree(lora_dirs["sql"], tmp_path / "half"))
+    weights = half / "adapter_model.safetensors"
+    save_file({k: t.half() for k, t in load_file(weights).items()}, weights)
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    adapters = LoraAdapters(model, {"half": half})
+    ids = torch.arange(3, 13).unsqueeze(0)
+    adapters.use([1] * 10, "cpu")
+    got = model(ids)
+    adapters.remove()
+    want = merge_lora(load_adapter(load_model(lora_dirs["base"]), half))(ids)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_an_adapter_of_another_base_is_refused(lora_dirs: dict[str, Path], tmp_path: Path) -> None:
     deeper = save_model(random_model(TINY.with_(num_hidden_layers=3), seed=1), tmp_path / "deep")
     adapter = make_adapter(deeper, tmp_path / "deep-lora", seed=5)
     model = load_model(lora_dirs["base"], dtype=torch.float32)
     with pytest.raises(CheckpointError, match="layers.2.*no linear layer of the model"):
         LoraAdapters(model, {"deep": adapter})
+
+
+def test_wrong_weights_are_refused_from_their_header_before_any_tensor_is_read(
+    lora_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The whole weights file was read before its names and shapes were checked: a wrong
+    file (another base, a whole model) cost its size in memory before the error. Names and
+    shapes now come from the safetensors header (a memory map for PEFT's .bin), and no
+    tensor is read until all of them fit the model."""
+    import safetensors
+    import safetensors.torch
+    from safetensors.torch import load_file, save_file
+
+    reads: list[str] = []
+    real_open = safetensors.safe_open
+
+    class CountingOpen:
+        """safe_open that records each tensor it reads (wherever it is imported from)."""
+
+        def __init__(self, *args, **kwargs) -> None:
+            self._file = real_open(*args, **kwargs)
+
+        def __enter__(self) -> CountingOpen:
+            self._file.__enter__()
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self._file.__exit__(*exc)
+
+        def __getattr__(self, name: str):
+            return getattr(self._file, name)
+
+        def get_tensor(self, key: str) -> torch.Tensor:
+            reads.append(key)
+            return self._file.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", CountingOpen)
+    monkeypatch.setattr(safetensors.torch, "safe_open", CountingOpen)
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+
+    wider = save_model(random_model(TINY.with_(hidden_size=128), seed=1), tmp_path / "wide")
+    adapter = make_adapter(wider, tmp_path / "wide-lora", seed=5, target_modules=["dense"])
+    dense = "base_model.model.gpt_neox.layers.0.attention.dense.lora_A.weight"
+    with pytest.raises(CheckpointError, match=rf"{dense} has shape \[4, 128\], expected \[4, 64\]"):
+        LoraAdapters(model, {"wide": adapter})
+    assert reads == []
+
+    weights = adapter / "adapter_model.safetensors"
+    whole_model = {"base_model.model.gpt_neox.layers.0.mlp.dense_h_to_4h.weight": torch.ones(2)}
+    lora_only = load_file(weights)
+    save_file({**lora_only, **whole_model}, weights)
+    reads.clear()
+    with pytest.raises(CheckpointError, match="tensor .*dense_h_to_4h.weight is not a LoRA A/B"):
+        LoraAdapters(model, {"wide": adapter})
+    assert reads == []
+
+    adapters = LoraAdapters(model, {"sql": lora_dirs["sql"]})  # a right one is read, once
+    assert sorted(reads) == sorted(load_file(lora_dirs["sql"] / "adapter_model.safetensors"))
+    adapters.remove()
+
+    # PEFT's pickle format: memory-mapped, so its shapes are known before its data is read
+    maps = []
+    real_load = torch.load
+    monkeypatch.setattr(
+        torch, "load", lambda *a, **k: maps.append(k.get("mmap")) or real_load(*a, **k)
+    )
+    torch.save(lora_only, adapter / "adapter_model.bin")
+    weights.unlink()
+    with pytest.raises(CheckpointError, match=rf"{dense} has shape \[4, 128\]"):
+        LoraAdapters(model, {"wide": adapter})
+    assert maps == [True]
 
 
 # ------------------------------------------------------------------------------------ engine
@@ -363,6 +458,10 @@ def test_pickled_adapters_load_and_damaged_weights_are_refused(
     torch.save([1, 2], pickled / "adapter_model.bin")
     with pytest.raises(CheckpointError, match="pickled: the adapter weights are not a dict"):
         LoraAdapters(model, {"sql": pickled})
+    # a key that is not a name raised a raw AttributeError (a 500 for a runtime load)
+    torch.save({1: torch.ones(2)}, pickled / "adapter_model.bin")
+    with pytest.raises(CheckpointError, match="pickled: .* not a dict of named tensors"):
+        LoraAdapters(model, {"sql": pickled})
     (pickled / "adapter_model.bin").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="pickled: unreadable adapter weights"):
         LoraAdapters(model, {"sql": pickled})
@@ -475,6 +574,27 @@ def test_adapters_load_and_unload_at_run_time(
     _engines.append(plain)
     with pytest.raises(GenerationError, match="LoRA is not enabled on this engine"):
         plain.load_lora("x", lora_dirs["sql"])
+
+
+def test_removing_the_hooks_forgets_the_adapters(
+    lora_dirs: dict[str, Path], merged_models: dict, _engines: list
+) -> None:
+    """`engine.lora.remove()` took the hooks off but left the names loaded: a request naming
+    an adapter then ran on the bare base, and on the blocks its adapter had cached, giving
+    tokens of neither. It is refused now; an adapter loaded afterwards hooks on again."""
+    model = load_model(lora_dirs["base"]).eval()
+    engine = LLMEngine(model, None, EngineConfig(block_size=4), {"sql": lora_dirs["sql"]})
+    _engines.append(engine)
+    prompt = list(range(40, 66))
+    want = generate_ids(merged_models["sql"], prompt, GREEDY).token_ids
+    assert run_engine(engine, [(prompt, "sql")]) == [want]
+    engine.lora.remove()
+    assert engine.lora.loaded == {} and not any(m._forward_hooks for m in model.modules())
+    with pytest.raises(GenerationError, match="no adapter named 'sql'"):
+        engine.add_request(prompt, GREEDY, lora="sql")
+    engine.load_lora("sql", lora_dirs["sql"])
+    assert run_engine(engine, [(prompt, "sql")]) == [want]
+    engine.lora.remove()
 
 
 # --------------------------------------------------------------------------------------- GPU

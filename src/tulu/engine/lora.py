@@ -23,7 +23,9 @@ import hashlib
 import math
 import os
 import weakref
-from collections.abc import Mapping, Sequence
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -108,16 +110,82 @@ def _read_adapter(
     if not isinstance(rank, int):
         raise CheckpointError(f"{where}: r must be an integer, got {rank!r}")
     scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    try:
-        saved = _load_weights(directory)
-    except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
-        raise CheckpointError(
-            f"{directory}: unreadable adapter weights ({type(err).__name__}: {err})"
-        ) from None
-    if not isinstance(saved, dict) or not all(isinstance(t, Tensor) for t in saved.values()):
-        raise CheckpointError(f"{directory}: the adapter weights are not a dict of tensors")
-    halves: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in saved.items():
+    weights = _Weights(directory)
+    halves = _check_names(directory, weights.shapes, linears)
+    for layer, pair in halves.items():
+        _check_shapes(directory, layer, pair, weights.shapes, linears[layer], rank)
+    # Only now, every name and shape checked against the model, are the tensors read.
+    layers = {
+        layer: _to_model(
+            weights.read(pair["A"]), weights.read(pair["B"]), linears[layer], scale, dtype
+        )
+        for layer, pair in sorted(halves.items())
+    }
+    return _Adapter(name, directory, rank, layers)
+
+
+class _Weights:
+    """An adapter's weights file (PEFT's safetensors, else its weights-only pickle), open:
+    the tensor names and shapes come first, from the safetensors header or a memory map of
+    the pickle, and a tensor is read only when asked for, so a wrong file (another base,
+    a whole model) is refused before its tensors cost any memory. Read here so that serving
+    adapters does not need PEFT installed."""
+
+    def __init__(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        from tulu.train.lora import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+
+        self.directory = directory
+        with self._reading():
+            if (directory / ADAPTER_WEIGHTS).is_file():
+                handle = safe_open(directory / ADAPTER_WEIGHTS, framework="pt", device="cpu")
+                self.shapes = {k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()}
+                self._get = handle.get_tensor
+                return
+            path = directory / ADAPTER_WEIGHTS_BIN
+            # Only the zip format (torch.save's since torch 1.6) can be memory-mapped.
+            saved = torch.load(
+                path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path)
+            )
+        named = isinstance(saved, dict) and all(isinstance(k, str) for k in saved)
+        if not named or not all(isinstance(t, Tensor) for t in saved.values()):
+            raise CheckpointError(
+                f"{directory}: the adapter weights are not a dict of named tensors"
+            )
+        self.shapes = {k: tuple(t.shape) for k, t in saved.items()}
+        self._get = saved.__getitem__
+
+    def read(self, key: str) -> Tensor:
+        with self._reading():
+            return self._get(key)
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
+            raise CheckpointError(
+                f"{self.directory}: unreadable adapter weights ({type(err).__name__}: {err})"
+            ) from None
+
+
+def _split_key(key: str) -> tuple[str | None, str]:
+    """``base_model.model.<layer>.lora_A.weight`` -> (``<layer>``, "A"); (None, "") otherwise."""
+    if not key.startswith(_PREFIX):
+        return None, ""
+    for suffix, half in _SUFFIXES.items():
+        if key.endswith(suffix):
+            return key[len(_PREFIX) : -len(suffix)], half
+    return None, ""
+
+
+def _check_names(
+    directory: Path, shapes: Mapping[str, tuple[int, ...]], linears: Mapping[str, nn.Linear]
+) -> dict[str, dict[str, str]]:
+    """{layer: {"A": tensor name, "B": tensor name}}, each layer one of the model's."""
+    halves: dict[str, dict[str, str]] = {}
+    for key in shapes:
         layer, half = _split_key(key)
         if layer is None:
             raise CheckpointError(
@@ -132,60 +200,39 @@ def _read_adapter(
                 f"{directory}: tensor {key} adapts {kind}; "
                 + (_MERGE_HINT if head else "is the base the one it was trained on?")
             )
-        halves.setdefault(layer, {})[half] = tensor
+        halves.setdefault(layer, {})[half] = key
     if not halves:
         raise CheckpointError(f"{directory}: the adapter holds no LoRA tensors")
-    layers = {}
-    for layer, pair in sorted(halves.items()):
-        layers[layer] = _checked_pair(directory, layer, pair, linears[layer], rank, scale, dtype)
-    return _Adapter(name, directory, rank, layers)
+    return halves
 
 
-def _load_weights(directory: Path) -> dict[str, Tensor]:
-    """The adapter's tensors, as PEFT saves them (safetensors, else a weights-only pickle);
-    read here so that serving adapters does not need PEFT installed."""
-    from safetensors.torch import load_file
-
-    from tulu.train.lora import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
-
-    if (directory / ADAPTER_WEIGHTS).is_file():
-        return load_file(directory / ADAPTER_WEIGHTS, device="cpu")
-    return torch.load(directory / ADAPTER_WEIGHTS_BIN, map_location="cpu", weights_only=True)
-
-
-def _split_key(key: str) -> tuple[str | None, str]:
-    """``base_model.model.<layer>.lora_A.weight`` -> (``<layer>``, "A"); (None, "") otherwise."""
-    if not key.startswith(_PREFIX):
-        return None, ""
-    for suffix, half in _SUFFIXES.items():
-        if key.endswith(suffix):
-            return key[len(_PREFIX) : -len(suffix)], half
-    return None, ""
-
-
-def _checked_pair(
+def _check_shapes(
     directory: Path,
     layer: str,
-    pair: dict[str, Tensor],
+    pair: Mapping[str, str],
+    shapes: Mapping[str, tuple[int, ...]],
     linear: nn.Linear,
     rank: int,
-    scale: float,
-    dtype: torch.dtype,
-) -> tuple[Tensor, Tensor]:
+) -> None:
     for half in ("A", "B"):
         if half not in pair:
             raise CheckpointError(f"{directory}: {layer} has no lora_{half} tensor")
-    a, b = pair["A"], pair["B"]
     expected = {"A": (rank, linear.in_features), "B": (linear.out_features, rank)}
-    for half, tensor in (("A", a), ("B", b)):
-        if tuple(tensor.shape) != expected[half]:
+    for half, key in sorted(pair.items()):
+        if shapes[key] != expected[half]:
             raise CheckpointError(
-                f"{directory}: {_PREFIX}{layer}.lora_{half}.weight has shape "
-                f"{list(tensor.shape)}, expected {list(expected[half])} (r={rank} and the "
-                "layer's size); is the base the one it was trained on?"
+                f"{directory}: {key} has shape {list(shapes[key])}, expected "
+                f"{list(expected[half])} (r={rank} and the layer's size); is the base the one "
+                "it was trained on?"
             )
+
+
+def _to_model(
+    a: Tensor, b: Tensor, linear: nn.Linear, scale: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """(A, B * scale) on `linear`'s device in `dtype`; copies, never views of the file."""
     device = linear.weight.device
-    a = a.to(device=device, dtype=dtype).contiguous()
+    a = a.to(device=device, dtype=dtype, copy=True).contiguous()
     b = (b.to(torch.float32) * scale).to(device=device, dtype=dtype).contiguous()
     return a, b
 
@@ -342,9 +389,14 @@ class LoraAdapters:
         ]
 
     def remove(self) -> None:
-        """Take the hooks off the model (it computes as the plain base again)."""
+        """Take the hooks off the model (it computes as the plain base again) and forget the
+        adapters: a request naming one is then refused, where it would have run on the bare
+        base (and on blocks its adapter cached). No request may still run with an adapter."""
         _remove_hooks(self._hooks)
         self._groups = []
+        self._adapters.clear()
+        self._slot_of.clear()
+        self._publish()
 
 
 def _remove_hooks(hooks: dict[str, RemovableHandle]) -> None:
