@@ -4,6 +4,7 @@ real `openai` and `huggingface_hub` clients, and get what the merged adapter gen
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import httpx
@@ -155,8 +156,14 @@ def _free_port() -> int:
 @pytest.mark.parametrize(
     ("modules", "message"),
     [
-        (["sql"], "--lora-modules: expected NAME=DIR, got 'sql'"),
+        (["sql"], "--lora-modules: expected NAME=DIR (or a JSON object), got 'sql'"),
         (["=DIR"], "expected NAME=DIR"),
+        # vLLM's JSON form ({{ }} are format()'s escaped braces)
+        (['{{"name": "sql"'], "is not valid JSON"),
+        (['["sql"]'], "expected NAME=DIR"),
+        (['{{"name": "sql"}}'], "'path' must be a non-empty string"),
+        (['{{"name": "sql", "path": "{sql}", "r": 8}}'], "unknown key 'r'; the keys are"),
+        (['{{"name": "sql", "path": "{base}"}}'], "is not a LoRA adapter directory"),
         (["sql={sql}", "sql={poet}"], "the name 'sql' is given twice"),
         (["tiny={sql}"], "'tiny' is the base model's served name"),
         (["sql={base}"], "is not a LoRA adapter directory (no adapter_config.json)"),
@@ -182,7 +189,8 @@ def test_tulu_serve_loads_the_lora_modules(tiny_checkpoint_dir, adapters, monkey
 
     started = record_started_apps(monkeypatch)
     args = ["serve", str(tiny_checkpoint_dir), "--port", str(_free_port()), "--lora-modules"]
-    assert main([*args, f"sql={adapters['sql']}", f" poet = {adapters['poet']}"]) == 0
+    poet = {"name": "poet", "path": str(adapters["poet"]), "base_model_name": "x"}  # vLLM's
+    assert main([*args, f" sql = {adapters['sql']}", json.dumps(poet)]) == 0
     (app,) = started
     service = app.state.service
     assert service.lora_adapters == {"sql": str(adapters["sql"]), "poet": str(adapters["poet"])}

@@ -20,6 +20,7 @@ that compute otherwise (aLoRA, Arrow, KaSA).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import weakref
@@ -239,17 +240,16 @@ def _to_model(
 
 def parse_lora_modules(specs: Sequence[str], *, reserved: str | None = None) -> dict[str, str]:
     """``--lora-modules NAME=DIR ...`` (`tulu serve`, `tulu generate`) as {name: directory},
-    checked before anything loads.
+    checked before anything loads. vLLM's JSON form, ``{"name": NAME, "path": DIR}``, is
+    taken too, so that its command lines work unchanged (its ``base_model_name`` is accepted
+    and not used: an adapter's parent is always the served base).
 
     A name is what requests put in ``model`` (OpenAI), ``adapter_id`` (TGI) or a record's
     ``lora`` field, so it must be unique and differ from `reserved` (the base model's name).
     """
     modules: dict[str, str] = {}
     for spec in specs:
-        name, sep, directory = spec.partition("=")
-        name, directory = name.strip(), directory.strip()
-        if not sep or not name or not directory:
-            raise CheckpointError(f"--lora-modules: expected NAME=DIR, got {spec!r}")
+        name, directory = _split_module(spec)
         if name == reserved:
             raise CheckpointError(
                 f"--lora-modules: {name!r} is the base model's served name; give the adapter "
@@ -264,6 +264,37 @@ def parse_lora_modules(specs: Sequence[str], *, reserved: str | None = None) -> 
             )
         modules[name] = str(Path(directory).expanduser())
     return modules
+
+
+_JSON_MODULE_KEYS = ("name", "path", "base_model_name")
+
+
+def _split_module(spec: str) -> tuple[str, str]:
+    """(name, directory) of one ``--lora-modules`` value: NAME=DIR or vLLM's JSON object."""
+    if not spec.lstrip().startswith("{"):
+        name, sep, directory = spec.partition("=")
+        name, directory = name.strip(), directory.strip()
+        if not sep or not name or not directory:
+            raise CheckpointError(
+                f"--lora-modules: expected NAME=DIR (or a JSON object), got {spec!r}"
+            )
+        return name, directory
+    try:
+        module = json.loads(spec)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"--lora-modules: {spec!r} is not valid JSON ({err})") from None
+    if not isinstance(module, dict):
+        raise CheckpointError(f"--lora-modules: {spec!r} is not a JSON object")
+    unknown = sorted(set(module) - set(_JSON_MODULE_KEYS))
+    if unknown:
+        raise CheckpointError(
+            f"--lora-modules: {spec!r}: unknown key {unknown[0]!r}; the keys are "
+            + ", ".join(_JSON_MODULE_KEYS)
+        )
+    for key in ("name", "path"):
+        if not isinstance(module.get(key), str) or not module[key].strip():
+            raise CheckpointError(f"--lora-modules: {spec!r}: {key!r} must be a non-empty string")
+    return module["name"].strip(), module["path"].strip()
 
 
 def _is_file(path: Path) -> bool:
