@@ -18,6 +18,8 @@ import torch
 from tulu.chat import generation_prompt
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
+from tulu.model import GPTNeoXForCausalLM, preset
+from tulu.server.openai_routes import TokenStrings, _byte_level_alphabet
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -482,6 +484,112 @@ def test_echo_with_generation(client, model, tok):
     assert values == lp.token_logprobs
 
 
+class PositionScript(GPTNeoXForCausalLM):
+    """Logits depend on the position only: position p predicts `script[p]`, so a prompt of n
+    tokens continues greedily with `script[n - 1:]` (any vocabulary, e.g. GPT-NeoX's)."""
+
+    def __init__(self, script: list[int], vocab: int):
+        config = preset(
+            "pythia-14m",
+            vocab_size=vocab,
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            intermediate_size=16,
+            torch_dtype="float32",
+            max_position_embeddings=len(script),
+        )
+        super().__init__(config)
+        self.init_weights(0)
+        self.embed_out = torch.nn.Linear(len(script), vocab, bias=False)
+        with torch.no_grad():
+            self.embed_out.weight.zero_()
+            self.embed_out.weight[script, torch.arange(len(script))] = 20.0
+        self.eval()
+
+    def hidden_states(self, input_ids, position_ids=None, **kwargs):
+        b, t = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(t).expand(b, t)
+        return torch.nn.functional.one_hot(position_ids, len(self.embed_out.weight[0])).float()
+
+
+def expected_offsets(tok, ids: list[int]) -> list[int]:
+    """Where each token's first byte lies in decode(ids), in characters, from the tokenizer
+    alone: after decode(ids[:i]), less the U+FFFD that stands for a character (or invalid
+    sequence) that token i continues."""
+    whole = tok.decode(ids)
+    offsets = []
+    for i in range(len(ids)):
+        before, after = tok.decode(ids[:i]), tok.decode(ids[i:])
+        offsets.append(len(before) - (before + after != whole))
+    return offsets
+
+
+def test_text_offsets_of_a_byte_fallback_tokenizer():
+    """A tokenizer that is not byte-level shows byte pieces decoded alone (U+FFFD), which are
+    not their bytes: the pieces of one character then share its offset."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models
+
+    from tulu.server.openai_routes import _LegacyLogprobs
+    from tulu.tokenizer import Tokenizer
+
+    vocab = {"<unk>": 0, "x": 1, "a": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    backend = Backend(models.BPE(vocab=vocab, merges=[], byte_fallback=True, unk_token="<unk>"))
+    backend.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    tok = Tokenizer(backend, eos_token="<unk>")
+    ids = tok.encode("x中a")
+    assert len(ids) == 5 and tok.decode(ids) == "x中a"
+    logprobs = _LegacyLogprobs(TokenStrings(tok), None, 0, False)
+    assert logprobs.add(ids, [None] * 5).text_offset == [0, 1, 1, 1, 2]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("echo", [False, True])
+def test_text_offsets_around_split_characters_and_invalid_bytes(
+    make_server, neox_tokenizer_path, echo, stream
+):
+    """Emoji and CJK characters cut across tokens, a lone continuation byte and a cut-off
+    lead byte (each one U+FFFD in the text): every offset is its token's first byte's
+    character, so each whole token's text is found at its offset, in the prompt and output."""
+    from tulu.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_file(neox_tokenizer_path)
+    prompt = "Emoji 😀, 中文 and é:"
+    prompt_ids = tok.encode(prompt)
+    byte = {b: tok.token_to_id(ch) for ch, b in _byte_level_alphabet().items()}
+    output = [byte[0x80], *tok.encode("a"), byte[0xE4], *tok.encode("b 😀🎉 中文字 ok"), byte[0xF0]]
+    cut = [TokenStrings(tok).text(t).startswith("bytes:") for t in prompt_ids + output]
+    assert sum(cut) >= 8  # the characters really are cut across tokens
+    script = [output[0]] * (len(prompt_ids) - 1) + output + [tok.eos_token_id] * 2
+    vocab = -(-len(tok) // 64) * 64
+    server = make_server(model=PositionScript(script, vocab), tokenizer=tok)
+    body = dict(model=MODEL, prompt=prompt, echo=echo, max_tokens=len(output), logprobs=0)
+    body |= dict(temperature=0, stream=stream)
+    with server.openai() as client:
+        reply = client.completions.create(**body)
+        chunks = list(reply) if stream else [reply]
+    text, tokens, offsets = "", [], []
+    for chunk in chunks:
+        for choice in chunk.choices:
+            text += choice.text
+            tokens += choice.logprobs.tokens if choice.logprobs else []
+            offsets += choice.logprobs.text_offset if choice.logprobs else []
+    generated = tok.decode(output)
+    assert "\ufffd" in generated and "😀🎉 中文字" in generated
+    want = expected_offsets(tok, output)
+    if echo:
+        assert text == prompt + generated
+        want = expected_offsets(tok, prompt_ids) + [len(prompt) + o for o in want]
+    else:
+        assert text == generated
+    assert offsets == want
+    for token, offset in zip(tokens, offsets, strict=True):
+        if not token.startswith("bytes:"):
+            assert text[offset : offset + len(token)] == token
+
+
 def test_chat_logprobs_equal_the_engine(client, model, tok):
     reply = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, temperature=0, max_tokens=10, logprobs=True, top_logprobs=2
@@ -605,6 +713,43 @@ def test_wrong_model_is_not_found(client):
     assert "gpt-4" in err.value.message
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt=PROMPT)
+
+
+def test_hugging_face_placeholder_names_are_the_base_unless_an_adapter(client):
+    """ "tgi" and "dummy" (what Hugging Face's clients send) are the served model; an adapter
+    literally so named is that adapter; any other unknown name stays a 404."""
+    from types import SimpleNamespace
+
+    from tulu.server.openai_routes import ApiError, _check_model
+
+    reply = client.completions.create(model="dummy", prompt=PROMPT, max_tokens=2)
+    assert reply.model == MODEL
+    for name in ("TGI", "tgi ", "Dummy"):
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model=name, prompt=PROMPT, max_tokens=2)
+    service = SimpleNamespace(
+        settings=SimpleNamespace(served_model_name="base"), lora_adapters={"tgi": "/a"}
+    )
+    assert _check_model("tgi", service) == ("tgi", "tgi")
+    assert _check_model("dummy", service) == ("base", None)
+    with pytest.raises(ApiError, match="'gpt-4' does not exist"):
+        _check_model("gpt-4", service)
+
+
+def test_null_n_stream_echo_and_logprobs_mean_their_defaults(client, server):
+    """The `openai` client sends null for a parameter passed as None (OpenAI documents these
+    as nullable); chat has no `echo`, so null there is still an unknown field."""
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, n=None, stream=None, logprobs=None
+    )
+    assert len(reply.choices) == 1 and reply.choices[0].logprobs is None
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, n=None, stream=None, echo=None, logprobs=None
+    )
+    assert len(reply.choices) == 1 and not reply.choices[0].text.startswith(PROMPT)
+    body = {"model": MODEL, "messages": MESSAGES, "echo": None}
+    response = httpx.post(f"{server.base_url}/chat/completions", json=body, headers=server.headers)
+    assert response.status_code == 400 and response.json()["error"]["param"] == "echo"
 
 
 def test_unknown_field_is_a_bad_request(client):

@@ -20,7 +20,7 @@ from text_generation.errors import OverloadedError, ValidationError
 from text_generation.types import Grammar, GrammarType
 from torch import nn
 
-from tulu.engine.reference import generate_ids
+from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
 from tulu.model import GPTNeoXForCausalLM, preset
 
@@ -541,6 +541,44 @@ def test_huggingface_hub_inference_client(server):
     assert [t.id for t in detailed.details.tokens] == [t.id for t in expected.details.tokens]
     chunks = list(c.text_generation(PROMPT, max_new_tokens=6, stream=True))
     assert "".join(chunks) == expected.generated_text
+
+
+def test_huggingface_hub_chat_completion_without_a_model_name(server, model, tokenizer):
+    """`InferenceClient(base_url=...).chat_completion` names no model (it sends "dummy"; TGI's
+    docs say model="tgi"): both mean the served model, as TGI takes any name."""
+    from huggingface_hub import InferenceClient
+
+    c = InferenceClient(base_url=server.url, api_key=KEY, timeout=30)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    expected = generate_text(
+        model, tokenizer, messages, SamplingParams(max_tokens=8, temperature=0)
+    )
+    for name in (None, "tgi"):
+        reply = c.chat_completion(messages, model=name, max_tokens=8, temperature=0)
+        assert reply.model == server.settings.served_model_name
+        assert reply.choices[0].message.content == expected.text
+        assert reply.choices[0].finish_reason == expected.finish_reason
+        assert reply.usage.completion_tokens == len(expected.token_ids)
+    chunks = list(c.chat_completion(messages, max_tokens=8, temperature=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_huggingface_hub_text_generation_details(server, model, tokenizer):
+    from huggingface_hub import InferenceClient
+
+    c = InferenceClient(base_url=server.url, api_key=KEY, timeout=30)
+    expected = reference(model, tokenizer, tokenizer.encode(PROMPT), 8)
+    out = c.text_generation(PROMPT, max_new_tokens=8, details=True, decoder_input_details=True)
+    assert out.generated_text == expected.text
+    assert [t.id for t in out.details.tokens] == expected.token_ids
+    assert [t.id for t in out.details.prefill] == tokenizer.encode(PROMPT)
+    assert (out.details.finish_reason, out.details.generated_tokens) == ("length", 8)
+    events = list(c.text_generation(PROMPT, max_new_tokens=8, details=True, stream=True))
+    assert [e.token.id for e in events] == expected.token_ids
+    assert events[-1].generated_text == expected.text
+    assert events[-1].details.finish_reason == "length"
+    assert events[-1].details.generated_tokens == 8
 
 
 def test_decoder_input_details_cannot_stream(server):

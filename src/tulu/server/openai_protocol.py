@@ -14,9 +14,9 @@ with a 400 that says so.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 MAX_TOP_LOGPROBS = 20
 MAX_N = 128
@@ -43,10 +43,26 @@ class StreamOptions(_Request):
 
 
 class _SamplingFields(_Request):
-    """Parameters both generation endpoints share."""
+    """Parameters both generation endpoints share.
+
+    OpenAI documents ``n``, ``stream``, ``echo`` and chat's ``logprobs`` as nullable, and the
+    `openai` client sends ``null`` when a caller passes None: null means their default (as in
+    vLLM). vLLM's extensions stay non-nullable, as in vLLM.
+    """
+
+    _NULL_MEANS_DEFAULT: ClassVar[frozenset[str]] = frozenset({"n", "stream", "echo", "logprobs"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        nullable = cls._NULL_MEANS_DEFAULT & cls.model_fields.keys()
+        return {k: v for k, v in data.items() if v is not None or k not in nullable}
 
     model: str | None = None
-    """Must be the served model name; None means the served model (as vLLM allows)."""
+    """The served model name or an adapter's; None means the served model (as vLLM allows), as
+    do "tgi" and "dummy", the names Hugging Face's clients send."""
     temperature: float | None = None
     top_p: float | None = None
     n: int = 1

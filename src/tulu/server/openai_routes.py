@@ -23,6 +23,7 @@ OpenAI does, and its exact bytes are in the chat format's ``bytes`` field.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import functools
 import json
@@ -176,14 +177,25 @@ def _param_error(err: GenerationError, rename: dict[str, str] | None = None) -> 
 # ----------------------------------------------------------------------------------------------
 
 
+#: Model names Hugging Face's clients send when they cannot know the served one: TGI's docs
+#: use "tgi", and `huggingface_hub.InferenceClient(base_url=...)` sends "dummy". TGI accepts
+#: any name; this server, like vLLM, 404s unknown names but takes these as the base model.
+PLACEHOLDER_MODELS = frozenset({"tgi", "dummy"})
+
+
 def _check_model(model: str | None, service: GenerationService) -> tuple[str, str | None]:
-    """(the model name to answer with, the LoRA adapter it names or None for the base)."""
+    """(the model name to answer with, the LoRA adapter it names or None for the base).
+
+    An adapter literally named like a placeholder (`PLACEHOLDER_MODELS`) is still that adapter.
+    """
     served = service.settings.served_model_name
     if model is None or model == served:
         return served, None
     adapters = service.lora_adapters
     if model in adapters:
         return model, model
+    if model in PLACEHOLDER_MODELS:
+        return served, None
     also = f" and the LoRA adapters {', '.join(map(repr, adapters))}" if adapters else ""
     raise ApiError(
         f"the model {model!r} does not exist; this server serves {served!r}{also}",
@@ -478,6 +490,9 @@ class TokenStrings:
             self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
         except Exception:  # an exotic decoder: fall back to decoding single tokens
             self._byte_level = False
+        #: Whether `get` gives the bytes the tokenizer decodes (byte-level BPE); otherwise it
+        #: gives the token decoded alone (e.g. U+FFFD for a byte-fallback piece).
+        self.exact_bytes = self._byte_level
         added = getattr(backend, "get_added_tokens_decoder", dict)()
         self._added = {int(i): t.content for i, t in added.items()}
         self._cache: dict[int, tuple[str, list[int]]] = {}
@@ -520,7 +535,14 @@ def _token_strings(request: Request, tokenizer: Tokenizer) -> TokenStrings:
 class _LegacyLogprobs:
     """The completions format's log-probabilities of one run of tokens, built piece by piece
     (for streaming). ``text_offset`` counts characters of the returned text: the position where
-    each token's text starts (a token inside a multi-byte character gets the character's)."""
+    each token's text starts (a token inside a multi-byte character gets the character's).
+
+    The decoder's text gives the position after the tokens it has turned into text; tokens it
+    still holds back (their bytes end inside a character, or are invalid and await what
+    follows) are placed by their bytes: each token after an invalid byte or a cut-off
+    character starts one character (the U+FFFD) further. Without exact bytes (a tokenizer
+    that is not byte-level), held-back tokens get the decoder's position.
+    """
 
     def __init__(
         self,
@@ -533,14 +555,23 @@ class _LegacyLogprobs:
         self.decoder = StreamDecoder(
             strings.tokenizer, context, skip_special_tokens=skip_special_tokens
         )
-        self.offset = offset
+        self.skipped = strings.tokenizer.special_ids() if skip_special_tokens else frozenset()
+        self.offset = offset  # the characters the decoder has returned so far
+        self.held = b""  # the bytes of the tokens the decoder holds back
 
     def add(self, token_ids: list[int], entries: list[TokenLogprob | None]) -> CompletionLogprobs:
         out = CompletionLogprobs()
         for token_id, entry in zip(token_ids, entries, strict=True):
-            out.tokens.append(self.strings.text(token_id))
-            out.text_offset.append(self.offset)
-            self.offset += len(self.decoder.push(token_id))
+            text, raw = self.strings.get(token_id)
+            out.tokens.append(text)
+            first = bytes(raw[:1]) if token_id not in self.skipped else b""
+            out.text_offset.append(self.offset + _chars_before(self.held, first))
+            delta = self.decoder.push(token_id)
+            if delta:
+                self.offset += len(delta)
+                self.held = b""
+            elif token_id not in self.skipped and self.strings.exact_bytes:
+                self.held += bytes(raw)
             if entry is None:
                 out.token_logprobs.append(None)
                 out.top_logprobs.append(None)
@@ -551,6 +582,24 @@ class _LegacyLogprobs:
                 top.setdefault(self.strings.text(alt_id), alt_logprob)
             out.top_logprobs.append(top)
         return out
+
+
+def _chars_before(held: bytes, first: bytes) -> int:
+    """How many characters of the text `held` (bytes the decoder has not returned yet) makes
+    before a token starting with the byte `first`: its complete characters and invalid
+    sequences (one U+FFFD each, as the tokenizer's lossy decoding counts them), plus the unfinished
+    character at its end unless `first` continues that character."""
+    if not held:
+        return 0
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    chars = len(decoder.decode(held))
+    unfinished = decoder.getstate()[0]
+    if unfinished and first:
+        try:
+            codecs.getincrementaldecoder("utf-8")().decode(unfinished + first)
+        except UnicodeDecodeError:  # `first` cannot continue it: it becomes a U+FFFD
+            chars += 1
+    return chars
 
 
 def _merge(parts: list[CompletionLogprobs]) -> CompletionLogprobs:
