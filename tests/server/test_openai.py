@@ -752,6 +752,34 @@ def test_null_n_stream_echo_and_logprobs_mean_their_defaults(client, server):
     assert response.status_code == 400 and response.json()["error"]["param"] == "echo"
 
 
+def test_an_assistant_reply_replayed_from_openai_is_accepted(client, server, model, tok):
+    """An OpenAI reply's message, appended to the conversation as it came (refusal: null,
+    annotations: [], tool_calls: null, ...), was a 400 'unknown field'; empty, those fields
+    say nothing and are dropped. With a value they are still refused."""
+    replayed = {
+        "role": "assistant",
+        "content": "Paris.",
+        "refusal": None,
+        "annotations": [],
+        "audio": None,
+        "function_call": None,
+        "tool_calls": None,
+    }
+    messages = [*MESSAGES, replayed, {"role": "user", "content": "And of Italy?"}]
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, temperature=0, max_tokens=8
+    )
+    plain = [{k: v for k, v in m.items() if k in ("role", "content")} for m in messages]
+    assert (
+        reply.choices[0].message.content
+        == generate_text(model, tok, plain, greedy(max_tokens=8)).text
+    )
+    calls = [{"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    body = {"model": MODEL, "messages": [*MESSAGES, {**replayed, "tool_calls": calls}]}
+    response = httpx.post(f"{server.base_url}/chat/completions", json=body, headers=server.headers)
+    assert response.status_code == 400 and "tool_calls" in response.json()["error"]["message"]
+
+
 def test_unknown_field_is_a_bad_request(client):
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(

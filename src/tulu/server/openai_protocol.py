@@ -108,10 +108,29 @@ class CompletionRequest(_SamplingFields):
 
 
 class ChatMessage(_Request):
+    """One message of a chat request.
+
+    An assistant message replayed from an OpenAI reply carries fields the Tulu format has no
+    place for (``refusal``, ``tool_calls``, ``annotations``, ...). Empty (null or []) they say
+    nothing and are dropped, as vLLM ignores them; with a value they stay unknown fields (400).
+    """
+
+    _EMPTY_REPLY_FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"refusal", "tool_calls", "function_call", "audio", "annotations"}
+    )
+
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict[str, Any]]
     name: str | None = None
     """Accepted (OpenAI clients send it) and ignored: the Tulu format has no speaker names."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_empty_reply_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        empty = cls._EMPTY_REPLY_FIELDS
+        return {k: v for k, v in data.items() if k not in empty or v not in (None, [])}
 
     @field_validator("content")
     @classmethod
