@@ -486,6 +486,198 @@ def test_generate_jsonl_to_stdout_raw(ckpt: Checkpoint, tmp_path: Path, capsys) 
         assert result["prompt_tokens"] == len(ckpt.loaded.tokenizer.encode(result["prompt"]))
 
 
+# ----------------------------------------------------------------------- generate: resuming
+
+RESUME_PROMPTS = ["Hi", "Name a color.", "What is 2+2?", "Write a haiku about the sea.", "Go"]
+# Seeded sampling that gives each of these prompts another text, so a result put on the wrong
+# line would show.
+RESUME_ARGS = ["--max-tokens", "8", "--temperature", "1.5", "--top-k", "40", "--seed", "5"]
+
+
+def resume_run(ckpt, tmp_path, capsys, *extra, output: str = "out.jsonl"):
+    source = tmp_path / "in.jsonl"
+    if not source.exists():
+        write_jsonl(source, [{"id": i, "prompt": p} for i, p in enumerate(RESUME_PROMPTS)])
+    argv = ["generate", ckpt.directory, *CPU, "--input", source, "--output", tmp_path / output]
+    return run(capsys, *argv, *RESUME_ARGS, *extra)
+
+
+def interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished: int) -> Path:
+    """A run stopped as Ctrl-C would stop it, right after its `finished`-th result was handled;
+    returns the progress file it leaves (with the results kept before, and those)."""
+    progress = tmp_path / "out.jsonl.progress"
+    # whole lines: a header and results; a cut line after them is dropped
+    lines = progress.read_bytes().count(b"\n") if progress.exists() else 0
+    kept = max(lines - 1, 0) + finished
+    real = tulu.engine.engine.LLM.generate
+
+    def generate(self, prompts, params=None, *, on_output=None, **kwargs):
+        seen = 0
+
+        def interrupting(output) -> None:
+            nonlocal seen
+            on_output(output)
+            seen += output.finished
+            if seen == finished:
+                raise KeyboardInterrupt
+
+        return real(self, prompts, params, on_output=interrupting, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tulu.engine.engine.LLM, "generate", generate)
+        rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 130 and out == "", err
+    assert f"{kept} of 5 results kept in {progress}: run the same command again" in err
+    assert not (tmp_path / "out.jsonl").exists()
+    assert progress.read_bytes().endswith(b"\n")
+    assert len(progress.read_bytes().splitlines()) == 1 + kept  # the header, the results
+    return progress
+
+
+def prompts_generated(spy: Spy) -> list[int]:
+    """The input indices each `LLM.generate` call was given (its request ids)."""
+    return [int(rid) for _, kwargs in spy.calls for rid in kwargs["request_ids"]]
+
+
+def test_generate_resumes_where_an_interrupted_run_stopped(
+    ckpt, tmp_path, capsys, monkeypatch, spies
+) -> None:
+    rc, _, err = resume_run(ckpt, tmp_path, capsys, output="whole.jsonl")
+    assert rc == 0, err
+    whole = (tmp_path / "whole.jsonl").read_bytes()
+    assert len({r["output"] for r in read_jsonl(whole.decode())}) == 5
+    spies["generate"].calls.clear()
+
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=2)
+    spies["generate"].calls.clear()
+    kept = {json.loads(line)["index"] for line in progress.read_text().splitlines()[1:]}
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 0 and out == "", err
+    assert f"resuming: 2 of 5 results kept in {progress}" in err
+    assert sorted(prompts_generated(spies["generate"])) == sorted({0, 1, 2, 3, 4} - kept)
+    assert (tmp_path / "out.jsonl").read_bytes() == whole  # as if never interrupted
+    assert not progress.exists()
+
+
+def test_generate_killed_after_its_last_result(ckpt, tmp_path, capsys, monkeypatch, spies) -> None:
+    """Every result kept but OUT not written yet: the rerun writes it, generating nothing."""
+    rc, _, err = resume_run(ckpt, tmp_path, capsys, output="whole.jsonl")
+    assert rc == 0, err
+    interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=5)
+    spies["generate"].calls.clear()
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 0, err
+    assert "resuming: 5 of 5 results kept" in err
+    assert prompts_generated(spies["generate"]) == []
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl", "whole.jsonl"]
+
+
+def test_generate_interrupted_before_any_result_leaves_nothing(
+    ckpt, tmp_path, capsys, monkeypatch
+) -> None:
+    real = tulu.engine.engine.LLM.generate
+
+    def generate(self, prompts, params=None, *, on_output=None, **kwargs):
+        def interrupting(output) -> None:
+            raise KeyboardInterrupt
+
+        return real(self, prompts, params, on_output=interrupting, **kwargs)
+
+    monkeypatch.setattr(tulu.engine.engine.LLM, "generate", generate)
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 130 and out == ""
+    assert err == "interrupted\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_generate_refuses_to_resume_with_other_settings(
+    ckpt, tmp_path, capsys, monkeypatch, spies
+) -> None:
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=2)
+    kept = progress.read_bytes()
+    spies["load"].calls.clear()
+    spies["generate"].calls.clear()
+    rc, out, err = resume_run(ckpt, tmp_path, capsys, "--temperature", "1.2", "--system", "Hi")
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message == (
+        f"{progress} holds the results of a run with other settings (--temperature: 1.5 "
+        'before, 1.2 now; --system: null before, "Hi" now); rerun with the settings of that '
+        f"run to resume it, or delete {progress} to start over"
+    )
+    assert spies["load"].calls == []  # refused before the model loads
+    # another model: found once it loads, before anything is generated
+    other = tmp_path / "other-model"
+    shutil.copytree(ckpt.directory, other)
+    argv = ["generate", other, *CPU, "--input", tmp_path / "in.jsonl"]
+    rc, out, err = run(capsys, *argv, "--output", tmp_path / "out.jsonl", *RESUME_ARGS)
+    assert rc == 1 and out == ""
+    assert "other settings (model.checkpoint: " in one_line_error(err, "generate")
+    # other input records
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": p} for p in RESUME_PROMPTS])
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 1 and "(input.sha256: " in one_line_error(err, "generate")
+    assert spies["generate"].calls == []
+    assert progress.read_bytes() == kept
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_generate_resume_drops_a_cut_last_line(ckpt, tmp_path, capsys, monkeypatch, spies) -> None:
+    """A run killed while writing a result leaves a line without its newline: that result is
+    generated again, and the next one is not appended to the cut line."""
+    rc, _, err = resume_run(ckpt, tmp_path, capsys, output="whole.jsonl")
+    assert rc == 0, err
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=3)
+    lines = progress.read_bytes().splitlines(keepends=True)
+    progress.write_bytes(b"".join(lines[:-1]) + lines[-1][:25])  # the third result cut
+    interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=1)  # 2 + 1 kept
+    spies["generate"].calls.clear()
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 0, err
+    assert "resuming: 3 of 5 results kept" in err
+    assert len(prompts_generated(spies["generate"])) == 2
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+    # killed while writing the header: nothing was kept, the run starts over
+    progress.write_bytes(lines[0][:40])
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 0, err
+    assert "resuming" not in err
+    assert (tmp_path / "out.jsonl").read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"index": 1, "output": "x"\n', "truncated JSON"),
+        (
+            b'{"index": 7, "output": "x", "finish_reason": "stop", "prompt_tokens": 1, '
+            b'"completion_tokens": 1}\n',
+            "index 7 is not that of one of the 5 inputs",
+        ),
+        (None, "a second result for index"),  # line 2 again
+    ],
+)
+def test_generate_resume_refuses_a_corrupt_line(
+    ckpt, tmp_path, capsys, monkeypatch, spies, line, problem
+) -> None:
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=3)
+    lines = progress.read_bytes().splitlines(keepends=True)
+    lines[3] = line or lines[1]
+    progress.write_bytes(b"".join(lines))
+    spies["load"].calls.clear()
+    spies["generate"].calls.clear()
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert message.startswith(f"{progress}:4: {problem}")
+    assert message.endswith(
+        f"remove that line to generate its result again, or delete {progress} to start over"
+    )
+    assert spies["load"].calls == [] and spies["generate"].calls == []
+    assert progress.read_bytes() == b"".join(lines)
+
+
 # ------------------------------------------------------------------------ generate: errors
 
 GOOD = json.dumps({"prompt": "Hi"})

@@ -90,7 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument(
         "--input", type=Path, help='JSONL: {"prompt": ...} or {"messages": [...]} per line'
     )
-    gen.add_argument("--output", type=Path, help="JSONL results (default: stdout)")
+    gen.add_argument(
+        "--output",
+        type=Path,
+        help="JSONL results (default: stdout); each result is kept in OUTPUT.progress as it "
+        "finishes, so the same command run again after an interruption resumes",
+    )
     gen.add_argument(
         "--raw", action="store_true", help="use prompts as plain text, not the chat format"
     )
@@ -205,10 +210,6 @@ def _add_lora_modules_arg(parser: argparse.ArgumentParser, picking: str) -> None
 # ---------------------------------------------------------------------------------- commands
 
 
-# What `tulu generate` adds to each input record in its JSONL output.
-RESULT_FIELDS = frozenset({"output", "finish_reason", "prompt_tokens", "completion_tokens"})
-
-
 def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any]]:
     """(where, record, prompt) for every input, all validated before the model is loaded.
 
@@ -217,6 +218,7 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     from tulu.chat import generation_prompt
     from tulu.data.readers import iter_jsonl
     from tulu.data.records import BadInput, check_object
+    from tulu.generate_resume import RESULT_FIELDS
 
     if args.prompt is not None:
         records = [("--prompt", {"prompt": args.prompt})]
@@ -229,7 +231,7 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = []
     for where, record in records:
-        written = sorted(RESULT_FIELDS & set(record))
+        written = sorted(set(RESULT_FIELDS) & set(record))
         if written:
             # The result would replace them: a gold 'output' lost, in place with --output
             # equal to --input.
@@ -282,10 +284,13 @@ def _adapters_of(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate for every prompt; with --output, each result is kept as it finishes, so an
+    interrupted run resumes (see `tulu.generate_resume`)."""
     from dataclasses import replace
 
     from tulu.engine.engine import LLM, EngineConfig
     from tulu.engine.reference import check_prompt_length
+    from tulu.generate_resume import Progress, progress_path
     from tulu.jsonl import check_output, write_jsonl
     from tulu.pretrained import load_pretrained
 
@@ -293,6 +298,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = _prompts_of(args)
     lora_modules, lora_names = _adapters_of(args, prompts)
     check_output(args.output)
+    progress = None
+    if args.output is not None:
+        settings = _resume_settings(args, params, prompts, lora_modules)
+        progress = Progress.load(progress_path(args.output), settings, len(prompts))
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
@@ -311,30 +320,48 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
 
     stream = args.prompt is not None and args.output is None
-    on_output = None
-    if stream:
+    todo = list(range(len(jobs)))
+    if progress is not None:
+        progress.start({**settings, "model": _model_identity(loaded, jobs, lora_names)})
+        todo = [i for i in todo if i not in progress.done]
+        if progress.done:
+            print(
+                f"resuming: {len(progress.done)} of {len(jobs)} results kept in {progress.path}",
+                file=sys.stderr,
+            )
 
-        def on_output(output) -> None:
+    def on_output(output) -> None:
+        if stream:
             sys.stdout.write(output.outputs[0].delta_text)
             sys.stdout.flush()
+        if progress is not None and output.finished:
+            progress.add(int(output.request_id), _result_fields(output))
 
-    outputs = llm.generate(
-        [ids for _, ids, _ in jobs],
-        [p for _, _, p in jobs],
-        on_output=on_output,
-        progress=len(jobs) > 16 and sys.stderr.isatty(),
-        lora=lora_names,
-    )
-    results = [
-        {
-            **record,
-            "output": out.outputs[0].text,
-            "finish_reason": out.outputs[0].finish_reason,
-            "prompt_tokens": len(out.prompt_token_ids),
-            "completion_tokens": len(out.outputs[0].token_ids),
-        }
-        for (record, _, _), out in zip(jobs, outputs, strict=True)
-    ]
+    try:
+        outputs = llm.generate(
+            [jobs[i][1] for i in todo],
+            [jobs[i][2] for i in todo],
+            on_output=on_output,
+            progress=len(todo) > 16 and sys.stderr.isatty(),
+            lora=[lora_names[i] for i in todo],
+            request_ids=[str(i) for i in todo],  # on_output's index of each result
+        )
+    except BaseException:
+        if progress is not None and progress.done:
+            progress.close()
+            print(
+                f"{len(progress.done)} of {len(jobs)} results kept in {progress.path}: run the "
+                "same command again to generate only the others",
+                file=sys.stderr,
+            )
+        elif progress is not None:
+            progress.remove()  # a header alone: nothing to resume
+        raise
+    if progress is not None:
+        fields = progress.done  # the results kept before, and those just generated
+    else:
+        fields = dict(zip(todo, map(_result_fields, outputs), strict=True))
+    results = [{**record, **fields[i]} for i, (record, _, _) in enumerate(jobs)]
     if stream:
         sys.stdout.write("\n")
         tokens, finish = results[0]["completion_tokens"], results[0]["finish_reason"]
@@ -348,8 +375,64 @@ def cmd_generate(args: argparse.Namespace) -> int:
     with open(partial, "w", encoding="utf-8") as out:
         count = write_jsonl(results, out)
     partial.replace(args.output)
+    progress.remove()
     print(f"wrote {count} results to {args.output}", file=sys.stderr)
     return 0
+
+
+def _result_fields(output) -> dict[str, Any]:
+    """What `tulu generate` adds to an input record, from its finished RequestOutput."""
+    completion = output.outputs[0]
+    return {
+        "output": completion.text,
+        "finish_reason": completion.finish_reason,
+        "prompt_tokens": len(output.prompt_token_ids),
+        "completion_tokens": len(completion.token_ids),
+    }
+
+
+def _resume_settings(
+    args: argparse.Namespace,
+    params,
+    prompts: list[tuple[str, dict[str, Any], Any]],
+    lora_modules: dict[str, str],
+) -> dict[str, Any]:
+    """The progress header's fields known before the model loads (see `tulu.generate_resume`):
+    a rerun that differs in any of them is refused at once."""
+    from dataclasses import asdict
+
+    from tulu.generate_resume import digest, files_identity
+
+    adapters = {
+        name: files_identity(
+            [Path(d) / "adapter_config.json", *sorted(Path(d).glob("adapter_model.*"))]
+        )
+        for name, d in lora_modules.items()
+    }
+    return {
+        "input": {"records": len(prompts), "sha256": digest(r for _, r, _ in prompts)},
+        "sampling": asdict(params),
+        "--system": args.system,
+        "--raw": args.raw,
+        "--lora": args.lora,
+        "--lora-modules": adapters,
+    }
+
+
+def _model_identity(
+    loaded, jobs: list[tuple[Any, list[int], Any]], lora_names: list[str | None]
+) -> dict[str, Any]:
+    """The progress header's fields known once the model loads: its files and dtype, and the
+    prompts as token ids (another tokenizer or chat format changes them)."""
+    from tulu.generate_resume import digest, files_identity
+    from tulu.model.config import dtype_name
+
+    return {
+        "checkpoint": str(Path(loaded.directory).resolve()),
+        "weights": files_identity(loaded.weight_files),
+        "dtype": dtype_name(next(loaded.model.parameters()).dtype),
+        "prompts": digest([ids, name] for (_, ids, _), name in zip(jobs, lora_names, strict=True)),
+    }
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -414,6 +414,29 @@ def test_generate_returns_when_one_of_its_requests_is_aborted(tiny_model, make_l
     assert outputs[1].outputs[0].finish_reason == "abort"
 
 
+def test_generate_request_ids_name_each_prompts_outputs(tiny_model, make_llm):
+    """`request_ids` lets `on_output` tell which prompt an output is for (what `tulu generate`
+    needs to save each result as it finishes); bad ones withdraw every prompt."""
+    llm = make_llm(tiny_model)
+    prompts = PROMPTS[:4]
+    finished: dict[str, list[int]] = {}
+
+    def on_output(output):
+        if output.finished:
+            finished[output.request_id] = output.outputs[0].token_ids
+
+    ids = ["p3", "p1", "p0", "p2"]
+    outputs = llm.generate(prompts, GREEDY, on_output=on_output, request_ids=ids)
+    assert [o.request_id for o in outputs] == ids
+    assert finished == {rid: o.outputs[0].token_ids for rid, o in zip(ids, outputs, strict=True)}
+    assert token_ids(outputs) == token_ids(llm.generate(prompts, GREEDY))
+    with pytest.raises(GenerationError, match="4 prompts but 3 request ids"):
+        llm.generate(prompts, GREEDY, request_ids=ids[:3])
+    with pytest.raises(GenerationError, match="prompt 2: request id 'a' is already in use"):
+        llm.generate(prompts, GREEDY, request_ids=["a", "b", "a", "c"])
+    assert not llm.engine.has_unfinished_requests()
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds and n > 1
 # ----------------------------------------------------------------------------------------------

@@ -730,13 +730,16 @@ class LLM:
         progress: bool | None = None,
         on_output: Callable[[RequestOutput], None] | None = None,
         lora: str | Iterable[str | None] | None = None,
+        request_ids: Iterable[str] | None = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; results come back in the prompts' order.
 
         `prompts` may also be a single prompt (a string, a list of token ids or a list of chat
         messages), as in vLLM: it gives a list of one result. `lora` names the LoRA adapter of
         every prompt, or gives one name (or None: the base) per prompt. A progress bar is shown
-        for more than 16 prompts when `progress` is None.
+        for more than 16 prompts when `progress` is None. `request_ids` (one per prompt, not in
+        use) replaces the fresh ids, so that `on_output` can tell which prompt an output is
+        for while the others still run (`tulu generate` saves each result as it finishes).
         """
         prompts = _prompt_list(prompts)
         default = SamplingParams() if params is None else params
@@ -744,11 +747,16 @@ class LLM:
             default, SamplingParams, len(prompts), "params", "SamplingParams"
         )
         lora_list = _one_per_prompt(lora, str, len(prompts), "lora", "lora names")
+        chosen_ids = [None] * len(prompts) if request_ids is None else list(request_ids)
+        if len(chosen_ids) != len(prompts):
+            raise GenerationError(f"{len(prompts)} prompts but {len(chosen_ids)} request ids")
         engine = self.engine
         ids = []
         try:
-            for prompt, p, name in zip(prompts, param_list, lora_list, strict=True):
-                ids.append(engine.add_request(prompt, p, lora=name))
+            for prompt, p, name, chosen in zip(
+                prompts, param_list, lora_list, chosen_ids, strict=True
+            ):
+                ids.append(engine.add_request(prompt, p, request_id=chosen, lora=name))
         except BaseException as err:
             # All or nothing: withdraw the prompts already added, whatever refused this one.
             for rid in ids:

@@ -1,0 +1,221 @@
+"""Resuming an interrupted `tulu generate --output OUT`.
+
+Each result is appended to ``OUT.progress`` as its request finishes (one JSON line with the
+input's index), so a run that is killed (Ctrl-C, SIGKILL, out of memory, a preempted node)
+keeps what it finished, and the same command run again generates only the rest. The final
+OUT is written whole at the end, in input order, and the progress file removed.
+
+The first line of the progress file is a header: everything the results depend on (the
+model's resolved directory, its weight files' sizes and modification times as the eval cache
+keys them, and its dtype; the sampling settings, --system, --raw, the LoRA settings, and
+digests of the input records and of the prompts' token ids). A rerun whose header differs is
+refused with the differences named: results of two settings are never mixed in one file, and
+a model copied elsewhere counts as another one. What the header leaves out, on purpose: the
+model as typed (a relative path, a hub id and --revision are what they resolve to; a hub
+snapshot's directory names its commit) and the device, so that a job preempted on one node
+resumes on another. Seeded sampling resumes exactly: every request has its own random
+generator seeded with --seed, so its sample does not depend on the other requests in the batch.
+
+A cut last line (the process killed mid-write) is dropped and its prompt generated again; a
+bad line anywhere else is an error naming the file and line, since it means the file was
+changed by something else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+from tulu.data.readers import BLANK, parse_jsonl_line
+from tulu.data.records import BadRecord
+from tulu.errors import TuluError
+
+FORMAT = "tulu generate progress 1"
+# What `tulu generate` adds to each input record, in the order it writes them.
+RESULT_FIELDS = ("output", "finish_reason", "prompt_tokens", "completion_tokens")
+_TYPES = {"output": str, "finish_reason": str, "prompt_tokens": int, "completion_tokens": int}
+
+
+def progress_path(output: Path) -> Path:
+    """Where the finished results of a run writing `output` are kept until it completes."""
+    return output.with_name(output.name + ".progress")
+
+
+def digest(values: Iterable[Any]) -> str:
+    """SHA-256 of JSON values in order: a header field that changes when any of them does."""
+    sha = hashlib.sha256()
+    for value in values:
+        sha.update(json.dumps(value).encode("ascii") + b"\n")  # ASCII: lone surrogates too
+    return sha.hexdigest()
+
+
+def files_identity(paths: Iterable[Path]) -> list[list[Any]]:
+    """[path, size, mtime] of each file: retrained or replaced weights change it."""
+    out = []
+    for path in paths:
+        stat = path.stat()
+        out.append([str(path.resolve()), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+class Progress:
+    """The finished results of a run (`done`: input index -> result fields), and the file
+    they are appended to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.header: dict[str, Any] | None = None  # None: no file, or one cut within line 1
+        self.done: dict[int, dict[str, Any]] = {}
+        self._keep = 0  # bytes of whole lines; a cut last line after them is dropped
+        self._out: TextIO | None = None
+
+    @classmethod
+    def load(cls, path: Path, settings: dict[str, Any], count: int) -> Progress:
+        """The progress file of a previous run with these `settings`, or an empty one.
+
+        `settings` are the header fields known before the model loads, so that a rerun with
+        other settings is refused at once; `check` compares the model's fields after it loads.
+        """
+        progress = cls(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return progress
+        except OSError as err:
+            raise TuluError(f"{path}: cannot read the results kept there ({err})") from None
+        cut = data.rfind(b"\n") + 1
+        progress._keep = cut
+        lines = data[:cut].splitlines()
+        if not lines:
+            return progress
+        header = progress._parse(lines[0], 1)
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise TuluError(
+                f"{path}:1: not a `tulu generate` progress file; move it away or delete it"
+            )
+        entries = [
+            (number, progress._parse(raw, number)) for number, raw in enumerate(lines[1:], 2)
+        ]
+        entries = [(number, entry) for number, entry in entries if entry is not BLANK]
+        if not entries:
+            return progress  # a header alone keeps nothing: start() writes a new one
+        progress.header = header
+        progress.check(settings)
+        line_of: dict[int, int] = {}  # index -> the line of its result
+        for number, entry in entries:
+            problem = _result_problem(entry, count)
+            if problem is None and entry["index"] in line_of:
+                problem = (
+                    f"a second result for index {entry['index']} (line {line_of[entry['index']]})"
+                )
+            if problem:
+                raise TuluError(f"{path}:{number}: {problem}; {progress._remedy(one_line=True)}")
+            line_of[entry["index"]] = number
+            progress.done[entry["index"]] = {k: entry[k] for k in RESULT_FIELDS}
+        return progress
+
+    def _parse(self, raw: bytes, number: int) -> Any:
+        try:
+            return parse_jsonl_line(raw, f"{self.path}:{number}")
+        except BadRecord as err:
+            raise TuluError(f"{err}; {self._remedy(one_line=number > 1)}") from None
+
+    def _remedy(self, *, one_line: bool) -> str:
+        again = "remove that line to generate its result again, or " if one_line else ""
+        return f"{again}delete {self.path} to start over"
+
+    def check(self, expected: dict[str, Any]) -> None:
+        """Refuse to resume results made with other settings, naming each difference."""
+        if self.header is None:
+            return
+        now = json.loads(json.dumps(expected))  # as the header holds them: tuples as lists
+        changes = _differences({k: self.header.get(k) for k in now}, now)
+        if changes:
+            raise TuluError(
+                f"{self.path} holds the results of a run with other settings "
+                f"({'; '.join(changes)}); rerun with the settings of that run to resume it, "
+                f"or delete {self.path} to start over"
+            )
+
+    def start(self, header: dict[str, Any]) -> None:
+        """Open the file for appending results, checked against or starting with `header`."""
+        self.check(header)
+        try:
+            if self.header is None:
+                self._out = open(self.path, "w", encoding="utf-8")
+                self._write({"format": FORMAT, **header})
+                self.header = json.loads(json.dumps(header))
+            else:
+                os.truncate(self.path, self._keep)  # else the next line would join a cut one
+                self._out = open(self.path, "a", encoding="utf-8")
+        except OSError as err:
+            raise TuluError(f"{self.path}: cannot write the results there ({err})") from None
+
+    def add(self, index: int, result: dict[str, Any]) -> None:
+        """Keep one finished result, flushed before the next one is waited for: a killed
+        process cannot lose it. Not fsynced line by line: what a machine crash loses of the
+        last lines is generated again (a cut last line is dropped)."""
+        assert self._out is not None, "start() first"
+        self._write({"index": index, **result})
+        self.done[index] = result
+
+    def _write(self, entry: dict[str, Any]) -> None:
+        try:
+            self._out.write(json.dumps(entry) + "\n")  # type: ignore[union-attr]
+            self._out.flush()  # type: ignore[union-attr]
+        except OSError as err:
+            raise TuluError(f"{self.path}: cannot write the results there ({err})") from None
+
+    def close(self) -> None:
+        """Close the file; a line that could not be written (a full disk) is left cut, and a
+        resumed run generates its result again."""
+        if self._out is not None:
+            out, self._out = self._out, None
+            try:
+                out.close()
+            except OSError:
+                pass
+
+    def remove(self) -> None:
+        """Delete the file: the run's output is written, or nothing was kept."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
+
+def _result_problem(entry: Any, count: int) -> str | None:
+    """What is wrong with a result line for `count` inputs; None if nothing."""
+    fields = ("index", *RESULT_FIELDS)
+    if not isinstance(entry, dict) or set(entry) != set(fields):
+        return f"expected a JSON object with the fields {', '.join(fields)}"
+    index = entry["index"]
+    if type(index) is not int or not 0 <= index < count:
+        return f"index {index!r} is not that of one of the {count} inputs"
+    for field, kind in _TYPES.items():
+        if type(entry[field]) is not kind:
+            return f"field {field!r} must be a {'string' if kind is str else 'whole number'}"
+    return None
+
+
+def _differences(before: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """'FIELD: OLD before, NEW now' for each field that differs (nested fields dotted;
+    sampling fields named by their command-line flags)."""
+    out = []
+    for key, value in now.items():
+        old = before.get(key)
+        if old == value:
+            continue
+        name = f"--{key.replace('_', '-')}" if prefix == "sampling." else prefix + key
+        if isinstance(old, dict) and isinstance(value, dict):
+            out += _differences(old, value, f"{name}.")
+        else:
+            out.append(f"{name}: {_short(old)} before, {_short(value)} now")
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
