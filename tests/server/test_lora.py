@@ -235,7 +235,15 @@ def test_runtime_lora_updates_as_vllm(
     base = post("/load_lora_adapter", {"lora_name": "tiny", "lora_path": str(adapters["sql"])})
     assert base.status_code == 400 and "base model's served name" in base.text
 
+    # unloaded while a stream runs with it (a 400 before): the stream finishes with it
+    stream = client.completions.create(
+        model="sql", prompt=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0, stream=True
+    )
+    chunks = iter(stream)
+    text = next(chunks).choices[0].text
     removed = post("/unload_lora_adapter", {"lora_name": "sql"})
+    text += "".join(chunk.choices[0].text for chunk in chunks)
+    assert text == expected["sql"][0]
     assert removed.status_code == 200
     assert removed.text == "Success: LoRA adapter 'sql' removed successfully."
     assert [m.id for m in client.models.list().data] == ["tiny"]

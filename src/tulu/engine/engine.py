@@ -174,6 +174,7 @@ class LLMEngine:
         # `enable_lora`, also none at first, for `load_lora` later.
         lora_on = bool(lora_modules) or enable_lora
         self.lora = LoraAdapters(model, lora_modules or {}) if lora_on else None
+        self._retired_lora_slots: set[int] = set()  # unloaded, still used by some request
         if self.lora is not None and resolve_fast_path(self.config, self.device)[0] != "loop":
             # The fast path's static buffers and graphs fix the rows of a step; adapter rows
             # change from step to step.
@@ -285,16 +286,20 @@ class LLMEngine:
         self._lora_enabled().install(self._lora_enabled().read(name, directory))
 
     def unload_lora(self, name: str) -> None:
-        """Remove adapter `name`; refused while a request still runs or waits with it."""
-        adapters = self._lora_enabled()
-        slot = adapters.slot(name)
-        users = sum(1 for r in self._requests.values() if any(s.lora_slot == slot for s in r.seqs))
-        if users:
-            raise GenerationError(
-                f"lora: adapter {name!r} is in use by {users} unfinished request(s); unload "
-                "it when they are done"
-            )
-        adapters.unload(name)
+        """Remove adapter `name` at once for new requests (the name may be loaded again); the
+        requests already running or waiting with it finish with it, as in vLLM, and its
+        weights are freed after the last of them."""
+        self._retired_lora_slots.add(self._lora_enabled().unload(name))
+        self._free_retired_lora()
+
+    def _free_retired_lora(self) -> None:
+        """Free the weights of unloaded adapters that no unfinished request uses any more."""
+        if not self._retired_lora_slots or self.lora is None:
+            return
+        in_use = {s.lora_slot for r in self._requests.values() for s in r.seqs}
+        for slot in self._retired_lora_slots - in_use:
+            self.lora.forget(slot)
+            self._retired_lora_slots.discard(slot)
 
     def _lora_enabled(self) -> LoraAdapters:
         if self.lora is None:
@@ -394,6 +399,7 @@ class LLMEngine:
         request = self._requests.pop(request_id, None)
         if request is None:
             return None
+        self._free_retired_lora()
         for seq, completion in zip(request.seqs, request.completions, strict=True):
             if not seq.is_finished:
                 self.scheduler.remove(seq)
@@ -488,6 +494,7 @@ class LLMEngine:
         for request in touched.values():
             if request.finished:
                 del self._requests[request.request_id]
+        self._free_retired_lora()
         return outputs
 
     def _sample_and_update(

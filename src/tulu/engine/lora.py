@@ -312,8 +312,9 @@ class LoraAdapters:
     Before each forward pass the engine calls `use` with one adapter slot per input row
     (0 = the base model, unchanged), and clears them after it. The adapters given here are
     all read and checked before any hook is added, so a bad one leaves the model as it was.
-    More can be added later (`read` then `install`) and removed (`unload`), as vLLM's runtime
-    LoRA updates; a slot is never reused, so a name loaded again gets fresh prefix-cache keys.
+    More can be added later (`read` then `install`) and removed (`unload`, then `forget` when
+    its last request is done), as vLLM's runtime LoRA updates; a slot is never reused, so a
+    name loaded again gets fresh prefix-cache keys.
     """
 
     def __init__(self, model: nn.Module, adapters: Mapping[str, str | os.PathLike[str]]) -> None:
@@ -379,15 +380,24 @@ class LoraAdapters:
         self._publish()
         return slot
 
-    def unload(self, name: str) -> None:
-        """Forget adapter `name` (the caller makes sure no request still uses it)."""
+    def unload(self, name: str) -> int:
+        """Unload adapter `name`: new requests can no longer name it (and the name may be
+        loaded again), while the requests already running with it keep its weights until the
+        caller `forget`s its slot, which it returns (as vLLM lets them finish)."""
         slot = self.slot(name)
-        del self._adapters[slot], self._slot_of[name]
+        del self._slot_of[name]
         self._publish()
+        return slot
+
+    def forget(self, slot: int) -> None:
+        """Free the weights of an unloaded adapter's slot, once no request runs with it."""
+        if slot in self._slot_of.values():
+            raise ValueError(f"LoRA slot {slot} is still loaded")
+        self._adapters.pop(slot, None)
 
     def _publish(self) -> None:
         # A new dict, never one changed in place: other threads (the server's routes) read it.
-        self.loaded = {a.name: str(a.path) for a in self._adapters.values()}
+        self.loaded = {n: str(self._adapters[s].path) for n, s in self._slot_of.items()}
 
     @property
     def names(self) -> list[str]:

@@ -63,7 +63,7 @@ async def load_lora_adapter(body: LoadLoraAdapterRequest, request: Request) -> R
 
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(body: UnloadLoraAdapterRequest, request: Request) -> Response:
-    """Remove the adapter; refused (400) while a request still uses it."""
+    """Remove the adapter for new requests; those running with it finish with it."""
     service: GenerationService = request.app.state.service
     name = body.lora_name
     if name not in service.lora_adapters:
