@@ -24,7 +24,7 @@ from tulu.engine import engine as engine_module
 from tulu.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from tulu.engine.reference import generate_ids
 from tulu.engine.sampling import SamplingParams
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -1139,3 +1139,28 @@ def test_engine_chi_square_detects_the_wrong_temperature(fixed_logits_model, mak
     counts = np.bincount([t for o in outputs for t in o.outputs[0].token_ids], minlength=8)
     want = claimed_distribution(temperature=0.7) * counts.sum()
     assert float(((counts - want) ** 2 / want).sum()) > CHI2_999[7]
+
+
+def test_llm_loads_a_checkpoint_path_as_vllm_does(
+    tok_model, demo_tokenizer, tmp_path, _engines, make_llm
+):
+    """`LLM("path")` (vLLM's first line) needed the model and tokenizer loaded by hand."""
+    from tulu.engine.engine import LLM
+    from tulu.model.checkpoint import save_model
+
+    directory = save_model(tok_model, tmp_path / "ckpt", tokenizer=demo_tokenizer)
+    params = SamplingParams(max_tokens=6, temperature=0)
+    messages = [{"role": "user", "content": "Name three rivers."}]
+    llm = LLM(str(directory), dtype="float32", device="cpu")
+    _engines.append(llm.engine)
+    want = make_llm(tok_model, demo_tokenizer).generate(messages, params)[0].outputs[0]
+    assert llm.generate(messages, params)[0].outputs[0].token_ids == want.token_ids
+    half = LLM(directory, dtype="bfloat16", device="cpu")
+    _engines.append(half.engine)
+    assert half.engine.dtype == torch.bfloat16 and half.engine.tokenizer is not None
+    with pytest.raises(GenerationError, match="LLM: dtype, device apply to a checkpoint path"):
+        LLM(tok_model, demo_tokenizer, dtype="bfloat16", device="cpu")
+    with pytest.raises(TuluError, match="no_such_dir"):
+        LLM(tmp_path / "no_such_dir")
+    with pytest.raises(GenerationError, match="pass the engine settings as config="):
+        LLM(str(directory), EngineConfig())

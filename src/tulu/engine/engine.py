@@ -718,16 +718,47 @@ def _prompt_list(prompts: Prompt | Iterable[Prompt]) -> list[Prompt]:
 
 
 class LLM:
-    """Blocking offline generation: `LLM(model, tokenizer).generate(prompts, params)`."""
+    """Blocking offline generation: `LLM(model, tokenizer).generate(prompts, params)`.
+
+    `model` is a loaded model, or, as in vLLM, a checkpoint directory, hub id or LoRA adapter
+    directory, loaded with `tulu.pretrained.load_pretrained` (`dtype`, `device`, `revision`)
+    together with its tokenizer (unless one is given).
+    """
 
     def __init__(
         self,
-        model: GPTNeoXForCausalLM,
-        tokenizer: Tokenizer | None,
+        model: GPTNeoXForCausalLM | str | os.PathLike[str],
+        tokenizer: Tokenizer | None = None,
         config: EngineConfig | None = None,
         lora_modules: Mapping[str, str | os.PathLike[str]] | None = None,
+        *,
+        dtype: str | torch.dtype | None = None,
+        device: str | torch.device | None = None,
+        revision: str | None = None,
+        enable_lora: bool = False,
     ):
-        self.engine = LLMEngine(model, tokenizer, config, lora_modules)
+        if isinstance(tokenizer, EngineConfig):  # LLM("path", EngineConfig(...))
+            raise GenerationError(
+                "LLM: the second argument is the tokenizer; pass the engine settings as "
+                "config=EngineConfig(...)"
+            )
+        if isinstance(model, str | os.PathLike):
+            from tulu.pretrained import load_pretrained
+
+            loaded = load_pretrained(model, dtype=dtype, device=device, revision=revision)
+            model, tokenizer = loaded.model, tokenizer or loaded.tokenizer
+        else:
+            given = [
+                k
+                for k, v in (("dtype", dtype), ("device", device), ("revision", revision))
+                if v is not None
+            ]
+            if given:
+                raise GenerationError(
+                    f"LLM: {', '.join(given)} apply to a checkpoint path or hub id; this model "
+                    "is loaded already (move or cast it yourself)"
+                )
+        self.engine = LLMEngine(model, tokenizer, config, lora_modules, enable_lora=enable_lora)
 
     def generate(
         self,
