@@ -64,3 +64,39 @@ def test_a_tied_config_with_a_separate_stored_head_counts_it(tmp_path: Path) -> 
     assert info["parameters"] == tied + TINY.vocab_size * TINY.hidden_size
     (directory / "model.safetensors").unlink()  # config only: the config stands
     assert describe(directory)["parameters"] == tied
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_lora_adapter_directory_is_described_as_it_loads(tied: bool, tmp_path: Path) -> None:
+    """`tulu chat/serve/generate ADAPTER_DIR` load the base with the adapter merged in; info
+    describes that model (an adapted tied head gets its own weight when merged)."""
+    pytest.importorskip("peft")
+    from tulu.pretrained import load_pretrained
+    from tulu.train.config import LoraConfig
+    from tulu.train.lora import apply_lora, save_adapter
+
+    config = TINY.with_(tie_word_embeddings=tied)
+    base = save_model(build_model(config), tmp_path / "base", tokenizer=tokenizer())
+    lora = LoraConfig(r=2, target_modules=["query_key_value", "embed_out"])
+    adapter = save_adapter(
+        apply_lora(build_model(config), lora, base_model_path=base), tmp_path / "adapter"
+    )
+    info = describe(adapter)
+    loaded = load_pretrained(adapter, dtype="float32", device="cpu").model
+    assert info["parameters"] == sum(p.numel() for p in loaded.parameters())
+    assert info["tokenizer_size"] == 27 and str(base) in info["source"]
+    assert main(["info", str(adapter)]) == 0
+
+
+def test_a_hub_id_is_described_without_downloading_its_weights(tmp_path: Path, monkeypatch) -> None:
+    """info needs config.json (and tokenizer.json): fetching a 6.9B model's 14 GB of weights
+    for it would be a needless download."""
+    from model.test_checkpoint import fake_hub
+
+    save_model(build_model(TINY), tmp_path / "remote" / "org" / "m", tokenizer=tokenizer())
+    calls = fake_hub(monkeypatch, tmp_path / "remote", tmp_path / "cache")
+    info = describe("org/m")
+    assert info["parameters"] == TINY.num_parameters() and info["tokenizer_size"] == 27
+    fetched = (tmp_path / "cache" / "org" / "m").iterdir()
+    assert [f.name for f in fetched if f.suffix in (".safetensors", ".bin")] == []
+    assert len(calls) == 1

@@ -113,7 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         "info", help="parameters, memory for weights and KV cache of a checkpoint"
     )
     info.add_argument(
-        "model", metavar="MODEL", help="checkpoint directory, hub id, or preset (pythia-6.9b)"
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory, hub id, LoRA adapter directory, or preset (pythia-6.9b)",
     )
     info.add_argument("--dtype", help="dtype to size memory for (default: the checkpoint's)")
     info.add_argument("--revision", help="hub revision (branch, tag or commit) for hub ids")

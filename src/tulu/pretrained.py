@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from tulu.model.checkpoint import (
     refuse_local_revision,
     resolve_checkpoint,
 )
-from tulu.model.config import PRESET_NAMES, dtype_name, parse_dtype, preset
+from tulu.model.config import PRESET_NAMES, NeoXConfig, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -105,16 +106,56 @@ def _load_merged_adapter(adapter_dir: Path, dtype: torch.dtype, device: torch.de
     return Pretrained(net, tokenizer, adapter_dir, files)
 
 
+def _merged_adapter_config(adapter_dir: Path) -> tuple[NeoXConfig, Path]:
+    """The config of the model `load_pretrained` makes of a LoRA adapter directory, and its
+    base: the base's config, untied when the adapter adapts the LM head of a tied base
+    (`merge_lora` gives such a head its own weight). The head is adapted when PEFT would match
+    the module name `embed_out`: a name in the `target_modules` list, or a regex that
+    matches it in full."""
+    from tulu.train.lora import adapter_base, read_adapter_config
+
+    targets = read_adapter_config(adapter_dir).get("target_modules")
+    base = adapter_base(adapter_dir)
+    config = read_checkpoint_config(base)
+    if isinstance(targets, str):
+        try:
+            adapts_head = re.fullmatch(targets, "embed_out") is not None
+        except re.error as err:
+            raise TuluError(
+                f"{adapter_dir / 'adapter_config.json'}: target_modules {targets!r} is not a "
+                f"valid regular expression ({err})"
+            ) from None
+    else:
+        adapts_head = isinstance(targets, list) and "embed_out" in targets
+    if config.tie_word_embeddings and adapts_head:
+        config = config.with_(tie_word_embeddings=False)
+    return config, base
+
+
 def describe(
     model: str | os.PathLike, dtype: str | None = None, revision: str | None = None
 ) -> dict[str, Any]:
-    """Sizes and memory needs of a checkpoint (or a preset name) from its config alone."""
+    """Sizes and memory needs of a checkpoint (or a preset name) from its config alone.
+
+    A LoRA adapter directory is described as `load_pretrained` loads it: its base with the
+    adapter merged in (the same shapes, but for an adapted tied head, which gets its own).
+    """
     source: str
+    local = Path(model).expanduser()
     if str(model) in PRESET_NAMES:
         refuse_local_revision(f"preset {model}", revision)
         config, source, tokenizer = preset(str(model)), f"preset {model}", None
+    elif local.is_dir() and (local / "adapter_config.json").is_file():
+        refuse_local_revision(local, revision)
+        config, base = _merged_adapter_config(local)
+        source = f"{local} (LoRA adapter over {base})"
+        has_own = (local / TOKENIZER_FILE).is_file()  # as load_pretrained picks it
+        tokenizer_dir = local if has_own else base
+        has_tokenizer = (tokenizer_dir / TOKENIZER_FILE).is_file()
+        tokenizer = Tokenizer.from_dir(tokenizer_dir) if has_tokenizer else None
     else:
-        directory = resolve_checkpoint(model, revision)
+        # Config and tokenizer only: weights already here are read for a tied head below.
+        directory = resolve_checkpoint(model, revision, weights=False)
         config = read_checkpoint_config(directory)  # as it loads (a tied head may untie)
         source = str(directory)
         # info still works for a directory without tokenizer files; a broken one is an error

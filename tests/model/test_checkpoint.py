@@ -410,6 +410,47 @@ def test_hub_id_resolves_through_offline_cache(tmp_path):
     assert "HF_HUB_OFFLINE" in lines[1]
 
 
+def fake_hub(monkeypatch, remote: Path, cache: Path) -> list[list[str]]:
+    """Route hub ids to `remote` (one folder per repo id): each snapshot "downloads" the
+    files its allow_patterns match into `cache`, as huggingface_hub does; returns the calls'
+    patterns."""
+    import fnmatch
+    import shutil
+
+    calls: list[list[str]] = []
+
+    def snapshot(repo_id, *, revision, allow_patterns, error):
+        calls.append(list(allow_patterns))
+        out = cache / repo_id
+        out.mkdir(parents=True, exist_ok=True)
+        for f in (remote / repo_id).iterdir():
+            if any(fnmatch.fnmatch(f.name, pattern) for pattern in allow_patterns):
+                shutil.copy(f, out / f.name)
+        return out
+
+    monkeypatch.setattr("tulu.model.checkpoint.snapshot", snapshot)
+    return calls
+
+
+def test_hub_download_fetches_one_copy_of_the_weights(tmp_path, monkeypatch):
+    """A repository with both safetensors and .bin weights (as many have) downloads the
+    safetensors only, as transformers does; one with .bin weights only still loads."""
+    model = tiny_model()
+    both = save_model(model, tmp_path / "remote" / "org" / "both")
+    torch.save(model.state_dict(), both / "pytorch_model.bin")
+    bin_only = tmp_path / "remote" / "org" / "bin-only"
+    bin_only.mkdir()
+    (bin_only / "config.json").write_text((both / "config.json").read_text())
+    torch.save(model.state_dict(), bin_only / "pytorch_model.bin")
+    calls = fake_hub(monkeypatch, tmp_path / "remote", tmp_path / "cache")
+
+    assert torch.equal(logits(load_model("org/both"), IDS), logits(model, IDS))
+    assert not list((tmp_path / "cache" / "org" / "both").glob("*.bin"))
+    assert len(calls) == 1
+    assert torch.equal(logits(load_model("org/bin-only"), IDS), logits(model, IDS))
+    assert len(calls) == 3 and "*.bin" in calls[-1]
+
+
 def test_local_looking_paths_are_not_hub_ids(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint directory"):
         resolve_checkpoint("./models/pythia")

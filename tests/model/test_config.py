@@ -211,6 +211,32 @@ def test_linear_rope_scaling(rope: dict) -> None:
     assert again == config and again.rope_linear_factor == 2.0
 
 
+@pytest.mark.parametrize(
+    "scaling",
+    [{"type": "linear", "factor": 2.0}, {"rope_type": "linear", "factor": 4}],
+)
+def test_an_edited_rope_scaling_replaces_rope_parameters_as_in_transformers(
+    scaling: dict,
+) -> None:
+    """Our config.json holds both rope_scaling and rope_parameters; transformers (4.x and 5)
+    uses rope_scaling whole when it is set. Editing it (to extend the context) must take
+    effect here too, not be outvoted by the untouched rope_parameters."""
+    transformers = pytest.importorskip("transformers")
+    raw = {**_EXPECTED.to_dict(), "rope_scaling": scaling}
+    theirs = transformers.GPTNeoXConfig(**raw).rope_parameters
+    config = NeoXConfig.from_dict(raw)
+    assert config.rope_type == theirs["rope_type"] == "linear"
+    assert config.rope_linear_factor == theirs["factor"]
+    assert config.rotary_emb_base == theirs["rope_theta"]
+    assert config.rotary_pct == theirs["partial_rotary_factor"]
+
+
+def test_an_unsupported_edited_rope_scaling_is_refused() -> None:
+    raw = {**_EXPECTED.to_dict(), "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}
+    with pytest.raises(ConfigError, match="'dynamic'.*rope_scaling"):
+        NeoXConfig.from_dict(raw)
+
+
 def test_round_trip_through_to_dict_and_json(tmp_path: Path) -> None:
     for config in (
         preset("pythia-160m"),

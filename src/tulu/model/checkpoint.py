@@ -42,7 +42,10 @@ SHARD_BYTES = 5 * 1000**3  # transformers' default max_shard_size "5GB"
 
 # Buffers that old transformers versions saved with GPT-NeoX checkpoints; recomputed, not loaded.
 _IGNORED = re.compile(r"attention\.(bias|masked_bias|rotary_emb\.inv_freq)$")
-_HUB_FILES = ["*.json", "*.safetensors", "*.bin", "*.txt", "*.model"]
+# Hub files by need: config, index and tokenizer files; then the weights, safetensors first.
+_HUB_META_FILES = ["*.json", "*.txt", "*.model"]
+_HUB_SAFETENSORS_FILES = [*_HUB_META_FILES, "*.safetensors"]
+_HUB_FILES = [*_HUB_SAFETENSORS_FILES, "*.bin"]
 
 
 HEAD = "embed_out.weight"
@@ -66,11 +69,16 @@ def refuse_local_revision(source: str | os.PathLike, revision: str | None) -> No
         )
 
 
-def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) -> Path:
+def resolve_checkpoint(
+    model: str | os.PathLike, revision: str | None = None, *, weights: bool = True
+) -> Path:
     """A local checkpoint directory for `model`: a directory path, or a hub id `org/name`.
 
     Hub ids go through huggingface_hub's cache (`tulu.hub`), so HF_HOME / HF_HUB_CACHE and
-    HF_HUB_OFFLINE behave as they do for every other HF tool.
+    HF_HUB_OFFLINE behave as they do for every other HF tool. Like transformers, only one copy
+    of the weights is fetched: the safetensors files, and the `.bin` files only for a repository
+    without them (a repository may hold both, each the size of the model). `weights=False`
+    fetches config and tokenizer files only (`tulu info`).
     """
     path = Path(model).expanduser()
     if path.is_dir():
@@ -80,7 +88,15 @@ def resolve_checkpoint(model: str | os.PathLike, revision: str | None = None) ->
         raise CheckpointError(f"{path}: expected a checkpoint directory, found a file")
     if not looks_like_hub_id(model):
         raise CheckpointError(f"{model}: no such checkpoint directory (and not a hub id org/name)")
-    return snapshot(str(model), revision=revision, allow_patterns=_HUB_FILES, error=CheckpointError)
+    patterns = _HUB_SAFETENSORS_FILES if weights else _HUB_META_FILES
+    directory = snapshot(
+        str(model), revision=revision, allow_patterns=patterns, error=CheckpointError
+    )
+    if weights and not any((directory / name).is_file() for name in (SAFE_SINGLE, SAFE_INDEX)):
+        directory = snapshot(
+            str(model), revision=revision, allow_patterns=_HUB_FILES, error=CheckpointError
+        )
+    return directory
 
 
 # ---------------------------------------------------------------------------------- weights

@@ -178,8 +178,9 @@ class NeoXConfig:
             )
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ConfigError(
-                f"config: rope scaling type {self.rope_type!r} is not supported "
-                f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})"
+                f"config: rope_type {self.rope_type!r} (field 'rope_scaling' or "
+                f"'rope_parameters') is not supported (supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)})"
             )
         if self.rope_type == "linear":
             factor = self.rope_scaling.get("factor") if self.rope_scaling else None
@@ -210,13 +211,16 @@ class NeoXConfig:
         data = dict(raw)
         kwargs: dict[str, Any] = {}
 
-        # Rotary settings: rope_parameters (transformers >= 5) > rope_scaling > top-level keys.
+        # Rotary settings: rope_scaling or rope_parameters (transformers >= 5) > top-level keys.
+        # A rope_scaling that is set replaces rope_parameters whole, as transformers 5 reads it
+        # (and 4.x, which ignores rope_parameters): a config whose rope_scaling was edited
+        # (context extension) beside an older rope_parameters gets the edited scaling.
         rope_params = data.pop("rope_parameters", None) or {}
         rope_scaling = data.pop("rope_scaling", None) or {}
         for name, value in (("rope_parameters", rope_params), ("rope_scaling", rope_scaling)):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: field {name!r} must be an object, got {value!r}")
-        merged_rope = {**rope_scaling, **rope_params}
+        merged_rope = dict(rope_scaling or rope_params)
         theta = _first(merged_rope, data, ("rope_theta",), ("rotary_emb_base", "rope_theta"))
         pct = _first(
             merged_rope, data, ("partial_rotary_factor",), ("rotary_pct", "partial_rotary_factor")
