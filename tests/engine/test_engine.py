@@ -260,6 +260,40 @@ def test_no_prefix_hit_when_only_a_later_block_matches(tiny_model, make_llm):
     assert out.outputs[0].token_ids == generate_ids(tiny_model, other, GREEDY).token_ids
 
 
+def test_step_slots_are_each_tokens_block_and_row(tiny_model, make_engine):
+    """`_step_slots` builds slots a block at a time; they must equal the per-token formula
+    `table[p // bs] * bs + p % bs` for chunks that start and end inside blocks."""
+    bs = 4
+    engine = make_engine(tiny_model, max_num_batched_tokens=7, block_size=bs)
+    build = engine._step_slots
+    steps = []
+
+    def checked(scheduled):
+        slots, layout = build(scheduled)
+        expected, q_start = [], 0
+        for item, (qs, qe, context, table) in zip(scheduled, layout, strict=True):
+            seq, start = item.seq, item.seq.num_computed
+            end = start + item.num_new_tokens
+            expected += [seq.block_table[p // bs] * bs + p % bs for p in range(start, end)]
+            assert (qs, qe, context, table) == (
+                q_start,
+                q_start + item.num_new_tokens,
+                end,
+                seq.block_table,
+            )
+            q_start = qe
+        assert slots == expected
+        steps.append(len(slots))
+        return slots, layout
+
+    engine._step_slots = checked
+    for prompt in random_prompts([5, 13, 3]):
+        engine.add_request(prompt, GREEDY)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert 7 in steps and 3 in steps  # full chunks and decode steps were both checked
+
+
 def test_prefix_cache_with_preemption_and_chunking(tiny_model, make_llm):
     common = random_prompts([64], seed=11)[0]
     prompts = [common + s for s in random_prompts([3, 30, 1, 17, 9, 40, 2, 22], seed=12)]

@@ -331,6 +331,41 @@ def test_admission_reuses_cached_blocks_but_computes_the_last_token(prompt_len, 
     sim.run()
 
 
+def test_each_completed_block_is_offered_to_the_prefix_cache_once():
+    """register_computed_blocks visits the blocks completed since its last call, not the
+    whole block table at every step (O(blocks) per sequence per decode step)."""
+    sim = Sim(64, 4)
+    offered: list[int] = []
+    register = sim.pool.register
+
+    def counting_register(block, block_hash):
+        offered.append(block)
+        register(block, block_hash)
+
+    sim.pool.register = counting_register
+    seq = sim.add(10, max_tokens=12)
+    sim.run()
+    # 10 prompt + 11 fed-back output tokens are computed: 5 full blocks of 4.
+    assert len(offered) == len(set(offered)) == 5
+    assert all(sim.pool.peek(h) for h in seq.block_hashes[:5])
+
+
+def test_blocks_recomputed_after_preemption_are_findable_again():
+    sim = Sim(6, 4)
+    seqs = [sim.add(8, max_tokens=4) for _ in range(3)]
+    sim.add(2)
+    preempted = False
+    while sim.sched.has_unfinished():
+        out = sim.step()
+        preempted |= bool(out.preempted)
+        for seq in out.preempted:
+            assert seq.num_registered_blocks == 0
+        for seq in sim.sched.running:  # every full computed block is findable
+            full = seq.num_computed // sim.pool.block_size
+            assert all(sim.pool.peek(h) for h in seq.block_hashes[:full])
+    assert preempted and all(s.is_finished for s in seqs)
+
+
 def test_prefix_blocks_are_shared_between_running_sequences():
     sim = Sim(64, 4)
     a = sim.add(12, max_tokens=8, first_token=0)

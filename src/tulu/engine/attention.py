@@ -46,15 +46,21 @@ class StepLayout:
         slots: list[int],
         seqs: list[tuple[int, int, int, list[int]]],
     ) -> StepLayout:
-        device = cache.keys.device
+        # Slots and every sequence's block table go to the device as one tensor, split into
+        # views: one host-to-device copy per step rather than one per sequence.
         bs = cache.block_size
+        lengths = [-(-ctx // bs) for _, _, ctx, _ in seqs]
+        flat = list(slots)
+        for (_, _, _, table), length in zip(seqs, lengths, strict=True):
+            flat.extend(table[:length])
+        parts = torch.tensor(flat, dtype=torch.int64, device=cache.keys.device).split(
+            [len(slots), *lengths]
+        )
         slices = [
-            SeqSlice(
-                qs, qe, ctx, torch.tensor(table[: -(-ctx // bs)], dtype=torch.int64, device=device)
-            )
-            for qs, qe, ctx, table in seqs
+            SeqSlice(qs, qe, ctx, table)
+            for (qs, qe, ctx, _), table in zip(seqs, parts[1:], strict=True)
         ]
-        return cls(torch.tensor(slots, dtype=torch.int64, device=device), slices)
+        return cls(parts[0], slices)
 
 
 class PagedAttention:

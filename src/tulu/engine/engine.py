@@ -47,7 +47,7 @@ from tulu.engine.sampling import (
     prepare_sampling_tensors,
     sample,
 )
-from tulu.engine.scheduler import Scheduler, Sequence
+from tulu.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -149,6 +149,9 @@ class _Request:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
+    # The token ids that end its completions (stop_token_ids, and EOS unless ignored), as a
+    # set made once: every generated token is checked against it.
+    stop_ids: frozenset[int] = frozenset()
 
     @property
     def finished(self) -> bool:
@@ -386,7 +389,15 @@ class LLMEngine:
             )
             for i in range(params.n)
         ]
-        request = _Request(request_id, prompt_ids, params, seqs, arrival, completions)
+        request = _Request(
+            request_id,
+            prompt_ids,
+            params,
+            seqs,
+            arrival,
+            completions,
+            stop_ids=frozenset(self._stop_ids(seqs[0])),
+        )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # the first prompt token has no prediction
         self._requests[request_id] = request
@@ -429,20 +440,16 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if not plan.scheduled:
             return aborted
-        tokens, positions, slots, seq_layout, lora_slots = [], [], [], [], []
+        tokens: list[int] = []
+        positions: list[int] = []
         sample_rows: list[tuple[Sequence, int]] = []
         prompt_logprob_rows: list[tuple[Sequence, int, int]] = []
-        bs = self.pool.block_size
         for item in plan.scheduled:
             seq, count = item.seq, item.num_new_tokens
             start = seq.num_computed
             q_start = len(tokens)
             tokens.extend(seq.token_ids[start : start + count])
-            lora_slots.extend([seq.lora_slot] * count)
             positions.extend(range(start, start + count))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + count))
-            seq_layout.append((q_start, q_start + count, start + count, table))
             if start + count == seq.num_tokens:
                 sample_rows.append((seq, q_start + count - 1))
             if (
@@ -465,11 +472,19 @@ class LLMEngine:
             ).float()
             hidden = None
         else:
-            layout = StepLayout.build(self.cache, slots, seq_layout)
+            # Slots and per-sequence layouts are built only here: the fast path derives its own.
+            layout = StepLayout.build(self.cache, *self._step_slots(plan.scheduled))
             input_ids = torch.tensor([tokens], device=self.device)
             position_ids = torch.tensor([positions], device=self.device)
             if self.lora is not None:
-                self.lora.use(lora_slots, self.device)
+                self.lora.use(
+                    [
+                        item.seq.lora_slot
+                        for item in plan.scheduled
+                        for _ in range(item.num_new_tokens)
+                    ],
+                    self.device,
+                )
             try:
                 hidden = self.model.hidden_states(
                     input_ids, position_ids, backend=PagedAttention(self.cache, layout)
@@ -490,12 +505,41 @@ class LLMEngine:
                 rows = torch.tensor([row for _, row in sample_rows], device=self.device)
                 logits = self.model.embed_out(hidden[rows]).float()
             self._sample_and_update([s for s, _ in sample_rows], logits, touched)
-        outputs = aborted + [self._request_output(r) for r in touched.values()]
+        outputs = aborted
         for request in touched.values():
-            if request.finished:
+            output = self._request_output(request)
+            outputs.append(output)
+            if output.finished:
                 del self._requests[request.request_id]
         self._free_retired_lora()
         return outputs
+
+    def _step_slots(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[list[int], list[tuple[int, int, int, list[int]]]]:
+        """The flat cache slot of each of the step's tokens, and each sequence's
+        (q_start, q_end, context_len, block_table), for `StepLayout.build`.
+
+        A sequence's new tokens occupy consecutive positions, so its slots are runs within
+        consecutive blocks: built a block at a time (`range` over the block's rows), not a
+        division per token, which matters for prefill chunks of thousands of tokens.
+        """
+        bs = self.pool.block_size
+        slots: list[int] = []
+        layout: list[tuple[int, int, int, list[int]]] = []
+        for item in scheduled:
+            seq, count = item.seq, item.num_new_tokens
+            start, end, table = seq.num_computed, seq.num_computed + count, seq.block_table
+            q_start = len(slots)
+            position = start
+            while position < end:
+                block, row = divmod(position, bs)
+                run = min(bs - row, end - position)
+                base = table[block] * bs
+                slots.extend(range(base + row, base + row + run))
+                position += run
+            layout.append((q_start, q_start + count, end, table))
+        return slots, layout
 
     def _sample_and_update(
         self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, _Request]
@@ -526,8 +570,9 @@ class LLMEngine:
             chosen_lp, top_ids, top_lp = compute_logprobs(raw, chosen, top_n)
             chosen_lp, top_ids, top_lp = chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist()
         now = time.monotonic()
+        requests = self._requests
         for i, (seq, token) in enumerate(zip(seqs, chosen_list, strict=True)):
-            request = self._requests[seq.request_id]
+            request = requests[seq.request_id]
             completion = request.completions[seq.index]
             if request.first_token_time is None:
                 request.first_token_time = now
@@ -546,7 +591,7 @@ class LLMEngine:
                 completion.candidate_logprobs.append(
                     dict(zip(seq.params.candidate_token_ids, values, strict=True))
                 )
-            self._check_stop(seq, token, completion)
+            self._check_stop(seq, token, completion, request.stop_ids)
             touched[request.request_id] = request
             if seq.is_finished and request.finished:
                 request.finished_time = now
@@ -557,9 +602,11 @@ class LLMEngine:
             ids.append(self.eos_token_id)
         return ids
 
-    def _check_stop(self, seq: Sequence, token: int, completion: CompletionOutput) -> None:
+    def _check_stop(
+        self, seq: Sequence, token: int, completion: CompletionOutput, stop_ids: frozenset[int]
+    ) -> None:
         finish, reason = None, None
-        if token in self._stop_ids(seq):
+        if token in stop_ids:
             finish, reason = "stop", token
             if seq.output is not None and seq.params.include_stop_str_in_output:
                 # As vLLM: the stop token's own text is kept when the stop text is asked for.

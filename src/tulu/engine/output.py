@@ -56,7 +56,7 @@ class IncrementalOutput:
         before = len(self._decoded)
         self._decoded += self._decoder.push(token_id)
         self._pushed += 1
-        if self._find_stop(before):
+        if self._stop and self._find_stop(before):  # most requests have no stop strings
             return self._take(len(self._decoded))
         return self._take(len(self._decoded) - self._hold)
 

@@ -46,6 +46,9 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[BlockHash] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys/values are in the cache
+    # Leading blocks of block_table already offered to the prefix cache (register_computed_blocks
+    # visits only the blocks completed since, not the whole table every step).
+    num_registered_blocks: int = 0
     num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
     num_preemptions: int = 0
     finish_reason: str | None = None
@@ -141,6 +144,7 @@ class Scheduler:
     def _free_blocks(self, seq: Sequence) -> None:
         self.pool.release_all(seq.block_table)
         seq.block_table = []
+        seq.num_registered_blocks = 0
 
     def _match_prefix(self, seq: Sequence) -> None:
         """Reuse cached blocks for the leading full blocks of a newly admitted sequence.
@@ -170,12 +174,21 @@ class Scheduler:
             seq.block_hashes.append(hash_block(parent, seq.token_ids[j * bs : (j + 1) * bs]))
 
     def register_computed_blocks(self, seq: Sequence) -> None:
-        """After a step: make the sequence's newly completed blocks findable for reuse."""
+        """After a step: make the sequence's newly completed blocks findable for reuse.
+
+        Only blocks completed since the last call are offered: the earlier ones were offered
+        already (and blocks reused from the cache at admission are registered), so visiting the
+        whole table every step would cost O(blocks) per sequence per step for nothing.
+        """
         if not self.pool.enable_prefix_caching:
             return
+        full = seq.num_computed // self.block_size
+        if full <= seq.num_registered_blocks:
+            return
         self._extend_hashes(seq, seq.num_computed)
-        for j in range(seq.num_computed // self.block_size):
+        for j in range(seq.num_registered_blocks, full):
             self.pool.register(seq.block_table[j], seq.block_hashes[j])
+        seq.num_registered_blocks = full
 
     # ---------------------------------------------------------------- scheduling
     def _preempt(self, seq: Sequence) -> None:
@@ -197,7 +210,9 @@ class Scheduler:
             seq = self.running[index]
             count = min(seq.num_tokens - seq.num_computed, budget)
             target = seq.num_computed + count
-            while self._blocks_needed(seq, target) > self.pool.num_free:
+            # Preempting others does not change what this sequence needs: compute it once.
+            needed = self._blocks_needed(seq, target)
+            while needed > self.pool.num_free:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
@@ -205,7 +220,8 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 break  # it preempted itself: every later sequence is gone too
-            self._allocate(seq, target)
+            for _ in range(needed):
+                seq.block_table.append(self.pool.allocate())
             scheduled.append(ScheduledSeq(seq, count))
             budget -= count
             index += 1
