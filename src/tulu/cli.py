@@ -155,7 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="KV-cache size (default: 90%% of free GPU memory)",
     )
     serve.add_argument(
-        "--request-timeout", type=float, default=600.0, help="seconds before a request is aborted"
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a request is aborted (default: 600; inf: no timeout)",
     )
     serve.add_argument(
         "--drain-timeout",
@@ -205,7 +208,8 @@ def _add_lora_modules_arg(parser: argparse.ArgumentParser, picking: str) -> None
         nargs="+",
         default=[],
         metavar="NAME=DIR",
-        help=f"LoRA adapters run unmerged beside the base model, as in vLLM: {picking}",
+        help="LoRA adapters run unmerged beside the base model, as in vLLM (NAME=DIR, or vLLM's "
+        f'JSON form {{"name": NAME, "path": DIR}}): {picking}',
     )
 
 
