@@ -225,9 +225,17 @@ def test_console_script_entry_point(ckpt: Checkpoint, tmp_path: Path) -> None:
     # both processes start at once: most of their time is importing torch
     ok = _spawn("info", ckpt.directory, "--json")
     bad = _spawn("info", tmp_path / "missing")
-    rc, out, err = _finish(ok)
-    assert rc == 0, err
-    assert json.loads(out)["parameters"] == ckpt.config.num_parameters()
+    module = subprocess.Popen(  # `python -m tulu`, for when the scripts directory is not on PATH
+        [sys.executable, "-m", "tulu", "info", str(ckpt.directory), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    for proc in (ok, module):
+        rc, out, err = _finish(proc)
+        assert rc == 0, err
+        assert json.loads(out)["parameters"] == ckpt.config.num_parameters()
     rc, out, err = _finish(bad)
     assert rc == 1 and out == ""
     assert str(tmp_path / "missing") in one_line_error(err, "info")

@@ -221,9 +221,18 @@ def test_bad_flags_are_refused_without_a_traceback(checkpoint):
     [
         (["--kv-cache-gb", "nan"], "--kv-cache-gb must be a finite number > 0, got nan"),
         (["--kv-cache-gb", "inf"], "--kv-cache-gb must be a finite number > 0, got inf"),
-        (["--request-timeout", "0"], "--request-timeout must be a finite number > 0, got 0.0"),
-        (["--request-timeout", "nan"], "--request-timeout must be a finite number > 0, got nan"),
-        (["--request-timeout=-inf"], "--request-timeout must be a finite number > 0, got -inf"),
+        (
+            ["--request-timeout", "0"],
+            "--request-timeout must be a finite number > 0 or inf (no timeout), got 0.0",
+        ),
+        (
+            ["--request-timeout", "nan"],
+            "--request-timeout must be a finite number > 0 or inf (no timeout), got nan",
+        ),
+        (
+            ["--request-timeout=-inf"],
+            "--request-timeout must be a finite number > 0 or inf (no timeout), got -inf",
+        ),
         (["--drain-timeout", "-5"], "--drain-timeout must be a finite number >= 0, got -5.0"),
     ],
 )

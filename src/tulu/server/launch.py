@@ -53,9 +53,9 @@ def serve(args: argparse.Namespace) -> None:
         if value is None or (name == "--request-timeout" and value == math.inf):
             continue
         if not math.isfinite(value) or (value <= 0 if low is None else value < low):
-            raise TuluError(
-                f"{name} must be a finite number {'> 0' if low is None else '>= 0'}, got {value}"
-            )
+            bound = "> 0" if low is None else ">= 0"
+            also = " or inf (no timeout)" if name == "--request-timeout" else ""
+            raise TuluError(f"{name} must be a finite number {bound}{also}, got {value}")
     if args.api_key is not None and not args.api_key.strip():
         # Most likely `--api-key "$KEY"` with KEY unset: serving without a key is not what
         # was asked for.
