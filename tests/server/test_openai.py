@@ -433,6 +433,17 @@ def test_completion_logprobs_equal_the_engine(client, model, tok):
     assert all(offset <= len(reply.choices[0].text) for offset in lp.text_offset)
 
 
+def test_completion_top_logprobs_hold_the_chosen_token_as_openai(client):
+    """OpenAI's legacy format (and vLLM) always lists the sampled token among top_logprobs,
+    so there are up to logprobs + 1; with logprobs 0 each entry was {} instead of the token."""
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=8, logprobs=0, temperature=1.5, seed=3
+    )
+    lp = reply.choices[0].logprobs
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert top == {token: logprob}
+
+
 def test_echo_scores_the_prompt(client, model, tok):
     ids = tok.encode(PROMPT)
     reply = client.completions.create(
@@ -448,7 +459,11 @@ def test_echo_scores_the_prompt(client, model, tok):
         want = float(expected[position - 1, ids[position]])
         assert lp.token_logprobs[position] == pytest.approx(want, abs=1e-4)
         top = sorted(lp.top_logprobs[position].values(), reverse=True)
-        assert top == pytest.approx(expected[position - 1].topk(2).values.tolist(), abs=1e-4)
+        alternatives = expected[position - 1].topk(2).values.tolist()
+        if ids[position] not in expected[position - 1].topk(2).indices:
+            alternatives = sorted([*alternatives, want], reverse=True)  # the token is always in
+        assert top == pytest.approx(alternatives, abs=1e-4)
+    assert any(len(t) == 3 for t in lp.top_logprobs[1:])  # the prompt has unlikely tokens
     assert "".join(lp.tokens) == PROMPT
     assert lp.text_offset == [len(tok.decode(ids[:i])) for i in range(len(ids))]
     assert reply.usage.completion_tokens == 0

@@ -580,6 +580,9 @@ class _LegacyLogprobs:
             top: dict[str, float] = {}
             for alt_id, alt_logprob in entry.top:
                 top.setdefault(self.strings.text(alt_id), alt_logprob)
+            # As OpenAI's legacy format and vLLM: the chosen token is always among them, so
+            # there are up to logprobs + 1 (one with logprobs 0).
+            top.setdefault(text, entry.logprob)
             out.top_logprobs.append(top)
         return out
 
