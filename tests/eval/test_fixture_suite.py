@@ -8,6 +8,8 @@ extraction and scoring, and every canonical HumanEval solution passes its tests.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -122,3 +124,25 @@ def test_every_task_on_the_bundled_benchmarks(data, protocol, wrong, expected):
         assert counts["mmlu_0shot"]["questions"] == 57
     assert counts["gsm_cot"]["questions"] == len(load_benchmarks()["gsm"]["test"])
     assert counts["codex_pass1"]["problems"] == len(load_benchmarks()["humaneval"])
+
+
+def test_mmlu_counts_questions_whose_answer_tokens_the_server_did_not_return(data):
+    """Over an API a candidate outside the server's top 20 reads -inf; a question whose four
+    candidates all do goes to "A" by the tie rule. That happened silently; it is counted."""
+
+    class Unscoring(Oracle):
+        def next_token_logprobs(self, prompts, candidates):
+            rows = super().next_token_logprobs(prompts, candidates)
+            return [[-math.inf] * len(candidates) if i % 3 == 0 else r for i, r in enumerate(rows)]
+
+    ctx = EvalContext(
+        backend=Unscoring(False),
+        tokenizer=train_tokenizer(corpus_text()),
+        data_dir=Path(data.data_dir),
+        protocol="paper",
+        options={},
+    )
+    (result,) = run_tasks(["mmlu_0shot"], ctx)
+    assert result.details["unscored"] == len(range(0, result.details["questions"], 3))
+    (clean,) = run_tasks(["mmlu_0shot"], dataclasses.replace(ctx, backend=Oracle(False)))
+    assert "unscored" not in clean.details

@@ -203,6 +203,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 "window and were scored on an empty output",
                 file=sys.stderr,
             )
+        unscored = result.details.get("unscored")
+        if unscored:
+            print(
+                f"{result.task}: {unscored} question(s) had none of the answer tokens among the "
+                "top log-probabilities the server returns, and were scored as 'A' (the tie rule)",
+                file=sys.stderr,
+            )
         results.append(result)
         print(
             f"{result.task}: {result.metric} {result.value:.1f} ({result.seconds:.0f} s)",

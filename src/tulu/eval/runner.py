@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -210,11 +211,17 @@ def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
             key: mmlu.LETTERS[row.index(max(row))] for key, row in zip(keys, rows, strict=True)
         }
         result = mmlu.score(predictions, data)
+        details: dict[str, Any] = {"per_subject": result.table(), "questions": result.total}
+        # Over an API only the top 20 log-probabilities come back: a question none of whose
+        # answer tokens is among them reads -inf four times and goes to "A" by the tie rule.
+        unscored = sum(1 for row in rows if max(row) == -math.inf)
+        if unscored:
+            details["unscored"] = unscored
         return TaskResult(
             task=f"mmlu_{k}shot",
             metric="accuracy",
             value=100 * result.accuracy,
-            details={"per_subject": result.table(), "questions": result.total},
+            details=details,
             predictions=[
                 {"subject": s, "index": i, "prediction": predictions[(s, i)]} for s, i in keys
             ],
