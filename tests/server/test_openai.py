@@ -15,10 +15,10 @@ import openai
 import pytest
 import torch
 
+from engine.conftest import ScriptedModel, script_table
 from tulu.chat import generation_prompt
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
-from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.server.openai_routes import TokenStrings, _byte_level_alphabet
 
 API_KEY = "test-key"
@@ -499,36 +499,6 @@ def test_echo_with_generation(client, model, tok):
     assert values == lp.token_logprobs
 
 
-class PositionScript(GPTNeoXForCausalLM):
-    """Logits depend on the position only: position p predicts `script[p]`, so a prompt of n
-    tokens continues greedily with `script[n - 1:]` (any vocabulary, e.g. GPT-NeoX's)."""
-
-    def __init__(self, script: list[int], vocab: int):
-        config = preset(
-            "pythia-14m",
-            vocab_size=vocab,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            intermediate_size=16,
-            torch_dtype="float32",
-            max_position_embeddings=len(script),
-        )
-        super().__init__(config)
-        self.init_weights(0)
-        self.embed_out = torch.nn.Linear(len(script), vocab, bias=False)
-        with torch.no_grad():
-            self.embed_out.weight.zero_()
-            self.embed_out.weight[script, torch.arange(len(script))] = 20.0
-        self.eval()
-
-    def hidden_states(self, input_ids, position_ids=None, **kwargs):
-        b, t = input_ids.shape
-        if position_ids is None:
-            position_ids = torch.arange(t).expand(b, t)
-        return torch.nn.functional.one_hot(position_ids, len(self.embed_out.weight[0])).float()
-
-
 def expected_offsets(tok, ids: list[int]) -> list[int]:
     """Where each token's first byte lies in decode(ids), in characters, from the tokenizer
     alone: after decode(ids[:i]), less the U+FFFD that stands for a character (or invalid
@@ -579,7 +549,8 @@ def test_text_offsets_around_split_characters_and_invalid_bytes(
     assert sum(cut) >= 8  # the characters really are cut across tokens
     script = [output[0]] * (len(prompt_ids) - 1) + output + [tok.eos_token_id] * 2
     vocab = -(-len(tok) // 64) * 64
-    server = make_server(model=PositionScript(script, vocab), tokenizer=tok)
+    table = script_table(dict(enumerate(script)), vocab_size=vocab, positions=len(script))
+    server = make_server(model=ScriptedModel(table), tokenizer=tok)  # position p says script[p]
     body = dict(model=MODEL, prompt=prompt, echo=echo, max_tokens=len(output), logprobs=0)
     body |= dict(temperature=0, stream=stream)
     with server.openai() as client:
