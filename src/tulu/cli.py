@@ -428,15 +428,13 @@ def _resume_settings(
 def _model_identity(
     loaded, jobs: list[tuple[Any, list[int], Any]], lora_names: list[str | None]
 ) -> dict[str, Any]:
-    """The progress header's fields known once the model loads: its files and dtype, and the
-    prompts as token ids (another tokenizer or chat format changes them)."""
-    from tulu.generate_resume import digest, files_identity
-    from tulu.model.config import dtype_name
+    """The progress header's fields known once the model loads: its files and dtype (as the
+    eval cache keys them), and the prompts as token ids (another tokenizer or chat format
+    changes them)."""
+    from tulu.generate_resume import digest
 
     return {
-        "checkpoint": str(Path(loaded.directory).resolve()),
-        "weights": files_identity(loaded.weight_files),
-        "dtype": dtype_name(next(loaded.model.parameters()).dtype),
+        **loaded.identity(),
         "prompts": digest([ids, name] for (_, ids, _), name in zip(jobs, lora_names, strict=True)),
     }
 

@@ -32,6 +32,18 @@ class Pretrained:
     # this model's outputs must be keyed on.
     weight_files: list[Path]
 
+    def identity(self) -> dict[str, Any]:
+        """What a cache of this model's outputs is keyed on (`tulu eval`'s cache, `tulu
+        generate`'s progress file): the checkpoint directory, each weight file's name, size
+        and modification time (a retrained or replaced checkpoint changes them), the dtype."""
+        return {
+            "checkpoint": str(Path(self.directory).resolve()),
+            "weights": [
+                [f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in self.weight_files
+            ],
+            "dtype": str(next(self.model.parameters()).dtype),
+        }
+
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -146,6 +146,7 @@ class Tokenizer:
         self.unk_token: str | None = given["unk_token"]
         self.pad_token: str | None = given["pad_token"]
         self._register_special_tokens([given[name] for name in SPECIAL_TOKEN_NAMES])
+        self._special_ids: frozenset[int] | None = None  # `special_ids`, once asked
 
     def _register_special_tokens(self, tokens: Iterable[str | None]) -> None:
         """Make every named special token a special added token.
@@ -333,9 +334,15 @@ class Tokenizer:
             raise
 
     def special_ids(self) -> frozenset[int]:
-        """Ids of the special added tokens: those ``skip_special_tokens`` drops."""
-        added = self._backend.get_added_tokens_decoder()
-        return frozenset(i for i, token in added.items() if token.special)
+        """Ids of the special added tokens: those ``skip_special_tokens`` drops.
+
+        Computed once: every streamed request asks, and the special tokens are all registered
+        when the tokenizer is made.
+        """
+        if self._special_ids is None:
+            added = self._backend.get_added_tokens_decoder()
+            self._special_ids = frozenset(i for i, token in added.items() if token.special)
+        return self._special_ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -163,7 +163,7 @@ class AsyncLLM:
         await self._on_engine_thread(lambda: adapters.install(adapter))
 
     async def unload_lora(self, name: str) -> None:
-        """Remove LoRA adapter `name`; refused (GenerationError) while a request uses it."""
+        """Remove LoRA adapter `name` for new requests; the running ones finish with it."""
         await self._on_engine_thread(lambda: self.engine.unload_lora(name))
 
     async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:

@@ -137,8 +137,8 @@ class Scheduler:
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
         return max(0, -(-num_tokens // self.block_size) - len(seq.block_table))
 
-    def _allocate(self, seq: Sequence, num_tokens: int) -> None:
-        for _ in range(self._blocks_needed(seq, num_tokens)):
+    def _allocate(self, seq: Sequence, num_blocks: int) -> None:
+        for _ in range(num_blocks):
             seq.block_table.append(self.pool.allocate())
 
     def _free_blocks(self, seq: Sequence) -> None:
@@ -220,8 +220,7 @@ class Scheduler:
                     break
             if seq.status is not SeqStatus.RUNNING:
                 break  # it preempted itself: every later sequence is gone too
-            for _ in range(needed):
-                seq.block_table.append(self.pool.allocate())
+            self._allocate(seq, needed)
             scheduled.append(ScheduledSeq(seq, count))
             budget -= count
             index += 1
@@ -241,19 +240,19 @@ class Scheduler:
             else:
                 self._undo_prefix(seq)
                 break
-            target = seq.num_computed + count
-            if self._blocks_needed(seq, target) > self.pool.num_free - self.watermark_blocks:
+            needed = self._blocks_needed(seq, seq.num_computed + count)
+            if needed > self.pool.num_free - self.watermark_blocks:
                 if self.running or scheduled:
                     self._undo_prefix(seq)
                     break
                 # Nothing else is running: the watermark protects nobody, use the whole pool.
-                if self._blocks_needed(seq, target) > self.pool.num_free:
+                if needed > self.pool.num_free:
                     self._undo_prefix(seq)
                     break
             self.waiting.popleft()
             self.prefix_queries += len(seq.block_hashes) if self.pool.enable_prefix_caching else 0
             self.prefix_hits += seq.num_computed // self.block_size
-            self._allocate(seq, target)
+            self._allocate(seq, needed)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, count))

@@ -276,9 +276,4 @@ def _backend(args: argparse.Namespace):
     from tulu.pretrained import load_pretrained
 
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    identity = {
-        "checkpoint": str(Path(loaded.directory).resolve()),
-        "weights": [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in loaded.weight_files],
-        "dtype": str(next(loaded.model.parameters()).dtype),
-    }
-    return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer)), identity
+    return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer)), loaded.identity()

@@ -36,7 +36,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
@@ -232,17 +231,6 @@ def _adapter(adapter_id: str | None, service: GenerationService) -> str | None:
 
 
 # ---------------------------------------------------------------------------------- tokens
-_SPECIAL_IDS: weakref.WeakKeyDictionary[Tokenizer, frozenset[int]] = weakref.WeakKeyDictionary()
-
-
-def _special_ids(tokenizer: Tokenizer) -> frozenset[int]:
-    """`Tokenizer.special_ids`, computed once per tokenizer (every streamed request asks)."""
-    ids = _SPECIAL_IDS.get(tokenizer)
-    if ids is None:
-        ids = _SPECIAL_IDS[tokenizer] = tokenizer.special_ids()
-    return ids
-
-
 class _TokenTexts:
     """Texts and flags of one request's tokens.
 
@@ -254,7 +242,7 @@ class _TokenTexts:
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int]):
         self.tokenizer = tokenizer
-        self.special = _special_ids(tokenizer)
+        self.special = tokenizer.special_ids()
         self.decoder = StreamDecoder(tokenizer, prompt_ids, skip_special_tokens=False)
 
     def generated(self, token_id: int, logprob: float | None, last: bool) -> Token:
