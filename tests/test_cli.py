@@ -494,6 +494,87 @@ def test_generate_jsonl_to_stdout_raw(ckpt: Checkpoint, tmp_path: Path, capsys) 
         assert result["prompt_tokens"] == len(ckpt.loaded.tokenizer.encode(result["prompt"]))
 
 
+def test_generate_n_samples_per_prompt(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    """--n gives each record lists of samples: the engine's n seeded samples, in order."""
+    source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Name a color."}])
+    sampling = ["--temperature", "1.5", "--seed", "7", "--max-tokens", "6"]
+    rc, out, err = run(
+        capsys, "generate", ckpt.directory, *CPU, "--input", source, "--n", "3", *sampling
+    )
+    assert rc == 0, err
+    llm = tulu.engine.engine.LLM(ckpt.loaded.model, ckpt.loaded.tokenizer)
+    params = SamplingParams(n=3, temperature=1.5, seed=7, max_tokens=6)
+    for result in read_jsonl(out):
+        [expected] = llm.generate([{"role": "user", "content": result["prompt"]}], params)
+        samples = expected.outputs
+        assert result["output"] == [c.text for c in samples]
+        assert len(set(result["output"])) == 3  # three samples, not one three times
+        assert result["finish_reason"] == [c.finish_reason for c in samples]
+        assert result["completion_tokens"] == [len(c.token_ids) for c in samples]
+        assert result["prompt_tokens"] == len(expected.prompt_token_ids)
+        assert "logprobs" not in result
+
+
+def test_generate_logprobs_match_the_reference(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    """--logprobs K: each generated token's id, text, bytes and log-probability, and its K
+    most likely alternatives, as the reference generator computes them."""
+    rc, out, err = run(
+        capsys, "generate", ckpt.directory, *CPU, "--prompt", "Hi", "--max-tokens", "6",
+        "--logprobs", "2", "--ignore-eos",
+    )  # fmt: skip
+    assert rc == 0, err
+    [result] = read_jsonl(out)  # several fields: printed as JSON, not streamed
+    expected = reference(ckpt, "Hi", max_tokens=6, logprobs=2, ignore_eos=True)
+    assert result["output"] == expected.text
+    entries = result["logprobs"]
+    assert [e["token_id"] for e in entries] == expected.token_ids
+    assert [e["logprob"] for e in entries] == pytest.approx(
+        [t.logprob for t in expected.logprobs], abs=1e-5
+    )
+    for entry, want in zip(entries, expected.logprobs, strict=True):
+        assert [a["token_id"] for a in entry["top_logprobs"]] == [i for i, _ in want.top]
+        assert entry["top_logprobs"][0]["logprob"] == pytest.approx(entry["logprob"], abs=1e-5)
+    raw = b"".join(bytes(e["bytes"]) for e in entries)
+    assert raw.decode("utf-8", errors="replace") == expected.text  # greedy: the chosen tokens
+
+
+def test_generate_stop_token_ids_and_penalties(ckpt: Checkpoint, capsys, spies) -> None:
+    penalties = {"presence_penalty": 0.5, "frequency_penalty": 1.0, "ignore_eos": True}
+    stop_id = reference(ckpt, "Hi", max_tokens=8, **penalties).token_ids[3]
+    expected = reference(
+        ckpt, "Hi", max_tokens=8, stop_token_ids=[stop_id], min_tokens=2, **penalties
+    )
+    assert expected.finish_reason == "stop"
+    argv = ["generate", ckpt.directory, *CPU, "--prompt", "Hi", "--max-tokens", "8"]
+    flags = ["--presence-penalty", "0.5", "--frequency-penalty", "1", "--ignore-eos"]
+    rc, out, err = run(capsys, *argv, *flags, "--stop-token-ids", stop_id, "--min-tokens", "2")
+    assert rc == 0, err
+    assert out == expected.text + "\n"
+    assert "finish: stop" in err
+    # an id beyond the model's vocabulary: named by its flag, before anything is generated
+    spies["generate"].calls.clear()
+    rc, out, err = run(capsys, *argv, "--stop-token-ids", "7", "99999")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate") == (
+        f"--stop-token-ids contains 99999, outside the vocabulary [0, {ckpt.config.vocab_size})"
+    )
+    assert spies["generate"].calls == []
+
+
+def test_generate_result_fields_depend_on_logprobs(ckpt, tmp_path: Path, capsys, spies) -> None:
+    """A record's own 'logprobs' field is kept unless --logprobs would overwrite it."""
+    source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi", "logprobs": "mine"}])
+    argv = ["generate", ckpt.directory, *CPU, "--input", source, "--max-tokens", "2"]
+    rc, out, err = run(capsys, *argv)
+    assert rc == 0, err
+    assert read_jsonl(out)[0]["logprobs"] == "mine"
+    rc, out, err = run(capsys, *argv, "--logprobs", "1")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate").startswith(
+        f"{source}:1: field 'logprobs' is one that generate writes"
+    )
+
+
 # ----------------------------------------------------------------------- generate: resuming
 
 RESUME_PROMPTS = ["Hi", "Name a color.", "What is 2+2?", "Write a haiku about the sea.", "Go"]
@@ -510,9 +591,10 @@ def resume_run(ckpt, tmp_path, capsys, *extra, output: str = "out.jsonl"):
     return run(capsys, *argv, *RESUME_ARGS, *extra)
 
 
-def interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished: int) -> Path:
-    """A run stopped as Ctrl-C would stop it, right after its `finished`-th result was handled;
-    returns the progress file it leaves (with the results kept before, and those)."""
+def interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished: int, *extra: str) -> Path:
+    """A run (with `extra` arguments) stopped as Ctrl-C would stop it, right after its
+    `finished`-th result was handled; returns the progress file it leaves (with the results
+    kept before, and those)."""
     progress = tmp_path / "out.jsonl.progress"
     # whole lines: a header and results; a cut line after them is dropped
     lines = progress.read_bytes().count(b"\n") if progress.exists() else 0
@@ -533,7 +615,7 @@ def interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished: int) -> Path:
 
     with monkeypatch.context() as patch:
         patch.setattr(tulu.engine.engine.LLM, "generate", generate)
-        rc, out, err = resume_run(ckpt, tmp_path, capsys)
+        rc, out, err = resume_run(ckpt, tmp_path, capsys, *extra)
     assert rc == 130 and out == "", err
     assert f"{kept} of 5 results kept in {progress}: run the same command again" in err
     assert not (tmp_path / "out.jsonl").exists()
@@ -547,19 +629,20 @@ def prompts_generated(spy: Spy) -> list[int]:
     return [int(rid) for _, kwargs in spy.calls for rid in kwargs["request_ids"]]
 
 
+@pytest.mark.parametrize("extra", [[], ["--n", "2", "--logprobs", "1"]], ids=["one", "n2-logprobs"])
 def test_generate_resumes_where_an_interrupted_run_stopped(
-    ckpt, tmp_path, capsys, monkeypatch, spies
+    ckpt, tmp_path, capsys, monkeypatch, spies, extra
 ) -> None:
-    rc, _, err = resume_run(ckpt, tmp_path, capsys, output="whole.jsonl")
+    rc, _, err = resume_run(ckpt, tmp_path, capsys, *extra, output="whole.jsonl")
     assert rc == 0, err
     whole = (tmp_path / "whole.jsonl").read_bytes()
-    assert len({r["output"] for r in read_jsonl(whole.decode())}) == 5
+    assert len({json.dumps(r["output"]) for r in read_jsonl(whole.decode())}) == 5
     spies["generate"].calls.clear()
 
-    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=2)
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, 2, *extra)
     spies["generate"].calls.clear()
     kept = {json.loads(line)["index"] for line in progress.read_text().splitlines()[1:]}
-    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    rc, out, err = resume_run(ckpt, tmp_path, capsys, *extra)
     assert rc == 0 and out == "", err
     assert f"resuming: 2 of 5 results kept in {progress}" in err
     assert sorted(prompts_generated(spies["generate"])) == sorted({0, 1, 2, 3, 4} - kept)
@@ -664,18 +747,35 @@ def test_generate_resume_drops_a_cut_last_line(ckpt, tmp_path, capsys, monkeypat
             "index 7 is not that of one of the 5 inputs",
         ),
         (None, "a second result for index"),  # line 2 again
+        (
+            b'{"index": 4, "output": ["x", 2], "finish_reason": ["stop", "stop"], '
+            b'"prompt_tokens": 1, "completion_tokens": [1, 1], "logprobs": [[], []]}\n',
+            "field 'output' must be a list of strings",
+        ),
+        (
+            b'{"index": 4, "output": ["x", "y"], "finish_reason": "stop", '
+            b'"prompt_tokens": 1, "completion_tokens": [1, 1], "logprobs": [[], []]}\n',
+            "field 'finish_reason' must be a list of 2 strings, one per sample",
+        ),
+        (
+            b'{"index": 4, "output": ["x", "y"], "finish_reason": ["stop", "stop"], '
+            b'"prompt_tokens": 1, "completion_tokens": [1, 1]}\n',
+            "expected a JSON object with the fields index, output, finish_reason, "
+            "prompt_tokens, completion_tokens, logprobs",
+        ),
     ],
 )
 def test_generate_resume_refuses_a_corrupt_line(
     ckpt, tmp_path, capsys, monkeypatch, spies, line, problem
 ) -> None:
-    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=3)
+    extra = ["--n", "2", "--logprobs", "0"] if line and b'"output": [' in line else []
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, 3, *extra)
     lines = progress.read_bytes().splitlines(keepends=True)
     lines[3] = line or lines[1]
     progress.write_bytes(b"".join(lines))
     spies["load"].calls.clear()
     spies["generate"].calls.clear()
-    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    rc, out, err = resume_run(ckpt, tmp_path, capsys, *extra)
     assert rc == 1 and out == ""
     message = one_line_error(err, "generate")
     assert message.startswith(f"{progress}:4: {problem}")
@@ -860,6 +960,11 @@ def test_generate_output_under_a_file(ckpt: Checkpoint, tmp_path: Path, capsys, 
         ("--top-p", "1.5"),
         ("--max-tokens", "0"),
         ("--repetition-penalty", "0"),
+        ("--presence-penalty", "2.5"),
+        ("--frequency-penalty", "-3"),
+        ("--min-tokens", "-1"),
+        ("--n", "0"),
+        ("--logprobs", "21"),
     ],
 )
 def test_generate_invalid_sampling_value(ckpt, capsys, spies, flag, value) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from tulu import __version__
 from tulu.engine.options import add_decode_path_arguments
-from tulu.errors import TuluError
+from tulu.errors import GenerationError, TuluError
 
 # ---------------------------------------------------------------------------------- arguments
 
@@ -36,7 +36,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--revision", help="hub revision (branch, tag or commit) for hub ids")
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_tokens: int) -> None:
+def _add_sampling_args(
+    p: argparse.ArgumentParser, temperature: float, max_tokens: int
+) -> argparse._ArgumentGroup:
     g = p.add_argument_group("sampling")
     g.add_argument(
         "--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=max_tokens
@@ -46,14 +48,33 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float, max_token
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--min-p", type=float, default=0.0)
     g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument(
+        "--presence-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens"
+    )
+    g.add_argument(
+        "--frequency-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens"
+    )
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g.add_argument(
+        "--stop-token-ids",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="token ids that end a reply, besides EOS",
+    )
+    g.add_argument(
+        "--min-tokens", type=int, default=0, help="tokens generated before a stop may end a reply"
+    )
     g.add_argument("--ignore-eos", action="store_true")
+    return g
 
 
-def _sampling_params(args: argparse.Namespace):
+def _sampling_params(args: argparse.Namespace, **only_generate: Any):
+    """The SamplingParams of the shared sampling flags (plus `tulu generate`'s own: n,
+    logprobs, include_stop_str_in_output), a bad value named by its flag."""
     from tulu.engine.sampling import SamplingParams
-    from tulu.errors import GenerationError
 
     try:
         return SamplingParams(
@@ -63,16 +84,25 @@ def _sampling_params(args: argparse.Namespace):
             top_k=args.top_k,
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
             seed=args.seed,
             stop=list(args.stop),
+            stop_token_ids=list(args.stop_token_ids),
+            min_tokens=args.min_tokens,
             ignore_eos=args.ignore_eos,
+            **only_generate,
         )
     except GenerationError as err:
-        # "SamplingParams.top_p must be ..." -> "--top-p must be ...": name the flag the user typed.
-        message = re.sub(
-            r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err)
-        )
-        raise TuluError(message) from None
+        raise _named_by_flags(err) from None
+
+
+def _named_by_flags(err: GenerationError) -> TuluError:
+    """The error with the flags the user typed for the fields it names: "SamplingParams.top_p
+    must be ..." becomes "--top-p must be ..."."""
+    return TuluError(
+        re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system prompt for chat-format prompts")
     _add_lora_modules_arg(gen, "a record picks one with its 'lora' field, or --lora for all")
     gen.add_argument("--lora", metavar="NAME", help="the adapter of every prompt (default: base)")
-    _add_sampling_args(gen, temperature=0.0, max_tokens=256)
+    sampling = _add_sampling_args(gen, temperature=0.0, max_tokens=256)
+    sampling.add_argument(
+        "--n",
+        type=int,
+        default=1,
+        help="samples per prompt; above 1, output, finish_reason, completion_tokens (and "
+        "logprobs) are lists with one item per sample",
+    )
+    sampling.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="add each generated token's log-probability and its K most likely alternatives "
+        "(0..20), from the raw logits, as the field 'logprobs'",
+    )
+    sampling.add_argument(
+        "--include-stop-str-in-output",
+        action="store_true",
+        help="keep the stop string that ended a reply at its end",
+    )
 
     chat = sub.add_parser("chat", help="interactive chat in the Tulu format (streams replies)")
     _add_model_args(chat)
@@ -216,15 +266,17 @@ def _add_lora_modules_arg(parser: argparse.ArgumentParser, picking: str) -> None
 # ---------------------------------------------------------------------------------- commands
 
 
-def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any]]:
+def _prompts_of(
+    args: argparse.Namespace, results: tuple[str, ...]
+) -> list[tuple[str, dict[str, Any], Any]]:
     """(where, record, prompt) for every input, all validated before the model is loaded.
 
-    Chat prompts are rendered once here so that a bad role or field fails before any work.
+    Chat prompts are rendered once here so that a bad role or field fails before any work. A
+    record may not hold a field of `results` (what generate adds to it).
     """
     from tulu.chat import generation_prompt
     from tulu.data.readers import iter_jsonl
     from tulu.data.records import BadInput, check_object
-    from tulu.generate_resume import RESULT_FIELDS
 
     if args.prompt is not None:
         records = [("--prompt", {"prompt": args.prompt})]
@@ -237,13 +289,13 @@ def _prompts_of(args: argparse.Namespace) -> list[tuple[str, dict[str, Any], Any
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = []
     for where, record in records:
-        written = sorted(set(RESULT_FIELDS) & set(record))
+        written = sorted(set(results) & set(record))
         if written:
             # The result would replace them: a gold 'output' lost, in place with --output
             # equal to --input.
             raise TuluError(
                 f"{where}: field {written[0]!r} is one that generate writes "
-                f"({', '.join(sorted(RESULT_FIELDS))}); rename it so that it is kept"
+                f"({', '.join(sorted(results))}); rename it so that it is kept"
             )
         if "messages" in record and "prompt" in record:
             raise TuluError(f"{where}: has both 'prompt' and 'messages'; keep one of them")
@@ -296,22 +348,35 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tulu.engine.engine import LLM, EngineConfig
     from tulu.engine.reference import check_prompt_length
-    from tulu.generate_resume import Progress, progress_path
+    from tulu.engine.sampling import check_token_ids_in_vocab
+    from tulu.generate_resume import Progress, progress_path, result_fields
     from tulu.jsonl import check_output, write_jsonl
     from tulu.pretrained import load_pretrained
+    from tulu.token_strings import TokenStrings
 
-    params = _sampling_params(args)
-    prompts = _prompts_of(args)
+    params = _sampling_params(
+        args,
+        n=args.n,
+        logprobs=args.logprobs,
+        include_stop_str_in_output=args.include_stop_str_in_output,
+    )
+    prompts = _prompts_of(args, result_fields(params))
     lora_modules, lora_names = _adapters_of(args, prompts)
     check_output(args.output)
     progress = None
     if args.output is not None:
         settings = _resume_settings(args, params, prompts, lora_modules)
-        progress = Progress.load(progress_path(args.output), settings, len(prompts))
+        progress = Progress.load(
+            progress_path(args.output), settings, len(prompts), result_fields(params), params.n
+        )
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
     window = loaded.model.config.max_position_embeddings
+    try:
+        check_token_ids_in_vocab(params, loaded.model.config.vocab_size)
+    except GenerationError as err:
+        raise _named_by_flags(err) from None
     llm = LLM(loaded.model, loaded.tokenizer, EngineConfig(), lora_modules=lora_modules)
     jobs = []  # (record, prompt ids, params) for every input, checked before generating
     for where, record, prompt in prompts:
@@ -321,11 +386,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         except TuluError as err:
             raise TuluError(f"{where}: {err}") from None
         # Like the reference generator, stop at the context window rather than refuse.
-        jobs.append(
-            (record, ids, replace(params, max_tokens=min(params.max_tokens, window - len(ids))))
+        max_tokens = min(params.max_tokens, window - len(ids))
+        fitted = replace(
+            params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens)
         )
+        jobs.append((record, ids, fitted))
 
-    stream = args.prompt is not None and args.output is None
+    # One prompt to the terminal streams its reply; several samples or log-probabilities are
+    # printed whole, as JSON.
+    stream = (
+        args.prompt is not None
+        and args.output is None
+        and params.n == 1
+        and params.logprobs is None
+    )
+    strings = TokenStrings(loaded.tokenizer) if params.logprobs is not None else None
     todo = list(range(len(jobs)))
     if progress is not None:
         progress.start({**settings, "model": _model_identity(loaded, jobs, lora_names)})
@@ -341,7 +416,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(output.outputs[0].delta_text)
             sys.stdout.flush()
         if progress is not None and output.finished:
-            progress.add(int(output.request_id), _result_fields(output))
+            progress.add(int(output.request_id), _result_fields(output, strings))
 
     try:
         outputs = llm.generate(
@@ -366,7 +441,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if progress is not None:
         fields = progress.done  # the results kept before, and those just generated
     else:
-        fields = dict(zip(todo, map(_result_fields, outputs), strict=True))
+        fields = {
+            i: _result_fields(output, strings) for i, output in zip(todo, outputs, strict=True)
+        }
     results = [{**record, **fields[i]} for i, (record, _, _) in enumerate(jobs)]
     if stream:
         sys.stdout.write("\n")
@@ -386,15 +463,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _result_fields(output) -> dict[str, Any]:
-    """What `tulu generate` adds to an input record, from its finished RequestOutput."""
-    completion = output.outputs[0]
-    return {
-        "output": completion.text,
-        "finish_reason": completion.finish_reason,
-        "prompt_tokens": len(output.prompt_token_ids),
-        "completion_tokens": len(completion.token_ids),
+def _result_fields(output, strings) -> dict[str, Any]:
+    """What `tulu generate` adds to an input record, from its finished RequestOutput: a
+    value per sample (a list of them when n > 1), and 'logprobs' when asked for (`strings`
+    gives the tokens' text)."""
+    from tulu.generate_resume import RESULT_FIELDS
+    from tulu.token_strings import token_logprobs
+
+    per_sample: dict[str, list[Any]] = {
+        "output": [c.text for c in output.outputs],
+        "finish_reason": [c.finish_reason for c in output.outputs],
+        "completion_tokens": [len(c.token_ids) for c in output.outputs],
     }
+    if strings is not None:
+        per_sample["logprobs"] = [token_logprobs(strings, c.logprobs) for c in output.outputs]
+    fields = {name: values if len(values) > 1 else values[0] for name, values in per_sample.items()}
+    fields["prompt_tokens"] = len(output.prompt_token_ids)
+    return {name: fields[name] for name in RESULT_FIELDS if name in fields}  # in their order
 
 
 def _resume_settings(

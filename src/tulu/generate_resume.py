@@ -28,16 +28,32 @@ import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from tulu.data.readers import BLANK, parse_jsonl_line
 from tulu.data.records import BadRecord
 from tulu.errors import TuluError
 
+if TYPE_CHECKING:
+    from tulu.engine.sampling import SamplingParams
+
 FORMAT = "tulu generate progress 1"
-# What `tulu generate` adds to each input record, in the order it writes them.
-RESULT_FIELDS = ("output", "finish_reason", "prompt_tokens", "completion_tokens")
-_TYPES = {"output": str, "finish_reason": str, "prompt_tokens": int, "completion_tokens": int}
+# What `tulu generate` adds to each input record, in the order it writes them ('logprobs'
+# only with --logprobs).
+RESULT_FIELDS = ("output", "finish_reason", "prompt_tokens", "completion_tokens", "logprobs")
+_TYPES = {
+    "output": str,
+    "finish_reason": str,
+    "prompt_tokens": int,
+    "completion_tokens": int,
+    "logprobs": list,
+}
+_NOUNS = {str: "string", int: "whole number", list: "list"}
+
+
+def result_fields(params: SamplingParams) -> tuple[str, ...]:
+    """The fields a run with these sampling settings adds to each input record."""
+    return RESULT_FIELDS if params.logprobs is not None else RESULT_FIELDS[:-1]
 
 
 def progress_path(output: Path) -> Path:
@@ -74,8 +90,16 @@ class Progress:
         self._out: TextIO | None = None
 
     @classmethod
-    def load(cls, path: Path, settings: dict[str, Any], count: int) -> Progress:
-        """The progress file of a previous run with these `settings`, or an empty one.
+    def load(
+        cls,
+        path: Path,
+        settings: dict[str, Any],
+        count: int,
+        fields: tuple[str, ...] = RESULT_FIELDS[:-1],
+        samples: int = 1,
+    ) -> Progress:
+        """The progress file of a previous run with these `settings`, or an empty one; each
+        result holds `fields`, with a list of `samples` values where there are several.
 
         `settings` are the header fields known before the model loads, so that a rerun with
         other settings is refused at once; `check` compares the model's fields after it loads.
@@ -107,7 +131,7 @@ class Progress:
         progress.check(settings)
         line_of: dict[int, int] = {}  # index -> the line of its result
         for number, entry in entries:
-            problem = _result_problem(entry, count)
+            problem = _result_problem(entry, count, fields, samples)
             if problem is None and entry["index"] in line_of:
                 problem = (
                     f"a second result for index {entry['index']} (line {line_of[entry['index']]})"
@@ -115,7 +139,7 @@ class Progress:
             if problem:
                 raise TuluError(f"{path}:{number}: {problem}; {progress._remedy(one_line=True)}")
             line_of[entry["index"]] = number
-            progress.done[entry["index"]] = {k: entry[k] for k in RESULT_FIELDS}
+            progress.done[entry["index"]] = {k: entry[k] for k in fields}
         return progress
 
     def _parse(self, raw: bytes, number: int) -> Any:
@@ -186,17 +210,25 @@ class Progress:
         self.path.unlink(missing_ok=True)
 
 
-def _result_problem(entry: Any, count: int) -> str | None:
+def _result_problem(entry: Any, count: int, fields: tuple[str, ...], samples: int) -> str | None:
     """What is wrong with a result line for `count` inputs; None if nothing."""
-    fields = ("index", *RESULT_FIELDS)
-    if not isinstance(entry, dict) or set(entry) != set(fields):
-        return f"expected a JSON object with the fields {', '.join(fields)}"
+    expected = ("index", *fields)
+    if not isinstance(entry, dict) or set(entry) != set(expected):
+        return f"expected a JSON object with the fields {', '.join(expected)}"
     index = entry["index"]
     if type(index) is not int or not 0 <= index < count:
         return f"index {index!r} is not that of one of the {count} inputs"
-    for field, kind in _TYPES.items():
-        if type(entry[field]) is not kind:
-            return f"field {field!r} must be a {'string' if kind is str else 'whole number'}"
+    for field in fields:
+        kind = _TYPES[field]
+        noun = _NOUNS[kind]
+        if samples > 1 and field != "prompt_tokens":  # one value per sample
+            values = entry[field]
+            if type(values) is not list or len(values) != samples:
+                return f"field {field!r} must be a list of {samples} {noun}s, one per sample"
+            if any(type(value) is not kind for value in values):
+                return f"field {field!r} must be a list of {noun}s"
+        elif type(entry[field]) is not kind:
+            return f"field {field!r} must be a {noun}"
     return None
 
 

@@ -19,7 +19,7 @@ from engine.conftest import ScriptedModel, script_table
 from tulu.chat import generation_prompt
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
-from tulu.server.openai_routes import TokenStrings, _byte_level_alphabet
+from tulu.token_strings import TokenStrings, byte_level_alphabet
 
 API_KEY = "test-key"
 MODEL = "tiny"
@@ -543,7 +543,7 @@ def test_text_offsets_around_split_characters_and_invalid_bytes(
     tok = Tokenizer.from_file(neox_tokenizer_path)
     prompt = "Emoji 😀, 中文 and é:"
     prompt_ids = tok.encode(prompt)
-    byte = {b: tok.token_to_id(ch) for ch, b in _byte_level_alphabet().items()}
+    byte = {b: tok.token_to_id(ch) for ch, b in byte_level_alphabet().items()}
     output = [byte[0x80], *tok.encode("a"), byte[0xE4], *tok.encode("b 😀🎉 中文字 ok"), byte[0xF0]]
     cut = [TokenStrings(tok).text(t).startswith("bytes:") for t in prompt_ids + output]
     assert sum(cut) >= 8  # the characters really are cut across tokens

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import codecs
 import contextlib
-import functools
 import json
 import logging
 import re
@@ -63,6 +62,7 @@ from tulu.server.openai_protocol import (
 )
 from tulu.server.openai_protocol import TokenLogprob as ChatTokenLogprob
 from tulu.server.service import GenerationService, RequestTimedOut
+from tulu.token_strings import TokenStrings
 from tulu.tokenizer import StreamDecoder, Tokenizer
 
 log = logging.getLogger("tulu.server")
@@ -456,72 +456,8 @@ async def _events(streams: _Streams, produce: AsyncIterator[str]) -> AsyncIterat
 
 
 # ----------------------------------------------------------------------------------------------
-# Token strings and log-probabilities
+# Log-probabilities
 # ----------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=1)
-def _byte_level_alphabet() -> dict[str, int]:
-    """Byte-level BPE's character for each byte, inverted: printable Latin-1 bytes stand for
-    themselves, the other bytes are numbered on from U+0100 in byte order."""
-    direct = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("\u00a1"), ord("\u00ac") + 1),
-        *range(ord("\u00ae"), ord("\u00ff") + 1),
-    ]
-    table = {chr(b): b for b in direct}
-    shifted = 0
-    for b in range(256):
-        if b not in table.values():
-            table[chr(256 + shifted)] = b
-            shifted += 1
-    return table
-
-
-class TokenStrings:
-    """Each token id's exact bytes, and its text as OpenAI shows it in log-probabilities."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        self.tokenizer = tokenizer
-        backend = tokenizer.backend
-        try:
-            from tokenizers import decoders
-
-            self._byte_level = isinstance(backend.decoder, decoders.ByteLevel)
-        except Exception:  # an exotic decoder: fall back to decoding single tokens
-            self._byte_level = False
-        #: Whether `get` gives the bytes the tokenizer decodes (byte-level BPE); otherwise it
-        #: gives the token decoded alone (e.g. U+FFFD for a byte-fallback piece).
-        self.exact_bytes = self._byte_level
-        added = getattr(backend, "get_added_tokens_decoder", dict)()
-        self._added = {int(i): t.content for i, t in added.items()}
-        self._cache: dict[int, tuple[str, list[int]]] = {}
-
-    def _raw(self, token_id: int) -> bytes:
-        if token_id in self._added:
-            return self._added[token_id].encode("utf-8")
-        piece = self.tokenizer.id_to_token(token_id)
-        if piece is None:  # padding ids of the embedding matrix beyond the tokenizer
-            return b""
-        if self._byte_level:
-            alphabet = _byte_level_alphabet()
-            if all(ch in alphabet for ch in piece):
-                return bytes(alphabet[ch] for ch in piece)
-        return self.tokenizer.decode([token_id]).encode("utf-8")
-
-    def get(self, token_id: int) -> tuple[str, list[int]]:
-        cached = self._cache.get(token_id)
-        if cached is None:
-            raw = self._raw(token_id)
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                text = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
-            cached = self._cache[token_id] = (text, list(raw))
-        return cached
-
-    def text(self, token_id: int) -> str:
-        return self.get(token_id)[0]
 
 
 def _token_strings(request: Request, tokenizer: Tokenizer) -> TokenStrings:
