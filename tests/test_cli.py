@@ -1115,13 +1115,65 @@ def test_chat_missing_model(tmp_path: Path, capsys, monkeypatch) -> None:
     assert str(tmp_path / "none") in one_line_error(err, "chat")
 
 
-def test_serve_decode_path_options() -> None:
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_engine_options(command: str) -> None:
+    """serve and generate take vLLM's engine flags; the defaults are EngineConfig's."""
     from tulu.cli import _parse
-    from tulu.engine.options import decode_path_settings
+    from tulu.engine.engine import EngineConfig
+    from tulu.engine.options import engine_settings
 
-    args = _parse(["serve", "m"])
-    assert decode_path_settings(args) == {"decode_attention": "loop", "cuda_graphs": None}
-    args = _parse(["serve", "m", "--decode-attention", "triton", "--enforce-eager"])
-    assert decode_path_settings(args) == {"decode_attention": "triton", "cuda_graphs": False}
+    required = ["--prompt", "x"] if command == "generate" else []
+    defaults = engine_settings(_parse([command, "m", *required]))
+    assert EngineConfig(**defaults) == EngineConfig()
+    flags = ["--decode-attention", "triton", "--enforce-eager", "--max-num-seqs", "8"]
+    flags += ["--max-num-batched-tokens", "512", "--max-model-len", "1024", "--kv-cache-gb", "2"]
+    flags += ["--gpu-memory-utilization", "0.7", "--no-enable-prefix-caching"]
+    assert engine_settings(_parse([command, "m", *required, *flags])) == {
+        "decode_attention": "triton",
+        "cuda_graphs": False,
+        "max_num_seqs": 8,
+        "max_num_batched_tokens": 512,
+        "max_model_len": 1024,
+        "kv_cache_bytes": 2 * 2**30,
+        "gpu_memory_fraction": 0.7,
+        "enable_prefix_caching": False,
+    }
     with pytest.raises(SystemExit):
-        _parse(["serve", "m", "--decode-attention", "flash"])
+        _parse([command, "m", *required, "--decode-attention", "flash"])
+
+
+def test_generate_max_model_len(ckpt: Checkpoint, tmp_path: Path, capsys, spies) -> None:
+    """--max-model-len caps prompt + output as the context window does: generation stops
+    there, a longer prompt is refused, and a cap beyond the model's window is named."""
+    prompt_ids = ckpt.loaded.tokenizer.encode(
+        generation_prompt([{"role": "user", "content": "Hi"}], EOT)
+    )
+    cap = len(prompt_ids) + 3
+    argv = [
+        "generate",
+        ckpt.directory,
+        *CPU,
+        "--input",
+        write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}]),
+    ]
+    rc, out, err = run(capsys, *argv, "--max-model-len", cap, "--max-tokens", "50", "--ignore-eos")
+    assert rc == 0, err
+    [result] = read_jsonl(out)
+    assert (result["completion_tokens"], result["finish_reason"]) == (3, "length")
+    rc, out, err = run(capsys, *argv, "--max-model-len", len(prompt_ids))
+    assert rc == 1
+    assert one_line_error(err, "generate") == (
+        f"{tmp_path / 'p.jsonl'}:1: the prompt has {len(prompt_ids)} tokens but --max-model-len "
+        f"is {len(prompt_ids)} tokens (prompt and output together)"
+    )
+    window = ckpt.config.max_position_embeddings
+    rc, out, err = run(capsys, *argv, "--max-model-len", window + 1)
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate") == (
+        f"--max-model-len is {window + 1}, beyond the model's context window of {window} "
+        "tokens (max_position_embeddings)"
+    )
+    spies["load"].calls.clear()
+    rc, out, err = run(capsys, *argv, "--max-num-seqs", "0")
+    assert rc == 1 and one_line_error(err, "generate") == "--max-num-seqs must be >= 1, got 0"
+    assert spies["load"].calls == []  # refused before the model loads

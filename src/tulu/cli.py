@@ -10,14 +10,13 @@ import argparse
 import io
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from tulu import __version__
-from tulu.engine.options import add_decode_path_arguments
+from tulu.engine.options import add_engine_arguments, named_by_flags
 from tulu.errors import GenerationError, TuluError
 
 # ---------------------------------------------------------------------------------- arguments
@@ -94,15 +93,7 @@ def _sampling_params(args: argparse.Namespace, **only_generate: Any):
             **only_generate,
         )
     except GenerationError as err:
-        raise _named_by_flags(err) from None
-
-
-def _named_by_flags(err: GenerationError) -> TuluError:
-    """The error with the flags the user typed for the fields it names: "SamplingParams.top_p
-    must be ..." becomes "--top-p must be ..."."""
-    return TuluError(
-        re.sub(r"SamplingParams\.(\w+)", lambda m: "--" + m[1].replace("_", "-"), str(err))
-    )
+        raise named_by_flags(err) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--system", help="system prompt for chat-format prompts")
     _add_lora_modules_arg(gen, "a record picks one with its 'lora' field, or --lora for all")
     gen.add_argument("--lora", metavar="NAME", help="the adapter of every prompt (default: base)")
+    add_engine_arguments(gen)
     sampling = _add_sampling_args(gen, temperature=0.0, max_tokens=256)
     sampling.add_argument(
         "--n",
@@ -193,16 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "added and removed while serving; anyone with the API key can make the server read "
         "an adapter directory",
     )
-    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences decoded together")
-    add_decode_path_arguments(serve)
     serve.add_argument(
         "--max-queue", type=int, default=1024, help="requests waiting beyond that before 429"
-    )
-    serve.add_argument(
-        "--kv-cache-gb",
-        type=float,
-        default=None,
-        help="KV-cache size (default: 90%% of free GPU memory)",
     )
     serve.add_argument(
         "--request-timeout",
@@ -219,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    add_engine_arguments(serve)
 
     from tulu.bench.cli import add_bench_parser
     from tulu.data.cli import add_data_parser
@@ -347,6 +332,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from tulu.engine.engine import LLM, EngineConfig
+    from tulu.engine.options import engine_settings
     from tulu.engine.reference import check_prompt_length
     from tulu.engine.sampling import check_token_ids_in_vocab
     from tulu.generate_resume import Progress, progress_path, result_fields
@@ -354,6 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tulu.pretrained import load_pretrained
     from tulu.token_strings import TokenStrings
 
+    engine_options = engine_settings(args)
     params = _sampling_params(
         args,
         n=args.n,
@@ -372,17 +359,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
-    window = loaded.model.config.max_position_embeddings
     try:
         check_token_ids_in_vocab(params, loaded.model.config.vocab_size)
+        config = EngineConfig(**engine_options)
+        llm = LLM(loaded.model, loaded.tokenizer, config, lora_modules=lora_modules)
     except GenerationError as err:
-        raise _named_by_flags(err) from None
-    llm = LLM(loaded.model, loaded.tokenizer, EngineConfig(), lora_modules=lora_modules)
+        raise named_by_flags(err) from None
+    window = llm.engine.max_model_len
     jobs = []  # (record, prompt ids, params) for every input, checked before generating
     for where, record, prompt in prompts:
         try:
             ids = llm.engine.encode_prompt(prompt)
-            check_prompt_length(len(ids), window)
+            check_prompt_length(
+                len(ids),
+                window,
+                "--max-model-len" if args.max_model_len else "the model's context window",
+            )
         except TuluError as err:
             raise TuluError(f"{where}: {err}") from None
         # Like the reference generator, stop at the context window rather than refuse.

@@ -944,6 +944,22 @@ def test_a_request_filling_the_whole_pool_exactly_runs(tiny_model, make_engine, 
         engine.add_request([1] * 100, SamplingParams(max_tokens=30))
 
 
+def test_max_model_len_caps_requests_below_the_context_window(tiny_model, make_engine, drain):
+    """As vLLM's max_model_len: prompt + max_tokens beyond it is refused (the model's window
+    is 256), and a cap beyond the model's window is an error, not positions it never saw."""
+    engine = make_engine(tiny_model, max_model_len=64)
+    assert engine.max_model_len == 64
+    with pytest.raises(GenerationError, match="65 tokens exceed the max_model_len of 64 tokens"):
+        engine.add_request([1] * 60, SamplingParams(max_tokens=5))
+    engine.add_request([1] * 60, SamplingParams(max_tokens=4, ignore_eos=True), request_id="ok")
+    assert len(drain(engine)["ok"][-1].outputs[0].token_ids) == 4
+    with pytest.raises(GenerationError, match=r"max_model_len is 257, beyond .* window of 256"):
+        LLMEngine(tiny_model, None, EngineConfig(max_model_len=257))
+    uncapped = make_engine(tiny_model, max_model_len=256)
+    with pytest.raises(GenerationError, match="exceed the model's context window of 256"):
+        uncapped.add_request([1] * 250, SamplingParams(max_tokens=7))
+
+
 def test_kv_budget_smaller_than_one_block_is_refused(tiny_model):
     with pytest.raises(GenerationError, match="smaller than one block"):
         engine_module.LLMEngine(tiny_model, None, EngineConfig(kv_cache_bytes=100))
@@ -1061,6 +1077,8 @@ def test_generate_refuses_malformed_chat_messages_atomically(tok_model, demo_tok
         dict(kv_cache_bytes="1000000"),
         dict(gpu_memory_fraction=float("nan")),
         dict(gpu_memory_fraction=1.5),
+        dict(max_model_len=0),
+        dict(max_model_len=100.0),
     ],
 )
 def test_engine_config_validation(field):

@@ -216,11 +216,41 @@ def test_bad_flags_are_refused_without_a_traceback(checkpoint):
     assert "Traceback" not in run.stderr
 
 
+def test_engine_options_reach_the_engine(checkpoint, monkeypatch) -> None:
+    """vLLM's engine flags size the served engine: the window the APIs report and check,
+    the step budget, prefix caching, the KV-cache share of free memory (GPU only: on CPU,
+    --kv-cache-gb)."""
+    from server.conftest import record_started_apps
+    from tulu.cli import main
+
+    apps = record_started_apps(monkeypatch)
+    flags = ["--max-model-len", "100", "--max-num-batched-tokens", "64", "--kv-cache-gb", "0.001"]
+    flags += ["--no-enable-prefix-caching", "--gpu-memory-utilization", "0.5"]
+    assert main(["serve", str(checkpoint), "--port", str(free_port()), *flags]) == 0
+    service = apps[0].state.service
+    engine = service.llm.engine
+    assert service.max_model_len == engine.max_model_len == 100
+    assert engine.scheduler.max_num_batched_tokens == 64
+    assert not engine.pool.enable_prefix_caching
+    assert engine.config.gpu_memory_fraction == 0.5
+    assert engine.cache.nbytes <= 0.001 * 2**30
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
         (["--kv-cache-gb", "nan"], "--kv-cache-gb must be a finite number > 0, got nan"),
         (["--kv-cache-gb", "inf"], "--kv-cache-gb must be a finite number > 0, got inf"),
+        (["--max-model-len", "0"], "--max-model-len must be >= 1, got 0"),
+        (["--max-num-batched-tokens", "-4"], "--max-num-batched-tokens must be >= 1, got -4"),
+        (
+            ["--gpu-memory-utilization", "1.5"],
+            "--gpu-memory-utilization must be in (0, 1], got 1.5",
+        ),
+        (
+            ["--gpu-memory-utilization", "nan"],
+            "--gpu-memory-utilization must be in (0, 1], got nan",
+        ),
         (
             ["--request-timeout", "0"],
             "--request-timeout must be a finite number > 0 or inf (no timeout), got 0.0",

@@ -68,6 +68,9 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # None: 2048 on CPU, 8192 on GPU
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
+    # The longest sequence (prompt + output) a request may have. None: the model's context
+    # window (max_position_embeddings); a smaller value caps requests as vLLM's max_model_len.
+    max_model_len: int | None = None
     # Decode fast path (see docs/engine.md). "loop": the per-sequence PagedAttention for every
     # step; "sdpa"/"triton": decode-only steps run through the static-buffer DecodeGraphRunner
     # with that graph-safe attention; "auto": "triton" on CUDA when importable, else "loop".
@@ -79,9 +82,10 @@ class EngineConfig:
     max_graph_batch_size: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens", "kv_cache_bytes"):
+        optional = ("max_num_batched_tokens", "kv_cache_bytes", "max_model_len")
+        for name in ("block_size", "max_num_seqs", *optional):
             value = getattr(self, name)
-            if value is None and name in ("max_num_batched_tokens", "kv_cache_bytes"):
+            if value is None and name in optional:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise GenerationError(
@@ -189,7 +193,13 @@ class LLMEngine:
                 self.config, decode_attention="loop", cuda_graphs=False
             )
         self.model_config = model.config
-        self.max_model_len = model.config.max_position_embeddings
+        window = model.config.max_position_embeddings
+        if self.config.max_model_len is not None and self.config.max_model_len > window:
+            raise GenerationError(
+                f"EngineConfig.max_model_len is {self.config.max_model_len}, beyond the model's "
+                f"context window of {window} tokens (max_position_embeddings)"
+            )
+        self.max_model_len = self.config.max_model_len or window
         spec = plan_kv_cache(
             model.config,
             self.dtype,
@@ -312,6 +322,11 @@ class LLMEngine:
             )
         return self.lora
 
+    @property
+    def _window_name(self) -> str:
+        capped = self.max_model_len < self.model_config.max_position_embeddings
+        return "max_model_len" if capped else "model's context window"
+
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Refuse requests that could never run, instead of queueing them forever."""
         if num_prompt_tokens == 0:
@@ -320,7 +335,7 @@ class LLMEngine:
         if total > self.max_model_len:
             raise GenerationError(
                 f"the prompt has {num_prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
-                f"{total} tokens exceed the model's context window of {self.max_model_len} tokens"
+                f"{total} tokens exceed the {self._window_name} of {self.max_model_len} tokens"
             )
         # The last generated token is sampled but never fed back, so it needs no KV slot.
         needed = total - 1

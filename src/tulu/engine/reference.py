@@ -46,13 +46,16 @@ class GenerationResult:
     logprobs: list[TokenLogprob] | None = None
 
 
-def check_prompt_length(num_prompt_tokens: int, context_window: int) -> None:
-    """A prompt must leave room for at least one new token inside the context window."""
+def check_prompt_length(
+    num_prompt_tokens: int, context_window: int, window_name: str = "the model's context window"
+) -> None:
+    """A prompt must leave room for at least one new token inside the context window (or
+    a smaller cap of it, named by `window_name`)."""
     if num_prompt_tokens == 0:
         raise GenerationError("the prompt is empty (0 tokens)")
     if num_prompt_tokens >= context_window:
         raise GenerationError(
-            f"the prompt has {num_prompt_tokens} tokens but the model's context window is "
+            f"the prompt has {num_prompt_tokens} tokens but {window_name} is "
             f"{context_window} tokens (prompt and output together)"
         )
 

@@ -15,7 +15,7 @@ import os
 import socket
 import time
 
-from tulu.errors import TuluError
+from tulu.errors import GenerationError, TuluError
 
 log = logging.getLogger("tulu.server")
 
@@ -31,26 +31,23 @@ def serve(args: argparse.Namespace) -> None:
         ) from None
     from tulu.engine.engine import EngineConfig, LLMEngine
     from tulu.engine.lora import parse_lora_modules
-    from tulu.engine.options import decode_path_settings
+    from tulu.engine.options import engine_settings, named_by_flags
     from tulu.pretrained import load_pretrained
     from tulu.server.service import ServerSettings
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for name, value in (("--max-num-seqs", args.max_num_seqs), ("--max-queue", args.max_queue)):
-        if value < (1 if name == "--max-num-seqs" else 0):
-            raise TuluError(
-                f"{name} must be {'>= 1' if name == '--max-num-seqs' else '>= 0'}, got {value}"
-            )
+    engine_options = engine_settings(args)
+    if args.max_queue < 0:
+        raise TuluError(f"--max-queue must be >= 0, got {args.max_queue}")
     # argparse's float() takes "nan" and "inf": a NaN passes every comparison, and a request
     # timeout <= 0 would answer every request with 504. `--request-timeout inf` is no timeout.
     for name, value, low in (
-        ("--kv-cache-gb", args.kv_cache_gb, None),
         ("--request-timeout", args.request_timeout, None),
         ("--drain-timeout", args.drain_timeout, 0.0),
     ):
-        if value is None or (name == "--request-timeout" and value == math.inf):
+        if name == "--request-timeout" and value == math.inf:
             continue
         if not math.isfinite(value) or (value <= 0 if low is None else value < low):
             bound = "> 0" if low is None else ">= 0"
@@ -69,18 +66,16 @@ def serve(args: argparse.Namespace) -> None:
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
-    config = EngineConfig(
-        max_num_seqs=args.max_num_seqs,
-        kv_cache_bytes=int(args.kv_cache_gb * 2**30) if args.kv_cache_gb else None,
-        **decode_path_settings(args),
-    )
-    engine = LLMEngine(
-        loaded.model,
-        loaded.tokenizer,
-        config,
-        lora_modules=lora_modules,
-        enable_lora=args.allow_runtime_lora_updating,
-    )
+    try:
+        engine = LLMEngine(
+            loaded.model,
+            loaded.tokenizer,
+            EngineConfig(**engine_options),
+            lora_modules=lora_modules,
+            enable_lora=args.allow_runtime_lora_updating,
+        )
+    except GenerationError as err:
+        raise named_by_flags(err) from None
     if lora_modules:
         log.info(
             "LoRA adapters (unmerged): %s", ", ".join(f"{n}={p}" for n, p in lora_modules.items())
