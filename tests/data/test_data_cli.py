@@ -192,6 +192,57 @@ def test_mix_refuses_two_outputs_at_one_path(tmp_path, capsys, extra, message):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("link", ["same", "symlink", "hardlink"])
+def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys, link):
+    # The output replaced the release it was converted from once conversion ended.
+    raw = tmp_path / "dolly.jsonl"
+    shutil.copy(SAMPLES / "databricks-dolly-15k.jsonl", raw)
+    before = raw.read_bytes()
+    out = raw if link == "same" else tmp_path / "out.jsonl"
+    if link == "symlink":
+        out.symlink_to(raw)
+    elif link == "hardlink":
+        out.hardlink_to(raw)
+    args = ["data", "convert", "--source", "dolly", "--input", str(raw), "--output", str(out)]
+    assert main(args) == 1
+    assert f"{out}: --output would overwrite the input {raw}" in capsys.readouterr().err
+    assert raw.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", ["--output", "--validation-output"])
+def test_mix_refuses_to_overwrite_an_input(tmp_path, capsys, flag):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(_lines(*(dict(GOOD, id=f"mine_{i}") for i in range(4))), encoding="utf-8")
+    before = mine.read_bytes()
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("validation: 0.5\nsources:\n  - {path: mine.jsonl}\n")
+    outputs = {"--output": str(tmp_path / "mix.jsonl"), flag: str(mine)}
+    args = [item for pair in outputs.items() for item in pair]
+    assert main(["data", "mix", str(recipe), *args, "--no-plot"]) == 1
+    assert f"{mine}: {flag} would overwrite the input {mine}" in capsys.readouterr().err
+    assert mine.read_bytes() == before
+
+
+def test_convert_parquet_with_a_column_json_cannot_hold(tmp_path, capsys):
+    # A timestamp column ended the conversion with a TypeError traceback.
+    pa = pytest.importorskip("pyarrow")
+    import datetime
+
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "mine.parquet"
+    table = pa.table(
+        {**{k: [v] for k, v in GOOD.items()}, "when": [datetime.datetime(2023, 4, 12)]}
+    )
+    pq.write_table(table, path)
+    out = tmp_path / "out.jsonl"
+    args = ["data", "convert", "--source", "records", "--input", str(path), "--output", str(out)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tulu data convert: error: {path}:row 1: field 'when': cannot be")
+    assert "\n" not in err and not out.exists()
+
+
 def test_sources_lists_every_converter(capsys):
     assert main(["data", "sources"]) == 0
     out = capsys.readouterr().out

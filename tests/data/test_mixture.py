@@ -291,6 +291,27 @@ def test_recipe_tokenizer_path_or_hub_id(tmp_path, written, expected):
     assert str(recipe.tokenizer) == expected.format(base=tmp_path)
 
 
+def test_file_options_resolve_like_the_data_files(tmp_path):
+    # They resolved against the working directory: a recipe naming its own templates file
+    # worked only when run from the recipe's folder.
+    (tmp_path / "tok").mkdir()
+    recipe = load_recipe(
+        _recipe(
+            tmp_path,
+            "sources:\n"
+            "  - {source: dolly, path: d.jsonl, options: {templates: t.json}}\n"
+            "  - {source: sharegpt, path: s.json, options: {tokenizer: tok}}\n"
+            "  - {source: sharegpt, path: h.json, options: {tokenizer: EleutherAI/pythia-70m}}\n",
+        )
+    )
+    options = [spec.options for spec in recipe.sources]
+    assert options == [
+        {"templates": str(tmp_path / "t.json")},
+        {"tokenizer": str(tmp_path / "tok")},
+        {"tokenizer": "EleutherAI/pythia-70m"},  # no such path: a hub id, kept as written
+    ]
+
+
 def test_data_dir_overrides_the_recipe_folder(tmp_path, two_sources):
     recipe_dir = tmp_path / "elsewhere"
     recipe_dir.mkdir()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 
 import pytest
 
@@ -286,3 +288,37 @@ def test_write_records_is_atomic(tmp_path):
         write_records(failing(), path)
     assert path.read_text(encoding="utf-8").count("\n") == 2  # the previous file is intact
     assert [p.name for p in path.parent.iterdir()] == ["r.jsonl"]  # no temporary left behind
+
+
+@pytest.mark.parametrize(
+    ("extra", "kind", "fragment"),
+    [
+        ({"note": "cut \ud83d"}, "not UTF-8", "field 'note': contains an unpaired surrogate"),
+        ({"when": datetime.datetime(2023, 4, 12)}, "wrong type", "field 'when': cannot be written"),
+        ({"blob": b"\xff"}, "wrong type", "field 'blob': cannot be written as JSON"),
+    ],
+)
+def test_check_record_rejects_extra_fields_that_cannot_be_written(extra, kind, fragment):
+    # Extra fields are written back as they are: one that JSON or UTF-8 cannot take (an escaped
+    # half emoji in a JSONL line, a Parquet timestamp or binary column) passed validation and
+    # then ended `convert` and `mix` with a traceback.
+    with pytest.raises(BadRecord) as err:
+        check_record({**GOOD, **extra}, "f.parquet:row 3")
+    assert err.value.kind == kind
+    assert str(err.value).startswith(f"f.parquet:row 3: {fragment}")
+
+
+def test_check_record_rejects_a_message_field_that_cannot_be_written():
+    messages = [{"role": "user", "content": "Hi", "name": "\udc80"}, GOOD["messages"][1]]
+    with pytest.raises(BadRecord, match=r"messages\[0\]\.name: contains an unpaired surrogate"):
+        check_record({**GOOD, "messages": messages}, "here")
+
+
+def test_write_records_gives_the_umask_permissions(tmp_path):
+    # tempfile creates 0600 files: renamed into place, a mixture was unreadable to the group.
+    old = os.umask(0o022)
+    try:
+        write_records([GOOD], tmp_path / "r.jsonl")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "r.jsonl").stat().st_mode & 0o777 == 0o644

@@ -495,6 +495,28 @@ def test_output_dir(tmp_path, tiny, corpus) -> None:
         tokenize_records(path, tiny, 32, output_dir=tmp_path / "other", progress=False)
 
 
+def test_output_dir_gets_the_umask_permissions(tmp_path, tiny, corpus) -> None:
+    # tempfile.mkdtemp makes 0700 directories: renamed into place, the dataset was unreadable
+    # to the group (a training job running as another user).
+    path = write_jsonl(tmp_path / "data.jsonl", corpus[:5])
+    old = os.umask(0o022)
+    try:
+        tokenize_records(path, tiny, 32, output_dir=tmp_path / "out", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.skipif(not Path("/dev/null").exists(), reason="needs /dev/null")
+def test_a_pipe_or_device_is_refused_and_never_cached(tmp_path, tiny) -> None:
+    # Hashing for the cache key used a pipe (`<(zcat data.jsonl.gz)`) up: zero examples were
+    # cached under the key of the data, so a later run on the same records from a file hit
+    # the empty entry. A device takes the same path and, unlike a pipe, cannot block here.
+    with pytest.raises(DataError, match=r"/dev/null: not a regular file \(a pipe or a device\)"):
+        tokenize_records(Path("/dev/null"), tiny, 32, cache_dir=tmp_path / "c", progress=False)
+    assert not (tmp_path / "c").exists()
+
+
 # --------------------------------------------------------------------------- bad records
 
 BAD_LINES = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     get_converter(args.source)  # an unknown source fails before anything is read
     options = _convert_options(args)
+    _check_outputs_are_not_inputs({"--output": args.output}, args.input)
     report = ConversionReport(bad=BadInput(skip_bad=args.skip_bad))
     renamed = 0
 
@@ -190,15 +192,17 @@ def cmd_mix(args: argparse.Namespace) -> int:
     stem = args.output.with_suffix("")
     stats_path = Path(f"{stem}.stats.json")
     plot_path = None if args.no_plot else Path(f"{stem}.lengths.png")
-    _check_distinct_outputs(
-        {
-            "--output": args.output,
-            "--validation-output": args.validation_output or validation_path_for(args.output),
-            "the statistics": stats_path,
-            "the histogram": plot_path,
-        }
-    )
+    outputs = {
+        "--output": args.output,
+        "--validation-output": args.validation_output or validation_path_for(args.output),
+        "the statistics": stats_path,
+        "the histogram": plot_path,
+    }
+    _check_distinct_outputs(outputs)
     recipe = load_recipe(args.recipe, data_dir=args.data_dir)
+    _check_outputs_are_not_inputs(
+        outputs, [args.recipe, *(path for spec in recipe.sources for path in spec.paths)]
+    )
     if args.seed is not None:
         recipe = replace(recipe, seed=args.seed)
     if args.tokenizer is not None:
@@ -270,6 +274,27 @@ def _check_distinct_outputs(outputs: dict[str, Path | None]) -> None:
         if key in seen:
             raise DataError(f"{path}: {name} would overwrite {seen[key]} (choose another path)")
         seen[key] = name
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file (through symbolic or hard links too)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def _check_outputs_are_not_inputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
+    """Refuse an output at the path of an input: outputs replace their file once the inputs
+    are read, so the input (a raw release, a recipe) would be lost for good."""
+    for name, path in outputs.items():
+        for source in inputs:
+            if path is not None and _same_file(path, source):
+                raise DataError(
+                    f"{path}: {name} would overwrite the input {source} (choose another path)"
+                )
 
 
 def cmd_tokenize(args: argparse.Namespace) -> int:

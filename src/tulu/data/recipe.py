@@ -16,9 +16,10 @@ A recipe is a YAML file::
         options: {seed: 42}               # converter options
 
 Relative paths are resolved against ``--data-dir`` when given, else against the recipe's own
-directory; a tokenizer that is no such path but reads as a hub id ``org/name`` is one. Every
-key is checked: an unknown or misspelt key is an error that names the file, the entry and the
-valid keys, before any data is read.
+directory, and so are the file options ``templates`` and ``tokenizer``; a tokenizer that is no
+such path but reads as a hub id ``org/name`` is one. Every key is checked: an unknown or
+misspelt key is an error that names the file, the entry and the valid keys, before any data
+is read.
 """
 
 from __future__ import annotations
@@ -143,13 +144,18 @@ def _parse_source(entry: Any, index: int, base: Path, origin: str) -> SourceSpec
         raise DataError(f"{where}.options: expected a mapping, got {options!r}")
     valid = converter_options(source)
     _check_keys(options, tuple(valid) or ("(none)",), f"{where}.options")
+    options = dict(options)
+    # Options that name a file resolve like the data files, not against the working directory.
+    for key, resolve in (("templates", _resolve), ("tokenizer", _resolve_tokenizer)):
+        if isinstance(options.get(key), str) and options[key]:
+            options[key] = str(resolve(options[key], base, f"{where}.options.{key}"))
     return SourceSpec(
         name=name,
         source=source,
         paths=paths,
         count=count,
         fraction=None if fraction is None else float(fraction),
-        options=dict(options),
+        options=options,
     )
 
 

@@ -18,6 +18,7 @@ conversations with a system turn) are counted too, by `ConversionReport.drop`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -38,6 +39,7 @@ __all__ = [
     "check_object",
     "check_output_path",
     "check_record",
+    "creation_mode",
     "make_record",
     "string_field",
     "type_name",
@@ -163,7 +165,8 @@ def check_record(value: Any, where: str) -> dict[str, Any]:
 
     Checks: an object with string ``dataset`` and ``id`` and a non-empty ``messages`` list of
     ``{"role", "content"}`` objects with a known role and string content, at least one
-    assistant turn, and no assistant turn whose content is blank.
+    assistant turn, no assistant turn whose content is blank, and no extra field (kept as it
+    is) that cannot be written back as UTF-8 JSON.
     """
     check_object(value, where)
     for name in ("dataset", "id", "messages"):
@@ -212,9 +215,38 @@ def check_record(value: Any, where: str) -> dict[str, Any]:
             if not content.strip():
                 raise BadRecord(where, "empty assistant turn", f"{at}: empty assistant turn")
             has_assistant = True
+        _check_extra_fields(message, ("role", "content"), where, f"{at}.")
     if not has_assistant:
         raise BadRecord(where, "no assistant turn", "no assistant turn (nothing to train on)")
+    _check_extra_fields(value, ("dataset", "id", "messages"), where, "")
     return dict(value)
+
+
+def _check_extra_fields(
+    item: Mapping[str, Any], known: tuple[str, ...], where: str, at: str
+) -> None:
+    """A `BadRecord` for an extra field that cannot be written back as UTF-8 JSON.
+
+    Extra fields are carried through to the output unchanged, so one that cannot be written
+    (a Parquet timestamp or binary column, an unpaired surrogate escaped in the JSON) would
+    otherwise end a conversion with a traceback after the record passed validation. Only the
+    extra fields are encoded here, so the usual record, which has none, costs nothing more.
+    `at` prefixes a field inside a message (``messages[0].``).
+    """
+    for name, extra in item.items():
+        if name in known:
+            continue
+        label = f"{at}{name}" if at else f"field {name!r}"
+        try:
+            json.dumps(extra, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRecord(
+                where, "not UTF-8", f"{label}: contains an unpaired surrogate (not UTF-8)"
+            ) from None
+        except (TypeError, ValueError, RecursionError) as err:
+            raise BadRecord(
+                where, "wrong type", f"{label}: cannot be written as JSON ({err})"
+            ) from None
 
 
 def _check_utf8(text: str, where: str, at: str) -> None:
@@ -247,6 +279,18 @@ def check_output_path(path: str | Path) -> Path:
     return path
 
 
+def creation_mode(mode: int) -> int:
+    """`mode` less the process umask: what ``open`` or ``mkdir`` would have given.
+
+    Atomic writes go through `tempfile`, which creates files 0600 and directories 0700
+    whatever the umask; renamed into place, a mixture or a tokenized dataset would then be
+    unreadable to the group (e.g. a training job running as another user).
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_records(records: Iterable[dict[str, Any]], path: str | Path) -> int:
     """Write records as JSON Lines to `path` atomically; return how many were written.
 
@@ -260,6 +304,8 @@ def write_records(records: Iterable[dict[str, Any]], path: str | Path) -> int:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as err:
         raise DataError(f"{path}: cannot write ({err.strerror})") from None
+    with contextlib.suppress(OSError):  # a filesystem without modes keeps tempfile's 0600
+        os.fchmod(fd, creation_mode(0o666))
     count = 0
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:

@@ -46,7 +46,7 @@ from tulu.chat import (
 )
 from tulu.data.encode import encode_conversations
 from tulu.data.readers import BLANK, parse_jsonl_line
-from tulu.data.records import BadRecord, check_record
+from tulu.data.records import BadRecord, check_record, creation_mode
 from tulu.data.tokenized import (
     FORMAT_VERSION,
     META_FILE,
@@ -616,6 +616,13 @@ def tokenize_records(
         raise DataError(f"num_workers: must be at least 1, got {num_workers}")
     if chunk_lines < 1:
         raise DataError(f"chunk_lines: must be at least 1, got {chunk_lines}")
+    if path.exists() and not path.is_dir() and not path.is_file():
+        # A pipe (`<(zcat ...)`) would be used up by hashing: zero examples, cached under the
+        # key of the real data, which every later run on that data would then hit.
+        raise DataError(
+            f"{path}: not a regular file (a pipe or a device); tokenize reads its input twice, "
+            "to hash it for the cache and to tokenize it: write the records to a file first"
+        )
     key = cache_key(path, tokenizer, max_seq_length)
 
     if output_dir is not None:
@@ -648,6 +655,8 @@ def tokenize_records(
         )
     except OSError as err:
         raise DataError(f"{parent}: cannot write the tokenized dataset ({err})") from None
+    with contextlib.suppress(OSError):  # a filesystem without modes keeps tempfile's 0700
+        tmp.chmod(creation_mode(0o777))
     try:
         _write_dataset(
             path, tmp, tokenizer, max_seq_length, key, workers, skip_bad, progress, chunk_lines
