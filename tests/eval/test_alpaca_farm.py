@@ -204,6 +204,29 @@ def test_connection_refused_names_url() -> None:
         af.Judge(url, "m", concurrency=2).judge(_examples(3), ["a", "b", "c"])
 
 
+def test_a_url_httpx_cannot_send_to_is_a_clear_error() -> None:
+    with pytest.raises(DataError, match="must start with http:// or https://"):
+        af.Judge("localhost:8000/v1", "m")
+
+
+def test_other_transport_errors_name_the_url() -> None:
+    """An httpx error outside the retried ones (here a proxy's refusal) is a TuluError naming
+    the judge, not a traceback."""
+    import httpx
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ProxyError("407 Proxy Authentication Required", request=request)
+
+    judge = af.Judge("http://judge.invalid/v1", "m", max_retries=0)
+    with httpx.Client(transport=httpx.MockTransport(refuse)) as client:
+        with pytest.raises(
+            TuluError,
+            match=r"judge at http://judge\.invalid/v1/chat/completions: "
+            r"ProxyError \(407",
+        ):
+            judge.complete(client, [{"role": "user", "content": "hi"}])
+
+
 def test_output_equal_to_reference_is_a_tie_without_asking(server: FakeJudge) -> None:
     examples = _examples(3)
     judgements = af.Judge(server.base_url, "m").judge(

@@ -165,6 +165,16 @@ def test_extract_answer() -> None:
     assert gsm.extract_answer("1,2,3") == "123"
 
 
+def test_a_hyphen_after_a_digit_is_not_a_minus_sign() -> None:
+    """'10-15' is a range (or a subtraction), so clean must not read it as the number -15;
+    a minus that does not follow a digit is still a sign."""
+    assert gsm.extract_answer("Between 10-15 apples") == "15"
+    assert gsm.extract_answer("In 2022-2023 it grew by 7") == "7"
+    assert gsm.extract_answer("He paid 20-8 = 12, then 3.5-2") == "2"
+    assert gsm.extract_answer("x = -5") == "-5"
+    assert gsm.extract_answer("12 + (-3)") == "-3"
+
+
 def test_answers_match() -> None:
     assert gsm.answers_match("3.0", "3", "clean")
     assert not gsm.answers_match("3.0", "3", "paper")
@@ -209,3 +219,12 @@ def test_a_utf8_bom_is_skipped(tmp_path: Path) -> None:
     item = {"question": "q", "cot_answer": "c", "short_answer": "1"}
     exemplars.write_text("\ufeff" + json.dumps([item]))
     assert gsm.load_exemplars(exemplars) == [gsm.Exemplar("q", "c", "1")]
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    """The error names the line, not a byte offset into a read buffer."""
+    good = json.dumps({"question": "q" * 300, "answer": "x #### 5"}).encode() + b"\n"
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(good * 40 + b'{"question": "\xff", "answer": "x #### 5"}\n' + good)
+    with pytest.raises(DataError, match=r"test\.jsonl:41: not UTF-8 text"):
+        gsm.load_gsm(path)

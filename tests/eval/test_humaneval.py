@@ -82,6 +82,27 @@ def test_bad_lines_name_file_and_line(tmp_path: Path, line: str, message: str) -
     assert f"{path}:2" in str(info.value)
 
 
+def test_a_corrupt_gzip_file_is_a_data_error(tmp_path: Path) -> None:
+    """A damaged download fails inside zlib (zlib.error, not an OSError): still a DataError
+    naming the file, not a traceback."""
+    lines = "".join(json.dumps(_record(i)) + "\n" for i in range(200))
+    data = bytearray(gzip.compress(lines.encode()))
+    for offset in range(40, len(data) - 40, 97):
+        data[offset] ^= 0xFF
+    path = tmp_path / "HumanEval.jsonl.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"HumanEval\.jsonl\.gz: cannot read HumanEval file"):
+        load_problems(path)
+
+
+def test_a_line_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    bad = json.dumps(_record(1)).replace("f1", "f\udcff").encode("utf-8", "surrogateescape")
+    path.write_bytes(json.dumps(_record(0)).encode() + b"\n" + bad + b"\n")
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not UTF-8 text"):
+        load_problems(path)
+
+
 def test_missing_and_empty_files(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not found"):
         load_problems(tmp_path / "nope.jsonl")

@@ -672,6 +672,19 @@ def test_malformed_option_files_fail_before_any_task_runs(
         run_tasks(["mmlu_0shot", task], ctx)
 
 
+def test_a_judge_url_without_its_scheme_fails_before_any_task_runs(bundled):
+    """``--judge-url localhost:8000/v1`` (no http://) stops the run up front, not with an
+    httpx traceback after MMLU and 805 AlpacaFarm generations."""
+    ctx = EvalContext(
+        backend=Untouchable(),
+        tokenizer=None,
+        data_dir=bundled.data_dir,
+        options={"judge_url": "localhost:8000/v1"},
+    )
+    with pytest.raises(DataError, match="judge URL 'localhost:8000/v1' must start with http"):
+        run_tasks(["mmlu_0shot", "alpaca_farm"], ctx)
+
+
 def test_an_unwritable_cache_is_a_clear_error(tmp_path):
     """A full disk or a directory in the way of cache.jsonl: an error naming the file."""
     from tulu.errors import TuluError

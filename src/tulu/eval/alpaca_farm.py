@@ -75,6 +75,7 @@ __all__ = [
     "PairTemplate",
     "build_judge_prompt",
     "build_prompt",
+    "check_judge_url",
     "load_alpaca_farm",
     "load_judge_template",
     "merge_instruction",
@@ -364,6 +365,16 @@ def model_positions(n: int, seed: int = DEFAULT_SEED) -> list[Literal[1, 2]]:
 
 _RETRY_STATUS = frozenset({408, 409, 429}) | frozenset(range(500, 600))
 
+
+def check_judge_url(url: str) -> None:
+    """Refuse a judge URL that httpx cannot send to (``localhost:8000/v1`` lacks its scheme):
+    checked before anything is generated, not after 805 generations."""
+    if not url.lower().startswith(("http://", "https://")):
+        raise DataError(
+            f"judge URL {url!r} must start with http:// or https:// (e.g. http://host:8000/v1)"
+        )
+
+
 Messages = list[dict[str, str]]
 
 
@@ -398,6 +409,7 @@ class Judge:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        check_judge_url(url)
         base = url.rstrip("/")
         self.url = base if base.endswith("/chat/completions") else base + "/chat/completions"
         self.prompt = prompt if prompt is not None else PairTemplate.load()
@@ -455,6 +467,8 @@ class Judge:
                         f"judge at {self.url}: {type(exc).__name__} after "
                         f"{self.max_retries + 1} attempts ({exc})"
                     ) from exc
+            except httpx.HTTPError as exc:  # a proxy's refusal, a malformed request, ...
+                raise TuluError(f"judge at {self.url}: {type(exc).__name__} ({exc})") from exc
             else:
                 if response.status_code == 200:
                     return self._content(response)

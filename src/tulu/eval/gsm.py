@@ -21,7 +21,8 @@ The protocol:
 - Number extraction. Paper: commas between digits removed with ``(\\d),(\\d)`` (which misses
   every other comma in ``"1,2,3"``), then the last match of ``[-+]?\\d*\\.\\d+|\\d+``, which keeps
   a sign only on decimals, so ``"-5"`` extracts ``"5"``. Clean: all digit-grouping commas
-  removed, then the last match of ``-?(\\d+(\\.\\d+)?|\\.\\d+)``, so ``"-5"`` extracts ``"-5"``.
+  removed, then the last match of ``-?(\\d+(\\.\\d+)?|\\.\\d+)``, so ``"-5"`` extracts ``"-5"``;
+  a ``"-"`` right after a digit is not a sign, so ``"10-15"`` extracts ``"15"``, not ``"-15"``.
 - Comparison. Paper compares strings, after lowercasing and deleting all punctuation from both
   sides (open-instruct calls HF ``exact_match`` with ``ignore_case=True,
   ignore_punctuation=True``): so ``"3.0"`` does not match ``"3"`` (it becomes ``"30"``), while
@@ -49,7 +50,7 @@ from typing import Any, Literal
 from tulu.errors import DataError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
-from tulu.eval.files import read_json
+from tulu.eval.files import read_json, text_lines
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -118,7 +119,8 @@ class ExemplarSource:
 _PAPER_COMMA = re.compile(r"(\d),(\d)")
 _CLEAN_COMMA = re.compile(r"(?<=\d),(?=\d)")
 _PAPER_NUMBER = re.compile(r"[-+]?\d*\.\d+|\d+")
-_CLEAN_NUMBER = re.compile(r"-?(?:\d+(?:\.\d+)?|\.\d+)")
+# A "-" right after a digit is a subtraction or a range ("10-15"), not the sign of what follows.
+_CLEAN_NUMBER = re.compile(r"(?:(?<!\d)-)?(?:\d+(?:\.\d+)?|\.\d+)")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
@@ -172,8 +174,8 @@ def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: {_not_a_file(path)} (expected the {what} JSONL file)")
     records = []
     try:
-        with path.open(encoding="utf-8-sig") as handle:  # a leading BOM is skipped
-            for lineno, line in enumerate(handle, start=1):
+        with path.open("rb") as handle:
+            for lineno, line in text_lines(handle, path):
                 if not line.strip():
                     continue
                 try:
@@ -185,8 +187,6 @@ def _read_jsonl(path: Path, what: str) -> list[tuple[int, dict[str, Any]]]:
                 records.append((lineno, record))
     except OSError as exc:
         raise DataError(f"{path}: cannot read file: {exc}") from exc
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text: {exc}") from exc
     return records
 
 

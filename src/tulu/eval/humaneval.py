@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tulu.errors import DataError
+from tulu.eval.files import text_lines
 
 # Where a function-level completion ends: the next top-level statement. Cutting here keeps the
 # model's extra test code or next function out of the program (as the Codex paper did).
@@ -47,8 +49,8 @@ def load_problems(path: str | Path) -> list[Problem]:
     problems: list[Problem] = []
     seen: set[str] = set()
     try:
-        with opener(path, "rt", encoding="utf-8-sig") as f:  # a leading BOM is skipped
-            for lineno, line in enumerate(f, start=1):
+        with opener(path, "rb") as f:
+            for lineno, line in text_lines(f, path):
                 if not line.strip():
                     continue
                 where = f"{path}:{lineno}"
@@ -65,7 +67,7 @@ def load_problems(path: str | Path) -> list[Problem]:
                     raise DataError(f"{where}: duplicate task_id {record['task_id']!r}")
                 seen.add(record["task_id"])
                 problems.append(Problem(**{k: record[k] for k in _FIELDS}))
-    except (OSError, EOFError, UnicodeDecodeError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:  # zlib.error: a corrupt .gz
         raise DataError(f"{path}: cannot read HumanEval file ({exc})") from None
     if not problems:
         raise DataError(f"{path}: no problems in file")

@@ -650,7 +650,10 @@ def check_tasks(tasks: Sequence[str], ctx: EvalContext) -> None:
 
         tydiqa.load_templates(ctx.options.get("tydiqa_templates"))
     if "alpaca_farm" in tasks:
+        from tulu.eval import alpaca_farm
+
         _judge_prompt(ctx)  # a malformed template or annotator fails now, not after generating
+        alpaca_farm.check_judge_url(ctx.options["judge_url"])
 
 
 def run_tasks(
