@@ -16,6 +16,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from tulu.chat import (
     IGNORE_INDEX,
     EncodedExample,
+    conversation_text,
     encode_messages,
     encode_prompt_completion,
     generation_prompt,
@@ -178,6 +179,17 @@ def test_generation_prompt_is_render_plus_header() -> None:
         assert generation_prompt(msgs, EOT) == render(msgs, EOT) + "\n<|assistant|>\n"
     # empty last content: the training layout (an empty line for it) is kept
     assert generation_prompt([user("")], EOT) == "<|user|>\n\n<|assistant|>\n"
+
+
+def test_conversation_text_is_the_generation_prompt_without_its_header() -> None:
+    """What a chat template gives without add_generation_prompt (vLLM's /tokenize)."""
+    assert conversation_text([user("Hi"), assistant(" Yo ")], EOT) == (
+        "<|user|>\nHi\n<|assistant|>\nYo<|endoftext|>\n"
+    )
+    for msgs in ([user("")], [system("S"), user("Q"), assistant("A"), user("Q2")]):
+        assert conversation_text(msgs, EOT) + "<|assistant|>\n" == generation_prompt(msgs, EOT)
+    with pytest.raises(ChatFormatError):
+        conversation_text([{"role": "robot", "content": "x"}], EOT)
 
 
 def test_generation_prompt_is_the_masked_training_prefix(neox: Tokenizer) -> None:

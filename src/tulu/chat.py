@@ -123,6 +123,15 @@ def render(messages: Sequence[Message], eos_token: str) -> str:
     return _concat(messages, eos_token).strip()
 
 
+def conversation_text(messages: Sequence[Message], eos_token: str) -> str:
+    """The conversation as the model reads it before the next turn, each turn ending with its
+    newline: `generation_prompt` without the assistant header (what a chat template gives
+    without ``add_generation_prompt``)."""
+    _validate(messages)
+    _check_eos(eos_token)
+    return _concat(messages, eos_token)
+
+
 def generation_prompt(messages: Sequence[Message], eos_token: str) -> str:
     """The text to feed the model so that it writes the next assistant turn.
 

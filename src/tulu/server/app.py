@@ -41,7 +41,9 @@ PUBLIC_PATHS = {"/", "/health", "/favicon.ico"}
 
 
 def is_openai(path: str) -> bool:
-    return path.startswith("/v1/") or path == "/v1"
+    """Whether a path answers errors in OpenAI's shape: the /v1 API, and vLLM's /tokenize and
+    /detokenize beside it."""
+    return path.startswith("/v1/") or path in ("/v1", "/tokenize", "/detokenize")
 
 
 def error_response(

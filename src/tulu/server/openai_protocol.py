@@ -177,6 +177,37 @@ class ChatCompletionRequest(_SamplingFields):
     parallel_tool_calls: bool | None = None
 
 
+class TokenizeCompletionRequest(_Request):
+    """vLLM's ``POST /tokenize`` of a text."""
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    """vLLM's; GPT-NeoX's tokenizer adds no special tokens either way."""
+    return_token_strs: bool = False
+    """Also return each token's piece of the vocabulary (``token_strs``)."""
+
+
+class TokenizeChatRequest(_Request):
+    """vLLM's ``POST /tokenize`` of chat messages, rendered in the Tulu format."""
+
+    model: str | None = None
+    messages: list[ChatMessage]
+    add_generation_prompt: bool = True
+    """End with the ``<|assistant|>\\n`` header, as /v1/chat/completions prompts do."""
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+    chat_template: str | None = None
+
+
+class DetokenizeRequest(_Request):
+    """vLLM's ``POST /detokenize``."""
+
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
 # ----------------------------------------------------------------------------------------------
 # Responses
 # ----------------------------------------------------------------------------------------------

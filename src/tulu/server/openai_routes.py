@@ -35,9 +35,12 @@ from typing import Any
 
 import anyio
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
+from tulu.chat import conversation_text, generation_prompt
 from tulu.engine.async_engine import EngineDeadError
 from tulu.engine.engine import RequestOutput
 from tulu.engine.reference import TokenLogprob
@@ -51,12 +54,16 @@ from tulu.server.openai_protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
+    ChatMessage,
     ChatStreamChoice,
     ChoiceLogprobs,
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
     TopLogprob,
     Usage,
 )
@@ -82,6 +89,19 @@ async def list_models(request: Request):
         for lora, path in service.lora_adapters.items()
     ]
     return {"object": "list", "data": [{"id": name, **entry}, *adapters]}
+
+
+@router.post("/tokenize")
+async def tokenize(body: dict[str, Any], request: Request):
+    """vLLM's: the token ids of a text or of chat messages, as a generation request would
+    see them, with the window they must fit in."""
+    return await _answer(request, _tokenize(body, request))
+
+
+@router.post("/detokenize")
+async def detokenize(body: DetokenizeRequest, request: Request):
+    """vLLM's: the text of token ids."""
+    return await _answer(request, _detokenize(body, request))
 
 
 @router.post("/v1/completions")
@@ -566,6 +586,65 @@ def _chat_logprobs(strings: TokenStrings, entries: list[TokenLogprob]) -> Choice
 
 
 # ----------------------------------------------------------------------------------------------
+# /tokenize, /detokenize
+# ----------------------------------------------------------------------------------------------
+
+
+async def _tokenize(data: dict[str, Any], request: Request) -> Response:
+    service: GenerationService = request.app.state.service
+    # vLLM's two request forms, told apart as vLLM does: by `messages`.
+    form = TokenizeChatRequest if "messages" in data else TokenizeCompletionRequest
+    try:
+        body = form.model_validate(data)
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
+    _check_model(body.model, service)
+    if isinstance(body, TokenizeChatRequest):
+        if body.chat_template is not None:
+            raise ApiError(
+                "chat_template is not supported: prompts are always in the Tulu format",
+                "chat_template",
+            )
+        if body.continue_final_message:
+            raise ApiError(
+                "continue_final_message is not supported by this server", "continue_final_message"
+            )
+        render = generation_prompt if body.add_generation_prompt else conversation_text
+        try:
+            ids = await service.encode_text(
+                render(chat_messages(body.messages), service.tokenizer.eos_token)
+            )
+        except TuluError as err:
+            raise ApiError(str(err), "messages") from None
+    else:
+        try:
+            ids = await service.encode_text(body.prompt)
+        except TuluError as err:
+            raise ApiError(str(err), "prompt") from None
+    pieces = [service.tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
+    return _json(
+        {
+            "count": len(ids),
+            "max_model_len": service.max_model_len,
+            "tokens": ids,
+            "token_strs": pieces,
+        }
+    )
+
+
+async def _detokenize(body: DetokenizeRequest, request: Request) -> Response:
+    service: GenerationService = request.app.state.service
+    _check_model(body.model, service)
+    vocab = service.llm.engine.model_config.vocab_size
+    for index, token in enumerate(body.tokens):
+        if not 0 <= token < vocab:
+            raise ApiError(
+                f"tokens[{index}] is {token}, outside the vocabulary [0, {vocab})", "tokens"
+            )
+    return _json({"prompt": service.tokenizer.decode(body.tokens)})
+
+
+# ----------------------------------------------------------------------------------------------
 # /v1/completions
 # ----------------------------------------------------------------------------------------------
 
@@ -843,17 +922,21 @@ def _check_chat(body: ChatCompletionRequest) -> None:
             )
 
 
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """The Tulu format's messages of a request's (OpenAI's "developer" is a system turn)."""
+    return [
+        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+        for m in messages
+    ]
+
+
 async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
     service: GenerationService = request.app.state.service
     model, lora = _check_model(body.model, service)
     _check_common(body)
     _check_chat(body)
-    messages = [
-        {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-        for m in body.messages
-    ]
     try:
-        ids = await service.encode_chat(messages)
+        ids = await service.encode_chat(chat_messages(body.messages))
     except TuluError as err:
         raise ApiError(str(err), "messages") from None
     if body.max_completion_tokens is not None:
