@@ -276,6 +276,42 @@ def test_answers_cached_under_another_window_are_not_reused(checkpoint, tmp_path
     assert sent[2] == 0  # the same window again: every answer from the cache
 
 
+def test_tulu_eval_engine_options(checkpoint, tmp_path, capsys, monkeypatch):
+    """The in-process engine takes the engine flags; --max-model-len caps its window (more
+    prompts out of reach), and answers cached under the model's own window are not reused."""
+    import tulu.engine.engine
+    from tulu.cli import main
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.model.checkpoint import save_model
+
+    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
+    data = write_eval_data(tmp_path / "data")
+    common = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir), "--device", "cpu"]
+    common += ["--task", "bbh_cot", "--max-examples", "1", "--output", str(tmp_path / "o")]
+    configs = []
+    real_init = tulu.engine.engine.LLMEngine.__init__
+
+    def recording_init(self, model, tokenizer, config=None, *args, **kwargs):
+        configs.append(config)
+        real_init(self, model, tokenizer, config, *args, **kwargs)
+
+    monkeypatch.setattr(tulu.engine.engine.LLMEngine, "__init__", recording_init)
+    assert main([*common, "--max-num-seqs", "3", "--no-enable-prefix-caching"]) == 0
+    assert (configs[-1].max_num_seqs, configs[-1].enable_prefix_caching) == (3, False)
+    uncapped = _details(tmp_path / "o")["prompts_too_long"]
+    capsys.readouterr()
+    assert main([*common, "--max-model-len", "300"]) == 0
+    assert configs[-1].max_model_len == 300
+    assert "did not fit the 300-token window" in capsys.readouterr().err
+    assert _details(tmp_path / "o")["prompts_too_long"] > uncapped
+    assert main([*common, "--max-model-len", "513"]) == 1
+    assert "--max-model-len is 513, beyond the model's context window of 512" in (
+        capsys.readouterr().err
+    )
+    assert main([*common, "--kv-cache-gb", "0"]) == 1
+    assert "--kv-cache-gb must be a finite number > 0, got 0.0" in capsys.readouterr().err
+
+
 def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_path, capsys):
     """`tulu eval --api-base` used to stop on bbh_cot: its 512 new tokens do not fit after a
     long prompt. Now max_tokens is fitted to the window the server reports (512 here)."""

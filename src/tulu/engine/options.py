@@ -50,8 +50,9 @@ def decode_path_settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The engine's sizes and its decode path, as one 'engine' group of options."""
+def add_engine_arguments(parser: argparse.ArgumentParser, *, max_model_len: bool = True) -> None:
+    """The engine's sizes and its decode path, as one 'engine' group of options (without
+    --max-model-len for a command that defines its own)."""
     group = parser.add_argument_group("engine")
     group.add_argument(
         "--max-num-seqs", type=int, default=256, help="sequences decoded together (default: 256)"
@@ -63,12 +64,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         help="tokens one step computes at most; longer prompts are prefilled in chunks "
         "(default: 8192 on GPU, 2048 on CPU)",
     )
-    group.add_argument(
-        "--max-model-len",
-        type=int,
-        default=None,
-        help="longest prompt + output a request may have (default: the model's context window)",
-    )
+    if max_model_len:
+        group.add_argument(
+            "--max-model-len",
+            type=int,
+            default=None,
+            help="longest prompt + output a request may have (default: the model's context window)",
+        )
     group.add_argument(
         "--kv-cache-gb",
         type=float,

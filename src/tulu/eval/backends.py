@@ -77,7 +77,7 @@ class EngineBackend:
         self.progress = progress
         engine = llm.engine
         self.tokenizer = engine.tokenizer
-        self.context_window = engine.model.config.max_position_embeddings
+        self.context_window = engine.max_model_len  # the model's window, or a cap of it
         #: Prompts that did not fit the context window: generations get empty outputs,
         #: scoring keeps the prompt's last tokens (see the module doc).
         self.too_long = 0

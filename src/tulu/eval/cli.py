@@ -13,7 +13,8 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from tulu.errors import TuluError
+from tulu.engine.options import add_engine_arguments, engine_settings, named_by_flags
+from tulu.errors import GenerationError, TuluError
 from tulu.jsonl import write_text_atomically
 
 __all__ = ["add_eval_parser", "cmd_eval"]
@@ -79,7 +80,8 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--max-model-len",
         type=_at_least_one,
-        help="context window of --api-base when the server does not report it (default 2048)",
+        help="context window: of the engine (default: the model's), or of --api-base when "
+        "the server does not report it (default 2048)",
     )
     ev.add_argument("--judge-url", help="AlpacaFarm judge: OpenAI-compatible endpoint")
     ev.add_argument(
@@ -102,6 +104,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--dtype", help="float32, bfloat16 or float16")
     ev.add_argument("--device", help="cpu, cuda, ...")
     ev.add_argument("--seed", type=int, default=42)
+    add_engine_arguments(ev, max_model_len=False)  # the in-process engine's (no --api-base)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -272,8 +275,17 @@ def _backend(args: argparse.Namespace):
             context_window=args.max_model_len,
         )
         return tokenizer, backend, identity
-    from tulu.engine.engine import LLM
+    from tulu.engine.engine import LLM, EngineConfig
     from tulu.pretrained import load_pretrained
 
+    config = engine_settings(args)
     loaded = load_pretrained(args.model, dtype=args.dtype, device=args.device)
-    return loaded.tokenizer, EngineBackend(LLM(loaded.model, loaded.tokenizer)), loaded.identity()
+    try:
+        llm = LLM(loaded.model, loaded.tokenizer, EngineConfig(**config))
+    except GenerationError as err:
+        raise named_by_flags(err) from None
+    identity = loaded.identity()
+    if args.max_model_len is not None:
+        # The window decides which prompts are skipped and how many tokens each may get.
+        identity["window"] = llm.engine.max_model_len
+    return loaded.tokenizer, EngineBackend(llm), identity
