@@ -139,6 +139,24 @@ def test_adamw_bf16_refuses_float32_parameters() -> None:
         build_optimizer(tiny_model(), OptimConfig(optimizer="adamw_bf16"))
 
 
+def test_float16_trainable_parameters_are_refused() -> None:
+    """Adam's second moment of a float16 parameter underflows to 0 for gradients below ~7e-3
+    and the update blows up (torch's own AdamW gives -inf here); the run used to diverge
+    silently with model.dtype: float16 in one process."""
+    with torch.no_grad():
+        p = nn.Parameter(torch.ones(4, dtype=torch.float16))
+        p.grad = torch.full((4,), 1e-3, dtype=torch.float16)
+        torch.optim.AdamW([p], lr=1e-3, foreach=False).step()
+        assert not torch.isfinite(p).all()  # why the refusal below
+    with pytest.raises(ConfigError, match=r"model\.dtype: float16.*bfloat16 or float32"):
+        build_optimizer(tiny_model().half(), OptimConfig())
+    # float16 frozen weights with float32 trainable ones (LoRA, FSDP master weights) are fine
+    model = tiny_model().half().requires_grad_(False)
+    head = model.embed_out.float().requires_grad_(True)
+    optimizer = build_optimizer(model, OptimConfig())
+    assert [p for g in optimizer.param_groups for p in g["params"]] == [head.weight]
+
+
 # ---------------------------------------------------------------------------- torchao
 needs_compiler = pytest.mark.skipif(
     not (shutil.which("g++") or shutil.which("clang++")),

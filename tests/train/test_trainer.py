@@ -613,6 +613,61 @@ def test_dry_run_exits_1_on_a_revision_with_a_local_model_path(
         train(parse_train_config(data))
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("path", "{tmp}/runs/typo/final", r"typo/final: no such checkpoint directory"),
+        ("path", "{tmp}", r": config\.json not found \(is this a checkpoint directory\?\)"),
+        ("tokenizer", "{tmp}/tokenizers/typo", r"tokenizers/typo: no such tokenizer"),
+    ],
+)
+def test_dry_run_exits_1_on_a_local_model_or_tokenizer_path_the_run_refuses(
+    assets: Path, tmp_path: Path, capsys, key: str, value: str, expected: str
+) -> None:
+    """A mistyped local ``model.path`` / ``model.tokenizer`` (not a hub id: nothing to
+    download) or a directory without config.json stops the real run at once; the dry run
+    printed "neither local nor cached" or "tokenizer not on disk" and exited 0."""
+    from tulu.cli import main
+
+    data = config_data(assets, tmp_path / "out")
+    data["model"][key] = value.format(tmp=tmp_path)
+    if key == "path":
+        data["model"].pop("config")
+    path = write_config(tmp_path / "c.yaml", data)
+    assert main(["train", str(path), "--dry-run"]) == 1
+    _, err = capsys.readouterr()
+    assert "dry run found 1 problem(s)" in err and re.search(expected, err), err
+    with pytest.raises(TuluError, match=expected):
+        train(parse_train_config(data))
+
+
+def test_model_path_that_the_export_would_replace_is_refused(
+    assets: Path, tmp_path: Path, capsys
+) -> None:
+    """Fine-tuning ``OUT/final`` with ``checkpoint.output_dir: OUT`` replaced the base model
+    with the export at the end; with LoRA, final-adapter then named the merged model as its
+    base, so loading the adapter applied it twice."""
+    from tulu.cli import main
+    from tulu.model.checkpoint import save_model
+
+    config = build_model_config(make_config(assets, tmp_path), Tokenizer.load(assets / "tokenizer"))
+    base = save_model(GPTNeoXForCausalLM(config), tmp_path / "out" / "final")
+    before = (base / "model.safetensors").read_bytes()
+    data = config_data(assets, tmp_path / "out", "lora.enabled=true", "optim.max_steps=1")
+    data["model"].pop("config")
+    data["model"]["path"] = str(tmp_path / "out" / "." / "final")
+    expected = r"model\.path: .*final is .*final, which this run's export replaces at the end"
+    with pytest.raises(ConfigError, match=expected):
+        train(parse_train_config(data))
+    path = write_config(tmp_path / "c.yaml", data)
+    assert main(["train", str(path), "--dry-run"]) == 1
+    assert re.search(expected, capsys.readouterr().err)
+    assert (base / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["final"]
+    data["checkpoint"]["export"] = False  # nothing is replaced: allowed
+    train(parse_train_config(data))
+
+
 @pytest.mark.parametrize("key", ["train", "validation"])
 def test_a_missing_data_file_stops_the_run_before_the_model_is_built(
     assets: Path, tmp_path: Path, monkeypatch, key: str

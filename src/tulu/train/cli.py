@@ -181,12 +181,13 @@ def _hub_file(repo: str, filename: str, revision: str | None) -> Path | None:
 
 def _local_tokenizer(config: Any) -> Any:
     """The run's tokenizer if it is on disk (no download), else None."""
+    from tulu.hub import looks_like_hub_id
     from tulu.tokenizer import Tokenizer
 
     m = config.model
     if m.tokenizer:
-        if Path(m.tokenizer).expanduser().exists():
-            return Tokenizer.load(m.tokenizer)
+        if Path(m.tokenizer).expanduser().exists() or not looks_like_hub_id(m.tokenizer):
+            return Tokenizer.load(m.tokenizer)  # a missing local path fails as in the run
         cached = _hub_file(m.tokenizer, "tokenizer.json", None)  # a hub id already in the cache
         return Tokenizer.from_dir(cached.parent) if cached is not None else None
     if m.path:
@@ -202,7 +203,12 @@ def _local_tokenizer(config: Any) -> Any:
 def _model_config(config: Any, tokenizer: Any) -> tuple[Any, str]:
     """(NeoXConfig or None, where it came from), without downloading weights."""
     from tulu.errors import TuluError
-    from tulu.model.checkpoint import refuse_local_revision
+    from tulu.hub import looks_like_hub_id
+    from tulu.model.checkpoint import (
+        read_checkpoint_config,
+        refuse_local_revision,
+        resolve_checkpoint,
+    )
     from tulu.model.config import NeoXConfig, preset
     from tulu.train.trainer import build_model_config
 
@@ -214,6 +220,10 @@ def _model_config(config: Any, tokenizer: Any) -> tuple[Any, str]:
         refuse_local_revision(local, m.revision)
     if (local / "config.json").is_file():
         return NeoXConfig.from_json(local / "config.json"), str(local / "config.json")
+    if local.exists() or not looks_like_hub_id(m.path):
+        # A path the real run refuses (missing, a file, a directory without config.json):
+        # fail with its message. Not a hub id, so nothing is downloaded.
+        return read_checkpoint_config(resolve_checkpoint(m.path, m.revision)), str(local)
     cached = _hub_file(m.path, "config.json", m.revision)
     if cached is not None:
         return NeoXConfig.from_json(cached), f"{m.path} (HF cache)"
@@ -329,6 +339,12 @@ def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
     unwritable = _output_dir_problem(Path(c.output_dir))
     if unwritable:
         problem(f"  error: {unwritable}", unwritable)
+    from tulu.train.trainer import check_export_target
+
+    try:
+        check_export_target(config)
+    except TuluError as err:
+        problem(f"  error: {err}", str(err))
     try:
         resolve_resume(c)
     except TuluError as err:

@@ -99,6 +99,7 @@ def build_optimizer(params: nn.Module | NamedParams, config: OptimConfig) -> tor
     module, or `(name, parameter)` pairs such as `model.named_parameters()`)."""
     groups = param_groups(params, config.weight_decay)
     flat = [p for g in groups for p in g["params"]]
+    _refuse_float16_params(flat)
     kwargs = {"lr": config.lr, "betas": tuple(config.betas), "eps": config.eps}
     if config.optimizer == "adamw":
         cls, extra = torch.optim.AdamW, _torch_adamw_kwargs(flat)
@@ -148,6 +149,22 @@ def _is_dtensor(p: torch.Tensor) -> bool:
     except ImportError:  # pragma: no cover - builds without torch.distributed
         return False
     return isinstance(p, DTensor)
+
+
+def _refuse_float16_params(params: list[torch.Tensor]) -> None:
+    """Adam cannot keep float16 parameters: its second moment (1 - beta2) * grad**2 is below
+    float16's smallest value (6e-8) for every gradient under about 7e-3, so it is stored as
+    0 and the update m / (sqrt(v) + eps) blows up (eps 1e-8 is 0 in float16 too): the run
+    diverges, or goes to inf, with no error. There is no loss scaling either. Float16
+    compute is fine where the trainable parameters are float32 (FSDP's master weights,
+    LoRA's adapters); a one-process full fine-tune in float16 is refused here."""
+    if any(p.dtype == torch.float16 for p in params):
+        raise ConfigError(
+            "model.dtype: float16 trainable parameters (a full fine-tune in one process without "
+            "FSDP keeps them in the compute dtype) make Adam's second moment underflow to 0 "
+            "and the run diverge; set model.dtype: bfloat16 or float32, or "
+            "distributed.fsdp: always (float32 master weights)"
+        )
 
 
 def _check_bf16_params(groups: list[dict[str, Any]]) -> None:

@@ -83,6 +83,7 @@ from tulu.model.gpt_neox import GPTNeoXForCausalLM, next_token_loss
 from tulu.tokenizer import Tokenizer
 from tulu.train.checkpointing import (
     CONFIG_FILE,
+    FINAL_DIR,
     export_final,
     load_checkpoint,
     remove_stale_temps,
@@ -125,6 +126,7 @@ __all__ = [
     "build_model_config",
     "check_context",
     "check_data_files",
+    "check_export_target",
     "evaluate",
     "load_tokenizer",
     "micro_batch_loss",
@@ -409,6 +411,22 @@ def check_output_dir(output_dir: Path, rank: int) -> None:
         ) from None
 
 
+def check_export_target(config: TrainConfig) -> None:
+    """``model.path`` is not ``output_dir/final``, which the export at the end replaces:
+    continuing from a run's export into the same output directory would delete the base
+    model, and a LoRA run's adapter would name as its base the merged model written over it
+    (loading the adapter would then apply it twice)."""
+    m, c = config.model, config.checkpoint
+    if not (c.export and m.path) or not Path(m.path).expanduser().is_dir():
+        return
+    target = Path(c.output_dir).expanduser() / FINAL_DIR
+    if target.resolve() == Path(m.path).expanduser().resolve():
+        raise ConfigError(
+            f"model.path: {m.path} is {target}, which this run's export replaces at the end; "
+            "copy the model elsewhere or choose another checkpoint.output_dir"
+        )
+
+
 def check_context(config: TrainConfig, model_config: NeoXConfig) -> None:
     """``data.max_seq_length`` within the model's context: rotary positions have no table to
     overflow, so longer examples would train silently at positions the model never saw, and
@@ -581,6 +599,7 @@ class _Run:
         seed_everything(config.seed)
         check_data_files(config)  # on every rank: each fails alike, none waits for rank 0
         check_output_dir(self.output_dir, world.rank)  # every rank writes checkpoint shards
+        check_export_target(config)
         if world.is_main:
             remove_stale_temps(self.output_dir)
         resume = resolve_resume(config.checkpoint) if world.is_main else None
