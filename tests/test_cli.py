@@ -1142,6 +1142,24 @@ def test_engine_options(command: str) -> None:
         _parse([command, "m", *required, "--decode-attention", "flash"])
 
 
+def test_generate_request_larger_than_the_kv_cache(ckpt, tmp_path: Path, capsys, spies) -> None:
+    """Named by its input line (LLM.generate's own message counts the prompts left to run,
+    which after a resume are not the input's), before anything is generated."""
+    source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Hello there"}])
+    per_token = ckpt.config.kv_cache_bytes_per_token(torch.float32)
+    gb = str(3 * 16 * per_token / 2**30)  # three blocks of 16 tokens
+    argv = ["generate", ckpt.directory, *CPU, "--input", source, "--kv-cache-gb", gb]
+    rc, out, err = run(capsys, *argv, "--max-tokens", "40")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate").startswith(
+        f"{source}:1: the request needs 5"  # 11 prompt tokens + 40 - 1
+    )
+    assert spies["generate"].calls == []
+    rc, out, err = run(capsys, *argv, "--max-tokens", "20", "--n", "8", "--temperature", "1")
+    assert rc == 0, err  # eight samples share the prompt's blocks and take turns (preemption)
+    assert [len(r["output"]) for r in read_jsonl(out)] == [8, 8]
+
+
 def test_generate_max_model_len(ckpt: Checkpoint, tmp_path: Path, capsys, spies) -> None:
     """--max-model-len caps prompt + output as the context window does: generation stops
     there, a longer prompt is refused, and a cap beyond the model's window is named."""

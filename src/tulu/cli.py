@@ -382,6 +382,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         fitted = replace(
             params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens)
         )
+        try:  # a KV cache too small for it (--kv-cache-gb), named by the record's place
+            llm.engine.check_fits(len(ids), fitted)
+        except TuluError as err:
+            raise TuluError(f"{where}: {err}") from None
         jobs.append((record, ids, fitted))
 
     # One prompt to the terminal streams its reply; several samples or log-probabilities are
