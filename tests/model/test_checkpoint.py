@@ -341,6 +341,59 @@ def test_tensor_not_in_the_shard_its_index_names(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("shard", [["model-00001.safetensors"], {"a": 1}, 3, None])
+def test_index_naming_a_shard_by_a_non_string_is_an_error(tmp_path, shard):
+    """A list or object as a shard name used to crash with a raw TypeError (unhashable)."""
+    _, index = _sharded(tmp_path)
+    index["weight_map"]["gpt_neox.embed_in.weight"] = shard
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(
+        CheckpointError,
+        match=r"index.json: invalid shard index \(tensor 'gpt_neox.embed_in.weight' is "
+        r"mapped to .*, not a file name\)",
+    ):
+        load_model(tmp_path)
+
+
+@pytest.mark.skipif(not Path("/proc/self/mem").is_file(), reason="needs Linux /proc/self/mem")
+def test_an_unreadable_shard_index_is_an_error(tmp_path):
+    """An OSError reading the index (permissions, I/O) escaped as a raw traceback."""
+    _sharded(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    index.unlink()
+    index.symlink_to("/proc/self/mem")  # a regular file whose first bytes fail with EIO
+    with pytest.raises(CheckpointError, match=r"index.json: cannot read"):
+        load_model(tmp_path)
+
+
+def test_checkpoint_without_the_gpt_neox_prefix_loads_like_transformers(tmp_path):
+    """transformers adds the missing `gpt_neox.` prefix when it loads such a file (a trunk
+    saved on its own plus a head); we refused it as 'not part of a GPT-NeoX model'."""
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_model()
+    save_model(model, tmp_path)
+    path = tmp_path / "model.safetensors"
+    state = {k.removeprefix("gpt_neox."): v for k, v in load_file(path).items()}
+    save_file(state, path, metadata={"format": "pt"})
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    ours = load_model(tmp_path)
+    assert torch.equal(logits(ours, IDS), logits(model, IDS))
+    assert torch.equal(logits(ours, IDS), logits(hf, IDS))
+    # A trunk alone (GPTNeoXModel.save_pretrained) lacks the head: refused, naming it
+    # (transformers would give the LM head random values).
+    del state["embed_out.weight"]
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"missing tensors: embed_out.weight$"):
+        load_model(tmp_path)
+    # Both spellings of one tensor: refused, as any tensor stored twice.
+    state["embed_out.weight"] = model.embed_out.weight.detach().clone()
+    state["gpt_neox.final_layer_norm.bias"] = state["final_layer_norm.bias"].clone()
+    save_file(state, path, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=r"'.*final_layer_norm.bias' is stored twice"):
+        load_model(tmp_path)
+
+
 def test_bin_shard_lacking_an_indexed_tensor(tmp_path):
     _write_bin_checkpoint(tiny_model(), tmp_path / "ckpt", shards=2)
     index_path = tmp_path / "ckpt" / "pytorch_model.bin.index.json"

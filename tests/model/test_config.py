@@ -359,6 +359,7 @@ def raw(**changes: object) -> dict:
         (raw(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000}), "yarn"),
         (raw(rope_scaling={"type": "linear"}), "factor"),
         (raw(rope_scaling={"type": "linear", "factor": -2}), "factor"),
+        (raw(rope_scaling={"type": "linear", "factor": True}), "factor"),
         (raw(rope_scaling="linear"), "rope_scaling"),
         (raw(torch_dtype="float8"), "float8"),
         (raw(dtype="int4"), "int4"),
@@ -373,6 +374,19 @@ def test_bad_configs_are_config_errors(config: dict, match: str) -> None:
         NeoXConfig.from_dict(config, source="models/x/config.json")
     assert isinstance(info.value, TuluError)
     assert "models/x/config.json" in str(info.value)  # names the file
+
+
+UNREADABLE = Path("/proc/self/mem")  # a regular file whose first bytes fail with EIO
+
+
+@pytest.mark.skipif(not UNREADABLE.is_file(), reason="needs Linux /proc/self/mem")
+def test_an_unreadable_config_is_a_config_error(tmp_path: Path) -> None:
+    """An OSError reading config.json (permissions, I/O) escaped as a raw traceback."""
+    config = tmp_path / "config.json"
+    config.symlink_to(UNREADABLE)
+    with pytest.raises(ConfigError, match=r"config.json: cannot read") as info:
+        NeoXConfig.from_json(config)
+    assert str(config) in str(info.value)
 
 
 def test_not_a_json_object() -> None:

@@ -50,12 +50,16 @@ _HUB_FILES = [*_HUB_SAFETENSORS_FILES, "*.bin"]
 
 HEAD = "embed_out.weight"
 EMBEDDING = "gpt_neox.embed_in.weight"
+_TRUNK_PREFIX = "gpt_neox."
 
 
 def canonical_name(name: str) -> str:
-    """Map the names other writers use onto ours (transformers 5 calls embed_out lm_head)."""
+    """Map the names other writers use onto ours: transformers 5 calls embed_out lm_head, and
+    a trunk saved on its own has no `gpt_neox.` prefix, which transformers adds on loading."""
     if name == "lm_head.weight":
         return HEAD
+    if name != HEAD and not name.startswith(_TRUNK_PREFIX):
+        return _TRUNK_PREFIX + name
     return name
 
 
@@ -154,6 +158,14 @@ def _index_files(index_path: Path) -> tuple[list[Path], dict[str, str]]:
             raise TypeError("weight_map is not an object")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{index_path}: invalid shard index ({err})") from None
+    except OSError as err:  # unreadable (permissions, I/O error)
+        raise CheckpointError(f"{index_path}: cannot read ({err.strerror or err})") from None
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(
+                f"{index_path}: invalid shard index (tensor {name!r} is mapped to {shard!r}, "
+                f"not a file name)"
+            )
     files = []
     for shard in dict.fromkeys(weight_map.values()):
         shard_path = index_path.parent / str(shard)

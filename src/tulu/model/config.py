@@ -184,7 +184,12 @@ class NeoXConfig:
             )
         if self.rope_type == "linear":
             factor = self.rope_scaling.get("factor") if self.rope_scaling else None
-            if not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0:
+            if (
+                isinstance(factor, bool)
+                or not isinstance(factor, (int, float))
+                or not math.isfinite(factor)
+                or factor <= 0
+            ):
                 raise ConfigError(
                     f"config: linear rope scaling needs a positive 'factor', got {factor!r}"
                 )
@@ -265,6 +270,8 @@ class NeoXConfig:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        except OSError as err:  # unreadable (permissions, I/O error)
+            raise ConfigError(f"{path}: cannot read ({err.strerror or err})") from None
         return cls.from_dict(raw, source=str(path))
 
     def to_dict(self) -> dict[str, Any]:
