@@ -991,6 +991,15 @@ def chat(capsys, monkeypatch, ckpt: Checkpoint, stdin: str, *extra: str) -> tupl
     )
 
 
+def test_chat_stop_token_id_beyond_the_vocabulary_names_the_flag(ckpt, capsys, monkeypatch) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    rc, out, err = run(capsys, "chat", ckpt.directory, *CPU, "--stop-token-ids", "99999")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "chat") == (
+        f"--stop-token-ids contains 99999, outside the vocabulary [0, {ckpt.config.vocab_size})"
+    )
+
+
 def test_chat_piped_user_line_gets_reply(ckpt: Checkpoint, capsys, monkeypatch) -> None:
     rc, out, err = chat(capsys, monkeypatch, ckpt, "Hello\n")
     assert rc == 0, err

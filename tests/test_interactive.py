@@ -159,6 +159,13 @@ def test_message_longer_than_window_raises_and_is_not_kept(small_window_model, t
     assert session.system == "Be brief."
 
 
+def test_stop_token_id_outside_the_vocabulary_is_refused_at_once(model, tokenizer) -> None:
+    """`tulu chat --stop-token-ids 999999` must fail at start, not on every message."""
+    params = SamplingParams(max_tokens=6, temperature=0.0, stop_token_ids=[3, 999999])
+    with pytest.raises(GenerationError, match=r"stop_token_ids contains 999999, outside the vocab"):
+        ChatSession(model, tokenizer, params)
+
+
 # ---------------------------------------------------------------------------------- run_chat
 
 
@@ -219,6 +226,19 @@ def test_run_chat_reports_invalid_text_and_keeps_the_conversation(model, tokeniz
     assert "\nerror: " in out and "unpaired surrogate" in out
     assert [m["role"] for m in session.turns] == ["user", "assistant"]
     assert session.turns[0] == user("Hello")
+
+
+def test_invalid_text_is_reported_at_its_place_in_the_message(model, tokenizer) -> None:
+    """The position names the character of the message the user typed, not of the rendered
+    conversation (history and role headers) that the tokenizer was given."""
+    session = ChatSession(model, tokenizer, GREEDY)
+    session.reply("Hello", lambda _: None)
+    out = drive(session, ["caf\udce9 au lait"])
+    assert (
+        "\nerror: the message: the text contains an unpaired surrogate '\\udce9' at character 3 "
+        in out
+    )
+    assert [m["role"] for m in session.turns] == ["user", "assistant"]
 
 
 class InterruptFirst:

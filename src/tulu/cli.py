@@ -528,7 +528,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
     loaded = load_pretrained(
         args.model, dtype=args.dtype, device=args.device, revision=args.revision
     )
-    session = ChatSession(loaded.model, loaded.tokenizer, params, system=args.system)
+    try:
+        session = ChatSession(loaded.model, loaded.tokenizer, params, system=args.system)
+    except GenerationError as err:  # e.g. --stop-token-ids beyond the vocabulary
+        raise named_by_flags(err) from None
     # Under a strict UTF-8 locale one undecodable byte typed or piped in would end the chat
     # with a UnicodeDecodeError; as surrogates it becomes a bad message the session reports.
     for stream in (sys.stdin, sys.stdout):

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from tulu.chat import Message, generation_prompt
 from tulu.engine.reference import generate_text
-from tulu.engine.sampling import SamplingParams
+from tulu.engine.sampling import SamplingParams, check_token_ids_in_vocab
 from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -31,6 +31,8 @@ class ChatSession:
     turns: list[Message] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # A stop token id outside the vocabulary would fail every message; say so at once.
+        check_token_ids_in_vocab(self.params, self.model.config.vocab_size)
         self.set_system(self.system)
 
     def set_system(self, text: str | None) -> None:
@@ -60,7 +62,13 @@ class ChatSession:
         When the conversation outgrows the context window, the oldest turns are dropped
         (the system prompt stays) until the prompt fits. The history changes only when the
         reply completes: an error or Ctrl-C (KeyboardInterrupt) leaves it as it was.
+        Text the tokenizer cannot encode is refused with its position in the message, not in
+        the rendered conversation (which starts with the history and the role headers).
         """
+        try:
+            self.tokenizer.encode(user_text)
+        except TuluError as err:
+            raise TuluError(f"the message: {err}") from None
         window = self.model.config.max_position_embeddings
         head: list[Message] = [{"role": "system", "content": self.system}] if self.system else []
         alone = self._prompt_tokens(head + [{"role": "user", "content": user_text}])

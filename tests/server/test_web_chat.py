@@ -689,3 +689,67 @@ def test_the_picker_drops_an_adapter_unloaded_while_chosen(lora_chat_server, bro
     finally:  # put it back for the module's other tests
         body = {"lora_name": "poet", "lora_path": poet}
         httpx.post(server.url("/v1/load_lora_adapter"), json=body, headers=headers)
+
+
+def test_new_chat_during_a_reply_starts_an_empty_conversation(chat_server, browser):
+    """New chat mid-reply aborts it; the text that had arrived belongs to the old
+    conversation and must not leak into the new one (and so into its next request)."""
+    driver, server = browser, chat_server
+    open_page(driver, server)
+    driver.find_element(By.ID, "new-chat").click()
+    set_field(driver, "system", "")
+    set_field(driver, "temperature", "0")
+    set_field(driver, "max-tokens", "300")
+    server.recorder.delay = 0.25  # a slow reply, so that New chat lands mid-stream
+    server.recorder.extra = {"ignore_eos": True}
+    try:
+        driver.find_element(By.ID, "message").send_keys("Tell me a story", Keys.ENTER)
+        wait_for(
+            driver,
+            lambda d: (
+                bubbles(d, "assistant")
+                and text_of(d, bubbles(d, "assistant")[0].find_element(By.CLASS_NAME, "content"))
+            ),
+            "the first streamed text",
+        )
+        driver.find_element(By.ID, "new-chat").click()
+        wait_for(driver, idle, "the page to stop", timeout=5)
+    finally:
+        server.recorder.delay = 0.0
+        server.recorder.extra = {}
+    assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
+    assert history(driver) == []
+    sent_before = len(server.recorder.bodies)
+    set_field(driver, "max-tokens", "4")
+    send_and_wait(driver, "Fresh start")
+    assert server.recorder.bodies[sent_before]["messages"] == [
+        {"role": "user", "content": "Fresh start"}
+    ]
+
+
+def test_a_number_box_that_is_not_a_number_is_refused(chat_server, browser):
+    """A number box holding text that is not a number ("1e") reads as empty in the DOM; the
+    page must say so, not send the request without it (the server's default temperature, or
+    a reply that fills the context window)."""
+    driver, server = browser, chat_server
+    open_page(driver, server)
+    driver.find_element(By.ID, "new-chat").click()
+    for box, name in (("temperature", "Temperature"), ("max-tokens", "Max tokens")):
+        set_field(driver, "temperature", "0")
+        set_field(driver, "max-tokens", "4")
+        set_field(driver, box, "1e")
+        sent_before = len(server.recorder.bodies)
+        driver.find_element(By.ID, "message").send_keys("Hello", Keys.ENTER)
+        wait_for(
+            driver,
+            lambda d, name=name: f"{name} is not a number" in d.find_element(By.ID, "status").text,
+            f"the page to refuse the {box} box",
+        )
+        assert len(server.recorder.bodies) == sent_before  # nothing was sent
+        assert driver.find_element(By.ID, "message").get_attribute("value") == "Hello"
+        assert driver.find_elements(By.CSS_SELECTOR, "#messages .msg") == []
+        driver.find_element(By.ID, "message").clear()
+    set_field(driver, "max-tokens", "4")
+    send_and_wait(driver, "Hello")
+    assert server.recorder.bodies[-1]["temperature"] == 0
+    assert server.recorder.bodies[-1]["max_tokens"] == 4
