@@ -261,6 +261,24 @@ def bubbles(driver, kind: str):
     return driver.find_elements(By.CSS_SELECTOR, f"#messages .msg.{kind}")
 
 
+def slow_unending_replies(driver, server) -> None:
+    """A fresh page whose next reply streams slowly for 300 tokens (greedy, EOS ignored), for
+    tests that act while it streams; the caller resets server.recorder's delay and extra."""
+    open_page(driver, server)
+    driver.find_element(By.ID, "new-chat").click()
+    set_field(driver, "system", "")
+    set_field(driver, "temperature", "0")
+    set_field(driver, "max-tokens", "300")
+    server.recorder.delay = 0.25
+    server.recorder.extra = {"ignore_eos": True}
+
+
+def first_reply_text(driver) -> str:
+    """The text streamed so far into the first reply ("" before any)."""
+    replies = bubbles(driver, "assistant")
+    return text_of(driver, replies[0].find_element(By.CLASS_NAME, "content")) if replies else ""
+
+
 def idle(driver) -> bool:
     return driver.execute_script("return document.body.dataset.state") == "idle"
 
@@ -413,13 +431,7 @@ def test_stop_aborts_the_reply_and_keeps_what_arrived(chat_server, browser):
     generating after the browser left would run all 300 steps, where an abort stops it
     within about a second of the click."""
     driver, server = browser, chat_server
-    open_page(driver, server)
-    driver.find_element(By.ID, "new-chat").click()
-    set_field(driver, "system", "")
-    set_field(driver, "temperature", "0")
-    set_field(driver, "max-tokens", "300")
-    server.recorder.delay = 0.25  # a slow reply, so that Stop lands mid-stream
-    server.recorder.extra = {"ignore_eos": True}
+    slow_unending_replies(driver, server)  # so that Stop can land mid-stream
     steps = []
     embed = server.app.state.service.llm.engine.model.gpt_neox.embed_in
 
@@ -431,14 +443,7 @@ def test_stop_aborts_the_reply_and_keeps_what_arrived(chat_server, browser):
     try:
         box = driver.find_element(By.ID, "message")
         box.send_keys("Tell me a story", Keys.ENTER)
-        wait_for(
-            driver,
-            lambda d: (
-                bubbles(d, "assistant")
-                and text_of(d, bubbles(d, "assistant")[0].find_element(By.CLASS_NAME, "content"))
-            ),
-            "the first streamed text",
-        )
+        wait_for(driver, first_reply_text, "the first streamed text")
         assert driver.find_element(By.ID, "send").get_attribute("disabled") is not None
         driver.find_element(By.ID, "stop").click()
         wait_for(driver, idle, "the page to stop", timeout=5)
@@ -695,23 +700,10 @@ def test_new_chat_during_a_reply_starts_an_empty_conversation(chat_server, brows
     """New chat mid-reply aborts it; the text that had arrived belongs to the old
     conversation and must not leak into the new one (and so into its next request)."""
     driver, server = browser, chat_server
-    open_page(driver, server)
-    driver.find_element(By.ID, "new-chat").click()
-    set_field(driver, "system", "")
-    set_field(driver, "temperature", "0")
-    set_field(driver, "max-tokens", "300")
-    server.recorder.delay = 0.25  # a slow reply, so that New chat lands mid-stream
-    server.recorder.extra = {"ignore_eos": True}
+    slow_unending_replies(driver, server)  # so that New chat can land mid-stream
     try:
         driver.find_element(By.ID, "message").send_keys("Tell me a story", Keys.ENTER)
-        wait_for(
-            driver,
-            lambda d: (
-                bubbles(d, "assistant")
-                and text_of(d, bubbles(d, "assistant")[0].find_element(By.CLASS_NAME, "content"))
-            ),
-            "the first streamed text",
-        )
+        wait_for(driver, first_reply_text, "the first streamed text")
         driver.find_element(By.ID, "new-chat").click()
         wait_for(driver, idle, "the page to stop", timeout=5)
     finally:
