@@ -494,6 +494,26 @@ def test_generate_jsonl_to_stdout_raw(ckpt: Checkpoint, tmp_path: Path, capsys) 
         assert result["prompt_tokens"] == len(ckpt.loaded.tokenizer.encode(result["prompt"]))
 
 
+def test_generate_reads_standard_input(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    """--input - reads JSON Lines piped in (BOM and blank lines as in a file); a bad line is
+    named <stdin>:N."""
+    piped = b'\xef\xbb\xbf{"prompt": "Hi"}\n\n{"prompt": "Name a color."}\n'
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(piped)))
+    rc, out, err = run(
+        capsys, "generate", ckpt.directory, *CPU, "--input", "-", "--max-tokens", "4"
+    )
+    assert rc == 0, err
+    results = read_jsonl(out)
+    assert [r["prompt"] for r in results] == ["Hi", "Name a color."]
+    assert [r["output"] for r in results] == [
+        reference(ckpt, p, max_tokens=4).text for p in ("Hi", "Name a color.")
+    ]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"prompt": "Hi"}\n[1]\n')))
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--input", "-")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "generate").startswith("<stdin>:2: ")
+
+
 def test_generate_n_samples_per_prompt(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
     """--n gives each record lists of samples: the engine's n seeded samples, in order."""
     source = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "Hi"}, {"prompt": "Name a color."}])

@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     src = gen.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (a user message unless --raw)")
     src.add_argument(
-        "--input", type=Path, help='JSONL: {"prompt": ...} or {"messages": [...]} per line'
+        "--input",
+        type=Path,
+        help='JSONL: {"prompt": ...} or {"messages": [...]} per line (- reads standard input)',
     )
     gen.add_argument(
         "--output",
@@ -260,11 +262,18 @@ def _prompts_of(
     record may not hold a field of `results` (what generate adds to it).
     """
     from tulu.chat import generation_prompt
-    from tulu.data.readers import iter_jsonl
+    from tulu.data.readers import BLANK, iter_jsonl, parse_jsonl_line
     from tulu.data.records import BadInput, check_object
 
     if args.prompt is not None:
         records = [("--prompt", {"prompt": args.prompt})]
+    elif str(args.input) == "-":  # JSON Lines piped in, read whole before the model loads
+        lines = enumerate(sys.stdin.buffer, start=1)
+        values = (
+            (f"<stdin>:{n}", parse_jsonl_line(raw, f"<stdin>:{n}", first=n == 1))
+            for n, raw in lines
+        )
+        records = [(w, check_object(v, w)) for w, v in values if v is not BLANK]
     else:
         records = [(w, check_object(v, w)) for w, v in iter_jsonl(args.input, BadInput())]
     if args.raw and args.system:
