@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -282,6 +283,42 @@ def test_a_reused_request_id_never_gets_the_old_requests_outputs(model):
             == LLM(model, None).generate([PROMPTS[0]], GREEDY)[0].outputs[0].token_ids
         )
         await llm.shutdown()
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_shutdown_aborts_requests_whatever_the_engine_thread_is_doing(model):
+    """Shutdown queues its aborts, then flags the stop: an engine thread that had just read
+    the (empty) command queue and sees the flag must still apply those aborts, so that every
+    stream ends with its abort notice and the KV blocks are freed, not with EngineDeadError."""
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        apply_commands = llm._apply_commands
+        armed, parked = threading.Event(), threading.Event()
+
+        def apply_then_wait_for_shutdown(loop):
+            met = apply_commands(loop)
+            if armed.is_set():  # once: the shutdown happens right after this read
+                armed.clear()
+                parked.set()
+                deadline = time.monotonic() + 10
+                while not llm._stopping and time.monotonic() < deadline:
+                    time.sleep(0.001)
+            return met
+
+        llm._apply_commands = apply_then_wait_for_shutdown
+        llm.start()
+        endless = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+        stream = llm.generate(PROMPTS[3], endless)
+        await anext(stream)
+        armed.set()
+        assert await asyncio.to_thread(parked.wait, 10)
+        await llm.shutdown()
+        outs = await asyncio.wait_for(collect(stream), 10)
+        assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
 
     run(main())
     assert_idle(engine)

@@ -471,6 +471,26 @@ def test_generate_request_ids_name_each_prompts_outputs(tiny_model, make_llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_a_retried_generate_never_gets_the_aborted_requests_notice(tiny_model, make_llm):
+    """A `generate` interrupted (or refused halfway) aborts its requests, whose notices wait
+    for the next step(); retried with the same request_ids, it must return the new results,
+    not the stale abort notices, and leave no request running behind."""
+    llm = make_llm(tiny_model)
+    expected = token_ids(llm.generate(PROMPTS[:2], GREEDY))
+
+    def interrupt(output):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(PROMPTS[:2], GREEDY, request_ids=["a", "b"], on_output=interrupt)
+    with pytest.raises(GenerationError, match="prompt 1"):  # "a" added, then withdrawn
+        llm.generate([PROMPTS[0], [VOCAB]], GREEDY, request_ids=["a", "b"])
+    outputs = llm.generate(PROMPTS[:2], GREEDY, request_ids=["a", "b"])
+    assert [o.outputs[0].finish_reason for o in outputs] == ["length", "length"]
+    assert token_ids(outputs) == expected
+    assert not llm.engine.has_unfinished_requests()
+
+
 # ----------------------------------------------------------------------------------------------
 # Seeds and n > 1
 # ----------------------------------------------------------------------------------------------
@@ -999,6 +1019,22 @@ def test_invalid_prompts_are_refused(tok_model, demo_tokenizer, make_engine, pro
     assert engine.num_unfinished_requests == 0
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_per_prompt(
+    tiny_model, demo_tokenizer, make_engine, drain
+):
+    """The demo tokenizer has 600 tokens, the model 512 embeddings: a text or chat prompt with
+    an id beyond them was an IndexError in the step, which ends every request in it."""
+    engine = make_engine(tiny_model, demo_tokenizer)
+    text = demo_tokenizer.decode([520, 560])
+    assert max(demo_tokenizer.encode(text)) >= 512
+    for prompt in (text, [{"role": "user", "content": text}]):
+        with pytest.raises(GenerationError, match=r"token id \d+, outside the model's vocabulary"):
+            engine.add_request(prompt, GREEDY)
+    fits = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+    engine.add_request(demo_tokenizer.decode([40, 41]), fits, request_id="fits")
+    assert drain(engine)["fits"][-1].finished
+
+
 def test_text_prompts_need_a_tokenizer(tiny_model, make_engine):
     engine = make_engine(tiny_model)
     with pytest.raises(GenerationError, match="need a tokenizer"):
@@ -1079,6 +1115,11 @@ def test_generate_refuses_malformed_chat_messages_atomically(tok_model, demo_tok
         dict(gpu_memory_fraction=1.5),
         dict(max_model_len=0),
         dict(max_model_len=100.0),
+        dict(enable_prefix_caching="false"),
+        dict(enable_chunked_prefill=0),
+        dict(cuda_graphs="no"),
+        dict(gpu_memory_fraction=True),
+        dict(max_graph_batch_size=True),
     ],
 )
 def test_engine_config_validation(field):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tulu.errors import GenerationError
+
 pytest.importorskip("fastapi", reason="the server extra (fastapi) is not installed")
 pytest.importorskip("uvicorn", reason="the server extra (uvicorn) is not installed")
 httpx = pytest.importorskip("httpx", reason="httpx is not installed")
@@ -230,6 +232,8 @@ def test_engine_options_reach_the_engine(checkpoint, monkeypatch) -> None:
     service = apps[0].state.service
     engine = service.llm.engine
     assert service.max_model_len == engine.max_model_len == 100
+    with pytest.raises(GenerationError, match="but the max_model_len is 100 tokens"):
+        service.check_length(90, 20)  # the cap, not the model's window of 512, is named
     assert engine.scheduler.max_num_batched_tokens == 64
     assert not engine.pool.enable_prefix_caching
     assert engine.config.gpu_memory_fraction == 0.5

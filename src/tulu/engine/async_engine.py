@@ -213,10 +213,14 @@ class AsyncLLM:
     def _run(self) -> None:
         loop = self._loop
         assert loop is not None
+        stop = False
         try:
             while True:
-                self._apply_commands(loop)
-                if self._stopping and not self.engine.has_pending_outputs:
+                # Stop only once shutdown's sentinel is taken: the aborts it queued before it
+                # are then applied (checking `_stopping` alone could skip them, and their
+                # streams would get EngineDeadError instead of their abort notices).
+                stop = self._apply_commands(loop) or stop
+                if stop and not self.engine.has_pending_outputs:
                     break
                 if self.engine.has_unfinished_requests() or self.engine.has_pending_outputs:
                     outputs = self.engine.step()
@@ -252,14 +256,15 @@ class AsyncLLM:
 
         loop.call_soon_threadsafe(settle)
 
-    def _apply_commands(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _apply_commands(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Apply the queued commands; True when shutdown's sentinel (None) was among them."""
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return False
             if command is None:
-                return
+                return True
             if isinstance(command, _Abort):
                 self.engine.abort(command.request_id)
                 continue

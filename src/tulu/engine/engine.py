@@ -91,8 +91,17 @@ class EngineConfig:
                 raise GenerationError(
                     f"EngineConfig.{name} must be a positive integer, got {value!r}"
                 )
+        # Switches: a string such as "false" (from a config file) would be truthy.
+        for name in ("enable_prefix_caching", "enable_chunked_prefill", "cuda_graphs"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (value is None and name == "cuda_graphs"):
+                raise GenerationError(f"EngineConfig.{name} must be True or False, got {value!r}")
         fraction = self.gpu_memory_fraction
-        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        if (
+            not isinstance(fraction, (int, float))
+            or isinstance(fraction, bool)
+            or not 0 < fraction <= 1
+        ):
             raise GenerationError(
                 f"EngineConfig.gpu_memory_fraction must be in (0, 1], got {fraction!r}"
             )
@@ -102,7 +111,9 @@ class EngineConfig:
                 f"got {self.decode_attention!r}"
             )
         if self.max_graph_batch_size is not None and (
-            not isinstance(self.max_graph_batch_size, int) or self.max_graph_batch_size < 1
+            not isinstance(self.max_graph_batch_size, int)
+            or isinstance(self.max_graph_batch_size, bool)
+            or self.max_graph_batch_size < 1
         ):
             raise GenerationError(
                 f"EngineConfig.max_graph_batch_size must be a positive integer, got "
@@ -260,25 +271,36 @@ class LLMEngine:
 
     # ------------------------------------------------------------------ requests
     def encode_prompt(self, prompt: Prompt) -> list[int]:
-        """Text (used as is), token ids, or chat messages (rendered in the Tulu format)."""
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise GenerationError("text prompts need a tokenizer")
-            return self.tokenizer.encode(prompt)
-        if (
+        """Text (used as is), token ids, or chat messages (rendered in the Tulu format).
+
+        Every id is checked against the model's vocabulary, the tokenizer's too: a tokenizer
+        with more tokens than the model has embeddings would otherwise crash the step (and
+        every request in it) with an IndexError."""
+        vocab = self.model_config.vocab_size
+        if isinstance(prompt, str) or (
             isinstance(prompt, (list, tuple))
             and prompt
             and all(isinstance(m, dict) for m in prompt)
         ):
             if self.tokenizer is None:
-                raise GenerationError("chat prompts need a tokenizer")
-            return self.tokenizer.encode(generation_prompt(list(prompt), self.tokenizer.eos_token))
-        if isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
-            ids = [int(t) for t in prompt]  # numpy integers too (an array's list() gives them)
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+                kind = "text" if isinstance(prompt, str) else "chat"
+                raise GenerationError(f"{kind} prompts need a tokenizer")
+            if not isinstance(prompt, str):
+                prompt = generation_prompt(list(prompt), self.tokenizer.eos_token)
+            ids = self.tokenizer.encode(prompt)
+            bad = [t for t in ids if t >= vocab]
             if bad:
                 raise GenerationError(
-                    f"prompt token id {bad[0]} is outside the vocabulary [0, {self.model_config.vocab_size})"
+                    f"the tokenizer gives token id {bad[0]}, outside the model's vocabulary "
+                    f"[0, {vocab}): the tokenizer does not belong to this model"
+                )
+            return ids
+        if isinstance(prompt, (list, tuple)) and all(_is_token_id(t) for t in prompt):
+            ids = [int(t) for t in prompt]  # numpy integers too (an array's list() gives them)
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise GenerationError(
+                    f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})"
                 )
             return ids
         raise GenerationError(
@@ -323,9 +345,11 @@ class LLMEngine:
         return self.lora
 
     @property
-    def _window_name(self) -> str:
+    def window_name(self) -> str:
+        """What limits a request's length, for error messages: the model's context window,
+        or a smaller max_model_len."""
         capped = self.max_model_len < self.model_config.max_position_embeddings
-        return "max_model_len" if capped else "model's context window"
+        return "the max_model_len" if capped else "the model's context window"
 
     def check_fits(self, num_prompt_tokens: int, params: SamplingParams) -> None:
         """Refuse requests that could never run, instead of queueing them forever."""
@@ -335,7 +359,7 @@ class LLMEngine:
         if total > self.max_model_len:
             raise GenerationError(
                 f"the prompt has {num_prompt_tokens} tokens and max_tokens is {params.max_tokens}: "
-                f"{total} tokens exceed the {self._window_name} of {self.max_model_len} tokens"
+                f"{total} tokens exceed {self.window_name} of {self.max_model_len} tokens"
             )
         # The last generated token is sampled but never fed back, so it needs no KV slot.
         needed = total - 1
@@ -415,13 +439,21 @@ class LLMEngine:
         )
         if params.prompt_logprobs is not None:
             request.prompt_logprobs = [None]  # the first prompt token has no prediction
+        if any(o.request_id == request_id for o in self._aborted):
+            # An aborted request's notice not yet returned by step() (abort() returned it
+            # already): reported after this, it would end the new request of this id for
+            # whoever reads step()'s outputs by id (LLM.generate retried with request_ids).
+            self._aborted = [o for o in self._aborted if o.request_id != request_id]
         self._requests[request_id] = request
         for seq in seqs:
             self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Stop a request now and free its KV blocks; unknown or finished ids are ignored."""
+        """Stop a request now and free its KV blocks; unknown or finished ids are ignored.
+
+        The notice returned is also returned by the next step(), unless a new request takes
+        the id before that step."""
         request = self._requests.pop(request_id, None)
         if request is None:
             return None

@@ -1,6 +1,6 @@
 """Command-line options for the engine: its decode path (shared by `tulu serve`, `tulu
-generate` and `tulu bench`), and its sizes (`tulu serve` and `tulu generate`), named as in
-vLLM so that a vLLM command line carries over.
+generate`, `tulu eval` and `tulu bench`), and its sizes (`tulu serve`, `tulu generate` and
+`tulu eval`), named as in vLLM so that a vLLM command line carries over.
 
 Kept free of torch imports so that building the `tulu` parser stays fast.
 """

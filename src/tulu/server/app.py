@@ -209,7 +209,9 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     """The app for one engine; the engine thread starts with the app and drains on shutdown."""
     llm = AsyncLLM(engine)
     metrics = ServerMetrics(llm.stats)
-    service = GenerationService(llm, tokenizer, settings, metrics, engine.max_model_len)
+    service = GenerationService(
+        llm, tokenizer, settings, metrics, engine.max_model_len, engine.window_name
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

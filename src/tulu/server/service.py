@@ -60,12 +60,14 @@ class GenerationService:
         settings: ServerSettings,
         metrics: ServerMetrics,
         max_model_len: int,
+        window_name: str = "the model's context window",
     ):
         self.llm = llm
         self.tokenizer = tokenizer
         self.settings = settings
         self.metrics = metrics
         self.max_model_len = max_model_len
+        self.window_name = window_name  # or "the max_model_len" (tulu serve --max-model-len)
         self.in_flight = 0
         self._ids = itertools.count()
 
@@ -92,7 +94,7 @@ class GenerationService:
             raise GenerationError("the prompt is empty (0 tokens)")
         if room < 1:
             raise GenerationError(
-                f"the prompt has {num_prompt_tokens} tokens but the model's context window is "
+                f"the prompt has {num_prompt_tokens} tokens but {self.window_name} is "
                 f"{self.max_model_len} tokens"
             )
         if max_tokens is None:
@@ -100,8 +102,8 @@ class GenerationService:
         if max_tokens > room:
             raise GenerationError(
                 f"the prompt has {num_prompt_tokens} tokens and {max_tokens} new tokens were "
-                f"requested, {num_prompt_tokens + max_tokens} in all, but the model's context "
-                f"window is {self.max_model_len} tokens"
+                f"requested, {num_prompt_tokens + max_tokens} in all, but {self.window_name} "
+                f"is {self.max_model_len} tokens"
             )
         return max_tokens
 
