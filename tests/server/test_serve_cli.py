@@ -226,7 +226,8 @@ def test_engine_options_reach_the_engine(checkpoint, monkeypatch) -> None:
     from tulu.cli import main
 
     apps = record_started_apps(monkeypatch)
-    flags = ["--max-model-len", "100", "--max-num-batched-tokens", "64", "--kv-cache-gb", "0.001"]
+    flags = ["--max-model-len", "100", "--max-num-batched-tokens", "64", "--max-num-seqs", "8"]
+    flags += ["--kv-cache-gb", "0.001"]
     flags += ["--no-enable-prefix-caching", "--gpu-memory-utilization", "0.5"]
     assert main(["serve", str(checkpoint), "--port", str(free_port()), *flags]) == 0
     service = apps[0].state.service
@@ -247,6 +248,10 @@ def test_engine_options_reach_the_engine(checkpoint, monkeypatch) -> None:
         (["--kv-cache-gb", "inf"], "--kv-cache-gb must be a finite number > 0, got inf"),
         (["--max-model-len", "0"], "--max-model-len must be >= 1, got 0"),
         (["--max-num-batched-tokens", "-4"], "--max-num-batched-tokens must be >= 1, got -4"),
+        (
+            ["--max-num-batched-tokens", "64", "--max-num-seqs", "65"],
+            "--max-num-batched-tokens (64) must be at least --max-num-seqs (65)",
+        ),
         (
             ["--gpu-memory-utilization", "1.5"],
             "--gpu-memory-utilization must be in (0, 1], got 1.5",

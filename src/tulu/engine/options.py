@@ -105,6 +105,14 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if value is not None and value < 1:
             raise TuluError(f"{flag} must be >= 1, got {value}")
+    budget = args.max_num_batched_tokens
+    if budget is not None and budget < args.max_num_seqs:
+        # As vLLM refuses it: each running sequence decodes one token per step, so a smaller
+        # budget leaves sequences waiting on every step.
+        raise TuluError(
+            f"--max-num-batched-tokens ({budget}) must be at least --max-num-seqs "
+            f"({args.max_num_seqs}): every running sequence takes one token of each step"
+        )
     # argparse's float() takes "nan" and "inf", which pass or fail comparisons wrongly.
     gb = args.kv_cache_gb
     if gb is not None and not (math.isfinite(gb) and gb > 0):
