@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import math
 import platform
 import time
 from pathlib import Path
@@ -186,6 +187,13 @@ def main() -> None:
         parser.error(f"--peer-batch must be a positive integer, got {args.peer_batch}")
     if args.peer_examples is not None and args.peer_examples < 0:
         parser.error(f"--peer-examples must be 0 (no peer) or more, got {args.peer_examples}")
+    for flag in ("max_examples", "codex_samples"):  # checked by the tasks only after the load
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    budget = args.time_budget
+    if budget is not None and not (math.isfinite(budget) and budget > 0):
+        parser.error(f"--time-budget must be a positive number of seconds, got {budget}")
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     args.preset = args.preset or ("pythia-6.9b" if device.type == "cuda" else "tiny")

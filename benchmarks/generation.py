@@ -35,6 +35,7 @@ import torch
 from tulu.bench.workloads import (
     BenchSettings,
     add_random_model_arguments,
+    check_settings,
     format_report,
     preset_config,
     random_model,
@@ -116,6 +117,7 @@ def main() -> int:
             seed=0,
         )
         config = preset_config(args.preset, args.layers, dtype)
+        check_settings(settings, config)  # bad flags fail now, not after the weights are built
         torch.manual_seed(0)
         model = random_model(config, device, seed=0)
         results = run_benchmark(

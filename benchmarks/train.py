@@ -367,6 +367,12 @@ def main() -> None:
     check_args(parser, args)
     gpu = resolve_device(args.device).type == "cuda"
     dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
+    # `build_optimizer` refuses it for every optimizer: refused before the model is built.
+    if dtype == torch.float16:
+        parser.error(
+            "--dtype float16: one process keeps float16 parameters, whose Adam second moment "
+            "underflows (tulu train refuses it); use bfloat16 or float32"
+        )
     out = args.out or RESULTS / f"train-{'cuda' if gpu else 'cpu'}.json"
     check_output(out, "--out")
     args.seq_len = args.seq_len or (2048 if gpu else 512)

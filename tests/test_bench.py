@@ -127,6 +127,40 @@ def test_transformers_twin_shares_weights_and_agrees(model) -> None:
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_decode_step_bytes_reads_one_row_of_the_input_embedding(tied) -> None:
+    """The roofline's bytes per decode step: the input embedding gives one row (Pythia's is
+    untied; a tied one is the LM head, read whole), plus K and V of the context per layer."""
+    config = preset_config("pythia-14m", 2, torch.float32)
+    if tied:
+        config = type(config).from_dict({**config.to_dict(), "tie_word_embeddings": True})
+    m = random_model(config, CPU)
+    h, v = config.hidden_size, config.vocab_size
+    rest = sum(p.numel() for n, p in m.named_parameters() if n != "gpt_neox.embed_in.weight")
+    embed = v * h if tied else h
+    kv = 2 * 2 * h * 10  # K and V, 2 layers, 10 context tokens
+    assert workloads.decode_step_bytes(m, 10) == 4 * (rest + embed + kv)
+
+
+def test_static_compile_warms_up_at_the_measured_length(model, monkeypatch) -> None:
+    """The static cache is sized by the new tokens: a compiling run with fewer would leave
+    the timed run to rebuild it and recompile (GPU only; torch.compile is skipped here)."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **_kwargs: fn)
+    lengths: list[int] = []
+    real = workloads.hf_single_stream
+
+    def spy(m, prompt, new_tokens, device, **kwargs):
+        lengths.append(new_tokens)
+        return real(m, prompt, new_tokens, device, **kwargs)
+
+    monkeypatch.setattr(workloads, "hf_single_stream", spy)
+    twin = transformers_twin(model)
+    figures = workloads.hf_static_compile_single_stream(twin, [1, 2, 3], [4, 5, 6], 5, CPU)
+    assert lengths == [5, 5]
+    assert twin.generation_config.cache_implementation == "static"
+    assert figures["compile_seconds"] > 0 and figures["tokens_per_s"] > 0
+
+
 def test_random_prompts_are_deterministic() -> None:
     a = make_requests(random.Random(3), 4, (2, 9), (1, 6), 100)
     b = make_requests(random.Random(3), 4, (2, 9), (1, 6), 100)
@@ -529,6 +563,28 @@ def test_generation_script_refuses_an_output_directory(tmp_path, monkeypatch, ca
     assert f"generation.py: error: --output {tmp_path}: is a directory" in err
 
 
+GENERATION_BAD = [
+    (["--repeats", "0"], "--repeats must be a positive integer"),
+    (["--mixed-requests", "-1"], "--mixed-requests must be a positive integer"),
+    (["--skip", "bogus"], "--skip: unknown workload 'bogus'"),
+    (["--single-new-tokens", "5000"], "exceed the model's context window"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), GENERATION_BAD, ids=[" ".join(e) for e, _ in GENERATION_BAD]
+)
+def test_generation_script_refuses_bad_settings_at_once(
+    extra, message, tmp_path, monkeypatch, capsys
+) -> None:
+    """Refused before the random weights are built (a 6.9B model takes a while), not after."""
+    argv = ["--preset", "pythia-14m", "--layers", "1", "--output", str(tmp_path / "g.json")]
+    work = (workloads, "random_model")
+    code, err = run_script("generation.py", [*argv, *extra], monkeypatch, capsys, work)
+    assert code == 1 and "Traceback" not in err
+    assert "generation.py: error: " in err and message in err
+
+
 TRAIN_BAD = [
     (["--steps", "0"], "--steps must be a positive integer"),
     (["--steps", "-1"], "--steps must be a positive integer"),
@@ -540,6 +596,7 @@ TRAIN_BAD = [
     (["--device", "bogus"], "--device: unknown device 'bogus'"),
     (["--dtype", "float8"], "--dtype: unknown dtype"),
     (["--out", "."], "--out .: is a directory"),
+    (["--dtype", "float16"], "--dtype float16: one process keeps float16 parameters"),
 ]
 
 
@@ -559,6 +616,10 @@ EVAL_BAD = [
     (["--peer-examples", "-1"], "--peer-examples must be 0 (no peer) or more"),
     (["--output", "."], "--output .: is a directory"),
     (["--peer-examples", "1"], "the GSM CoT peer: "),  # no gsm/test.jsonl in --data-dir
+    (["--max-examples", "0"], "--max-examples must be a positive integer"),
+    (["--codex-samples", "0"], "--codex-samples must be a positive integer"),
+    (["--time-budget", "nan"], "--time-budget must be a positive number of seconds"),
+    (["--time-budget", "-1"], "--time-budget must be a positive number of seconds"),
 ]
 
 
@@ -674,3 +735,39 @@ def test_lora_script_measures_and_agrees_with_peft(tmp_path, monkeypatch, capsys
     for key in ("transformers_base", "peft_mixed_adapters"):
         assert results[key]["output_tokens"] == 30 and len(results[key]["runs_tokens_per_s"]) == 1
     assert results["ratio_tulu_vs_peft"] > 0 and "tulu / PEFT" in capsys.readouterr().out
+
+
+def test_lora_script_runs_one_engine_at_a_time(tmp_path, monkeypatch, capsys) -> None:
+    """On a GPU each engine's KV cache takes 90% of the free memory: the adapters' engine must
+    not start beside the base one (it would get a tenth of the cache, and so a smaller batch),
+    nor transformers + PEFT beside either (they would run out of memory)."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    import runpy
+
+    engines: list[weakref.ref] = []
+    alive: list[int] = []  # engines still alive as each engine, then the twin, is built
+    real_init, real_twin = LLM.__init__, workloads.transformers_twin
+
+    def count_alive() -> None:
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in engines))
+
+    def tracked_init(self, *args, **kwargs):
+        count_alive()
+        real_init(self, *args, **kwargs)
+        engines.append(weakref.ref(self))
+
+    def twin(m):
+        count_alive()
+        return real_twin(m)
+
+    monkeypatch.setattr(LLM, "__init__", tracked_init)
+    monkeypatch.setattr(workloads, "transformers_twin", twin)
+    argv = ["--preset", "pythia-14m", "--layers", "1", "--num-requests", "2", "--prompt-len", "4"]
+    argv += ["--output-len", "2", "--adapters", "2", "--rank", "2", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["lora.py", *argv, "--output", str(tmp_path / "l.json")])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCHMARKS / "lora.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    assert alive == [0, 0, 0]

@@ -63,10 +63,12 @@ __all__ = [
     "Request",
     "check_settings",
     "copy_bandwidth",
+    "decode_step_bytes",
     "format_report",
     "generate_timed",
     "hf_generate",
     "hf_single_stream",
+    "hf_static_compile_single_stream",
     "hf_throughput",
     "import_transformers",
     "make_requests",
@@ -470,7 +472,39 @@ def hf_single_stream(
     }
 
 
+def hf_static_compile_single_stream(
+    model: Any, warm_prompt: list[int], prompt: list[int], new_tokens: int, device: torch.device
+) -> dict:
+    """`hf_single_stream` with a static cache and ``torch.compile`` (GPU), on `prompt`, after
+    an untimed compiling run on `warm_prompt`; adds ``compile_seconds``.
+
+    The compiling run generates the measured `new_tokens`: a static cache sized for fewer
+    would be rebuilt, and the forward recompiled, inside the timed run.
+    """
+    model.generation_config.cache_implementation = "static"
+    model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+    started = time.perf_counter()
+    hf_single_stream(model, warm_prompt, new_tokens, device)
+    compile_seconds = time.perf_counter() - started
+    return {
+        **hf_single_stream(model, prompt, new_tokens, device),
+        "compile_seconds": compile_seconds,
+    }
+
+
 # ------------------------------------------------------------------------------ roofline
+def decode_step_bytes(model: GPTNeoXForCausalLM, context_tokens: int) -> int:
+    """Bytes one single-stream decode step must read: every weight, except that the input
+    embedding gives only its one row (unless tied to the LM head, which reads it whole), plus
+    the K and V of `context_tokens` tokens in every layer."""
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    embed = model.gpt_neox.embed_in.weight
+    if embed is not model.embed_out.weight:
+        weights -= (embed.shape[0] - 1) * embed.shape[1] * embed.element_size()
+    kv = model.config.kv_cache_bytes_per_token(embed.dtype) * context_tokens
+    return weights + kv
+
+
 def copy_bandwidth(device: torch.device) -> float:
     """Bytes/s of a large device-to-device copy (read + write counted)."""
     src = torch.empty(1 << 28, dtype=torch.uint8, device=device)
@@ -726,17 +760,9 @@ def run_benchmark(
     if gpu and settings.hf_compile and theirs is not None and single is not None:
         say("transformers with static cache + torch.compile: compiling")
         p_len, new = len(single.requests[0][0]), single.requests[0][1]
-        theirs.generation_config.cache_implementation = "static"
-        theirs.forward = torch.compile(theirs.forward, mode="reduce-overhead", fullgraph=True)
-        t0 = time.perf_counter()
-        hf_single_stream(theirs, single.requests[0][0], 8, device)  # compile
-        compile_s = time.perf_counter() - t0
         prompt = make_requests(rng, 1, (p_len, p_len), (1, 1), vocab)[0][0]
-        c = hf_single_stream(theirs, prompt, new, device)
-        workloads["single_stream"]["transformers_static_compile"] = {
-            **c,
-            "compile_seconds": compile_s,
-        }
+        c = hf_static_compile_single_stream(theirs, single.requests[0][0], prompt, new, device)
+        workloads["single_stream"]["transformers_static_compile"] = c
         add(
             "single stream",
             "tokens/s vs HF static+compile",
@@ -767,11 +793,8 @@ def run_benchmark(
     )
     if gpu:
         bandwidth = copy_bandwidth(device)
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
-        kv_per_token = config.kv_cache_bytes_per_token(dtype)
-        step_bytes = weights + kv_per_token * (
-            settings.prompt_len + settings.single_new_tokens // 2
-        )
+        # The single stream's mean context over its decode steps.
+        step_bytes = decode_step_bytes(model, settings.prompt_len + settings.single_new_tokens // 2)
         limit = bandwidth / step_bytes
         achieved = workloads.get("single_stream", {}).get("tulu", {}).get("tokens_per_s")
         results["roofline"] = {
