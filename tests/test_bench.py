@@ -161,6 +161,25 @@ def test_static_compile_warms_up_at_the_measured_length(model, monkeypatch) -> N
     assert figures["compile_seconds"] > 0 and figures["tokens_per_s"] > 0
 
 
+def test_transformers_single_stream_is_timed_in_one_call(model, monkeypatch) -> None:
+    """TTFT is when the first new token is streamed out of the same generate call whose end
+    gives the total: two calls (one of a single token for the TTFT) could make the time per
+    later token negative."""
+    calls: list[int] = []
+    real = workloads.hf_generate
+
+    def spy(m, batch, max_new, device, **kwargs):
+        calls.append(max_new)
+        return real(m, batch, max_new, device, **kwargs)
+
+    monkeypatch.setattr(workloads, "hf_generate", spy)
+    figures = workloads.hf_single_stream(transformers_twin(model), [4, 5, 6], 6, CPU)
+    assert calls == [6]
+    assert figures["ttft_ms"] > 0 and figures["ms_per_token"] >= 0
+    total_ms = 6 / figures["tokens_per_s"] * 1e3
+    assert figures["ttft_ms"] + 5 * figures["ms_per_token"] == pytest.approx(total_ms)
+
+
 def test_random_prompts_are_deterministic() -> None:
     a = make_requests(random.Random(3), 4, (2, 9), (1, 6), 100)
     b = make_requests(random.Random(3), 4, (2, 9), (1, 6), 100)

@@ -455,16 +455,32 @@ def hf_throughput(
 def hf_single_stream(
     model: Any, prompt: list[int], new_tokens: int, device: torch.device, **kwargs: Any
 ) -> dict:
-    """transformers does not stream here: TTFT is a separate one-token `generate`."""
+    """One `generate` call, timed as tulu's stream is: TTFT when its first new token reaches
+    the host (a streamer's second `put`: the first is the prompt), the rest per token after.
+    (Two calls, one of a single token for the TTFT, could give a negative per-token time.)"""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstTokenClock(BaseStreamer):
+        def __init__(self) -> None:
+            self.puts, self.first_token_at = 0, None
+
+        def put(self, value: torch.Tensor) -> None:  # generate moves each token to the CPU
+            self.puts += 1
+            if self.puts == 2:
+                self.first_token_at = time.perf_counter()
+
+        def end(self) -> None:
+            pass
+
+    clock = FirstTokenClock()
     sync(device)
     start = time.perf_counter()
-    hf_generate(model, [(prompt, 1)], 1, device, **kwargs)
-    sync(device)
-    ttft = time.perf_counter() - start
-    start = time.perf_counter()
-    hf_generate(model, [(prompt, new_tokens)], new_tokens, device, **kwargs)
+    hf_generate(model, [(prompt, new_tokens)], new_tokens, device, streamer=clock, **kwargs)
     sync(device)
     total = time.perf_counter() - start
+    if clock.first_token_at is None:
+        raise RuntimeError("transformers' generate never streamed its first token")
+    ttft = clock.first_token_at - start
     return {
         "ttft_ms": ttft * 1e3,
         "ms_per_token": (total - ttft) / max(new_tokens - 1, 1) * 1e3,
