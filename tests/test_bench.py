@@ -142,18 +142,24 @@ def test_decode_step_bytes_reads_one_row_of_the_input_embedding(tied) -> None:
     assert workloads.decode_step_bytes(m, 10) == 4 * (rest + embed + kv)
 
 
+def new_token_counts(monkeypatch, function: str) -> list[int]:
+    """The new-token count (the 4th argument) of every call to `workloads.<function>`."""
+    counts: list[int] = []
+    real = getattr(workloads, function)
+
+    def spy(m, prompt_or_batch, new_tokens, device, **kwargs):
+        counts.append(new_tokens)
+        return real(m, prompt_or_batch, new_tokens, device, **kwargs)
+
+    monkeypatch.setattr(workloads, function, spy)
+    return counts
+
+
 def test_static_compile_warms_up_at_the_measured_length(model, monkeypatch) -> None:
     """The static cache is sized by the new tokens: a compiling run with fewer would leave
     the timed run to rebuild it and recompile (GPU only; torch.compile is skipped here)."""
     monkeypatch.setattr(torch, "compile", lambda fn, **_kwargs: fn)
-    lengths: list[int] = []
-    real = workloads.hf_single_stream
-
-    def spy(m, prompt, new_tokens, device, **kwargs):
-        lengths.append(new_tokens)
-        return real(m, prompt, new_tokens, device, **kwargs)
-
-    monkeypatch.setattr(workloads, "hf_single_stream", spy)
+    lengths = new_token_counts(monkeypatch, "hf_single_stream")
     twin = transformers_twin(model)
     figures = workloads.hf_static_compile_single_stream(twin, [1, 2, 3], [4, 5, 6], 5, CPU)
     assert lengths == [5, 5]
@@ -165,14 +171,7 @@ def test_transformers_single_stream_is_timed_in_one_call(model, monkeypatch) -> 
     """TTFT is when the first new token is streamed out of the same generate call whose end
     gives the total: two calls (one of a single token for the TTFT) could make the time per
     later token negative."""
-    calls: list[int] = []
-    real = workloads.hf_generate
-
-    def spy(m, batch, max_new, device, **kwargs):
-        calls.append(max_new)
-        return real(m, batch, max_new, device, **kwargs)
-
-    monkeypatch.setattr(workloads, "hf_generate", spy)
+    calls = new_token_counts(monkeypatch, "hf_generate")
     figures = workloads.hf_single_stream(transformers_twin(model), [4, 5, 6], 6, CPU)
     assert calls == [6]
     assert figures["ttft_ms"] > 0 and figures["ms_per_token"] >= 0
