@@ -649,10 +649,15 @@ def prompts_generated(spy: Spy) -> list[int]:
     return [int(rid) for _, kwargs in spy.calls for rid in kwargs["request_ids"]]
 
 
-@pytest.mark.parametrize("extra", [[], ["--n", "2", "--logprobs", "1"]], ids=["one", "n2-logprobs"])
+@pytest.mark.parametrize(
+    ("extra", "engine_flags"),
+    [([], []), (["--n", "2", "--logprobs", "1"], []), ([], ["--max-num-seqs", "2"])],
+    ids=["one", "n2-logprobs", "other-engine-sizes-on-resume"],
+)
 def test_generate_resumes_where_an_interrupted_run_stopped(
-    ckpt, tmp_path, capsys, monkeypatch, spies, extra
+    ckpt, tmp_path, capsys, monkeypatch, spies, extra, engine_flags
 ) -> None:
+    """Seeded results do not depend on the batch, so engine sizes may change on resume."""
     rc, _, err = resume_run(ckpt, tmp_path, capsys, *extra, output="whole.jsonl")
     assert rc == 0, err
     whole = (tmp_path / "whole.jsonl").read_bytes()
@@ -662,7 +667,7 @@ def test_generate_resumes_where_an_interrupted_run_stopped(
     progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, 2, *extra)
     spies["generate"].calls.clear()
     kept = {json.loads(line)["index"] for line in progress.read_text().splitlines()[1:]}
-    rc, out, err = resume_run(ckpt, tmp_path, capsys, *extra)
+    rc, out, err = resume_run(ckpt, tmp_path, capsys, *extra, *engine_flags)
     assert rc == 0 and out == "", err
     assert f"resuming: 2 of 5 results kept in {progress}" in err
     assert sorted(prompts_generated(spies["generate"])) == sorted({0, 1, 2, 3, 4} - kept)
@@ -709,13 +714,16 @@ def test_generate_refuses_to_resume_with_other_settings(
     kept = progress.read_bytes()
     spies["load"].calls.clear()
     spies["generate"].calls.clear()
-    rc, out, err = resume_run(ckpt, tmp_path, capsys, "--temperature", "1.2", "--system", "Hi")
+    rc, out, err = resume_run(
+        ckpt, tmp_path, capsys, "--temperature", "1.2", "--system", "Hi", "--max-model-len", "64"
+    )
     assert rc == 1 and out == ""
     message = one_line_error(err, "generate")
     assert message == (
         f"{progress} holds the results of a run with other settings (--temperature: 1.5 "
-        'before, 1.2 now; --system: null before, "Hi" now); rerun with the settings of that '
-        f"run to resume it, or delete {progress} to start over"
+        'before, 1.2 now; --system: null before, "Hi" now; --max-model-len: null before, 64 '
+        f"now); rerun with the settings of that run to resume it, or delete {progress} to "
+        "start over"
     )
     assert spies["load"].calls == []  # refused before the model loads
     # another model: found once it loads, before anything is generated

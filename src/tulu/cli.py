@@ -512,6 +512,8 @@ def _resume_settings(
         "--raw": args.raw,
         "--lora": args.lora,
         "--lora-modules": adapters,
+        # It caps each prompt's max_tokens (the other engine flags change no result).
+        "--max-model-len": args.max_model_len,
     }
 
 
