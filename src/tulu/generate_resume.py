@@ -7,13 +7,13 @@ OUT is written whole at the end, in input order, and the progress file removed.
 
 The first line of the progress file is a header: everything the results depend on (the
 model's resolved directory, its weight files' sizes and modification times as the eval cache
-keys them, and its dtype; the sampling settings, --system, --raw, the LoRA settings, and
-digests of the input records and of the prompts' token ids). A rerun whose header differs is
-refused with the differences named: results of two settings are never mixed in one file, and
-a model copied elsewhere counts as another one. What the header leaves out, on purpose: the
-model as typed (a relative path, a hub id and --revision are what they resolve to; a hub
-snapshot's directory names its commit) and the device, so that a job preempted on one node
-resumes on another. Seeded sampling resumes exactly: every request has its own random
+keys them, and its dtype; the sampling settings, --system, --raw, the LoRA settings,
+--max-model-len, and digests of the input records and of the prompts' token ids). A rerun
+whose header differs is refused with the differences named: results of two settings are never
+mixed in one file, and a model copied elsewhere counts as another one. What the header leaves
+out, on purpose: the model as typed (a relative path, a hub id and --revision are what they
+resolve to; a hub snapshot's directory names its commit), the device and the engine's sizes
+(which change no result), so that a job preempted on one node resumes on another. Seeded sampling resumes exactly: every request has its own random
 generator seeded with --seed, so its sample does not depend on the other requests in the batch.
 
 A cut last line (the process killed mid-write) is dropped and its prompt generated again; a
