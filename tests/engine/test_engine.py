@@ -566,6 +566,19 @@ def test_n_completions_are_seeded_reproducibly(tiny_model, make_llm):
     assert crowded.engine.stats()["preemptions"] > 0
 
 
+def test_n_samples_take_their_prompt_from_the_prefix_cache(tiny_model, make_llm):
+    """The samples of a request compute its prompt once: the others reuse its full blocks.
+    Their seeded tokens are those of an engine without prefix caching."""
+    params = SamplingParams(n=4, seed=7, **SAMPLED)
+    prompt = PROMPTS[10][:70]  # four full blocks of 16 tokens to share
+    shared = make_llm(tiny_model)
+    out = shared.generate([prompt], params)[0]
+    assert out.num_cached_tokens == 0  # the first sample computed it
+    assert shared.engine.scheduler.prefix_hits == 3 * 4
+    alone = make_llm(tiny_model, enable_prefix_caching=False).generate([prompt], params)[0]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in alone.outputs]
+
+
 def test_greedy_n_gives_identical_completions(tiny_model, make_llm, expected):
     out = make_llm(tiny_model).generate([PROMPTS[4]], dataclasses.replace(GREEDY, n=2))
     assert [c.token_ids for c in out[0].outputs] == [expected[4], expected[4]]
@@ -1134,6 +1147,13 @@ def test_a_kv_cache_larger_than_memory_is_a_clear_error(tiny_model):
         GenerationError, match=r"KV cache of \d+ blocks .* does not fit.*kv-cache-gb"
     ):
         LLMEngine(tiny_model, None, EngineConfig(kv_cache_bytes=2**50))
+
+
+def test_a_kv_cache_beyond_any_memory_is_a_clear_error(tiny_model):
+    """A budget whose byte count overflows torch's size computation (--kv-cache-gb 1e11) is
+    the same clear error, not torch's RuntimeError."""
+    with pytest.raises(GenerationError, match=r"does not fit.*kv-cache-gb"):
+        LLMEngine(tiny_model, None, EngineConfig(kv_cache_bytes=2**80))
 
 
 def test_prompt_longer_than_the_step_budget_without_chunked_prefill(

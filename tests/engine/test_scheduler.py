@@ -379,6 +379,55 @@ def test_prefix_blocks_are_shared_between_running_sequences():
     assert sim.pool.num_used == 0
 
 
+def add_samples(sim: Sim, request_id: str, prompt: list[int], n: int) -> list[Sequence]:
+    """The n sequences of one request (as LLMEngine.add_request queues them)."""
+    seqs = []
+    for index in range(n):
+        seq = Sequence(
+            seq_id=len(sim.seqs),
+            request_id=request_id,
+            index=index,
+            token_ids=list(prompt),
+            num_prompt_tokens=len(prompt),
+            params=SamplingParams(max_tokens=2, n=n),
+            arrival=0.0,
+        )
+        sim.seqs.append(seq)
+        sim.sched.add(seq)
+        seqs.append(seq)
+    return seqs
+
+
+def test_the_samples_of_a_request_compute_its_prompt_once():
+    """n > 1: one sample computes the prompt while the others wait a step, then take its full
+    blocks from the prefix cache (they were computing the same prompt n times). A request
+    behind them is not held up, and the waiting samples keep their place in the queue."""
+    sim = Sim(64, 4)
+    a, b, c = add_samples(sim, "n3", list(range(100, 113)), 3)  # 13 tokens: 3 full blocks
+    other = sim.add(5, max_tokens=2)
+    out = sim.step()
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(a, 13), (other, 5)]
+    assert list(sim.sched.waiting) == [b, c]
+    prompt_blocks = a.block_table[:3]
+    out = sim.step()
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled if x.seq in (b, c)] == [
+        (b, 1),
+        (c, 1),
+    ]
+    assert b.block_table[:3] == c.block_table[:3] == prompt_blocks
+    assert sim.sched.prefix_hits == 6
+    sim.run()
+    assert sim.pool.num_used == 0
+
+
+def test_samples_do_not_wait_without_blocks_to_share():
+    """Nothing to share (no prefix caching, or a prompt shorter than a block): all run at once."""
+    for sim, prompt in ((Sim(64, 4, enable_prefix_caching=False), 13), (Sim(64, 4), 4)):
+        seqs = add_samples(sim, "n2", list(range(prompt)), 2)
+        assert [x.seq for x in sim.step().scheduled] == seqs
+        sim.run()
+
+
 def test_different_first_block_means_no_hit():
     sim = Sim(64, 4)
     sim.add(12, max_tokens=1, first_token=0)

@@ -225,10 +225,18 @@ class Scheduler:
             budget -= count
             index += 1
 
+        # Requests whose prompt is being computed by one of their sequences: their other
+        # sequences wait for it, then reuse its blocks from the prefix cache (n > 1 computes a
+        # prompt once, not n times).
+        sharing = {s.request_id for s in self.running if self._leaves_blocks_to_share(s)}
+        deferred: list[Sequence] = []
         while (
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
+            if seq.request_id in sharing:
+                deferred.append(self.waiting.popleft())
+                continue
             self._match_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed
             if self.enable_chunked_prefill:
@@ -257,7 +265,20 @@ class Scheduler:
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, count))
             budget -= min(count, budget)
+            if self._leaves_blocks_to_share(seq):
+                sharing.add(seq.request_id)
+        self.waiting.extendleft(reversed(deferred))  # back in front, in their order
         return SchedulerOutput(scheduled, preempted)
+
+    def _leaves_blocks_to_share(self, seq: Sequence) -> bool:
+        """Whether `seq` has full prompt blocks still to compute that the other sequences of
+        its request could take from the prefix cache once it has computed them."""
+        if not self.pool.enable_prefix_caching or seq.params.n == 1:
+            return False
+        if seq.params.prompt_logprobs is not None:
+            return False  # its siblings compute every prompt position anyway
+        shareable = (seq.num_prompt_tokens - 1) // self.block_size  # _match_prefix's limit
+        return seq.num_computed // self.block_size < shareable
 
     def _undo_prefix(self, seq: Sequence) -> None:
         self._free_blocks(seq)
