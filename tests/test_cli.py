@@ -12,6 +12,7 @@ import io
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -477,6 +478,30 @@ def test_generate_with_lora_modules_picks_each_records_adapter(
         rc, out, err = run(capsys, *argv)
         assert rc == 1 and out == ""
         assert (message or "bad.jsonl:1: field 'lora': no adapter named 'nope'") in err
+
+
+@pytest.mark.parametrize("link", ["same", "symlink"])
+def test_generate_refuses_to_overwrite_its_input(ckpt, tmp_path: Path, capsys, link) -> None:
+    # The results replaced the prompts file, whose other records and fields were then lost.
+    source = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "Hi", "keep": 1}])
+    before = source.read_bytes()
+    target = source if link == "same" else tmp_path / "out.jsonl"
+    if link == "symlink":
+        target.symlink_to(source)
+    rc, _, err = run(capsys, "generate", ckpt.directory, "--input", source, "--output", target)
+    assert rc == 1
+    assert "would overwrite the input" in one_line_error(err, "generate")
+    assert source.read_bytes() == before
+
+
+def test_generate_refuses_a_pipe_as_output(ckpt, tmp_path: Path, capsys) -> None:
+    # The results were renamed over the named pipe (over /dev/null, as root, the device).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    rc, _, err = run(capsys, "generate", ckpt.directory, "--prompt", "Hi", "--output", fifo)
+    assert rc == 1
+    assert "not a regular file" in one_line_error(err, "generate")
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_generate_jsonl_to_stdout_raw(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:

@@ -183,3 +183,9 @@ def test_demo_command_errors_are_one_line(tmp_path: Path, capsys) -> None:
     (tmp_path / "file").write_text("x")
     assert main(["demo", "--output", str(tmp_path / "file"), "--config", str(CONFIG)]) == 1
     assert "is not a directory" in capsys.readouterr().err
+    # a dangling link and an unwritable place were FileExistsError / OSError tracebacks
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    for output, message in (("link", "is not a directory"), ("file/sub", "cannot create it")):
+        assert main(["demo", "--output", str(tmp_path / output), "--config", str(CONFIG)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

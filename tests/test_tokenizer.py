@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 from pathlib import Path
@@ -231,6 +232,15 @@ def test_save_and_reload_tiny(tiny_json: Path, tmp_path: Path) -> None:
     assert again.model_max_length == 128
     for text in STREAM_TEXTS:
         assert again.encode(text) == tok.encode(text)
+
+
+def test_save_into_a_directory_named_in_another_encoding(tiny_json: Path, tmp_path: Path) -> None:
+    # tokenizers' own save() takes UTF-8 paths only: `tulu export --output` to a Latin-1
+    # directory name raised UnicodeEncodeError.
+    out = tmp_path / os.fsdecode(b"caf\xe9")
+    tok = Tokenizer.from_file(tiny_json)
+    tok.save(out)
+    assert Tokenizer.from_dir(out).encode("hello world") == tok.encode("hello world")
 
 
 @pytest.mark.parametrize("pad", ["<pad>", None])

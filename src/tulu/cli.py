@@ -285,8 +285,7 @@ def _prompts_of(
     for where, record in records:
         written = sorted(set(results) & set(record))
         if written:
-            # The result would replace them: a gold 'output' lost, in place with --output
-            # equal to --input.
+            # The result would replace them: a gold 'output' would be lost.
             raise TuluError(
                 f"{where}: field {written[0]!r} is one that generate writes "
                 f"({', '.join(sorted(results))}); rename it so that it is kept"
@@ -358,7 +357,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     prompts = _prompts_of(args, result_fields(params))
     lora_modules, lora_names = _adapters_of(args, prompts)
-    check_output(args.output)
+    check_output(args.output, inputs=[args.input] if args.input not in (None, Path("-")) else [])
     progress = None
     if args.output is not None:
         settings = _resume_settings(args, params, prompts, lora_modules)

@@ -359,7 +359,9 @@ class Tokenizer:
         out = Path(directory)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            self._backend.save(str(out / TOKENIZER_FILE))
+            # The same bytes as the backend's save(), whose path must be valid UTF-8 (a
+            # directory name in another encoding raised UnicodeEncodeError).
+            (out / TOKENIZER_FILE).write_text(self._backend.to_str(pretty=True), encoding="utf-8")
             config: dict[str, Any] = {
                 "tokenizer_class": "GPTNeoXTokenizer",
                 **self.special_tokens,

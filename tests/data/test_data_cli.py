@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -209,6 +211,29 @@ def test_convert_refuses_to_overwrite_its_input(tmp_path, capsys, link):
     assert raw.read_bytes() == before
 
 
+def test_convert_input_in_a_symlink_loop_is_one_line(tmp_path, capsys):
+    # The check that the output is not an input raised pathlib's RuntimeError on the loop.
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    args = ["data", "convert", "--source", "dolly", "--input", str(loop)]
+    assert main([*args, "--output", str(tmp_path / "out.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert f"{loop}: no such file (input of source 'dolly')" in err
+
+
+def test_convert_refuses_a_pipe_as_output(tmp_path, capsys):
+    # The records were renamed over the named pipe (over /dev/null, as root, the device).
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    raw = str(SAMPLES / "databricks-dolly-15k.jsonl")
+    assert (
+        main(["data", "convert", "--source", "dolly", "--input", raw, "--output", str(fifo)]) == 1
+    )
+    assert f"{fifo}: not a regular file" in capsys.readouterr().err
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
+
+
 @pytest.mark.parametrize("flag", ["--output", "--validation-output"])
 def test_mix_refuses_to_overwrite_an_input(tmp_path, capsys, flag):
     mine = tmp_path / "mine.jsonl"
@@ -299,6 +324,28 @@ def test_tokenize_reports_counts_and_batching(tmp_path, capsys):
         assert mode in err
     assert main(args) == 0
     assert "cache hit: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["negative seed", "output a dangling link"])
+def test_tokenize_bad_settings_are_one_line(tmp_path, capsys, case):
+    # Both were tracebacks: numpy's ValueError after the work, os.rename's NotADirectoryError.
+    from tulu.demo import corpus_text, train_tokenizer
+
+    train_tokenizer(corpus_text()).save(tmp_path / "tok")
+    records = tmp_path / "r.jsonl"
+    records.write_text(_lines(GOOD), encoding="utf-8")
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "nowhere")
+    extra = ["--seed", "-1"] if case == "negative seed" else ["--output", str(link)]
+    args = ["data", "tokenize", str(records), "--tokenizer", str(tmp_path / "tok")]
+    assert main([*args, "--workers", "1", "--cache-dir", str(tmp_path / "c"), *extra]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    expected = "--seed: expected a non-negative integer, got -1"
+    assert (
+        expected if case == "negative seed" else f"{link}: exists and is not a directory"
+    ) in err
+    assert link.is_symlink()
 
 
 def test_tokenize_bad_record_is_one_line(tmp_path, capsys):

@@ -271,3 +271,6 @@ def test_corrupt_trainer_state_and_rng_files_are_named(tmp_path: Path) -> None:
     (path / "trainer.json").write_text('{"step": 1, "scheduler": "linear"}')
     with pytest.raises(CheckpointError, match=r"trainer\.json: no scheduler state"):
         load()
+    (path / "trainer.json").write_bytes(b"\x97\xff")  # was a raw UnicodeDecodeError
+    with pytest.raises(CheckpointError, match=r"trainer\.json: unreadable trainer state"):
+        load()

@@ -246,7 +246,9 @@ def test_unusable_output_fails_before_loading(base_dir: Path, tmp_path: Path, ca
 
     a_file = tmp_path / "a-file"
     a_file.write_text("mine")
-    for output in (a_file, a_file / "sub"):
+    loop = tmp_path / "loop"  # pathlib's RuntimeError when compared with the source
+    loop.symlink_to(loop)
+    for output in (a_file, a_file / "sub", loop):
         capsys.readouterr()
         assert main(["export", str(base_dir), "--output", str(output)]) == 1
         err = capsys.readouterr().err

@@ -87,6 +87,8 @@ def test_resume_rewrites_the_file_up_to_the_resumed_step(tmp_path: Path) -> None
     logger.close()
     with (tmp_path / "metrics.jsonl").open("a") as f:
         f.write('{"step": 6, "loss"')  # torn by a kill
+    with (tmp_path / "metrics.jsonl").open("ab") as f:
+        f.write(b"\n\x97\xff\n")  # not UTF-8: a UnicodeDecodeError stopped the resume
     history = read_metrics(tmp_path / "metrics.jsonl")
     assert [e["step"] for e in history] == [1, 2, 3, 4, 5]
     resumed = MetricsLogger(

@@ -546,6 +546,8 @@ def test_max_seq_length_beyond_the_models_context(assets: Path, tmp_path: Path, 
         ("checkpoint.output_dir={blocker}/out", r"checkpoint\.output_dir: .*is not a directory"),
         ("data.train={tmp}/missing.jsonl", r"data\.train: .*missing\.jsonl is not a file"),
         ("data.validation={tmp}/missing.jsonl", r"data\.validation: .*missing\.jsonl is not a"),
+        # a validation file the run refuses before its first step passed the dry run
+        ("data.validation={blocker}", r"data\.validation: .*a-file:1: "),
         ("checkpoint.resume={tmp}/nowhere", r"checkpoint\.resume: .*nowhere: no such checkpoint"),
     ],
 )

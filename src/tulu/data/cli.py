@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from tulu.errors import DataError
+from tulu.jsonl import same_file
 
 __all__ = ["add_data_parser", "cmd_data"]
 
@@ -276,22 +276,12 @@ def _check_distinct_outputs(outputs: dict[str, Path | None]) -> None:
         seen[key] = name
 
 
-def _same_file(a: Path, b: Path) -> bool:
-    """Whether two paths name one file (through symbolic or hard links too)."""
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist (yet)
-        return False
-
-
 def _check_outputs_are_not_inputs(outputs: dict[str, Path | None], inputs: list[Path]) -> None:
     """Refuse an output at the path of an input: outputs replace their file once the inputs
     are read, so the input (a raw release, a recipe) would be lost for good."""
     for name, path in outputs.items():
         for source in inputs:
-            if path is not None and _same_file(path, source):
+            if path is not None and same_file(path, source):
                 raise DataError(
                     f"{path}: {name} would overwrite the input {source} (choose another path)"
                 )
@@ -305,6 +295,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     from tulu.data.tokenize import tokenize_records
     from tulu.tokenizer import Tokenizer
 
+    if args.seed < 0:  # numpy's generators take none, and the report comes after the work
+        raise DataError(f"--seed: expected a non-negative integer, got {args.seed}")
     tokenizer = Tokenizer.load(args.tokenizer)
     dataset = tokenize_records(
         args.file,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu.errors import DataError
+from tulu.jsonl import is_special_file
 
 __all__ = [
     "ROLES",
@@ -274,6 +275,11 @@ def check_output_path(path: str | Path) -> Path:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, expected an output file name")
+    if is_special_file(path):
+        raise DataError(
+            f"{path}: not a regular file (a device or a pipe); records replace their output "
+            "file, so name a regular file"
+        )
     if path.suffix.lower() == ".parquet":
         raise DataError(f"{path}: records are written as JSON Lines; name the file .jsonl")
     return path

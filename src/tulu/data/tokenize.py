@@ -627,7 +627,7 @@ def tokenize_records(
 
     if output_dir is not None:
         target = Path(output_dir)
-        if target.exists() and not target.is_dir():
+        if os.path.lexists(target) and not target.is_dir():  # a dangling link too
             raise DataError(f"{target}: exists and is not a directory")
         if target.is_dir() and any(target.iterdir()) and not (target / _META).is_file():
             raise DataError(

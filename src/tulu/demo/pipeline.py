@@ -17,6 +17,7 @@ refuses a directory that holds anything else.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -73,9 +74,12 @@ def _run(argv: list[str], step: str) -> None:
 
 def prepare_output(output: Path) -> None:
     """Create `output`, or clear an earlier demo's files from it; never touch anything else."""
-    if output.exists() and not output.is_dir():
+    if os.path.lexists(output) and not output.is_dir():  # a dangling link too
         raise DemoError(f"--output {output} exists and is not a directory")
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DemoError(f"--output {output}: cannot create it ({err.strerror or err})") from None
     foreign = sorted(p.name for p in output.iterdir() if p.name not in OUTPUTS)
     if foreign:
         raise DemoError(

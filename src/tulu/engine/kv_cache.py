@@ -212,6 +212,13 @@ class PagedKVCache:
             config.num_attention_heads,
             config.head_size,
         )
+        wanted = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        too_big = GenerationError(
+            f"the KV cache of {spec.num_blocks} blocks ({wanted / 2**30:.2f} GiB) does not "
+            f"fit in the free memory of {device}; ask for less (--kv-cache-gb)"
+        )
+        if wanted >= 2**63:  # beyond what torch can even size: its RuntimeError or TypeError
+            raise too_big
         try:
             self.keys = torch.zeros(shape, dtype=dtype, device=device)
             self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -221,11 +228,7 @@ class PagedKVCache:
             if not isinstance(err, torch.OutOfMemoryError) and "allocate" not in str(err):
                 raise
             self.keys = self.values = None  # type: ignore[assignment]
-            wanted = 2 * math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-            raise GenerationError(
-                f"the KV cache of {spec.num_blocks} blocks ({wanted / 2**30:.2f} GiB) does not "
-                f"fit in the free memory of {device}; ask for less (--kv-cache-gb)"
-            ) from None
+            raise too_big from None
         self.block_size = spec.block_size
         self.num_blocks = spec.num_blocks
 

@@ -305,7 +305,7 @@ def read_trainer_state(path: Path) -> dict[str, Any]:
     file = path / TRAINER_FILE
     try:
         state = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{file}: unreadable trainer state ({err})") from None
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CheckpointError(f"{file}: no global step in the trainer state")

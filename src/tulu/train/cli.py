@@ -358,6 +358,23 @@ def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
     lines.append(plan)
     if plan_problem:
         problems.append(plan_problem)
+    if tokenizer is not None and d.validation and Path(d.validation).is_file():
+        # The run tokenizes it before its first step, where a bad file stops it: check it
+        # here as the training file is (cached, so the run does not do it again).
+        from tulu.data.tokenize import tokenize_records
+
+        try:
+            tokenize_records(
+                Path(d.validation),
+                tokenizer,
+                d.max_seq_length,
+                cache_dir=d.cache_dir,
+                num_workers=d.num_workers,
+                skip_bad=d.skip_bad,
+                progress=False,
+            )
+        except TuluError as err:
+            problem(f"data: error: data.validation: {err}", f"data.validation: {err}")
     if model_config is not None:
         sizes = sorted({1, 8, world_size})
         try:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from tulu.errors import CheckpointError, ConfigError, TokenizerError
+from tulu.jsonl import same_file
 from tulu.model.checkpoint import find_weight_files, load_model, resolve_checkpoint, save_model
 from tulu.model.config import NeoXConfig, parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
@@ -99,9 +100,8 @@ def _check_vocabulary(tokenizer: Tokenizer, rows: int, model_dir: Path) -> None:
 
 
 def _check_output(output: Path, *sources: Path) -> None:
-    resolved = output.expanduser().resolve()
     for source in sources:
-        if resolved == source.resolve():
+        if same_file(output.expanduser(), source):
             raise ConfigError(
                 f"--output {output}: is the source directory {source}; export to a new one"
             )

@@ -146,10 +146,11 @@ class Throughput:
 
 # ------------------------------------------------------------------------------ the file
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The entries of a metrics.jsonl; a torn last line (a killed run) is ignored."""
+    """The entries of a metrics.jsonl; a torn last line (a killed run) is ignored, as is any
+    other line that is not an entry (bytes that are not UTF-8 included)."""
     entries = []
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        lines = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()
     except FileNotFoundError:
         return []
     for line in lines:
