@@ -361,18 +361,10 @@ def dry_run(config: Any, source: Path | str = "config") -> DryRunReport:
     if tokenizer is not None and d.validation and Path(d.validation).is_file():
         # The run tokenizes it before its first step, where a bad file stops it: check it
         # here as the training file is (cached, so the run does not do it again).
-        from tulu.data.tokenize import tokenize_records
+        from tulu.train.trainer import tokenize_data_file
 
         try:
-            tokenize_records(
-                Path(d.validation),
-                tokenizer,
-                d.max_seq_length,
-                cache_dir=d.cache_dir,
-                num_workers=d.num_workers,
-                skip_bad=d.skip_bad,
-                progress=False,
-            )
+            tokenize_data_file(Path(d.validation), tokenizer, d, progress=False)
         except TuluError as err:
             problem(f"data: error: data.validation: {err}", f"data.validation: {err}")
     if model_config is not None:
@@ -407,19 +399,10 @@ def _data_plan(config: Any, tokenizer: Any, world_size: int) -> tuple[str, str |
         plan = f"data plan: {records:,} records, about {steps:,} steps (tokenizer not on disk)"
         return plan, None
     try:
-        from tulu.data.tokenize import tokenize_records
         from tulu.train.data_loader import DataPlan
-        from tulu.train.trainer import pad_token_id
+        from tulu.train.trainer import pad_token_id, tokenize_data_file
 
-        dataset = tokenize_records(
-            path,
-            tokenizer,
-            d.max_seq_length,
-            cache_dir=d.cache_dir,
-            num_workers=d.num_workers,
-            skip_bad=d.skip_bad,
-            progress=False,
-        )
+        dataset = tokenize_data_file(path, tokenizer, d, progress=False)
         plan = DataPlan(
             dataset, config, World(world_size=world_size), pad_token_id=pad_token_id(tokenizer)
         )

@@ -131,6 +131,7 @@ __all__ = [
     "load_tokenizer",
     "micro_batch_loss",
     "model_for_training",
+    "tokenize_data_file",
     "train",
 ]
 
@@ -550,22 +551,25 @@ def _base_model(model: nn.Module) -> GPTNeoXForCausalLM:
     return get_base() if callable(get_base) else model  # type: ignore[return-value]
 
 
-def _tokenize(path: str, tokenizer: Tokenizer, config: TrainConfig, world: World) -> Any:
+def tokenize_data_file(path: str | Path, tokenizer: Tokenizer, d: Any, progress: bool) -> Any:
+    """A training or validation file tokenized with the run's data settings `d` (through the
+    cache: the dry run's check and the run share it)."""
     from tulu.data.tokenize import tokenize_records
 
-    d = config.data
-    return _rank0_first(
-        world,
-        lambda: tokenize_records(
-            path,
-            tokenizer,
-            d.max_seq_length,
-            cache_dir=d.cache_dir,
-            num_workers=d.num_workers,
-            skip_bad=d.skip_bad,
-            progress=config.logging.progress and world.is_main,
-        ),
+    return tokenize_records(
+        path,
+        tokenizer,
+        d.max_seq_length,
+        cache_dir=d.cache_dir,
+        num_workers=d.num_workers,
+        skip_bad=d.skip_bad,
+        progress=progress,
     )
+
+
+def _tokenize(path: str, tokenizer: Tokenizer, config: TrainConfig, world: World) -> Any:
+    progress = config.logging.progress and world.is_main
+    return _rank0_first(world, lambda: tokenize_data_file(path, tokenizer, config.data, progress))
 
 
 def pad_token_id(tokenizer: Tokenizer) -> int:
