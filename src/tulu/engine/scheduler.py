@@ -228,7 +228,11 @@ class Scheduler:
         # Requests whose prompt is being computed by one of their sequences: their other
         # sequences wait for it, then reuse its blocks from the prefix cache (n > 1 computes a
         # prompt once, not n times).
-        sharing = {s.request_id for s in self.running if self._leaves_blocks_to_share(s)}
+        sharing = (
+            {s.request_id for s in self.running if self._leaves_blocks_to_share(s)}
+            if self.waiting
+            else set()
+        )
         deferred: list[Sequence] = []
         while (
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
