@@ -273,8 +273,8 @@ class LLMEngine:
     def encode_prompt(self, prompt: Prompt) -> list[int]:
         """Text (used as is), token ids, or chat messages (rendered in the Tulu format).
 
-        Every id is checked against the model's vocabulary, the tokenizer's too: a tokenizer
-        with more tokens than the model has embeddings would otherwise crash the step (and
+        Every id is checked against the model's vocabulary; the tokenizer's only when it has
+        more tokens than the model has embeddings, which would otherwise crash the step (and
         every request in it) with an IndexError."""
         vocab = self.model_config.vocab_size
         if isinstance(prompt, str) or (
@@ -288,7 +288,7 @@ class LLMEngine:
             if not isinstance(prompt, str):
                 prompt = generation_prompt(list(prompt), self.tokenizer.eos_token)
             ids = self.tokenizer.encode(prompt)
-            bad = [t for t in ids if t >= vocab]
+            bad = [t for t in ids if t >= vocab] if self.tokenizer.vocab_size > vocab else []
             if bad:
                 raise GenerationError(
                     f"the tokenizer gives token id {bad[0]}, outside the model's vocabulary "
