@@ -42,7 +42,7 @@ from tulu.bench.workloads import (
     resolve_device,
     run_benchmark,
 )
-from tulu.engine.options import add_decode_path_arguments, decode_path_settings
+from tulu.engine.options import add_engine_arguments, engine_settings
 from tulu.errors import TuluError
 from tulu.jsonl import check_output, write_json
 from tulu.model.config import parse_dtype
@@ -68,9 +68,8 @@ def main() -> int:
         default=None,
         help="transformers runs the first N requests of each throughput workload (default: all)",
     )
-    add_decode_path_arguments(parser)
+    add_engine_arguments(parser, max_model_len=False)
     parser.add_argument("--single-new-tokens", type=int, default=128)
-    parser.add_argument("--kv-cache-gb", type=float, default=None)
     parser.add_argument(
         "--repeats", type=int, default=5, help="single-stream and prefill runs (median)"
     )
@@ -97,6 +96,7 @@ def main() -> int:
         check_output(out)
         dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
         default_requests = 1000 if gpu else 24
+        engine = engine_settings(args)  # the engine flags, each checked and named
         settings = BenchSettings(
             num_requests=args.num_requests if args.num_requests is not None else default_requests,
             prompt_len=128,
@@ -108,11 +108,16 @@ def main() -> int:
             prefill_tokens=2047,
             repeats=args.repeats,
             skip=frozenset(filter(None, args.skip.split(","))),
+            max_num_seqs=engine["max_num_seqs"],
+            max_num_batched_tokens=engine["max_num_batched_tokens"],
             kv_cache_gb=args.kv_cache_gb,
+            gpu_memory_fraction=engine["gpu_memory_fraction"],
+            enable_prefix_caching=engine["enable_prefix_caching"],
+            decode_attention=engine["decode_attention"],
+            cuda_graphs=engine["cuda_graphs"],
             compare_transformers=True,
             hf_batch_size=args.hf_batch_size,
             hf_num_requests=args.hf_num_requests,
-            **decode_path_settings(args),
             hf_compile=args.hf_compile,
             seed=0,
         )

@@ -21,7 +21,6 @@ its own base), and how many requests' greedy tokens agree between tulu and PEFT,
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import random
 import sys
@@ -34,7 +33,9 @@ import torch
 
 from tulu.bench.workloads import (
     add_random_model_arguments,
+    free_device_memory,
     make_requests,
+    output_rate,
     preset_config,
     random_model,
     resolve_device,
@@ -95,7 +96,7 @@ def tulu_run(llm: LLM, requests: list, names: list[str | None], device: torch.de
     sync(device)
     seconds = time.perf_counter() - start
     tokens = [o.outputs[0].token_ids for o in outputs]
-    return _figures(sum(len(t) for t in tokens), seconds) | {"tokens": tokens}
+    return output_rate(sum(len(t) for t in tokens), seconds) | {"tokens": tokens}
 
 
 def hf_run(model, requests: list, names: list[str] | None, batch_size: int, device) -> dict:
@@ -121,22 +122,7 @@ def hf_run(model, requests: list, names: list[str] | None, batch_size: int, devi
         tokens += out[:, ids.shape[1] :].tolist()
     sync(device)
     seconds = time.perf_counter() - start
-    return _figures(sum(o for _, o in requests), seconds) | {"tokens": tokens}
-
-
-def release(device: torch.device) -> None:
-    """Give a dropped engine's KV cache back to the device before the next system runs."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
-def _figures(output_tokens: int, seconds: float) -> dict:
-    return {
-        "seconds": seconds,
-        "output_tokens": output_tokens,
-        "output_tokens_per_s": output_tokens / seconds,
-    }
+    return output_rate(sum(o for _, o in requests), seconds) | {"tokens": tokens}
 
 
 def main() -> int:
@@ -191,7 +177,7 @@ def main() -> int:
             # On a GPU each engine's KV cache takes 90% of the free memory: one engine at a
             # time, or the next one gets a tenth of the cache (and transformers none).
             del plain
-            release(device)
+            free_device_memory(device)
             llm = LLM(model, None, EngineConfig(), lora_modules=dirs)
             log(f"tulu: {len(names)} adapters loaded, requests on the base")
             idle = median_run(partial(tulu_run, llm, requests, [None] * n, device), reps)
@@ -199,7 +185,7 @@ def main() -> int:
             lora = median_run(partial(tulu_run, llm, requests, mixed, device), reps)
             llm.engine.lora.remove()
             del llm
-            release(device)
+            free_device_memory(device)
             twin = transformers_twin(model)
             batch = args.hf_batch_size
             log("transformers: base model only")

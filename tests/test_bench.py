@@ -403,6 +403,10 @@ BAD = [
     (["--hf-num-requests", "0"], "--hf-num-requests"),
     (["--kv-cache-gb", "0"], "--kv-cache-gb"),
     (["--kv-cache-gb", "nan"], "--kv-cache-gb"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
+    (["--max-num-batched-tokens", "8", "--max-num-seqs", "16"], "--max-num-batched-tokens (8)"),
+    (["--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),
+    (["--gpu-memory-utilization", "nan"], "--gpu-memory-utilization"),
     (["--skip", "single,bogus"], "--skip"),
     (["--prompt-len", "2000", "--output-len", "100"], "--output-len 100"),
     (["--prompt-len", "100", "--single-new-tokens", "2000"], "--single-new-tokens 2000"),
@@ -488,6 +492,28 @@ def test_output_is_a_directory(tmp_path: Path, capsys) -> None:
     rc, _out, err = run(capsys, "bench", *TINY, *SMALL, "--output", tmp_path)
     assert rc == 1
     assert "--output" in error_line(err)
+
+
+def test_cli_engine_flags_reach_the_engine(tmp_path: Path, capsys, monkeypatch) -> None:
+    """vLLM's engine flags size the benchmarked engine as they size `tulu serve`'s."""
+    configs: list[EngineConfig] = []
+    real_init = LLM.__init__
+
+    def recording_init(self, model, tokenizer, config, *args, **kwargs):
+        configs.append(config)
+        real_init(self, model, tokenizer, config, *args, **kwargs)
+
+    monkeypatch.setattr(LLM, "__init__", recording_init)
+    out_file = tmp_path / "bench.json"
+    argv = ["bench", *TINY, *SMALL, "--max-num-seqs", "4", "--max-num-batched-tokens", "24"]
+    argv += ["--gpu-memory-utilization", "0.5", "--no-enable-prefix-caching"]
+    rc, _out, err = run(capsys, *argv, "--output", out_file)
+    assert rc == 0, err
+    (config,) = configs
+    assert (config.max_num_seqs, config.max_num_batched_tokens) == (4, 24)
+    assert config.gpu_memory_fraction == 0.5 and config.enable_prefix_caching is False
+    settings = json.loads(out_file.read_text())["settings"]
+    assert settings["max_num_batched_tokens"] == 24 and settings["enable_prefix_caching"] is False
 
 
 def test_cli_decode_attention_sdpa_runs_the_fast_path(tmp_path: Path, capsys) -> None:
@@ -586,6 +612,8 @@ GENERATION_BAD = [
     (["--mixed-requests", "-1"], "--mixed-requests must be a positive integer"),
     (["--skip", "bogus"], "--skip: unknown workload 'bogus'"),
     (["--single-new-tokens", "5000"], "exceed the model's context window"),
+    (["--max-num-batched-tokens", "100"], "must be at least --max-num-seqs (256)"),
+    (["--gpu-memory-utilization", "0"], "--gpu-memory-utilization must be in (0, 1]"),
 ]
 
 
@@ -789,3 +817,49 @@ def test_lora_script_runs_one_engine_at_a_time(tmp_path, monkeypatch, capsys) ->
         runpy.run_path(str(BENCHMARKS / "lora.py"), run_name="__main__")
     assert exit_.value.code == 0
     assert alive == [0, 0, 0]
+
+
+PARALLEL_BAD = [
+    (["--n", "0"], "--n must be a positive integer"),
+    (["--num-prompts", "-1"], "--num-prompts must be a positive integer"),
+    (["--repeats", "0"], "--repeats must be a positive integer"),
+    (["--prompt-len", "2000", "--output-len", "100"], "--prompt-len + --output-len = 2100 exceeds"),
+    (["--output", "."], "--output .: is a directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), PARALLEL_BAD, ids=[" ".join(e) for e, _ in PARALLEL_BAD]
+)
+def test_parallel_sampling_script_refuses_bad_settings_at_once(
+    extra, message, monkeypatch, capsys
+) -> None:
+    work = (workloads, "random_model")
+    argv = ["--preset", "pythia-14m", *extra]
+    code, err = run_script("parallel_sampling.py", argv, monkeypatch, capsys, work)
+    assert code in (1, 2) and "Traceback" not in err
+    assert f"parallel_sampling.py: error: {message}" in err
+
+
+def test_parallel_sampling_script_computes_each_prompt_once(tmp_path, monkeypatch, capsys) -> None:
+    """A small run end to end: with prefix caching each prompt's full blocks are computed by
+    one sample only (the siblings compute the partial last block), without it by every sample;
+    both engines draw the same seeded tokens."""
+    pytest.importorskip("transformers")
+    import runpy
+
+    out = tmp_path / "p.json"
+    argv = ["--preset", "pythia-14m", "--layers", "1", "--num-prompts", "2", "--n", "3"]
+    argv += ["--prompt-len", "40", "--output-len", "3", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["parallel_sampling.py", *argv, "--output", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCHMARKS / "parallel_sampling.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    results = json.loads(out.read_text())
+    assert results["same_tokens_with_and_without_prefix_caching"] is True
+    # 40 tokens = 2 full blocks of 16 + 8: the first sample computes 40, each sibling 8.
+    assert results["tulu"]["prompt_tokens_computed"] == 2 * (40 + 8 + 8)
+    assert results["tulu_no_prefix_caching"]["prompt_tokens_computed"] == 2 * 3 * 40
+    for key in ("tulu", "tulu_no_prefix_caching", "transformers"):
+        assert results[key]["output_tokens"] == 2 * 3 * 3
+    assert "sharing / no prefix caching" in capsys.readouterr().out

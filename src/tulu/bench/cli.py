@@ -18,7 +18,7 @@ from tulu.errors import TuluError
 if TYPE_CHECKING:
     from tulu.bench.workloads import BenchSettings
 
-from tulu.engine.options import add_decode_path_arguments, decode_path_settings
+from tulu.engine.options import add_engine_arguments, engine_settings
 
 __all__ = ["add_bench_parser", "cmd_bench"]
 
@@ -85,19 +85,7 @@ def add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="single-stream and prefill runs, the median is reported (default: %(default)s)",
     )
     b.add_argument("--skip", default="", help=f"comma list of workloads to skip: {WORKLOAD_NAMES}")
-    b.add_argument(
-        "--max-num-seqs",
-        type=int,
-        default=256,
-        help="sequences decoded together (default: %(default)s)",
-    )
-    b.add_argument(
-        "--kv-cache-gb",
-        type=float,
-        default=None,
-        help="KV-cache size (default: 90%% of free GPU memory; 16 contexts on CPU)",
-    )
-    add_decode_path_arguments(b)
+    add_engine_arguments(b, max_model_len=False)
     b.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     b.add_argument(
         "--dtype", help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)"
@@ -133,6 +121,7 @@ def settings_from_args(args: argparse.Namespace, gpu: bool) -> BenchSettings:
     from tulu.bench.workloads import BenchSettings
 
     num_requests = args.num_requests if args.num_requests is not None else (1000 if gpu else 16)
+    engine = engine_settings(args)  # checks the engine flags, naming each
     return BenchSettings(
         num_requests=num_requests,
         prompt_len=args.prompt_len,
@@ -142,9 +131,13 @@ def settings_from_args(args: argparse.Namespace, gpu: bool) -> BenchSettings:
         prefill_tokens=args.prefill_tokens,
         repeats=args.repeats,
         skip=frozenset(filter(None, (s.strip() for s in args.skip.split(",")))),
-        max_num_seqs=args.max_num_seqs,
+        max_num_seqs=engine["max_num_seqs"],
+        max_num_batched_tokens=engine["max_num_batched_tokens"],
         kv_cache_gb=args.kv_cache_gb,
-        **decode_path_settings(args),
+        gpu_memory_fraction=engine["gpu_memory_fraction"],
+        enable_prefix_caching=engine["enable_prefix_caching"],
+        decode_attention=engine["decode_attention"],
+        cuda_graphs=engine["cuda_graphs"],
         compare_transformers=args.compare_transformers,
         hf_batch_size=args.hf_batch_size,
         hf_num_requests=args.hf_num_requests,

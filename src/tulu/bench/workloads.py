@@ -51,6 +51,7 @@ from typing import Any
 import torch
 
 from tulu.engine.engine import LLM, EngineConfig, RequestOutput
+from tulu.engine.options import check_gpu_memory_utilization, check_token_budget
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import ConfigError, GenerationError, TuluError
 from tulu.model.config import NeoXConfig, dtype_name, preset
@@ -102,6 +103,7 @@ FLAGS = {
     "prefill_tokens": "--prefill-tokens",
     "repeats": "--repeats",
     "max_num_seqs": "--max-num-seqs",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
     "hf_batch_size": "--hf-batch-size",
     "hf_num_requests": "--hf-num-requests",
 }
@@ -122,7 +124,10 @@ class BenchSettings:
     repeats: int = 3  # single-stream and prefill runs; the median is reported
     skip: frozenset[str] = field(default_factory=frozenset)
     max_num_seqs: int = 256
-    kv_cache_gb: float | None = None  # None: the engine's default sizing
+    max_num_batched_tokens: int | None = None  # None: the engine's default (8192 GPU, 2048 CPU)
+    kv_cache_gb: float | None = None  # None: gpu_memory_fraction of free memory (GPU)
+    gpu_memory_fraction: float = 0.9  # EngineConfig.gpu_memory_fraction
+    enable_prefix_caching: bool = True
     decode_attention: str = "loop"  # EngineConfig.decode_attention
     cuda_graphs: bool | None = None  # EngineConfig.cuda_graphs (None: on where supported)
     compare_transformers: bool = False
@@ -160,12 +165,14 @@ def check_settings(settings: BenchSettings, config: NeoXConfig) -> None:
         _positive(name, getattr(settings, name))
     for name in ("max_num_seqs", "hf_batch_size"):
         _positive(name, getattr(settings, name))
-    for name in ("mixed_requests", "prefill_tokens", "hf_num_requests"):
+    for name in ("mixed_requests", "prefill_tokens", "hf_num_requests", "max_num_batched_tokens"):
         if getattr(settings, name) is not None:
             _positive(name, getattr(settings, name))
     gb = settings.kv_cache_gb
     if gb is not None and not (isinstance(gb, (int, float)) and math.isfinite(gb) and gb > 0):
         raise TuluError(f"--kv-cache-gb must be a positive number, got {gb!r}")
+    check_gpu_memory_utilization(settings.gpu_memory_fraction)
+    check_token_budget(settings.max_num_batched_tokens, settings.max_num_seqs)
     unknown = sorted(set(settings.skip) - set(WORKLOADS))
     if unknown:
         raise TuluError(f"--skip: unknown workload {unknown[0]!r} (known: {', '.join(WORKLOADS)})")
@@ -597,11 +604,22 @@ def _measure(work: _Workload, single: Callable, throughput: Callable) -> dict[st
     return throughput(work.requests)
 
 
-def _free(device: torch.device) -> None:
+def free_device_memory(device: torch.device) -> None:
+    """Give a dropped engine's KV cache (or model) back to the device before the next system
+    is measured: on a GPU an engine's cache takes most of the free memory."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+
+
+def output_rate(output_tokens: int, seconds: float) -> dict[str, float]:
+    """A run's output tokens, wall time and output tokens/s."""
+    return {
+        "seconds": seconds,
+        "output_tokens": output_tokens,
+        "output_tokens_per_s": output_tokens / seconds,
+    }
 
 
 def _run_tulu(
@@ -625,7 +643,10 @@ def _run_tulu(
             tokenizer,
             EngineConfig(
                 kv_cache_bytes=int(gb * 2**30) if gb else None,
+                gpu_memory_fraction=settings.gpu_memory_fraction,
                 max_num_seqs=settings.max_num_seqs,
+                max_num_batched_tokens=settings.max_num_batched_tokens,
+                enable_prefix_caching=settings.enable_prefix_caching,
                 decode_attention=settings.decode_attention,
                 cuda_graphs=settings.cuda_graphs,
             ),
@@ -713,11 +734,11 @@ def run_benchmark(
         report()
 
     # ---- tulu (its engine, and the KV cache it holds, are gone when this returns)
-    _free(device)
+    free_device_memory(device)
     engine_info = _run_tulu(model, tokenizer, settings, plan, say, tulu_measured)
     for key, figures in engine_info.pop("figures").items():
         workloads[key]["tulu"] = figures
-    _free(device)
+    free_device_memory(device)
 
     # ---- transformers, on the same requests (throughput: the first hf_num_requests)
     theirs = transformers_twin(model) if settings.compare_transformers else None

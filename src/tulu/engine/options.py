@@ -97,38 +97,49 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_model_len: bool
 
 def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The `EngineConfig` fields of the options of `add_engine_arguments`, each checked and
-    a bad one named by its flag before the model loads (minutes for a 6.9B model)."""
+    a bad one named by its flag before the model loads (minutes for a 6.9B model). A command
+    without a --max-model-len of any kind leaves the engine's default (the context window)."""
+    max_model_len = getattr(args, "max_model_len", None)
     for flag, value in (
         ("--max-num-seqs", args.max_num_seqs),
         ("--max-num-batched-tokens", args.max_num_batched_tokens),
-        ("--max-model-len", args.max_model_len),
+        ("--max-model-len", max_model_len),
     ):
         if value is not None and value < 1:
             raise TuluError(f"{flag} must be >= 1, got {value}")
-    budget = args.max_num_batched_tokens
-    if budget is not None and budget < args.max_num_seqs:
-        # As vLLM refuses it: each running sequence decodes one token per step, so a smaller
-        # budget leaves sequences waiting on every step.
-        raise TuluError(
-            f"--max-num-batched-tokens ({budget}) must be at least --max-num-seqs "
-            f"({args.max_num_seqs}): every running sequence takes one token of each step"
-        )
+    check_token_budget(args.max_num_batched_tokens, args.max_num_seqs)
     # argparse's float() takes "nan" and "inf", which pass or fail comparisons wrongly.
     gb = args.kv_cache_gb
     if gb is not None and not (math.isfinite(gb) and gb > 0):
         raise TuluError(f"--kv-cache-gb must be a finite number > 0, got {gb}")
     fraction = args.gpu_memory_utilization
-    if not 0 < fraction <= 1:  # False for NaN too
-        raise TuluError(f"--gpu-memory-utilization must be in (0, 1], got {fraction}")
+    check_gpu_memory_utilization(fraction)
     return {
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
-        "max_model_len": args.max_model_len,
+        "max_model_len": max_model_len,
         "kv_cache_bytes": int(gb * 2**30) if gb is not None else None,
         "gpu_memory_fraction": fraction,
         "enable_prefix_caching": args.enable_prefix_caching,
         **decode_path_settings(args),
     }
+
+
+def check_token_budget(budget: int | None, max_num_seqs: int) -> None:
+    """Refuse a --max-num-batched-tokens below --max-num-seqs, as vLLM does: each running
+    sequence decodes one token per step, so a smaller budget leaves sequences waiting on
+    every step."""
+    if budget is not None and budget < max_num_seqs:
+        raise TuluError(
+            f"--max-num-batched-tokens ({budget}) must be at least --max-num-seqs "
+            f"({max_num_seqs}): every running sequence takes one token of each step"
+        )
+
+
+def check_gpu_memory_utilization(fraction: float) -> None:
+    """Refuse a --gpu-memory-utilization outside (0, 1] (NaN included)."""
+    if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
+        raise TuluError(f"--gpu-memory-utilization must be in (0, 1], got {fraction}")
 
 
 def named_by_flags(err: GenerationError) -> TuluError:
