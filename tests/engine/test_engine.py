@@ -739,6 +739,50 @@ def test_cumulative_text_never_shows_part_of_a_stop_string(
     assert not problems, problems
 
 
+def _tokenizer_with_a_token_ending_inside_a_character():
+    """Byte-level BPE over the 256 byte symbols plus one merge, " " + the first byte of "é"
+    (GPT-NeoX has such tokens): a token whose text ends inside a character."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from tulu.tokenizer import Tokenizer
+
+    vocab = {"<|endoftext|>": 0}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    vocab["ĠÃ"] = len(vocab)
+    backend = Backend(models.BPE(vocab=vocab, merges=[("Ġ", "Ã")]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(["<|endoftext|>"])
+    return Tokenizer(backend, source="<test BPE>"), vocab["ĠÃ"]
+
+
+def test_a_stop_string_found_in_the_text_released_at_the_end_is_a_stop(
+    scripted_model, make_table, make_engine, drain
+):
+    """The last token is " " plus half of "é": its text is held back until the end, where
+    it completes the stop string " ". The text is cut there, so the completion stopped, as
+    the reference generator says (the engine said "length" with no stop reason)."""
+    tok, partial = _tokenizer_with_a_token_ending_inside_a_character()
+    prompt, out = tok.encode("Hi"), tok.encode("ab") + [partial]
+    table = make_table({len(prompt) - 1 + i: t for i, t in enumerate(out)}, vocab_size=320)
+    model = scripted_model(table)
+    params = SamplingParams(temperature=0.0, max_tokens=3, stop=[" "])
+    engine = make_engine(model, tok)
+    engine.add_request(prompt, params, request_id="s")
+    final = drain(engine)["s"][-1].outputs[0]
+    want = generate_ids(model, prompt, params, tokenizer=tok)
+    assert (want.token_ids, want.text, want.finish_reason, want.stop_reason) == (
+        out,
+        "ab",
+        "stop",
+        " ",
+    )
+    assert (final.token_ids, final.text) == (out, "ab")
+    assert (final.finish_reason, final.stop_reason) == ("stop", " ")
+
+
 def test_text_and_chat_prompts(tok_model, demo_tokenizer, make_llm):
     tok = demo_tokenizer
     llm = make_llm(tok_model, tok)

@@ -671,6 +671,11 @@ class LLMEngine:
         if seq.output is not None:
             completion.delta_text += seq.output.finish()
             completion.text = seq.output.text
+            if finish == "length" and seq.output.stopped_by is not None:
+                # The text held back for an incomplete character, released at the end,
+                # completed a stop string: the text is cut there, so it stopped (as the
+                # reference generator reports it).
+                finish, reason = "stop", seq.output.stopped_by
         seq.finish_reason, seq.stop_reason = finish, reason
         completion.finish_reason, completion.stop_reason = finish, reason
         self.scheduler.remove(seq)
