@@ -862,6 +862,27 @@ def test_malformed_json_says_where_and_names_no_param(server, path):
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/completions", {"prompt": 5}, "prompt"),
+        ("/completions", {"prompt": [1.5]}, "prompt"),
+        ("/completions", {"prompt": "Hi", "stop": 5}, "stop"),
+        (
+            "/chat/completions",
+            {"messages": [{"role": "user", "content": None}]},
+            "messages.0.content",
+        ),
+    ],
+)
+def test_a_wrong_type_for_a_union_field_names_the_field(server, path, body, param):
+    """pydantic locates an error of a union field in the member that failed
+    ("prompt.list[int].0"); `param` was "prompt.str", which names no request field."""
+    response = httpx.post(f"{server.base_url}{path}", json=body, headers=server.headers)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param, response.text
+
+
+@pytest.mark.parametrize(
     ("path", "body"),
     [
         ("/completions", b'{"model": "tiny", "prompt": "cut \\ud83d", "max_tokens": 1}'),

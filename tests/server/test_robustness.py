@@ -899,6 +899,25 @@ def test_metrics_report_requests_tokens_latencies_and_the_engine(new_server, slo
     assert samples["tulu_requests_in_flight"][()] == 0
 
 
+def test_metrics_leave_out_requests_the_engine_refused(new_server):
+    """A request admitted and then refused by the engine (it needs more KV cache than the
+    whole pool holds: a 400) processed no token; its prompt tokens and an end-to-end latency
+    were counted all the same, as if it had been served."""
+    block_bytes = 16 * 2 * 2 * 64 * 4  # tokens x (K, V) x layers x hidden x float32
+    server = new_server(engine_config=EngineConfig(kv_cache_bytes=4 * block_bytes))
+    with httpx.Client(base_url=server.url, timeout=WAIT) as client:
+        refused = client.post("/v1/completions", json={"prompt": [5] * 100, "max_tokens": 1})
+        assert refused.status_code == 400, refused.text
+        assert "KV cache" in refused.json()["error"]["message"]
+        served = client.post("/v1/completions", json={"prompt": [5] * 10, "max_tokens": 2})
+        assert served.status_code == 200, served.text
+    server.wait_idle()
+    samples = scrape(server.url)
+    assert samples["tulu_prompt_tokens_total"][()] == 10
+    assert samples["tulu_e2e_request_latency_seconds_count"][()] == 1
+    assert samples["tulu_generation_tokens_total"][()] == 2
+
+
 def test_inter_token_latency_of_n_choices_is_per_sequence(new_server, slow_model):
     """The n choices of one request each get a token per engine step: the time between a
     choice's tokens is the step time, not the step time divided by n."""

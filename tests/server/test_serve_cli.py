@@ -293,6 +293,29 @@ def test_non_finite_or_non_positive_sizes_and_timeouts_are_refused(
     assert "loaded" not in err  # refused before the model was loaded
 
 
+def test_a_kv_cache_smaller_than_one_request_is_refused(checkpoint, capsys, monkeypatch):
+    """--kv-cache-gb 0.0001 (6 blocks, 96 tokens) served a model whose /v1/models and /info
+    advertised a window of CONTEXT tokens, and answered every request longer than 96 tokens
+    with a 400; vLLM refuses to start so, naming the flags to change."""
+    from server.conftest import record_started_apps
+    from tulu.cli import main
+    from tulu.server import launch
+
+    def no_serving(config):
+        raise AssertionError("a KV cache of 96 tokens was accepted: the server started")
+
+    monkeypatch.setattr(launch, "_graceful_server", no_serving)
+    flags = ["--kv-cache-gb", "0.0001", "--port", str(free_port())]
+    assert main(["serve", str(checkpoint), *flags]) == 1
+    err = capsys.readouterr().err
+    assert "the KV cache holds 96 tokens (6 blocks of 16)" in err, err
+    assert f"--max-model-len {CONTEXT} needs ({CONTEXT - 1})" in err, err
+    # With the window lowered to what the cache holds, it serves.
+    apps = record_started_apps(monkeypatch)
+    assert main(["serve", str(checkpoint), *flags, "--max-model-len", "97"]) == 0
+    assert apps[0].state.service.max_model_len == 97
+
+
 def test_request_timeout_inf_means_no_timeout(checkpoint, monkeypatch, make_server) -> None:
     """`--request-timeout inf` is how one asks for no timeout; it worked before the finite
     check, which refused it."""

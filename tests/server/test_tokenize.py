@@ -113,3 +113,18 @@ def test_the_api_key_is_required(server) -> None:
     reply = post(server, "/tokenize", {"prompt": "x"}, key=None)
     assert reply.status_code == 401
     assert "API key" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/tokenize", "/detokenize"])
+@pytest.mark.parametrize("content_type", [None, "application/x-www-form-urlencoded"])
+def test_json_without_a_json_content_type_says_so(server, path, content_type) -> None:
+    """`curl -d '{...}'` sends a form's Content-Type: /tokenize (whose body is a plain dict,
+    told apart by `messages`) answered "body: Input should be a valid dictionary" instead of
+    naming the header, as every other route does."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    if content_type:
+        headers["Content-Type"] = content_type
+    body = b'{"prompt": "Hi"}' if path == "/tokenize" else b'{"tokens": [1]}'
+    reply = httpx.post(f"{server.url}{path}", content=body, headers=headers, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert "Content-Type: application/json" in reply.json()["error"]["message"], reply.text

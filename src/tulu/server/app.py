@@ -57,6 +57,21 @@ def error_response(
     return JSONResponse(body, status_code=status)
 
 
+#: Names pydantic puts in an error's location for the member of a union that failed
+#: ("prompt.list[int].0"); none is a field of a request.
+_UNION_MEMBERS = frozenset({"str", "int", "float", "bool", "dict", "list", "none", "bytes"})
+
+
+def _field_of(loc: list[str]) -> str | None:
+    """The request field an error location names: up to the union member, if any
+    (``prompt.list[int].0`` is an error in the field ``prompt``)."""
+    for depth, part in enumerate(loc):
+        if "[" in part or part in _UNION_MEMBERS:
+            loc = loc[:depth]
+            break
+    return ".".join(loc) or None
+
+
 def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
     parts, param = [], None
     for item in err.errors():
@@ -69,15 +84,20 @@ def _validation_message(err: RequestValidationError) -> tuple[str, str | None]:
             reason = item.get("ctx", {}).get("error", item.get("msg"))
             parts.append(f"the request body is not valid JSON{at} ({reason})")
             continue
-        if kind == "model_attributes_type" and not loc and isinstance(item.get("input"), bytes):
+        if (
+            kind in ("model_attributes_type", "dict_type")
+            and not loc
+            and isinstance(item.get("input"), bytes)
+        ):
             # FastAPI parses the body as JSON only when the Content-Type says so; otherwise
-            # the object gets the raw bytes (`curl -d` sends a form's Content-Type).
+            # the object (a model, or /tokenize's plain dict) gets the raw bytes (`curl -d`
+            # sends a form's Content-Type).
             parts.append(
                 "the request body was not read as JSON: send it with "
                 "'Content-Type: application/json'"
             )
             continue
-        param = param or (where or None)
+        param = param or _field_of(loc)
         if kind == "missing" and not loc:
             parts.append("the request body is empty; a JSON object is required")
         elif kind == "extra_forbidden":

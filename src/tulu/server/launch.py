@@ -14,8 +14,12 @@ import math
 import os
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from tulu.errors import GenerationError, TuluError
+
+if TYPE_CHECKING:
+    from tulu.engine.engine import LLMEngine
 
 log = logging.getLogger("tulu.server")
 
@@ -76,6 +80,7 @@ def serve(args: argparse.Namespace) -> None:
         )
     except GenerationError as err:
         raise named_by_flags(err) from None
+    check_cache_holds_a_request(engine)
     if lora_modules:
         log.info(
             "LoRA adapters (unmerged): %s", ", ".join(f"{n}={p}" for n, p in lora_modules.items())
@@ -119,6 +124,24 @@ def serve(args: argparse.Namespace) -> None:
         timeout_graceful_shutdown=args.drain_timeout,
     )
     _graceful_server(config).run(sockets=[sock])
+
+
+def check_cache_holds_a_request(engine: LLMEngine) -> None:
+    """Refuse a KV cache too small for one request of the window the server advertises.
+
+    /v1/models and /info report `max_model_len`, and clients budget prompt + max_tokens
+    against it; with a smaller cache every such request would be a 400 ("the whole cache
+    holds ..."). vLLM refuses to start in this case too. The last token needs no KV slot.
+    """
+    capacity = engine.pool.num_blocks * engine.pool.block_size
+    needed = engine.max_model_len - 1
+    if capacity < needed:
+        raise TuluError(
+            f"the KV cache holds {capacity} tokens ({engine.pool.num_blocks} blocks of "
+            f"{engine.pool.block_size}), fewer than one request of --max-model-len "
+            f"{engine.max_model_len} needs ({needed}); raise --kv-cache-gb (or "
+            "--gpu-memory-utilization) or lower --max-model-len"
+        )
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -152,6 +152,7 @@ class GenerationService:
         started = time.monotonic()
         last_token_at: float | None = None
         generated = 0
+        finished = False  # only finished requests count their prompt and end-to-end latency
         watcher = None
         gone = asyncio.Event()
         consumer = asyncio.current_task()
@@ -193,6 +194,7 @@ class GenerationService:
                             self.metrics.inter_token_latency.observe(gap)
                     last_token_at = now
                     generated += new
+                finished = output.finished
                 yield output
         finally:
             await stream.aclose()  # aborts the request if it had not finished
@@ -200,9 +202,10 @@ class GenerationService:
                 watcher.cancel()
             self.in_flight -= 1
             self.metrics.in_flight.dec()
-            self.metrics.prompt_tokens.inc(len(prompt_ids))
             self.metrics.generation_tokens.inc(generated)
-            self.metrics.e2e_latency.observe(time.monotonic() - started)
+            if finished:  # not a request the engine refused (400), nor one cut short
+                self.metrics.prompt_tokens.inc(len(prompt_ids))
+                self.metrics.e2e_latency.observe(time.monotonic() - started)
 
     async def run_to_end(
         self,
