@@ -30,6 +30,7 @@ from typing import Any
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as _Backend
 
+from tulu.chat_template import CHAT_TEMPLATE
 from tulu.errors import TokenizerError
 from tulu.hub import looks_like_hub_id, snapshot
 
@@ -354,7 +355,9 @@ class Tokenizer:
 
         The files load in `transformers.AutoTokenizer` with the same special tokens and ids.
         Every special-token field is written, null included: transformers' GPTNeoXTokenizer
-        would otherwise fill a missing pad_token with its own default.
+        would otherwise fill a missing pad_token with its own default. The config carries the
+        Tulu format as its ``chat_template`` (`tulu.chat_template`), so transformers, vLLM and
+        TGI prompt the saved model the way tulu does.
         """
         out = Path(directory)
         try:
@@ -369,6 +372,7 @@ class Tokenizer:
                 "add_eos_token": False,
                 "add_prefix_space": False,
                 "clean_up_tokenization_spaces": False,
+                "chat_template": CHAT_TEMPLATE,
             }
             if self.model_max_length is not None:
                 config["model_max_length"] = self.model_max_length
