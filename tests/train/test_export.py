@@ -41,19 +41,20 @@ IDS = torch.randint(0, 320, (2, 10), generator=torch.Generator().manual_seed(4))
 TEXT = "Hello tulu, export the world!"
 
 
-def tiny_tokenizer() -> Tokenizer:
-    """A byte-level BPE (GPT-NeoX's kind) of 300 ids, trained on a few words in milliseconds."""
+def tiny_tokenizer(eos_token: str | None = None) -> Tokenizer:
+    """A byte-level BPE (GPT-NeoX's kind) of 300 ids, trained on a few words in milliseconds;
+    `eos_token` adds that special token (id 1) as EOS, instead of <|endoftext|> (id 0)."""
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<|endoftext|>"],
+        special_tokens=["<|endoftext|>", *([eos_token] if eos_token else [])],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     backend.train_from_iterator([TEXT, "hello world", "tulu exports models"] * 4, trainer)
-    return Tokenizer(backend, pad_token="<|endoftext|>")
+    return Tokenizer(backend, eos_token=eos_token, pad_token="<|endoftext|>")
 
 
 @pytest.fixture
@@ -323,6 +324,21 @@ def test_tokenizer_larger_than_the_vocabulary_is_refused(base_dir: Path, tmp_pat
     with pytest.raises(TokenizerError, match=r"321 ids but the model .*base.* has 320"):
         export_checkpoint(base_dir, tmp_path / "out", merge_lora=False, tokenizer=big)
     assert not (tmp_path / "out").exists()
+
+
+def test_generation_config_stops_at_the_tokenizers_eos(base_dir: Path, tmp_path: Path) -> None:
+    """tulu stops at the tokenizer's EOS and the chat template ends turns with it; the
+    generation_config.json that transformers' generate (and vLLM, TGI) stop at said the
+    model config's id instead, so a model exported with a tokenizer whose EOS is another
+    token ran on past every assistant turn outside tulu."""
+    with_end = tiny_tokenizer(eos_token="<|end|>")
+    config_eos = json.loads((base_dir / "config.json").read_text())["eos_token_id"]
+    assert with_end.eos_token_id == 1 != config_eos
+    out = export_checkpoint(base_dir, tmp_path / "out", merge_lora=False, tokenizer=with_end)
+    generation = transformers.GenerationConfig.from_pretrained(out)
+    assert generation.eos_token_id == 1
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token_id == 1
+    assert (generation.bos_token_id, generation.pad_token_id) == (0, 0)
 
 
 def test_a_run_directory_points_at_what_it_can_export(tmp_path: Path) -> None:

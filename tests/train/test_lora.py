@@ -21,7 +21,14 @@ from tulu.errors import CheckpointError, ConfigError
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.checkpoint import load_model, save_model
 from tulu.train.config import LoraConfig
-from tulu.train.lora import apply_lora, load_adapter, lora_targets, merge_lora, save_adapter
+from tulu.train.lora import (
+    adapter_base,
+    apply_lora,
+    load_adapter,
+    lora_targets,
+    merge_lora,
+    save_adapter,
+)
 
 peft = pytest.importorskip("peft")
 
@@ -147,6 +154,58 @@ def test_save_keeps_a_hub_id_and_restores_the_live_config(
     assert config["base_model_name_or_path"] == "EleutherAI/pythia-70m"
     live = adapted.peft_config[adapted.active_adapter]
     assert live.task_type is None  # our wrapper stays the plain PeftModel
+
+
+def test_the_base_revision_is_saved_and_loaded_as_peft_does(
+    adapted: nn.Module, tmp_path: Path, monkeypatch
+) -> None:
+    """An adapter of a hub base at a revision (Pythia's intermediate steps are branches such
+    as ``step3000``) records it in PEFT's ``revision`` field and its base is fetched at that
+    revision, as `AutoPeftModelForCausalLM` does; the revision was dropped on both sides, so
+    the adapter was merged into the ``main`` weights, a different model, without an error."""
+    remote = {
+        rev: save_model(build_model(TINY, seed=seed), tmp_path / "remote" / rev)
+        for rev, seed in (("main", 5), ("step3000", 6))
+    }
+    fetched: list[tuple[str, str | None]] = []
+
+    def snapshot(repo_id, *, revision, allow_patterns, error):
+        fetched.append((repo_id, revision))
+        return remote[revision or "main"]
+
+    monkeypatch.setattr("tulu.model.checkpoint.snapshot", snapshot)
+    directory = save_adapter(
+        adapted, tmp_path / "a", base_model_path="org/pythia", base_model_revision="step3000"
+    )
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == ("org/pythia", "step3000")
+    assert peft.PeftConfig.from_pretrained(str(directory)).revision == "step3000"
+    assert adapted.peft_config[adapted.active_adapter].revision is None  # restored
+
+    assert adapter_base(directory) == remote["step3000"]
+    assert fetched == [("org/pythia", "step3000")]
+    merged = merge_lora(load_adapter(load_model(adapter_base(directory)), directory))
+    expected = merge_lora(load_adapter(load_model(remote["step3000"]), directory))
+    torch.testing.assert_close(logits(merged.eval()), logits(expected.eval()), rtol=0, atol=0)
+
+    # apply_lora records it too; a revision of a local base would be ignored: refused.
+    model = apply_lora(
+        build_model(TINY), LORA, base_model_path="org/pythia", base_model_revision="v1"
+    )
+    assert (
+        json.loads((save_adapter(model, tmp_path / "b") / "adapter_config.json").read_text())[
+            "revision"
+        ]
+        == "v1"
+    )
+    config.update(base_model_name_or_path=str(remote["main"]))
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"adapter_config.json: .*revision 'step3000'"):
+        adapter_base(directory)
+    config.update(base_model_name_or_path="org/pythia", revision=3000)
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="revision must be a string"):
+        adapter_base(directory)
 
 
 def test_merge_gives_a_plain_model_with_the_same_logits(adapted: nn.Module) -> None:

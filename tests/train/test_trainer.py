@@ -484,6 +484,38 @@ def test_lora_run_exports_adapter_and_merged_model(assets: Path, tmp_path: Path)
         torch.testing.assert_close(from_step, merged(ids), rtol=0, atol=0)
 
 
+def test_lora_run_from_a_hub_revision_records_it_in_the_adapter(
+    assets: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """A LoRA run on ``model.path`` = a hub id at ``model.revision`` writes PEFT's
+    ``revision`` beside ``base_model_name_or_path``: without it the adapter named the hub id
+    alone, and its base was fetched (and merged) at ``main``, a different model."""
+    pytest.importorskip("peft")
+    from tulu.model.checkpoint import save_model
+    from tulu.train.lora import adapter_base
+
+    config = build_model_config(make_config(assets, tmp_path), Tokenizer.load(assets / "tokenizer"))
+    remote = save_model(GPTNeoXForCausalLM(config), tmp_path / "remote-step3")
+    fetched: list[tuple[str, str | None]] = []
+
+    def snapshot(repo_id, *, revision, allow_patterns, error):
+        fetched.append((repo_id, revision))
+        return remote
+
+    monkeypatch.setattr("tulu.model.checkpoint.snapshot", snapshot)
+    data = config_data(
+        assets, tmp_path / "out", "lora.enabled=true", "lora.r=4", "optim.max_steps=1"
+    )
+    data["model"].pop("config")
+    data["model"].update(path="org/base", revision="step3")
+    data["logging"].update(tensorboard=False, plot=False)
+    result = train(parse_train_config(data))
+    adapter = json.loads((result.adapter_dir / "adapter_config.json").read_text())
+    assert (adapter["base_model_name_or_path"], adapter["revision"]) == ("org/base", "step3")
+    assert set(fetched) == {("org/base", "step3")}
+    assert adapter_base(result.adapter_dir) == remote
+
+
 # ------------------------------------------------------------------------------ command line
 def test_dry_run_prints_plan_and_memory(assets: Path, tmp_path: Path, capsys) -> None:
     path = write_config(tmp_path / "c.yaml", config_data(assets, tmp_path / "out"))

@@ -459,8 +459,13 @@ def save_model(
     config = config.with_(torch_dtype=dtype_name(stored_dtype))
     config.save(out)
     generation = {"bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id}
-    if tokenizer is not None and tokenizer.pad_token_id is not None:
-        generation["pad_token_id"] = tokenizer.pad_token_id
+    if tokenizer is not None:
+        # tulu stops generating at the tokenizer's EOS, and the saved chat template ends each
+        # turn with it; transformers' generate stops at this file's. A tokenizer whose EOS is
+        # not the config's id (`tulu export --tokenizer`) would run on past every turn there.
+        for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, key) is not None:
+                generation[key] = getattr(tokenizer, key)
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     for stale in [*out.glob("model*.safetensors"), out / SAFE_INDEX]:

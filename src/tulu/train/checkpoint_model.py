@@ -117,7 +117,12 @@ def load_checkpoint_model(path: str | Path, tokenizer: Tokenizer | None = None) 
     if lora:
         from tulu.train.lora import apply_lora
 
-        target = apply_lora(model, config.lora, base_model_path=config.model.path)
+        target = apply_lora(
+            model,
+            config.lora,
+            base_model_path=config.model.path,
+            base_model_revision=config.model.revision,
+        )
     state = get_train_state(target)
     check_model_tensors(state_dir, state["model"])
     load_sharded(state, state_dir)

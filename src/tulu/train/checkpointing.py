@@ -432,11 +432,21 @@ def export_final(
             if config.lora.enabled:
                 from tulu.train.lora import apply_lora, merge_lora, save_adapter
 
-                peft_model = apply_lora(net, config.lora, base_model_path=config.model.path)
+                peft_model = apply_lora(
+                    net,
+                    config.lora,
+                    base_model_path=config.model.path,
+                    base_model_revision=config.model.revision,
+                )
                 peft_model.load_state_dict(state, strict=True)
                 tmp = root / f"{TMP_PREFIX}{FINAL_ADAPTER_DIR}"
                 shutil.rmtree(tmp, ignore_errors=True)
-                save_adapter(peft_model, tmp, base_model_path=config.model.path)
+                save_adapter(
+                    peft_model,
+                    tmp,
+                    base_model_path=config.model.path,
+                    base_model_revision=config.model.revision,
+                )
                 tokenizer.save(tmp)
                 written["adapter"] = _replace_dir(tmp, root / FINAL_ADAPTER_DIR)
                 net = merge_lora(peft_model)

@@ -109,12 +109,14 @@ def apply_lora(
     config: LoraConfig,
     *,
     base_model_path: str | os.PathLike | None = None,
+    base_model_revision: str | None = None,
 ) -> Any:
     """Wrap `model` in a `peft.PeftModel` with LoRA adapters on `config.target_modules`.
 
     The base weights are frozen (only ``lora_A``/``lora_B`` train); the model is modified in
-    place. `base_model_path` (the checkpoint the model was loaded from) is written to
-    adapter_config.json as ``base_model_name_or_path`` when the adapter is saved.
+    place. `base_model_path` (the checkpoint the model was loaded from) and, for a hub id,
+    `base_model_revision` (the revision it was loaded at) are written to adapter_config.json
+    as ``base_model_name_or_path`` and ``revision`` when the adapter is saved.
 
     A base on the meta device (the trainer's FSDP load, which fills it in after sharding) gets
     adapters with real values all the same: PEFT sees zero-memory CPU placeholders of the
@@ -141,6 +143,7 @@ def apply_lora(
     # Set afterwards: get_peft_model replaces it with the model's `name_or_path` attribute
     # (a transformers convention we do not carry), warning that it did.
     _active_config(peft_model).base_model_name_or_path = _base_path(base_model_path)
+    _active_config(peft_model).revision = base_model_revision
     return peft_model
 
 
@@ -195,24 +198,28 @@ def save_adapter(
     directory: str | os.PathLike,
     *,
     base_model_path: str | os.PathLike | None = None,
+    base_model_revision: str | None = None,
 ) -> Path:
     """Write the active adapter in PEFT's format (adapter_config.json +
     adapter_model.safetensors) so that `peft.PeftModel.from_pretrained` loads it onto
-    transformers' GPTNeoXForCausalLM as well as onto ours (`load_adapter`)."""
+    transformers' GPTNeoXForCausalLM as well as onto ours (`load_adapter`). A given
+    `base_model_path` replaces the base recorded by `apply_lora`, with its
+    `base_model_revision`."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = _active_config(peft_model)
-    saved = (config.task_type, config.base_model_name_or_path)
+    saved = (config.task_type, config.base_model_name_or_path, config.revision)
     config.task_type = SAVED_TASK_TYPE
     if base_model_path is not None:
         config.base_model_name_or_path = _base_path(base_model_path)
+        config.revision = base_model_revision
     try:
         # save_embedding_layers="auto" would compare vocab sizes through the config class's
         # `from_pretrained` (a transformers API) and may query the hub; we never resize or
         # adapt embeddings, so there is nothing to save beyond the adapters.
         peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     finally:
-        config.task_type, config.base_model_name_or_path = saved
+        config.task_type, config.base_model_name_or_path, config.revision = saved
     if not (out / ADAPTER_WEIGHTS).is_file():  # pragma: no cover - PEFT contract
         raise CheckpointError(f"{out}: PEFT did not write {ADAPTER_WEIGHTS}")
     return out
@@ -250,9 +257,21 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
 def adapter_base(directory: str | os.PathLike) -> Path:
     """The base checkpoint of the adapter in `directory`, from its adapter_config.json's
     ``base_model_name_or_path``: as written (a path from the current directory, or a hub id),
-    or a path relative to the adapter directory."""
+    or a path relative to the adapter directory.
+
+    A hub id is fetched at PEFT's ``revision`` field when set, as `AutoPeftModelForCausalLM`
+    does: an adapter trained on an intermediate Pythia checkpoint (``revision: step3000``)
+    merged into the ``main`` weights would be a different model, with no error.
+    """
     adapter_dir = Path(directory)
-    base = read_adapter_config(adapter_dir).get("base_model_name_or_path")
+    adapter_config = read_adapter_config(adapter_dir)
+    base = adapter_config.get("base_model_name_or_path")
+    revision = adapter_config.get("revision")
+    if revision is not None and not isinstance(revision, str):
+        raise CheckpointError(
+            f"{adapter_dir / ADAPTER_CONFIG}: revision must be a string (a branch, tag or "
+            f"commit of the base model), got {revision!r}"
+        )
     if not base:
         raise CheckpointError(
             f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path is empty; it must name "
@@ -260,16 +279,22 @@ def adapter_base(directory: str | os.PathLike) -> Path:
         )
     base = str(base)
     beside = adapter_dir / base
-    if not Path(base).expanduser().is_dir() and not Path(base).is_absolute() and beside.is_dir():
-        return beside
-    from tulu.model.checkpoint import resolve_checkpoint
+    from tulu.model.checkpoint import refuse_local_revision, resolve_checkpoint
 
+    fields = "base_model_name_or_path" + (f" (revision {revision!r})" if revision else "")
     try:
-        return resolve_checkpoint(base)
+        if (
+            not Path(base).expanduser().is_dir()
+            and not Path(base).is_absolute()
+            and beside.is_dir()
+        ):
+            refuse_local_revision(beside, revision or None)
+            return beside
+        return resolve_checkpoint(base, revision or None)
     except CheckpointError as err:  # e.g. an absolute path from the machine it was trained on
         raise CheckpointError(
-            f"{adapter_dir / ADAPTER_CONFIG}: base_model_name_or_path: {err}; set it to the "
-            "base checkpoint the adapter was trained on"
+            f"{adapter_dir / ADAPTER_CONFIG}: {fields}: {err}; set it to the base checkpoint "
+            "the adapter was trained on"
         ) from None
 
 

@@ -456,7 +456,12 @@ def model_for_training(
     if config.lora.enabled:
         from tulu.train.lora import apply_lora
 
-        model = apply_lora(model, config.lora, base_model_path=config.model.path)
+        model = apply_lora(
+            model,
+            config.lora,
+            base_model_path=config.model.path,
+            base_model_revision=config.model.revision,
+        )
     model = prepare_model(model, world, config)
     if fill is not None:
         fill(model)
