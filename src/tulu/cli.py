@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tulu import __version__
+from tulu.dependency_noise import quiet_dependency_noise
 from tulu.engine.options import add_engine_arguments, named_by_flags
 from tulu.errors import GenerationError, TuluError
 
@@ -698,6 +699,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
+    quiet_dependency_noise()
     try:
         return COMMANDS[args.command](args)
     except TuluError as err:

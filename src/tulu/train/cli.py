@@ -141,8 +141,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m tulu.train CONFIG [KEY=VALUE ...] [--dry-run]`` (the torchrun entry)."""
+    from tulu.dependency_noise import quiet_dependency_noise
     from tulu.errors import TuluError
 
+    quiet_dependency_noise()
     parser = argparse.ArgumentParser(prog="python -m tulu.train", description="tulu train")
     _add_train_arguments(parser)
     args = parser.parse_intermixed_args(argv)  # KEY=VALUE may follow --dry-run
