@@ -110,6 +110,20 @@ def test_convert_several_inputs_keeps_ids_unique(tmp_path, capsys):
     assert "5 train + 0 validation records" in capsys.readouterr().err
 
 
+def test_convert_inputs_sharing_a_stem_get_distinct_ids(tmp_path, capsys):
+    files = []
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "cot.jsonl").write_text(
+            _lines({"inputs": f"q{folder}", "targets": folder}), encoding="utf-8"
+        )
+        files += ["--input", str(tmp_path / folder / "cot.jsonl")]
+    out = tmp_path / "out.jsonl"
+    assert main(["data", "convert", "--source", "cot", *files, "--output", str(out)]) == 0
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert ids == ["cot_0", "cot_0@cot", "cot_0@cot.2"]
+
+
 def test_convert_unknown_source(tmp_path, capsys):
     code = main(
         ["data", "convert", "--source", "nope", "--input", "x", "--output", str(tmp_path / "o")]

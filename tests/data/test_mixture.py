@@ -111,6 +111,21 @@ def test_dedup_by_content_and_id_and_renaming_across_files(tmp_path):
     assert any("made unique as id@file" in note for note in result.notes)
 
 
+def test_files_sharing_a_stem_keep_distinct_ids(tmp_path):
+    # a/x.jsonl, b/x.jsonl and c/x.jsonl all number from a_0: the third one's a_0 must not
+    # take the second one's renamed id (and be dropped as its duplicate).
+    for folder in "abc":
+        (tmp_path / folder).mkdir()
+        _write(tmp_path / folder / "x.jsonl", [_record("a", 0, f"text from {folder}")])
+    recipe = load_recipe(
+        _recipe(tmp_path, "sources:\n  - {name: x, path: [a/x.jsonl, b/x.jsonl, c/x.jsonl]}\n")
+    )
+    result = build_mixture(recipe, tmp_path / "mix.jsonl")
+    records = _read(tmp_path / "mix.jsonl")
+    assert sorted(r["id"] for r in records) == ["a_0", "a_0@x", "a_0@x.2"]
+    assert result.sources[0].duplicates == 0
+
+
 def test_dedup_can_be_turned_off(tmp_path):
     _write(tmp_path / "a.jsonl", [_record("a", 0)] * 3)
     recipe = load_recipe(_recipe(tmp_path, "dedup: []\nsources:\n  - {path: a.jsonl}\n"))

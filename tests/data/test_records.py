@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import json
 import os
 
@@ -153,6 +154,20 @@ def test_json_array_reader_truncated_file(tmp_path):
     assert bad.counts == {"truncated JSON": 1}
 
 
+def test_json_array_reader_skips_only_an_element_with_a_raw_control_character(tmp_path):
+    # A literal tab inside a string breaks that element only, as it breaks one JSON Lines line;
+    # the elements after it are still read, so the bad count is the real loss.
+    path = tmp_path / "a.json"
+    path.write_text('[{"x": "ok"},\n{"x": "a\tb"},\n{"x": "fine"},\n{"x": "c\x00"}]', "utf-8")
+    with pytest.raises(BadRecord, match=r"a\.json:2: invalid JSON \(Invalid control character"):
+        list(iter_json_array(path, BadInput()))
+    bad = BadInput(skip_bad=True)
+    items = list(iter_json_array(path, bad))
+    assert [(where.rsplit(":", 1)[1], v["x"]) for where, v in items] == [("1", "ok"), ("3", "fine")]
+    assert bad.counts == {"invalid JSON": 2}
+    assert bad.examples["invalid JSON"] == [f"{path}:2", f"{path}:4"]
+
+
 def test_json_array_reader_skips_elements_with_bad_bytes(tmp_path):
     path = tmp_path / "a.json"
     path.write_bytes(b'[{"x": "ok"},\n{"x": "\xff"},\n{"x": "fine"}]')
@@ -216,6 +231,19 @@ def test_missing_file_and_directory_are_clear(tmp_path):
         list(iter_jsonl(tmp_path / "nope.jsonl", BadInput()))
     with pytest.raises(DataError, match="is a directory"):
         list(iter_jsonl(tmp_path, BadInput()))
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
+def test_a_compressed_file_is_named_as_such_even_when_skipping(tmp_path, compress):
+    # Read as lines, its bytes would be "not valid UTF-8" by the random chunk, and --skip-bad
+    # would turn the whole file into zero records.
+    module = importlib.import_module(compress)
+    records = "".join(json.dumps(dict(GOOD, id=f"mine_{i}")) + "\n" for i in range(50))
+    path = tmp_path / "r.jsonl.gz"
+    path.write_bytes(module.compress(records.encode()))
+    for reader in (iter_jsonl, iter_json_array, iter_records):
+        with pytest.raises(DataError, match=r"r\.jsonl\.gz: is a \w+-compressed file"):
+            list(reader(path, BadInput(skip_bad=True)))
 
 
 def test_iter_records_validates_jsonl(tmp_path):

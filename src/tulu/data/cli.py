@@ -147,7 +147,7 @@ def _convert_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from tulu.data.records import BadInput, ConversionReport, write_records
+    from tulu.data.records import BadInput, ConversionReport, renamed_ids, write_records
     from tulu.data.sources import convert_source, get_converter
 
     get_converter(args.source)  # an unknown source fails before anything is read
@@ -164,11 +164,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
         owners: dict[str, int] = {}
         for number, path in enumerate(args.input):
             for record in convert_source(args.source, path, report, options):
-                if len(args.input) > 1:
-                    if owners.setdefault(record["id"], number) != number:
-                        record["id"] = f"{record['id']}@{path.stem}"
-                        owners.setdefault(record["id"], number)
-                        renamed += 1
+                if len(args.input) > 1 and owners.setdefault(record["id"], number) != number:
+                    for candidate in renamed_ids(record["id"], path.stem):
+                        if owners.setdefault(candidate, number) == number:
+                            break
+                    record["id"] = candidate
+                    renamed += 1
                 yield record
 
     write_records(records(), args.output)

@@ -38,6 +38,7 @@ from tulu.data.records import (
     ConversionReport,
     OptionError,
     check_output_path,
+    renamed_ids,
     write_records,
 )
 from tulu.data.sources import convert_source
@@ -120,9 +121,12 @@ def _spool_source(
                     key = _digest(record["id"])
                     owner = seen_ids.get(key)
                     if owner is not None and owner != file_key:
-                        record["id"] = f"{record['id']}@{path.stem}"
-                        key = _digest(record["id"])
-                        owner = seen_ids.get(key)
+                        for candidate in renamed_ids(record["id"], path.stem):
+                            key = _digest(candidate)
+                            owner = seen_ids.get(key)
+                            if owner is None or owner == file_key:
+                                break
+                        record["id"] = candidate
                         spool.renamed_ids += owner is None
                     if owner is not None:
                         spool.duplicate_ids += 1

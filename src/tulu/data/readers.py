@@ -60,14 +60,44 @@ def _message(err: json.JSONDecodeError) -> str:
     return err.msg.removesuffix(" at")
 
 
+#: Leading bytes of compressed files -> format name. No JSON text or Parquet file starts
+#: with any of them, so a match is never a false alarm.
+_COMPRESSED = {
+    b"\x1f\x8b": "gzip",
+    b"BZh": "bzip2",
+    b"\xfd7zXZ\x00": "xz",
+    b"\x28\xb5\x2f\xfd": "zstd",
+    b"PK\x03\x04": "zip",
+}
+
+
 def open_binary(path: Path):
-    """Open `path` for reading bytes, turning OS errors into a `DataError` naming the file."""
+    """Open `path` for reading bytes, turning OS errors into a `DataError` naming the file.
+
+    A compressed file (``data.jsonl.gz``) is refused here, for every reader and for the
+    tokenize cache: read line by line it would only give one "not valid UTF-8" per random
+    chunk of bytes, which says nothing about the cause and, with ``--skip-bad``, converts the
+    file to zero records.
+    """
     try:
         if path.is_dir():
             raise DataError(f"{path}: is a directory, expected a file")
-        return open(path, "rb")
+        handle = open(path, "rb")
     except OSError as err:
         raise DataError(f"{path}: cannot open ({err.strerror})") from None
+    try:
+        head = handle.peek(6)[:6]  # peek, not read + seek: a pipe cannot seek back
+    except OSError as err:
+        handle.close()
+        raise DataError(f"{path}: cannot read ({err.strerror})") from None
+    for magic, name in _COMPRESSED.items():
+        if head.startswith(magic):
+            handle.close()
+            raise DataError(
+                f"{path}: is a {name}-compressed file; decompress it first (the data commands "
+                "read plain JSON Lines, JSON arrays and Parquet)"
+            )
+    return handle
 
 
 #: What `parse_jsonl_line` returns for a blank line (a line reading ``null`` is a value).
@@ -121,10 +151,10 @@ def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
 def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", element)`` for each element of a file holding one JSON array.
 
-    The line is where the element starts. Elements containing bytes that are not UTF-8 are
-    reported as bad and skipped; a syntax error (e.g. a truncated file) is reported at its line
-    and column, and with ``skip_bad`` the rest of the file, which cannot be parsed, is counted as
-    one bad item.
+    The line is where the element starts. Elements containing bytes that are not UTF-8 or a
+    raw control character in a string are reported as bad and skipped; any other syntax error
+    (e.g. a truncated file) is reported at its line and column, and with ``skip_bad`` the rest
+    of the file, which cannot be parsed, is counted as one bad item.
     """
     path = Path(path)
     with open_binary(path) as handle:
@@ -161,15 +191,18 @@ def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, An
             return
         except json.JSONDecodeError as err:
             bad(syntax_error(err.pos, _message(err), _syntax_kind(err, len(text.rstrip()))))
-            return
+            end = _end_despite_control_characters(err, text, pos)
+            if end is None:
+                return
         except ValueError:  # where the element ends is unknown: the rest is one bad item
             bad(BadRecord(f"{path}:{line_of(pos)}", "invalid JSON", _too_long()))
             return
-        where = f"{path}:{line_of(pos)}"
-        if _NOT_UTF8.search(text, pos, end):
-            bad(BadRecord(where, "not UTF-8", "contains bytes that are not valid UTF-8"))
         else:
-            yield where, value
+            where = f"{path}:{line_of(pos)}"
+            if _NOT_UTF8.search(text, pos, end):
+                bad(BadRecord(where, "not UTF-8", "contains bytes that are not valid UTF-8"))
+            else:
+                yield where, value
         pos = _WHITESPACE.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
             pos = _WHITESPACE.match(text, pos + 1).end()
@@ -182,6 +215,26 @@ def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, An
         kind = "truncated JSON" if pos >= len(text) else "invalid JSON"
         bad(syntax_error(pos, "expected ',' or ']' after an element", kind))
         return
+
+
+def _end_despite_control_characters(err: json.JSONDecodeError, text: str, pos: int) -> int | None:
+    """Where the element at `pos` ends when its only fault is a raw control character (a
+    literal tab or NUL inside a string), else None.
+
+    Such an element is bad, as the same line of a JSON Lines file is, but its end is still
+    known; without this, one literal tab would cost every later element of the array while
+    being counted as a single bad item.
+    """
+    if not err.msg.startswith("Invalid control character"):
+        return None
+    try:
+        return _LENIENT.raw_decode(text, pos)[1]
+    except (ValueError, RecursionError):
+        return None
+
+
+#: Accepts control characters in strings; used only to find the end of a bad element.
+_LENIENT = json.JSONDecoder(strict=False)
 
 
 def iter_parquet(path: str | Path) -> Iterator[tuple[str, Any]]:

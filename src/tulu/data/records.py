@@ -19,11 +19,12 @@ conversations with a system turn) are counted too, by `ConversionReport.drop`.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "check_record",
     "creation_mode",
     "make_record",
+    "renamed_ids",
     "string_field",
     "type_name",
     "write_records",
@@ -264,6 +266,19 @@ def _check_utf8(text: str, where: str, at: str) -> None:
 def make_record(dataset: str, record_id: str, messages: list[dict[str, str]]) -> dict[str, Any]:
     """A record in the canonical key order (dataset, id, messages)."""
     return {"dataset": dataset, "id": record_id, "messages": messages}
+
+
+def renamed_ids(record_id: str, stem: str) -> Iterator[str]:
+    """The ids to try, in order, for a record whose id an earlier input file already used.
+
+    ``{id}@{stem}`` first; files in different folders can share a stem (``a/cot.jsonl``,
+    ``b/cot.jsonl``), so when that is taken by another file too, ``{id}@{stem}.2``, ``.3``, ...
+    Without the numbered fallback the third file's record would get the second's id: written
+    twice by `convert`, or dropped as a duplicate by `mix` although its content differs.
+    """
+    yield f"{record_id}@{stem}"
+    for number in itertools.count(2):
+        yield f"{record_id}@{stem}.{number}"
 
 
 def check_output_path(path: str | Path) -> Path:
