@@ -428,6 +428,38 @@ def test_a_checkpoint_past_a_lowered_max_steps_is_refused(assets: Path, tmp_path
     assert not (out / "final").exists()
 
 
+@pytest.mark.parametrize(
+    "changed",
+    [
+        ("optim.global_batch_size=16",),  # 12 micro-batches: 3 steps per epoch with 5 or 4
+        ("seed=4",),  # another order of the same examples
+        ("data.padding_order=sorted",),
+    ],
+)
+def test_resuming_into_another_data_plan_is_refused(
+    assets: Path, tmp_path: Path, changed: tuple[str, ...]
+) -> None:
+    """Only the steps per epoch were compared: a checkpoint after step 1 of 3 (micro-batches
+    0-4) resumed with global_batch_size 16, which also gives 3 steps per epoch, trained
+    micro-batch 4 again in step 2 (4-7); a new seed or padding order re-shuffled the rest of
+    the epoch, training some examples twice and others never, all silently."""
+    base = (
+        "optim.global_batch_size=20",
+        "checkpoint.every_steps=1",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+    )
+    out = tmp_path / "run"
+    train(make_config(assets, out, *base, "optim.max_steps=1"))
+    with pytest.raises(CheckpointError, match=r"step-000001: .*different data plan"):
+        train(make_config(assets, out, *base, "optim.max_steps=2", *changed))
+    assert not (out / "step-000002").exists()
+    # A different micro-batch size gives the same steps with padding in random order: allowed.
+    result = train(make_config(assets, out, *base, "optim.max_steps=2", "optim.micro_batch_size=2"))
+    assert result.resumed_from == out / "step-000001" and result.final_step == 2
+
+
 # ------------------------------------------------------------------------------ divergence
 def test_nan_loss_stops_at_the_step_and_keeps_the_last_checkpoint(
     assets: Path, tmp_path: Path

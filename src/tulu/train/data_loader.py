@@ -35,6 +35,7 @@ A position in the plan is a `DataPosition` (epoch, step in epoch) of the *next* 
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -244,6 +245,27 @@ class DataPlan:
         """Epochs done after `completed_steps` steps, as a fraction (1.5 = half-way through
         the second epoch), as transformers logs it."""
         return completed_steps / self.steps_per_epoch
+
+    def fingerprint(self) -> str:
+        """sha256 of what each step of epoch 0 trains on: its examples in order (with packing,
+        its rows of examples). A resumed run picks up at a step number, so it continues the
+        checkpoint's run only if its steps hold the same examples: a new seed, padding order,
+        global batch size or data change them (often without changing the steps per epoch).
+        A micro-batch size that splits the same steps differently leaves it unchanged."""
+        digest = hashlib.sha256()
+        plan = self._epoch_plan(0)
+        for start in range(0, len(plan), self.micro_per_step):
+            step = plan[start : start + self.micro_per_step]
+            if self.mode == "padding":  # a row is an example: the step's examples in order
+                rows = [np.concatenate(step).astype(np.int64)]
+            else:
+                rows = [
+                    np.asarray(row, dtype=np.int64) for micro_batch in step for row in micro_batch
+                ]
+            digest.update(np.int64(len(rows)).tobytes())  # step boundaries
+            for row in rows:
+                digest.update(np.int64(len(row)).tobytes() + row.tobytes())
+        return digest.hexdigest()
 
     def summary(self) -> dict[str, int | str]:
         return {

@@ -621,6 +621,7 @@ class _Run:
         self.pad_id = pad_token_id(self.tokenizer)
         train_set = _tokenize(config.data.train, self.tokenizer, config, world)
         self.plan = DataPlan(train_set, config, world, pad_token_id=self.pad_id)
+        self.plan_fingerprint = self.plan.fingerprint()
         self.validation = None
         if config.data.validation:
             val_set = _tokenize(config.data.validation, self.tokenizer, config, world)
@@ -656,6 +657,14 @@ class _Run:
                     "batching or batch sizes changed); resume with the same settings or set "
                     "checkpoint.resume: never"
                 )
+            if state.get("plan", self.plan_fingerprint) != self.plan_fingerprint:
+                raise CheckpointError(
+                    f"{path}: the checkpoint's run had a different data plan: its steps held "
+                    "other examples (seed, data.padding_order, data.batching, "
+                    "optim.global_batch_size or the data changed), so resuming at step "
+                    f"{restored.step} would train some examples twice and skip others; resume "
+                    "with the checkpoint's settings or set checkpoint.resume: never"
+                )
             if restored.step > self.plan.total_steps:
                 # Resuming would run no step and export a model trained past this run's end.
                 raise CheckpointError(
@@ -689,6 +698,7 @@ class _Run:
             "scheduler": _plain(self.scheduler.state_dict()),
             "elapsed": self._elapsed(),
             "steps_per_epoch": self.plan.steps_per_epoch,
+            "plan": self.plan_fingerprint,  # refused on resume if it differs
             "total_steps": self.plan.total_steps,
             "world_size": self.world.world_size,
             "loss": loss,
