@@ -108,6 +108,29 @@ def test_keep_last_prunes_the_oldest(tmp_path: Path) -> None:
     ]
 
 
+def test_a_kill_while_pruning_leaves_nothing_the_next_start_keeps(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Deleting an old checkpoint (tens of GB for 6.9B) takes a while. A run killed during it
+    left a half-deleted step-* directory that no start ever removed (it is no checkpoint any
+    more, and only .tmp-* leftovers were cleaned); now the directory is renamed to .tmp-*
+    before it is deleted."""
+    import tulu.train.checkpointing as checkpointing
+
+    config = make_config(tmp_path, keep_last=1)
+    root = Path(config.checkpoint.output_dir)
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    one_step(model, optimizer, 0)
+    save(config, 2, model, optimizer)
+    # Killed before any deletion completes: every rmtree of the save does nothing.
+    monkeypatch.setattr(checkpointing.shutil, "rmtree", lambda *args, **kwargs: None)
+    save(config, 4, model, optimizer)
+    monkeypatch.undo()
+    remove_stale_temps(root)  # what the next start does
+    assert sorted(p.name for p in root.iterdir()) == ["step-000004"]
+
+
 def test_resave_of_the_same_step_replaces_it(tmp_path: Path) -> None:
     """The new checkpoint takes the name; the old one (a run saves each step once, so it is
     an abandoned run's) is moved aside like the abandoned run's later ones."""

@@ -269,8 +269,12 @@ def _prune(root: Path, keep_last: int, step: int) -> None:
         if s > step:
             _set_aside(root, path)
     for path in [path for s, path in found if s <= step][:-keep_last]:
-        (path / TRAINER_FILE).unlink(missing_ok=True)  # incomplete from here on
-        shutil.rmtree(path, ignore_errors=True)
+        # Renamed first (atomic), then deleted: a run killed while deleting tens of GB leaves
+        # a .tmp-* directory, which the next start removes, not a half-deleted step-*.
+        doomed = path.with_name(f"{TMP_PREFIX}pruned-{path.name}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _set_aside(root: Path, path: Path) -> None:
