@@ -276,6 +276,41 @@ def test_answers_cached_under_another_window_are_not_reused(checkpoint, tmp_path
     assert sent[2] == 0  # the same window again: every answer from the cache
 
 
+def test_tgi_answers_cached_under_another_input_limit_are_not_reused(checkpoint, tmp_path, capsys):
+    """TGI's max_input_tokens also decides which prompts are skipped (empty answers): a server
+    restarted with a larger one must be asked again, not answered from the smaller one's run."""
+    from tulu.cli import main
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.model.checkpoint import save_model
+
+    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
+    data = write_eval_data(tmp_path / "data")
+    info = {"max_total_tokens": 2048}
+    recorder = _Recorder()
+
+    def do_get(handler) -> None:  # /info: the same window, the input limit set per run
+        handler._send(info)
+
+    recorder.RequestHandlerClass.do_GET = do_get
+    threading.Thread(target=recorder.serve_forever, args=(0.05,), daemon=True).start()
+    sent = []
+    try:
+        for max_input in (400, 2047, 2047):
+            info["max_input_tokens"] = max_input
+            recorder.payloads.clear()
+            args = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
+            args += ["--task", "bbh_cot", "--max-examples", "1", "--output", str(tmp_path / "o")]
+            args += ["--api-base", recorder.url, "--api-style", "tgi"]
+            assert main(args) == 0, capsys.readouterr().err
+            sent.append(len(recorder.payloads))
+    finally:
+        recorder.shutdown()
+        recorder.server_close()
+    assert sent[0] == 0  # every prompt longer than 400 input tokens: empty answers, cached
+    assert sent[1] > 0  # a larger input limit: asked again
+    assert sent[2] == 0  # the same limits again: every answer from the cache
+
+
 def test_tulu_eval_engine_options(checkpoint, tmp_path, capsys, monkeypatch):
     """The in-process engine takes the engine flags; --max-model-len caps its window (more
     prompts out of reach), and answers cached under the model's own window are not reused."""

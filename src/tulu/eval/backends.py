@@ -424,6 +424,13 @@ class TGIBackend:
             self._max_input = _window(max_input, self._window - 1)
         return self._window
 
+    def max_input_tokens(self) -> int:
+        """The longest prompt the server takes (``/info``'s, else the window minus one):
+        longer ones are not sent, so it belongs in the cache key like the window."""
+        self.window()
+        assert self._max_input is not None  # set by window()
+        return self._max_input
+
     def _map(self, payloads: list[dict[str, Any]]) -> list[Any]:
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(self._post, payloads))

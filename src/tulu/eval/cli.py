@@ -176,11 +176,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tokenizer, backend, identity = _backend(args)
     ctx.tokenizer = tokenizer
     if args.api_base:  # asked once; prompts and max_tokens are fitted to it
+        from tulu.eval.backends import TGIBackend
+
         ctx.context_window = backend.window()
         print(f"{args.api_base}: context window of {ctx.context_window} tokens", file=sys.stderr)
         # The window decides which prompts are skipped and how many tokens each may get, so
         # answers cached under another window (another --max-model-len) are not reused.
         identity = {**identity, "window": ctx.context_window}
+        if isinstance(backend, TGIBackend):  # TGI also skips prompts over max_input_tokens
+            identity["max_input"] = backend.max_input_tokens()
     else:
         ctx.context_window = backend.context_window
     ctx.backend = CachedBackend(backend, args.output / "cache.jsonl", identity)
