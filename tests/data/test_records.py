@@ -234,15 +234,44 @@ def test_missing_file_and_directory_are_clear(tmp_path):
 
 
 @pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
-def test_a_compressed_file_is_named_as_such_even_when_skipping(tmp_path, compress):
-    # Read as lines, its bytes would be "not valid UTF-8" by the random chunk, and --skip-bad
-    # would turn the whole file into zero records.
+def test_a_compressed_file_reads_as_the_plain_one(tmp_path, compress):
+    """Releases ship compressed (OASST1's trees are .jsonl.gz): read as raw lines its bytes
+    were "not valid UTF-8" by the random chunk, and --skip-bad turned it into zero records."""
     module = importlib.import_module(compress)
-    records = "".join(json.dumps(dict(GOOD, id=f"mine_{i}")) + "\n" for i in range(50))
-    path = tmp_path / "r.jsonl.gz"
-    path.write_bytes(module.compress(records.encode()))
+    records = [dict(GOOD, id=f"mine_{i}") for i in range(50)]
+    lines = "".join(json.dumps(r) + "\n" for r in records).encode()
+    (tmp_path / "r.jsonl.z").write_bytes(module.compress(lines))
+    (tmp_path / "a.json.z").write_bytes(module.compress(json.dumps(records).encode()))
+    for reader, name in ((iter_jsonl, "r.jsonl.z"), (iter_records, "r.jsonl.z")):
+        items = list(reader(tmp_path / name, BadInput()))
+        assert [value["id"] for _, value in items] == [r["id"] for r in records]
+        assert items[-1][0] == f"{tmp_path / name}:50"  # lines of the decompressed text
+    assert len(list(iter_json_array(tmp_path / "a.json.z", BadInput()))) == 50
+
+
+@pytest.mark.parametrize("compress", ["gzip", "bz2", "lzma"])
+def test_a_truncated_compressed_file_is_named_even_when_skipping(tmp_path, compress):
+    module = importlib.import_module(compress)
+    lines = "".join(json.dumps(dict(GOOD, id=f"mine_{i}")) + "\n" for i in range(500))
+    path = tmp_path / "r.jsonl.z"
+    path.write_bytes(module.compress(lines.encode())[:-40])
     for reader in (iter_jsonl, iter_json_array, iter_records):
-        with pytest.raises(DataError, match=r"r\.jsonl\.gz: is a \w+-compressed file"):
+        with pytest.raises(DataError, match=r"r\.jsonl\.z: corrupt or truncated \w+ data"):
+            list(reader(path, BadInput(skip_bad=True)))
+
+
+@pytest.mark.parametrize("kind", ["zstd", "zip"])
+def test_zstd_and_zip_files_are_named_as_such(tmp_path, kind):
+    path = tmp_path / "r.jsonl"
+    if kind == "zip":
+        import zipfile
+
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("r.jsonl", json.dumps(GOOD) + "\n")
+    else:  # a zstd frame's magic number, then anything
+        path.write_bytes(b"\x28\xb5\x2f\xfd" + b"\x00" * 32)
+    for reader in (iter_jsonl, iter_json_array, iter_records):
+        with pytest.raises(DataError, match=rf"r\.jsonl: is a {kind}-compressed file"):
             list(reader(path, BadInput(skip_bad=True)))
 
 

@@ -355,6 +355,17 @@ def test_parquet_gives_the_same_dataset(tmp_path, tiny, corpus) -> None:
     assert bin_files(a.directory) == bin_files(b.directory)
 
 
+def test_gzip_file_gives_the_same_dataset(tmp_path, tiny, corpus) -> None:
+    import gzip
+
+    jsonl = write_jsonl(tmp_path / "data.jsonl", corpus[:50])
+    packed = tmp_path / "data.jsonl.gz"
+    packed.write_bytes(gzip.compress(jsonl.read_bytes()))
+    a = tokenize_records(packed, tiny, 40, cache_dir=tmp_path / "a", progress=True)
+    b = tokenize_records(jsonl, tiny, 40, cache_dir=tmp_path / "b", progress=False)
+    assert bin_files(a.directory) == bin_files(b.directory)
+
+
 def test_empty_file(tmp_path, tiny) -> None:
     (tmp_path / "empty.jsonl").write_text("")
     ds = tokenize_records(tmp_path / "empty.jsonl", tiny, 16, cache_dir=tmp_path, progress=False)

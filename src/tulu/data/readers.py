@@ -13,9 +13,14 @@ raises by default or counts and moves on with ``--skip-bad``.
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
 import json
+import lzma
 import re
 import sys
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +30,7 @@ from tulu.errors import DataError
 
 __all__ = [
     "BLANK",
+    "compression",
     "iter_json_array",
     "iter_jsonl",
     "iter_parquet",
@@ -69,15 +75,62 @@ _COMPRESSED = {
     b"\x28\xb5\x2f\xfd": "zstd",
     b"PK\x03\x04": "zip",
 }
+#: The formats read through the standard library (releases such as OASST1's ship as .gz).
+_DECOMPRESSORS: dict[str, Callable[[Any], Any]] = {
+    "gzip": lambda handle: gzip.GzipFile(fileobj=handle),
+    "bzip2": bz2.BZ2File,
+    "xz": lzma.LZMAFile,
+}
+#: What a corrupt or truncated stream of those raises, part way through the file.
+_CORRUPT = (EOFError, OSError, zlib.error, lzma.LZMAError)
+
+
+class _Decompressed(io.RawIOBase):
+    """The decompressed bytes of an open file; a corrupt or truncated stream, found wherever
+    it happens, is a `DataError` naming the file (zlib's and lzma's errors name nothing)."""
+
+    def __init__(self, handle: io.BufferedReader, path: Path, name: str) -> None:
+        self._handle, self._path, self._name = handle, path, name
+        self._stream = _DECOMPRESSORS[name](handle)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        try:
+            data = self._stream.read(len(buffer))
+        except _CORRUPT as err:
+            raise DataError(
+                f"{self._path}: corrupt or truncated {self._name} data ({err})"
+            ) from None
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._stream.close()
+            self._handle.close()
+        super().close()
+
+
+def compression(path: Path) -> str | None:
+    """The compression format of `path` by its first bytes ("gzip", ...), or None."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(6)
+    except OSError:
+        return None  # open_binary reports it
+    return next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
 
 
 def open_binary(path: Path):
     """Open `path` for reading bytes, turning OS errors into a `DataError` naming the file.
 
-    A compressed file (``data.jsonl.gz``) is refused here, for every reader and for the
-    tokenize cache: read line by line it would only give one "not valid UTF-8" per random
-    chunk of bytes, which says nothing about the cause and, with ``--skip-bad``, converts the
-    file to zero records.
+    A gzip, bzip2 or xz file (``2023-04-12_oasst_ready.trees.jsonl.gz``) is decompressed as it
+    is read, whatever its name, for every reader and for the tokenize cache (which hashes the
+    decompressed bytes). zstd and zip are refused, naming the format: read as lines their
+    bytes would only give one "not valid UTF-8" per random chunk, and with ``--skip-bad`` the
+    file would convert to zero records.
     """
     try:
         if path.is_dir():
@@ -90,13 +143,15 @@ def open_binary(path: Path):
     except OSError as err:
         handle.close()
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    for magic, name in _COMPRESSED.items():
-        if head.startswith(magic):
-            handle.close()
-            raise DataError(
-                f"{path}: is a {name}-compressed file; decompress it first (the data commands "
-                "read plain JSON Lines, JSON arrays and Parquet)"
-            )
+    name = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+    if name in _DECOMPRESSORS:
+        return io.BufferedReader(_Decompressed(handle, path, name))
+    if name is not None:
+        handle.close()
+        raise DataError(
+            f"{path}: is a {name}-compressed file; decompress it first (the data commands read "
+            "JSON Lines, JSON arrays and Parquet, plain or gzip, bzip2 or xz compressed)"
+        )
     return handle
 
 

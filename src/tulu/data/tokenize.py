@@ -45,7 +45,7 @@ from tulu.chat import (
     _eos_of,
 )
 from tulu.data.encode import encode_conversations
-from tulu.data.readers import BLANK, parse_jsonl_line
+from tulu.data.readers import BLANK, compression, parse_jsonl_line
 from tulu.data.records import BadRecord, check_record, creation_mode
 from tulu.data.tokenized import (
     FORMAT_VERSION,
@@ -500,7 +500,9 @@ def _write_dataset(
     results, processes = _results(
         path, tokenizer, max_seq_length, dtype, workers, skip_bad, chunk_lines
     )
-    total_bytes = None if path.suffix.lower() == ".parquet" else path.stat().st_size
+    # The bar counts the bytes of lines read: a compressed file's size is not their total.
+    plain = path.suffix.lower() != ".parquet" and compression(path) is None
+    total_bytes = path.stat().st_size if plain else None
     with (
         open(out / "input_ids.bin", "wb") as ids_file,
         open(out / "trained.bin", "wb") as trained_file,
