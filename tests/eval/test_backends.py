@@ -293,7 +293,7 @@ def test_tgi_answers_cached_under_another_input_limit_are_not_reused(checkpoint,
 
     recorder.RequestHandlerClass.do_GET = do_get
     threading.Thread(target=recorder.serve_forever, args=(0.05,), daemon=True).start()
-    sent = []
+    sent, errors = [], []
     try:
         for max_input in (400, 2047, 2047):
             info["max_input_tokens"] = max_input
@@ -303,10 +303,14 @@ def test_tgi_answers_cached_under_another_input_limit_are_not_reused(checkpoint,
             args += ["--api-base", recorder.url, "--api-style", "tgi"]
             assert main(args) == 0, capsys.readouterr().err
             sent.append(len(recorder.payloads))
+            errors.append(capsys.readouterr().err)
     finally:
         recorder.shutdown()
         recorder.server_close()
     assert sent[0] == 0  # every prompt longer than 400 input tokens: empty answers, cached
+    # ... and the notice names the limit that skipped them, not only the window
+    limit = "did not fit the 2048-token window or the server's 400-token input limit"
+    assert limit in errors[0]
     assert sent[1] > 0  # a larger input limit: asked again
     assert sent[2] == 0  # the same limits again: every answer from the cache
 

@@ -187,6 +187,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             identity["max_input"] = backend.max_input_tokens()
     else:
         ctx.context_window = backend.context_window
+    limit = f"the {ctx.context_window}-token window"
+    if identity.get("max_input", ctx.context_window - 1) < ctx.context_window - 1:
+        limit += f" or the server's {identity['max_input']}-token input limit"
     ctx.backend = CachedBackend(backend, args.output / "cache.jsonl", identity)
     if ctx.backend.skipped:
         print(
@@ -206,8 +209,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if too_long:
             result.details["prompts_too_long"] = too_long
             print(
-                f"{result.task}: {too_long} prompt(s) did not fit the {ctx.context_window}-token "
-                "window and were scored on an empty output",
+                f"{result.task}: {too_long} prompt(s) did not fit {limit} and were scored on "
+                "an empty output",
                 file=sys.stderr,
             )
         unscored = result.details.get("unscored")
