@@ -137,6 +137,18 @@ def test_round_trip_through_a_dict():
 def test_overrides_create_sections():
     data = apply_overrides({}, ["lora.enabled=true", "lora.r=4"])
     assert data == {"lora": {"enabled": True, "r": 4}}
+    assert apply_overrides({"optim": None}, ["optim.lr=1e-5"]) == {"optim": {"lr": 1e-5}}
+
+
+def test_an_override_into_a_value_that_is_no_section_is_refused(tmp_path):
+    """``optim: 5`` in the file is a bad section; an override of ``optim.lr`` replaced it with
+    a fresh one, so the file's mistake was never reported."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim: 5\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"override 'optim\.lr=1e-5': optim holds 5 \(int\)"):
+        load_train_config(path, ["optim.lr=1e-5"])
+    with pytest.raises(ConfigError, match=r"model\.config holds 'x' \(str\)"):
+        apply_overrides({"model": {"config": "x"}}, ["model.config.hidden_size=8"])
 
 
 @pytest.mark.parametrize("name", ["pythia-6.9b-tulu-v1.yaml", "tiny-demo.yaml"])

@@ -370,9 +370,15 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
         if not all(parts):
             raise ConfigError(f"override {item!r}: empty name in the key {key!r}")
         node = data
-        for part in parts[:-1]:
+        for depth, part in enumerate(parts[:-1]):
             child = node.get(part)
-            child = dict(child) if isinstance(child, Mapping) else {}
+            if child is not None and not isinstance(child, Mapping):
+                # Replacing it with {} would hide the bad value from the checks that follow.
+                raise ConfigError(
+                    f"override {item!r}: {'.'.join(parts[: depth + 1])} holds {child!r} "
+                    f"({type(child).__name__}), not a section of keys"
+                )
+            child = dict(child) if child is not None else {}
             node[part] = child
             node = child
         node[parts[-1]] = _parse_scalar(raw)
