@@ -68,6 +68,18 @@ def test_save_load_round_trip_and_transformers_loads_it(tmp_path, shard_bytes):
     assert torch.equal(logits(model, IDS), logits(hf, IDS))
 
 
+def test_a_resave_replaces_its_own_weights_and_keeps_a_users_file(tmp_path):
+    """Saving again (as shards, then as one file) removes the earlier save's weight files so
+    that no stale shard is read, but not a user's model_backup.safetensors beside them."""
+    save_model(tiny_model(seed=1), tmp_path, max_shard_bytes=200_000)
+    (tmp_path / "model_backup.safetensors").write_bytes(b"the user's")
+    save_model(tiny_model(seed=2), tmp_path)
+    weights = sorted(p.name for p in tmp_path.glob("*.safetensors*"))
+    assert weights == ["model.safetensors", "model_backup.safetensors"]
+    assert (tmp_path / "model_backup.safetensors").read_bytes() == b"the user's"
+    assert torch.equal(logits(load_model(tmp_path), IDS), logits(tiny_model(seed=2), IDS))
+
+
 def test_single_file_beside_an_index_loads_what_transformers_loads(tmp_path):
     """With both model.safetensors and a shard index present, transformers reads the single
     file; reading the index instead loaded other weights than the reference does."""

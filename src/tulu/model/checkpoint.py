@@ -468,8 +468,13 @@ def save_model(
                 generation[key] = getattr(tokenizer, key)
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
-    for stale in [*out.glob("model*.safetensors"), out / SAFE_INDEX]:
-        stale.unlink(missing_ok=True)
+    # An earlier save's weights (one file, or shards of another count): only the names this
+    # function writes, never a user's model_backup.safetensors beside them.
+    ours = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors")
+    for stale in list(out.glob("model*.safetensors")):
+        if ours.fullmatch(stale.name):
+            stale.unlink(missing_ok=True)
+    (out / SAFE_INDEX).unlink(missing_ok=True)
     shards = _plan_shards(state, max_shard_bytes)
     metadata = {"format": "pt"}
     if len(shards) == 1:
