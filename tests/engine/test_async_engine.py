@@ -322,3 +322,76 @@ def test_shutdown_aborts_requests_whatever_the_engine_thread_is_doing(model):
 
     run(main())
     assert_idle(engine)
+
+
+def test_a_slow_consumer_gets_merged_outputs_whose_deltas_add_up(tok_model, demo_tokenizer):
+    """The engine does not wait for a slow consumer: the outputs it has not taken are merged
+    into one (not queued one per step, each with every token so far), and the joined deltas
+    still equal the final tokens and text."""
+    engine = LLMEngine(tok_model, demo_tokenizer, EngineConfig())
+    params = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    expected = LLM(tok_model, demo_tokenizer).generate(["The cat"], params)[0].outputs[0]
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        stream = llm.generate("The cat", params)
+        first = await asyncio.wait_for(anext(stream), 10)
+        for _ in range(500):  # the consumer sleeps while the engine finishes the request
+            if engine.num_unfinished_requests == 0:
+                break
+            await asyncio.sleep(0.01)
+        rest = await asyncio.wait_for(collect(stream), 10)
+        await llm.shutdown()
+        return [first, *rest]
+
+    outs = run(main())
+    # The 59 outputs made while the consumer slept arrive as one (the final one may come
+    # apart when the consumer wakes between the engine's last step and its delivery).
+    assert len(outs) <= 3
+    assert [t for o in outs for t in o.outputs[0].delta_token_ids] == expected.token_ids
+    assert "".join(o.outputs[0].delta_text for o in outs) == expected.text
+    assert outs[-1].outputs[0].token_ids == expected.token_ids
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "length"
+    assert_idle(engine)
+
+
+def test_the_final_output_frees_the_request_id(model):
+    """A consumer that stops reading at the final output (without closing the stream) may
+    reuse the request id at once, and shutdown does not wait for that stream."""
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        stream = llm.generate(PROMPTS[0], GREEDY, request_id="same")
+        while not (await asyncio.wait_for(anext(stream), 10)).finished:
+            pass
+        assert llm.num_requests == 0
+        outs = await asyncio.wait_for(
+            collect(llm.generate(PROMPTS[1], GREEDY, request_id="same")), 10
+        )
+        assert outs[-1].outputs[0].finish_reason == "length"
+        started = time.monotonic()
+        await llm.shutdown(drain_timeout=5.0)
+        assert time.monotonic() - started < 2.0
+        await stream.aclose()
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_requests_after_shutdown_are_told_it_shut_down(model):
+    engine = LLMEngine(model, None, EngineConfig())
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        await llm.shutdown()
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(collect(llm.generate(PROMPTS[0], GREEDY)), 3)
+        with pytest.raises(EngineDeadError, match="shut down"):
+            await asyncio.wait_for(llm.unload_lora("none"), 3)
+
+    run(main())
+    assert_idle(engine)

@@ -7,6 +7,10 @@ to per-request asyncio queues on the event loop. The event loop never waits on t
 Leaving the `async for` early (the client went away, the task was cancelled) aborts the
 request, which frees its KV blocks on the engine thread's next turn.
 
+A consumer slower than the engine is not waited for: the outputs it has not taken yet are
+merged into one (as vLLM's output collector does), so a stream holds at most one output, not
+one per step, each with every token so far.
+
 Each submission has its own engine request id (the caller's id plus a serial number), so the
 abort notice of a stream that was left can never reach a later stream reusing the caller's id.
 """
@@ -55,11 +59,48 @@ class _Call:
     future: asyncio.Future
 
 
+class _Stream:
+    """One request's outputs not yet taken by its consumer, then at most one error.
+
+    Outputs are cumulative except for their deltas, so merging keeps the newest output with
+    the deltas of all of them joined: the consumer's deltas still add up to the full text.
+    An output always comes before an error (a finished one makes later errors unseen)."""
+
+    def __init__(self) -> None:
+        self._output: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        if isinstance(item, BaseException):
+            self._error = self._error or item
+        elif self._output is None:
+            self._output = item
+        else:  # the consumer is behind: join the deltas (new outputs are never shared)
+            for old, new in zip(self._output.outputs, item.outputs, strict=True):
+                old.delta_token_ids.extend(new.delta_token_ids)
+                new.delta_token_ids = old.delta_token_ids
+                new.delta_text = old.delta_text + new.delta_text
+            self._output = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput:
+        """The next (merged) output; raises the error once no output is left."""
+        while self._output is None and self._error is None:
+            self._ready.clear()
+            await self._ready.wait()
+        output, self._output = self._output, None
+        if output is None:
+            assert self._error is not None
+            raise self._error
+        return output
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self._commands: queue.SimpleQueue[_Add | _Abort | _Call | None] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue] = {}  # by engine request id
+        self._streams: dict[str, _Stream] = {}  # by engine request id
         self._calls: set[asyncio.Future] = set()  # `_on_engine_thread` calls not yet settled
         self._engine_ids: dict[str, str] = {}  # the caller's request id -> the engine's
         self._submissions = 0
@@ -122,10 +163,7 @@ class AsyncLLM:
         Validation errors (a TuluError, usually GenerationError) are raised before the first
         output.
         """
-        if not self.is_running:
-            raise EngineDeadError(f"the engine is not running ({self._error or 'not started'})")
-        if self._stopping:
-            raise EngineDeadError("the engine is shutting down")
+        self._check_running()
         if request_id is None:
             self._ids += 1
             request_id = f"async-{self._ids}"
@@ -133,27 +171,32 @@ class AsyncLLM:
             raise GenerationError(f"request id {request_id!r} is already in use")
         self._submissions += 1
         engine_id = f"{request_id}#{self._submissions}"
-        # A refusal, the outputs and the engine's death all arrive on this one queue.
-        stream: asyncio.Queue = asyncio.Queue()
+        # A refusal, the outputs and the engine's death all arrive on this one stream.
+        stream = _Stream()
         self._streams[engine_id] = stream
         self._engine_ids[request_id] = engine_id
         self._commands.put(_Add(engine_id, prompt, params or SamplingParams(), lora))
         self._wake.set()
         finished = False
         try:
-            while True:
+            while not finished:
                 item = await stream.get()
-                if isinstance(item, BaseException):
-                    raise item
-                finished = item.finished
+                if item.finished:
+                    # Released before the last yield: a consumer that stops reading at the
+                    # final output may reuse the id at once, and shutdown need not wait for it.
+                    finished = True
+                    self._release(request_id, engine_id)
                 yield dataclasses.replace(item, request_id=request_id)
-                if finished:
-                    return
         finally:
-            self._streams.pop(engine_id, None)
-            self._engine_ids.pop(request_id, None)
             if not finished:
+                self._release(request_id, engine_id)
                 self._abort(engine_id)
+
+    def _release(self, request_id: str, engine_id: str) -> None:
+        """Forget a submission's stream and free the caller's id for reuse."""
+        self._streams.pop(engine_id, None)
+        if self._engine_ids.get(request_id) == engine_id:
+            self._engine_ids.pop(request_id)
 
     async def load_lora(self, name: str, directory: str) -> None:
         """Add LoRA adapter `name` while serving (the engine must have LoRA enabled). Its files
@@ -168,10 +211,7 @@ class AsyncLLM:
 
     async def _on_engine_thread(self, fn: Callable[[], Any]) -> Any:
         """`fn()` run by the engine thread between two steps (never during one)."""
-        if not self.is_running:
-            raise EngineDeadError(f"the engine is not running ({self._error or 'not started'})")
-        if self._stopping:  # the thread may be past its last look at the queue
-            raise EngineDeadError("the engine is shutting down")
+        self._check_running()
         future = asyncio.get_running_loop().create_future()
         self._calls.add(future)
         try:
@@ -180,6 +220,17 @@ class AsyncLLM:
             return await future
         finally:
             self._calls.discard(future)
+
+    def _check_running(self) -> None:
+        """Raise EngineDeadError saying why no request can run: the engine failed, is shutting
+        down (the thread may be past its last look at the queue) or shut down, or never
+        started."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine is not running ({self._error})")
+        if self._stopping:
+            raise EngineDeadError("the engine is shutting down or has shut down")
+        if not self.is_running:
+            raise EngineDeadError("the engine is not running (not started)")
 
     def abort(self, request_id: str) -> None:
         """Abort the running request with this (caller's) id; its stream ends with the notice."""
@@ -195,7 +246,7 @@ class AsyncLLM:
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.put_nowait(item)
+            stream.put(item)
 
     def _fail_all(self, error: BaseException) -> None:
         """On the event loop: end every stream, including those still waiting for admission.
@@ -205,7 +256,7 @@ class AsyncLLM:
         `_stopping`) already refuses new ones.
         """
         for stream in self._streams.values():
-            stream.put_nowait(error)
+            stream.put(error)
         for future in self._calls:  # calls the engine thread will never run
             if not future.done():
                 future.set_exception(error)
