@@ -909,6 +909,41 @@ def test_generate_non_utf8_input(ckpt: Checkpoint, tmp_path: Path, capsys, spies
     assert spies["load"].calls == [] and spies["generate"].calls == []
 
 
+@pytest.mark.parametrize(
+    ("record", "flags", "named"),
+    [
+        # Undecodable bytes typed in a flag arrive as surrogates (surrogateescape).
+        (None, ["--prompt", "ok", "--system", "caf\udce9"], "--system contains"),
+        (None, ["--prompt", "caf\udce9"], "--prompt contains"),
+        ({"prompt": "caf\udce9"}, ["--raw"], ":1: field 'prompt' contains"),
+        (
+            {
+                "messages": [
+                    {"role": "user", "content": "a"},
+                    {"role": "user", "content": "caf\ud83d"},
+                ]
+            },
+            [],
+            ":1: message 1, field 'content' contains",
+        ),
+    ],
+)
+def test_generate_unencodable_text_is_named_by_its_flag_or_field(
+    ckpt, tmp_path: Path, capsys, spies, record, flags, named
+) -> None:
+    """The bad character's place is given in the text it was typed in, not in the rendered
+    prompt (which counts the role headers and the system prompt), and --system is blamed, not
+    the prompt."""
+    argv: list = []
+    if record is not None:
+        argv = ["--input", write_jsonl(tmp_path / "in.jsonl", [record])]
+    rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, *argv, *flags)
+    assert rc == 1 and out == ""
+    message = one_line_error(err, "generate")
+    assert named in message and "unpaired surrogate" in message and "at character 3" in message
+    assert spies["load"].calls == []  # refused before the model is loaded
+
+
 @pytest.mark.parametrize("case", LATE_ERRORS)
 def test_generate_late_errors_start_no_generation(ckpt, tmp_path, capsys, spies, case) -> None:
     _check_input_error(ckpt, tmp_path, capsys, spies, *LATE_ERRORS[case])
@@ -1024,6 +1059,21 @@ def test_generate_invalid_sampling_value(ckpt, capsys, spies, flag, value) -> No
     rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--prompt", "Hi", flag, value)
     assert rc == 1 and out == ""
     assert one_line_error(err, "generate").startswith(f"{flag} must")  # names the flag typed
+    assert spies["load"].calls == [] and spies["generate"].calls == []
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_stop_string_with_an_undecodable_byte_is_refused(
+    ckpt, capsys, monkeypatch, spies, command
+) -> None:
+    """A byte typed in that is not UTF-8 arrives as a surrogate, which decoded text never
+    holds: the stop string would never match, so it is refused rather than ignored."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    prompt = ["--prompt", "Hi"] if command == "generate" else []
+    rc, out, err = run(capsys, command, ckpt.directory, *CPU, *prompt, "--stop", "caf\udce9")
+    assert rc == 1 and out == ""
+    message = one_line_error(err, command)
+    assert message.startswith("--stop contains an unpaired surrogate '\\udce9' at character 3")
     assert spies["load"].calls == [] and spies["generate"].calls == []
 
 

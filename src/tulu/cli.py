@@ -75,7 +75,12 @@ def _sampling_params(args: argparse.Namespace, **only_generate: Any):
     """The SamplingParams of the shared sampling flags (plus `tulu generate`'s own: n,
     logprobs, include_stop_str_in_output), a bad value named by its flag."""
     from tulu.engine.sampling import SamplingParams
+    from tulu.tokenizer import check_text
 
+    for stop in args.stop:
+        # A surrogate (an undecodable byte typed in) never occurs in decoded text: such a stop
+        # string would be silently ignored.
+        check_text(stop, "--stop")
     try:
         return SamplingParams(
             max_tokens=args.max_tokens,
@@ -123,7 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--raw", action="store_true", help="use prompts as plain text, not the chat format"
     )
-    gen.add_argument("--system", help="system prompt for chat-format prompts")
+    gen.add_argument(
+        "--system",
+        help="system prompt for chat-format prompts ('messages' that hold one keep their own)",
+    )
     _add_lora_modules_arg(gen, "a record picks one with its 'lora' field, or --lora for all")
     gen.add_argument("--lora", metavar="NAME", help="the adapter of every prompt (default: base)")
     add_engine_arguments(gen)
@@ -265,6 +273,7 @@ def _prompts_of(
     from tulu.chat import generation_prompt
     from tulu.data.readers import BLANK, iter_jsonl, parse_jsonl_line
     from tulu.data.records import BadInput, check_object
+    from tulu.tokenizer import check_text
 
     if args.prompt is not None:
         records = [("--prompt", {"prompt": args.prompt})]
@@ -281,6 +290,10 @@ def _prompts_of(
         raise TuluError(
             "--system cannot be used with --raw (raw prompts are not in the chat format)"
         )
+    # Text the tokenizer cannot encode (undecodable bytes arrive as surrogates) is named by
+    # its flag or field here: found when the prompt is encoded, it would be blamed on the
+    # prompt, at a position that counts the role headers and the system prompt.
+    check_text(args.system, "--system")
     system = [{"role": "system", "content": args.system}] if args.system else []
     prompts = []
     for where, record in records:
@@ -311,6 +324,13 @@ def _prompts_of(
                 generation_prompt(prompt, "<eos>")
             except TuluError as err:
                 raise TuluError(f"{where}: {err}") from None
+        if "messages" in record:
+            for index, message in enumerate(record["messages"]):
+                check_text(message["content"], f"{where}: message {index}, field 'content'")
+        else:
+            check_text(
+                record["prompt"], where if args.prompt is not None else f"{where}: field 'prompt'"
+            )
         prompts.append((where, record, prompt))
     return prompts
 

@@ -34,7 +34,7 @@ from tulu.chat_template import CHAT_TEMPLATE
 from tulu.errors import TokenizerError
 from tulu.hub import looks_like_hub_id, snapshot
 
-__all__ = ["SPECIAL_TOKEN_NAMES", "StreamDecoder", "Tokenizer"]
+__all__ = ["SPECIAL_TOKEN_NAMES", "StreamDecoder", "Tokenizer", "check_text"]
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -318,7 +318,7 @@ class Tokenizer:
         try:
             return self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:
-            _check_text(text, "the text")
+            check_text(text, "the text")
             raise
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
@@ -331,7 +331,7 @@ class Tokenizer:
             return [enc.ids for enc in batch(texts, add_special_tokens=False)]
         except TypeError:
             for index, text in enumerate(texts):
-                _check_text(text, f"text {index}" if len(texts) > 1 else "the text")
+                check_text(text, f"text {index}" if len(texts) > 1 else "the text")
             raise
 
     def special_ids(self) -> frozenset[int]:
@@ -464,7 +464,7 @@ class StreamDecoder:
         return new_text[len(prefix_text) :]
 
 
-def _check_text(text: object, what: str) -> None:
+def check_text(text: object, what: str) -> None:
     """Raise a `TokenizerError` if `text` is a string UTF-8 cannot encode (what the tokenizers
     library refuses with a bare TypeError), naming the first bad character's index."""
     if not isinstance(text, str):

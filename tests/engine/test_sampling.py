@@ -97,6 +97,13 @@ def test_an_empty_stop_string_is_named_as_a_string():
         SamplingParams(stop=["a", ""])
 
 
+def test_a_stop_string_with_an_unpaired_surrogate_is_refused():
+    """JSON's "\\ud800" (or an undecodable byte on a command line) gives a string that decoded
+    text never contains: the stop was silently never matched."""
+    with pytest.raises(GenerationError, match=r"stop must be valid Unicode \(no unpaired"):
+        SamplingParams(stop=["ok", "\ud800"])
+
+
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES)
 def test_sampling_params_rejects_bad_values(name, value):
     with pytest.raises(GenerationError) as info:

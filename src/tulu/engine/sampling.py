@@ -260,6 +260,10 @@ class SamplingParams:
                     else "a list of non-empty strings"
                 )
                 raise _fail("stop", wanted, self.stop)
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:  # decoded text never holds one: it could never match
+                raise _fail("stop", "valid Unicode (no unpaired surrogate)", self.stop) from None
         self.stop = list(stop)
 
         self.stop_token_ids = _check_int_list(
