@@ -23,9 +23,10 @@ after the resumed one twice (or steps of a run that was cut off and never checkp
 TensorBoard is told to purge events after the resumed step the same way (``purge_step``).
 
 **MFU** (model FLOPs utilisation) is the FLOPs the model needs per second divided by the
-hardware's peak. Per token of a row of length T, with P the parameters that take part in a
-matrix multiplication (every parameter but the input embedding, a table lookup; the LM head
-is a matmul and counts), L layers and hidden size h:
+hardware's peak, as issue 7 defines it: (6 x non-embedding parameters + attention FLOPs) x
+tokens per second over the peak. Per token of a row of length T, with P the non-embedding
+parameters (Pythia's own count: everything but the input embedding and the LM head, 6.44e9
+of Pythia-6.9B's 6.86e9), L layers and hidden size h:
 
 - each weight costs 2 FLOPs per token forward (multiply, add) and 4 backward (the gradient
   with respect to the input and the one with respect to the weight): **6 P**;
@@ -68,7 +69,7 @@ __all__ = [
     "METRICS_FILE",
     "MetricsLogger",
     "Throughput",
-    "matmul_parameters",
+    "non_embedding_parameters",
     "micro_batch_flops",
     "peak_flops",
     "plot_metrics",
@@ -89,15 +90,16 @@ KNOWN_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 
 
 # ------------------------------------------------------------------------------ FLOPs
-def matmul_parameters(config: NeoXConfig) -> int:
-    """P of the module doc: every parameter but the input embedding (the LM head counts,
-    even when tied, because its matmul runs)."""
-    return config.num_parameters(include_embeddings=False) + config.vocab_size * config.hidden_size
+def non_embedding_parameters(config: NeoXConfig) -> int:
+    """P of the module doc: every parameter but the input embedding and the LM head, the
+    count MFU is defined on (issue 7; Pythia's "non-embedding parameters"). The LM head's
+    matmul does run, so this MFU is a little lower than one counting it (3% for 6.9B)."""
+    return config.num_parameters(include_embeddings=False)
 
 
 def micro_batch_flops(config: NeoXConfig, rows: int, seq_len: int) -> int:
     """Training FLOPs (forward + backward) of `rows` rows of `seq_len` tokens."""
-    per_token = 6 * matmul_parameters(config) + 12 * config.num_hidden_layers * (
+    per_token = 6 * non_embedding_parameters(config) + 12 * config.num_hidden_layers * (
         config.hidden_size * seq_len
     )
     return rows * seq_len * per_token
