@@ -1321,3 +1321,21 @@ def test_llm_loads_a_checkpoint_path_as_vllm_does(
         LLM(tmp_path / "no_such_dir")
     with pytest.raises(GenerationError, match="pass the engine settings as config="):
         LLM(str(directory), EngineConfig())
+
+
+def test_large_batches_show_a_progress_bar_on_stderr(tiny_model, make_llm, capsys):
+    """LLM.generate shows a bar (finished requests, output tokens/s) for more than 16 prompts
+    unless told otherwise, on stderr: stdout holds results (tulu generate, tulu eval)."""
+    llm = make_llm(tiny_model)
+    params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+    prompts = [[1 + i, 2, 3] for i in range(17)]
+    capsys.readouterr()
+    llm.generate(prompts[:16], params)
+    assert capsys.readouterr() == ("", "")  # 16: no bar
+    llm.generate(prompts, params)
+    out, err = capsys.readouterr()
+    assert out == "" and "generating" in err and "17/17" in err and "tok/s" in err
+    llm.generate(prompts, params, progress=False)
+    assert capsys.readouterr() == ("", "")
+    llm.generate(prompts[:2], params, progress=True)
+    assert "2/2" in capsys.readouterr().err

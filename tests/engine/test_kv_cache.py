@@ -341,6 +341,31 @@ def test_plan_kv_cache_cpu_default_holds_sixteen_contexts():
     assert spec.num_tokens == 16 * 128
 
 
+def test_plan_kv_cache_on_cuda_takes_the_fraction_of_free_memory(monkeypatch):
+    """The GPU default (no --kv-cache-gb): --gpu-memory-utilization of the memory free once
+    the weights are loaded, asked of the device the cache goes to (no GPU here: faked)."""
+    config = small_config()
+    asked: list[torch.device] = []
+    free = 10 * 2**20 + 123  # bytes; total is ignored
+
+    def mem_get_info(device):
+        asked.append(device)
+        return free, 80 * 2**30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    device = torch.device("cuda", 1)
+    per_block = bytes_per_block(config, 16, torch.bfloat16)
+    for fraction in (0.9, 0.5, 1.0):
+        spec = plan_kv_cache(config, torch.bfloat16, device, 16, memory_fraction=fraction)
+        assert spec.num_blocks == int(free * fraction) // per_block
+    assert asked == [device] * 3
+    # An explicit budget wins, and the device is not asked.
+    assert (
+        plan_kv_cache(config, torch.bfloat16, device, 16, kv_cache_bytes=per_block).num_blocks == 1
+    )
+    assert len(asked) == 3
+
+
 def test_paged_kv_cache_shape_and_size():
     config = small_config()
     spec = KVCacheSpec(num_blocks=5, block_size=8)
