@@ -142,6 +142,89 @@ def test_decode_step_bytes_reads_one_row_of_the_input_embedding(tied) -> None:
     assert workloads.decode_step_bytes(m, 10) == 4 * (rest + embed + kv)
 
 
+class _SeenOnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: `run_benchmark` takes its device (and so its GPU
+    branch) from the model's first parameter."""
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda")
+
+
+class _ModelSeenOnCuda:
+    """The model as `run_benchmark` would see it on a GPU; everything else is the CPU model."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name: str):
+        return getattr(self.model, name)
+
+    def parameters(self):
+        return (p.as_subclass(_SeenOnCuda) for p in self.model.parameters())
+
+
+def test_roofline_on_a_faked_gpu(model, monkeypatch) -> None:
+    """The GPU-only branch of `run_benchmark` and `format_report`'s roofline line, with the
+    device and its CUDA calls faked (the engine itself runs the real model on the CPU): the
+    limit is the copy bandwidth over the bytes of one decode step at the single stream's mean
+    context, and the achieved fraction is the single stream's tokens/s over that limit."""
+    cuda = torch.device("cuda")
+    config = model.config
+    h, v = config.hidden_size, config.vocab_size
+    prompt_len, new_tokens = 8, 6
+    context = prompt_len + new_tokens // 2
+    # Every weight but the input embedding's unread rows, K and V of one layer, float32.
+    step_bytes = 4 * (sum(p.numel() for p in model.parameters()) - (v - 1) * h + 2 * h * context)
+
+    calls: list[tuple] = []
+    achieved: list[float] = []
+
+    def fake_copy_bandwidth(device):
+        calls.append(("copy_bandwidth", device))
+        return 4 * step_bytes * achieved[-1]  # a limit of 4x the achieved rate: 25%
+
+    def partial(results):
+        if "tulu" in results["workloads"].get("single_stream", {}):
+            achieved.append(results["workloads"]["single_stream"]["tulu"]["tokens_per_s"])
+
+    real_run_tulu = workloads._run_tulu
+    monkeypatch.setattr(workloads, "_run_tulu", lambda m, *rest: real_run_tulu(m.model, *rest))
+    monkeypatch.setattr(workloads, "copy_bandwidth", fake_copy_bandwidth)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    monkeypatch.setattr(
+        torch.cuda, "reset_peak_memory_stats", lambda device: calls.append(("reset", device))
+    )
+    settings = BenchSettings(
+        prompt_len=prompt_len,
+        single_new_tokens=new_tokens,
+        repeats=1,
+        skip=frozenset({"fixed", "prefill"}),
+    )
+    results = run_benchmark(_ModelSeenOnCuda(model), settings, name="tiny", partial=partial)
+    json.loads(json.dumps(results))
+
+    assert (results["device"], results["device_name"]) == ("cuda", "Fake GPU")
+    freed = [("empty_cache",), ("reset", cuda)]
+    assert calls == [*freed, *freed, ("copy_bandwidth", cuda)]  # before and after tulu
+    tokens_per_s = results["workloads"]["single_stream"]["tulu"]["tokens_per_s"]
+    assert achieved == [tokens_per_s]
+    bandwidth = 4 * step_bytes * tokens_per_s
+    roofline = results["roofline"]
+    assert roofline == {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "decode_step_bytes": step_bytes,
+        "single_stream_limit_tokens_per_s": pytest.approx(bandwidth / step_bytes),
+        "achieved_fraction": pytest.approx(0.25),
+    }
+    line = format_report(results).splitlines()[-1]
+    assert line == (
+        f"roofline: copy bandwidth {bandwidth / 1e12:.2f} TB/s, decode step reads "
+        f"{step_bytes / 1e9:.2f} GB -> limit {bandwidth / step_bytes:.0f} tokens/s; achieved 25%"
+    )
+
+
 def new_token_counts(monkeypatch, function: str) -> list[int]:
     """The new-token count (the 4th argument) of every call to `workloads.<function>`."""
     counts: list[int] = []

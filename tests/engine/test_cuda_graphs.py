@@ -1,11 +1,12 @@
 """The decode fast path (`DecodeGraphRunner` + graph-safe decode attention) inside the engine.
 
 On CPU the runner runs its static-buffer forward eagerly (`use_graphs=False`): bucketing,
-padding rows, the scratch block and the buffers' refill between steps are all exercised; only
-the capture and replay of CUDA graphs need a GPU (the `gpu` tests at the end). Greedy outputs
-must be token-identical to the default engine and to the reference generator, with
-preemption, aborts, prefix-cache hits and batch sizes between buckets; every engine is checked
-to be idle (empty KV pool) at the end by the `make_llm` / `make_engine` fixtures.
+padding rows, the scratch block and the buffers' refill between steps are all exercised. The
+capture and replay branches run with torch.cuda faked (`FakeCuda`); real CUDA graphs need a
+GPU (the `gpu` tests at the end). Greedy outputs must be token-identical to the default engine
+and to the reference generator, with preemption, aborts, prefix-cache hits and batch sizes
+between buckets; every engine is checked to be idle (empty KV pool) at the end by the
+`make_llm` / `make_engine` fixtures.
 
 The Triton decode kernel runs end to end in Triton's interpreter in a child process (see
 test_decode_attention.py for why a child process).
@@ -13,10 +14,13 @@ test_decode_attention.py for why a child process).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tulu.engine import decode_attention as da
 from tulu.engine.cuda_graphs import DecodeGraphRunner, batch_size_buckets
@@ -310,3 +314,217 @@ def test_cuda_auto_uses_triton_and_graphs(cuda_model, make_engine):
     )
     assert (engine.decode_attention, engine.cuda_graphs) == ("triton", True)
     assert engine.decode_runner.buckets == [1, 2, 4, 8, 16]
+
+
+# ---------------------------------------------------------------------------- graphs, faked on CPU
+class _Recorder(TorchDispatchMode):
+    """Records every aten op run under it, with the very tensors it read and wrote."""
+
+    def __init__(self, ops: list):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            # On a GPU a host sync (.item(), .tolist()) while capturing fails; its value would
+            # be baked into the graph.
+            raise RuntimeError("a host sync inside CUDA graph capture")
+        out = func(*args, **kwargs)
+        schema = func._schema
+        if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
+            replay = "run"  # in place: writes where it wrote
+        else:
+            # Composite ops (reshape, to, ...) may return a view or a copy: what they did here
+            # is what a graph would hold.
+            inputs = {
+                t.untyped_storage().data_ptr()
+                for t in pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)
+            }
+            results = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+            views = all(t.untyped_storage().data_ptr() in inputs for t in results)
+            replay = "skip" if views else "copy"  # a view stays a view of its captured base
+        self.ops.append((func, args, kwargs, out, replay))
+        return out
+
+
+class FakeCuda:
+    """The torch.cuda calls of `DecodeGraphRunner`, run on the CPU, logged in call order.
+
+    A graph is faithful to the one thing that makes CUDA graphs work or not: capture records
+    the aten ops the block runs, on the tensors they ran on; replay re-runs those ops in order
+    and writes each result into the very tensor captured (in-place ops write where they wrote;
+    views stay views of their captured base). Python is not re-run, so a runner that rebinds a
+    static buffer instead of copying into it, or reads outputs from anywhere but the captured
+    tensors, gets stale results, as it would on a GPU.
+    """
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.graphs: list[FakeCuda.Graph] = []
+        self.events: list[FakeCuda.Event] = []
+        self.pool = object()
+        self.current = self.Stream(self, "current")
+        self.stream_now = self.current
+        self.capturing: FakeCuda.Graph | None = None
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake = self
+
+        class Graph(FakeCuda.Graph):
+            def __init__(self) -> None:
+                super().__init__(fake)
+
+        class Event(FakeCuda.Event):
+            def __init__(self) -> None:
+                super().__init__(fake)
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            fake.log.append(("capture", cuda_graph.index, pool))
+            fake.capturing = cuda_graph
+            try:
+                with _Recorder(cuda_graph.ops):
+                    yield
+            finally:
+                fake.capturing = None
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, fake.stream_now = fake.stream_now, s
+            try:
+                yield
+            finally:
+                fake.stream_now = before
+
+        def synchronize(device=None):
+            fake.log.append(("synchronize", torch.device(device)))
+
+        def pool_handle():
+            fake.log.append(("pool",))
+            return fake.pool
+
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: FakeCuda.Stream(fake, "side"))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: fake.current)
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+        monkeypatch.setattr(torch.cuda, "graph_pool_handle", pool_handle)
+        forward = DecodeGraphRunner._forward
+
+        def logged_forward(runner, size):
+            where = fake.capturing.index if fake.capturing is not None else None
+            fake.log.append(("forward", size, fake.stream_now.name, where))
+            return forward(runner, size)
+
+        monkeypatch.setattr(DecodeGraphRunner, "_forward", logged_forward)
+
+    class Stream:
+        def __init__(self, fake: FakeCuda, name: str) -> None:
+            self.fake, self.name = fake, name
+
+        def wait_stream(self, other: FakeCuda.Stream) -> None:
+            self.fake.log.append(("wait", self.name, other.name))
+
+    class Graph:
+        def __init__(self, fake: FakeCuda) -> None:
+            self.fake, self.index, self.ops = fake, len(fake.graphs), []
+            fake.graphs.append(self)
+
+        def replay(self) -> None:
+            self.fake.log.append(("replay", self.index))
+            assert self.ops, "replay of a graph that captured nothing"
+            for func, args, kwargs, captured, replay in self.ops:
+                if replay == "skip":
+                    continue
+                result = func(*args, **kwargs)
+                if replay == "copy":
+                    for into, value in zip(
+                        pytree.tree_leaves(captured), pytree.tree_leaves(result), strict=True
+                    ):
+                        if isinstance(into, torch.Tensor):
+                            into.copy_(value)
+
+    class Event:
+        def __init__(self, fake: FakeCuda) -> None:
+            self.fake, self.index = fake, len(fake.events)
+            fake.events.append(self)
+
+        def record(self, stream=None) -> None:
+            self.fake.log.append(("record", self.index))
+
+        def synchronize(self) -> None:
+            self.fake.log.append(("event-sync", self.index))
+
+
+CUDA = torch.device("cuda")
+
+
+class FakeCudaRunner(DecodeGraphRunner):
+    """The runner with graphs on, its buffers on the CPU: the constructor refuses
+    `use_graphs=True` off CUDA, so it is built without and then told it is on CUDA (the
+    device decides only the torch.cuda calls and non-blocking copies, all faked or harmless)."""
+
+    def __init__(self, *args, use_graphs: bool, **kwargs) -> None:
+        assert use_graphs, "the engine was meant to ask for graphs"
+        super().__init__(*args, use_graphs=False, **kwargs)
+        self.use_graphs, self.device = True, CUDA
+
+
+def test_faked_cuda_graphs_capture_per_bucket_and_replay_matching_the_loop_path(
+    tiny_model, make_llm, expected, monkeypatch
+):
+    """The capture and replay branches, with torch.cuda faked (see FakeCuda): side-stream
+    warm-up of every bucket, then one capture per bucket, largest first, all in one pool; each
+    decode step replays its bucket's graph (no eager forward) after the staging buffers' event
+    of the step before is waited on; greedy tokens equal the loop path's."""
+    loop = token_ids(make_llm(tiny_model, decode_attention="loop").generate(PROMPTS, PARAMS))
+    assert loop == expected
+    fake = FakeCuda()
+    fake.install(monkeypatch)
+    monkeypatch.setattr(
+        "tulu.engine.engine.resolve_fast_path", lambda config, device: ("sdpa", True)
+    )
+    monkeypatch.setattr("tulu.engine.engine.DecodeGraphRunner", FakeCudaRunner)
+    llm = make_llm(tiny_model, decode_attention="sdpa", max_graph_batch_size=16)
+    engine = llm.engine
+    runner = engine.decode_runner
+    assert engine.cuda_graphs and isinstance(runner, FakeCudaRunner)
+    buckets = [1, 2, 4, 8, 16]
+    assert runner.buckets == buckets and runner.capture_seconds == engine.decode_warmup_seconds
+
+    largest_first = buckets[::-1]
+    assert fake.log == [
+        ("wait", "side", "current"),
+        *[("forward", size, "side", None) for size in largest_first],
+        ("wait", "current", "side"),
+        ("synchronize", CUDA),
+        ("pool",),
+        *[
+            entry
+            for i, size in enumerate(largest_first)
+            for entry in (("capture", i, fake.pool), ("forward", size, "current", i))
+        ],
+        ("synchronize", CUDA),
+    ]
+    assert {size: g.index for size, g in runner._graphs.items()} == {
+        size: i for i, size in enumerate(largest_first)
+    }
+    for size, graph in runner._graphs.items():
+        assert graph.ops and runner._outputs[size].shape == (size, VOCAB)
+        assert any(runner._outputs[size] is out for *_, out, _ in graph.ops)  # a captured tensor
+
+    log = RunLog(engine)
+    fake.log.clear()
+    assert token_ids(llm.generate(PROMPTS, PARAMS)) == loop
+    assert {n for n, _ in log.calls} == set(range(1, len(PROMPTS) + 1))  # 3 -> 4, 13 -> 16, ...
+    index = {size: g.index for size, g in runner._graphs.items()}
+    step_log = []
+    for step, (_, bucket) in enumerate(log.calls):
+        step_log += [("event-sync", step - 1)] if step else []
+        step_log += [("record", step), ("replay", index[bucket])]
+    assert [e for e in fake.log if e[0] != "forward" or e[3] is not None] == step_log
+    assert not [e for e in fake.log if e[0] == "forward"]  # replays only, no eager forward
