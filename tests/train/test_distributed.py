@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from torch.distributed.fsdp import FSDPModule
 
 from train.conftest import torchrun
 from tulu.errors import CheckpointError, ConfigError, TuluError
@@ -537,6 +538,14 @@ def test_fsdp_mixed_precision_keeps_float32_master_weights(no_torchrun_env: None
         config = make_config(fsdp="always")
         config.model.dtype = "bfloat16"
         prepare_model(model, world, config)
+        # The policy fully_shard gave each sharded module (every block, then the root):
+        # bfloat16 all-gathered parameters, float32 gradient reductions.
+        sharded = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        assert set(sharded) == {*model.gpt_neox.layers, model}
+        groups = [m._get_fsdp_state()._fsdp_param_group for m in sharded]
+        for group in groups:
+            assert group.mp_policy.param_dtype == torch.bfloat16
+            assert group.mp_policy.reduce_dtype == torch.float32
         assert model.gpt_neox.layers[0].mlp.dense_h_to_4h.weight.dtype == torch.float32
         assert model.embed_out.weight.dtype == torch.float32
         assert model.gpt_neox.embed_in.weight.dtype == torch.bfloat16
@@ -547,6 +556,13 @@ def test_fsdp_mixed_precision_keeps_float32_master_weights(no_torchrun_env: None
         (loss_sum / count).backward()
         assert model.embed_out.weight.grad.dtype == torch.float32
         assert model.gpt_neox.embed_in.weight.grad is None
+        # As FSDP resolved the policy per parameter at its first forward: every trainable
+        # parameter computes in bfloat16 and has its gradients reduced in float32.
+        trainable = [p for g in groups for p in g.fsdp_params if p.sharded_param.requires_grad]
+        assert len(trainable) == sum(p.requires_grad for p in model.parameters())
+        assert {(p.param_dtype, p.reduce_dtype) for p in trainable} == {
+            (torch.bfloat16, torch.float32)
+        }
         assert float(clip_grad_norm(model, 1.0, world)) > 0
     finally:
         shutdown(world)

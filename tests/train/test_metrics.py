@@ -196,3 +196,29 @@ def test_a_nan_validation_loss_is_written_as_null(tmp_path: Path) -> None:
         strict_json(line) for line in (tmp_path / "metrics.jsonl").read_text().split("\n")[:-1]
     ]
     assert [e.get("val_loss", "-") for e in rewritten] == ["-", None, "-", 1.5]
+
+
+def test_progress_lines_without_a_terminal_and_their_eta(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stderr not a terminal: one plain line per logged step, with the ETA = time so far /
+    steps done this run x steps left, as h:mm:ss (a resumed run counts from its first step)."""
+    import types
+
+    now = [1000.0]
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr("tulu.train.metrics.time", clock)
+    config = LoggingConfig(tensorboard=False, progress=True)
+    logger = MetricsLogger(tmp_path, config, enabled=True, total_steps=100, start_step=10)
+    now[0] += 200.0  # 2 steps in 200 s: 100 s a step, 88 steps left
+    logger.log_step({**entry(12, 1.5), "tokens_per_s": 8123.4, "mfu": 0.41})
+    now[0] += 1.0  # 3 steps in 201 s, 87 left: 5,829 s
+    logger.log_step({**entry(13, 1.25), "tokens_per_s": None, "mfu": None})
+    now[0] += 1.0e6
+    logger.log_step(entry(100, 1.0))
+    logger.close()
+    assert capsys.readouterr().err.splitlines() == [
+        "step 12/100  loss 1.5000  lr 1.20e-02  8,123 tok/s  MFU 41.0%  ETA 2:26:40",
+        "step 13/100  loss 1.2500  lr 1.30e-02  ETA 1:37:09",
+        "step 100/100  loss 1.0000  lr 1.00e-01  ETA 0:00:00",
+    ]

@@ -1,7 +1,8 @@
 """The training loop end to end (tulu.train.trainer): a tiny GPT-NeoX learns, both loss
-normalisations match their definitions, a run killed with SIGKILL resumes bit for bit, a
-diverging run stops at the right step, the outputs (checkpoints, metrics, TensorBoard, plot,
-HF export) are there and load, and 2 processes train like 1.
+normalisations match their definitions, a run killed with SIGKILL resumes bit for bit (with
+dropout), a diverging run stops at the right step, the outputs (checkpoints, metrics,
+TensorBoard, plot, HF export) are there and load, MFU, the progress lines and the padded
+fraction agree with the micro-batches the trainer ran, and 2 processes train like 1.
 
 Everything runs on the CPU with the demo's tiny tokenizer and a synthetic records file;
 subprocesses get OMP_NUM_THREADS=1 and in-process runs one torch thread, so that runs are
@@ -11,6 +12,8 @@ bitwise reproducible and fast on a busy 2-core machine.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import re
 import shutil
@@ -185,7 +188,7 @@ def test_metrics_tensorboard_and_plot(trained: dict[str, Any]) -> None:
     steps = [e["step"] for e in entries if "loss" in e]
     assert steps == list(range(1, 13))
     keys = {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "trained_tokens"}
-    keys |= {"tokens_per_s", "mfu", "elapsed"}
+    keys |= {"padded_fraction", "tokens_per_s", "mfu", "elapsed"}
     assert set(entries[0]) == keys
     assert entries[0]["mfu"] is None  # CPU: no known peak
     assert 0 < entries[0]["trained_tokens"] < entries[0]["tokens"]
@@ -259,6 +262,145 @@ def test_a_step_checkpoint_of_another_model_is_refused(
     assert not (tmp_path / "out").exists()
 
 
+# ------------------------------------------------------------------------------ MFU, progress, padding
+PEAK_TFLOPS = 0.001  # 1 GFLOP/s per device: the tiny model on one CPU thread is near it
+
+
+def recorded_run(assets: Path, out: Path, *overrides: str) -> dict[str, Any]:
+    """A run whose every `backward_step` call is recorded (the micro-batches it got and
+    which are real), with stderr captured: what the tests recompute the metrics from."""
+    import tulu.train.trainer as trainer
+
+    calls: list[tuple[list[dict[str, torch.Tensor]], list[bool]]] = []
+
+    def recording(model, micro_batches, world, **kwargs):
+        calls.append((micro_batches, kwargs["real"]))
+        return backward_step(model, micro_batches, world, **kwargs)
+
+    config = make_config(
+        assets,
+        out,
+        "checkpoint.every_steps=null",
+        "checkpoint.export=false",
+        "logging.tensorboard=false",
+        "logging.plot=false",
+        *overrides,
+    )
+    stderr = io.StringIO()  # not a terminal: the progress display prints plain lines
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        mp.setattr(trainer, "backward_step", recording)
+        result = train(config)
+    entries = [e for e in read_metrics(result.metrics_file) if "loss" in e]
+    real = [[mb for mb, r in zip(mbs, flags, strict=True) if r] for mbs, flags in calls]
+    return {"config": config, "entries": entries, "steps": real, "stderr": stderr.getvalue()}
+
+
+@pytest.fixture(scope="module")
+def padded_run(assets: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The first epoch (6 steps) with padding, logged every 2 steps, a peak set, progress on."""
+    return recorded_run(
+        assets,
+        tmp_path_factory.mktemp("padded"),
+        "optim.max_steps=6",
+        "logging.every_steps=2",
+        f"logging.peak_tflops={PEAK_TFLOPS}",
+        "logging.progress=true",
+    )
+
+
+def padding_count(micro_batches: list[dict[str, torch.Tensor]]) -> tuple[int, int]:
+    """(padded slots, all slots) of `micro_batches`, counted from their attention masks."""
+    padded = sum(int((mb["attention_mask"] == 0).sum()) for mb in micro_batches)
+    return padded, sum(mb["input_ids"].numel() for mb in micro_batches)
+
+
+def test_mfu_on_the_cpu_with_a_peak_set(padded_run: dict[str, Any], assets: Path) -> None:
+    """MFU of a logged interval (2 steps) = the FLOPs of its steps' real micro-batches at
+    their padded widths x (steps/s = real tokens/s / real tokens) / the peak, recomputed from
+    the micro-batches the trainer ran and metrics.jsonl's token rate."""
+    from tulu.train.metrics import micro_batch_flops
+
+    model_config = build_model_config(padded_run["config"], Tokenizer.load(assets / "tokenizer"))
+    steps, entries = padded_run["steps"], padded_run["entries"]
+    assert [e["step"] for e in entries] == [2, 4, 6] and len(steps) == 6
+    for entry in entries:
+        interval = steps[entry["step"] - 2 : entry["step"]]
+        flops = sum(
+            micro_batch_flops(model_config, *mb["input_ids"].shape) for s in interval for mb in s
+        )
+        tokens = sum(int(mb["attention_mask"].sum()) for s in interval for mb in s)
+        assert entry["tokens"] == sum(int(mb["attention_mask"].sum()) for mb in interval[-1])
+        seconds = tokens / entry["tokens_per_s"]
+        assert entry["mfu"] == pytest.approx(flops / seconds / (PEAK_TFLOPS * 1e12), rel=1e-9)
+        assert entry["mfu"] > 0
+
+
+def test_progress_lines_without_a_terminal(padded_run: dict[str, Any]) -> None:
+    """Not a terminal (nohup, CI): one line per logged step with the loss, lr, tokens/s, MFU
+    (a peak is set) and the ETA = time so far / steps done x steps left."""
+    lines = [line for line in padded_run["stderr"].splitlines() if line.startswith("step ")]
+    assert len(lines) == 3, padded_run["stderr"]
+    for line, entry in zip(lines, padded_run["entries"], strict=True):
+        match = re.fullmatch(rf"step {entry['step']}/6  (.*)  ETA (\d+):(\d\d):(\d\d)", line)
+        assert match, line
+        stats = match.group(1).split("  ")
+        assert stats == [
+            f"loss {entry['loss']:.4f}",
+            f"lr {entry['lr']:.2e}",
+            f"{entry['tokens_per_s']:,.0f} tok/s",
+            f"MFU {100 * entry['mfu']:.1f}%",
+        ]
+        h, m, sec = (int(x) for x in match.groups()[1:])
+        eta = 3600 * h + 60 * m + sec
+        left = 6 - entry["step"]
+        assert abs(eta - entry["elapsed"] / entry["step"] * left) <= 1.5, line
+
+
+def test_padded_fraction_of_a_padded_run(
+    padded_run: dict[str, Any], assets: Path, tmp_path: Path, capsys
+) -> None:
+    """metrics.jsonl's padded_fraction is the logged step's padded slots over its slots; the
+    dry run prints the first epoch's, which these 6 steps are."""
+    steps, entries = padded_run["steps"], padded_run["entries"]
+    for entry in entries:
+        padded, slots = padding_count(steps[entry["step"] - 1])
+        assert padded > 0 and entry["padded_fraction"] == pytest.approx(padded / slots, rel=1e-12)
+    from tulu.cli import main
+
+    data = config_data(assets, tmp_path / "out")
+    assert main(["train", str(write_config(tmp_path / "c.yaml", data)), "--dry-run"]) == 0
+    padded, slots = (sum(c) for c in zip(*(padding_count(s) for s in steps), strict=True))
+    assert f"; padded fraction {padded / slots:.1%} (first epoch)" in capsys.readouterr().out
+
+
+def test_padded_fraction_of_a_packed_run(assets: Path, tmp_path: Path, capsys) -> None:
+    """Packing: rows of max_seq_length slots, few of them padding."""
+    run = recorded_run(
+        assets,
+        tmp_path / "out",
+        "data.batching=packing",
+        "optim.max_steps=2",
+        "logging.progress=false",
+    )
+    assert [e["step"] for e in run["entries"]] == [1, 2]
+    for entry, step in zip(run["entries"], run["steps"], strict=True):
+        padded, slots = padding_count(step)
+        assert {mb["input_ids"].shape[1] for mb in step} == {64}
+        assert entry["padded_fraction"] == pytest.approx(padded / slots, rel=1e-12)
+        assert 0 < entry["padded_fraction"] < 0.5
+    assert run["stderr"] == ""  # logging.progress false: nothing printed
+    # The dry run's first epoch: every row max_seq_length (64) slots wide.
+    from tulu.cli import main
+
+    data = config_data(assets, tmp_path / "out", "data.batching=packing")
+    assert main(["train", str(write_config(tmp_path / "c.yaml", data)), "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data plan:"))
+    match = re.search(r"\(([\d,]+) tokens, .*\), ([\d,]+) rows .*padded fraction ([\d.]+)%", line)
+    assert match, line
+    tokens, rows = (int(g.replace(",", "")) for g in match.groups()[:2])
+    assert float(match.group(3)) == pytest.approx(100 * (1 - tokens / (rows * 64)), abs=0.05)
+
+
 # ------------------------------------------------------------------------------ normalisation
 def test_loss_normalisations_by_hand(assets: Path, tmp_path: Path) -> None:
     """Two micro-batches with 2 and 9 trained tokens: "paper" averages their means, "unbiased"
@@ -299,12 +441,17 @@ def test_loss_normalisations_by_hand(assets: Path, tmp_path: Path) -> None:
 
 # ------------------------------------------------------------------------------ resume
 def test_sigkilled_run_resumes_exactly(assets: Path, tmp_path: Path) -> None:
-    """20 steps straight == 10 steps, SIGKILL, resume: the same 20 losses, bit for bit."""
+    """20 steps straight == 10 steps, SIGKILL, resume: the same 20 losses, bit for bit.
+
+    With dropout, so that every step draws from torch's generator: the losses match only if
+    the checkpoint's RNG state is restored exactly where the straight run stood."""
 
     def config_for(out: Path) -> Path:
         data = config_data(
             assets,
             out,
+            "model.config.hidden_dropout=0.1",
+            "model.config.attention_dropout=0.1",
             "optim.micro_batch_size=2",
             "optim.global_batch_size=4",
             "optim.epochs=4",
@@ -347,6 +494,8 @@ def test_sigkilled_run_resumes_exactly(assets: Path, tmp_path: Path) -> None:
     assert not list(out.glob(".tmp-*"))
     assert sorted(p.name for p in out.glob("step-*")) == ["step-000010", "step-000020"]
 
+    saved = json.loads((out / "step-000020" / "model_config.json").read_text())
+    assert (saved["hidden_dropout"], saved["attention_dropout"]) == (0.1, 0.1)
     expected = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     got = read_metrics(out / "metrics.jsonl")
     assert [e["step"] for e in got] == [e["step"] for e in expected]  # no duplicates/orphans
@@ -562,6 +711,46 @@ def test_dry_run_prints_plan_and_memory(assets: Path, tmp_path: Path, capsys) ->
     rows = [line.split() for line in out.splitlines() if line.strip().startswith("adamw ")]
     assert sorted({int(r[1]) for r in rows}) == [1, 8]
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_dry_run_for_16_processes(
+    assets: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``WORLD_SIZE=16 tulu train C --dry-run`` (as under torchrun): the accumulation over 16
+    processes, and memory rows for 16 devices whose shards are 1/16 of the model (Pythia-1B
+    in float32 master weights: 4 bytes a parameter, Adam's 2 moments 8), next to 1 and 8."""
+    from tulu.cli import main
+    from tulu.model.config import preset
+
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    data = config_data(assets, tmp_path / "out", "model.preset=pythia-1b")
+    data["model"].pop("config")
+    path = write_config(tmp_path / "c.yaml", data)
+    assert main(["train", str(path), "optim.global_batch_size=128", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "global batch 128 rows = micro batch 4 x accumulation 2 x 16 process(es)" in out
+    rows = {
+        (r[0], int(r[1])): r
+        for r in (line.split() for line in out.splitlines())
+        if r and r[0].startswith("adamw") and r[1].isdigit()
+    }
+    assert sorted(rows) == [
+        (o, n) for o in ("adamw", "adamw_8bit", "adamw_bf16") for n in (1, 8, 16)
+    ]
+    gib = preset("pythia-1b").num_parameters() / 16 / 2**30
+    master, params, grads, states = rows[("adamw", 16)][2:6]
+    assert master == "fp32"
+    assert float(params) == pytest.approx(4 * gib, abs=0.01)
+    assert float(grads) == pytest.approx(4 * gib, abs=0.01)
+    assert float(states) == pytest.approx(8 * gib, abs=0.01)
+    assert float(rows[("adamw", 8)][3]) == pytest.approx(8 * gib, abs=0.01)  # 1/8 each
+    # 128 rows do not divide over 16 processes of micro-batches of 16: refused.
+    tiny = write_config(tmp_path / "tiny.yaml", config_data(assets, tmp_path / "out"))
+    overrides = ["optim.global_batch_size=128", "optim.micro_batch_size=16"]
+    assert main(["train", str(tiny), *overrides, "--dry-run"]) == 1
+    out, err = capsys.readouterr()
+    assert "micro batch 16 x accumulation (does not divide!) x 16 process(es)" in out
+    assert "global_batch_size: 128 is not a multiple of micro_batch_size x processes = 256" in err
 
 
 @pytest.mark.parametrize(
@@ -806,6 +995,13 @@ def test_two_processes_train_like_one(assets: Path, tmp_path: Path, normalizatio
     assert one.total_steps == 12 and sorted(two) == list(range(1, 13))
     for step, loss in one.losses.items():
         assert two[step] == pytest.approx(loss, rel=1e-5, abs=1e-5), step
+    # The same rows each step: the same counts, fillers (rank 1, last step of an epoch) excluded.
+    counted = ("tokens", "trained_tokens", "padded_fraction")
+    logged = [
+        {e["step"]: tuple(e[k] for k in counted) for e in read_metrics(path) if "loss" in e}
+        for path in (one.metrics_file, tmp_path / "two" / "metrics.jsonl")
+    ]
+    assert logged[1] == logged[0]
     state = json.loads((tmp_path / "two" / "step-000012" / "trainer.json").read_text())
     assert state["world_size"] == 2
     a = load_model(tmp_path / "one" / "final", dtype=torch.float32).state_dict()

@@ -416,6 +416,7 @@ def _data_plan(config: Any, tokenizer: Any, world_size: int) -> tuple[str, str |
         f"{dataset.num_trained_tokens:,} trained), {s['rows_per_epoch']:,} rows and "
         f"{s['micro_batches_per_epoch']:,} micro-batches per epoch, {s['steps_per_epoch']:,} "
         f"steps per epoch, {s['total_steps']:,} steps in total "
-        f"({warmup_steps(o, plan.total_steps)} warmup)"
+        f"({warmup_steps(o, plan.total_steps)} warmup); padded fraction "
+        f"{plan.padded_fraction():.1%} (first epoch)"
     )
     return summary, None

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from tulu.chat import IGNORE_INDEX
-from tulu.data.batching import Batches, collate_packed, collate_padded
+from tulu.data.batching import Batches, collate_packed, collate_padded, padded_fraction
 from tulu.errors import ConfigError, DataError
 from tulu.train.config import TrainConfig
 from tulu.train.distributed import World, micro_batches_for_rank
@@ -266,6 +266,20 @@ class DataPlan:
             for row in rows:
                 digest.update(np.int64(len(row)).tobytes() + row.tobytes())
         return digest.hexdigest()
+
+    def padded_fraction(self, epoch: int = 0) -> float:
+        """Padding's share of the token slots of `epoch`'s micro-batches, from the lengths
+        alone (nothing is collated): what ``metrics.jsonl``'s ``padded_fraction`` reports per
+        step, over the epoch. With padding each micro-batch is as wide as its longest example,
+        so the share depends on the epoch's order; packed rows are ``max_seq_length`` wide."""
+        plan = self._epoch_plan(epoch)
+        lengths = self.batches.lengths
+        if self.mode == "padding":
+            return padded_fraction(lengths, plan)
+        assert self.batches.max_seq_length is not None
+        rows = [row for micro_batch in plan for row in micro_batch]
+        slots = len(rows) * self.batches.max_seq_length
+        return 1.0 - sum(int(lengths[row].sum()) for row in rows) / slots if slots else 0.0
 
     def summary(self) -> dict[str, int | str]:
         return {

@@ -7,15 +7,17 @@ reduced over the ranks by the trainer.
 ``logging.every_steps`` steps, and the last step)::
 
     {"step": 10, "epoch": 0.5, "loss": 2.31, "lr": 1.9e-05, "grad_norm": 1.2,
-     "tokens": 51234, "trained_tokens": 20345, "tokens_per_s": 8123.4, "mfu": 0.41,
-     "elapsed": 63.2}
+     "tokens": 51234, "trained_tokens": 20345, "padded_fraction": 0.12,
+     "tokens_per_s": 8123.4, "mfu": 0.41, "elapsed": 63.2}
 
 `loss` is that step's normalised loss (not an average over the logging interval), `epoch`
 the epochs done so far as a fraction, `tokens` / `trained_tokens` the step's real (non-padding)
-and loss-bearing tokens over all ranks, `tokens_per_s` real tokens per second over the
-interval since the previous log line, `mfu` null when unknown, `elapsed` seconds of training
-since the run began (resumed runs continue the count). Validation losses are lines of their
-own: ``{"step": 10, "epoch": 0.5, "val_loss": 2.4, "val_tokens": 4321, "elapsed": 64.0}``.
+and loss-bearing tokens over all ranks, `padded_fraction` the share of the step's token
+slots (rows x width of its micro-batches) that hold padding, `tokens_per_s` real tokens per
+second over the interval since the previous log line, `mfu` null when unknown, `elapsed`
+seconds of training since the run began (resumed runs continue the count). Validation
+losses are lines of their own:
+``{"step": 10, "epoch": 0.5, "val_loss": 2.4, "val_tokens": 4321, "elapsed": 64.0}``.
 A non-finite value (a validation loss over no trained tokens is NaN) is written as null, so
 the file is strict JSON that jq or JavaScript can read.
 On resume the file is rewritten with the checkpoint's snapshot of it, so it never holds steps

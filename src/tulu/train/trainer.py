@@ -177,6 +177,12 @@ class StepLoss:
     tokens: int  # real (non-padding) tokens of the real micro-batches
     trained_tokens: int
     flops: float
+    slots: int = 0  # token slots (rows x width) of the real micro-batches, padding included
+
+    @property
+    def padded_fraction(self) -> float:
+        """Padding's share of the step's token slots (0 with no slots)."""
+        return 1.0 - self.tokens / self.slots if self.slots else 0.0
 
 
 def backward_step(
@@ -209,11 +215,12 @@ def backward_step(
     else:
         denominator = float(max(num_micro_batches, 1))
     summed = torch.zeros((), dtype=torch.float64, device=world.device)
-    tokens = flops = 0.0
+    tokens = flops = slots = 0.0
     for mb, n, is_real in zip(micro_batches, counts, real, strict=True):
         if is_real:
             mask = mb.get("attention_mask")
             tokens += float(mask.sum()) if mask is not None else float(mb["input_ids"].numel())
+            slots += float(mb["input_ids"].numel())
             if model_config is not None:
                 rows, width = mb["input_ids"].shape
                 flops += float(micro_batch_flops(model_config, rows, width))
@@ -222,7 +229,7 @@ def backward_step(
         term = loss_sum / max(n, 1) if normalization == "paper" else loss_sum
         (term / denominator).backward()
         summed += term.detach().double()
-    stats = torch.tensor([0.0, tokens, float(sum(counts)), flops], dtype=torch.float64)
+    stats = torch.tensor([0.0, tokens, float(sum(counts)), flops, slots], dtype=torch.float64)
     stats[0] = summed.cpu()
     all_reduce_sum(stats, world)
     return StepLoss(
@@ -230,6 +237,7 @@ def backward_step(
         tokens=int(stats[1]),
         trained_tokens=int(stats[2]),
         flops=float(stats[3]),
+        slots=int(stats[4]),
     )
 
 
@@ -777,6 +785,7 @@ class _Run:
                     "grad_norm": grad_norm,
                     "tokens": stats.tokens,
                     "trained_tokens": stats.trained_tokens,
+                    "padded_fraction": stats.padded_fraction,
                     "tokens_per_s": tokens_per_s,
                     "mfu": mfu,
                     "elapsed": self._elapsed(),
