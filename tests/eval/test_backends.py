@@ -566,3 +566,43 @@ def test_api_scoring_refuses_answers_without_alternatives(checkpoint, body):
         backend._client = _answering(body)
         with pytest.raises(TuluError, match=rf"^{url}: unexpected answer"):
             backend.next_token_logprobs(["hi"], [1, 2])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_eval_prompts_sharing_few_shot_exemplars_reuse_cached_blocks(checkpoint, tmp_path):
+    """BBH's prompts of one task share its few-shot exemplars: through the in-process backend
+    they take those KV blocks from the prefix cache (none with caching off), and the answers
+    are the same either way. Generations are cut to 2 tokens to keep the test fast."""
+    import dataclasses
+
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.engine.engine import LLM, EngineConfig
+    from tulu.eval.runner import EvalContext, run_tasks
+
+    data = write_eval_data(tmp_path)
+    rates, outputs = {}, {}
+    for caching in (True, False):
+        llm = LLM(
+            checkpoint.model, checkpoint.tokenizer, EngineConfig(enable_prefix_caching=caching)
+        )
+        engine = EngineBackend(llm, progress=False)
+
+        @dataclasses.dataclass
+        class Short:
+            engine: EngineBackend
+
+            def generate(self, prompts, decoding):
+                return self.engine.generate(prompts, dataclasses.replace(decoding, max_tokens=2))
+
+        ctx = EvalContext(
+            backend=Short(engine),
+            tokenizer=checkpoint.tokenizer,
+            data_dir=data.data_dir,
+            context_window=engine.context_window,
+        )
+        (result,) = run_tasks(["bbh_direct"], ctx)
+        rates[caching] = llm.engine.stats()["prefix_cache_hit_rate"]
+        outputs[caching] = [p["output"] for p in result.predictions]
+    assert rates[True] > 0, rates
+    assert rates[False] == 0.0
+    assert outputs[True] == outputs[False]

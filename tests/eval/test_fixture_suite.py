@@ -9,8 +9,10 @@ extraction and scoring, and every canonical HumanEval solution passes its tests.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,100 @@ def test_mmlu_counts_questions_whose_answer_tokens_the_server_did_not_return(dat
     assert result.details["unscored"] == len(range(0, result.details["questions"], 3))
     (clean,) = run_tasks(["mmlu_0shot"], dataclasses.replace(ctx, backend=Oracle(False)))
     assert "unscored" not in clean.details
+
+
+class Mixed(Oracle):
+    """Right on some prompts and wrong on others (by a hash of the prompt, so deterministic),
+    so that per-example scores must really follow the answers."""
+
+    def _set(self, prompt: str) -> None:
+        self.wrong = zlib.crc32(prompt.encode("utf-8")) % 3 == 0
+
+    def next_token_logprobs(self, prompts, candidates):
+        rows = []
+        for prompt in prompts:
+            self._set(prompt)
+            rows += super().next_token_logprobs([prompt], candidates)
+        return rows
+
+    def generate(self, prompts, decoding):
+        outputs = []
+        for prompt in prompts:
+            self._set(prompt)
+            kind, gold = _last(prompt, self.generated)
+            if kind == "tydiqa" and self.wrong:  # partly right: F1 between 0 and 1, EM 0
+                outputs.append([f" {gold} and more"] * decoding.n)
+            else:
+                outputs += super().generate([prompt], decoding)
+        return outputs
+
+
+def _results_json(data: EvalData, task: str) -> dict[str, Any]:
+    """The task's entry of results.json, as `tulu eval` writes it (asdict, then JSON)."""
+    ctx = EvalContext(
+        backend=Mixed(False),
+        tokenizer=train_tokenizer(corpus_text()),
+        data_dir=Path(data.data_dir),
+        options={"gsm_exemplars": data.gsm_exemplars},
+    )
+    (result,) = run_tasks([task], ctx)
+    return json.loads(json.dumps(dataclasses.asdict(result), default=str))
+
+
+def _mixed(flags: list[Any]) -> None:
+    assert len(set(flags)) > 1, "every example scored alike: the test would prove nothing"
+
+
+def test_results_json_mmlu_predictions_carry_gold_and_correct(data):
+    from tulu.eval import mmlu
+
+    entry = _results_json(data, "mmlu_5shot")
+    questions = mmlu.load_mmlu(Path(data.data_dir) / "mmlu")
+    for p in entry["predictions"]:
+        assert set(p) == {"subject", "index", "prediction", "gold", "correct"}
+        assert p["gold"] == questions[p["subject"]]["test"][p["index"]].answer
+        assert p["correct"] is (p["prediction"] == p["gold"])
+    flags = [p["correct"] for p in entry["predictions"]]
+    _mixed(flags)
+    assert entry["value"] == pytest.approx(100 * sum(flags) / len(flags))  # micro average
+
+
+def test_results_json_bbh_predictions_carry_answer_and_correct(data):
+    from tulu.eval import bbh
+
+    entry = _results_json(data, "bbh_cot")
+    by_task: dict[str, list[bool]] = {}
+    for p in entry["predictions"]:
+        assert set(p) == {"task", "input", "output", "target", "answer", "correct"}
+        assert p["answer"] == bbh.extract_answer(p["output"])
+        assert p["correct"] is bbh.answers_match(p["answer"], p["target"])
+        by_task.setdefault(p["task"], []).append(p["correct"])
+    _mixed([flag for flags in by_task.values() for flag in flags])
+    for name, flags in by_task.items():  # the per-task table and the macro average agree
+        assert entry["details"]["per_task"][name]["accuracy"] == sum(flags) / len(flags)
+    macro = sum(sum(f) / len(f) for f in by_task.values()) / len(by_task)
+    assert entry["value"] == pytest.approx(100 * macro)
+
+
+def test_results_json_tydiqa_predictions_carry_f1_and_exact_match(data):
+    from tulu.eval import tydiqa
+
+    entry = _results_json(data, "tydiqa_gp")
+    by_language: dict[str, list[tuple[float, float]]] = {}
+    for p in entry["predictions"]:
+        assert set(p) == {"language", "id", "output", "answers", "f1", "exact_match"}
+        answer = tydiqa.postprocess(p["output"])
+        assert p["f1"] == tydiqa.f1(answer, p["answers"])
+        assert p["exact_match"] == tydiqa.exact_match(answer, p["answers"])
+        by_language.setdefault(p["language"], []).append((p["f1"], p["exact_match"]))
+    scores = [score for pairs in by_language.values() for score in pairs]
+    _mixed([f1 for f1, _ in scores])
+    assert any(0 < f1 < 1 and em == 0 for f1, em in scores)  # F1 and exact match differ
+    for metric, column in ((0, "f1"), (1, "exact_match")):
+        means = {lang: sum(s[metric] for s in v) / len(v) for lang, v in by_language.items()}
+        for lang, mean in means.items():
+            assert entry["details"]["per_language"][lang][column] == pytest.approx(mean)
+        macro = 100 * sum(means.values()) / len(means)
+        assert (entry["value"] if column == "f1" else entry["details"]["exact_match"]) == (
+            pytest.approx(macro)
+        )

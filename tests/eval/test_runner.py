@@ -615,6 +615,112 @@ def test_max_examples_caps_every_task_alike(bundled):
             assert len(backend.prompts) == count, (task, max_examples)
 
 
+class _Recorder:
+    """Records every prompt and Decoding it is handed; answers with empty outputs."""
+
+    def __init__(self) -> None:
+        self.prompts: list[str] = []
+        self.decodings: list[Decoding] = []
+
+    def generate(self, prompts, decoding):
+        self.prompts += prompts
+        self.decodings.append(decoding)
+        return [[""] * decoding.n for _ in prompts]
+
+    def next_token_logprobs(self, prompts, candidates):
+        self.prompts += prompts
+        return [[0.0] * len(candidates) for _ in prompts]
+
+
+def _all_fail(programs, **kwargs):
+    from tulu.eval.sandbox import ExecutionResult
+
+    return [ExecutionResult(False, "failed", "") for _ in programs]
+
+
+def test_codex_tasks_decode_as_the_paper(bundled, monkeypatch):
+    """What the backend is asked for: 20 samples (the default --codex-samples), nucleus 0.95,
+    temperature 0.1 for pass@1 and 0.8 for pass@10, at most 512 new tokens, the five Codex
+    stop sequences, and the run's seed."""
+    from tulu.eval import sandbox
+
+    monkeypatch.setattr(sandbox, "run_many", _all_fail)  # the decoding is what is checked
+    stop = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+    for task, temperature in (("codex_pass1", 0.1), ("codex_pass10", 0.8)):
+        backend = _Recorder()
+        ctx = EvalContext(backend=backend, tokenizer=None, data_dir=bundled.data_dir)
+        (result,) = run_tasks([task], ctx)
+        assert backend.decodings == [
+            Decoding(max_tokens=512, temperature=temperature, top_p=0.95, n=20, stop=stop, seed=42)
+        ], task
+        assert result.details["samples"] == 20
+        assert all(len(p["completions"]) == 20 for p in result.predictions)
+
+
+def test_full_takes_every_gsm_question_whatever_the_cap(bundled, tmp_path):
+    """``full`` (--full) ignores both the protocol's 200 and a --max-examples cap."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(bundled.data_dir, data)
+    count = 205  # above the protocol's default of 200
+    with open(data / "gsm" / "test.jsonl", "w", encoding="utf-8") as out:
+        for i in range(count):
+            record = {"question": f"What is {i} plus one?", "answer": f"{i}+1\n#### {i + 1}"}
+            out.write(json.dumps(record) + "\n")
+    for full, max_examples, expected in (
+        (True, 1, count),
+        (True, None, count),
+        (False, None, 200),
+        (False, 1, 1),
+    ):
+        backend = _Recorder()
+        ctx = EvalContext(
+            backend=backend,
+            tokenizer=None,
+            data_dir=data,
+            max_examples=max_examples,
+            full=full,
+            options={"gsm_exemplars": bundled.gsm_exemplars},
+        )
+        (result,) = run_tasks(["gsm_direct"], ctx)
+        assert len(backend.prompts) == result.details["questions"] == expected, (full, max_examples)
+
+
+def test_codex_reports_sandbox_progress_once_per_program(bundled, monkeypatch, capsys):
+    """run_many gets a progress callback (6,560 programs for the paper's Codex run), and with
+    progress bars on, the bar on stderr reaches the number of programs."""
+    from tulu.eval import sandbox
+
+    calls: list[tuple[int, int]] = []
+    real_run_many = sandbox.run_many
+
+    def run_many(programs, progress=None, **kwargs):
+        assert progress is not None, "no progress callback"
+
+        def counted(done, total):
+            calls.append((done, total))
+            progress(done, total)
+
+        return real_run_many(programs, progress=counted, **kwargs)
+
+    monkeypatch.setattr(sandbox, "run_many", run_many)
+    for bars in (False, True):
+        calls.clear()
+        ctx = EvalContext(
+            backend=_Recorder(),
+            tokenizer=None,
+            data_dir=bundled.data_dir,
+            max_examples=2,
+            options={"codex_samples": 3},
+            progress_bars=bars,
+        )
+        run_tasks(["codex_pass1"], ctx)
+        assert sorted(calls) == [(done, 6) for done in range(1, 7)]  # 2 problems x 3 samples
+        err = capsys.readouterr().err
+        assert ("running programs" in err and "6/6" in err) == bars, err
+
+
 def test_tulu_eval_checks_inputs_before_loading_the_model(tmp_path, monkeypatch, capsys):
     import tulu.pretrained
     from tulu.cli import main

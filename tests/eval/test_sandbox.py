@@ -250,6 +250,30 @@ def test_huge_allocation_fails_with_memory_error() -> None:
     assert "MemoryError" in result.detail
 
 
+def test_allocation_above_the_memory_limit_but_within_host_ram_fails() -> None:
+    """1.5 GiB is more than the default 1 GiB address-space limit but far less than a host's
+    RAM: only the sandbox's limit makes it fail (the 10**11 bytes above fail on any host)."""
+    result = run_program("x = bytearray(3 * 1024**3 // 2)\nx[-1] = 1\n")
+    _assert_not_passed(result)
+    assert "MemoryError" in result.detail
+
+
+def test_the_child_runs_under_the_configured_limits() -> None:
+    """The child sees its CPU-seconds limit (a little above the wall-clock timeout) and its
+    address-space limit, soft and hard alike so it cannot raise them."""
+    program = (
+        "import resource\n"
+        "print('cpu', resource.getrlimit(resource.RLIMIT_CPU))\n"
+        "print('as', resource.getrlimit(resource.RLIMIT_AS))\n"
+    )
+    result = run_program(program, timeout=5.5, memory_bytes=768 * 1024**2)
+    assert result.passed, result
+    assert "cpu (7, 7)" in result.detail  # ceil(5.5) + 1 CPU seconds
+    assert f"as ({768 * 1024**2}, {768 * 1024**2})" in result.detail
+    default = run_program(program)  # timeout 3 s, 1 GiB
+    assert "cpu (4, 4)" in default.detail and f"as ({1024**3}, {1024**3})" in default.detail
+
+
 def test_opening_a_socket_reaches_no_one() -> None:
     server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     server.bind(("127.0.0.1", 0))

@@ -295,11 +295,13 @@ def answers_match(prediction: str, target: str, protocol: ProtocolName = "paper"
 
 @dataclass(frozen=True)
 class TaskScore:
-    """Correct / total for one task, with each example's extracted answer."""
+    """Correct / total for one task, with each example's extracted answer and whether it
+    matched (kept so results.json can show every example's score)."""
 
     correct: int
     total: int
     predictions: list[str] = field(default_factory=list)
+    matches: list[bool] = field(default_factory=list)
 
     @property
     def accuracy(self) -> float:
@@ -338,9 +340,9 @@ def score(
             got = "none" if task_outputs is None else len(task_outputs)
             raise DataError(f"BBH {name}: {got} outputs for {len(rows)} examples")
         predictions = [extract_answer(o, protocol) for o in task_outputs]
-        correct = sum(
+        matches = [
             answers_match(p, row.target, protocol) for p, row in zip(predictions, rows, strict=True)
-        )
-        per_task[name] = TaskScore(correct, len(rows), predictions)
+        ]
+        per_task[name] = TaskScore(sum(matches), len(rows), predictions, matches)
     accuracy = sum(s.accuracy for s in per_task.values()) / len(per_task) if per_task else 0.0
     return BBHResult(accuracy, per_task)

@@ -145,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             "judge_api_key": args.judge_api_key,
         },
         progress=lambda message: print(message, file=sys.stderr),
+        progress_bars=sys.stderr.isatty(),
     )
     # Check the tasks and their inputs (runner.missing_files) before loading anything: a missing
     # file is reported in seconds, not after a 14 GB checkpoint has been read. run_tasks checks

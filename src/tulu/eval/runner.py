@@ -21,7 +21,8 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,9 @@ class EvalContext:
     options: dict[str, Any] = field(default_factory=dict)
     context_window: int = 2048  # prompts are fitted to min(2048, this) where the protocol allows
     progress: Callable[[str], None] = lambda message: None
+    # A rich bar on stderr for the Codex sandbox runs (thousands of programs, minutes); the
+    # CLI turns it on when stderr is a terminal, library callers get none by default.
+    progress_bars: bool = False
 
 
 @dataclass
@@ -223,7 +227,14 @@ def _mmlu(k: int) -> Callable[[EvalContext], TaskResult]:
             value=100 * result.accuracy,
             details=details,
             predictions=[
-                {"subject": s, "index": i, "prediction": predictions[(s, i)]} for s, i in keys
+                {
+                    "subject": s,
+                    "index": i,
+                    "prediction": predictions[(s, i)],
+                    "gold": data[s]["test"][i].answer,
+                    "correct": predictions[(s, i)] == data[s]["test"][i].answer,
+                }
+                for s, i in keys
             ],
         )
 
@@ -296,7 +307,8 @@ def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
                 )
                 owners.append(index)
         ctx.progress(f"codex: running {len(programs)} programs in the sandbox")
-        results = sandbox.run_many(programs)
+        with _sandbox_bar(len(programs), ctx.progress_bars) as advance:
+            results = sandbox.run_many(programs, progress=advance)
         passed: list[list[bool]] = [[] for _ in problems]
         for owner, result in zip(owners, results, strict=True):
             passed[owner].append(result.passed)
@@ -313,6 +325,34 @@ def _codex(k: int, temperature: float) -> Callable[[EvalContext], TaskResult]:
         )
 
     return run
+
+
+@contextmanager
+def _sandbox_bar(total: int, show: bool) -> Iterator[Callable[[int, int], None]]:
+    """The `progress(done, total)` callback for `sandbox.run_many`: it advances a rich bar on
+    stderr (as the engine's generation bar) when `show`, else does nothing."""
+    if not show:
+        yield lambda done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    bar = Progress(
+        TextColumn("running programs"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=Console(stderr=True),  # stdout belongs to the results table
+    )
+    task = bar.add_task("sandbox", total=total)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done)
 
 
 def _humaneval_path(ctx: EvalContext) -> Path:
@@ -372,6 +412,8 @@ def _bbh(mode: str) -> Callable[[EvalContext], TaskResult]:
                     "input": examples[name][i].input,
                     "output": by_task[name][i],
                     "target": examples[name][i].target,
+                    "answer": result.per_task[name].predictions[i],
+                    "correct": result.per_task[name].matches[i],
                 }
                 for name, i in keys
             ],
@@ -419,6 +461,8 @@ def _tydiqa(mode: str) -> Callable[[EvalContext], TaskResult]:
                     "id": questions[lang][i].id,
                     "output": by_language[lang][i],
                     "answers": list(questions[lang][i].answers),
+                    "f1": result.per_language[lang].per_question_f1[i],
+                    "exact_match": result.per_language[lang].per_question_exact_match[i],
                 }
                 for lang, i in keys
             ],

@@ -441,12 +441,14 @@ def postprocess(output: str) -> str:
 
 @dataclass(frozen=True)
 class LanguageScore:
-    """Mean F1 and exact match for one language, and each question's F1."""
+    """Mean F1 and exact match for one language, and each question's F1 and exact match
+    (kept so results.json can show every question's score)."""
 
     f1: float
     exact_match: float
     total: int
     per_question_f1: list[float] = field(default_factory=list)
+    per_question_exact_match: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -483,7 +485,7 @@ def score(
         ems = [exact_match(a, row.answers) for a, row in zip(answers, rows, strict=True)]
         n = len(rows)
         per_language[lang] = LanguageScore(
-            sum(f1s) / n if n else 0.0, sum(ems) / n if n else 0.0, n, f1s
+            sum(f1s) / n if n else 0.0, sum(ems) / n if n else 0.0, n, f1s, ems
         )
     count = len(per_language)
     return TyDiResult(
