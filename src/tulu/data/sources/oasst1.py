@@ -185,7 +185,7 @@ def _convert_tree(
             )
             return
         if lang not in options.langs:
-            report.drop("tree in another language")
+            report.drop("tree in another language" if lang else "tree without a language")
             return
     if options.skip_deleted and prompt.get("deleted") is True:
         report.drop("deleted message subtree")
