@@ -13,8 +13,9 @@ whose header differs is refused with the differences named: results of two setti
 mixed in one file, and a model copied elsewhere counts as another one. What the header leaves
 out, on purpose: the model as typed (a relative path, a hub id and --revision are what they
 resolve to; a hub snapshot's directory names its commit), the device and the engine's sizes
-(which change no result), so that a job preempted on one node resumes on another. Seeded sampling resumes exactly: every request has its own random
-generator seeded with --seed, so its sample does not depend on the other requests in the batch.
+(which change no result), so that a job preempted on one node resumes on another. Seeded
+sampling resumes exactly: every request has its own random generator seeded with --seed, so
+its sample does not depend on the other requests in the batch.
 
 A cut last line (the process killed mid-write) is dropped and its prompt generated again; a
 bad line anywhere else is an error naming the file and line, since it means the file was

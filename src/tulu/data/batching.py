@@ -35,6 +35,7 @@ __all__ = [
     "collate_padded",
     "pack_rows",
     "padded_fraction",
+    "padded_share",
     "padding_batches",
     "padding_report",
 ]
@@ -316,7 +317,7 @@ class PaddingStats:
 
     @property
     def padded_fraction(self) -> float:
-        return 1.0 - self.real_tokens / self.token_slots if self.token_slots else 0.0
+        return padded_share(self.real_tokens, self.token_slots)
 
     def as_dict(self) -> dict[str, float | int | str]:
         return {
@@ -327,6 +328,11 @@ class PaddingStats:
             "real_tokens": self.real_tokens,
             "padded_fraction": self.padded_fraction,
         }
+
+
+def padded_share(real_tokens: int, token_slots: int) -> float:
+    """The share of `token_slots` that holds padding (0 with no slots)."""
+    return 1.0 - real_tokens / token_slots if token_slots else 0.0
 
 
 def padded_fraction(lengths: Sequence[int] | np.ndarray, batches: Sequence[np.ndarray]) -> float:

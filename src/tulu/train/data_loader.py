@@ -44,7 +44,13 @@ import numpy as np
 import torch
 
 from tulu.chat import IGNORE_INDEX
-from tulu.data.batching import Batches, collate_packed, collate_padded, padded_fraction
+from tulu.data.batching import (
+    Batches,
+    collate_packed,
+    collate_padded,
+    padded_fraction,
+    padded_share,
+)
 from tulu.errors import ConfigError, DataError
 from tulu.train.config import TrainConfig
 from tulu.train.distributed import World, micro_batches_for_rank
@@ -278,8 +284,8 @@ class DataPlan:
             return padded_fraction(lengths, plan)
         assert self.batches.max_seq_length is not None
         rows = [row for micro_batch in plan for row in micro_batch]
-        slots = len(rows) * self.batches.max_seq_length
-        return 1.0 - sum(int(lengths[row].sum()) for row in rows) / slots if slots else 0.0
+        real = sum(int(lengths[row].sum()) for row in rows)
+        return padded_share(real, len(rows) * self.batches.max_seq_length)
 
     def summary(self) -> dict[str, int | str]:
         return {

@@ -77,6 +77,7 @@ import torch
 import yaml
 from torch import Tensor, nn
 
+from tulu.data.batching import padded_share
 from tulu.errors import CheckpointError, ConfigError, TuluError
 from tulu.model.config import NeoXConfig, dtype_name, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM, next_token_loss
@@ -182,7 +183,7 @@ class StepLoss:
     @property
     def padded_fraction(self) -> float:
         """Padding's share of the step's token slots (0 with no slots)."""
-        return 1.0 - self.tokens / self.slots if self.slots else 0.0
+        return padded_share(self.tokens, self.slots)
 
 
 def backward_step(
