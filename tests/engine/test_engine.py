@@ -239,6 +239,36 @@ def test_prefix_cache_hits_do_not_change_outputs(tiny_model, make_llm, block_siz
     assert plain.engine.scheduler.prefix_hits == 0 and plain.engine.pool.num_cached == 0
 
 
+@pytest.mark.parametrize(
+    ("block_size", "budget"), [(16, 2048), (5, 2048), (16, 40), (1, 64)], ids=str
+)
+def test_prompts_queued_together_share_the_prefix_their_first_step_computes(
+    tiny_model, make_llm, block_size, budget
+):
+    """Few-shot prompts queued at once: the first computes the shared prefix and the others,
+    in the same step, attend to its blocks as that step writes them (or, with a prefix longer
+    than the step's budget, wait for it). Outputs are the reference's; the prefix is computed
+    once (n - 1 prompts take all its full blocks)."""
+    common = random_prompts([100], seed=17)[0]
+    prompts = [common + s for s in random_prompts([1, 3, 8, 20, 2, 13], seed=18)]
+    want = [generate_ids(tiny_model, p, GREEDY).token_ids for p in prompts]
+    llm = make_llm(tiny_model, block_size=block_size, max_num_batched_tokens=budget)
+    log = ScheduleLog(llm.engine)
+    outputs = llm.generate(prompts, GREEDY)
+    assert token_ids(outputs) == want
+    shared = 100 // block_size * block_size
+    assert [o.num_cached_tokens for o in outputs] == [0] + [shared] * 5
+    computed_prompt_tokens = sum(
+        min(start + n, num_prompt) - start
+        for step in log.steps
+        for _, start, n, num_prompt in step
+        if start < num_prompt
+    )
+    assert computed_prompt_tokens == sum(map(len, prompts)) - 5 * shared
+    if budget == 2048:
+        assert len(log.steps[0]) == len(prompts)  # all of them in the first step
+
+
 def test_prefix_cache_reuses_blocks_holding_generated_tokens(tiny_model, make_llm):
     prompt = random_prompts([40], seed=9)[0]
     llm = make_llm(tiny_model, block_size=8)

@@ -4,6 +4,8 @@ tokens are all computed and retires sequences after `max_tokens` outputs."""
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from tulu.engine.kv_cache import BlockPool, prefix_hashes
@@ -36,6 +38,7 @@ class Sim:
         self.seqs: list[Sequence] = []
         self.finished: list[Sequence] = []
         self.history: list[SchedulerOutput] = []
+        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}  # (block, row) -> prefix
 
     def add(
         self, prompt_len: int, max_tokens: int = 4, first_token: int | None = None, **params
@@ -62,6 +65,7 @@ class Sim:
         out = self.sched.schedule()
         self.history.append(out)
         self.check(out)
+        self.forward(out)
         for item in out.scheduled:
             seq = item.seq
             seq.num_computed += item.num_new_tokens
@@ -72,6 +76,23 @@ class Sim:
                     self.sched.remove(seq)
                     self.finished.append(seq)
         return out
+
+    def forward(self, out: SchedulerOutput) -> None:
+        """What the model's forward pass does with the cache, checked: every layer first
+        writes the keys and values of all the step's tokens, then each sequence attends to its
+        whole context, which must hold exactly its own tokens (a block shared with a sequence
+        that computes it in this same step has been written by then). A slot holds the token
+        prefix it was computed from."""
+        bs = self.pool.block_size
+        for item in out.scheduled:
+            seq = item.seq
+            for p in range(seq.num_computed, seq.num_computed + item.num_new_tokens):
+                self.slots[seq.block_table[p // bs], p % bs] = tuple(seq.token_ids[: p + 1])
+        for item in out.scheduled:
+            seq = item.seq
+            for p in range(seq.num_computed + item.num_new_tokens):
+                held = self.slots.get((seq.block_table[p // bs], p % bs))
+                assert held == tuple(seq.token_ids[: p + 1]), (seq.seq_id, p)
 
     def run(self, max_steps: int = 1000) -> None:
         for _ in range(max_steps):
@@ -399,23 +420,78 @@ def add_samples(sim: Sim, request_id: str, prompt: list[int], n: int) -> list[Se
 
 
 def test_the_samples_of_a_request_compute_its_prompt_once():
-    """n > 1: one sample computes the prompt while the others wait a step, then take its full
-    blocks from the prefix cache (they were computing the same prompt n times). A request
-    behind them is not held up, and the waiting samples keep their place in the queue."""
+    """n > 1: one sample computes the prompt and the others, admitted in the same step, take
+    its full blocks (the forward pass writes them before any attention) and compute only the
+    rest (they were computing the same prompt n times). A request behind them runs too."""
     sim = Sim(64, 4)
     a, b, c = add_samples(sim, "n3", list(range(100, 113)), 3)  # 13 tokens: 3 full blocks
     other = sim.add(5, max_tokens=2)
     out = sim.step()
-    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(a, 13), (other, 5)]
-    assert list(sim.sched.waiting) == [b, c]
-    prompt_blocks = a.block_table[:3]
-    out = sim.step()
-    assert [(x.seq, x.num_new_tokens) for x in out.scheduled if x.seq in (b, c)] == [
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [
+        (a, 13),
         (b, 1),
         (c, 1),
+        (other, 5),
     ]
-    assert b.block_table[:3] == c.block_table[:3] == prompt_blocks
+    assert b.block_table[:3] == c.block_table[:3] == a.block_table[:3]
+    assert all(sim.pool.ref_count[block] == 3 for block in a.block_table[:3])
     assert sim.sched.prefix_hits == 6
+    assert b.num_cached_prompt_tokens == c.num_cached_prompt_tokens == 12
+    sim.run()
+    assert sim.pool.num_used == 0
+
+
+def test_prompts_sharing_a_prefix_compute_it_once_in_their_first_step():
+    """Few-shot prompts queued together (different requests, one exemplar prefix): the first
+    computes the prefix, the others share its blocks in the same step."""
+    sim = Sim(64, 4, max_num_batched_tokens=64)
+    prefix = list(range(500, 520))  # 5 full blocks
+    seqs = []
+    for _ in range(4):
+        seq = sim.add(23, max_tokens=2)
+        seq.token_ids[:20] = prefix
+        seqs.append(seq)
+    out = sim.step()
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [
+        (seqs[0], 23),
+        *((seq, 3) for seq in seqs[1:]),
+    ]
+    assert all(seq.block_table[:5] == seqs[0].block_table[:5] for seq in seqs)
+    assert all(seq.block_table[5] != seqs[0].block_table[5] for seq in seqs[1:])
+    assert sim.sched.prefix_hits == 15
+    sim.run()
+    assert sim.pool.num_used == 0
+
+
+def test_a_prefix_longer_than_a_step_is_waited_for_not_computed_twice():
+    """A waiting prompt whose next block a running prefill computes in a later step waits for
+    it (chunked prefill of a long shared prefix), while an unrelated request is admitted."""
+    sim = Sim(64, 4, max_num_batched_tokens=17)
+    long = sim.add(40, max_tokens=2, first_token=0)
+    follower = sim.add(42, max_tokens=2, first_token=0)
+    follower.token_ids[36:] = [7] * 6  # shares 9 full blocks with `long`, then differs
+    unrelated = sim.add(3, max_tokens=2)
+    computed = {id(long): 0, id(follower): 0, id(unrelated): 0}
+    while follower.num_computed < follower.num_prompt_tokens:
+        out = sim.step()
+        for item in out.scheduled:
+            computed[id(item.seq)] += item.num_new_tokens
+        if long.num_computed < long.num_prompt_tokens:
+            assert follower.status is SeqStatus.WAITING
+    assert unrelated.num_computed > 0  # not held up behind the waiting follower
+    assert computed[id(follower)] == 42 - 36 and follower.num_cached_prompt_tokens == 36
+    assert follower.block_table[:9] == long.block_table[:9]
+    sim.run()
+    assert sim.pool.num_used == 0
+
+
+def test_prompt_logprobs_requests_do_not_share_blocks_computed_in_their_step():
+    sim = Sim(64, 4)
+    first = sim.add(24, max_tokens=2, first_token=0)
+    scored = sim.add(24, max_tokens=2, first_token=0, prompt_logprobs=0)
+    out = sim.step()
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(first, 24), (scored, 24)]
+    assert scored.num_cached_prompt_tokens == 0
     sim.run()
     assert sim.pool.num_used == 0
 
@@ -455,6 +531,41 @@ def test_prompt_logprobs_requests_skip_the_prefix_cache():
     out = sim.step()
     assert out.scheduled[0].num_new_tokens == 12 and seq.num_cached_prompt_tokens == 0
     sim.run()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_workloads_with_shared_prefixes_read_only_what_was_written(seed):
+    """Random pools, budgets and prompts built from a few shared prefixes (some requests with
+    n > 1, some arriving late): `Sim.forward` checks at every step that each context slot a
+    sequence reads holds its own token prefix, and every request finishes with the pool empty."""
+    rng = random.Random(seed)
+    block_size = rng.choice([1, 2, 4, 5])
+    sim = Sim(
+        rng.randint(24, 80) // block_size + 12,
+        block_size,
+        max_num_batched_tokens=rng.choice([7, 16, 33, 200]),
+        max_num_seqs=rng.choice([2, 5, 64]),
+        enable_chunked_prefill=rng.random() < 0.8,
+    )
+    prefixes = [[rng.randrange(50) for _ in range(rng.randint(0, 30))] for _ in range(3)]
+
+    def add_random() -> None:
+        prompt = rng.choice(prefixes) + [rng.randrange(50) for _ in range(rng.randint(1, 12))]
+        n = rng.choice([1, 1, 1, 2, 3])
+        if n == 1:
+            sim.add(len(prompt), max_tokens=rng.randint(1, 6), first_token=0)
+            sim.seqs[-1].token_ids[:] = prompt
+        else:
+            add_samples(sim, f"n{len(sim.seqs)}", prompt, n)
+
+    for _ in range(rng.randint(2, 8)):
+        add_random()
+    for _ in range(rng.randint(0, 6)):
+        sim.step()
+        add_random()
+    sim.run()
+    assert all(seq.is_finished for seq in sim.seqs)
+    assert sim.pool.num_used == 0
 
 
 def test_failed_admission_gives_back_the_prefix_blocks():

@@ -122,6 +122,12 @@ class BlockPool:
         self.ref_count[block] += 1
         return block
 
+    def share(self, block: int) -> None:
+        """Take another reference to a block in use (one a running sequence is filling)."""
+        if self.ref_count[block] <= 0:
+            raise RuntimeError(f"block {block} is not in use: nothing to share")
+        self.ref_count[block] += 1
+
     def peek(self, block_hash: BlockHash) -> bool:
         return self.enable_prefix_caching and block_hash in self._block_of
 

@@ -5,6 +5,14 @@ arrival order: a decoding sequence needs one token, a sequence still in prefill 
 chunk of its prompt (chunked prefill, so a long prompt never stalls the decodes beside it).
 Whatever budget is left admits waiting sequences, reusing cached prefix blocks first.
 
+Prefix blocks are shared within a step too. Each layer of the step's forward pass writes the
+keys and values of all the step's tokens before any sequence attends, so a sequence admitted
+in the same step as the one computing its prefix can read that prefix's blocks: a batch of
+few-shot prompts (or the n samples of one request) computes the shared exemplars once, not
+once per prompt. A waiting sequence whose next block a running sequence will compute in a
+later step (a prompt longer than one step's budget) waits for it rather than computing it
+again.
+
 When the block pool runs dry, the most recently admitted running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later (its
 generated tokens are kept, so its output does not change).
@@ -83,6 +91,15 @@ class ScheduledSeq:
 
 
 @dataclass
+class _InFlight:
+    """Prefix blocks that running sequences are computing: what a sequence admitted in this
+    step can share instead of computing again, and what it is worth waiting for."""
+
+    this_step: dict[BlockHash, int] = field(default_factory=dict)  # complete after this step
+    later: set[BlockHash] = field(default_factory=set)  # prompt blocks of later steps
+
+
+@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
@@ -146,8 +163,9 @@ class Scheduler:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
-    def _match_prefix(self, seq: Sequence) -> None:
-        """Reuse cached blocks for the leading full blocks of a newly admitted sequence.
+    def _match_prefix(self, seq: Sequence, in_flight: _InFlight | None) -> None:
+        """Reuse cached blocks for the leading full blocks of a newly admitted sequence, and
+        blocks this step completes (`in_flight`): the step writes them before any attention.
 
         At least one token is left to compute: the step needs logits at the last position.
         """
@@ -158,13 +176,14 @@ class Scheduler:
         self._extend_hashes(seq, seq.num_tokens - 1)
         for block_hash in seq.block_hashes:
             block = self.pool.lookup(block_hash)
+            if block is None and in_flight is not None:
+                block = in_flight.this_step.get(block_hash)
+                if block is not None:
+                    self.pool.share(block)
             if block is None:
                 break
             seq.block_table.append(block)
         seq.num_computed = len(seq.block_table) * self.block_size
-        seq.num_cached_prompt_tokens = max(
-            seq.num_cached_prompt_tokens, min(seq.num_computed, seq.num_prompt_tokens)
-        )
 
     def _extend_hashes(self, seq: Sequence, upto_tokens: int) -> None:
         bs = self.block_size
@@ -225,23 +244,17 @@ class Scheduler:
             budget -= count
             index += 1
 
-        # Requests whose prompt is being computed by one of their sequences: their other
-        # sequences wait for it, then reuse its blocks from the prefix cache (n > 1 computes a
-        # prompt once, not n times).
-        sharing = (
-            {s.request_id for s in self.running if self._leaves_blocks_to_share(s)}
-            if self.waiting
-            else set()
-        )
+        in_flight = self._in_flight(scheduled) if self.waiting else None
         deferred: list[Sequence] = []
         while (
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
-            if seq.request_id in sharing:
+            self._match_prefix(seq, in_flight)
+            if self._waits_for_in_flight(seq, in_flight):
+                self._undo_prefix(seq)
                 deferred.append(self.waiting.popleft())
                 continue
-            self._match_prefix(seq)
             remaining = seq.num_tokens - seq.num_computed
             if self.enable_chunked_prefill:
                 count = min(remaining, budget)
@@ -264,25 +277,55 @@ class Scheduler:
             self.waiting.popleft()
             self.prefix_queries += len(seq.block_hashes) if self.pool.enable_prefix_caching else 0
             self.prefix_hits += seq.num_computed // self.block_size
+            seq.num_cached_prompt_tokens = max(
+                seq.num_cached_prompt_tokens, min(seq.num_computed, seq.num_prompt_tokens)
+            )
             self._allocate(seq, needed)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             scheduled.append(ScheduledSeq(seq, count))
             budget -= min(count, budget)
-            if self._leaves_blocks_to_share(seq):
-                sharing.add(seq.request_id)
+            if in_flight is not None:
+                self._note_in_flight(seq, seq.num_computed + count, in_flight)
         self.waiting.extendleft(reversed(deferred))  # back in front, in their order
         return SchedulerOutput(scheduled, preempted)
 
-    def _leaves_blocks_to_share(self, seq: Sequence) -> bool:
-        """Whether `seq` has full prompt blocks still to compute that the other sequences of
-        its request could take from the prefix cache once it has computed them."""
-        if not self.pool.enable_prefix_caching or seq.params.n == 1:
+    def _in_flight(self, scheduled: list[ScheduledSeq]) -> _InFlight | None:
+        """The prefix blocks the running sequences compute in this step and after it."""
+        if not self.pool.enable_prefix_caching:
+            return None
+        in_flight = _InFlight()
+        counts = {id(item.seq): item.num_new_tokens for item in scheduled}
+        for seq in self.running:
+            self._note_in_flight(seq, seq.num_computed + counts.get(id(seq), 0), in_flight)
+        return in_flight
+
+    def _note_in_flight(
+        self, seq: Sequence, computed_after_step: int, in_flight: _InFlight
+    ) -> None:
+        """Record the full blocks `seq` completes in this step and those it completes later
+        (its prompt, or everything after a preemption). Decoding sequences are skipped: a
+        block completed by generated tokens is rarely another prompt's prefix, and they are
+        many, every step."""
+        if seq.num_tokens - seq.num_computed <= 1:
+            return
+        bs = self.block_size
+        full_after_step = computed_after_step // bs
+        self._extend_hashes(seq, seq.num_tokens)
+        for j in range(seq.num_computed // bs, full_after_step):
+            if not self.pool.peek(seq.block_hashes[j]):
+                in_flight.this_step.setdefault(seq.block_hashes[j], seq.block_table[j])
+        in_flight.later.update(seq.block_hashes[full_after_step:])
+
+    @staticmethod
+    def _waits_for_in_flight(seq: Sequence, in_flight: _InFlight | None) -> bool:
+        """Whether the next block `seq` would compute is one a running sequence computes in a
+        later step (its prompt is longer than a step's budget): better to wait and share it.
+        A sequence that skips the prefix cache (prompt log-probabilities) has no hashes here."""
+        if in_flight is None:
             return False
-        if seq.params.prompt_logprobs is not None:
-            return False  # its siblings compute every prompt position anyway
-        shareable = (seq.num_prompt_tokens - 1) // self.block_size  # _match_prefix's limit
-        return seq.num_computed // self.block_size < shareable
+        matched = len(seq.block_table)
+        return matched < len(seq.block_hashes) and seq.block_hashes[matched] in in_flight.later
 
     def _undo_prefix(self, seq: Sequence) -> None:
         self._free_blocks(seq)
