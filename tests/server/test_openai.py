@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import httpx
 import openai
@@ -468,6 +469,44 @@ def test_echo_scores_the_prompt(client, model, tok):
     assert lp.text_offset == [len(tok.decode(ids[:i])) for i in range(len(ids))]
     assert reply.usage.completion_tokens == 0
     assert reply.usage.prompt_tokens == len(ids)
+
+
+def test_echo_scoring_counts_no_generated_tokens_in_the_metrics(client, server, tok):
+    """Scoring a prompt (echo, max_tokens=0) makes the engine sample one token that nobody
+    sees: /metrics must count, like the usage block, prompt tokens and no generated token."""
+    ids = tok.encode(PROMPT)
+    names = (
+        "tulu_prompt_tokens_total",
+        "tulu_generation_tokens_total",
+        "tulu_time_to_first_token_seconds_count",
+    )
+    before = {name: metric(server, name) for name in names}
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, echo=True, max_tokens=0, logprobs=1, n=2, temperature=0
+    )
+    assert reply.usage.completion_tokens == 0
+    usage = None
+    for chunk in client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        echo=True,
+        max_tokens=0,
+        logprobs=1,
+        stream=True,
+        stream_options={"include_usage": True},
+    ):
+        usage = chunk.usage or usage
+    assert usage is not None and usage.completion_tokens == 0
+    server.wait_idle()
+    # The prompt counter is bumped last when a request ends: once it is complete, so is the rest.
+    deadline = time.monotonic() + 5
+    while metric(server, names[0]) < before[names[0]] + 2 * len(ids):
+        assert time.monotonic() < deadline, "the prompt tokens never reached /metrics"
+        time.sleep(0.01)
+    after = {name: metric(server, name) for name in names}
+    assert after[names[0]] - before[names[0]] == 2 * len(ids)
+    assert after[names[1]] == before[names[1]]
+    assert after[names[2]] == before[names[2]]
 
 
 def test_echo_with_generation(client, model, tok):

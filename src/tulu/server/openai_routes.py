@@ -434,15 +434,21 @@ async def _generate(
     jobs: list[tuple[list[int], SamplingParams, str]],
     stream: bool,
     lora: str | None = None,
+    score_only: bool = False,
 ) -> _Streams | list[RequestOutput]:
     """Run the generations of one HTTP request.
 
     Streaming: wait for every generation's first output (so invalid input, a full queue or an
     engine failure is still an HTTP error) and return the running streams. Otherwise: the
     final output of each. Either way a client that leaves aborts them (ClientGone).
+    `score_only`: the sampled tokens are discarded (see `GenerationService.generate`).
     """
     streams = _Streams(
-        [service.generate(ids, params, rid, lora=lora) for ids, params, rid in jobs], request
+        [
+            service.generate(ids, params, rid, lora=lora, score_only=score_only)
+            for ids, params, rid in jobs
+        ],
+        request,
     )
     done_with_streams = not stream
     try:
@@ -730,11 +736,15 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
 
     jobs = [(p.ids, p.params, p.request_id) for p in prompts]
     if body.stream:
-        streams = await _generate(request, service, jobs, stream=True, lora=lora)
+        streams = await _generate(
+            request, service, jobs, stream=True, lora=lora, score_only=score_only
+        )
         produce = view.stream(streams, base_id, created, model)
         return _EventStream(streams, produce)
 
-    outputs = await _generate(request, service, jobs, stream=False, lora=lora)
+    outputs = await _generate(
+        request, service, jobs, stream=False, lora=lora, score_only=score_only
+    )
     choices = []
     for index, output in enumerate(outputs):
         _check_finished(output)

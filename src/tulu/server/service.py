@@ -134,10 +134,15 @@ class GenerationService:
         request_id: str,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
         lora: str | None = None,
+        score_only: bool = False,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs, with metrics, the request timeout and disconnect checks.
 
-        `lora` names one of the engine's LoRA adapters (None: the base model).
+        `lora` names one of the engine's LoRA adapters (None: the base model). `score_only`
+        marks a request that only scores its prompt (``echo`` with ``max_tokens=0``): the
+        engine must sample one token (its max_tokens is at least 1), but the client never
+        sees it, so it is not counted as generated (nor timed as a first token), which keeps
+        /metrics equal to the usage the client is told.
 
         Admission is checked and the slot taken here, before the first await, so requests
         arriving together cannot all pass the check (routes fetch the first output before
@@ -181,7 +186,7 @@ class GenerationService:
                     # in the same loop turn (CPython 3.11); the flag makes the stop certain.
                     raise ClientDisconnected("the client closed the connection")
                 now = time.monotonic()
-                new = sum(len(c.delta_token_ids) for c in output.outputs)
+                new = 0 if score_only else sum(len(c.delta_token_ids) for c in output.outputs)
                 if new:
                     if last_token_at is None:
                         self.metrics.time_to_first_token.observe(now - started)
