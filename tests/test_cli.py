@@ -1002,7 +1002,9 @@ def test_generate_missing_input_file(ckpt: Checkpoint, tmp_path: Path, capsys, s
     assert spies["load"].calls == []
 
 
-@pytest.mark.parametrize("device", ["gpu0", "cuda:99"])  # a typo; a GPU that is not there
+# A typo; a GPU that is not there; a device that holds tensors but cannot compute (meta: no
+# data, it failed at the first token with a traceback); a backend torch lacks (ImportError).
+@pytest.mark.parametrize("device", ["gpu0", "cuda:99", "meta", "hpu"])
 def test_generate_unusable_device(ckpt: Checkpoint, capsys, spies, device: str) -> None:
     rc, out, err = run(capsys, "generate", ckpt.directory, "--device", device, "--prompt", "Hi")
     assert rc == 1 and out == ""
@@ -1075,6 +1077,14 @@ def test_stop_string_with_an_undecodable_byte_is_refused(
     message = one_line_error(err, command)
     assert message.startswith("--stop contains an unpaired surrogate '\\udce9' at character 3")
     assert spies["load"].calls == [] and spies["generate"].calls == []
+
+
+def test_chat_unusable_device(ckpt: Checkpoint, capsys, monkeypatch) -> None:
+    """--device meta loaded the model and died with a traceback at the first reply."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hello\n"))
+    rc, out, err = run(capsys, "chat", ckpt.directory, "--device", "meta")
+    assert rc == 1 and out == ""
+    assert one_line_error(err, "chat").startswith("--device: cannot use device 'meta'")
 
 
 def test_chat_invalid_sampling_value(ckpt: Checkpoint, capsys, monkeypatch) -> None:

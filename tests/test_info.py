@@ -100,3 +100,33 @@ def test_a_hub_id_is_described_without_downloading_its_weights(tmp_path: Path, m
     fetched = (tmp_path / "cache" / "org" / "m").iterdir()
     assert [f.name for f in fetched if f.suffix in (".safetensors", ".bin")] == []
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_a_config_without_torch_dtype_reports_the_stored_weights_dtype(
+    stored: torch.dtype, tmp_path: Path, capsys
+) -> None:
+    """config.json without torch_dtype was reported (and sized) as float16, NeoXConfig's
+    Pythia default; transformers loads such a checkpoint in the dtype its weights are in."""
+    import json
+
+    directory = save_model(build_model(TINY), tmp_path / "m", dtype=stored)
+    raw = json.loads((directory / "config.json").read_text())
+    del raw["torch_dtype"]
+    (directory / "config.json").write_text(json.dumps(raw))
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(directory)
+    assert hf.dtype == stored
+    info = describe(directory)
+    name = str(stored).removeprefix("torch.")
+    assert info["checkpoint_dtype"] == info["dtype"] == name
+    assert info["checkpoint_dtype_from"] == "weights"
+    assert info["weights_bytes"] == stored.itemsize * hf.num_parameters()
+    assert info["kv_cache_bytes_per_token"] == TINY.kv_cache_bytes_per_token(stored)
+    assert main(["info", str(directory)]) == 0
+    rows = dict(line.split("  ", 1) for line in capsys.readouterr().out.splitlines())
+    note = "read from the weights: config.json names none"
+    assert rows["dtype"].strip() == f"{name} (checkpoint: {name}, {note})"
+    (directory / "model.safetensors").unlink()  # nothing to read: torch's default, said so
+    info = describe(directory)
+    assert (info["checkpoint_dtype"], info["checkpoint_dtype_from"]) == ("float32", "assumed")
+    assert info["weights_bytes"] == 4 * hf.num_parameters()

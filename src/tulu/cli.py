@@ -601,6 +601,10 @@ def cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     gib = 2**30
+    stored_note = {
+        "weights": ", read from the weights: config.json names none",
+        "assumed": ", assumed (torch's default): config.json names none",
+    }.get(info["checkpoint_dtype_from"], "")
     rows = [
         ("source", info["source"]),
         (
@@ -619,7 +623,7 @@ def cmd_info(args: argparse.Namespace) -> int:
             + (f", tokenizer {info['tokenizer_size']:,} ids" if "tokenizer_size" in info else ""),
         ),
         ("context window", f"{info['context_window']:,} tokens"),
-        ("dtype", f"{info['dtype']} (checkpoint: {info['checkpoint_dtype']})"),
+        ("dtype", f"{info['dtype']} (checkpoint: {info['checkpoint_dtype']}{stored_note})"),
         ("weights memory", f"{info['weights_bytes'] / gib:.2f} GiB"),
         (
             "KV cache",

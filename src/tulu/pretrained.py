@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tulu.errors import TuluError
+from tulu.errors import CheckpointError, TuluError
 from tulu.model.checkpoint import (
     find_weight_files,
     load_model,
@@ -20,6 +22,7 @@ from tulu.model.checkpoint import (
 )
 from tulu.model.config import PRESET_NAMES, NeoXConfig, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
+from tulu.model.safetensors_reader import read_header
 from tulu.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -53,13 +56,15 @@ def parse_device(value: str | torch.device | None, where: str = "--device") -> t
     """The device `value` names (None or "": `default_device()`), checked to be usable here.
 
     torch rejects a misspelt device or a GPU that is not there deep inside the first tensor
-    operation, with a raw RuntimeError or AssertionError; probing with an empty tensor turns
-    both into one error naming the option, before anything is loaded.
+    operation, with a raw RuntimeError, AssertionError or ImportError (a backend torch was
+    built without); probing turns each into one error naming the option, before anything is
+    loaded. The probe reads a value back, because a device can hold tensors and still not
+    compute: "meta" tensors have no data, so every generation would fail at its first token.
     """
     try:
         device = torch.device(value or default_device())
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, TypeError) as err:
+        torch.zeros(1, device=device).tolist()
+    except (RuntimeError, AssertionError, TypeError, ImportError) as err:
         text = str(err).strip()
         reason = text.splitlines()[0].split(". ")[0] if text else type(err).__name__
         raise TuluError(f"{where}: cannot use device {str(value)!r} ({reason})") from None
@@ -144,6 +149,34 @@ def _merged_adapter_config(adapter_dir: Path) -> tuple[NeoXConfig, Path]:
     return config, base
 
 
+def _checkpoint_dtype(directory: Path, config: NeoXConfig) -> tuple[str, str]:
+    """The dtype the checkpoint in `directory` holds, and where it was found ("config.json",
+    "weights" or "assumed").
+
+    config.json's `torch_dtype` when it names one. Without it, `NeoXConfig` falls back on
+    Pythia's float16, which says nothing about this checkpoint: transformers then loads the
+    dtype of the stored weights, read here from the safetensors headers (no tensor data; the
+    dtype most elements are in). Where those are not at hand (.bin files, or a hub id, whose
+    weights `tulu info` does not fetch), torch's default float32 is assumed.
+    """
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if raw.get("dtype") or raw.get("torch_dtype"):  # as NeoXConfig.from_dict reads it
+        return config.torch_dtype, "config.json"
+    try:
+        weights = find_weight_files(directory)
+    except CheckpointError:  # no weights here: nothing to read
+        return "float32", "assumed"
+    elements: Counter[torch.dtype] = Counter()
+    if weights.kind == "safetensors":
+        for path in weights.files:
+            for entry in read_header(path).values():
+                if entry.dtype.is_floating_point:
+                    elements[entry.dtype] += entry.numel
+    if not elements:
+        return "float32", "assumed"
+    return dtype_name(elements.most_common(1)[0][0]), "weights"
+
+
 def describe(
     model: str | os.PathLike, dtype: str | None = None, revision: str | None = None
 ) -> dict[str, Any]:
@@ -157,6 +190,7 @@ def describe(
     if str(model) in PRESET_NAMES:
         refuse_local_revision(f"preset {model}", revision)
         config, source, tokenizer = preset(str(model)), f"preset {model}", None
+        stored, stored_from = config.torch_dtype, "preset"
     elif local.is_dir() and (local / "adapter_config.json").is_file():
         refuse_local_revision(local, revision)
         config, base = _merged_adapter_config(local)
@@ -165,6 +199,7 @@ def describe(
         tokenizer_dir = local if has_own else base
         has_tokenizer = (tokenizer_dir / TOKENIZER_FILE).is_file()
         tokenizer = Tokenizer.from_dir(tokenizer_dir) if has_tokenizer else None
+        stored, stored_from = _checkpoint_dtype(base, config)
     else:
         # Config and tokenizer only: weights already here are read for a tied head below.
         directory = resolve_checkpoint(model, revision, weights=False)
@@ -174,7 +209,8 @@ def describe(
         # (generate, chat and serve would fail on it), not an omission.
         has_tokenizer = (directory / TOKENIZER_FILE).is_file()
         tokenizer = Tokenizer.from_dir(directory) if has_tokenizer else None
-    target = parse_dtype(dtype, "--dtype") if dtype else config.dtype
+        stored, stored_from = _checkpoint_dtype(directory, config)
+    target = parse_dtype(dtype, "--dtype") if dtype else parse_dtype(stored, "checkpoint dtype")
     itemsize = torch.empty((), dtype=target).element_size()
     params = config.num_parameters()
     info: dict[str, Any] = {
@@ -190,7 +226,8 @@ def describe(
         "parallel_residual": config.use_parallel_residual,
         "vocab_size": config.vocab_size,
         "context_window": config.max_position_embeddings,
-        "checkpoint_dtype": config.torch_dtype,
+        "checkpoint_dtype": stored,
+        "checkpoint_dtype_from": stored_from,
         "dtype": dtype_name(target),
         "weights_bytes": params * itemsize,
         "kv_cache_bytes_per_token": config.kv_cache_bytes_per_token(target),

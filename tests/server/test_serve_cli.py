@@ -316,6 +316,22 @@ def test_a_kv_cache_smaller_than_one_request_is_refused(checkpoint, capsys, monk
     assert apps[0].state.service.max_model_len == 97
 
 
+def test_a_device_the_model_cannot_run_on_is_refused_at_start_up(checkpoint, capsys, monkeypatch):
+    """--device meta holds tensors but no data: the server started, and every request was a
+    503 with the engine thread's traceback in the log."""
+    from tulu.cli import main
+    from tulu.server import launch
+
+    def no_serving(config):
+        raise AssertionError("--device meta was accepted: the server started")
+
+    monkeypatch.setattr(launch, "_graceful_server", no_serving)
+    assert main(["serve", str(checkpoint), "--device", "meta", "--port", str(free_port())]) == 1
+    err = capsys.readouterr().err
+    assert "--device: cannot use device 'meta'" in err, err
+    assert "Traceback" not in err and "loaded" not in err
+
+
 def test_request_timeout_inf_means_no_timeout(checkpoint, monkeypatch, make_server) -> None:
     """`--request-timeout inf` is how one asks for no timeout; it worked before the finite
     check, which refused it."""
