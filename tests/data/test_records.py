@@ -144,6 +144,20 @@ def test_json_array_reader_gives_the_line_of_each_element(tmp_path):
     assert items == [(f"{path}:2", {"x": 1}), (f"{path}:3", {"x": 2}), (f"{path}:6", {"x": "é"})]
 
 
+def test_json_array_reader_locates_elements_sharing_a_line_by_column_and_index(tmp_path):
+    # A minified array is one line: every element was "file:1", useless for record 5000.
+    path = tmp_path / "a.json"
+    path.write_text('[{"x": "é"},{"x": 2}, {"x": 3},\n {"x": 4}, "five"]', encoding="utf-8")
+    items = list(iter_json_array(path, BadInput()))
+    assert [where for where, _ in items] == [
+        f"{path}:1",  # the first element of its line: the line finds it
+        f"{path}:1:13 (array index 1)",  # columns count characters ("é" is one)
+        f"{path}:1:23 (array index 2)",
+        f"{path}:2",
+        f"{path}:2:12 (array index 4)",
+    ]
+
+
 def test_json_array_reader_truncated_file(tmp_path):
     path = tmp_path / "a.json"
     path.write_text('[{"x": 1},\n {"x": 2},\n {"x": ', encoding="utf-8")

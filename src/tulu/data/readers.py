@@ -206,7 +206,11 @@ def iter_jsonl(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
 def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, Any]]:
     """Yield ``("file:line", element)`` for each element of a file holding one JSON array.
 
-    The line is where the element starts. Elements containing bytes that are not UTF-8 or a
+    The line is where the element starts. An element that starts on the line where the one
+    before it ends (a minified file is one line) is located as ``"file:line:column (array
+    index N)"``: the line alone would name the same place for thousands of records. The column
+    counts characters from 1; the index counts elements from 0, as ``jq '.[N]'`` and the
+    converters' record ids do. Elements containing bytes that are not UTF-8 or a
     raw control character in a string are reported as bad and skipped; any other syntax error
     (e.g. a truncated file) is reported at its line and column, and with ``skip_bad`` the rest
     of the file, which cannot be parsed, is counted as one bad item.
@@ -215,17 +219,31 @@ def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, An
     with open_binary(path) as handle:
         text = handle.read().decode("utf-8", errors="surrogateescape")
     decoder = json.JSONDecoder()
-    line, scanned = 1, 0
+    line, line_start, scanned = 1, 0, 0
 
     def line_of(pos: int) -> int:
-        nonlocal line, scanned
+        """The line of `pos`; positions only move forward, so the file is scanned once."""
+        nonlocal line, line_start, scanned
         line += text.count("\n", scanned, pos)
+        newline = text.rfind("\n", scanned, pos)
+        if newline >= 0:
+            line_start = newline + 1
         scanned = pos
         return line
 
+    def column_of(pos: int) -> int:
+        line_of(pos)
+        return pos - line_start + 1
+
+    index, previous_end = 0, -1  # the element at `pos`, and where the one before it ended
+
+    def element_at(pos: int) -> str:
+        if previous_end < 0 or "\n" in text[previous_end:pos]:
+            return f"{path}:{line_of(pos)}"
+        return f"{path}:{line_of(pos)}:{column_of(pos)} (array index {index})"
+
     def syntax_error(pos: int, message: str, kind: str = "invalid JSON") -> BadRecord:
-        number = line_of(pos)
-        column = pos - text.rfind("\n", 0, pos)
+        number, column = line_of(pos), column_of(pos)
         return BadRecord(f"{path}:{number}", kind, f"{kind} ({message} at column {column})")
 
     pos = _WHITESPACE.match(text, 0).end()
@@ -242,7 +260,7 @@ def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, An
         try:
             value, end = decoder.raw_decode(text, pos)
         except RecursionError:
-            bad(BadRecord(f"{path}:{line_of(pos)}", _TOO_DEEP, "JSON nested too deeply to parse"))
+            bad(BadRecord(element_at(pos), _TOO_DEEP, "JSON nested too deeply to parse"))
             return
         except json.JSONDecodeError as err:
             bad(syntax_error(err.pos, _message(err), _syntax_kind(err, len(text.rstrip()))))
@@ -250,14 +268,15 @@ def iter_json_array(path: str | Path, bad: BadHandler) -> Iterator[tuple[str, An
             if end is None:
                 return
         except ValueError:  # where the element ends is unknown: the rest is one bad item
-            bad(BadRecord(f"{path}:{line_of(pos)}", "invalid JSON", _too_long()))
+            bad(BadRecord(element_at(pos), "invalid JSON", _too_long()))
             return
         else:
-            where = f"{path}:{line_of(pos)}"
+            where = element_at(pos)
             if _NOT_UTF8.search(text, pos, end):
                 bad(BadRecord(where, "not UTF-8", "contains bytes that are not valid UTF-8"))
             else:
                 yield where, value
+        index, previous_end = index + 1, end
         pos = _WHITESPACE.match(text, end).end()
         if pos < len(text) and text[pos] == ",":
             pos = _WHITESPACE.match(text, pos + 1).end()
