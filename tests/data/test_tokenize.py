@@ -5,6 +5,7 @@ missed and never read half-written; bad records raise or are counted with their 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -473,6 +474,43 @@ def test_interrupted_run_leaves_no_entry(tmp_path, tiny, corpus, monkeypatch) ->
     assert list(cache.iterdir()) == []  # no entry, no temp dir
     monkeypatch.undo()
     assert not tokenize_records(path, tiny, 32, cache_dir=cache, progress=False).cache_hit
+
+
+def test_a_file_rewritten_after_hashing_is_never_cached(tmp_path, tiny, corpus, monkeypatch):
+    # The file is hashed for the key, then read again to tokenize: rewritten in between, the
+    # new tokens were stored under the old bytes' key and reused when those bytes came back.
+    path = write_jsonl(tmp_path / "data.jsonl", corpus[:20])
+    old_bytes = path.read_bytes()
+    real = tk._data_digest
+    rewrites = iter([lambda: write_jsonl(path, corpus[20:40])])
+
+    def hash_then_rewrite(path):
+        digest = real(path)
+        next(rewrites, lambda: None)()  # the first hash only
+        return digest
+
+    monkeypatch.setattr(tk, "_data_digest", hash_then_rewrite)
+    cache = tmp_path / "c"
+    with pytest.raises(DataError, match=r"data\.jsonl: changed while it was being tokenized"):
+        tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
+    assert list(cache.iterdir()) == []  # no entry, no temp dir
+    path.write_bytes(old_bytes)
+    ds = tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
+    expected, _ = expected_examples(corpus[:20], tiny, 32)
+    assert not ds.cache_hit and ds.meta["source_sha256"] == hashlib.sha256(old_bytes).hexdigest()
+    assert [ds[i].input_ids.tolist() for i in range(len(ds))] == [e.input_ids for e in expected]
+
+
+def test_a_cache_entry_older_than_source_sha256_gets_it_on_a_hit(tmp_path, tiny, corpus) -> None:
+    # Training checkpoints record it; entries written before it existed are still hit.
+    path = write_jsonl(tmp_path / "data.jsonl", corpus[:5])
+    first = tokenize_records(path, tiny, 32, cache_dir=tmp_path / "c", progress=False)
+    meta = json.loads((first.directory / "meta.json").read_text())
+    del meta["source_sha256"]
+    (first.directory / "meta.json").write_text(json.dumps(meta))
+    hit = tokenize_records(path, tiny, 32, cache_dir=tmp_path / "c", progress=False)
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert hit.cache_hit and hit.meta["source_sha256"] == expected
 
 
 def test_incomplete_entry_is_rebuilt(tmp_path, tiny, corpus) -> None:

@@ -577,6 +577,16 @@ def test_a_checkpoint_past_a_lowered_max_steps_is_refused(assets: Path, tmp_path
     assert not (out / "final").exists()
 
 
+#: A run of 20-example steps checkpointing every step, with nothing else written.
+ONE_STEP_CHECKPOINTS = (
+    "optim.global_batch_size=20",
+    "checkpoint.every_steps=1",
+    "checkpoint.export=false",
+    "logging.tensorboard=false",
+    "logging.plot=false",
+)
+
+
 @pytest.mark.parametrize(
     "changed",
     [
@@ -592,13 +602,7 @@ def test_resuming_into_another_data_plan_is_refused(
     0-4) resumed with global_batch_size 16, which also gives 3 steps per epoch, trained
     micro-batch 4 again in step 2 (4-7); a new seed or padding order re-shuffled the rest of
     the epoch, training some examples twice and others never, all silently."""
-    base = (
-        "optim.global_batch_size=20",
-        "checkpoint.every_steps=1",
-        "checkpoint.export=false",
-        "logging.tensorboard=false",
-        "logging.plot=false",
-    )
+    base = ONE_STEP_CHECKPOINTS
     out = tmp_path / "run"
     train(make_config(assets, out, *base, "optim.max_steps=1"))
     with pytest.raises(CheckpointError, match=r"step-000001: .*different data plan"):
@@ -606,6 +610,24 @@ def test_resuming_into_another_data_plan_is_refused(
     assert not (out / "step-000002").exists()
     # A different micro-batch size gives the same steps with padding in random order: allowed.
     result = train(make_config(assets, out, *base, "optim.max_steps=2", "optim.micro_batch_size=2"))
+    assert result.resumed_from == out / "step-000001" and result.final_step == 2
+
+
+def test_resuming_on_an_edited_training_file_is_refused(assets: Path, tmp_path: Path) -> None:
+    """The data plan holds example numbers: a file rewritten with as many records (regenerated
+    data) kept it, and the run went on from the saved position over other examples."""
+    mine = tmp_path / "assets"
+    shutil.copytree(assets, mine, ignore=shutil.ignore_patterns("cache"))
+    base = ONE_STEP_CHECKPOINTS
+    out = tmp_path / "run"
+    train(make_config(mine, out, *base, "optim.max_steps=1"))
+    original = (mine / "train.jsonl").read_bytes()
+    write_jsonl(mine / "train.jsonl", records(TRAIN_EXAMPLES, 500))
+    with pytest.raises(CheckpointError, match=r"step-000001: data.train .*train.jsonl changed"):
+        train(make_config(mine, out, *base, "optim.max_steps=2"))
+    assert not (out / "step-000002").exists()
+    (mine / "train.jsonl").write_bytes(original)  # the same contents again: allowed
+    result = train(make_config(mine, out, *base, "optim.max_steps=2"))
     assert result.resumed_from == out / "step-000001" and result.final_step == 2
 
 

@@ -16,7 +16,9 @@ therefore needs the usual ``if __name__ == "__main__":`` guard.
 Cache. The key is a sha256 over the format version, the settings, the tokenizer (its JSON and
 special tokens) and the data file's bytes. A hit opens the stored directory without
 tokenizing. A dataset is written into a temporary directory that is renamed into place only
-when complete, so a killed run never leaves an entry that a later run would read as valid.
+when complete, so a killed run never leaves an entry that a later run would read as valid,
+and only if the file still hashes to the key afterwards, so a file rewritten while it was
+being tokenized never leaves tokens of one version under the key of another.
 """
 
 from __future__ import annotations
@@ -292,12 +294,18 @@ def _settings(max_seq_length: int) -> dict[str, Any]:
     return {"max_seq_length": max_seq_length, "format": "tulu-chat-messages"}
 
 
-def cache_key(path: str | Path, tokenizer: Tokenizer, max_seq_length: int) -> str:
+def cache_key(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    max_seq_length: int,
+    *,
+    data_digest: bytes | None = None,
+) -> str:
     """sha256 over the format version, the settings, the tokenizer, the reader and the bytes.
 
     The tokenizer enters as its full JSON (vocabulary, merges, normalizer, added tokens) plus
-    the special tokens, since the EOS string is written into every example. The file is
-    hashed in blocks, never read whole.
+    the special tokens, since the EOS string is written into every example. `data_digest` is
+    the file's `_data_digest` when the caller already has it (None: the file is hashed here).
     """
     digest = hashlib.sha256()
 
@@ -311,11 +319,16 @@ def cache_key(path: str | Path, tokenizer: Tokenizer, max_seq_length: int) -> st
     field("special_tokens", json.dumps(tokenizer.special_tokens, sort_keys=True).encode())
     # The same bytes read as JSONL and as Parquet are different data (one of them an error).
     field("reader", _reader(Path(path)).encode())
+    field("data", _data_digest(Path(path)) if data_digest is None else data_digest)
+    return digest.hexdigest()
+
+
+def _data_digest(path: Path) -> bytes:
+    """sha256 of the file's (decompressed) bytes, read in blocks, never whole."""
     from tulu.data.readers import open_binary
 
-    with open_binary(Path(path)) as handle:
-        field("data", hashlib.file_digest(handle, "sha256").digest())
-    return digest.hexdigest()
+    with open_binary(path) as handle:
+        return hashlib.file_digest(handle, "sha256").digest()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -372,6 +385,21 @@ def _existing(directory: Path, key: str) -> TokenizedDataset | None:
     except DataError:
         return None
     return dataset if dataset.meta.get("cache_key") == key else None
+
+
+def _check_unchanged(path: Path, data_digest: bytes) -> None:
+    """Refuse to store tokens of a file that changed after it was hashed for the key.
+
+    The file is read twice, to hash it and to tokenize it; a file rewritten in between (data
+    regenerated while a run starts) would store the tokens of one version under the key of
+    the other, and every later run would silently reuse them. Hashing it again after
+    tokenizing costs one more read, far less than tokenizing.
+    """
+    if _data_digest(path) != data_digest:
+        raise DataError(
+            f"{path}: changed while it was being tokenized; nothing was stored, tokenize it "
+            "again once it is no longer being written"
+        )
 
 
 def _raise_stored_bad(dataset: TokenizedDataset, path: Path) -> None:
@@ -487,6 +515,7 @@ def _write_dataset(
     tokenizer: Tokenizer,
     max_seq_length: int,
     key: str,
+    data_digest: bytes,
     workers: int,
     skip_bad: bool,
     progress: bool,
@@ -529,7 +558,7 @@ def _write_dataset(
     with open(out / "offsets.bin", "wb") as offsets_file:
         if totals.examples:
             offsets_file.write(memoryview(offsets))
-    meta = _meta(path, tokenizer, max_seq_length, key, dtype, skip_bad, totals)
+    meta = _meta(path, tokenizer, max_seq_length, key, data_digest, dtype, skip_bad, totals)
     meta["seconds"] = round(time.perf_counter() - started, 3)
     meta["workers"] = processes
     # meta.json last: a directory without it is never taken for a dataset
@@ -542,6 +571,7 @@ def _meta(
     tokenizer: Tokenizer,
     max_seq_length: int,
     key: str,
+    data_digest: bytes,
     dtype: str,
     skip_bad: bool,
     totals: _Totals,
@@ -555,6 +585,8 @@ def _meta(
         "cache_key": key,
         "source": str(path),
         "source_bytes": path.stat().st_size,
+        # what a training checkpoint records, to refuse resuming on an edited file
+        "source_sha256": data_digest.hex(),
         "settings": {**_settings(max_seq_length), "skip_bad": skip_bad},
         "tokenizer": {
             "source": tokenizer.source,
@@ -625,7 +657,8 @@ def tokenize_records(
             f"{path}: not a regular file (a pipe or a device); tokenize reads its input twice, "
             "to hash it for the cache and to tokenize it: write the records to a file first"
         )
-    key = cache_key(path, tokenizer, max_seq_length)
+    data_digest = _data_digest(path)
+    key = cache_key(path, tokenizer, max_seq_length, data_digest=data_digest)
 
     if output_dir is not None:
         target = Path(output_dir)
@@ -643,6 +676,7 @@ def tokenize_records(
     if hit is not None:
         if not skip_bad:
             _raise_stored_bad(hit, path)
+        hit.meta.setdefault("source_sha256", data_digest.hex())  # an entry older than the field
         return hit
 
     parent = target.parent
@@ -661,8 +695,18 @@ def tokenize_records(
         tmp.chmod(creation_mode(0o777))
     try:
         _write_dataset(
-            path, tmp, tokenizer, max_seq_length, key, workers, skip_bad, progress, chunk_lines
+            path,
+            tmp,
+            tokenizer,
+            max_seq_length,
+            key,
+            data_digest,
+            workers,
+            skip_bad,
+            progress,
+            chunk_lines,
         )
+        _check_unchanged(path, data_digest)
         if not _publish(tmp, target):
             existing = _existing(target, key)
             if existing is not None and output_dir is None:

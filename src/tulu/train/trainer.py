@@ -631,6 +631,8 @@ class _Run:
         train_set = _tokenize(config.data.train, self.tokenizer, config, world)
         self.plan = DataPlan(train_set, config, world, pad_token_id=self.pad_id)
         self.plan_fingerprint = self.plan.fingerprint()
+        # The plan holds example numbers, not contents: an edited file would keep it.
+        self.train_sha256 = train_set.meta.get("source_sha256")
         self.validation = None
         if config.data.validation:
             val_set = _tokenize(config.data.validation, self.tokenizer, config, world)
@@ -659,6 +661,15 @@ class _Run:
                 seed=config.seed,
             )
             state = restored.trainer_state
+            saved_sha256 = state.get("train_sha256")  # None: a checkpoint older than it
+            if saved_sha256 and self.train_sha256 and saved_sha256 != self.train_sha256:
+                raise CheckpointError(
+                    f"{path}: data.train {config.data.train} changed since this checkpoint was "
+                    "written (its contents differ from the file the run trained on), so "
+                    f"resuming at step {restored.step} would continue on other examples than "
+                    "the run planned; restore the file the run started with, or set "
+                    "checkpoint.resume: never to train on the new one from the start"
+                )
             if state.get("steps_per_epoch") != self.plan.steps_per_epoch:
                 raise CheckpointError(
                     f"{path}: the checkpoint's run had {state.get('steps_per_epoch')} steps per "
@@ -708,6 +719,7 @@ class _Run:
             "elapsed": self._elapsed(),
             "steps_per_epoch": self.plan.steps_per_epoch,
             "plan": self.plan_fingerprint,  # refused on resume if it differs
+            "train_sha256": self.train_sha256,  # and so is an edited data.train
             "total_steps": self.plan.total_steps,
             "world_size": self.world.world_size,
             "loss": loss,
