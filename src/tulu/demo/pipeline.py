@@ -302,7 +302,7 @@ def serve_and_chat(output: Path, model: Path, train: Path) -> dict:
         chat = stream_chat(server.url, name, question, lambda t: print(t, end="", flush=True))
         _say(f"\n  (finish reason: {chat['finish_reason']})")
         _say(
-            "  (a question from its training data: 4 layers trained for two minutes on ~130 "
+            "  (a question from its training data: 4 layers trained for a minute on ~130 "
             "conversations can recite what they saw, not answer anything new)"
         )
     finally:
