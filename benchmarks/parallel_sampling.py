@@ -3,10 +3,11 @@
 Codex-Eval draws 20 samples of every HumanEval prompt; that is the workload here: N prompts
 of `--prompt-len` random tokens, `--n` samples each (temperature 0.8, top_p 0.95, seeded, EOS
 ignored so every sample produces exactly `--output-len` tokens). Three systems:
-- tulu: one `SamplingParams(n=...)` per prompt. One sample computes the prompt while its
-  siblings wait, then they take its blocks from the prefix cache: the prompt is computed once;
+- tulu: one `SamplingParams(n=...)` per prompt. One sample computes the prompt and its
+  siblings, admitted in the same step, take its full blocks as that step writes them: the
+  prompt is computed once;
 - tulu without prefix caching: every sample computes the whole prompt (what tulu did for all
-  n > 1 requests before the siblings waited);
+  n > 1 requests before the siblings shared it);
 - transformers: `generate(num_return_sequences=n)` on batches of `--hf-batch-size` rows,
   which expands every prompt to n rows before the prefill (n prefills of the prompt).
 Each timed run uses new prompts (a repeat must not hit the prefix cache of the one before);
