@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from tulu.errors import CheckpointError, TuluError
+from tulu.errors import TuluError
 from tulu.model.checkpoint import (
+    checkpoint_dtype,
     find_weight_files,
     load_model,
     read_checkpoint_config,
@@ -22,7 +21,6 @@ from tulu.model.checkpoint import (
 )
 from tulu.model.config import PRESET_NAMES, NeoXConfig, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
-from tulu.model.safetensors_reader import read_header
 from tulu.tokenizer import TOKENIZER_FILE, Tokenizer
 
 
@@ -149,34 +147,6 @@ def _merged_adapter_config(adapter_dir: Path) -> tuple[NeoXConfig, Path]:
     return config, base
 
 
-def _checkpoint_dtype(directory: Path, config: NeoXConfig) -> tuple[str, str]:
-    """The dtype the checkpoint in `directory` holds, and where it was found ("config.json",
-    "weights" or "assumed").
-
-    config.json's `torch_dtype` when it names one. Without it, `NeoXConfig` falls back on
-    Pythia's float16, which says nothing about this checkpoint: transformers then loads the
-    dtype of the stored weights, read here from the safetensors headers (no tensor data; the
-    dtype most elements are in). Where those are not at hand (.bin files, or a hub id, whose
-    weights `tulu info` does not fetch), torch's default float32 is assumed.
-    """
-    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    if raw.get("dtype") or raw.get("torch_dtype"):  # as NeoXConfig.from_dict reads it
-        return config.torch_dtype, "config.json"
-    try:
-        weights = find_weight_files(directory)
-    except CheckpointError:  # no weights here: nothing to read
-        return "float32", "assumed"
-    elements: Counter[torch.dtype] = Counter()
-    if weights.kind == "safetensors":
-        for path in weights.files:
-            for entry in read_header(path).values():
-                if entry.dtype.is_floating_point:
-                    elements[entry.dtype] += entry.numel
-    if not elements:
-        return "float32", "assumed"
-    return dtype_name(elements.most_common(1)[0][0]), "weights"
-
-
 def describe(
     model: str | os.PathLike, dtype: str | None = None, revision: str | None = None
 ) -> dict[str, Any]:
@@ -199,7 +169,7 @@ def describe(
         tokenizer_dir = local if has_own else base
         has_tokenizer = (tokenizer_dir / TOKENIZER_FILE).is_file()
         tokenizer = Tokenizer.from_dir(tokenizer_dir) if has_tokenizer else None
-        stored, stored_from = _checkpoint_dtype(base, config)
+        stored, stored_from = checkpoint_dtype(base, config)
     else:
         # Config and tokenizer only: weights already here are read for a tied head below.
         directory = resolve_checkpoint(model, revision, weights=False)
@@ -209,7 +179,7 @@ def describe(
         # (generate, chat and serve would fail on it), not an omission.
         has_tokenizer = (directory / TOKENIZER_FILE).is_file()
         tokenizer = Tokenizer.from_dir(directory) if has_tokenizer else None
-        stored, stored_from = _checkpoint_dtype(directory, config)
+        stored, stored_from = checkpoint_dtype(directory, config)
     target = parse_dtype(dtype, "--dtype") if dtype else parse_dtype(stored, "checkpoint dtype")
     itemsize = torch.empty((), dtype=target).element_size()
     params = config.num_parameters()

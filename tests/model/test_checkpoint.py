@@ -118,6 +118,22 @@ def test_loads_into_requested_dtype(tmp_path):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("stored", [torch.float32, torch.bfloat16])
+def test_a_config_without_torch_dtype_loads_in_the_stored_weights_dtype(tmp_path, stored):
+    """Without torch_dtype, `load_model`'s default dtype was NeoXConfig's float16 (Pythia's),
+    so bfloat16 weights came back as float32 on the CPU (and float32 ones as float16 on a
+    GPU); transformers loads the dtype the weights are stored in, and so do we now."""
+    save_model(tiny_model(), tmp_path, dtype=stored)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    del raw["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(tmp_path).eval()
+    ours = load_model(tmp_path)
+    assert hf.dtype == stored
+    assert {p.dtype for p in ours.parameters()} == {stored}
+    assert torch.equal(logits(ours, IDS), logits(hf, IDS))
+
+
 def _write_bin_checkpoint(model, directory: Path, shards: int = 1) -> None:
     directory.mkdir(parents=True)
     model.config.save(directory)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -316,6 +317,23 @@ def test_bad_environment_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(TuluError, match="RANK"):
         init_distributed(DistributedConfig(), device="cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("meta", "cannot use device 'meta' (Cannot copy out of meta tensor"),  # computes nothing
+        ("hpu", "cannot use device 'hpu' ("),  # a backend this torch was built without
+        ("cpux", "device 'cpux' is not a valid torch device"),
+    ],
+)
+def test_a_device_that_cannot_compute_is_refused_up_front(
+    no_torchrun_env: None, device: str, message: str
+) -> None:
+    """Only CUDA devices were checked: "meta" or "hpu" came back as the world's device and
+    failed deep inside the first training step, after tokenizing and building the model."""
+    with pytest.raises(TuluError, match=re.escape(message)):
+        init_distributed(DistributedConfig(), device=device)
 
 
 @pytest.mark.parametrize("cpu_offload", [False, True])

@@ -124,6 +124,27 @@ def test_dtype_conversion_and_given_tokenizer(base_dir: Path, tmp_path: Path) ->
     assert stored_dtype(again) == torch.bfloat16
 
 
+def test_a_bin_checkpoint_without_torch_dtype_exports_its_float32_weights_unrounded(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """With no torch_dtype in config.json, the default export dtype of a .bin checkpoint was
+    NeoXConfig's float16 default, rounding float32 weights; it is now `checkpoint_dtype`'s
+    lossless float32, as transformers loads these weights."""
+    from safetensors.torch import load_file
+
+    source = tmp_path / "bin"
+    source.mkdir()
+    raw = json.loads((base_dir / "config.json").read_text())
+    del raw["torch_dtype"]
+    (source / "config.json").write_text(json.dumps(raw))
+    (source / "tokenizer.json").write_text((base_dir / "tokenizer.json").read_text())
+    torch.save(load_file(base_dir / "model.safetensors"), source / "pytorch_model.bin")
+    assert transformers.GPTNeoXForCausalLM.from_pretrained(source).dtype == torch.float32
+    out = export_checkpoint(source, tmp_path / "out", merge_lora=False)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
+    assert torch.equal(ours(out), ours(base_dir))
+
+
 # ---------------------------------------------------------------------------- adapters
 def test_adapter_needs_merge_flag(adapter_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--merge-lora"):

@@ -21,6 +21,7 @@ import pickle
 import re
 import warnings
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -226,6 +227,36 @@ def _stored_embeddings(directory: Path) -> dict[str, torch.Tensor]:
     return found
 
 
+def checkpoint_dtype(directory: Path, config: NeoXConfig) -> tuple[str, str]:
+    """The dtype the checkpoint in `directory` (whose config is `config`) holds, and where it
+    was found ("config.json", "weights" or "assumed"): what `load_model` loads by default and
+    `tulu info` reports (and `tulu export` writes from .bin weights).
+
+    config.json's `torch_dtype` when it names one. Without it, `NeoXConfig` falls back on
+    Pythia's float16, which says nothing about this checkpoint: transformers then loads the
+    dtype of the stored weights, read here from the safetensors headers (no tensor data; the
+    dtype most elements are in). Where those are not at hand (.bin files, or a hub id, whose
+    weights `tulu info` does not fetch), torch's default float32 is assumed: a lossless
+    choice, where float16 could overflow or round the weights.
+    """
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    if raw.get("dtype") or raw.get("torch_dtype"):  # as NeoXConfig.from_dict reads it
+        return config.torch_dtype, "config.json"
+    try:
+        weights = find_weight_files(directory)
+    except CheckpointError:  # no weights here: nothing to read
+        return "float32", "assumed"
+    elements: Counter[torch.dtype] = Counter()
+    if weights.kind == "safetensors":
+        for path in weights.files:
+            for entry in read_header(path).values():
+                if entry.dtype.is_floating_point:
+                    elements[entry.dtype] += entry.numel
+    if not elements:
+        return "float32", "assumed"
+    return dtype_name(elements.most_common(1)[0][0]), "weights"
+
+
 def load_model(
     model: str | os.PathLike,
     *,
@@ -235,13 +266,14 @@ def load_model(
 ) -> GPTNeoXForCausalLM:
     """Load a GPT-NeoX checkpoint (directory or hub id) into `dtype` on `device`.
 
-    dtype defaults to the checkpoint's `torch_dtype`; float16 checkpoints load as float32 on CPU,
+    dtype defaults to the checkpoint's (`checkpoint_dtype`: config.json's `torch_dtype`, else
+    the stored weights', as transformers loads it); float16 checkpoints load as float32 on CPU,
     where half-precision matmuls are slow or unsupported.
     """
     directory = resolve_checkpoint(model, revision)
     config = read_checkpoint_config(directory)
     if dtype is None:
-        target = config.dtype
+        target = parse_dtype(checkpoint_dtype(directory, config)[0], "checkpoint dtype")
         if torch.device(device).type == "cpu" and target == torch.float16:
             target = torch.float32
     else:

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from tulu.errors import CheckpointError, ConfigError, TuluError
 from tulu.model.config import parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM, GPTNeoXLayer
+from tulu.pretrained import parse_device
 from tulu.train.config import DistributedConfig, TrainConfig
 
 __all__ = [
@@ -129,7 +130,9 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
     """`device` as given, else cuda:LOCAL_RANK when CUDA is there, else the CPU.
 
     A bare "cuda" means this process's GPU (cuda:LOCAL_RANK), so that the same command line works
-    for every rank.
+    for every rank. Any other device is probed (`tulu.pretrained.parse_device`): "meta" or a
+    backend torch was built without would otherwise be accepted here and fail deep inside the
+    first training step, after the data was tokenized and the model built.
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -147,7 +150,8 @@ def _pick_device(device: str | None, local_rank: int) -> torch.device:
                 f"device {dev}: this machine has {torch.cuda.device_count()} GPU(s) "
                 f"(LOCAL_RANK={local_rank}); start at most that many processes per node"
             )
-    return dev
+        return dev
+    return parse_device(dev, "device")
 
 
 def init_distributed(config: DistributedConfig, device: str | None = None) -> World:

@@ -30,7 +30,13 @@ import torch
 
 from tulu.errors import CheckpointError, ConfigError, TokenizerError
 from tulu.jsonl import same_file
-from tulu.model.checkpoint import find_weight_files, load_model, resolve_checkpoint, save_model
+from tulu.model.checkpoint import (
+    checkpoint_dtype,
+    find_weight_files,
+    load_model,
+    resolve_checkpoint,
+    save_model,
+)
 from tulu.model.config import NeoXConfig, parse_dtype
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.model.safetensors_reader import read_header
@@ -62,13 +68,15 @@ _STAGING = re.compile(r"\.tmp-export-\d+")
 
 def stored_dtype(directory: Path) -> torch.dtype:
     """The dtype a checkpoint's floating-point weights are stored in (from the safetensors
-    header, without reading data); config.json's torch_dtype for .bin checkpoints."""
+    header, without reading data); for .bin checkpoints `checkpoint_dtype`'s: config.json's
+    torch_dtype, else float32 (not NeoXConfig's float16 default, which would round them)."""
     weights = find_weight_files(directory)
     if weights.kind == "safetensors":
         for entry in read_header(weights.files[0]).values():
             if entry.dtype.is_floating_point:
                 return entry.dtype
-    return NeoXConfig.from_json(directory / "config.json").dtype
+    config = NeoXConfig.from_json(directory / "config.json")
+    return parse_dtype(checkpoint_dtype(directory, config)[0], "checkpoint dtype")
 
 
 def _load_tokenizer(
