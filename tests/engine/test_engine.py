@@ -335,6 +335,123 @@ def test_prefix_cache_with_preemption_and_chunking(tiny_model, make_llm):
     assert stats["preemptions"] > 0 and llm.engine.scheduler.prefix_hits > 0
 
 
+def test_a_prompt_preempted_mid_prefill_samples_from_its_own_last_token(tiny_model, make_llm):
+    """`short` (2 whole blocks, the start of `longer`) is preempted halfway through its
+    prompt; `longer` then completes both blocks. Readmitted, `short` must compute its last
+    token itself: taking every block from the cache left it nothing to compute, and its first
+    token was sampled from the logits of the row before it (another sequence's)."""
+    longer = random_prompts([12], seed=5)[0]
+    short = longer[:8]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    pool = 16 * BYTES_PER_TOKEN  # 4 blocks of 4: `longer` preempts `short` to grow
+    llm = make_llm(tiny_model, block_size=4, kv_cache_bytes=pool, max_num_batched_tokens=7)
+    outputs = llm.generate([longer, short], params)
+    assert token_ids(outputs) == [
+        generate_ids(tiny_model, p, params).token_ids for p in (longer, short)
+    ]
+    assert llm.engine.stats()["preemptions"] == 1
+    assert [o.num_cached_tokens for o in outputs] == [0, 4]
+
+
+def shared_prefix_workload(seed: int) -> tuple[dict, list[tuple[int, str, object]]]:
+    """A random engine config (small pool, budget and blocks) and a timeline of (step,
+    "add", (request_id, prompt, SamplingParams)) / (step, "abort", request_id) events. Most
+    prompts are prefixes of one document, often whole blocks long, so that they share blocks
+    in every way: from the cache, within a step, while another computes them in chunks."""
+    rng = np.random.default_rng(seed)
+    bs = int(rng.choice([1, 4, 5, 16]))
+    config = dict(
+        block_size=bs,
+        kv_cache_bytes=(-(-48 // bs) + int(rng.integers(0, 16 // bs + 1))) * bs * BYTES_PER_TOKEN,
+        max_num_batched_tokens=int(rng.choice([5, 7, 16, 200])),
+        max_num_seqs=int(rng.choice([2, 5, 64])),
+        enable_chunked_prefill=bool(rng.random() < 0.8),
+    )
+    document = rng.integers(0, VOCAB, 40).tolist()
+    events: list[tuple[int, str, object]] = []
+    for r in range(int(rng.integers(4, 12))):
+        length = int(rng.choice([bs * rng.integers(1, 40 // bs + 1), rng.integers(1, 41)]))
+        own = rng.random() < 0.2
+        prompt = rng.integers(0, VOCAB, length).tolist() if own else document[:length]
+        fields = dict(
+            max_tokens=int(rng.integers(1, 9)), ignore_eos=True, n=int(rng.choice([1, 1, 2, 3]))
+        )
+        if rng.random() < 0.5:
+            fields.update(temperature=1.0, seed=int(rng.integers(1000)))
+        else:
+            fields.update(temperature=0.0)
+        if rng.random() < 0.3:
+            fields.update(logprobs=2)
+        if rng.random() < 0.15:
+            fields.update(prompt_logprobs=1)
+        if rng.random() < 0.15:
+            fields.update(candidate_token_ids=[1, 2, 3])
+        step = int(rng.choice([0, 0, 0, 1, 2, 3, 5]))
+        events.append((step, "add", (f"q{r}", prompt, SamplingParams(**fields))))
+    for _ in range(int(rng.integers(0, 3))):
+        events.append((int(rng.integers(1, 7)), "abort", f"q{rng.integers(len(events))}"))
+    config.update(decode_attention=str(rng.choice(["loop", "sdpa"])))  # decode fast path or not
+    return config, sorted(events, key=lambda event: event[0])
+
+
+def run_timeline(engine: LLMEngine, events) -> tuple[dict[str, RequestOutput], set[str]]:
+    """Play the events (each before the step of its number) and step until idle; checks that
+    every scheduled sequence computes at least one token. Finished outputs, aborted ids."""
+    schedule = engine.scheduler.schedule
+
+    def checked_schedule():
+        plan = schedule()
+        assert all(item.num_new_tokens >= 1 for item in plan.scheduled), plan
+        return plan
+
+    engine.scheduler.schedule = checked_schedule
+    finished: dict[str, RequestOutput] = {}
+    aborted: set[str] = set()
+    pending = list(events)
+    for step in range(2000):
+        while pending and pending[0][0] <= step:
+            _, kind, payload = pending.pop(0)
+            if kind == "add":
+                request_id, prompt, params = payload
+                engine.add_request(prompt, params, request_id=request_id)
+            elif engine.abort(payload) is not None:
+                aborted.add(payload)
+        if not pending and not engine.has_unfinished_requests():
+            return finished, aborted
+        finished.update((o.request_id, o) for o in engine.step() if o.finished)
+    raise AssertionError(f"engine still busy after 2000 steps: {engine.stats()}")
+
+
+@pytest.mark.parametrize("seed", range(32))
+def test_random_shared_prefix_workloads_match_the_engine_without_prefix_caching(
+    tiny_model, make_engine, seed
+):
+    """Requests arriving and aborted over time, n > 1, seeded sampling, logprobs, prompt
+    logprobs and candidate scoring, on small pools that preempt, decode fast path or not:
+    with prefix caching (blocks shared from the cache and within a step) every request that
+    was not aborted gets the same tokens and log-probabilities as without."""
+    config, events = shared_prefix_workload(seed)
+    cached, aborted = run_timeline(make_engine(tiny_model, **config), events)
+    plain, aborted_plain = run_timeline(
+        make_engine(tiny_model, **config, enable_prefix_caching=False), events
+    )
+    for request_id in cached.keys() - aborted - aborted_plain:
+        got, want = cached[request_id], plain[request_id]
+        for a, b in zip(got.outputs, want.outputs, strict=True):
+            assert a.token_ids == b.token_ids, request_id
+            if a.logprobs is not None:
+                assert [x.logprob for x in a.logprobs] == pytest.approx(
+                    [x.logprob for x in b.logprobs], abs=1e-4
+                )
+            if a.candidate_logprobs is not None:
+                for x, y in zip(a.candidate_logprobs, b.candidate_logprobs, strict=True):
+                    assert x == pytest.approx(y, abs=1e-4)
+        if got.prompt_logprobs is not None:
+            assert [x.logprob for x in got.prompt_logprobs[1:]] == pytest.approx(
+                [x.logprob for x in want.prompt_logprobs[1:]], abs=1e-4
+            )
+
+
 def test_reset_prefix_cache_between_waves(tiny_model, make_llm):
     llm = make_llm(tiny_model, block_size=4)
     llm.generate(PROMPTS[:3], GREEDY)

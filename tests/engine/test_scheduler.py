@@ -464,8 +464,9 @@ def test_prompts_sharing_a_prefix_compute_it_once_in_their_first_step():
 
 
 def test_a_prefix_longer_than_a_step_is_waited_for_not_computed_twice():
-    """A waiting prompt whose next block a running prefill computes in a later step waits for
-    it (chunked prefill of a long shared prefix), while an unrelated request is admitted."""
+    """A long shared prefix computed in chunks: a prefill that does not finish in a step takes
+    the rest of its budget, so a prompt sharing it is admitted only in the step that completes
+    it, and takes all its blocks (it never computes one that the other completes later)."""
     sim = Sim(64, 4, max_num_batched_tokens=17)
     long = sim.add(40, max_tokens=2, first_token=0)
     follower = sim.add(42, max_tokens=2, first_token=0)
@@ -482,6 +483,26 @@ def test_a_prefix_longer_than_a_step_is_waited_for_not_computed_twice():
     assert computed[id(follower)] == 42 - 36 and follower.num_cached_prompt_tokens == 36
     assert follower.block_table[:9] == long.block_table[:9]
     sim.run()
+    assert sim.pool.num_used == 0
+
+
+def test_a_sequence_preempted_mid_prompt_still_computes_its_last_token():
+    """A prompt of whole blocks, preempted mid-prefill, then readmitted once another prompt
+    has computed all its blocks: admission must still leave its last token to compute (the
+    step samples from its logits), not take every block from the cache and schedule it with
+    nothing to compute (which sampled another sequence's logits when its hashes had been
+    extended to its last token)."""
+    sim = Sim(4, 4, max_num_batched_tokens=7)
+    longer = sim.add(12, max_tokens=4, first_token=0)
+    short = sim.add(8, max_tokens=2, first_token=0)  # the first 2 blocks of `longer`
+    sim.step()
+    out = sim.step()
+    assert [(x.seq, x.num_new_tokens) for x in out.scheduled] == [(longer, 5), (short, 2)]
+    assert sim.step().preempted == [short]  # `longer` needs a 4th block: the pool is full
+    assert short.num_computed == 0
+    short.block_hashes = prefix_hashes(short.token_ids, 4)  # every block's, as it once had
+    sim.run()  # Sim.check: every scheduled sequence computes at least one token
+    assert short.is_finished and short.num_cached_prompt_tokens == 4
     assert sim.pool.num_used == 0
 
 

@@ -9,9 +9,9 @@ Prefix blocks are shared within a step too. Each layer of the step's forward pas
 keys and values of all the step's tokens before any sequence attends, so a sequence admitted
 in the same step as the one computing its prefix can read that prefix's blocks: a batch of
 few-shot prompts (or the n samples of one request) computes the shared exemplars once, not
-once per prompt. A waiting sequence whose next block a running sequence will compute in a
-later step (a prompt longer than one step's budget) waits for it rather than computing it
-again.
+once per prompt. (A running prefill that does not finish in a step has taken the rest of the
+step's budget, so nothing is admitted beside it: no sequence computes a block that another
+completes in a later step.)
 
 When the block pool runs dry, the most recently admitted running sequence is preempted: its
 blocks are freed and it goes back to the front of the queue, to be recomputed later (its
@@ -91,15 +91,6 @@ class ScheduledSeq:
 
 
 @dataclass
-class _InFlight:
-    """Prefix blocks that running sequences are computing: what a sequence admitted in this
-    step can share instead of computing again, and what it is worth waiting for."""
-
-    this_step: dict[BlockHash, int] = field(default_factory=dict)  # complete after this step
-    later: set[BlockHash] = field(default_factory=set)  # prompt blocks of later steps
-
-
-@dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq]
     preempted: list[Sequence]
@@ -163,27 +154,40 @@ class Scheduler:
         seq.block_table = []
         seq.num_registered_blocks = 0
 
-    def _match_prefix(self, seq: Sequence, in_flight: _InFlight | None) -> None:
+    def _match_prefix(self, seq: Sequence, in_flight: dict[BlockHash, int] | None) -> None:
         """Reuse cached blocks for the leading full blocks of a newly admitted sequence, and
-        blocks this step completes (`in_flight`): the step writes them before any attention.
+        blocks this step completes (`in_flight`, by hash): the step writes them before any
+        attention reads them.
 
         At least one token is left to compute: the step needs logits at the last position.
         """
-        if not self.pool.enable_prefix_caching or seq.block_table:
+        if seq.block_table:
             return
-        if seq.params.prompt_logprobs is not None:
-            return  # every prompt position must be computed to score it
-        self._extend_hashes(seq, seq.num_tokens - 1)
-        for block_hash in seq.block_hashes:
+        shareable = self._shareable_blocks(seq)
+        self._extend_hashes(seq, shareable * self.block_size)
+        for block_hash in seq.block_hashes[:shareable]:
             block = self.pool.lookup(block_hash)
             if block is None and in_flight is not None:
-                block = in_flight.this_step.get(block_hash)
+                block = in_flight.get(block_hash)
                 if block is not None:
                     self.pool.share(block)
             if block is None:
                 break
             seq.block_table.append(block)
         seq.num_computed = len(seq.block_table) * self.block_size
+
+    def _shareable_blocks(self, seq: Sequence) -> int:
+        """How many leading blocks of `seq` admission may take from the cache or the step.
+
+        Never the block of its last token, which the step must compute for logits: a
+        sequence preempted mid-prompt already holds hashes up to its last token
+        (`_note_in_flight`), and taking them all would schedule it with nothing to compute.
+        Zero when it skips the prefix cache: every prompt position must be computed to score
+        it (prompt log-probabilities).
+        """
+        if not self.pool.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return 0
+        return (seq.num_tokens - 1) // self.block_size
 
     def _extend_hashes(self, seq: Sequence, upto_tokens: int) -> None:
         bs = self.block_size
@@ -244,17 +248,15 @@ class Scheduler:
             budget -= count
             index += 1
 
-        in_flight = self._in_flight(scheduled) if self.waiting else None
-        deferred: list[Sequence] = []
+        admitting = (
+            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
+        )
+        in_flight = self._in_flight(scheduled) if admitting else None
         while (
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
             seq = self.waiting[0]
             self._match_prefix(seq, in_flight)
-            if self._waits_for_in_flight(seq, in_flight):
-                self._undo_prefix(seq)
-                deferred.append(self.waiting.popleft())
-                continue
             remaining = seq.num_tokens - seq.num_computed
             if self.enable_chunked_prefill:
                 count = min(remaining, budget)
@@ -287,45 +289,30 @@ class Scheduler:
             budget -= min(count, budget)
             if in_flight is not None:
                 self._note_in_flight(seq, seq.num_computed + count, in_flight)
-        self.waiting.extendleft(reversed(deferred))  # back in front, in their order
         return SchedulerOutput(scheduled, preempted)
 
-    def _in_flight(self, scheduled: list[ScheduledSeq]) -> _InFlight | None:
-        """The prefix blocks the running sequences compute in this step and after it."""
+    def _in_flight(self, scheduled: list[ScheduledSeq]) -> dict[BlockHash, int] | None:
+        """The full blocks the step's running sequences complete, by hash."""
         if not self.pool.enable_prefix_caching:
             return None
-        in_flight = _InFlight()
-        counts = {id(item.seq): item.num_new_tokens for item in scheduled}
-        for seq in self.running:
-            self._note_in_flight(seq, seq.num_computed + counts.get(id(seq), 0), in_flight)
+        in_flight: dict[BlockHash, int] = {}
+        for item in scheduled:
+            self._note_in_flight(item.seq, item.seq.num_computed + item.num_new_tokens, in_flight)
         return in_flight
 
     def _note_in_flight(
-        self, seq: Sequence, computed_after_step: int, in_flight: _InFlight
+        self, seq: Sequence, computed_after_step: int, in_flight: dict[BlockHash, int]
     ) -> None:
-        """Record the full blocks `seq` completes in this step and those it completes later
-        (its prompt, or everything after a preemption). Decoding sequences are skipped: a
-        block completed by generated tokens is rarely another prompt's prefix, and they are
-        many, every step."""
+        """Record the full blocks `seq` completes in this step, unless an identical block is
+        cached already. Decoding sequences are skipped: a block completed by a generated token
+        is rarely another prompt's prefix, and there are many of them, every step."""
         if seq.num_tokens - seq.num_computed <= 1:
             return
         bs = self.block_size
-        full_after_step = computed_after_step // bs
-        self._extend_hashes(seq, seq.num_tokens)
-        for j in range(seq.num_computed // bs, full_after_step):
+        self._extend_hashes(seq, computed_after_step)
+        for j in range(seq.num_computed // bs, computed_after_step // bs):
             if not self.pool.peek(seq.block_hashes[j]):
-                in_flight.this_step.setdefault(seq.block_hashes[j], seq.block_table[j])
-        in_flight.later.update(seq.block_hashes[full_after_step:])
-
-    @staticmethod
-    def _waits_for_in_flight(seq: Sequence, in_flight: _InFlight | None) -> bool:
-        """Whether the next block `seq` would compute is one a running sequence computes in a
-        later step (its prompt is longer than a step's budget): better to wait and share it.
-        A sequence that skips the prefix cache (prompt log-probabilities) has no hashes here."""
-        if in_flight is None:
-            return False
-        matched = len(seq.block_table)
-        return matched < len(seq.block_hashes) and seq.block_hashes[matched] in in_flight.later
+                in_flight.setdefault(seq.block_hashes[j], seq.block_table[j])
 
     def _undo_prefix(self, seq: Sequence) -> None:
         self._free_blocks(seq)
