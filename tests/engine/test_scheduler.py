@@ -562,7 +562,7 @@ def test_random_workloads_with_shared_prefixes_read_only_what_was_written(seed):
     rng = random.Random(seed)
     block_size = rng.choice([1, 2, 4, 5])
     sim = Sim(
-        rng.randint(24, 80) // block_size + 12,
+        -(-48 // block_size) + rng.randint(0, 12),  # the largest request (42 + 6) fits
         block_size,
         max_num_batched_tokens=rng.choice([7, 16, 33, 200]),
         max_num_seqs=rng.choice([2, 5, 64]),
