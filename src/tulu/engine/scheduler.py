@@ -179,10 +179,9 @@ class Scheduler:
     def _shareable_blocks(self, seq: Sequence) -> int:
         """How many leading blocks of `seq` admission may take from the cache or the step.
 
-        Never the block of its last token, which the step must compute for logits: a
-        sequence preempted mid-prompt already holds hashes up to its last token
-        (`_note_in_flight`), and taking them all would schedule it with nothing to compute.
-        Zero when it skips the prefix cache: every prompt position must be computed to score
+        Never the block of its last token, which the step must compute for logits, even if
+        the sequence holds that block's hash: taking it would schedule the sequence with
+        nothing to compute, and the step would sample it from another sequence's row. Zero when it skips the prefix cache: every prompt position must be computed to score
         it (prompt log-probabilities).
         """
         if not self.pool.enable_prefix_caching or seq.params.prompt_logprobs is not None:
@@ -248,13 +247,12 @@ class Scheduler:
             budget -= count
             index += 1
 
-        admitting = (
-            self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
-        )
-        in_flight = self._in_flight(scheduled) if admitting else None
+        in_flight: dict[BlockHash, int] | None = None  # built once admission can happen
         while (
             self.waiting and budget > 0 and not preempted and len(self.running) < self.max_num_seqs
         ):
+            if in_flight is None and self.pool.enable_prefix_caching:
+                in_flight = self._in_flight(scheduled)
             seq = self.waiting[0]
             self._match_prefix(seq, in_flight)
             remaining = seq.num_tokens - seq.num_computed
@@ -291,10 +289,8 @@ class Scheduler:
                 self._note_in_flight(seq, seq.num_computed + count, in_flight)
         return SchedulerOutput(scheduled, preempted)
 
-    def _in_flight(self, scheduled: list[ScheduledSeq]) -> dict[BlockHash, int] | None:
+    def _in_flight(self, scheduled: list[ScheduledSeq]) -> dict[BlockHash, int]:
         """The full blocks the step's running sequences complete, by hash."""
-        if not self.pool.enable_prefix_caching:
-            return None
         in_flight: dict[BlockHash, int] = {}
         for item in scheduled:
             self._note_in_flight(item.seq, item.seq.num_computed + item.num_new_tokens, in_flight)
