@@ -201,6 +201,64 @@ def test_shutdown_drains_then_aborts(model, monkeypatch):
     assert_idle(engine)
 
 
+def test_requests_during_the_drain_are_refused_at_once(model, monkeypatch):
+    """A request submitted while shutdown drained was admitted, then aborted when the drain
+    ended: it is refused at once (and /health's check says why), while the running request
+    still finishes."""
+    engine = LLMEngine(model, None, EngineConfig())
+    real_step = engine.step
+
+    def slow_step():  # the running request needs >= 0.2 s, so the drain is under way
+        time.sleep(0.01)
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", slow_step)
+    short = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        llm = AsyncLLM(engine)
+        llm.start()
+        stream = llm.generate(PROMPTS[0], short)
+        await asyncio.wait_for(anext(stream), 10)
+        draining = asyncio.create_task(llm.shutdown(drain_timeout=30.0))
+        await asyncio.sleep(0)  # the shutdown has begun (it is waiting for the drain)
+        assert not draining.done()
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            await asyncio.wait_for(collect(llm.generate(PROMPTS[1], short)), 3)
+        with pytest.raises(EngineDeadError, match="shutting down"):
+            llm.check_health()
+        rest = await asyncio.wait_for(collect(stream), 10)
+        assert rest[-1].finished and rest[-1].outputs[0].finish_reason == "length"
+        assert len(rest[-1].outputs[0].token_ids) == 20
+        await asyncio.wait_for(draining, 10)
+
+    run(main())
+    assert_idle(engine)
+
+
+def test_a_dead_engine_names_its_failure_to_later_requests(model, monkeypatch):
+    """After the engine thread died, new requests and /health's check name the failure; an
+    exception's str alone can be empty (AssertionError()), which read "not running ()"."""
+    engine = LLMEngine(model, None, EngineConfig())
+
+    def broken_step():
+        raise AssertionError
+
+    async def main():
+        llm = AsyncLLM(engine)
+        monkeypatch.setattr(engine, "step", broken_step)
+        llm.start()
+        with pytest.raises(EngineDeadError, match="AssertionError"):
+            await asyncio.wait_for(collect(llm.generate(PROMPTS[0], GREEDY)), 3)
+        with pytest.raises(EngineDeadError, match=r"not running \(it stopped: AssertionError"):
+            await asyncio.wait_for(collect(llm.generate(PROMPTS[0], GREEDY)), 3)
+        with pytest.raises(EngineDeadError, match="AssertionError"):
+            llm.check_health()
+        await llm.shutdown()
+
+    run(main())
+
+
 def test_engine_failure_reaches_every_stream(model, monkeypatch):
     engine = LLMEngine(model, None, EngineConfig())
 

@@ -716,6 +716,38 @@ def test_huge_top_k_does_not_kill_the_engine(launch_server, route):
         server.stop()
 
 
+def test_a_dead_engine_is_named_by_health_and_every_route(launch_server, tiny_checkpoint):
+    """A failed engine step (a bug, CUDA out of memory) kills the engine; the server stays up
+    answering 503, so /health must say why for the orchestrator that restarts it (it said only
+    "the engine is not running"), and so must every route (an AssertionError read "()")."""
+    from tulu.engine.engine import LLMEngine
+
+    engine = LLMEngine(tiny_checkpoint.model, tiny_checkpoint.tokenizer, EngineConfig())
+
+    def broken_step():
+        raise AssertionError
+
+    engine.step = broken_step
+    server = launch_server(engine=engine)  # stopped without the idle check: the engine is dead
+    try:
+        first = httpx.post(f"{server.url}/v1/completions", json=_valid("/v1/completions"))
+        assert first.status_code == 503, first.text
+        health = httpx.get(f"{server.url}/health")
+        assert health.status_code == 503
+        assert health.json() == {
+            "error": "the engine is not running (it stopped: AssertionError())",
+            "error_type": "unhealthy",
+        }
+        for route in POST_ROUTES:
+            response = httpx.post(f"{server.url}{route}", json=_valid(route), timeout=WAIT)
+            assert response.status_code == 503, f"{route}: {response.text}"
+            error = response.json()["error"]
+            message = error["message"] if route in OPENAI_ROUTES else error
+            assert "AssertionError()" in message, f"{route}: {message}"
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("route", OPENAI_ROUTES)
 def test_huge_n_is_refused_before_the_engine(new_server, route):
     server = new_server()

@@ -468,14 +468,20 @@ class DrainRun:
     expected_s: float
     signalled_at: float
     refused_while_draining: bool
+    keep_alive_probe: str | None  # what a connection opened before SIGTERM got meanwhile
     exit_code: int
     exited_after: float
 
 
 def sigterm_mid_stream(serve, drain_timeout: float, target_s: float, streams: int) -> DrainRun:
     """Start `streams` long completions (sized to last about `target_s` seconds), SIGTERM the
-    server after their first chunks, probe for new connections while they drain, wait for exit."""
+    server after their first chunks, probe for new connections while they drain, wait for exit.
+
+    A keep-alive connection opened before the signal, idle at it, is probed too once new
+    connections are refused (uvicorn closes idle connections in the same turn)."""
     served = serve("--drain-timeout", str(drain_timeout), "--log-level", "info")
+    idle = httpx.Client(base_url=served.url, timeout=5)
+    assert idle.get("/health").status_code == 200
     per_token = seconds_per_token(served.url) * max(1.0, streams / 2)
     max_tokens = int(min(CONTEXT - 16, max(200, target_s / per_token)))
     started = [stream_in_background(served.url, max_tokens) for _ in range(streams)]
@@ -485,11 +491,14 @@ def sigterm_mid_stream(serve, drain_timeout: float, target_s: float, streams: in
     served.proc.send_signal(signal.SIGTERM)
     signalled = time.monotonic()
     refused = False
+    keep_alive_probe = None
     while any(t.is_alive() for _, t in started) and time.monotonic() - signalled < 30:
         if connection_refused(served.port):
             refused = any(t.is_alive() for _, t in started)
+            keep_alive_probe = probe(idle) if refused else None
             break
         time.sleep(0.02)
+    idle.close()
     exit_code = served.wait(drain_timeout + 30)
     exited_after = time.monotonic() - signalled
     for _, thread in started:
@@ -501,9 +510,19 @@ def sigterm_mid_stream(serve, drain_timeout: float, target_s: float, streams: in
         max_tokens * per_token,
         signalled,
         refused,
+        keep_alive_probe,
         exit_code,
         exited_after,
     )
+
+
+def probe(client: httpx.Client) -> str:
+    """A GET /health on the client's kept-alive connection: the HTTP status, or the name of
+    the transport error."""
+    try:
+        return str(client.get("/health").status_code)
+    except httpx.TransportError as err:
+        return type(err).__name__
 
 
 @pytest.fixture(scope="module")
@@ -537,6 +556,17 @@ def test_sigterm_refuses_new_connections_while_draining(drained):
     assert drained.refused_while_draining, (
         "a new connection was accepted while the server was draining "
         f"(stream of {drained.max_tokens} tokens, ~{drained.expected_s:.1f} s)"
+    )
+
+
+def test_sigterm_refuses_requests_on_kept_alive_connections_while_draining(drained):
+    """A client that kept its connection open is not admitted during the drain either (to be
+    aborted when it ends): the idle connection was closed, and the client's reconnection is
+    refused, so it fails over at once."""
+    assert drained.keep_alive_probe is not None, "the stream ended before the probe"
+    assert not drained.keep_alive_probe.isdigit(), (
+        f"a request on a kept-alive connection was answered {drained.keep_alive_probe} "
+        "while the server was draining"
     )
 
 

@@ -122,13 +122,17 @@ class AsyncLLM:
         self._thread.start()
 
     async def shutdown(self, drain_timeout: float = 0.0) -> None:
-        """Wait up to `drain_timeout` seconds for running requests, abort the rest, stop."""
+        """Wait up to `drain_timeout` seconds for running requests, abort the rest, stop.
+
+        New requests are refused from the start (EngineDeadError): one admitted during the
+        drain would only be aborted when it ends.
+        """
+        self._stopping = True
         deadline = time.monotonic() + drain_timeout
         while self._streams and time.monotonic() < deadline and self.is_running:
             await asyncio.sleep(0.05)
         for engine_id in list(self._streams):
             self._abort(engine_id)
-        self._stopping = True
         self._commands.put(None)
         self._wake.set()
         if self._thread is not None:
@@ -221,12 +225,17 @@ class AsyncLLM:
         finally:
             self._calls.discard(future)
 
+    def check_health(self) -> None:
+        """Raise EngineDeadError saying why a new request would not run (for /health)."""
+        self._check_running()
+
     def _check_running(self) -> None:
         """Raise EngineDeadError saying why no request can run: the engine failed, is shutting
         down (the thread may be past its last look at the queue) or shut down, or never
         started."""
         if self._error is not None:
-            raise EngineDeadError(f"the engine is not running ({self._error})")
+            # repr: names the failure's type too (an AssertionError's str is empty).
+            raise EngineDeadError(f"the engine is not running (it stopped: {self._error!r})")
         if self._stopping:
             raise EngineDeadError("the engine is shutting down or has shut down")
         if not self.is_running:

@@ -309,8 +309,12 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
     @app.head("/health", include_in_schema=False)
     @app.get("/health")
     async def health():
-        if not llm.is_running:
-            return error_response("/health", 503, "the engine is not running", "unhealthy")
+        # Says why: the engine's failure (for whoever reads the orchestrator's restart log),
+        # or that the server is draining, so a load balancer stops sending.
+        try:
+            llm.check_health()
+        except EngineDeadError as err:
+            return error_response("/health", 503, str(err), "unhealthy")
         return Response(status_code=200)
 
     @app.get("/metrics")
