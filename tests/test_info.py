@@ -88,6 +88,42 @@ def test_a_lora_adapter_directory_is_described_as_it_loads(tied: bool, tmp_path:
     assert main(["info", str(adapter)]) == 0
 
 
+@pytest.mark.parametrize(
+    ("lora", "untied"),
+    [
+        ({"target_modules": ["query_key_value", "lm_head"]}, True),
+        ({"target_modules": ["query_key_value"], "modules_to_save": ["lm_head"]}, True),
+        ({"target_modules": ["query_key_value", "embed_out"]}, False),  # matched no layer
+    ],
+    ids=["lora-on-lm_head", "modules_to_save", "embed_out-unmatched"],
+)
+def test_an_adapter_made_on_transformers_5_is_described_as_it_loads(
+    tmp_path: Path, lora: dict, untied: bool
+) -> None:
+    """Whether the merged model of a tied base gets a head of its own follows the adapter's
+    tensors: transformers 5 calls the head lm_head, and may save a head in modules_to_save
+    or none for a target embed_out; info read target_modules for embed_out only."""
+    pytest.importorskip("peft")
+    from train.conftest import transformers_adapter
+    from tulu.pretrained import load_pretrained
+
+    config = TINY.with_(tie_word_embeddings=True)
+    base = save_model(build_model(config), tmp_path / "base", tokenizer=tokenizer())
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    adapter, _ = transformers_adapter(base, tmp_path / "adapter", ids, seed=0, scale=0.1, **lora)
+    info = describe(adapter)
+    loaded = load_pretrained(adapter, dtype="float32", device="cpu").model
+    assert info["parameters"] == sum(p.numel() for p in loaded.parameters())
+    own_head = TINY.vocab_size * TINY.hidden_size
+    assert info["parameters"] == config.num_parameters() + untied * own_head
+    from safetensors.torch import load_file  # PEFT's older pickle format reads the same
+
+    weights = adapter / "adapter_model.safetensors"
+    torch.save(load_file(weights), adapter / "adapter_model.bin")
+    weights.unlink()
+    assert describe(adapter)["parameters"] == info["parameters"]
+
+
 def test_a_hub_id_is_described_without_downloading_its_weights(tmp_path: Path, monkeypatch) -> None:
     """info needs config.json (and tokenizer.json): fetching a 6.9B model's 14 GB of weights
     for it would be a needless download."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,26 +122,13 @@ def _load_merged_adapter(adapter_dir: Path, dtype: torch.dtype, device: torch.de
 
 def _merged_adapter_config(adapter_dir: Path) -> tuple[NeoXConfig, Path]:
     """The config of the model `load_pretrained` makes of a LoRA adapter directory, and its
-    base: the base's config, untied when the adapter adapts the LM head of a tied base
-    (`merge_lora` gives such a head its own weight). The head is adapted when PEFT would match
-    the module name `embed_out`: a name in the `target_modules` list, or a regex that
-    matches it in full."""
-    from tulu.train.lora import adapter_base, read_adapter_config
+    base: the base's config, untied when the adapter changes the LM head of a tied base
+    (`merge_lora` gives such a head its own weight)."""
+    from tulu.train.lora import adapter_base, adapts_head
 
-    targets = read_adapter_config(adapter_dir).get("target_modules")
     base = adapter_base(adapter_dir)
     config = read_checkpoint_config(base)
-    if isinstance(targets, str):
-        try:
-            adapts_head = re.fullmatch(targets, "embed_out") is not None
-        except re.error as err:
-            raise TuluError(
-                f"{adapter_dir / 'adapter_config.json'}: target_modules {targets!r} is not a "
-                f"valid regular expression ({err})"
-            ) from None
-    else:
-        adapts_head = isinstance(targets, list) and "embed_out" in targets
-    if config.tie_word_embeddings and adapts_head:
+    if config.tie_word_embeddings and adapts_head(adapter_dir):
         config = config.with_(tie_word_embeddings=False)
     return config, base
 

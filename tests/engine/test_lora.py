@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.conftest import check_idle, random_model, tiny_config
-from train.conftest import random_adapter
+from train.conftest import random_adapter, transformers_adapter
 from tulu.engine.engine import EngineConfig, LLMEngine, RequestOutput
 from tulu.engine.reference import generate_ids
 from tulu.engine.sampling import SamplingParams
@@ -162,6 +162,25 @@ def test_lm_head_adapters_are_refused(lora_dirs: dict[str, Path], tmp_path: Path
     save_file(renamed, weights)
     with pytest.raises(CheckpointError, match="lm_head.lora_A.weight adapts the LM head"):
         LoraAdapters(model, {"head": head})
+
+
+def test_a_transformers_5_lm_head_adapter_is_refused_with_a_hint_that_holds(
+    lora_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """PEFT on transformers 5 saves an adapted head's base weight too (lm_head.base_layer):
+    that tensor was refused as "not a LoRA A/B matrix (embedding LoRA, DoRA ...)"."""
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    lora = {"target_modules": ["dense", "lm_head"]}
+    head, _ = transformers_adapter(
+        lora_dirs["base"], tmp_path / "h", ids, seed=4, scale=0.2, **lora
+    )
+    model = load_model(lora_dirs["base"], dtype=torch.float32)
+    with pytest.raises(
+        CheckpointError, match=r"lm_head.base_layer.weight adapts the LM head.*merge"
+    ):
+        LoraAdapters(model, {"head": head})
+    assert not any(m._forward_hooks for m in model.modules())
+    merge_lora(load_adapter(model, head))  # what the hint says to do works
 
 
 @torch.no_grad()

@@ -8,8 +8,12 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    import torch
 
 # One thread per process: bitwise-reproducible runs, and 2 processes on a busy 2-core machine.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -69,3 +73,29 @@ def random_adapter(base_dir: Path, out: Path, *, seed: int, scale: float, **lora
             if "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * scale)
     return save_adapter(model, out)
+
+
+def transformers_adapter(
+    base_dir: Path, out: Path, ids: torch.Tensor, *, seed: int, scale: float, **lora
+) -> tuple[Path, torch.Tensor]:
+    """(directory, logits): a LoRA adapter made with PEFT on transformers' own GPT-NeoX loaded
+    from `base_dir` (r=4, alpha=8 and `lora`'s fields, e.g. target_modules or
+    modules_to_save), as a user of transformers 5 trains one: its LM head is ``lm_head``
+    there. Its adapter weights (and saved modules) are random and non-zero, written by
+    `PeftModel.save_pretrained`; the logits are that model's on `ids`, the reference for
+    loading the adapter into tulu."""
+    import peft
+    import torch
+    import transformers
+
+    hf = transformers.GPTNeoXForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM", **lora})
+    model = peft.get_peft_model(hf, config).eval()
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if "lora_" in name or "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(str(out))
+    return out, logits

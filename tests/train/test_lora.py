@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from model.conftest import build_model
+from train.conftest import transformers_adapter
 from tulu.errors import CheckpointError, ConfigError
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.checkpoint import load_model, save_model
@@ -114,6 +115,48 @@ def test_adapter_loads_in_transformers_with_same_logits(
     ours = logits(adapted)
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     assert (ours - plain).abs().max() > 1e-2  # the adapter does change the output
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["query_key_value", "lm_head"]},  # PEFT saves the head's weight too
+        {"target_modules": ["query_key_value"], "modules_to_save": ["lm_head"]},
+        {"target_modules": r".*\.dense|lm_head"},
+        # no layer of transformers 5's is called embed_out: PEFT adapts only query_key_value
+        {"target_modules": ["query_key_value", "embed_out"]},
+    ],
+    ids=["lora-on-lm_head", "modules_to_save", "regex", "embed_out-unmatched"],
+)
+def test_adapters_trained_on_transformers_5_merge_to_their_logits(
+    base_dir: Path, tmp_path: Path, lora: dict
+) -> None:
+    """transformers 5 calls the LM head lm_head, we embed_out: adapters that name it were
+    refused as "not the base it was trained on" (and by `tulu serve --lora-modules` with a
+    hint to merge them, which failed the same way)."""
+    directory, expected = transformers_adapter(
+        base_dir, tmp_path / "adapter", IDS, seed=1, scale=0.05, **lora
+    )
+    merged = merge_lora(load_adapter(load_model(base_dir, dtype=torch.float32), directory))
+    torch.testing.assert_close(logits(merged.eval()), expected, atol=1e-5, rtol=1e-5)
+    assert (expected - logits(load_model(base_dir, dtype=torch.float32))).abs().max() > 1e-2
+
+
+def test_an_old_peft_that_cannot_rename_lm_head_is_a_clear_error(
+    base_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PEFT < 0.16 has no key_mapping: it would ignore the argument and leave the head's LoRA
+    at its fresh values."""
+    lora = {"target_modules": ["query_key_value", "lm_head"]}
+    directory, _ = transformers_adapter(base_dir, tmp_path / "a", IDS, seed=1, scale=0.05, **lora)
+    original = peft.PeftModel.from_pretrained
+
+    def before_0_16(model, model_id, adapter_name="default", is_trainable=False, config=None, **kw):
+        return original(model, model_id, adapter_name, is_trainable, config, **kw)
+
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", before_0_16)
+    with pytest.raises(CheckpointError, match=r"name the LM head lm_head .*needs peft >= 0.16"):
+        load_adapter(load_model(base_dir, dtype=torch.float32), directory)
 
 
 def test_load_adapter_round_trip(adapted: nn.Module, base_dir: Path, tmp_path: Path) -> None:

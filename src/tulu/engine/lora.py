@@ -187,6 +187,13 @@ def _check_names(
     """{layer: {"A": tensor name, "B": tensor name}}, each layer one of the model's."""
     halves: dict[str, dict[str, str]] = {}
     for key in shapes:
+        # transformers 5 calls the LM head lm_head, GPT-NeoX (and tulu) embed_out; PEFT on
+        # transformers 5 saves the adapted head's base weight beside its A and B.
+        if key.startswith(tuple(_PREFIX + head + "." for head in ("embed_out", "lm_head"))):
+            raise CheckpointError(
+                f"{directory}: tensor {key} adapts the LM head, which unmerged LoRA serving "
+                f"does not support; {_MERGE_HINT}"
+            )
         layer, half = _split_key(key)
         if layer is None:
             raise CheckpointError(
@@ -194,12 +201,9 @@ def _check_names(
                 f"(embedding LoRA, DoRA or saved modules); {_MERGE_HINT}"
             )
         if layer not in linears:
-            # transformers 5 calls the LM head lm_head, GPT-NeoX (and tulu) embed_out
-            head = layer in ("embed_out", "lm_head")
-            kind = "the LM head" if head else "no linear layer of the model"
             raise CheckpointError(
-                f"{directory}: tensor {key} adapts {kind}; "
-                + (_MERGE_HINT if head else "is the base the one it was trained on?")
+                f"{directory}: tensor {key} adapts no linear layer of the model; is the base "
+                "the one it was trained on?"
             )
         halves.setdefault(layer, {})[half] = key
     if not halves:

@@ -23,19 +23,26 @@ even though the layer's input (frozen embeddings) does not require grad. Set the
 base model (`peft_model.get_base_model().gradient_checkpointing = True`).
 
 One naming caveat: our LM head is ``embed_out``; transformers 5 calls it ``lm_head``. An
-adapter that targets the head therefore loads into our model but not into transformers'.
+adapter of ours that targets the head therefore loads into our model but not into
+transformers'. The other way round works: `load_adapter` renames ``lm_head`` to ``embed_out``
+in an adapter trained on transformers 5 (its config's module names and its tensor names).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
 import os
+import re
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from tulu.errors import CheckpointError, ConfigError
@@ -45,6 +52,7 @@ from tulu.train.config import LoraConfig
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
+    "adapts_head",
     "apply_lora",
     "is_adapter_dir",
     "load_adapter",
@@ -54,10 +62,27 @@ __all__ = [
     "save_adapter",
 ]
 
+logger = logging.getLogger(__name__)
+
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_WEIGHTS_BIN = "adapter_model.bin"
 SAVED_TASK_TYPE = "CAUSAL_LM"
+
+#: transformers 5 calls GPT-NeoX's LM head ``lm_head``; its checkpoints, transformers 4 and we
+#: call it ``embed_out``. PEFT applies the mapping to tensor names without the
+#: ``base_model.model.`` prefix.
+_HEAD_KEY_MAPPING = {r"^lm_head\.": "embed_out."}
+_TRANSFORMERS5_HEAD = re.compile(r"\blm_head\b")
+_TRANSFORMERS5_HEAD_KEY = "base_model.model.lm_head."
+#: The LoraConfig fields that hold module names (or regular expressions over them).
+_MODULE_NAME_FIELDS = (
+    "target_modules",
+    "exclude_modules",
+    "modules_to_save",
+    "rank_pattern",
+    "alpha_pattern",
+)
 
 
 def _peft() -> Any:
@@ -254,6 +279,29 @@ def read_adapter_config(directory: str | os.PathLike) -> dict[str, Any]:
     return config
 
 
+def adapts_head(directory: str | os.PathLike) -> bool:
+    """Whether merging the adapter in `directory` changes the LM head: whether it holds a
+    tensor of it (LoRA on it, or its trained copy from ``modules_to_save``) under our name
+    ``embed_out`` or transformers 5's ``lm_head``. Only the tensor names are read (the
+    safetensors header, or a memory map of the pickle), for `tulu info`."""
+    path = Path(directory)
+    read_adapter_config(path)
+    try:
+        if (path / ADAPTER_WEIGHTS).is_file():
+            with safe_open(path / ADAPTER_WEIGHTS, framework="pt") as handle:
+                names = list(handle.keys())
+        else:
+            pickle = path / ADAPTER_WEIGHTS_BIN
+            mmap = zipfile.is_zipfile(pickle)  # only torch.save's zip format can be mapped
+            names = list(torch.load(pickle, map_location="cpu", weights_only=True, mmap=mmap))
+    except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
+        raise CheckpointError(
+            f"{path}: unreadable adapter weights ({type(err).__name__}: {err})"
+        ) from None
+    heads = ("base_model.model.embed_out.", "base_model.model.lm_head.")
+    return any(isinstance(name, str) and name.startswith(heads) for name in names)
+
+
 def adapter_base(directory: str | os.PathLike) -> Path:
     """The base checkpoint of the adapter in `directory`, from its adapter_config.json's
     ``base_model_name_or_path``: as written (a path from the current directory, or a hub id),
@@ -302,7 +350,8 @@ def load_adapter(
     model: GPTNeoXForCausalLM, directory: str | os.PathLike, *, is_trainable: bool = False
 ) -> Any:
     """`model` wrapped in a `PeftModel` with the adapter saved in `directory` (ours, or one
-    trained with transformers' GPT-NeoX: the tensor names are the same)."""
+    trained with transformers' GPT-NeoX: the module names are the same, but for the LM head
+    that transformers 5 calls ``lm_head``, renamed here)."""
     peft = _peft()
     read_adapter_config(directory)
     try:
@@ -312,17 +361,23 @@ def load_adapter(
             f"{Path(directory) / ADAPTER_CONFIG}: PEFT cannot read this LoRA config ({err})"
         ) from None
     config.task_type = None  # our model takes no HF generation hooks (see the module doc)
+    for field in _MODULE_NAME_FIELDS:
+        if hasattr(config, field):  # exclude_modules is new in PEFT 0.14
+            setattr(config, field, _our_head_name(getattr(config, field)))
     try:
         saved = peft.utils.load_peft_weights(str(directory), device="cpu")
     except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
         raise CheckpointError(
             f"{directory}: unreadable adapter weights ({type(err).__name__}: {err})"
         ) from None
+    renaming = _head_key_mapping(peft, saved, directory)
+    saved = {_our_head_key(key): tensor for key, tensor in saved.items()}
+    _drop_unmatched_head_target(config, saved, directory)
     try:
         peft_model = peft.PeftModel.from_pretrained(
-            model, str(directory), config=config, is_trainable=is_trainable
+            model, str(directory), config=config, is_trainable=is_trainable, **renaming
         )
-    except TypeError as err:  # a value of the wrong type (r: "four"), used only here
+    except (TypeError, re.error) as err:  # r: "four", or a target_modules regex: used here
         raise CheckpointError(
             f"{Path(directory) / ADAPTER_CONFIG}: PEFT cannot use this LoRA config ({err})"
         ) from None
@@ -336,6 +391,58 @@ def load_adapter(
     return peft_model
 
 
+def _our_head_name(value: Any) -> Any:
+    """`value` (a module name, a regular expression, or a list, set or dict of them) with
+    transformers 5's ``lm_head`` renamed to our ``embed_out``, the module it names."""
+    if isinstance(value, str):
+        return _TRANSFORMERS5_HEAD.sub("embed_out", value)
+    if isinstance(value, list | tuple | set):
+        return type(value)(_our_head_name(v) for v in value)
+    if isinstance(value, dict):
+        return {_our_head_name(k): v for k, v in value.items()}
+    return value
+
+
+def _our_head_key(key: str) -> str:
+    """A saved tensor's name as `_HEAD_KEY_MAPPING` has PEFT load it."""
+    if key.startswith(_TRANSFORMERS5_HEAD_KEY):
+        return "base_model.model.embed_out." + key[len(_TRANSFORMERS5_HEAD_KEY) :]
+    return key
+
+
+def _head_key_mapping(peft: Any, saved: dict[str, Any], directory: Any) -> dict[str, Any]:
+    """The keyword argument that has PEFT load an adapter's ``lm_head`` tensors into our
+    ``embed_out`` (none when it has no such tensor). PEFT takes it from version 0.16 on; an
+    older one would ignore it and leave the head's LoRA at its fresh values."""
+    if not any(key.startswith(_TRANSFORMERS5_HEAD_KEY) for key in saved):
+        return {}
+    if "key_mapping" not in inspect.signature(peft.PeftModel.from_pretrained).parameters:
+        raise CheckpointError(
+            f"{directory}: the adapter's tensors name the LM head lm_head (transformers 5's "
+            f"name; ours is embed_out): loading it needs peft >= 0.16, this is peft "
+            f"{peft.__version__} (pip install -U 'peft>=0.16')"
+        )
+    return {"key_mapping": _HEAD_KEY_MAPPING}
+
+
+def _drop_unmatched_head_target(config: Any, saved: dict[str, Any], directory: Any) -> None:
+    """Leave the LM head unadapted when `target_modules` names ``embed_out`` but the adapter
+    holds no tensor of it: PEFT on transformers 5, whose head is ``lm_head``, matched no
+    layer of that name and trained the adapter without it. Adapted here, the head would get
+    fresh LoRA weights that the adapter does not have (`_check_adapter_tensors` refuses)."""
+    targets = config.target_modules
+    if not isinstance(targets, set) or "embed_out" not in targets or len(targets) == 1:
+        return
+    if any(key.startswith("base_model.model.embed_out.") for key in saved):
+        return
+    config.target_modules = targets - {"embed_out"}
+    logger.warning(
+        "%s: target_modules names embed_out but the adapter holds no tensor of it (PEFT on "
+        "transformers 5 matched no such layer); the LM head stays unadapted, as it was trained",
+        Path(directory) / ADAPTER_CONFIG,
+    )
+
+
 def _check_adapter_tensors(peft_model: Any, saved: dict[str, Any], directory: Any) -> None:
     """PEFT only warns about adapter tensors that match no layer of the model (an adapter of
     a deeper base: they are dropped) and leaves layers without saved tensors at their fresh
@@ -343,7 +450,9 @@ def _check_adapter_tensors(peft_model: Any, saved: dict[str, Any], directory: An
     from peft.utils import get_peft_model_state_dict
 
     expected = get_peft_model_state_dict(peft_model, save_embedding_layers=False)
-    extra = sorted(set(saved) - set(expected))
+    # PEFT also saves the base weights of the adapted layers it takes for embeddings (those
+    # named lm_head or embed_tokens) and loads them back into those layers.
+    extra = sorted(set(saved) - set(expected) - set(peft_model.state_dict()))
     if extra:
         raise CheckpointError(
             f"{directory}: the adapter does not fit the model: it has tensor {extra[0]}, which "
@@ -385,11 +494,16 @@ def _untie_adapted_head(model: nn.Module) -> None:
 
     Unmerged, a LoRA on ``embed_out`` changes only the head: the input embedding is the shared
     base weight. Merged into that shared weight, it would change the input embedding as well.
+    A head in ``modules_to_save`` is merged as PEFT's trained copy of it; tied by the config
+    again on saving, it would be dropped for the input embedding.
     """
     head = model.embed_out
-    if not model.config.tie_word_embeddings or not hasattr(head, "get_base_layer"):
+    # PEFT wraps an adapted head (LoRA, modules_to_save) in a module of its own.
+    if not model.config.tie_word_embeddings or isinstance(head, nn.Linear):
         return
-    layer = head.get_base_layer()
-    weight = layer.weight
-    layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    if hasattr(head, "get_base_layer"):  # LoRA: merged into its base layer's weight
+        layer = head.get_base_layer()
+        weight = layer.weight
+        layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    # modules_to_save: the merged head is PEFT's trained copy, with a weight of its own
     model.config = model.config.with_(tie_word_embeddings=False)
