@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from model.conftest import build_model
@@ -140,6 +141,73 @@ def test_adapters_trained_on_transformers_5_merge_to_their_logits(
     merged = merge_lora(load_adapter(load_model(base_dir, dtype=torch.float32), directory))
     torch.testing.assert_close(logits(merged.eval()), expected, atol=1e-5, rtol=1e-5)
     assert (expected - logits(load_model(base_dir, dtype=torch.float32))).abs().max() > 1e-2
+
+
+def transformers_5() -> object:
+    """transformers, skipping a test of its GPT-NeoX's head when that is not ``lm_head``."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4 calls the LM head embed_out, as we do")
+    return transformers
+
+
+@torch.no_grad()
+def logits_in_transformers(base_dir: Path, adapter: Path) -> torch.Tensor:
+    """The logits on IDS of `adapter` loaded by PEFT onto transformers' GPT-NeoX."""
+    hf = transformers_5().GPTNeoXForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(hf, str(adapter)).eval()(input_ids=IDS).logits
+
+
+def test_a_head_adapter_we_save_loads_in_transformers_5_with_our_logits(
+    base_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter of ours on embed_out named it so; transformers 5 calls the head lm_head, so
+    PEFT there left the head unadapted, with at most a warning (logits off by ~0.2)."""
+    head = LoraConfig(enabled=True, r=4, alpha=8, target_modules=["query_key_value", "embed_out"])
+    adapted = apply_lora(load_model(base_dir, dtype=torch.float32), head, base_model_path=base_dir)
+    randomize_adapters(adapted)
+    directory = save_adapter(adapted.eval(), tmp_path / "adapter")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["lm_head", "query_key_value"]
+    with safe_open(directory / "adapter_model.safetensors", framework="pt") as handle:
+        heads = sorted(k for k in handle.keys() if "gpt_neox" not in k)
+    # as PEFT on transformers 5 names them (it also saves the base weight, which we leave out)
+    assert heads == [f"base_model.model.lm_head.lora_{half}.weight" for half in "AB"]
+    expected = logits(adapted)
+    torch.testing.assert_close(logits_in_transformers(base_dir, directory), expected)
+    ours = load_adapter(load_model(base_dir, dtype=torch.float32), directory).eval()
+    torch.testing.assert_close(logits(ours), expected, atol=0, rtol=0)
+
+    # what tulu saved before: PEFT's names for our model, embed_out; still loads
+    old = tmp_path / "old"
+    adapted.save_pretrained(str(old), save_embedding_layers=False)
+    assert "embed_out" in (old / "adapter_config.json").read_text()
+    ours = load_adapter(load_model(base_dir, dtype=torch.float32), old).eval()
+    torch.testing.assert_close(logits(ours), expected, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["query_key_value", "lm_head"]},
+        {"target_modules": ["query_key_value"], "modules_to_save": ["lm_head"]},
+    ],
+    ids=["lora-on-lm_head", "modules_to_save"],
+)
+def test_a_head_adapter_from_transformers_5_saved_again_loads_there(
+    base_dir: Path, tmp_path: Path, lora: dict
+) -> None:
+    """Loaded into tulu, an adapter of transformers 5's head names it embed_out (LoRA or
+    modules_to_save); saved again, it named the head so and lost it on transformers 5."""
+    transformers_5()
+    directory, expected = transformers_adapter(
+        base_dir, tmp_path / "adapter", IDS, seed=1, scale=0.05, **lora
+    )
+    loaded = load_adapter(load_model(base_dir, dtype=torch.float32), directory)
+    again = save_adapter(loaded, tmp_path / "again")
+    config = json.loads((again / "adapter_config.json").read_text())
+    assert "embed_out" not in json.dumps({k: config[k] for k in lora})
+    torch.testing.assert_close(logits_in_transformers(base_dir, again), expected)
 
 
 def test_an_old_peft_that_cannot_rename_lm_head_is_a_clear_error(

@@ -22,10 +22,12 @@ Gradient checkpointing needs nothing special: the model checkpoints each layer w
 even though the layer's input (frozen embeddings) does not require grad. Set the flag on the
 base model (`peft_model.get_base_model().gradient_checkpointing = True`).
 
-One naming caveat: our LM head is ``embed_out``; transformers 5 calls it ``lm_head``. An
-adapter of ours that targets the head therefore loads into our model but not into
-transformers'. The other way round works: `load_adapter` renames ``lm_head`` to ``embed_out``
-in an adapter trained on transformers 5 (its config's module names and its tensor names).
+One naming caveat: our LM head is ``embed_out``; transformers 5 calls it ``lm_head``.
+`save_adapter` writes an adapter that adapts the head as PEFT on transformers 5 writes it,
+naming the head ``lm_head`` in its config's module fields and its tensor names (transformers
+4, which calls it ``embed_out``, would leave the head unadapted); `load_adapter` renames it
+back to ``embed_out``, in those adapters and in any trained on transformers 5, and still
+loads the adapters that older versions of tulu saved under ``embed_out``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tulu.errors import CheckpointError, ConfigError
@@ -75,6 +78,8 @@ SAVED_TASK_TYPE = "CAUSAL_LM"
 _HEAD_KEY_MAPPING = {r"^lm_head\.": "embed_out."}
 _TRANSFORMERS5_HEAD = re.compile(r"\blm_head\b")
 _TRANSFORMERS5_HEAD_KEY = "base_model.model.lm_head."
+_OUR_HEAD = re.compile(r"\bembed_out\b")
+_OUR_HEAD_KEY = "base_model.model.embed_out."
 #: The LoraConfig fields that hold module names (or regular expressions over them).
 _MODULE_NAME_FIELDS = (
     "target_modules",
@@ -229,7 +234,8 @@ def save_adapter(
     adapter_model.safetensors) so that `peft.PeftModel.from_pretrained` loads it onto
     transformers' GPTNeoXForCausalLM as well as onto ours (`load_adapter`). A given
     `base_model_path` replaces the base recorded by `apply_lora`, with its
-    `base_model_revision`."""
+    `base_model_revision`. The LM head is named as transformers 5 names it
+    (`_name_head_as_transformers_5`)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
     config = _active_config(peft_model)
@@ -247,7 +253,35 @@ def save_adapter(
         config.task_type, config.base_model_name_or_path, config.revision = saved
     if not (out / ADAPTER_WEIGHTS).is_file():  # pragma: no cover - PEFT contract
         raise CheckpointError(f"{out}: PEFT did not write {ADAPTER_WEIGHTS}")
+    _name_head_as_transformers_5(out)
     return out
+
+
+def _name_head_as_transformers_5(directory: Path) -> None:
+    """Rename our LM head ``embed_out`` to transformers 5's ``lm_head`` in the adapter PEFT
+    has just written to `directory`: in adapter_config.json's module fields and in the tensor
+    names. PEFT on transformers 5 matches no layer named ``embed_out`` and ignores (with at
+    most a warning) the tensors of one, so the head's adapter would be silently lost there.
+
+    PEFT on transformers 5 also saves the base weight of an adapted ``lm_head``, in case it
+    was resized; we never resize it, so the adapter stays without that full-size copy.
+    """
+    config_path = directory / ADAPTER_CONFIG
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    fields = {f: config[f] for f in _MODULE_NAME_FIELDS if f in config}
+    renamed = {f: _head_name(value, _OUR_HEAD, "lm_head") for f, value in fields.items()}
+    weights_path = directory / ADAPTER_WEIGHTS
+    with safe_open(weights_path, framework="pt") as handle:  # the names only, no tensor data
+        names = list(handle.keys())
+    if renamed == fields and not any(name.startswith(_OUR_HEAD_KEY) for name in names):
+        return  # the usual adapter, of the transformer layers only
+    tensors = load_file(weights_path)
+    config.update(renamed)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
+    tensors = {_transformers5_head_key(key): tensor for key, tensor in tensors.items()}
+    partial = weights_path.with_name(weights_path.name + ".partial")
+    save_file(tensors, partial, metadata={"format": "pt"})  # PEFT's metadata
+    partial.replace(weights_path)
 
 
 def is_adapter_dir(directory: str | os.PathLike) -> bool:
@@ -363,7 +397,8 @@ def load_adapter(
     config.task_type = None  # our model takes no HF generation hooks (see the module doc)
     for field in _MODULE_NAME_FIELDS:
         if hasattr(config, field):  # exclude_modules is new in PEFT 0.14
-            setattr(config, field, _our_head_name(getattr(config, field)))
+            value = _head_name(getattr(config, field), _TRANSFORMERS5_HEAD, "embed_out")
+            setattr(config, field, value)
     try:
         saved = peft.utils.load_peft_weights(str(directory), device="cpu")
     except Exception as err:  # noqa: BLE001 - safetensors and pickle raise their own types
@@ -391,15 +426,15 @@ def load_adapter(
     return peft_model
 
 
-def _our_head_name(value: Any) -> Any:
-    """`value` (a module name, a regular expression, or a list, set or dict of them) with
-    transformers 5's ``lm_head`` renamed to our ``embed_out``, the module it names."""
+def _head_name(value: Any, head: re.Pattern[str], new: str) -> Any:
+    """`value` (a module name, a regular expression, or a list, set or dict of them) with the
+    LM head's name that `head` matches (ours or transformers 5's) replaced by `new`."""
     if isinstance(value, str):
-        return _TRANSFORMERS5_HEAD.sub("embed_out", value)
+        return head.sub(new, value)
     if isinstance(value, list | tuple | set):
-        return type(value)(_our_head_name(v) for v in value)
+        return type(value)(_head_name(v, head, new) for v in value)
     if isinstance(value, dict):
-        return {_our_head_name(k): v for k, v in value.items()}
+        return {_head_name(k, head, new): v for k, v in value.items()}
     return value
 
 
@@ -407,6 +442,13 @@ def _our_head_key(key: str) -> str:
     """A saved tensor's name as `_HEAD_KEY_MAPPING` has PEFT load it."""
     if key.startswith(_TRANSFORMERS5_HEAD_KEY):
         return "base_model.model.embed_out." + key[len(_TRANSFORMERS5_HEAD_KEY) :]
+    return key
+
+
+def _transformers5_head_key(key: str) -> str:
+    """A saved tensor's name as PEFT on transformers 5 names it (`_our_head_key` reversed)."""
+    if key.startswith(_OUR_HEAD_KEY):
+        return _TRANSFORMERS5_HEAD_KEY + key[len(_OUR_HEAD_KEY) :]
     return key
 
 
