@@ -1075,7 +1075,9 @@ def test_stop_string_with_an_undecodable_byte_is_refused(
     rc, out, err = run(capsys, command, ckpt.directory, *CPU, *prompt, "--stop", "caf\udce9")
     assert rc == 1 and out == ""
     message = one_line_error(err, command)
-    assert message.startswith("--stop contains an unpaired surrogate '\\udce9' at character 3")
+    assert message.startswith(
+        "--stop must be valid Unicode (no unpaired surrogate: '\\udce9' at character 3 of "
+    )
     assert spies["load"].calls == [] and spies["generate"].calls == []
 
 

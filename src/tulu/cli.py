@@ -75,12 +75,7 @@ def _sampling_params(args: argparse.Namespace, **only_generate: Any):
     """The SamplingParams of the shared sampling flags (plus `tulu generate`'s own: n,
     logprobs, include_stop_str_in_output), a bad value named by its flag."""
     from tulu.engine.sampling import SamplingParams
-    from tulu.tokenizer import check_text
 
-    for stop in args.stop:
-        # A surrogate (an undecodable byte typed in) never occurs in decoded text: such a stop
-        # string would be silently ignored.
-        check_text(stop, "--stop")
     try:
         return SamplingParams(
             max_tokens=args.max_tokens,

@@ -113,14 +113,18 @@ class _Decompressed(io.RawIOBase):
         super().close()
 
 
+def _format_of(head: bytes) -> str | None:
+    """The compression format whose magic bytes `head` starts with, or None."""
+    return next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+
+
 def compression(path: Path) -> str | None:
     """The compression format of `path` by its first bytes ("gzip", ...), or None."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(6)
+            return _format_of(handle.read(6))
     except OSError:
         return None  # open_binary reports it
-    return next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
 
 
 def open_binary(path: Path):
@@ -143,7 +147,7 @@ def open_binary(path: Path):
     except OSError as err:
         handle.close()
         raise DataError(f"{path}: cannot read ({err.strerror})") from None
-    name = next((name for magic, name in _COMPRESSED.items() if head.startswith(magic)), None)
+    name = _format_of(head)
     if name in _DECOMPRESSORS:
         return io.BufferedReader(_Decompressed(handle, path, name))
     if name is not None:

@@ -262,8 +262,11 @@ class SamplingParams:
                 raise _fail("stop", wanted, self.stop)
             try:
                 item.encode("utf-8")
-            except UnicodeEncodeError:  # decoded text never holds one: it could never match
-                raise _fail("stop", "valid Unicode (no unpaired surrogate)", self.stop) from None
+            except UnicodeEncodeError as err:  # decoded text never holds one: never a match
+                bad = f"{item[err.start]!r} at character {err.start} of {item!r}"
+                raise _fail(
+                    "stop", f"valid Unicode (no unpaired surrogate: {bad})", self.stop
+                ) from None
         self.stop = list(stop)
 
         self.stop_token_ids = _check_int_list(
