@@ -394,46 +394,37 @@ def shared_prefix_workload(seed: int) -> tuple[dict, list[tuple[int, str, object
     return config, sorted(events, key=lambda event: event[0])
 
 
-def run_timeline(engine: LLMEngine, events) -> tuple[dict[str, RequestOutput], set[str]]:
-    """Play the events (each before the step of its number) and step until idle; checks that
-    every scheduled sequence computes at least one token. Finished outputs, aborted ids."""
-    schedule = engine.scheduler.schedule
-
-    def checked_schedule():
-        plan = schedule()
-        assert all(item.num_new_tokens >= 1 for item in plan.scheduled), plan
-        return plan
-
-    engine.scheduler.schedule = checked_schedule
-    finished: dict[str, RequestOutput] = {}
+def run_timeline(engine: LLMEngine, events, drain) -> tuple[dict[str, RequestOutput], set[str]]:
+    """Play the events (each before the step of its number), then step until idle; checks
+    that every scheduled sequence computed at least one token. Finished outputs, aborted ids."""
+    log = ScheduleLog(engine)
+    outputs: list[RequestOutput] = []
     aborted: set[str] = set()
-    pending = list(events)
-    for step in range(2000):
-        while pending and pending[0][0] <= step:
-            _, kind, payload = pending.pop(0)
-            if kind == "add":
-                request_id, prompt, params = payload
-                engine.add_request(prompt, params, request_id=request_id)
-            elif engine.abort(payload) is not None:
-                aborted.add(payload)
-        if not pending and not engine.has_unfinished_requests():
-            return finished, aborted
-        finished.update((o.request_id, o) for o in engine.step() if o.finished)
-    raise AssertionError(f"engine still busy after 2000 steps: {engine.stats()}")
+    for step, kind, payload in events:
+        while len(log.steps) < step:  # every step() schedules once, idle or not
+            outputs += engine.step()
+        if kind == "add":
+            request_id, prompt, params = payload
+            engine.add_request(prompt, params, request_id=request_id)
+        elif engine.abort(payload) is not None:
+            aborted.add(payload)
+    outputs += [o for stream in drain(engine).values() for o in stream]
+    assert all(n >= 1 for step in log.steps for _, _, n, _ in step)
+    return {o.request_id: o for o in outputs if o.finished}, aborted
 
 
 @pytest.mark.parametrize("seed", range(32))
 def test_random_shared_prefix_workloads_match_the_engine_without_prefix_caching(
-    tiny_model, make_engine, seed
+    tiny_model, make_engine, drain, seed
 ):
     """Requests arriving and aborted over time, n > 1, seeded sampling, logprobs, prompt
     logprobs and candidate scoring, on small pools that preempt, decode fast path or not:
     with prefix caching (blocks shared from the cache and within a step) every request that
     was not aborted gets the same tokens and log-probabilities as without."""
     config, events = shared_prefix_workload(seed)
-    cached, aborted = run_timeline(make_engine(tiny_model, **config), events)
+    cached, aborted = run_timeline(make_engine(tiny_model, **config), events, drain)
     plain, aborted_plain = run_timeline(
-        make_engine(tiny_model, **config, enable_prefix_caching=False), events
+        make_engine(tiny_model, **config, enable_prefix_caching=False), events, drain
     )
     for request_id in cached.keys() - aborted - aborted_plain:
         got, want = cached[request_id], plain[request_id]

@@ -88,6 +88,10 @@ def transformers_adapter(
     import torch
     import transformers
 
+    if "lm_head" in repr(lora) and int(transformers.__version__.split(".")[0]) < 5:
+        # transformers 4 calls the head embed_out, as we do: lm_head would match nothing and
+        # the adapter would silently leave the head alone, so the test would not test it.
+        pytest.skip("transformers 4 calls the LM head embed_out, as we do")
     hf = transformers.GPTNeoXForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM", **lora})
     model = peft.get_peft_model(hf, config).eval()

@@ -337,11 +337,12 @@ def test_mfu_on_the_cpu_with_a_peak_set(padded_run: dict[str, Any], assets: Path
 
 def test_progress_lines_without_a_terminal(padded_run: dict[str, Any]) -> None:
     """Not a terminal (nohup, CI): one line per logged step with the loss, lr, tokens/s, MFU
-    (a peak is set) and the ETA = time so far / steps done x steps left."""
+    (a peak is set) and an ETA (its value, from a fake clock, is pinned in test_metrics: this
+    run's steps take milliseconds, so every ETA here reads 0:00:00)."""
     lines = [line for line in padded_run["stderr"].splitlines() if line.startswith("step ")]
     assert len(lines) == 3, padded_run["stderr"]
     for line, entry in zip(lines, padded_run["entries"], strict=True):
-        match = re.fullmatch(rf"step {entry['step']}/6  (.*)  ETA (\d+):(\d\d):(\d\d)", line)
+        match = re.fullmatch(rf"step {entry['step']}/6  (.*)  ETA \d+:\d\d:\d\d", line)
         assert match, line
         stats = match.group(1).split("  ")
         assert stats == [
@@ -350,10 +351,6 @@ def test_progress_lines_without_a_terminal(padded_run: dict[str, Any]) -> None:
             f"{entry['tokens_per_s']:,.0f} tok/s",
             f"MFU {100 * entry['mfu']:.1f}%",
         ]
-        h, m, sec = (int(x) for x in match.groups()[1:])
-        eta = 3600 * h + 60 * m + sec
-        left = 6 - entry["step"]
-        assert abs(eta - entry["elapsed"] / entry["step"] * left) <= 1.5, line
 
 
 def test_padded_fraction_of_a_padded_run(
