@@ -575,19 +575,6 @@ def test_max_examples_below_one_is_refused(bundled, capsys):
 
 def test_max_examples_caps_every_task_alike(bundled):
     """None is each task's default (all of the small bundled sets), N caps every task."""
-
-    class Recording:
-        def __init__(self) -> None:
-            self.prompts: list[str] = []
-
-        def generate(self, prompts, decoding):
-            self.prompts += prompts
-            return [[""] * decoding.n for _ in prompts]
-
-        def next_token_logprobs(self, prompts, candidates):
-            self.prompts += prompts
-            return [[0.0] * len(candidates) for _ in prompts]
-
     from tulu.demo import corpus_text, train_tokenizer
     from tulu.demo.eval_data import load_benchmarks
 
@@ -603,7 +590,7 @@ def test_max_examples_caps_every_task_alike(bundled):
     capped["codex_pass1"] = 1
     for max_examples, expected in ((None, default), (1, capped)):
         for task, count in expected.items():
-            backend = Recording()
+            backend = _Recorder()
             ctx = EvalContext(
                 backend=backend,
                 tokenizer=train_tokenizer(corpus_text()),
