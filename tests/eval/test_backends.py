@@ -248,29 +248,42 @@ def test_api_backends_fall_back_when_the_server_does_not_say(checkpoint):
     assert OpenAIBackend(f"http://127.0.0.1:{port}/v1", "tiny").window() == 2048
 
 
-def test_answers_cached_under_another_window_are_not_reused(checkpoint, tmp_path, capsys):
-    """The window decides which prompts are skipped and how many tokens each may get; the
-    cache used to answer a rerun with a larger --max-model-len from the smaller one's run."""
+def _cached_runs(checkpoint, tmp_path, capsys, recorder, runs) -> tuple[list[int], list[str]]:
+    """`tulu eval` of one BBH CoT example against `recorder`, once per entry of `runs` (each
+    sets the server up and returns that run's own arguments), sharing one output directory
+    and its cache: the requests each run sent, and its stderr."""
     from tulu.cli import main
     from tulu.demo.eval_data import write_eval_data
     from tulu.model.checkpoint import save_model
 
     save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
     data = write_eval_data(tmp_path / "data")
-    recorder = _Recorder()
     threading.Thread(target=recorder.serve_forever, args=(0.05,), daemon=True).start()
-    sent = []
+    sent, errors = [], []
     try:
-        for window in ("400", "2048", "2048"):
+        for run in runs:
             recorder.payloads.clear()
             args = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
             args += ["--task", "bbh_cot", "--max-examples", "1", "--output", str(tmp_path / "o")]
-            args += ["--api-base", recorder.url + "/v1", "--api-model", "tiny"]
-            assert main([*args, "--max-model-len", window]) == 0, capsys.readouterr().err
+            assert main([*args, *run()]) == 0, capsys.readouterr().err
             sent.append(len(recorder.payloads))
+            errors.append(capsys.readouterr().err)
     finally:
         recorder.shutdown()
         recorder.server_close()
+    return sent, errors
+
+
+def test_answers_cached_under_another_window_are_not_reused(checkpoint, tmp_path, capsys):
+    """The window decides which prompts are skipped and how many tokens each may get; the
+    cache used to answer a rerun with a larger --max-model-len from the smaller one's run."""
+    recorder = _Recorder()
+    api = ["--api-base", recorder.url + "/v1", "--api-model", "tiny"]
+    runs = [
+        lambda window=window: [*api, "--max-model-len", window]
+        for window in ("400", "2048", "2048")
+    ]
+    sent, _ = _cached_runs(checkpoint, tmp_path, capsys, recorder, runs)
     assert sent[0] == 0  # every prompt too long for 400 tokens: empty answers, cached
     assert sent[1] > 0  # another window: asked again, not answered with those
     assert sent[2] == 0  # the same window again: every answer from the cache
@@ -279,12 +292,6 @@ def test_answers_cached_under_another_window_are_not_reused(checkpoint, tmp_path
 def test_tgi_answers_cached_under_another_input_limit_are_not_reused(checkpoint, tmp_path, capsys):
     """TGI's max_input_tokens also decides which prompts are skipped (empty answers): a server
     restarted with a larger one must be asked again, not answered from the smaller one's run."""
-    from tulu.cli import main
-    from tulu.demo.eval_data import write_eval_data
-    from tulu.model.checkpoint import save_model
-
-    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
-    data = write_eval_data(tmp_path / "data")
     info = {"max_total_tokens": 2048}
     recorder = _Recorder()
 
@@ -292,21 +299,13 @@ def test_tgi_answers_cached_under_another_input_limit_are_not_reused(checkpoint,
         handler._send(info)
 
     recorder.RequestHandlerClass.do_GET = do_get
-    threading.Thread(target=recorder.serve_forever, args=(0.05,), daemon=True).start()
-    sent, errors = [], []
-    try:
-        for max_input in (400, 2047, 2047):
-            info["max_input_tokens"] = max_input
-            recorder.payloads.clear()
-            args = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir)]
-            args += ["--task", "bbh_cot", "--max-examples", "1", "--output", str(tmp_path / "o")]
-            args += ["--api-base", recorder.url, "--api-style", "tgi"]
-            assert main(args) == 0, capsys.readouterr().err
-            sent.append(len(recorder.payloads))
-            errors.append(capsys.readouterr().err)
-    finally:
-        recorder.shutdown()
-        recorder.server_close()
+
+    def run(max_input: int) -> list[str]:
+        info["max_input_tokens"] = max_input
+        return ["--api-base", recorder.url, "--api-style", "tgi"]
+
+    runs = [lambda max_input=max_input: run(max_input) for max_input in (400, 2047, 2047)]
+    sent, errors = _cached_runs(checkpoint, tmp_path, capsys, recorder, runs)
     assert sent[0] == 0  # every prompt longer than 400 input tokens: empty answers, cached
     # ... and the notice names the limit that skipped them, not only the window
     limit = "did not fit the 2048-token window or the server's 400-token input limit"
