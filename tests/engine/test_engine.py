@@ -82,8 +82,9 @@ class ScheduleLog:
         return {s for s, c in counts.items() if c > 1}
 
 
-def hf_greedy(hf, prompt: list[int]) -> list[int]:
-    """transformers' greedy continuation of one unpadded prompt (MAX_TOKENS tokens, no EOS)."""
+def hf_greedy(hf, prompt: list[int], **generate_kwargs) -> list[int]:
+    """transformers' greedy continuation of one unpadded prompt (MAX_TOKENS tokens, no EOS);
+    `generate_kwargs` add logits processors (``sequence_bias``, ...)."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
         out = hf.generate(
@@ -94,6 +95,7 @@ def hf_greedy(hf, prompt: list[int]) -> list[int]:
             do_sample=False,
             pad_token_id=0,
             eos_token_id=None,
+            **generate_kwargs,
         )
     return out[0, len(prompt) :].tolist()
 
@@ -203,6 +205,92 @@ def test_repetition_penalty_matches_reference(tiny_model, make_llm):
     want = [generate_ids(tiny_model, p, params).token_ids for p in prompts]
     assert token_ids(outputs) == want
     assert want != [generate_ids(tiny_model, p, GREEDY).token_ids for p in prompts]
+
+
+# ----------------------------------------------------------------------------------------------
+# logit_bias and allowed_token_ids, against transformers' sequence_bias and
+# prefix_allowed_tokens_fn
+# ----------------------------------------------------------------------------------------------
+
+#: Strong enough to change greedy choices of the random tiny model, not so strong that every
+#: step picks the same token.
+BIAS = {5: 4.0, 77: 3.5, 301: -50.0, 402: 2.5}
+ALLOWED = [3, 5, 11, 77, 90, 200, 301, 450]
+RESTRICTED = [
+    SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, **restrictions)
+    for restrictions in (
+        dict(logit_bias=BIAS),
+        {},
+        dict(allowed_token_ids=ALLOWED),
+        dict(allowed_token_ids=ALLOWED, logit_bias=BIAS),
+    )
+]
+
+
+def hf_restrictions(params: SamplingParams) -> dict:
+    """transformers' generate arguments for the params' logit_bias and allowed_token_ids."""
+    kwargs = {}
+    if params.logit_bias:
+        kwargs["sequence_bias"] = [[[token], bias] for token, bias in params.logit_bias.items()]
+    if params.allowed_token_ids is not None:
+        allowed = list(params.allowed_token_ids)
+        kwargs["prefix_allowed_tokens_fn"] = lambda batch_id, input_ids: allowed
+    return kwargs
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, dict(kv_cache_bytes=48 * BYTES_PER_TOKEN, block_size=4)],
+    ids=["default", "preemption"],
+)
+def test_restricted_rows_batched_with_others_match_transformers(
+    tiny_model, hf_twin, make_llm, config
+):
+    prompts = PROMPTS[2:6]
+    llm = make_llm(tiny_model, **config)
+    got = token_ids(llm.generate(prompts, RESTRICTED))
+    want = [
+        generate_ids(tiny_model, p, params).token_ids
+        for p, params in zip(prompts, RESTRICTED, strict=True)
+    ]
+    assert got == want
+    if config:
+        assert llm.engine.stats()["preemptions"] > 0
+        return
+    hf = hf_twin(tiny_model)
+    assert got == [
+        hf_greedy(hf, p, **hf_restrictions(params))
+        for p, params in zip(prompts, RESTRICTED, strict=True)
+    ]
+    # The restrictions did something.
+    assert got[0] != generate_ids(tiny_model, prompts[0], GREEDY).token_ids
+    assert set(got[2]) <= set(ALLOWED) and set(got[3]) <= set(ALLOWED)
+    assert 301 not in got[0] and 5 in got[0]
+
+
+def test_allowed_tokens_that_are_all_stop_tokens_with_min_tokens_are_refused(
+    tiny_model, make_engine
+):
+    """Before min_tokens the stop tokens (the EOS here) are masked: nothing would be left."""
+    engine = make_engine(tiny_model)
+    eos = engine.eos_token_id
+    params = SamplingParams(min_tokens=2, max_tokens=4, allowed_token_ids=[eos])
+    with pytest.raises(GenerationError, match="are all stop tokens"):
+        engine.add_request([1, 2, 3], params)
+    with pytest.raises(GenerationError, match="are all stop tokens"):
+        generate_ids(tiny_model, [1, 2, 3], params)
+    accepted = engine.add_request([1, 2, 3], SamplingParams(max_tokens=4, allowed_token_ids=[eos]))
+    engine.abort(accepted)
+
+
+def test_out_of_vocabulary_restrictions_are_refused_when_added(tiny_model, make_engine):
+    engine = make_engine(tiny_model)
+    for params in (
+        SamplingParams(logit_bias={VOCAB: 1.0}),
+        SamplingParams(allowed_token_ids=[1, VOCAB]),
+    ):
+        with pytest.raises(GenerationError, match=f"contains {VOCAB}, outside the vocabulary"):
+            engine.add_request([1, 2], params)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import torch
 
 from tulu.engine.sampling import (
     SamplingParams,
+    apply_allowed_tokens,
+    apply_logit_bias,
     apply_min_p,
     apply_penalties,
     apply_top_k,
@@ -17,6 +19,7 @@ from tulu.engine.sampling import (
     apply_top_p,
     build_token_histories,
     candidate_logprobs,
+    check_min_tokens_reachable,
     compute_logprobs,
     make_generator,
     mask_tokens,
@@ -86,6 +89,11 @@ BAD_VALUES = [
     ("candidate_token_ids", "AB"),
     ("min_tokens", -1),
     ("min_tokens", 300),  # more than the default max_tokens (256)
+    ("logit_bias", [1, 2]),
+    ("logit_bias", "5:1"),
+    ("allowed_token_ids", []),
+    ("allowed_token_ids", [2, -1]),
+    ("allowed_token_ids", "AB"),
 ]
 
 
@@ -134,6 +142,46 @@ def test_sampling_params_normalises_values():
     a, b = SamplingParams(), SamplingParams()
     a.stop.append("x")
     assert b.stop == []
+
+
+@pytest.mark.parametrize(
+    ("bias", "message"),
+    [
+        ({"3": 1.0}, "logit_bias must be keyed by token ids (integers >= 0), got '3'"),
+        ({-1: 1.0}, "logit_bias must be keyed by token ids (integers >= 0), got -1"),
+        ({True: 1.0}, "logit_bias must be keyed by token ids (integers >= 0), got True"),
+        ({3: NAN}, "logit_bias[3] must be a finite number, got nan"),
+        ({3: -INF}, "logit_bias[3] must be a finite number, got -inf"),
+        ({3: "1"}, "logit_bias[3] must be a number, got '1'"),
+    ],
+)
+def test_a_bad_logit_bias_names_the_entry(bias, message):
+    with pytest.raises(GenerationError) as info:
+        SamplingParams(logit_bias=bias)
+    assert str(info.value) == f"SamplingParams.{message}"
+
+
+def test_logit_bias_and_allowed_tokens_are_normalised():
+    p = SamplingParams(logit_bias={np.int64(7): 2, 3: -1.5}, allowed_token_ids=(4, np.int32(9)))
+    assert p.logit_bias == {7: 2.0, 3: -1.5}
+    assert all(type(k) is int and type(v) is float for k, v in p.logit_bias.items())
+    assert p.allowed_token_ids == [4, 9]
+    assert SamplingParams(logit_bias={}).logit_bias is None
+    assert SamplingParams().allowed_token_ids is None
+
+
+def test_min_tokens_with_only_stop_tokens_allowed_is_refused():
+    """Stop tokens are masked until min_tokens: allowing nothing else would leave every logit
+    -inf, and the argmax would pick token 0, a token the request did not allow."""
+    with pytest.raises(GenerationError, match=r"allowed_token_ids \[2\] are all stop tokens"):
+        SamplingParams(min_tokens=1, allowed_token_ids=[2], stop_token_ids=[2, 5])
+    eos_only = SamplingParams(min_tokens=1, allowed_token_ids=[0])
+    with pytest.raises(GenerationError, match="min_tokens"):
+        check_min_tokens_reachable(eos_only, eos_token_id=0)
+    check_min_tokens_reachable(eos_only, eos_token_id=1)
+    ignoring = SamplingParams(min_tokens=1, allowed_token_ids=[0], ignore_eos=True)
+    check_min_tokens_reachable(ignoring, eos_token_id=0)
+    check_min_tokens_reachable(SamplingParams(allowed_token_ids=[0]), eos_token_id=0)
 
 
 def test_is_greedy():
@@ -268,6 +316,56 @@ def test_min_p_is_relative_to_the_max_probability():
     out = apply_min_p(logits, torch.tensor([0.5, 0.0]))
     assert torch.isfinite(out[0]).tolist() == [True, True, False, False]
     assert torch.equal(out[1], logits[1])
+
+
+def test_allowed_tokens_mask_the_rest_of_restricted_rows_only():
+    logits = torch.arange(12, dtype=torch.float32).reshape(2, 6)
+    params = [SamplingParams(allowed_token_ids=[1, 4]), SamplingParams()]
+    restricted, rows, tokens = _tensors(params).allowed_tokens
+    out = apply_allowed_tokens(logits, restricted, rows, tokens)
+    assert out[0].tolist() == [-INF, 1.0, -INF, -INF, 4.0, -INF]
+    assert torch.equal(out[1], logits[1])
+    assert _tensors([SamplingParams()]).allowed_tokens is None
+
+
+def test_logit_bias_adds_to_its_rows_tokens_and_keeps_masked_tokens_masked():
+    logits = torch.zeros(3, 5)
+    logits[2, 1] = -INF
+    params = [
+        SamplingParams(logit_bias={0: 2.5, 4: -1}),
+        SamplingParams(),
+        SamplingParams(logit_bias={1: 100}),
+    ]
+    out = apply_logit_bias(logits, *_tensors(params).logit_bias)
+    assert out.tolist() == [[2.5, 0, 0, 0, -1], [0] * 5, [0, -INF, 0, 0, 0]]
+    assert logits[0, 0] == 0  # out of place
+    assert _tensors([SamplingParams()]).logit_bias is None
+
+
+def test_token_ids_are_checked_against_the_vocabulary_when_it_is_given():
+    for params in (SamplingParams(logit_bias={8: 1}), SamplingParams(allowed_token_ids=[1, 8])):
+        with pytest.raises(GenerationError, match=r"contains 8, outside the vocabulary \[0, 8\)"):
+            _tensors([SamplingParams(), params], vocab_size=8)
+        _tensors([params], vocab_size=9)
+
+
+def test_greedy_rows_pick_among_allowed_tokens_after_the_bias():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    params = [
+        SamplingParams(temperature=0, allowed_token_ids=[0, 2]),
+        SamplingParams(temperature=0, logit_bias={3: 1.5}),
+        SamplingParams(temperature=0, allowed_token_ids=[0, 2], logit_bias={0: 1.5}),
+    ]
+    assert sample(logits, _tensors(params), [None] * 3).tolist() == [2, 3, 0]
+
+
+def test_bias_comes_before_the_repetition_penalty():
+    """vLLM's order. Token 0 (in the prompt) has logit -1 and bias +3.5: biased first it is
+    2.5 / 4 = 0.625 and beats token 1's 0.5; penalised first it would be -4 + 3.5 = -0.5."""
+    logits = torch.tensor([[-1.0, 0.5]])
+    params = [SamplingParams(temperature=0, logit_bias={0: 3.5}, repetition_penalty=4.0)]
+    tensors = _tensors(params, vocab_size=2, prompt_token_ids=[[0]], output_token_ids=[[]])
+    assert sample(logits, tensors, [None]).tolist() == [0]
 
 
 def test_mask_tokens():
@@ -475,6 +573,59 @@ def test_the_wrong_temperature_is_caught_by_chi_square_alone():
     counts = _draw(SamplingParams(temperature=1.0), seed=11)
     statistic, df = _chi_square(counts, _reference(temperature=0.7))
     assert statistic > CHI2_999[df]
+
+
+BIAS = {0: 1.5, 2: 2.0, 4: -3.0, 7: 0.7}
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (dict(logit_bias=BIAS), lambda: _softmax(LOGITS + _bias_vector(BIAS))),
+        (
+            dict(allowed_token_ids=[0, 2, 3, 6]),
+            lambda: _renormalised(_softmax(LOGITS), [0, 2, 3, 6]),
+        ),
+        (
+            dict(allowed_token_ids=[0, 1, 2, 4, 7], logit_bias=BIAS, temperature=1.4, top_k=4),
+            lambda: _top_k(
+                _renormalised(_softmax((LOGITS + _bias_vector(BIAS)) / 1.4), [0, 1, 2, 4, 7]), 4
+            ),
+        ),
+    ],
+    ids=["logit-bias", "allowed-tokens", "allowed+bias+T+top-k"],
+)
+def test_restricted_and_biased_samples_follow_their_distribution(settings, expected):
+    probs = expected()
+    counts = _draw(SamplingParams(**settings), seed=5)
+    assert counts[probs == 0].sum() == 0, "a masked token was sampled"
+    statistic, df = _chi_square(counts, probs)
+    assert statistic < CHI2_999[df], (statistic, df, counts.tolist(), probs.tolist())
+    # ...and the check has power: the unbiased distribution fails it.
+    if "logit_bias" in settings:
+        without = dict(settings, logit_bias=None)
+        statistic, df = _chi_square(_draw(SamplingParams(**without), seed=5), probs)
+        assert statistic > CHI2_999[df]
+
+
+def _bias_vector(bias):
+    vector = np.zeros(len(LOGITS))
+    for token, value in bias.items():
+        vector[token] = value
+    return vector
+
+
+def _renormalised(probs, allowed):
+    kept = np.zeros_like(probs)
+    kept[allowed] = probs[allowed]
+    return kept / kept.sum()
+
+
+def _top_k(probs, k):
+    kept = np.zeros_like(probs)
+    top = np.argsort(-probs, kind="stable")[:k]
+    kept[top] = probs[top]
+    return kept / kept.sum()
 
 
 def test_reference_truncations_are_what_the_tests_claim():

@@ -154,6 +154,42 @@ def test_completion_greedy_matches_reference(client, model, tok):
     assert reply.usage.total_tokens == reply.usage.prompt_tokens + len(ref.token_ids)
 
 
+def test_logit_bias_and_allowed_token_ids_match_the_reference(client, model, tok):
+    """OpenAI's logit_bias (string keys, as the client sends them) and vLLM's
+    allowed_token_ids reach the sampler: greedy outputs equal the reference generator's."""
+    bias = {tok.encode(" the")[0]: 12.0, tok.encode(" fox")[0]: -100.0}
+    allowed = sorted(set(tok.encode(" a b c the dog cat")))
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=8,
+        logit_bias={str(k): v for k, v in bias.items()},
+        extra_body={"ignore_eos": True},
+    )
+    ref = generate_text(
+        model, tok, MESSAGES, greedy(max_tokens=8, ignore_eos=True, logit_bias=bias)
+    )
+    plain = generate_text(model, tok, MESSAGES, greedy(max_tokens=8, ignore_eos=True))
+    assert chat.choices[0].message.content == ref.text != plain.text
+    completion = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        temperature=0,
+        max_tokens=8,
+        extra_body={"allowed_token_ids": allowed, "ignore_eos": True},
+    )
+    ref = generate_text(
+        model,
+        tok,
+        PROMPT,
+        greedy(max_tokens=8, ignore_eos=True, allowed_token_ids=allowed),
+        chat=False,
+    )
+    assert completion.choices[0].text == ref.text
+    assert set(ref.token_ids) <= set(allowed)
+
+
 def test_completion_default_max_tokens_is_16(client):
     reply = client.completions.create(
         model=MODEL, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True}
@@ -826,7 +862,12 @@ def test_unknown_field_is_a_bad_request(client):
         ({"logprobs": 21}, "logprobs"),
         ({"suffix": "!"}, "suffix"),
         ({"best_of": 3}, "best_of"),
-        ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"5": 100.5}}, "logit_bias"),
+        ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"five": 1.0}}, "logit_bias"),
+        ({"logit_bias": {"100000": 1.0}}, "logit_bias"),
+        ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
+        ({"extra_body": {"allowed_token_ids": [1, 100000]}}, "allowed_token_ids"),
         ({"prompt": [[1, 2], [100000]]}, "prompt"),
     ],
 )

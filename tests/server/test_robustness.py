@@ -564,7 +564,12 @@ def _bad_bodies(route: str) -> dict[str, bytes]:
             "negative stop token": _with(route, stop_token_ids=[-1]),
             "min tokens above max": _with(route, min_tokens=10**9),
             "presence penalty 1e308": _with(route, presence_penalty=1e308),
-            "logit bias": _with(route, logit_bias={"1": 5}),
+            "logit bias beyond 100": _with(route, logit_bias={"1": 101}),
+            "logit bias key not a token id": _with(route, logit_bias={"one": 5}),
+            "logit bias key out of vocabulary": _with(route, logit_bias={str(10**30): 5}),
+            "nan logit bias": _raw(route, "logit_bias", '{"1": NaN}'),
+            "empty allowed token ids": _with(route, allowed_token_ids=[]),
+            "negative allowed token id": _with(route, allowed_token_ids=[-1]),
             "wrong model": _with(route, model="gpt-4"),
             "stream options object wrong": _with(route, stream_options={"x": 1}),
         }

@@ -40,6 +40,7 @@ from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import (
     SamplingParams,
     candidate_logprobs,
+    check_min_tokens_reachable,
     check_token_ids_in_vocab,
     compute_logprobs,
     make_generator,
@@ -389,6 +390,7 @@ class LLMEngine:
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
         check_token_ids_in_vocab(params, self.model_config.vocab_size)
+        check_min_tokens_reachable(params, self.eos_token_id)
         prompt_ids = self.encode_prompt(prompt)
         self.check_fits(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()

@@ -17,6 +17,7 @@ from tulu.chat import Message, generation_prompt
 from tulu.engine.output import IncrementalOutput
 from tulu.engine.sampling import (
     SamplingParams,
+    check_min_tokens_reachable,
     check_token_ids_in_vocab,
     compute_logprobs,
     make_generator,
@@ -92,6 +93,7 @@ def generate_ids(
     param = next(model.parameters())
     device = param.device
     eos_id = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
+    check_min_tokens_reachable(params, eos_id)
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos and eos_id is not None:
         stop_ids.add(eos_id)

@@ -6,9 +6,11 @@ takes logits of shape ``[B, V]`` plus per-row parameter tensors of shape ``[B]``
 over the vocabulary, and the only loop over rows is drawing each row's noise from that row's own
 ``torch.Generator`` (so a row's sample never depends on the other rows in the batch).
 
-The pipeline that :func:`sample` runs on each row, in this order (the order of transformers'
-logits warpers):
+The pipeline that :func:`sample` runs on each row, in this order (vLLM's: the token
+restrictions first, then the order of transformers' logits warpers):
 
+0. ``allowed_token_ids`` (every other token masked), then ``logit_bias`` added
+   (:func:`apply_allowed_tokens`, :func:`apply_logit_bias`);
 1. penalties (:func:`apply_penalties`): repetition (prompt + generated tokens), presence and
    frequency (generated tokens only);
 2. greedy rows (temperature 0) take the argmax here and skip the rest;
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -41,6 +43,8 @@ __all__ = [
     "MAX_LOGPROBS",
     "SamplingParams",
     "SamplingTensors",
+    "apply_allowed_tokens",
+    "apply_logit_bias",
     "apply_min_p",
     "apply_penalties",
     "apply_temperature",
@@ -49,6 +53,8 @@ __all__ = [
     "apply_top_p",
     "build_token_histories",
     "candidate_logprobs",
+    "check_min_tokens_reachable",
+    "check_token_ids_in_vocab",
     "compute_logprobs",
     "make_generator",
     "mask_tokens",
@@ -58,9 +64,9 @@ __all__ = [
 ]
 
 MAX_LOGPROBS = 20
-MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary keeps every token; beyond int32 is nonsense
 """The most top log-probabilities a request may ask for per token (``logprobs``,
 ``prompt_logprobs``)."""
+MAX_TOP_K = 2**31 - 1  # any k >= the vocabulary keeps every token; beyond int32 is nonsense
 
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are treated as 0, i.e. greedy decoding (dividing logits by a tiny
@@ -111,6 +117,20 @@ def _check_int_list(name: str, value: object, *, allow_none: bool) -> list[int] 
             raise _fail(name, "a list of token ids (integers >= 0)", value)
         result.append(int(item))
     return result
+
+
+def _check_logit_bias(value: object) -> dict[int, float] | None:
+    """A mapping of token ids (integers >= 0) to finite biases; None or empty means none."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail("logit_bias", "a mapping of token ids to biases", value)
+    result: dict[int, float] = {}
+    for token, bias in value.items():
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
+            raise _fail("logit_bias", "keyed by token ids (integers >= 0)", token)
+        result[int(token)] = _check_float(f"logit_bias[{token}]", bias)
+    return result or None
 
 
 @dataclass
@@ -190,6 +210,15 @@ class SamplingParams:
 
     skip_special_tokens: bool = True
     """Leave special tokens out of the detokenized text."""
+
+    logit_bias: dict[int, float] | None = None
+    """Added to the logits of the given token ids before penalties and sampling (OpenAI's
+    ``logit_bias``; a bias of -100 in effect bans a token, +100 forces it). Values must be
+    finite; an empty mapping is stored as None."""
+
+    allowed_token_ids: list[int] | None = None
+    """Only these tokens may be generated (vLLM's ``allowed_token_ids``): every other token is
+    masked before anything else runs, so even greedy rows pick among them. None allows all."""
 
     def __post_init__(self) -> None:
         self.max_tokens = _check_int("max_tokens", self.max_tokens)
@@ -296,6 +325,14 @@ class SamplingParams:
         if self.min_tokens > self.max_tokens:
             raise _fail("min_tokens", f"<= max_tokens ({self.max_tokens})", self.min_tokens)
 
+        self.logit_bias = _check_logit_bias(self.logit_bias)
+        self.allowed_token_ids = _check_int_list(
+            "allowed_token_ids", self.allowed_token_ids, allow_none=True
+        )
+        if self.allowed_token_ids is not None and not self.allowed_token_ids:
+            raise _fail("allowed_token_ids", "None or a non-empty list of token ids", [])
+        check_min_tokens_reachable(self, eos_token_id=None)
+
     @property
     def is_greedy(self) -> bool:
         """True when decoding is deterministic argmax (temperature below 1e-5)."""
@@ -344,6 +381,12 @@ class SamplingTensors:
     """bool ``[B, V]``: token appeared in the row's prompt. Only built when penalties are used."""
     output_counts: torch.Tensor | None = None
     """int32 ``[B, V]``: times the token was generated so far. Only built with penalties."""
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """The rows' ``logit_bias`` as flat (row int64, token int64, bias float32) entries; None
+    when no row has one."""
+    allowed_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    """(restricted bool ``[B]``, row int64, token int64): the rows with ``allowed_token_ids``
+    and their tokens as flat entries; None when no row restricts its tokens."""
     greedy_rows: tuple[bool, ...] = ()
     """The ``greedy`` flags as Python bools (saves a device sync per step); empty means read
     them from ``greedy``."""
@@ -412,7 +455,8 @@ def prepare_sampling_tensors(
     """Stack the rows' parameters into :class:`SamplingTensors` on ``device``.
 
     When any row uses a penalty, ``vocab_size``, ``prompt_token_ids`` and ``output_token_ids``
-    (one list per row) are required to build the token histories; otherwise they are ignored.
+    (one list per row) are required to build the token histories. Given ``vocab_size``, the
+    token ids the rows name are checked against it (:func:`check_token_ids_in_vocab`).
     """
     if not params_list:
         raise GenerationError("prepare_sampling_tensors: params_list is empty")
@@ -448,6 +492,11 @@ def prepare_sampling_tensors(
         do_min_p=any(p > 0.0 and s for p, s in zip(min_p, sampled, strict=True)),
         do_penalties=any(p.uses_penalties for p in params_list),
     )
+    if vocab_size is not None:
+        for p in params_list:
+            check_token_ids_in_vocab(p, vocab_size)
+    tensors.logit_bias = _flat_logit_bias(params_list, device)
+    tensors.allowed_tokens = _flat_allowed_tokens(params_list, device)
     if tensors.do_penalties:
         if vocab_size is None or prompt_token_ids is None or output_token_ids is None:
             raise GenerationError(
@@ -463,6 +512,45 @@ def prepare_sampling_tensors(
             prompt_token_ids, output_token_ids, vocab_size, device
         )
     return tensors
+
+
+def _flat_logit_bias(
+    params_list: Sequence[SamplingParams], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    rows: list[int] = []
+    tokens: list[int] = []
+    biases: list[float] = []
+    for i, p in enumerate(params_list):
+        if p.logit_bias:
+            rows.extend([i] * len(p.logit_bias))
+            tokens.extend(p.logit_bias.keys())
+            biases.extend(p.logit_bias.values())
+    if not rows:
+        return None
+    return (
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(tokens, dtype=torch.int64, device=device),
+        torch.tensor(biases, dtype=torch.float32, device=device),
+    )
+
+
+def _flat_allowed_tokens(
+    params_list: Sequence[SamplingParams], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    restricted = [p.allowed_token_ids is not None for p in params_list]
+    if not any(restricted):
+        return None
+    rows: list[int] = []
+    tokens: list[int] = []
+    for i, p in enumerate(params_list):
+        if p.allowed_token_ids is not None:
+            rows.extend([i] * len(p.allowed_token_ids))
+            tokens.extend(p.allowed_token_ids)
+    return (
+        torch.tensor(restricted, dtype=torch.bool, device=device),
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor(tokens, dtype=torch.int64, device=device),
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -569,6 +657,31 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits - top < threshold, float("-inf"))
 
 
+def apply_allowed_tokens(
+    logits: torch.Tensor, restricted: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
+) -> torch.Tensor:
+    """Mask every token of each ``restricted`` row (bool ``[B]``) but its allowed ones, given as
+    flat (row, token) entries; unrestricted rows are unchanged. The token ids were checked
+    against the vocabulary when the request was added (no device sync here, every step)."""
+    logits = _check_logits(logits)
+    keep = ~restricted.to(logits.device).unsqueeze(1).expand_as(logits).clone()
+    keep[rows.to(logits.device), tokens.to(logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
+def apply_logit_bias(
+    logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, biases: torch.Tensor
+) -> torch.Tensor:
+    """Add each flat (row, token, bias) entry to that row's logit of that token (ids checked
+    when the request was added, as for :func:`apply_allowed_tokens`). A masked (-inf) logit
+    stays masked."""
+    logits = _check_logits(logits)
+    device = logits.device
+    return logits.index_put(
+        (rows.to(device), tokens.to(device)), biases.to(device, torch.float32), accumulate=True
+    )
+
+
 def mask_tokens(logits: torch.Tensor, token_ids: Sequence[Sequence[int] | None]) -> torch.Tensor:
     """Set the given token ids of each row to -inf (e.g. EOS and stop tokens before
     ``min_tokens`` is reached). ``token_ids`` has one entry per row; None or empty leaves the row
@@ -659,7 +772,8 @@ def sample(
 ) -> torch.Tensor:
     """Choose one token per row; returns int64 ids ``[B]``.
 
-    Penalties are applied first (when any row uses them). Greedy rows take the argmax of the
+    Rows' ``allowed_token_ids`` and ``logit_bias`` are applied first, then penalties (when any
+    row uses them). Greedy rows take the argmax of the
     penalised logits (the lowest id on ties). The other rows are processed by
     :func:`process_logits` and draw with the exponential race ``argmax(probs / E)``, ``E ~
     Exp(1)`` per token, computed in log space as ``argmax(logits - log E)`` (the Gumbel-max
@@ -674,6 +788,10 @@ def sample(
             f"sample: logits have {batch} rows but tensors have {tensors.batch_size} and "
             f"generators {len(generators)}"
         )
+    if tensors.allowed_tokens is not None:
+        logits = apply_allowed_tokens(logits, *tensors.allowed_tokens)
+    if tensors.logit_bias is not None:
+        logits = apply_logit_bias(logits, *tensors.logit_bias)
     if tensors.do_penalties:
         logits = apply_penalties(
             logits,
@@ -737,11 +855,29 @@ def candidate_logprobs(logits_row: torch.Tensor, candidate_ids: Sequence[int]) -
     return logprobs[index]
 
 
+def check_min_tokens_reachable(params: SamplingParams, eos_token_id: int | None) -> None:
+    """Refuse ``min_tokens`` with ``allowed_token_ids`` that are all stop tokens (EOS unless
+    ``ignore_eos``, and ``stop_token_ids``): before ``min_tokens`` every stop token is masked,
+    so no token would be left to generate. Checked without the EOS by SamplingParams itself;
+    the engine, which knows the EOS, checks again when the request is added."""
+    if not params.min_tokens or params.allowed_token_ids is None:
+        return
+    stops = set(params.stop_token_ids)
+    if eos_token_id is not None and not params.ignore_eos:
+        stops.add(eos_token_id)
+    if stops.issuperset(params.allowed_token_ids):
+        raise GenerationError(
+            f"SamplingParams.allowed_token_ids {params.allowed_token_ids} are all stop tokens, "
+            f"which are masked until min_tokens ({params.min_tokens}) tokens are generated: no "
+            "token could be generated"
+        )
+
+
 def check_token_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
     """Token ids a request names must exist in the model's vocabulary, and it cannot ask for
     more top log-probabilities than there are tokens (checked per model, before the request
     runs: a step would otherwise fail halfway, for every request in its batch)."""
-    for name in ("stop_token_ids", "candidate_token_ids"):
+    for name in ("stop_token_ids", "candidate_token_ids", "allowed_token_ids", "logit_bias"):
         for token in getattr(params, name) or ():
             if token >= vocab_size:
                 raise GenerationError(

@@ -6,10 +6,10 @@ than silently ignored. Types are checked here; value ranges (temperature >= 0, t
 
 Besides OpenAI's own parameters the requests accept vLLM's sampling extensions (``top_k``,
 ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens``), so clients written for vLLM work
-unchanged. Parameters OpenAI defines but the server does not implement (``suffix``, tools,
-``logit_bias``, JSON response formats) are accepted by the schema and refused by the routes
-with a 400 that says so.
+``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``), so clients
+written for vLLM work unchanged. Parameters OpenAI defines but the server does not implement
+(``suffix``, tools, JSON response formats) are accepted by the schema and refused by the
+routes with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ class _SamplingFields(_Request):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    """Token id (as a string, the JSON object's key) -> bias in [-100, 100], added to that
+    token's logit before sampling."""
     user: str | None = None
     # vLLM extensions
     top_k: int | None = None
@@ -83,6 +85,7 @@ class _SamplingFields(_Request):
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    allowed_token_ids: list[StrictInt] | None = None
 
 
 class CompletionRequest(_SamplingFields):

@@ -228,8 +228,6 @@ def _check_model(model: str | None, service: GenerationService) -> tuple[str, st
 def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
     if body.stream_options is not None and not body.stream:
         raise ApiError("stream_options is only allowed when stream is true", "stream_options")
-    if body.logit_bias:
-        raise ApiError("logit_bias is not supported by this server", "logit_bias")
     if body.n > MAX_N:
         raise ApiError(f"n must be at most {MAX_N}, got {body.n}", "n")
 
@@ -248,6 +246,32 @@ def _check_length(
         raise ApiError(
             str(err), max_field if fits and requested is not None else prompt_field
         ) from None
+
+
+LOGIT_BIAS_RANGE = (-100.0, 100.0)
+"""OpenAI's documented range of a ``logit_bias`` value."""
+
+
+def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
+    """OpenAI's ``logit_bias``: token ids as the JSON object's keys (so strings of decimal
+    digits), biases in [-100, 100]. vLLM clamps a bias outside the range; a value the client
+    did not mean to send is refused here instead, naming the key."""
+    if not raw:
+        return None
+    low, high = LOGIT_BIAS_RANGE
+    bias: dict[int, float] = {}
+    for key, value in raw.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ApiError(
+                f"logit_bias: the key {key!r} is not a token id (a whole number >= 0)",
+                "logit_bias",
+            )
+        if not low <= value <= high:
+            raise ApiError(
+                f"logit_bias[{key!r}] must be in [{low:g}, {high:g}], got {value!r}", "logit_bias"
+            )
+        bias[int(key)] = float(value)
+    return bias
 
 
 def _sampling_params(
@@ -282,6 +306,8 @@ def _sampling_params(
             prompt_logprobs=prompt_logprobs,
             min_tokens=body.min_tokens,
             skip_special_tokens=body.skip_special_tokens,
+            logit_bias=_logit_bias(body.logit_bias),
+            allowed_token_ids=body.allowed_token_ids,
         )
         check_token_ids_in_vocab(params, service.llm.engine.model_config.vocab_size)
     except GenerationError as err:
