@@ -1565,3 +1565,43 @@ def test_large_batches_show_a_progress_bar_on_stderr(tiny_model, make_llm, capsy
     assert capsys.readouterr() == ("", "")
     llm.generate(prompts[:2], params, progress=True)
     assert "2/2" in capsys.readouterr().err
+
+
+def test_num_cached_tokens_counts_the_first_admission_not_a_readmission(tiny_model, make_llm):
+    """`victim` computes its whole prompt, is preempted (4 blocks of 4: `grower` needs its
+    blocks) and, readmitted, finds its own blocks in the prefix cache: those were not served
+    to the request, it computed them. It reports what its first admission found (nothing)."""
+    grower, victim = random_prompts([4, 8], seed=21)
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    pool = 16 * BYTES_PER_TOKEN
+    llm = make_llm(tiny_model, block_size=4, kv_cache_bytes=pool)
+    outputs = llm.generate([grower, victim], params)
+    assert token_ids(outputs) == [
+        generate_ids(tiny_model, p, params).token_ids for p in (grower, victim)
+    ]
+    assert llm.engine.stats()["preemptions"] > 0
+    assert llm.engine.scheduler.prefix_hits > 0  # the readmission found its own blocks
+    assert [o.num_cached_tokens for o in outputs] == [0, 0]
+
+
+def test_n_samples_report_what_the_first_sample_found_in_the_cache(tiny_model, make_llm):
+    """n = 2 whose prompt `shared` (12 tokens: 2 blocks of 4 to reuse) an earlier request
+    cached. The first sample takes both blocks and uses the step's last budget; it finishes,
+    and the next step the decodes of `x1` and `x2` each take a block, evicting one of them
+    before the second sample is admitted. The request reports the prompt tokens the cache
+    served it (the first sample's 8), not the minimum over its samples (4)."""
+    x1, x2, shared = random_prompts([4, 4, 12], seed=22)
+    greedy = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+    llm = make_llm(
+        tiny_model, block_size=4, kv_cache_bytes=20 * BYTES_PER_TOKEN, max_num_batched_tokens=12
+    )
+    llm.generate([shared], greedy)
+    decode = dataclasses.replace(greedy, max_tokens=4)
+    outputs = llm.generate([x1, x2, shared], [decode, decode, dataclasses.replace(greedy, n=2)])
+    assert token_ids(outputs[:2]) == [
+        generate_ids(tiny_model, p, decode).token_ids for p in (x1, x2)
+    ]
+    want = generate_ids(tiny_model, shared, greedy).token_ids
+    assert [c.token_ids for c in outputs[2].outputs] == [want, want]
+    assert llm.engine.scheduler.prefix_hits == 2 + 1  # the second sample found one block
+    assert [o.num_cached_tokens for o in outputs] == [0, 0, 8]

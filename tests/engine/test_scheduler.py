@@ -506,6 +506,24 @@ def test_a_sequence_preempted_mid_prompt_still_computes_its_last_token():
     assert sim.pool.num_used == 0
 
 
+def test_cached_prompt_tokens_are_counted_at_the_first_admission_only():
+    """`victim` computes its whole prompt, is preempted when `grower` needs a block, and
+    finds its own blocks again when readmitted: they count as hits, not as prompt tokens the
+    prefix cache served it (vLLM's num_cached_tokens)."""
+    sim = Sim(4, 4)
+    grower = sim.add(4, max_tokens=8)
+    victim = sim.add(8, max_tokens=8, first_token=0)
+    while not victim.num_preemptions:
+        sim.step()
+    hits = sim.sched.prefix_hits
+    while victim.status is not SeqStatus.RUNNING:
+        sim.step()
+    assert sim.sched.prefix_hits > hits  # the readmission reused its own blocks
+    assert victim.num_cached_prompt_tokens == 0
+    sim.run()
+    assert grower.is_finished and victim.is_finished
+
+
 def test_prompt_logprobs_requests_do_not_share_blocks_computed_in_their_step():
     sim = Sim(64, 4)
     first = sim.add(24, max_tokens=2, first_token=0)

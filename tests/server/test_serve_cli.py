@@ -9,7 +9,9 @@ process started here is killed at the end of its test if it is still running.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import os
 import signal
 import socket
@@ -31,6 +33,7 @@ httpx = pytest.importorskip("httpx", reason="httpx is not installed")
 from tulu.demo import corpus_text, train_tokenizer  # noqa: E402
 from tulu.model import GPTNeoXForCausalLM, preset  # noqa: E402
 from tulu.model.checkpoint import save_model  # noqa: E402
+from tulu.server.launch import DrainCutLog  # noqa: E402
 
 CONTEXT = 4096  # long enough for a stream that lasts a while on a fast CPU
 STARTUP_TIMEOUT = 90.0
@@ -584,12 +587,36 @@ def test_sigterm_past_the_drain_timeout_aborts_and_exits(serve):
     promptly (uvicorn's graceful timeout, then the engine's own drain, then exit)."""
     run = sigterm_mid_stream(serve, drain_timeout=1, target_s=12.0, streams=2)
     assert run.exited_after < 1 + 10, f"exited {run.exited_after:.1f} s after SIGTERM"
+    log = run.served.log()
+    assert "Traceback" not in log, log[-3000:]  # the cut is expected: no crash reported
     if run.expected_s > 4:  # the streams really had to be cut
         for record in run.records:
             assert not (record.done and record.finish_reasons == ["length"]), (
                 f"a {run.max_tokens}-token stream finished normally despite a 1 s drain timeout"
             )
             assert record.ended_at - run.signalled_at < 1 + 10
+        assert "WARNING:  --drain-timeout 1 s passed: cutting 2 open request(s)" in log, log
+
+
+def uvicorn_record(msg: str, *args, exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    return logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, msg, args, exc_info)
+
+
+def test_the_drain_cut_log_drops_only_the_cancellations_that_follow_the_cut():
+    """Unit check of the filter the SIGTERM test above sees at work: before uvicorn announces
+    the cut, and for any other error, records pass unchanged."""
+    cut_log = DrainCutLog(2.5)
+    cancelled = asyncio.CancelledError("Task cancelled, timeout graceful shutdown exceeded")
+    crashed = RuntimeError("a real bug")
+    assert cut_log.filter(uvicorn_record("Exception in ASGI application\n", exc=cancelled))
+    announce = uvicorn_record("Cancel %s running task(s), timeout graceful shutdown exceeded", 3)
+    assert cut_log.filter(announce)
+    assert announce.getMessage() == "--drain-timeout 2.5 s passed: cutting 3 open request(s)"
+    assert announce.levelname == "WARNING"
+    assert not cut_log.filter(uvicorn_record("Exception in ASGI application\n", exc=cancelled))
+    assert cut_log.filter(uvicorn_record("Exception in ASGI application\n", exc=crashed))
+    assert cut_log.filter(uvicorn_record("Application shutdown complete."))
 
 
 def test_sigterm_honours_a_fractional_drain_timeout(serve):

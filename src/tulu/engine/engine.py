@@ -148,6 +148,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # Prompt tokens the prefix cache served the request when first admitted (vLLM's meaning):
+    # not blocks a preempted request finds again, nor those its samples share with each other.
     num_cached_tokens: int = 0
     arrival_time: float = 0.0
     first_token_time: float | None = None
@@ -729,7 +731,8 @@ class LLMEngine:
             outputs,
             request.finished,
             list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
-            min(s.num_cached_prompt_tokens for s in request.seqs),
+            # Sample 0 is admitted first (the samples queue in order): its lookup is the request's.
+            request.seqs[0].num_cached_prompt_tokens,
             request.arrival,
             request.first_token_time,
             request.finished_time,

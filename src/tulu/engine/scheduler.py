@@ -57,7 +57,7 @@ class Sequence:
     # Leading blocks of block_table already offered to the prefix cache (register_computed_blocks
     # visits only the blocks completed since, not the whole table every step).
     num_registered_blocks: int = 0
-    num_cached_prompt_tokens: int = 0  # prompt tokens served by the prefix cache
+    num_cached_prompt_tokens: int = 0  # prompt tokens the prefix cache served at first admission
     num_preemptions: int = 0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -277,9 +277,10 @@ class Scheduler:
             self.waiting.popleft()
             self.prefix_queries += len(seq.block_hashes) if self.pool.enable_prefix_caching else 0
             self.prefix_hits += seq.num_computed // self.block_size
-            seq.num_cached_prompt_tokens = max(
-                seq.num_cached_prompt_tokens, min(seq.num_computed, seq.num_prompt_tokens)
-            )
+            if seq.num_preemptions == 0:
+                # What the cache served the request, as vLLM counts it: a readmission after a
+                # preemption mostly finds the blocks this sequence computed itself.
+                seq.num_cached_prompt_tokens = seq.num_computed
             self._allocate(seq, needed)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

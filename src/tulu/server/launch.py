@@ -8,6 +8,7 @@ host that does not resolve is found in a second, not after minutes of loading we
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import math
@@ -123,7 +124,13 @@ def serve(args: argparse.Namespace) -> None:
         log_level=args.log_level,
         timeout_graceful_shutdown=args.drain_timeout,
     )
-    _graceful_server(config).run(sockets=[sock])
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    cut_log = DrainCutLog(args.drain_timeout)
+    uvicorn_log.addFilter(cut_log)
+    try:
+        _graceful_server(config).run(sockets=[sock])
+    finally:
+        uvicorn_log.removeFilter(cut_log)
 
 
 def check_cache_holds_a_request(engine: LLMEngine) -> None:
@@ -172,6 +179,37 @@ def listening_socket(host: str, port: int) -> socket.socket:
         ) from None
     sock.set_inheritable(True)
     return sock
+
+
+class DrainCutLog(logging.Filter):
+    """uvicorn's log when `--drain-timeout` passes: one line, not a traceback per request.
+
+    uvicorn then cuts the requests still open (streams end without their last chunk, as in
+    vLLM): it logs "Cancel N running task(s), timeout graceful shutdown exceeded", cancels
+    them, and logs each one's CancelledError as "Exception in ASGI application" with a
+    traceback, although nothing crashed. The first line is reworded to name the flag, and
+    the cancellations that follow it are dropped. Every other record passes unchanged (if
+    uvicorn rewords that line, its tracebacks come back rather than anything being hidden).
+    """
+
+    CANCEL_MESSAGE = "Cancel %s running task(s), timeout graceful shutdown exceeded"
+
+    def __init__(self, drain_timeout: float):
+        super().__init__()
+        self.drain_timeout = drain_timeout
+        self.cutting = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg == self.CANCEL_MESSAGE:
+            self.cutting = True
+            record.msg = "--drain-timeout %g s passed: cutting %s open request(s)"
+            record.args = (self.drain_timeout, *record.args)
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
+        cancelled = record.exc_info is not None and isinstance(
+            record.exc_info[1], asyncio.CancelledError
+        )
+        return not (self.cutting and cancelled)
 
 
 def _graceful_server(config):
