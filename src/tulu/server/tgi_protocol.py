@@ -17,7 +17,8 @@ FinishReason = Literal["length", "eos_token", "stop_sequence"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # strict: no coercions TGI (serde) does not make either ("2" -> 2, true -> 1, 2.0 -> 2).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class GenerateParameters(_Strict):
