@@ -197,6 +197,14 @@ def test_run_chat_commands(model, tokenizer) -> None:
     assert session.system == "Be kind." and session.turns == []
 
 
+def test_a_message_that_begins_with_a_slash_is_sent_with_two(model, tokenizer) -> None:
+    session = ChatSession(model, tokenizer, GREEDY)
+    out = drive(session, ["//etc/hosts is where?"])
+    reply = generate_text(model, tokenizer, [user("/etc/hosts is where?")], GREEDY).text
+    assert "unknown command" not in out
+    assert session.turns == [user("/etc/hosts is where?"), {"role": "assistant", "content": reply}]
+
+
 def test_run_chat_exit_and_interrupt(model, tokenizer) -> None:
     session = ChatSession(model, tokenizer, GREEDY)
     out = drive(session, ["/exit", "Hello"])

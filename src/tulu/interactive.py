@@ -17,7 +17,8 @@ HELP = """Commands:
   /system TEXT   set the system prompt (empty TEXT removes it) and reset
   /history       show the conversation so far
   /exit          quit (Ctrl-D works too)
-Anything else is sent to the model; Ctrl-C stops a reply and keeps the chat."""
+Anything else is sent to the model; start a message with // to send one that begins with /
+(the first / is dropped). Ctrl-C stops a reply and keeps the chat."""
 
 
 @dataclass
@@ -106,7 +107,9 @@ def run_chat(
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/"):
+        if text.startswith("//"):
+            line = line.replace("/", "", 1)  # a message that begins with "/", not a command
+        elif text.startswith("/"):
             command, _, argument = text.partition(" ")
             if command in ("/exit", "/quit"):
                 return
