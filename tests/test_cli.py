@@ -839,6 +839,41 @@ def test_generate_resume_refuses_a_corrupt_line(
     assert progress.read_bytes() == b"".join(lines)
 
 
+def test_generate_refuses_an_output_another_run_is_writing(
+    ckpt, tmp_path, capsys, monkeypatch, spies
+) -> None:
+    """Two runs on one --output would append to one progress file and overwrite each other's
+    OUT; the second is refused before it loads the model. A lock left by a killed run (a
+    file its pid is still in) blocks nothing."""
+    progress = interrupted_run(ckpt, tmp_path, capsys, monkeypatch, finished=2)
+    kept = progress.read_bytes()
+    lock = tmp_path / "out.jsonl.lock"
+    holding = "import sys, time; from tulu.generate_resume import writing_alone as w\n"
+    holding += "with w(__import__('pathlib').Path(sys.argv[1])): print(flush=True); time.sleep(60)"
+    other = subprocess.Popen(
+        [sys.executable, "-c", holding, str(tmp_path / "out.jsonl")], stdout=subprocess.PIPE
+    )
+    try:
+        assert other.stdout.readline() == b"\n"  # it holds the lock
+        spies["load"].calls.clear()
+        rc, out, err = resume_run(ckpt, tmp_path, capsys)
+        assert rc == 1 and out == ""
+        assert one_line_error(err, "generate") == (
+            f"another `tulu generate` (pid {other.pid}) is writing {tmp_path / 'out.jsonl'} "
+            f"(it holds {lock}); wait for it to end, or stop it, before running this again"
+        )
+        assert spies["load"].calls == []
+        assert progress.read_bytes() == kept
+    finally:
+        other.kill()
+        other.wait()
+    assert json.loads(lock.read_text())["pid"] == other.pid  # left by the killed run
+    rc, out, err = resume_run(ckpt, tmp_path, capsys)
+    assert rc == 0, err
+    assert "resuming: 2 of 5 results kept" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
 # ------------------------------------------------------------------------ generate: errors
 
 GOOD = json.dumps({"prompt": "Hi"})

@@ -351,8 +351,17 @@ def _adapters_of(
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate for every prompt; with --output, each result is kept as it finishes, so an
-    interrupted run resumes (see `tulu.generate_resume`)."""
+    """Generate for every prompt; with --output, one run at a time: a second one given the
+    same --output is refused before it reads or writes anything (see `tulu.generate_resume`)."""
+    from tulu.generate_resume import writing_alone
+
+    with writing_alone(args.output):
+        return _generate(args)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """`tulu generate`; with --output, each result is kept as it finishes, so an interrupted
+    run resumes (see `tulu.generate_resume`)."""
     from dataclasses import replace
 
     from tulu.engine.engine import LLM, EngineConfig

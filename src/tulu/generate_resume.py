@@ -20,14 +20,24 @@ its sample does not depend on the other requests in the batch.
 A cut last line (the process killed mid-write) is dropped and its prompt generated again; a
 bad line anywhere else is an error naming the file and line, since it means the file was
 changed by something else.
+
+One run at a time writes OUT: for its whole length a run holds an flock on ``OUT.lock`` (see
+`writing_alone`), and a second run given the same --output (a job launched twice, or restarted
+while the first still runs) is refused at once rather than appending to the same progress file
+and overwriting the same OUT.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
-from collections.abc import Iterable
+import socket
+import sys
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -60,6 +70,115 @@ def result_fields(params: SamplingParams) -> tuple[str, ...]:
 def progress_path(output: Path) -> Path:
     """Where the finished results of a run writing `output` are kept until it completes."""
     return output.with_name(output.name + ".progress")
+
+
+def lock_path(output: Path) -> Path:
+    """The file a run writing `output` holds locked until it ends (see `writing_alone`)."""
+    return output.with_name(output.name + ".lock")
+
+
+# flock's answers when another open file holds the lock (EACCES on some network filesystems).
+_HELD = {errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES}
+# Tries to lock the file the path names, each after a run that held the previous one removed it.
+_ATTEMPTS = 5
+
+
+@contextmanager
+def writing_alone(output: Path | None) -> Iterator[None]:
+    """Hold `output`'s lock for the block, or refuse at once naming the run that holds it.
+
+    An flock on ``OUT.lock``, which the kernel drops however the holder ends (SIGKILL
+    included), so a file a killed run left behind blocks nothing. The file holds the
+    holder's pid and host, for the refusal to name, and is removed at the end while still
+    locked: a run that opened it just before then finds, once it holds the lock, that the
+    path names another file, and tries again. On a filesystem without flock the block runs
+    unguarded, with a warning, as it did before the lock existed. None (stdout): no lock.
+    """
+    if output is None:
+        yield
+        return
+    path = lock_path(output)
+    fd = _lock(output, path)
+    try:
+        yield
+    finally:
+        if fd is not None:
+            _unlock(path, fd)
+
+
+def _lock(output: Path, path: Path) -> int | None:
+    """An open descriptor of `path` holding its lock; None where flock is not supported."""
+    for _ in range(_ATTEMPTS):
+        fd = _open(output, path)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _holder(fd) if err.errno in _HELD else None
+            os.close(fd)
+            if err.errno in _HELD:
+                raise _busy(output, path, holder) from None
+            with suppress(OSError):  # no run can lock it: it would only be litter
+                path.unlink()
+            print(
+                f"tulu generate: warning: cannot lock {path} ({err.strerror or err}): a second "
+                f"run given --output {output} would not be refused",
+                file=sys.stderr,
+            )
+            return None
+        if _names(path, fd):
+            me = {"pid": os.getpid(), "host": socket.gethostname()}
+            with suppress(OSError):  # a full disk: a refusal names no pid
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(me).encode(), 0)
+            return fd
+        os.close(fd)  # removed by the run that held it, since we opened it
+    raise _busy(output, path, None)
+
+
+def _open(output: Path, path: Path) -> int:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise TuluError(f"--output {output}: cannot write there ({err.strerror or err})") from None
+
+
+def _names(path: Path, fd: int) -> bool:
+    """Whether `path` still names the file open as `fd`."""
+    try:
+        now = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(now, os.fstat(fd))
+
+
+def _holder(fd: int) -> str | None:
+    """'pid N' (and its host where that is another) of the run holding the lock, if it said."""
+    try:
+        holder = json.loads(os.pread(fd, 4096, 0))
+        pid, host = holder["pid"], holder["host"]
+    except (OSError, ValueError, TypeError, KeyError):  # not written yet, or not by a run
+        return None
+    return f"pid {pid}" if host == socket.gethostname() else f"pid {pid} on {host}"
+
+
+def _busy(output: Path, path: Path, holder: str | None) -> TuluError:
+    who = f" ({holder})" if holder else ""
+    return TuluError(
+        f"another `tulu generate`{who} is writing {output} (it holds {path}); wait for it to "
+        "end, or stop it, before running this again"
+    )
+
+
+def _unlock(path: Path, fd: int) -> None:
+    """Remove the lock file, then let go of it (the order `_lock` relies on)."""
+    try:
+        if _names(path, fd):  # not one a later run made after someone deleted ours
+            path.unlink()
+    except OSError:
+        pass  # left behind, it blocks nothing
+    finally:
+        os.close(fd)
 
 
 def digest(values: Iterable[Any]) -> str:
