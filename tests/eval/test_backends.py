@@ -350,6 +350,27 @@ def test_tulu_eval_engine_options(checkpoint, tmp_path, capsys, monkeypatch):
     assert "--kv-cache-gb must be a finite number > 0, got 0.0" in capsys.readouterr().err
 
 
+def test_tulu_eval_engine_bar_follows_the_terminal(checkpoint, tmp_path, capsys, monkeypatch):
+    """The engine's generation bar follows EvalContext.progress_bars, as the sandbox's does:
+    none when stderr is not a terminal. EngineBackend's own default used to draw one per
+    generate call into a batch job's log, with no way to turn it off."""
+    import sys
+
+    from tulu.cli import main
+    from tulu.demo.eval_data import write_eval_data
+    from tulu.model.checkpoint import save_model
+
+    save_model(checkpoint.model, tmp_path / "model", tokenizer=checkpoint.tokenizer)
+    data = write_eval_data(tmp_path / "data")
+    common = ["eval", str(tmp_path / "model"), "--data-dir", str(data.data_dir), "--device", "cpu"]
+    common += ["--task", "mmlu_0shot", "--max-examples", "1"]
+    assert main([*common, "--output", str(tmp_path / "log")]) == 0
+    assert "generating" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main([*common, "--output", str(tmp_path / "terminal")]) == 0
+    assert "generating" in capsys.readouterr().err
+
+
 def test_tulu_eval_over_the_api_runs_prompts_near_the_window(checkpoint, tmp_path, capsys):
     """`tulu eval --api-base` used to stop on bbh_cot: its 512 new tokens do not fit after a
     long prompt. Now max_tokens is fitted to the window the server reports (512 here)."""

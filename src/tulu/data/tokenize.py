@@ -444,24 +444,12 @@ def _progress(enabled: bool):
     """A rich progress bar on stderr (bytes read, examples, examples/s), or a null context."""
     if not enabled:
         return contextlib.nullcontext(None)
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    from tulu.progress import progress_bar
 
-    return Progress(
-        TextColumn("tokenizing"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TextColumn("{task.fields[examples]:,} examples, {task.fields[rate]:,.0f}/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
+    return progress_bar(
+        "tokenizing",
+        count="percent",
+        detail="{task.fields[examples]:,} examples, {task.fields[rate]:,.0f}/s",
     )
 
 

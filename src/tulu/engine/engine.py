@@ -953,27 +953,11 @@ class _Progress:
     """A rich progress bar counting finished requests and output tokens/s."""
 
     def __init__(self, total: int):
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
+        from tulu.progress import progress_bar
 
         self.started = time.perf_counter()
         self.tokens = 0
-        self.progress = Progress(
-            TextColumn("generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[rate]}"),
-            transient=False,
-            # stderr: stdout belongs to the results (tulu generate, tulu eval's table)
-            console=Console(stderr=True),
-        )
+        self.progress = progress_bar("generating", detail="{task.fields[rate]}")
         self.task = self.progress.add_task("generate", total=total, rate="")
         self.progress.start()
 

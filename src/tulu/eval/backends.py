@@ -70,7 +70,11 @@ class Backend(Protocol):
 
 
 class EngineBackend:
-    """The in-process engine: `LLM.generate` over all prompts of a task at once."""
+    """The in-process engine: `LLM.generate` over all prompts of a task at once.
+
+    `progress` is `LLM.generate`'s bar; `tulu eval` passes its `EvalContext.progress_bars`
+    (stderr is a terminal), so the generation bar follows the sandbox's.
+    """
 
     def __init__(self, llm: Any, *, progress: bool = True) -> None:
         self.llm = llm

@@ -174,7 +174,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 probe.unlink()
         except OSError as err:
             raise TuluError(f"--output: cannot write {path} ({err.strerror})") from None
-    tokenizer, backend, identity = _backend(args)
+    tokenizer, backend, identity = _backend(args, ctx.progress_bars)
     ctx.tokenizer = tokenizer
     if args.api_base:  # asked once; prompts and max_tokens are fitted to it
         from tulu.eval.backends import TGIBackend
@@ -251,10 +251,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _backend(args: argparse.Namespace):
+def _backend(args: argparse.Namespace, progress_bars: bool):
     """The tokenizer, the backend, and the backend's identity for the cache keys: the server
     and model name, or the checkpoint directory, its weight files' sizes and times, and the
-    dtype (a retrained or other checkpoint must not be answered from the cache)."""
+    dtype (a retrained or other checkpoint must not be answered from the cache). The engine's
+    generation bar is shown as the sandbox's, by `progress_bars` (stderr is a terminal): a
+    batch job's log gets no bars."""
     from tulu.eval.backends import EngineBackend, OpenAIBackend, TGIBackend
 
     if args.api_base:
@@ -296,4 +298,4 @@ def _backend(args: argparse.Namespace):
     if args.max_model_len is not None:
         # The window decides which prompts are skipped and how many tokens each may get.
         identity["window"] = llm.engine.max_model_len
-    return loaded.tokenizer, EngineBackend(llm), identity
+    return loaded.tokenizer, EngineBackend(llm, progress=progress_bars), identity

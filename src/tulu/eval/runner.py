@@ -90,7 +90,8 @@ class EvalContext:
     context_window: int = 2048  # prompts are fitted to min(2048, this) where the protocol allows
     progress: Callable[[str], None] = lambda message: None
     # A rich bar on stderr for the Codex sandbox runs (thousands of programs, minutes); the
-    # CLI turns it on when stderr is a terminal, library callers get none by default.
+    # CLI turns it on when stderr is a terminal, and gives the same setting to the engine's
+    # generation bar (EngineBackend's `progress`). Library callers get none by default.
     progress_bars: bool = False
 
 
@@ -334,22 +335,9 @@ def _sandbox_bar(total: int, show: bool) -> Iterator[Callable[[int, int], None]]
     if not show:
         yield lambda done, total: None
         return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+    from tulu.progress import progress_bar
 
-    bar = Progress(
-        TextColumn("running programs"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),  # stdout belongs to the results table
-    )
+    bar = progress_bar("running programs")
     task = bar.add_task("sandbox", total=total)
     with bar:
         yield lambda done, total: bar.update(task, completed=done)

@@ -246,27 +246,9 @@ class MetricsLogger:
 
     # ------------------------------------------------------------------------ display
     def _start_progress(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from tulu.progress import progress_bar
 
-        self._progress = Progress(
-            TextColumn("[bold]train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[stats]}"),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-            transient=False,
-        )
+        self._progress = progress_bar("train", detail="{task.fields[stats]}")
         self._progress.start()
         self._task = self._progress.add_task(
             "train", total=self.total_steps, completed=self.start_step, stats=""
