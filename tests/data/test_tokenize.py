@@ -501,6 +501,74 @@ def test_a_file_rewritten_after_hashing_is_never_cached(tmp_path, tiny, corpus, 
     assert [ds[i].input_ids.tolist() for i in range(len(ds))] == [e.input_ids for e in expected]
 
 
+def _count_opens(monkeypatch, path: Path) -> list[Path]:
+    """Record every time `path` is opened to be read through (as tokenize reads its data)."""
+    import tulu.data.readers as readers
+
+    real = readers.open_binary
+    opened: list[Path] = []
+
+    def counting(target: Path):
+        if Path(target) == path:
+            opened.append(target)
+        return real(target)
+
+    monkeypatch.setattr(readers, "open_binary", counting)
+    return opened
+
+
+@pytest.mark.parametrize("form", ["plain", "gzip", "no final newline"])
+def test_a_miss_reads_the_file_twice_and_a_hit_once(tmp_path, tiny, corpus, monkeypatch, form):
+    # A miss hashed the file for the key, read it to tokenize, then hashed it a third time to
+    # check it had not changed: three full reads of GBs of data. The bytes read for tokenizing
+    # are now hashed on the way (the decompressed ones, as the key hashes them).
+    import gzip
+
+    plain = write_jsonl(tmp_path / "data.jsonl", corpus[:40])
+    path = plain
+    if form == "gzip":
+        path = tmp_path / "data.jsonl.gz"
+        path.write_bytes(gzip.compress(plain.read_bytes()))
+    elif form == "no final newline":
+        plain.write_bytes(plain.read_bytes().rstrip(b"\n"))
+    opened = _count_opens(monkeypatch, path)
+    run = dict(cache_dir=tmp_path / "c", num_workers=1, chunk_lines=8, progress=False)
+    miss = tokenize_records(path, tiny, 32, **run)
+    assert not miss.cache_hit and miss.meta["num_records"] == 40 and len(opened) == 2
+    opened.clear()
+    assert tokenize_records(path, tiny, 32, **run).cache_hit and len(opened) == 1
+
+
+def test_a_parquet_file_rewritten_after_hashing_is_never_cached(
+    tmp_path, tiny, corpus, monkeypatch
+):
+    # pyarrow reads Parquet by seeking, so it is hashed again after tokenizing, not on the way.
+    pq = pytest.importorskip("pyarrow.parquet")
+    pa = pytest.importorskip("pyarrow")
+    path = tmp_path / "data.parquet"
+
+    def write(conversations) -> None:
+        rows = [
+            {"dataset": "t", "id": f"t_{i}", "messages": m} for i, m in enumerate(conversations)
+        ]
+        pq.write_table(pa.Table.from_pylist(rows), path)
+
+    write(corpus[:20])
+    real = tk._data_digest
+    rewrites = iter([lambda: write(corpus[20:40])])
+
+    def hash_then_rewrite(path):
+        digest = real(path)
+        next(rewrites, lambda: None)()  # the first hash only
+        return digest
+
+    monkeypatch.setattr(tk, "_data_digest", hash_then_rewrite)
+    cache = tmp_path / "c"
+    with pytest.raises(DataError, match=r"data\.parquet: changed while it was being tokenized"):
+        tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
+    assert list(cache.iterdir()) == []
+
+
 def test_a_cache_entry_older_than_source_sha256_gets_it_on_a_hit(tmp_path, tiny, corpus) -> None:
     # Training checkpoints record it; entries written before it existed are still hit.
     path = write_jsonl(tmp_path / "data.jsonl", corpus[:5])

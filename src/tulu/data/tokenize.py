@@ -17,8 +17,9 @@ Cache. The key is a sha256 over the format version, the settings, the tokenizer 
 special tokens) and the data file's bytes. A hit opens the stored directory without
 tokenizing. A dataset is written into a temporary directory that is renamed into place only
 when complete, so a killed run never leaves an entry that a later run would read as valid,
-and only if the file still hashes to the key afterwards, so a file rewritten while it was
-being tokenized never leaves tokens of one version under the key of another.
+and only if the bytes tokenized hash to the key, so a file rewritten while it was being
+tokenized never leaves tokens of one version under the key of another. A miss reads the file
+twice (a JSONL file is hashed as it is read for tokenizing, see `_check_unchanged`), a hit once.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import socket
 import tempfile
 import time
 from collections import Counter, deque
-from collections.abc import Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,9 +207,16 @@ def _worker_items(items: list[tuple[str, Any]], size: int) -> _ChunkResult:
 # ============================================================================ reading chunks
 
 
-def _jsonl_chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
+def _jsonl_chunks(
+    path: Path, chunk_lines: int, update: Callable[[bytes], object]
+) -> Iterator[tuple[str, tuple]]:
     """``("jsonl", args)`` per chunk of raw lines: only bytes are read here, the workers
-    decode and parse."""
+    decode and parse.
+
+    Every line also goes to `update` (a sha256's): the lines are all of the file's
+    decompressed bytes, the very bytes `_data_digest` hashes for the key, so the file can be
+    checked unchanged without reading it a third time.
+    """
     from tulu.data.readers import open_binary
 
     with open_binary(path) as handle:
@@ -217,6 +225,8 @@ def _jsonl_chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
             lines = list(itertools.islice(handle, chunk_lines))
             if not lines:
                 return
+            for line in lines:
+                update(line)
             yield "jsonl", (str(path), first, lines)
             first += len(lines)
 
@@ -238,10 +248,13 @@ def _reader(path: Path) -> str:
     return "parquet" if path.suffix.lower() == ".parquet" else "jsonl"
 
 
-def _chunks(path: Path, chunk_lines: int) -> Iterator[tuple[str, tuple]]:
+def _chunks(
+    path: Path, chunk_lines: int, update: Callable[[bytes], object]
+) -> Iterator[tuple[str, tuple]]:
+    """The chunks of `path`; a JSONL file's bytes also go to `update` as they are read."""
     if _reader(path) == "parquet":
         return _parquet_chunks(path, chunk_lines)
-    return _jsonl_chunks(path, chunk_lines)
+    return _jsonl_chunks(path, chunk_lines, update)
 
 
 def _run_in_process(
@@ -387,15 +400,18 @@ def _existing(directory: Path, key: str) -> TokenizedDataset | None:
     return dataset if dataset.meta.get("cache_key") == key else None
 
 
-def _check_unchanged(path: Path, data_digest: bytes) -> None:
+def _check_unchanged(path: Path, data_digest: bytes, read: hashlib._Hash) -> None:
     """Refuse to store tokens of a file that changed after it was hashed for the key.
 
     The file is read twice, to hash it and to tokenize it; a file rewritten in between (data
     regenerated while a run starts) would store the tokens of one version under the key of
-    the other, and every later run would silently reuse them. Hashing it again after
-    tokenizing costs one more read, far less than tokenizing.
+    the other, and every later run would silently reuse them. `read` is the sha256 of a JSONL
+    file's bytes as they were read for tokenizing (the whole file, once tokenizing is done).
+    pyarrow reads a Parquet file by seeking, footer first, so its bytes cannot be hashed on
+    the way: it is hashed again here, one more read of a (compressed, smaller) file.
     """
-    if _data_digest(path) != data_digest:
+    seen = _data_digest(path) if _reader(path) == "parquet" else read.digest()
+    if seen != data_digest:
         raise DataError(
             f"{path}: changed while it was being tokenized; nothing was stored, tokenize it "
             "again once it is no longer being written"
@@ -461,12 +477,14 @@ def _results(
     workers: int,
     skip_bad: bool,
     chunk_lines: int,
+    read: hashlib._Hash,
 ) -> tuple[Generator[_ChunkResult, None, None], int]:
     """The chunk results in input order, and how many processes produce them.
 
     A file of one chunk is tokenized here: starting processes would cost more than it saves.
+    The bytes read go to `read` (see `_chunks`).
     """
-    chunks = _chunks(path, chunk_lines)
+    chunks = _chunks(path, chunk_lines, read.update)
     head = list(itertools.islice(chunks, 2))
     all_chunks = itertools.chain(head, chunks)
     if workers <= 1 or len(head) < 2:
@@ -508,14 +526,18 @@ def _write_dataset(
     skip_bad: bool,
     progress: bool,
     chunk_lines: int,
+    read: hashlib._Hash,
 ) -> dict[str, Any]:
-    """Tokenize `path` into the (temporary) directory `out`; return the meta it wrote."""
+    """Tokenize `path` into the (temporary) directory `out`; return the meta it wrote.
+
+    The bytes read for tokenizing go to `read`, for `_check_unchanged`.
+    """
     dtype = _id_dtype(tokenizer)
     started = time.perf_counter()
     totals = _Totals()
     lengths: list[np.ndarray] = []
     results, processes = _results(
-        path, tokenizer, max_seq_length, dtype, workers, skip_bad, chunk_lines
+        path, tokenizer, max_seq_length, dtype, workers, skip_bad, chunk_lines, read
     )
     # The bar counts the bytes of lines read: a compressed file's size is not their total.
     plain = path.suffix.lower() != ".parquet" and compression(path) is None
@@ -681,6 +703,7 @@ def tokenize_records(
         raise DataError(f"{parent}: cannot write the tokenized dataset ({err})") from None
     with contextlib.suppress(OSError):  # a filesystem without modes keeps tempfile's 0700
         tmp.chmod(creation_mode(0o777))
+    read = hashlib.sha256()
     try:
         _write_dataset(
             path,
@@ -693,8 +716,9 @@ def tokenize_records(
             skip_bad,
             progress,
             chunk_lines,
+            read,
         )
-        _check_unchanged(path, data_digest)
+        _check_unchanged(path, data_digest, read)
         if not _publish(tmp, target):
             existing = _existing(target, key)
             if existing is not None and output_dir is None:
