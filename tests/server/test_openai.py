@@ -331,6 +331,88 @@ def test_completion_stream_several_prompts_with_usage(client):
     assert usage == whole.usage
 
 
+# ----------------------------------------------------------------------------------------------
+# Prefix-cache usage (usage.prompt_tokens_details.cached_tokens)
+# ----------------------------------------------------------------------------------------------
+
+# Long enough for several full KV blocks, and unlike every other test's prompt from the first
+# token on, so that nothing cached them before these tests.
+CACHED_PROMPTS = [
+    "Caching check one: the quick brown fox jumps over the lazy dog while the cat sleeps by the "
+    "warm fire all afternoon.",
+    "A different second prompt about rivers, mountains and the long road home through the "
+    "valley at dusk.",
+]
+CACHED_MESSAGES = [
+    {
+        "role": "user",
+        "content": "Caching check two: tell me about rivers, mountains and the long road home "
+        "through the valley at dusk.",
+    }
+]
+
+
+def full_blocks(server, num_tokens: int) -> int:
+    """The prompt tokens the prefix cache can serve a prompt cached before: its full blocks,
+    less the last token, which is always computed."""
+    block = server.engine.pool.block_size
+    return (num_tokens - 1) // block * block
+
+
+def cached_tokens(usage) -> int:
+    return usage.prompt_tokens_details.cached_tokens
+
+
+def streamed_usage(stream):
+    """The usage of a stream asked for with include_usage (its last chunk's)."""
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+    assert usage is not None
+    return usage
+
+
+def test_completion_usage_counts_the_prompt_tokens_the_prefix_cache_served(client, server, tok):
+    first, second = CACHED_PROMPTS
+    cold = client.completions.create(model=MODEL, prompt=first, max_tokens=2, temperature=0)
+    assert cached_tokens(cold.usage) == 0
+    warm_first = full_blocks(server, len(tok.encode(first)))
+    warm_second = full_blocks(server, len(tok.encode(second)))
+    assert 0 < warm_first < cold.usage.prompt_tokens
+    # Several prompts: the sum over them, each once however many choices it has (`second` is new).
+    both = client.completions.create(model=MODEL, prompt=[first, second], n=2, max_tokens=2, seed=1)
+    assert cached_tokens(both.usage) == warm_first
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=[first, second],
+        max_tokens=2,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    assert cached_tokens(streamed_usage(stream)) == warm_first + warm_second
+    scored = client.completions.create(model=MODEL, prompt=second, echo=True, max_tokens=0)
+    assert scored.usage.completion_tokens == 0
+    assert cached_tokens(scored.usage) == warm_second
+    # Scoring with logprobs needs every prompt position computed: it skips the cache.
+    scored = client.completions.create(
+        model=MODEL, prompt=second, echo=True, max_tokens=0, logprobs=0
+    )
+    assert cached_tokens(scored.usage) == 0
+
+
+def test_chat_usage_counts_the_prompt_tokens_the_prefix_cache_served(client, server, tok):
+    kwargs = dict(model=MODEL, messages=CACHED_MESSAGES, max_tokens=2, temperature=0)
+    cold = client.chat.completions.create(**kwargs)
+    assert cached_tokens(cold.usage) == 0
+    warm = full_blocks(server, len(chat_prompt_ids(tok, CACHED_MESSAGES)))
+    assert 0 < warm < cold.usage.prompt_tokens
+    assert cached_tokens(client.chat.completions.create(**kwargs, n=2).usage) == warm
+    stream = client.chat.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    )
+    assert cached_tokens(streamed_usage(stream)) == warm
+
+
 def test_raw_sse_framing(server):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, "stream": True, "temperature": 0}
     with httpx.stream(

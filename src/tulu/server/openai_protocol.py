@@ -216,10 +216,30 @@ class DetokenizeRequest(_Request):
 # ----------------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int
+    """Prompt tokens the prefix cache served (whole KV blocks), so they were not computed."""
+
+
 class Usage(_Response):
+    """A request's token counts. ``prompt_tokens_details`` is OpenAI's (vLLM's with
+    ``--enable-prompt-tokens-details``): always given here, so clients can see what caching
+    saved."""
+
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> Usage:
+        """The usage block with its total and the cached part of the prompt filled in."""
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens),
+        )
 
 
 class CompletionLogprobs(_Response):

@@ -13,7 +13,9 @@ metrics) and translate the engine's outputs back. What a vLLM user relies on:
 - a streaming request is only answered with ``200`` once its first output exists, so invalid
   input, a full queue or an engine failure before that are proper HTTP errors; an error after
   that is a ``data: {"error": ...}`` event followed by ``data: [DONE]``;
-- a client that goes away (streaming or not) aborts its requests, which frees their KV blocks.
+- a client that goes away (streaming or not) aborts its requests, which frees their KV blocks;
+- ``usage.prompt_tokens_details.cached_tokens`` (OpenAI's field) counts the prompt tokens the
+  prefix cache served: once per prompt whatever ``n``, summed over a request's prompts.
 
 Token strings in log-probabilities are the token's bytes as UTF-8 text; a token that is not
 valid UTF-8 on its own (part of a multi-byte character) is written ``bytes:\\xe2\\x80`` as
@@ -783,7 +785,7 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
             created=created,
             model=model,
             choices=choices,
-            usage=view.usage(outputs),
+            usage=view.usage(),
         )
     )
 
@@ -818,6 +820,8 @@ class _CompletionView:
         self.prompts = prompts
         self.score_only = score_only
         self.states: dict[tuple[int, int], _ChoiceState] = {}
+        # Prompt index -> the tokens the prefix cache served it: once per prompt, whatever n.
+        self.cached_tokens: dict[int, int] = {}
 
     def state(self, prompt: int, sample: int) -> _ChoiceState:
         key = (prompt, sample)
@@ -856,6 +860,7 @@ class _CompletionView:
 
     def finish(self, state: _ChoiceState, output: RequestOutput, completion) -> CompletionChoice:
         """The whole choice of a finished output (non-streaming)."""
+        self.cached_tokens[state.prompt] = output.num_cached_tokens
         text, parts = self._prompt_part(state, output)
         if self.score_only:
             return self._choice(state, text, parts, "length", None)
@@ -878,14 +883,11 @@ class _CompletionView:
             stop_reason=stop_reason,
         )
 
-    def usage(self, outputs: list[RequestOutput] | None = None) -> Usage:
+    def usage(self) -> Usage:
+        """The whole request's usage: every prompt once, every choice's tokens."""
         prompt_tokens = sum(len(p.ids) for p in self.prompts)
         completion_tokens = sum(s.completion_tokens for s in self.states.values())
-        return Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        )
+        return Usage.of(prompt_tokens, completion_tokens, sum(self.cached_tokens.values()))
 
     async def stream(
         self, streams: _Streams, request_id: str, created: int, model: str
@@ -901,6 +903,7 @@ class _CompletionView:
 
         async for prompt, output in streams:
             _check_finished(output)
+            self.cached_tokens[prompt] = output.num_cached_tokens
             params = self.prompts[prompt].params
             for completion in output.outputs:
                 state = self.state(prompt, completion.index)
@@ -1013,11 +1016,7 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
         for c in output.outputs
     ]
     completion_tokens = sum(len(c.token_ids) for c in output.outputs)
-    usage = Usage(
-        prompt_tokens=len(ids),
-        completion_tokens=completion_tokens,
-        total_tokens=len(ids) + completion_tokens,
-    )
+    usage = Usage.of(len(ids), completion_tokens, output.num_cached_tokens)
     return _json(
         ChatCompletionResponse(
             id=request_id, created=created, model=model, choices=choices, usage=usage
@@ -1048,8 +1047,10 @@ async def _chat_stream(
     sent = [0] * params.n
     done = [False] * params.n
     completion_tokens = 0
+    cached_tokens = 0
     async for _, output in streams:
         _check_finished(output)
+        cached_tokens = output.num_cached_tokens
         for c in output.outputs:
             if done[c.index]:
                 continue
@@ -1077,11 +1078,7 @@ async def _chat_stream(
                     )
                 )
     if include_usage:
-        usage = Usage(
-            prompt_tokens=len(ids),
-            completion_tokens=completion_tokens,
-            total_tokens=len(ids) + completion_tokens,
-        )
+        usage = Usage.of(len(ids), completion_tokens, cached_tokens)
         payload = ChatCompletionChunk(
             id=request_id, created=created, model=model, choices=[], usage=usage
         )
