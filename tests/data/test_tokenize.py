@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -476,24 +478,36 @@ def test_interrupted_run_leaves_no_entry(tmp_path, tiny, corpus, monkeypatch) ->
     assert not tokenize_records(path, tiny, 32, cache_dir=cache, progress=False).cache_hit
 
 
+def _refuses_a_rewrite_after_hashing(
+    monkeypatch, path: Path, tiny, cache: Path, rewrite: Callable[[], object]
+) -> None:
+    """Tokenize `path` with `rewrite` run right after its first hash (the one the cache key is
+    made of): the change must be refused, leaving no cache entry. Later hashes (a retry) run
+    unchanged."""
+    real = tk._data_digest
+    rewrites = iter([rewrite])
+
+    def hash_then_rewrite(target):
+        digest = real(target)
+        next(rewrites, lambda: None)()  # the first hash only
+        return digest
+
+    monkeypatch.setattr(tk, "_data_digest", hash_then_rewrite)
+    changed = rf"{re.escape(path.name)}: changed while it was being tokenized"
+    with pytest.raises(DataError, match=changed):
+        tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
+    assert list(cache.iterdir()) == []  # no entry, no temp dir
+
+
 def test_a_file_rewritten_after_hashing_is_never_cached(tmp_path, tiny, corpus, monkeypatch):
     # The file is hashed for the key, then read again to tokenize: rewritten in between, the
     # new tokens were stored under the old bytes' key and reused when those bytes came back.
     path = write_jsonl(tmp_path / "data.jsonl", corpus[:20])
     old_bytes = path.read_bytes()
-    real = tk._data_digest
-    rewrites = iter([lambda: write_jsonl(path, corpus[20:40])])
-
-    def hash_then_rewrite(path):
-        digest = real(path)
-        next(rewrites, lambda: None)()  # the first hash only
-        return digest
-
-    monkeypatch.setattr(tk, "_data_digest", hash_then_rewrite)
     cache = tmp_path / "c"
-    with pytest.raises(DataError, match=r"data\.jsonl: changed while it was being tokenized"):
-        tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
-    assert list(cache.iterdir()) == []  # no entry, no temp dir
+    _refuses_a_rewrite_after_hashing(
+        monkeypatch, path, tiny, cache, lambda: write_jsonl(path, corpus[20:40])
+    )
     path.write_bytes(old_bytes)
     ds = tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
     expected, _ = expected_examples(corpus[:20], tiny, 32)
@@ -554,19 +568,9 @@ def test_a_parquet_file_rewritten_after_hashing_is_never_cached(
         pq.write_table(pa.Table.from_pylist(rows), path)
 
     write(corpus[:20])
-    real = tk._data_digest
-    rewrites = iter([lambda: write(corpus[20:40])])
-
-    def hash_then_rewrite(path):
-        digest = real(path)
-        next(rewrites, lambda: None)()  # the first hash only
-        return digest
-
-    monkeypatch.setattr(tk, "_data_digest", hash_then_rewrite)
-    cache = tmp_path / "c"
-    with pytest.raises(DataError, match=r"data\.parquet: changed while it was being tokenized"):
-        tokenize_records(path, tiny, 32, cache_dir=cache, num_workers=1, progress=False)
-    assert list(cache.iterdir()) == []
+    _refuses_a_rewrite_after_hashing(
+        monkeypatch, path, tiny, tmp_path / "c", lambda: write(corpus[20:40])
+    )
 
 
 def test_a_cache_entry_older_than_source_sha256_gets_it_on_a_hit(tmp_path, tiny, corpus) -> None:
