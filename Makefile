@@ -7,7 +7,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,serve,data,train,eval
+EXTRAS ?= dev,serve,data,train,eval,structured
 BIN := $(VENV)/bin
 comma := ,
 STAMP := $(VENV)/.tulu-installed-$(subst $(comma),-,$(EXTRAS))

@@ -29,6 +29,7 @@ from tulu.cli import main
 from tulu.demo import corpus_text, tiny_model, train_tokenizer
 from tulu.engine.reference import GenerationResult, generate_text
 from tulu.engine.sampling import SamplingParams
+from tulu.engine.structured import StructuredOutput
 from tulu.model.checkpoint import save_model
 from tulu.model.config import NeoXConfig
 from tulu.pretrained import Pretrained, load_pretrained
@@ -604,6 +605,53 @@ def test_generate_stop_token_ids_and_penalties(ckpt: Checkpoint, capsys, spies) 
         f"--stop-token-ids contains 99999, outside the vocabulary [0, {ckpt.config.vocab_size})"
     )
     assert spies["generate"].calls == []
+
+
+def test_generate_structured_output_flags(ckpt: Checkpoint, tmp_path: Path, capsys) -> None:
+    """Each flag constrains every reply, as the engine's StructuredOutput does (greedy: the
+    reference generator's text), and the replies parse."""
+    pytest.importorskip("xgrammar")
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": ["x", "y"]}, "b": {"type": "boolean"}},
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    }
+    schema_file = tmp_path / "schema.json"
+    schema_file.write_text(json.dumps(schema), encoding="utf-8")
+    grammar_file = tmp_path / "g.gbnf"
+    grammar_file.write_text('root ::= "a" [bc] "!"\n', encoding="utf-8")
+    cases = [
+        (["--json-schema", schema_file], StructuredOutput(json=schema)),
+        (["--regex", "[0-9]{2}-[xy]"], StructuredOutput(regex="[0-9]{2}-[xy]")),
+        (["--choice", "yes", "--choice", "no way"], StructuredOutput(choice=["yes", "no way"])),
+        (["--grammar", grammar_file], StructuredOutput(grammar='root ::= "a" [bc] "!"\n')),
+    ]
+    for flags, spec in cases:
+        rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--prompt", "Hi", *flags)
+        assert rc == 0, err
+        expected = reference(ckpt, "Hi", max_tokens=256, structured_output=spec)
+        assert out == expected.text + "\n" and expected.finish_reason == "stop"
+    assert json.loads(reference(ckpt, "Hi", structured_output=cases[0][1]).text)["a"] in "xy"
+
+
+def test_generate_structured_output_errors_name_the_flag(ckpt, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("xgrammar")
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text("{", encoding="utf-8")
+    array = tmp_path / "array.json"
+    array.write_text("[]", encoding="utf-8")
+    cases = {
+        ("--regex", "[0-9"): "--regex: Regex parsing error at position ",
+        ("--json-schema", bad_json): f"--json-schema {bad_json}: not JSON (line 1, column 2: ",
+        ("--json-schema", array): f"--json-schema {array}: a JSON schema is an object, not list",
+        ("--grammar", tmp_path / "missing"): f"--grammar {tmp_path / 'missing'}: cannot read it",
+        ("--choice", ""): "the flag must be a non-empty list of non-empty strings for choice",
+    }
+    for flags, message in cases.items():
+        rc, out, err = run(capsys, "generate", ckpt.directory, *CPU, "--prompt", "Hi", *flags)
+        assert rc == 1 and out == ""
+        assert one_line_error(err, "generate").startswith(message), err
 
 
 def test_generate_result_fields_depend_on_logprobs(ckpt, tmp_path: Path, capsys, spies) -> None:

@@ -151,6 +151,20 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the stop string that ended a reply at its end",
     )
+    structure = gen.add_argument_group(
+        "structured output (needs xgrammar: pip install 'tulu[structured]')"
+    ).add_mutually_exclusive_group()
+    structure.add_argument(
+        "--json-schema", type=Path, metavar="FILE", help="replies follow this JSON schema"
+    )
+    structure.add_argument("--json-object", action="store_true", help="replies are JSON objects")
+    structure.add_argument("--regex", help="replies match this regular expression")
+    structure.add_argument(
+        "--choice", action="append", metavar="TEXT", help="replies are one of these (repeatable)"
+    )
+    structure.add_argument(
+        "--grammar", type=Path, metavar="FILE", help="replies follow this EBNF grammar (GBNF)"
+    )
 
     chat = sub.add_parser("chat", help="interactive chat in the Tulu format (streams replies)")
     _add_model_args(chat)
@@ -350,6 +364,67 @@ def _adapters_of(
     return modules, names
 
 
+def _structured_output(args: argparse.Namespace) -> tuple[Any, str | None]:
+    """`tulu generate`'s structured-output flag as a StructuredOutput, and the flag as typed
+    (for errors); (None, None) without one. Files are read here, errors naming them."""
+    from tulu.engine.structured import StructuredOutput
+
+    if args.json_schema is not None:
+        flag = f"--json-schema {args.json_schema}"
+        text = _read_text_file(args.json_schema, flag)
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TuluError(
+                f"{flag}: not JSON (line {err.lineno}, column {err.colno}: {err.msg})"
+            ) from None
+        if not isinstance(schema, dict):
+            raise TuluError(f"{flag}: a JSON schema is an object, not {type(schema).__name__}")
+        return StructuredOutput(json=schema), flag
+    if args.grammar is not None:
+        flag = f"--grammar {args.grammar}"
+        return StructuredOutput(grammar=_read_text_file(args.grammar, flag)), flag
+    try:
+        if args.json_object:
+            return StructuredOutput(json_object=True), "--json-object"
+        if args.regex is not None:
+            return StructuredOutput(regex=args.regex), "--regex"
+        if args.choice:
+            return StructuredOutput(choice=args.choice), "--choice"
+    except GenerationError as err:  # e.g. an empty --regex or --choice
+        raise TuluError(str(err).replace("SamplingParams.structured_output", "the flag")) from None
+    return None, None
+
+
+def _read_text_file(path: Path, flag: str) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise TuluError(
+            f"{flag}: cannot read it ({getattr(err, 'strerror', None) or err})"
+        ) from None
+    if not text.strip():
+        raise TuluError(f"{flag}: the file is empty")
+    return text
+
+
+def _check_structure_compiles(structured: Any, flag: str | None, llm: Any) -> None:
+    """Compile the constraint once before any prompt runs: a bad schema, regex or grammar is
+    named by its flag rather than failing the first request."""
+    from tulu.engine.structured import grammar_compiler
+
+    engine = llm.engine
+    if engine.tokenizer is None:
+        raise TuluError(f"{flag}: needs the model's tokenizer, and it has none")
+    try:
+        grammar_compiler(
+            engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_id
+        ).compile(structured)
+    except GenerationError as err:
+        reason = str(err).split(" cannot be compiled: ", 1)[-1]
+        raise TuluError(f"{flag}: {reason}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Generate for every prompt; with --output, one run at a time: a second one given the
     same --output is refused before it reads or writes anything (see `tulu.generate_resume`)."""
@@ -374,11 +449,13 @@ def _generate(args: argparse.Namespace) -> int:
     from tulu.token_strings import TokenStrings
 
     engine_options = engine_settings(args)
+    structured, structure_flag = _structured_output(args)
     params = _sampling_params(
         args,
         n=args.n,
         logprobs=args.logprobs,
         include_stop_str_in_output=args.include_stop_str_in_output,
+        structured_output=structured,
     )
     prompts = _prompts_of(args, result_fields(params))
     lora_modules, lora_names = _adapters_of(args, prompts)
@@ -398,6 +475,8 @@ def _generate(args: argparse.Namespace) -> int:
         llm = LLM(loaded.model, loaded.tokenizer, config, lora_modules=lora_modules)
     except GenerationError as err:
         raise named_by_flags(err) from None
+    if structured is not None:
+        _check_structure_compiles(structured, structure_flag, llm)
     window = llm.engine.max_model_len
     jobs = []  # (record, prompt ids, params) for every input, checked before generating
     for where, record, prompt in prompts:

@@ -49,6 +49,7 @@ from tulu.engine.sampling import (
     sample,
 )
 from tulu.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from tulu.engine.structured import GrammarCompiler, apply_grammar_masks, grammar_compiler
 from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -242,6 +243,7 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
+        self._grammars: GrammarCompiler | None = None
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         # Decode fast path: built, warmed up and (on CUDA) captured once, here.
@@ -393,6 +395,7 @@ class LLMEngine:
             raise GenerationError("stop strings need a tokenizer")
         check_token_ids_in_vocab(params, self.model_config.vocab_size)
         check_min_tokens_reachable(params, self.eos_token_id)
+        grammar = self._compile_grammar(params)
         prompt_ids = self.encode_prompt(prompt)
         self.check_fits(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -411,6 +414,7 @@ class LLMEngine:
                 lora_salt=self.lora.salt(lora_slot)
                 if self.lora is not None and lora_slot
                 else None,
+                grammar=self._grammars.matcher(grammar) if grammar is not None else None,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -608,6 +612,9 @@ class LLMEngine:
             else prepare_sampling_tensors(params, self.device)
         )
         raw = logits
+        matchers = [s.grammar for s in seqs]
+        if any(m is not None for m in matchers):
+            logits = apply_grammar_masks(logits, matchers)
         blocked = [
             self._stop_ids(s) if s.num_output_tokens < s.params.min_tokens else None for s in seqs
         ]
@@ -630,6 +637,13 @@ class LLMEngine:
             seq.token_ids.append(token)
             completion.token_ids.append(token)
             completion.delta_token_ids.append(token)
+            if seq.grammar is not None and not seq.grammar.accept_token(token):
+                # Cannot happen: every token the grammar refuses was masked (and SamplingParams
+                # refuses the options that could leave no token allowed).
+                raise GenerationError(
+                    f"request {seq.request_id!r}: sampled token {token}, which its "
+                    "structured_output does not allow"
+                )
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 completion.logprobs.append(
@@ -646,6 +660,19 @@ class LLMEngine:
             touched[request.request_id] = request
             if seq.is_finished and request.finished:
                 request.finished_time = now
+
+    def _compile_grammar(self, params: SamplingParams) -> Any:
+        """The compiled grammar of the params' structured_output, or None. The compiler is
+        built by the first request that asks (it reads the whole vocabulary once)."""
+        if params.structured_output is None:
+            return None
+        if self.tokenizer is None:
+            raise GenerationError("structured_output needs a tokenizer")
+        if self._grammars is None:
+            self._grammars = grammar_compiler(
+                self.tokenizer, self.model_config.vocab_size, self.eos_token_id
+            )
+        return self._grammars.compile(params.structured_output)
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         ids = list(seq.params.stop_token_ids)
@@ -667,6 +694,8 @@ class LLMEngine:
             completion.delta_text += delta
             if seq.output.stopped_by is not None:
                 finish, reason = "stop", seq.output.stopped_by
+        if finish is None and seq.grammar is not None and seq.grammar.is_terminated():
+            finish = "stop"  # the grammar is complete and took the EOS (even with ignore_eos)
         if finish is None and seq.num_output_tokens >= seq.params.max_tokens:
             finish = "length"
         if finish is None:

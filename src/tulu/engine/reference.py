@@ -25,6 +25,7 @@ from tulu.engine.sampling import (
     prepare_sampling_tensors,
     sample,
 )
+from tulu.engine.structured import apply_grammar_masks, grammar_compiler
 from tulu.errors import GenerationError
 from tulu.model.gpt_neox import ContiguousKVCache, GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -119,6 +120,12 @@ def generate_ids(
         output_token_ids=[[]],
     )
     generator = make_generator(params.seed, device)
+    matcher = None
+    if params.structured_output is not None:
+        if tokenizer is None:
+            raise GenerationError("structured_output needs a tokenizer")
+        grammars = grammar_compiler(tokenizer, config.vocab_size, eos_id)
+        matcher = grammars.matcher(grammars.compile(params.structured_output))
     cache = ContiguousKVCache(config, 1, len(prompt) + budget, param.dtype, device)
 
     tokens: list[int] = []
@@ -132,10 +139,14 @@ def generate_ids(
         cache.advance(input_ids.shape[1])
         position += input_ids.shape[1]
         raw = logits
+        if matcher is not None:
+            logits = apply_grammar_masks(logits, [matcher])
         if len(tokens) < params.min_tokens and stop_ids:
             logits = mask_tokens(logits, [sorted(stop_ids)])
         token = int(sample(logits, tensors, [generator])[0])
         tokens.append(token)
+        if matcher is not None and not matcher.accept_token(token):
+            raise GenerationError(f"sampled token {token}, which the structured_output refuses")
         if tensors.output_counts is not None:
             tensors.output_counts[0, token] += 1
         if logprobs is not None:
@@ -163,6 +174,9 @@ def generate_ids(
             if output.stopped_by is not None:
                 finish, stop_reason = "stop", output.stopped_by
                 break
+        if matcher is not None and matcher.is_terminated():
+            finish = "stop"  # the grammar is complete and took the EOS (even with ignore_eos)
+            break
         input_ids = torch.tensor([[token]], device=device)
 
     text = None

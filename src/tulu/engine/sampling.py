@@ -33,10 +33,11 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError
 
 __all__ = [
@@ -133,6 +134,26 @@ def _check_logit_bias(value: object) -> dict[int, float] | None:
     return result or None
 
 
+def _check_structured_output(params: SamplingParams) -> StructuredOutput | None:
+    value = params.structured_output
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {f.name for f in fields(StructuredOutput)})
+        if unknown:
+            raise _fail("structured_output", f"a StructuredOutput (no field {unknown[0]!r})", value)
+        value = StructuredOutput(**value)
+    elif not isinstance(value, StructuredOutput):
+        raise _fail("structured_output", "a StructuredOutput or a dict of its fields", value)
+    for name in ("min_tokens", "allowed_token_ids"):
+        if getattr(params, name):
+            raise GenerationError(
+                f"SamplingParams.{name} cannot be combined with structured_output: the grammar "
+                "decides which tokens may come, and where the completion ends"
+            )
+    return value
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request's completion (vLLM-like semantics).
@@ -219,6 +240,13 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     """Only these tokens may be generated (vLLM's ``allowed_token_ids``): every other token is
     masked before anything else runs, so even greedy rows pick among them. None allows all."""
+
+    structured_output: StructuredOutput | None = None
+    """Constrain the completion to a JSON schema, any JSON, a regex, a choice or a grammar
+    (:class:`tulu.engine.structured.StructuredOutput`; a dict of its fields is accepted). The
+    completion ends when the grammar is complete. Needs the xgrammar package and a tokenizer.
+    Cannot be combined with ``min_tokens`` or ``allowed_token_ids``, which could leave no
+    token the grammar allows."""
 
     def __post_init__(self) -> None:
         self.max_tokens = _check_int("max_tokens", self.max_tokens)
@@ -332,6 +360,7 @@ class SamplingParams:
         if self.allowed_token_ids is not None and not self.allowed_token_ids:
             raise _fail("allowed_token_ids", "None or a non-empty list of token ids", [])
         check_min_tokens_reachable(self, eos_token_id=None)
+        self.structured_output = _check_structured_output(self)
 
     @property
     def is_greedy(self) -> bool:

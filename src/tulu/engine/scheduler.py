@@ -23,6 +23,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,6 +67,9 @@ class Sequence:
     # are shared only between sequences of the same adapter.
     lora_slot: int = 0
     lora_salt: bytes | None = None
+    # The xgrammar matcher of a structured output (`tulu.engine.structured`): the sequence's
+    # own, since it holds how far the grammar has got.
+    grammar: Any = field(default=None, repr=False)
 
     @property
     def num_tokens(self) -> int:

@@ -1,0 +1,321 @@
+"""Structured output (tulu.engine.structured): JSON schemas, JSON, regexes, choices, grammars.
+
+The oracles: transformers' `generate` with xgrammar's own logits processor for transformers
+(its mask-and-accept loop, not ours) must give the engine's greedy tokens, and every finished
+completion must satisfy its constraint when checked by Python itself (`json`, `re`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tulu.engine.reference import generate_ids
+from tulu.engine.sampling import SamplingParams
+from tulu.engine.structured import StructuredOutput, grammar_compiler
+from tulu.errors import GenerationError
+
+xgrammar = pytest.importorskip("xgrammar", reason="structured output needs xgrammar")
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["color", "ok", "size"],
+    "additionalProperties": False,
+}
+REGEX = r"(cat|dog)s? [0-9]{2}"
+CHOICES = ["yes", "no", "maybe so"]
+GRAMMAR = 'root ::= "a" [bc] [bc]? ("!" | "?")'
+
+
+def _satisfies(spec: StructuredOutput, text: str) -> bool:
+    """Whether `text` meets `spec`, checked without xgrammar."""
+    if spec.json is not None:
+        value = json.loads(text)
+        return (
+            set(value) == {"color", "ok", "size"}
+            and value["color"] in ("red", "green", "blue")
+            and isinstance(value["ok"], bool)
+            and type(value["size"]) is int
+            and 0 <= value["size"] <= 99
+        )
+    if spec.json_object:
+        return isinstance(json.loads(text), dict)
+    if spec.regex is not None:
+        return re.fullmatch(spec.regex, text) is not None
+    if spec.choice is not None:
+        return text in spec.choice
+    return re.fullmatch(r"a[bc]{1,2}[!?]", text) is not None  # GRAMMAR
+
+
+#: Constraints a random model completes within MAX_TOKENS (a free-form JSON value would not).
+BOUNDED = {
+    "json-schema": StructuredOutput(json=SCHEMA),
+    "json-schema-text": StructuredOutput(json=json.dumps(SCHEMA)),
+    "regex": StructuredOutput(regex=REGEX),
+    "choice": StructuredOutput(choice=CHOICES),
+    "grammar": StructuredOutput(grammar=GRAMMAR),
+}
+MAX_TOKENS = 48
+
+
+def _greedy(spec: StructuredOutput | None, **extra) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=MAX_TOKENS, structured_output=spec, **extra)
+
+
+@pytest.fixture(scope="module")
+def prompts(demo_tokenizer) -> list[list[int]]:
+    texts = ["The cat sat on", "Hello there", "Numbers: 1, 2,", "<|user|>\nA color?\n"]
+    return [demo_tokenizer.encode(t) for t in texts]
+
+
+def _hf_greedy(hf, prompt: list[int], compiled, eos: int) -> list[int]:
+    """transformers' greedy tokens under xgrammar's own processor, up to its EOS."""
+    ids = torch.tensor([prompt])
+    processor = xgrammar.contrib.hf.LogitsProcessor(compiled)
+    with torch.no_grad():
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            pad_token_id=eos,
+            eos_token_id=eos,
+            logits_processor=[processor],
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy parity with transformers + xgrammar's processor
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(BOUNDED))
+def test_greedy_matches_transformers_with_xgrammars_processor(
+    name, tok_model, demo_tokenizer, hf_twin, make_llm, prompts
+):
+    spec = BOUNDED[name]
+    llm = make_llm(tok_model, demo_tokenizer)
+    # Constrained rows batched with an unconstrained one.
+    params = [_greedy(spec), _greedy(None), _greedy(spec)]
+    outputs = llm.generate(prompts[:3], params)
+    eos = demo_tokenizer.eos_token_id
+    grammars = grammar_compiler(demo_tokenizer, tok_model.config.vocab_size, eos)
+    hf = hf_twin(tok_model)
+    for prompt, output, p in zip(prompts[:3], outputs, params, strict=True):
+        completion = output.outputs[0]
+        if p.structured_output is None:
+            assert completion.finish_reason == "length"
+            continue
+        assert completion.finish_reason == "stop" and completion.stop_reason == eos
+        assert completion.token_ids[-1] == eos
+        assert _satisfies(spec, completion.text), completion.text
+        compiled = grammars.compile(spec)
+        assert completion.token_ids == _hf_greedy(hf, prompt, compiled, eos)
+        assert (
+            completion.token_ids
+            == generate_ids(tok_model, prompt, p, tokenizer=demo_tokenizer).token_ids
+        )
+
+
+def test_constraints_change_what_the_model_writes(tok_model, demo_tokenizer, make_llm, prompts):
+    """Guard: unconstrained, the random model meets none of the constraints."""
+    free = make_llm(tok_model, demo_tokenizer).generate(prompts[:1], _greedy(None))[0]
+    text = free.outputs[0].text
+    for spec in BOUNDED.values():
+        try:
+            assert not _satisfies(spec, text)
+        except json.JSONDecodeError:
+            pass
+
+
+@pytest.mark.parametrize(
+    "config",
+    [dict(kv_cache_bytes=64 * 2 * 2 * 64 * 4, block_size=4), dict(max_num_batched_tokens=5)],
+    ids=["preemption", "chunked-prefill"],
+)
+def test_preemption_and_chunking_keep_each_matcher_in_step(
+    tok_model, demo_tokenizer, make_llm, prompts, config
+):
+    specs = [BOUNDED[name] for name in ("json-schema", "json-schema-text", "json-schema", "regex")]
+    params = [_greedy(spec) for spec in specs]
+    llm = make_llm(tok_model, demo_tokenizer, **config)
+    outputs = llm.generate(prompts, params)
+    if "kv_cache_bytes" in config:
+        assert llm.engine.stats()["preemptions"] > 0
+    for prompt, output, p in zip(prompts, outputs, params, strict=True):
+        ref = generate_ids(tok_model, prompt, p, tokenizer=demo_tokenizer)
+        assert output.outputs[0].token_ids == ref.token_ids
+        assert _satisfies(p.structured_output, output.outputs[0].text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, n > 1, ignore_eos, max_tokens, aborts
+# ----------------------------------------------------------------------------------------------
+
+
+def test_seeded_samples_meet_the_constraint_and_reproduce(
+    tok_model, demo_tokenizer, make_llm, prompts
+):
+    spec = StructuredOutput(json=SCHEMA)
+    params = SamplingParams(
+        temperature=1.5, top_p=0.95, seed=11, n=4, max_tokens=MAX_TOKENS, structured_output=spec
+    )
+    llm = make_llm(tok_model, demo_tokenizer)
+    first = llm.generate(prompts[3], params)[0].outputs
+    again = llm.generate(prompts[3], params)[0].outputs
+    assert [c.token_ids for c in first] == [c.token_ids for c in again]
+    texts = [c.text for c in first]
+    assert all(c.finish_reason == "stop" for c in first)
+    assert all(_satisfies(spec, t) for t in texts), texts
+    assert len(set(texts)) > 1  # the samples differ: sampling is not collapsed to greedy
+    ref = generate_ids(tok_model, prompts[3], params, tokenizer=demo_tokenizer)
+    assert first[0].token_ids == ref.token_ids  # sample 0 uses the seed itself
+
+
+def test_a_complete_grammar_ends_the_completion_even_with_ignore_eos(
+    tok_model, demo_tokenizer, make_llm, prompts
+):
+    spec = StructuredOutput(choice=CHOICES)
+    out = make_llm(tok_model, demo_tokenizer).generate(prompts[0], _greedy(spec, ignore_eos=True))[
+        0
+    ]
+    completion = out.outputs[0]
+    assert completion.finish_reason == "stop" and completion.text in CHOICES
+    assert len(completion.token_ids) < MAX_TOKENS
+
+
+def test_max_tokens_cuts_an_unfinished_structure(tok_model, demo_tokenizer, make_llm, prompts):
+    spec = StructuredOutput(json_object=True)
+    out = make_llm(tok_model, demo_tokenizer).generate(
+        prompts[0], SamplingParams(temperature=0, max_tokens=6, structured_output=spec)
+    )[0]
+    completion = out.outputs[0]
+    assert completion.finish_reason == "length" and len(completion.token_ids) == 6
+    assert completion.text.startswith("{")
+
+
+def test_special_tokens_never_appear_inside_a_structure(
+    tok_model, demo_tokenizer, make_llm, prompts
+):
+    """xgrammar is given the special tokens as empty, so it never allows them: a special token
+    inside a JSON string would vanish from the text the client parses."""
+    special = demo_tokenizer.special_ids()
+    spec = StructuredOutput(json_object=True)
+    params = SamplingParams(temperature=2.0, seed=5, n=6, max_tokens=24, structured_output=spec)
+    out = make_llm(tok_model, demo_tokenizer).generate(prompts[1], params)[0]
+    for completion in out.outputs:
+        body = (
+            completion.token_ids[:-1]
+            if completion.finish_reason == "stop"
+            else completion.token_ids
+        )
+        assert not special & set(body)
+
+
+def test_aborting_a_structured_request_frees_everything(
+    tok_model, demo_tokenizer, make_engine, drain
+):
+    engine = make_engine(tok_model, demo_tokenizer)
+    engine.add_request("Hello", _greedy(StructuredOutput(json_object=True)), request_id="a")
+    engine.add_request("Hi", _greedy(StructuredOutput(regex=REGEX)), request_id="b")
+    engine.step()
+    engine.step()
+    engine.abort("a")
+    outputs = drain(engine)
+    assert re.fullmatch(REGEX, outputs["b"][-1].outputs[0].text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Refusals
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "set exactly one of json, json_object, regex, choice, grammar; got none"),
+        (
+            {"regex": "a", "choice": ["a"]},
+            "set exactly one of json, json_object, regex, choice, grammar; got regex, choice",
+        ),
+        ({"choice": []}, "be a non-empty list of non-empty strings for choice, got []"),
+        ({"choice": "yes"}, "be a list of strings for choice, got 'yes'"),
+        (
+            {"choice": ["a", ""]},
+            "be a non-empty list of non-empty strings for choice, got ['a', '']",
+        ),
+        ({"regex": ""}, "be a non-empty string for regex, got ''"),
+        ({"json": 5}, "be a JSON schema (an object or its JSON text) for json, got 5"),
+        ({"json_object": 1}, "be a bool for json_object, got 1"),
+    ],
+)
+def test_bad_specs_are_named(fields, message):
+    with pytest.raises(GenerationError) as info:
+        StructuredOutput(**fields)
+    assert str(info.value) == "SamplingParams.structured_output must " + message
+
+
+def test_sampling_params_take_a_dict_and_refuse_what_could_leave_no_token():
+    params = SamplingParams(structured_output={"choice": ("a", "b")})
+    assert params.structured_output == StructuredOutput(choice=("a", "b"))
+    with pytest.raises(GenerationError, match=r"must be a StructuredOutput \(no field 'jsn'\)"):
+        SamplingParams(structured_output={"jsn": {}})
+    with pytest.raises(GenerationError, match="must be a StructuredOutput or a dict"):
+        SamplingParams(structured_output="json")
+    for extra in ({"min_tokens": 2}, {"allowed_token_ids": [1, 2]}):
+        with pytest.raises(GenerationError, match="cannot be combined with structured_output"):
+            SamplingParams(structured_output={"regex": "a"}, **extra)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (StructuredOutput(json="{not json"), r"structured_output\.json cannot be compiled: .*JSON"),
+        (StructuredOutput(regex="[a-"), r"structured_output\.regex cannot be compiled: .*Unclosed"),
+        (
+            StructuredOutput(grammar="root ::= foo"),
+            r"structured_output\.grammar cannot be compiled: .*Rule \"foo\" is not defined",
+        ),
+    ],
+)
+def test_a_constraint_that_does_not_compile_is_refused_when_added(
+    spec, message, tok_model, demo_tokenizer, make_engine
+):
+    engine = make_engine(tok_model, demo_tokenizer)
+    with pytest.raises(GenerationError, match=message) as info:
+        engine.add_request("Hi", _greedy(spec))
+    assert ".cc:" not in str(info.value)  # xgrammar's C++ source location is left out
+
+
+def test_structured_output_needs_a_tokenizer(tiny_model, make_engine):
+    engine = make_engine(tiny_model)
+    with pytest.raises(GenerationError, match="structured_output needs a tokenizer"):
+        engine.add_request([1, 2, 3], _greedy(StructuredOutput(regex="a")))
+
+
+def test_without_xgrammar_the_error_says_what_to_install(
+    tok_model, demo_tokenizer, make_engine, monkeypatch
+):
+    import sys
+
+    from tulu.engine import structured
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar raises ImportError
+    structured.grammar_compiler.cache_clear()
+    try:
+        engine = make_engine(tok_model, demo_tokenizer)
+        with pytest.raises(GenerationError, match=r"needs the xgrammar package: pip install"):
+            engine.add_request("Hi", _greedy(StructuredOutput(regex="a")))
+    finally:
+        structured.grammar_compiler.cache_clear()
