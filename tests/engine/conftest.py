@@ -7,6 +7,8 @@ directories of this test tree have a module called `conftest`.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -228,3 +230,44 @@ def drain() -> Callable[..., dict]:
         raise AssertionError(f"engine still busy after {max_steps} steps: {engine.stats()}")
 
     return run
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured output cases, shared with the server tests: bounded constraints that the random
+# models complete within a few dozen tokens, and a check of a reply made without xgrammar.
+# ----------------------------------------------------------------------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "color": {"enum": ["red", "green", "blue"]},
+        "ok": {"type": "boolean"},
+        "size": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
+    "required": ["color", "ok", "size"],
+    "additionalProperties": False,
+}
+REGEX = r"(cat|dog)s? [0-9]{2}"
+CHOICES = ["yes", "no", "maybe so"]
+GRAMMAR = 'root ::= "a" [bc] [bc]? ("!" | "?")'
+
+
+def satisfies(kind: str, value: object, text: str) -> bool:
+    """Whether `text` meets the constraint `kind` ("json" = SCHEMA, "json_object", "regex",
+    "choice", "grammar" = GRAMMAR) with `value`, checked by Python itself (json, re)."""
+    if kind == "json":
+        reply = json.loads(text)
+        return (
+            set(reply) == {"color", "ok", "size"}
+            and reply["color"] in ("red", "green", "blue")
+            and isinstance(reply["ok"], bool)
+            and type(reply["size"]) is int
+            and 0 <= reply["size"] <= 99
+        )
+    if kind == "json_object":
+        return isinstance(json.loads(text), dict)
+    if kind == "regex":
+        return re.fullmatch(value, text) is not None
+    if kind == "choice":
+        return text in value
+    return re.fullmatch(r"a[bc]{1,2}[!?]", text) is not None  # GRAMMAR

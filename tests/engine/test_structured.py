@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 
+from engine.conftest import CHOICES, GRAMMAR, REGEX, SCHEMA, satisfies
 from tulu.engine.reference import generate_ids
 from tulu.engine.sampling import SamplingParams
 from tulu.engine.structured import StructuredOutput, grammar_compiler
@@ -22,39 +23,9 @@ xgrammar = pytest.importorskip("xgrammar", reason="structured output needs xgram
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "color": {"enum": ["red", "green", "blue"]},
-        "ok": {"type": "boolean"},
-        "size": {"type": "integer", "minimum": 0, "maximum": 99},
-    },
-    "required": ["color", "ok", "size"],
-    "additionalProperties": False,
-}
-REGEX = r"(cat|dog)s? [0-9]{2}"
-CHOICES = ["yes", "no", "maybe so"]
-GRAMMAR = 'root ::= "a" [bc] [bc]? ("!" | "?")'
-
 
 def _satisfies(spec: StructuredOutput, text: str) -> bool:
-    """Whether `text` meets `spec`, checked without xgrammar."""
-    if spec.json is not None:
-        value = json.loads(text)
-        return (
-            set(value) == {"color", "ok", "size"}
-            and value["color"] in ("red", "green", "blue")
-            and isinstance(value["ok"], bool)
-            and type(value["size"]) is int
-            and 0 <= value["size"] <= 99
-        )
-    if spec.json_object:
-        return isinstance(json.loads(text), dict)
-    if spec.regex is not None:
-        return re.fullmatch(spec.regex, text) is not None
-    if spec.choice is not None:
-        return text in spec.choice
-    return re.fullmatch(r"a[bc]{1,2}[!?]", text) is not None  # GRAMMAR
+    return satisfies(spec.kind, getattr(spec, spec.kind), text)
 
 
 #: Constraints a random model completes within MAX_TOKENS (a free-form JSON value would not).

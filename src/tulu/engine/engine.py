@@ -49,7 +49,7 @@ from tulu.engine.sampling import (
     sample,
 )
 from tulu.engine.scheduler import ScheduledSeq, Scheduler, Sequence
-from tulu.engine.structured import GrammarCompiler, apply_grammar_masks, grammar_compiler
+from tulu.engine.structured import apply_grammar_masks, grammar_compiler
 from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -243,7 +243,6 @@ class LLMEngine:
         )
         self._requests: dict[str, _Request] = {}
         self._aborted: list[RequestOutput] = []
-        self._grammars: GrammarCompiler | None = None
         self._seq_ids = itertools.count()
         self._request_ids = itertools.count()
         # Decode fast path: built, warmed up and (on CUDA) captured once, here.
@@ -395,7 +394,7 @@ class LLMEngine:
             raise GenerationError("stop strings need a tokenizer")
         check_token_ids_in_vocab(params, self.model_config.vocab_size)
         check_min_tokens_reachable(params, self.eos_token_id)
-        grammar = self._compile_grammar(params)
+        matchers = self._grammar_matchers(params)
         prompt_ids = self.encode_prompt(prompt)
         self.check_fits(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -414,7 +413,7 @@ class LLMEngine:
                 lora_salt=self.lora.salt(lora_slot)
                 if self.lora is not None and lora_slot
                 else None,
-                grammar=self._grammars.matcher(grammar) if grammar is not None else None,
+                grammar=matchers[index] if matchers else None,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -661,18 +660,17 @@ class LLMEngine:
             if seq.is_finished and request.finished:
                 request.finished_time = now
 
-    def _compile_grammar(self, params: SamplingParams) -> Any:
-        """The compiled grammar of the params' structured_output, or None. The compiler is
-        built by the first request that asks (it reads the whole vocabulary once)."""
+    def _grammar_matchers(self, params: SamplingParams) -> list[Any] | None:
+        """One matcher per sample of the params' structured_output (each holds its own place in
+        the grammar), or None. The grammar comes from the compiler's cache when the server has
+        compiled it already, off its event loop."""
         if params.structured_output is None:
             return None
         if self.tokenizer is None:
             raise GenerationError("structured_output needs a tokenizer")
-        if self._grammars is None:
-            self._grammars = grammar_compiler(
-                self.tokenizer, self.model_config.vocab_size, self.eos_token_id
-            )
-        return self._grammars.compile(params.structured_output)
+        compiler = grammar_compiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_id)
+        compiled = compiler.compile(params.structured_output)
+        return [compiler.matcher(compiled) for _ in range(params.n)]
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         ids = list(seq.params.stop_token_ids)

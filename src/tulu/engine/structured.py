@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -112,7 +111,9 @@ def _message(err: Exception) -> str:
 
 class GrammarCompiler:
     """Compiles a tokenizer's constraints once each (xgrammar caches compiled grammars) and
-    hands out a fresh matcher per sequence. Safe to share between threads."""
+    hands out a fresh matcher per sequence. Safe to share between threads: xgrammar's compiler
+    is made for concurrent compiles (vLLM compiles from a thread pool), so the server compiles
+    in a worker thread while the engine thread looks up what is already compiled."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_id: int | None):
         from tulu.token_strings import TokenStrings
@@ -134,26 +135,22 @@ class GrammarCompiler:
         self._xgr = xgr
         self._compiler = xgr.GrammarCompiler(info, max_threads=2)
         self.vocab_size = vocab_size
-        self._lock = threading.Lock()
 
     def compile(self, spec: StructuredOutput) -> Any:
         """The compiled grammar; a bad schema, regex or grammar is a GenerationError naming
         the field and xgrammar's reason."""
         compiler = self._compiler
         try:
-            with self._lock:
-                if spec.json is not None:
-                    return compiler.compile_json_schema(spec.json, any_whitespace=False)
-                if spec.json_object:  # OpenAI's "json_object": an object, not any value
-                    return compiler.compile_json_schema({"type": "object"}, any_whitespace=False)
-                if spec.regex is not None:
-                    return compiler.compile_regex(spec.regex)
-                if spec.choice is not None:
-                    alternatives = " | ".join(
-                        json.dumps(c, ensure_ascii=False) for c in spec.choice
-                    )
-                    return compiler.compile_grammar(f"root ::= {alternatives}")
-                return compiler.compile_grammar(spec.grammar)
+            if spec.json is not None:
+                return compiler.compile_json_schema(spec.json, any_whitespace=False)
+            if spec.json_object:  # OpenAI's "json_object": an object, not any value
+                return compiler.compile_json_schema({"type": "object"}, any_whitespace=False)
+            if spec.regex is not None:
+                return compiler.compile_regex(spec.regex)
+            if spec.choice is not None:
+                alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in spec.choice)
+                return compiler.compile_grammar(f"root ::= {alternatives}")
+            return compiler.compile_grammar(spec.grammar)
         except (RuntimeError, ValueError, TypeError) as err:
             raise GenerationError(
                 f"SamplingParams.structured_output.{spec.kind} cannot be compiled: {_message(err)}"
