@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import threading
 import time
 
 import httpx
@@ -16,7 +18,8 @@ import openai
 import pytest
 import torch
 
-from engine.conftest import ScriptedModel, script_table
+from engine.conftest import CHOICES, GRAMMAR, REGEX, SCHEMA, ScriptedModel, script_table
+from engine.conftest import satisfies as engine_satisfies
 from tulu.chat import generation_prompt
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
@@ -777,6 +780,328 @@ def test_chat_stream_logprobs(client):
 
 
 # ----------------------------------------------------------------------------------------------
+# Structured output
+# ----------------------------------------------------------------------------------------------
+
+#: Bounded constraints: the random model completes each well within STRUCTURED_MAX_TOKENS.
+STRUCTURED_MAX_TOKENS = 64
+
+#: request fields -> the engine's StructuredOutput fields they mean.
+STRUCTURED_REQUESTS = {
+    "response_format json_schema": (
+        {
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "t", "schema": SCHEMA},
+            }
+        },
+        {"json": SCHEMA},
+    ),
+    "structured_outputs json text": (
+        {"extra_body": {"structured_outputs": {"json": json.dumps(SCHEMA)}}},
+        {"json": json.dumps(SCHEMA)},
+    ),
+    "structured_outputs regex": (
+        {"extra_body": {"structured_outputs": {"regex": REGEX}}},
+        {"regex": REGEX},
+    ),
+    "structured_outputs choice": (
+        {"extra_body": {"structured_outputs": {"choice": CHOICES}}},
+        {"choice": CHOICES},
+    ),
+    "structured_outputs grammar": (
+        {"extra_body": {"structured_outputs": {"grammar": GRAMMAR}}},
+        {"grammar": GRAMMAR},
+    ),
+    "guided_json": ({"extra_body": {"guided_json": SCHEMA}}, {"json": SCHEMA}),
+    "guided_regex": ({"extra_body": {"guided_regex": REGEX}}, {"regex": REGEX}),
+    "guided_choice": ({"extra_body": {"guided_choice": CHOICES}}, {"choice": CHOICES}),
+    "guided_grammar": ({"extra_body": {"guided_grammar": GRAMMAR}}, {"grammar": GRAMMAR}),
+}
+
+
+def satisfies(spec: dict, text: str) -> bool:
+    """Whether `text` meets the constraint `spec` (StructuredOutput's fields)."""
+    ((kind, value),) = spec.items()
+    return engine_satisfies(kind, value, text)
+
+
+def structured(spec: dict, **overrides) -> SamplingParams:
+    overrides.setdefault("max_tokens", STRUCTURED_MAX_TOKENS)
+    return greedy(structured_output=spec, **overrides)
+
+
+@pytest.mark.parametrize("name", list(STRUCTURED_REQUESTS))
+def test_chat_structured_output_matches_the_reference(client, model, tok, name):
+    fields, spec = STRUCTURED_REQUESTS[name]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=STRUCTURED_MAX_TOKENS,
+        **fields,
+    )
+    ref = generate_text(model, tok, MESSAGES, structured(spec))
+    (choice,) = reply.choices
+    assert choice.finish_reason == "stop" and ref.finish_reason == "stop"
+    assert choice.stop_reason is None  # the grammar ended it with the EOS
+    assert choice.message.content == ref.text
+    assert satisfies(spec, choice.message.content), choice.message.content
+    assert reply.usage.completion_tokens == len(ref.token_ids)
+
+
+@pytest.mark.parametrize(
+    "name", ["response_format json_schema", "structured_outputs regex", "guided_choice"]
+)
+def test_completion_structured_output_matches_the_reference(client, model, tok, name):
+    fields, spec = STRUCTURED_REQUESTS[name]
+    # vLLM's extension: OpenAI's completions have no response_format, so the client sends it
+    # as an extra field.
+    extra = fields.get("extra_body", fields)
+    reply = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        temperature=0,
+        max_tokens=STRUCTURED_MAX_TOKENS,
+        extra_body=extra,
+    )
+    ref = generate_text(model, tok, PROMPT, structured(spec), chat=False)
+    (choice,) = reply.choices
+    assert choice.finish_reason == "stop"
+    assert choice.text == ref.text
+    assert satisfies(spec, choice.text), choice.text
+
+
+def test_the_model_alone_meets_none_of_the_constraints(client):
+    """Guard for the tests above: unconstrained, the random model writes none of it."""
+    reply = client.chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=STRUCTURED_MAX_TOKENS
+    )
+    text = reply.choices[0].message.content
+    for _, spec in STRUCTURED_REQUESTS.values():
+        try:
+            assert not satisfies(spec, text)
+        except json.JSONDecodeError:
+            pass
+
+
+def test_structured_output_streams_the_same_text(client):
+    fields, spec = STRUCTURED_REQUESTS["response_format json_schema"]
+    kwargs = dict(
+        model=MODEL, messages=MESSAGES, temperature=0, max_tokens=STRUCTURED_MAX_TOKENS, **fields
+    )
+    whole = client.chat.completions.create(**kwargs).choices[0].message.content
+    chunks = list(client.chat.completions.create(stream=True, **kwargs))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole and satisfies(spec, text)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+    completion_chunks = list(
+        client.completions.create(
+            model=MODEL,
+            prompt=PROMPT,
+            temperature=0,
+            max_tokens=STRUCTURED_MAX_TOKENS,
+            stream=True,
+            extra_body={"guided_regex": REGEX},
+        )
+    )
+    text = "".join(c.choices[0].text for c in completion_chunks)
+    assert re.fullmatch(REGEX, text) and completion_chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_sampled_choices_each_meet_the_constraint(client):
+    fields, spec = STRUCTURED_REQUESTS["guided_json"]
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=1.5,
+        seed=3,
+        n=2,
+        max_tokens=STRUCTURED_MAX_TOKENS,
+        **fields,
+    )
+    assert [c.index for c in reply.choices] == [0, 1]
+    for choice in reply.choices:
+        assert choice.finish_reason == "stop"
+        assert satisfies(spec, choice.message.content), choice.message.content
+
+
+def test_json_object_starts_an_object(client):
+    """Any JSON object: a random model may not close it within max_tokens, so it must start
+    with "{" and, when it finished, parse as an object."""
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=12,
+        response_format={"type": "json_object"},
+    )
+    choice = reply.choices[0]
+    assert choice.message.content.startswith("{")
+    if choice.finish_reason == "stop":
+        assert isinstance(json.loads(choice.message.content), dict)
+
+
+def test_text_response_format_and_a_schemaless_json_schema_constrain_nothing(client, model, tok):
+    """``{"type": "text"}`` and, as in OpenAI and vLLM, a json_schema without its schema."""
+    ref = generate_text(model, tok, MESSAGES, greedy(max_tokens=8))
+    for response_format in (
+        {"type": "text"},
+        {"type": "json_schema", "json_schema": {"name": "free", "strict": True}},
+    ):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            temperature=0,
+            max_tokens=8,
+            response_format=response_format,
+        )
+        assert reply.choices[0].message.content == ref.text
+
+
+def test_max_tokens_cuts_a_structured_output(client):
+    reply = client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=3,
+        extra_body={"guided_json": SCHEMA},
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+
+
+def test_structured_output_is_compiled_off_the_event_loop_first(client, server, monkeypatch):
+    """The route compiles on a worker thread before the engine gets the request, so the
+    engine thread's own compile (in add_request, between steps) is a cache hit."""
+    from tulu.engine.structured import GrammarCompiler
+
+    calls: list[str] = []
+    compile_spec = GrammarCompiler.compile
+
+    def recording(self, spec):
+        calls.append(threading.current_thread().name)
+        return compile_spec(self, spec)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", recording)
+    client.chat.completions.create(
+        model=MODEL,
+        messages=MESSAGES,
+        temperature=0,
+        max_tokens=4,
+        extra_body={"guided_regex": "[a-z]{1,3} worker"},
+    )
+    assert len(calls) == 2, calls
+    assert calls[1] == "tulu-engine"
+    assert calls[0] != "tulu-engine" and not calls[0].startswith("uvicorn"), calls
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "message"),
+    [
+        ({"guided_json": "{not json"}, "guided_json", "guided_json cannot be compiled: "),
+        (
+            {"structured_outputs": {"regex": "[a-"}},
+            "structured_outputs",
+            "structured_outputs.regex cannot be compiled: Regex parsing error",
+        ),
+        (
+            {"guided_grammar": "root ::= foo"},
+            "guided_grammar",
+            'guided_grammar cannot be compiled: EBNF parser error at line 1, column 10: Rule "foo"',
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "bad", "schema": {"type": "foo"}},
+                }
+            },
+            "response_format",
+            'response_format.json_schema.schema cannot be compiled: Unsupported type "foo"',
+        ),
+        (
+            {"structured_outputs": {"regex": "a", "choice": ["a"]}},
+            "structured_outputs",
+            "structured_outputs must set exactly one of json, json_object, regex, choice, grammar",
+        ),
+        ({"structured_outputs": {}}, "structured_outputs", "got none"),
+        ({"guided_choice": []}, "guided_choice", "guided_choice must be a non-empty list"),
+        (
+            {"guided_regex": "a", "response_format": {"type": "json_object"}},
+            "guided_regex",
+            "response_format and guided_regex cannot be combined",
+        ),
+        (
+            {"guided_regex": "a", "min_tokens": 2},
+            "min_tokens",
+            "min_tokens cannot be combined with guided_regex",
+        ),
+        ({"structured_outputs": {"jsn": {}}}, "structured_outputs.jsn", "unknown field"),
+        (
+            {"response_format": {"type": "json_schema"}},
+            "response_format",
+            "type 'json_schema' needs the field json_schema",
+        ),
+        (
+            {"response_format": {"type": "text", "json_schema": {"name": "t", "schema": {}}}},
+            "response_format",
+            "json_schema is only allowed with type 'json_schema', not 'text'",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+            "Field required",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "'json_schema'"),
+    ],
+)
+@pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
+def test_structured_output_errors_name_the_field(server, route, fields, param, message):
+    body = {"model": MODEL, "max_tokens": 4, **fields}
+    body |= {"messages": MESSAGES} if route == "/chat/completions" else {"prompt": PROMPT}
+    response = httpx.post(f"{server.base_url}{route}", json=body, headers=server.headers)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert message in error["message"]
+    assert ".cc:" not in error["message"]  # xgrammar's C++ source location is left out
+
+
+def test_without_xgrammar_the_error_says_what_to_install(client, monkeypatch):
+    import sys
+
+    from tulu.engine import structured
+
+    monkeypatch.setitem(sys.modules, "xgrammar", None)  # import xgrammar raises ImportError
+    structured.grammar_compiler.cache_clear()
+    try:
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(
+                model=MODEL, messages=MESSAGES, extra_body={"guided_regex": "a"}
+            )
+    finally:
+        structured.grammar_compiler.cache_clear()
+    assert err.value.param == "guided_regex"
+    assert "pip install 'tulu[structured]'" in err.value.message
+
+
+def test_the_openai_client_sees_a_bad_schema_as_a_bad_request(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "bad", "schema": {"type": "object", "properties": 5}},
+            },
+        )
+    assert err.value.param == "response_format"
+    assert "properties must be an object" in err.value.message
+
+
+# ----------------------------------------------------------------------------------------------
 # Stop strings
 # ----------------------------------------------------------------------------------------------
 
@@ -968,7 +1293,6 @@ def test_invalid_completion_values(client, kwargs, param):
         ({"max_completion_tokens": 0}, "max_completion_tokens"),
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
         (
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
             "tools",

@@ -575,6 +575,35 @@ def _bad_bodies(route: str) -> dict[str, bytes]:
             "negative allowed token id": _with(route, allowed_token_ids=[-1]),
             "wrong model": _with(route, model="gpt-4"),
             "stream options object wrong": _with(route, stream_options={"x": 1}),
+            "response format unknown type": _with(route, response_format={"type": "xml"}),
+            "response format is a string": _with(route, response_format="json"),
+            "response format json_schema without it": _with(
+                route, response_format={"type": "json_schema"}
+            ),
+            "response format schema not an object": _with(
+                route,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": 5}},
+            ),
+            "response format schema does not compile": _with(
+                route,
+                response_format={
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "nothing"}},
+                },
+            ),
+            "bad schema text": _with(route, guided_json="{not json"),
+            "bad regex": _with(route, guided_regex="(unclosed"),
+            "bad grammar": _with(route, guided_grammar="root ::= undefined_rule"),
+            "empty choice": _with(route, guided_choice=[]),
+            "unknown structured_outputs key": _with(route, structured_outputs={"yaml": "a: 1"}),
+            "structured_outputs with two kinds": _with(
+                route, structured_outputs={"regex": "a", "choice": ["a"]}
+            ),
+            "structured_outputs empty": _with(route, structured_outputs={}),
+            "two structured outputs": _with(
+                route, response_format={"type": "json_object"}, guided_regex="a"
+            ),
+            "structured output with min_tokens": _with(route, guided_regex="a", min_tokens=1),
         }
     if route == "/v1/completions":
         cases |= {
@@ -605,7 +634,6 @@ def _bad_bodies(route: str) -> dict[str, bytes]:
                 {"messages": [{"role": "user", "content": "x", "mood": "happy"}]}
             ).encode(),
             "tools": _with(route, tools=[{"type": "function"}]),
-            "response format json": _with(route, response_format={"type": "json_object"}),
             "prompt too long": json.dumps(
                 {"messages": [{"role": "user", "content": "hello " * 5000}]}
             ).encode(),
@@ -624,6 +652,18 @@ def _bad_bodies(route: str) -> dict[str, bytes]:
             "negative truncate": _with(route, truncate=-1),
             "too many stops": _with(route, stop=["a"] * 1000),
             "typical_p": _with(route, typical_p=0.5),
+            "grammar unknown type": _with(route, grammar={"type": "ebnf", "value": "x"}),
+            "grammar without type": _with(route, grammar={"value": "x"}),
+            "grammar is a string": _with(route, grammar="json"),
+            "grammar bad regex": _with(route, grammar={"type": "regex", "value": "[a-"}),
+            "grammar regex not a string": _with(route, grammar={"type": "regex", "value": 5}),
+            "grammar bad schema text": _with(route, grammar={"type": "json", "value": "{not"}),
+            "grammar schema does not compile": _with(
+                route, grammar={"type": "json", "value": {"type": "nothing"}}
+            ),
+            "grammar json_schema without schema": _with(
+                route, grammar={"type": "json_schema", "value": {"name": "x"}}
+            ),
             "prompt too long": json.dumps({"inputs": "hello " * 5000}).encode(),
         }
     return {name: body for name, body in cases.items() if body is not None}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,7 @@ from text_generation.errors import OverloadedError, ValidationError
 from text_generation.types import Grammar, GrammarType
 from torch import nn
 
+from engine.conftest import REGEX, SCHEMA
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
 from tulu.model import GPTNeoXForCausalLM, preset
@@ -422,6 +424,126 @@ def test_async_client(server):
     assert {r.generated_text for r in responses} == {response.generated_text}
 
 
+# ---------------------------------------------------------------------------------- grammar
+GRAMMAR_TOKENS = 64  # the bounded schema and regex finish well within it
+
+
+def meets_schema(text: str) -> bool:
+    value = json.loads(text)
+    return (
+        set(value) == {"color", "ok", "size"}
+        and value["color"] in ("red", "green", "blue")
+        and isinstance(value["ok"], bool)
+        and type(value["size"]) is int
+        and 0 <= value["size"] <= 99
+    )
+
+
+@pytest.mark.parametrize(
+    ("grammar", "spec"),
+    [
+        (Grammar(type=GrammarType.Json, value=SCHEMA), {"json": SCHEMA}),
+        (Grammar(type=GrammarType.Json, value=json.dumps(SCHEMA)), {"json": json.dumps(SCHEMA)}),
+        (Grammar(type=GrammarType.Regex, value=REGEX), {"regex": REGEX}),
+    ],
+    ids=["json", "json-text", "regex"],
+)
+def test_grammar_output_matches_the_reference(server, model, tokenizer, grammar, spec):
+    response = client(server).generate(PROMPT, max_new_tokens=GRAMMAR_TOKENS, grammar=grammar)
+    params = SamplingParams(max_tokens=GRAMMAR_TOKENS, temperature=0.0, structured_output=spec)
+    expected = generate_ids(model, tokenizer.encode(PROMPT), params, tokenizer=tokenizer)
+    assert response.details.finish_reason == "eos_token"
+    assert [t.id for t in response.details.tokens] == expected.token_ids
+    assert response.generated_text == expected.text
+    if "json" in spec:
+        assert meets_schema(response.generated_text), response.generated_text
+    else:
+        assert re.fullmatch(REGEX, response.generated_text), response.generated_text
+
+
+def test_unconstrained_the_model_meets_neither_grammar(server):
+    """Guard for the test above."""
+    text = client(server).generate(PROMPT, max_new_tokens=GRAMMAR_TOKENS).generated_text
+    assert not re.fullmatch(REGEX, text)
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_grammar_streams_and_samples(server):
+    grammar = Grammar(type=GrammarType.Regex, value=REGEX)
+    whole = client(server).generate(PROMPT, max_new_tokens=GRAMMAR_TOKENS, grammar=grammar)
+    events = list(
+        client(server).generate_stream(PROMPT, max_new_tokens=GRAMMAR_TOKENS, grammar=grammar)
+    )
+    assert events[-1].generated_text == whole.generated_text
+    assert events[-1].details.finish_reason == "eos_token"
+    for seed in (1, 2, 3):
+        sampled = client(server).generate(
+            PROMPT,
+            max_new_tokens=GRAMMAR_TOKENS,
+            grammar=grammar,
+            do_sample=True,
+            temperature=1.5,
+            seed=seed,
+        )
+        assert re.fullmatch(REGEX, sampled.generated_text), sampled.generated_text
+
+
+def test_json_schema_grammar_type_as_tgi(server):
+    """TGI's `json_schema` type: `{"name": ..., "schema": {...}}` (huggingface_hub sends it)."""
+    grammar = {"type": "json_schema", "value": {"name": "thing", "schema": SCHEMA}}
+    body = {"inputs": PROMPT, "parameters": {"max_new_tokens": GRAMMAR_TOKENS, "grammar": grammar}}
+    response = post(server, "/generate", body)
+    assert response.status_code == 200, response.text
+    assert meets_schema(response.json()["generated_text"])
+    # `json_object` is TGI's other name for `json`
+    body["parameters"]["grammar"] = {"type": "json_object", "value": SCHEMA}
+    again = post(server, "/generate", body)
+    assert again.json() == response.json()
+
+
+def test_max_new_tokens_cuts_a_grammar(server):
+    response = client(server).generate(
+        PROMPT, max_new_tokens=3, grammar=Grammar(type=GrammarType.Json, value=SCHEMA)
+    )
+    assert response.details.finish_reason == "length"
+    assert response.generated_text.startswith("{")
+
+
+@pytest.mark.parametrize(
+    ("grammar", "message"),
+    [
+        ({"type": "regex", "value": "[a-"}, "`grammar` cannot be compiled: Regex parsing error"),
+        ({"type": "regex", "value": ""}, "`grammar` must be a non-empty string for regex"),
+        ({"type": "json", "value": "{not json"}, "`grammar` cannot be compiled: "),
+        ({"type": "json", "value": {"type": "foo"}}, 'Unsupported type "foo"'),
+        (
+            {"type": "json_schema", "value": {"schema": {"type": "object", "properties": 5}}},
+            "`grammar` cannot be compiled: properties must be an object",
+        ),
+        ({"type": "json_schema", "value": {"name": "x"}}, "schema"),
+        ({"type": "ebnf", "value": "root ::= 'a'"}, "parameters.grammar"),
+        ({"type": "regex", "value": 5}, "parameters.grammar.regex.value"),
+        ({"type": "json", "value": [1]}, "parameters.grammar.json.value"),
+        ({"value": "a"}, "parameters.grammar"),
+    ],
+)
+def test_bad_grammars_are_422_with_the_reason(server, grammar, message):
+    body = {"inputs": PROMPT, "parameters": {"grammar": grammar}}
+    for path in ("/generate", "/generate_stream"):
+        response = post(server, path, body)
+        assert response.status_code == 422, (path, response.text)
+        payload = response.json()
+        assert payload["error_type"] == "validation"
+        assert message in payload["error"], payload["error"]
+        assert ".cc:" not in payload["error"]
+
+
+def test_client_sees_a_bad_regex_as_a_validation_error(server):
+    with pytest.raises(ValidationError, match="`grammar` cannot be compiled"):
+        client(server).generate(PROMPT, grammar=Grammar(type=GrammarType.Regex, value="(a"))
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("kwargs", "message"),
@@ -429,7 +551,7 @@ def test_async_client(server):
         ({"typical_p": 0.5}, "`typical_p`"),
         ({"watermark": True}, "`watermark`"),
         ({"best_of": 2, "do_sample": True}, "`best_of` > 1 is not supported"),
-        ({"grammar": Grammar(type=GrammarType.Json, value={"type": "object"})}, "`grammar`"),
+        ({"grammar": Grammar(type=GrammarType.Regex, value="[a-")}, "`grammar` cannot be"),
         ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
         ({"top_n_tokens": 21}, "`top_n_tokens` must be >= 0 and <= 20"),
         ({"frequency_penalty": 2.5}, "`frequency_penalty`"),
@@ -492,8 +614,8 @@ def test_negative_temperature(server):
         ({"inputs": PROMPT, "parameters": {"typical_p": 0.9}}, "`typical_p`"),
         ({"inputs": PROMPT, "parameters": {"adapter_id": "x"}}, "`adapter_id` 'x' is not a loaded"),
         (
-            {"inputs": PROMPT, "parameters": {"grammar": {"type": "regex", "value": "a"}}},
-            "`grammar`",
+            {"inputs": PROMPT, "parameters": {"grammar": {"type": "regex", "value": "(a"}}},
+            "`grammar` cannot be compiled",
         ),
         ({"inputs": PROMPT, "parameters": {"foo": 1}}, "unknown field 'parameters.foo'"),
         ({"inputs": PROMPT, "stream": True}, "unknown field 'stream'"),

@@ -6,10 +6,11 @@ than silently ignored. Types are checked here; value ranges (temperature >= 0, t
 
 Besides OpenAI's own parameters the requests accept vLLM's sampling extensions (``top_k``,
 ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
-``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``), so clients
-written for vLLM work unchanged. Parameters OpenAI defines but the server does not implement
-(``suffix``, tools, JSON response formats) are accepted by the schema and refused by the
-routes with a 400 that says so.
+``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``) and its
+structured output (``structured_outputs`` and the older ``guided_json``, ``guided_regex``,
+``guided_choice``, ``guided_grammar``), so clients written for vLLM work unchanged. Parameters
+OpenAI defines but the server does not implement (``suffix``, tools) are accepted by the schema
+and refused by the routes with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -40,6 +41,48 @@ class _Response(BaseModel):
 class StreamOptions(_Request):
     include_usage: bool = False
     """Send a last chunk (with ``choices: []``) that holds the usage of the whole request."""
+
+
+class JsonSchemaFormat(_Request):
+    """``response_format.json_schema``: OpenAI's named schema."""
+
+    name: str
+    description: str | None = None
+    """Accepted and unused: the model is not told about the schema, only held to it."""
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    """The JSON schema the completion must match. Absent: no constraint (as OpenAI and vLLM)."""
+    strict: bool | None = None
+    """Accepted and unused: the schema is always enforced."""
+
+
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``: ``text`` (no constraint), ``json_object`` (any JSON
+    object) or ``json_schema`` (with ``json_schema``)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs the field json_schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(
+                f"json_schema is only allowed with type 'json_schema', not {self.type!r}"
+            )
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's ``structured_outputs``: exactly one of the fields."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    """A JSON schema, as an object or its JSON text."""
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    """An EBNF grammar (xgrammar's dialect of GBNF, with a ``root`` rule)."""
 
 
 class _SamplingFields(_Request):
@@ -86,6 +129,14 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: list[StrictInt] | None = None
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields; at most one of them per request.
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -157,11 +208,6 @@ class ChatMessage(_Request):
         return "\n".join(texts)
 
 
-class ResponseFormat(_Request):
-    model_config = ConfigDict(extra="allow")
-    type: str
-
-
 class ChatCompletionRequest(_SamplingFields):
     """``POST /v1/chat/completions``."""
 
@@ -172,7 +218,6 @@ class ChatCompletionRequest(_SamplingFields):
     """Wins over max_tokens when both are given."""
     logprobs: bool = False
     top_logprobs: int | None = None
-    response_format: ResponseFormat | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None

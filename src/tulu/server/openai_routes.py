@@ -15,7 +15,10 @@ metrics) and translate the engine's outputs back. What a vLLM user relies on:
   that is a ``data: {"error": ...}`` event followed by ``data: [DONE]``;
 - a client that goes away (streaming or not) aborts its requests, which frees their KV blocks;
 - ``usage.prompt_tokens_details.cached_tokens`` (OpenAI's field) counts the prompt tokens the
-  prefix cache served: once per prompt whatever ``n``, summed over a request's prompts.
+  prefix cache served: once per prompt whatever ``n``, summed over a request's prompts;
+- structured output (OpenAI's ``response_format``, vLLM's ``structured_outputs`` or one of its
+  ``guided_*`` fields; one of them per request) is compiled on a worker thread before the
+  request reaches the engine, and its errors are 400s naming the field it came from.
 
 Token strings in log-probabilities are the token's bytes as UTF-8 text; a token that is not
 valid UTF-8 on its own (part of a multi-byte character) is written ``bytes:\\xe2\\x80`` as
@@ -47,6 +50,7 @@ from tulu.engine.async_engine import EngineDeadError
 from tulu.engine.engine import RequestOutput
 from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import SamplingParams, check_token_ids_in_vocab
+from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError, TuluError
 from tulu.server.openai_protocol import (
     MAX_N,
@@ -70,7 +74,7 @@ from tulu.server.openai_protocol import (
     Usage,
 )
 from tulu.server.openai_protocol import TokenLogprob as ChatTokenLogprob
-from tulu.server.service import GenerationService, RequestTimedOut
+from tulu.server.service import GenerationService, RequestTimedOut, name_structured_field
 from tulu.token_strings import TokenStrings
 from tulu.tokenizer import StreamDecoder, Tokenizer
 
@@ -284,6 +288,7 @@ def _sampling_params(
     logprobs: int | None,
     prompt_logprobs: int | None = None,
     rename: dict[str, str] | None = None,
+    constraint: _Constraint | None = None,
 ) -> SamplingParams:
     def pick(value, default):
         return default if value is None else value
@@ -310,11 +315,96 @@ def _sampling_params(
             skip_special_tokens=body.skip_special_tokens,
             logit_bias=_logit_bias(body.logit_bias),
             allowed_token_ids=body.allowed_token_ids,
+            structured_output=constraint.spec if constraint is not None else None,
         )
         check_token_ids_in_vocab(params, service.llm.engine.model_config.vocab_size)
     except GenerationError as err:
-        raise _param_error(err, rename) from None
+        error = _param_error(err, rename)
+        if constraint is not None:  # "min_tokens cannot be combined with structured_output"
+            error.message = error.message.replace(" structured_output", f" {constraint.field}")
+        raise error from None
     return params
+
+
+# ----------------------------------------------------------------------------------------------
+# Structured output
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Constraint:
+    """A request's structured output and the request field it came from."""
+
+    spec: StructuredOutput
+    field: str
+    """The request field, the ``param`` of its errors: response_format, structured_outputs,
+    guided_json, ..."""
+    path: str
+    """What a compile error names: ``response_format.json_schema.schema``,
+    ``structured_outputs.regex``, ``guided_json``, ..."""
+
+
+def _constraint_sources(body: CompletionRequest | ChatCompletionRequest) -> list[tuple[str, dict]]:
+    """(request field, StructuredOutput fields) of every structured output the request sets."""
+    sources: list[tuple[str, dict]] = []
+    response_format = body.response_format
+    if response_format is not None and response_format.type == "json_object":
+        sources.append(("response_format", {"json_object": True}))
+    elif response_format is not None and response_format.type == "json_schema":
+        schema = response_format.json_schema.schema_
+        if schema is not None:  # no schema: no constraint, as OpenAI and vLLM
+            sources.append(("response_format", {"json": schema}))
+    if body.structured_outputs is not None:
+        given = body.structured_outputs
+        fields = {
+            "json": given.json_,
+            "json_object": bool(given.json_object),
+            "regex": given.regex,
+            "choice": given.choice,
+            "grammar": given.grammar,
+        }
+        sources.append(("structured_outputs", fields))
+    for kind in ("json", "regex", "choice", "grammar"):
+        value = getattr(body, f"guided_{kind}")
+        if value is not None:
+            sources.append((f"guided_{kind}", {kind: value}))
+    return sources
+
+
+def _constraint(body: CompletionRequest | ChatCompletionRequest) -> _Constraint | None:
+    """The request's structured output, checked (not compiled); None without one."""
+    sources = _constraint_sources(body)
+    if not sources:
+        return None
+    if len(sources) > 1:
+        names = [name for name, _ in sources]
+        raise ApiError(
+            f"{', '.join(names[:-1])} and {names[-1]} cannot be combined: give the structured "
+            "output once",
+            names[1],
+        )
+    field, fields = sources[0]
+    try:
+        spec = StructuredOutput(**fields)
+    except GenerationError as err:
+        raise ApiError(name_structured_field(str(err), field), field) from None
+    if field == "response_format":
+        path = "response_format.json_schema.schema" if spec.json is not None else field
+    elif field == "structured_outputs":
+        path = f"{field}.{spec.kind}"
+    else:
+        path = field
+    return _Constraint(spec, field, path)
+
+
+async def _compile(service: GenerationService, constraint: _Constraint | None) -> None:
+    """Compile the structured output off the event loop; a 400 naming its field if it fails."""
+    if constraint is None:
+        return
+    try:
+        await service.compile_structured_output(constraint.spec)
+    except GenerationError as err:
+        raise ApiError(name_structured_field(str(err), constraint.path), constraint.field) from None
 
 
 def _check_finished(output: RequestOutput) -> None:
@@ -738,6 +828,7 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     score_only = body.max_tokens == 0 and body.echo
     requested = 1 if score_only else body.max_tokens
     want_prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    constraint = _constraint(body)
     base_id = service.request_id("cmpl")
     texts = await _completion_prompts(body.prompt, service)
     prompts = []
@@ -754,9 +845,11 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
             max_tokens=max_tokens,
             logprobs=body.logprobs,
             prompt_logprobs=want_prompt_logprobs,
+            constraint=constraint,
         )
         request_id = base_id if len(texts) == 1 else f"{base_id}-{index}"
         prompts.append(_Prompt(ids, echo, params, request_id))
+    await _compile(service, constraint)
     service.admit()
     created = int(time.time())
     strings = _token_strings(request, service.tokenizer) if body.logprobs is not None else None
@@ -938,11 +1031,6 @@ class _CompletionView:
 
 
 def _check_chat(body: ChatCompletionRequest) -> None:
-    if body.response_format is not None and body.response_format.type != "text":
-        raise ApiError(
-            f"response_format {body.response_format.type!r} is not supported; only 'text' is",
-            "response_format",
-        )
     if body.tools:
         raise ApiError("tools are not supported by this server", "tools")
     if body.tool_choice not in (None, "none"):
@@ -974,6 +1062,7 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
     model, lora = _check_model(body.model, service)
     _check_common(body)
     _check_chat(body)
+    constraint = _constraint(body)
     try:
         ids = await service.encode_chat(chat_messages(body.messages))
     except TuluError as err:
@@ -990,7 +1079,9 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
         max_tokens=max_tokens,
         logprobs=logprobs,
         rename={"max_tokens": max_field},
+        constraint=constraint,
     )
+    await _compile(service, constraint)
     service.admit()
     request_id = service.request_id("chatcmpl")
     created = int(time.time())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -18,11 +19,13 @@ from tulu.chat import generation_prompt
 from tulu.engine.async_engine import AsyncLLM
 from tulu.engine.engine import RequestOutput
 from tulu.engine.sampling import SamplingParams
+from tulu.engine.structured import StructuredOutput, grammar_compiler
 from tulu.errors import GenerationError, TuluError
 from tulu.server.metrics import ServerMetrics
 from tulu.tokenizer import Tokenizer
 
 INLINE_TOKENIZE_CHARS = 16_384  # shorter texts tokenize in well under a millisecond
+_STRUCTURED_FIELD = re.compile(r"^SamplingParams\.structured_output(?:\.\w+)?")
 
 
 class Overloaded(TuluError):
@@ -50,6 +53,12 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA updates).
     allow_runtime_lora_updating: bool = False
+
+
+def name_structured_field(message: str, where: str) -> str:
+    """A structured output error ("SamplingParams.structured_output.regex cannot be compiled:
+    ...") reworded to name `where`, the request field the constraint came from."""
+    return _STRUCTURED_FIELD.sub(lambda _: where, message, count=1)
 
 
 class GenerationService:
@@ -106,6 +115,28 @@ class GenerationService:
                 f"is {self.max_model_len} tokens"
             )
         return max_tokens
+
+    async def compile_structured_output(self, spec: StructuredOutput) -> None:
+        """Compile a request's structured output on a worker thread, before the request is
+        handed to the engine.
+
+        The engine compiles it again in `add_request`, on its own thread between two steps, so
+        a slow compile there would stall every running request (the first structured request
+        also builds the compiler, which reads the whole vocabulary: a second or more).
+        xgrammar caches what it compiled, so after this the engine's compile is a lookup.
+        Raises GenerationError with xgrammar's reason when `spec` does not compile.
+        """
+        engine = self.llm.engine
+        if engine.tokenizer is None:
+            return  # the engine refuses structured output without a tokenizer itself
+
+        def compile_spec() -> None:
+            compiler = grammar_compiler(
+                engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_id
+            )
+            compiler.compile(spec)
+
+        await asyncio.to_thread(compile_spec)
 
     @property
     def lora_adapters(self) -> dict[str, str]:

@@ -9,7 +9,7 @@ made by the routes, in `tulu.server.tgi_routes`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,12 +21,45 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
+class JsonGrammar(_Strict):
+    """`{"type": "json", "value": <JSON schema>}` (TGI also takes the type `json_object`): the
+    schema as an object or as its JSON text."""
+
+    type: Literal["json", "json_object"]
+    value: dict[str, Any] | str
+
+
+class RegexGrammar(_Strict):
+    """`{"type": "regex", "value": <regular expression>}`: the whole text must match it."""
+
+    type: Literal["regex"]
+    value: str
+
+
+class JsonSchemaConfig(_Strict):
+    name: str | None = None
+    """Accepted and unused."""
+    schema_: dict[str, Any] = Field(alias="schema")
+
+
+class JsonSchemaGrammar(_Strict):
+    """`{"type": "json_schema", "value": {"name": ..., "schema": {...}}}` (TGI's form of
+    OpenAI's `json_schema`)."""
+
+    type: Literal["json_schema"]
+    value: JsonSchemaConfig
+
+
+Grammar = Annotated[JsonGrammar | RegexGrammar | JsonSchemaGrammar, Field(discriminator="type")]
+"""TGI's `parameters.grammar` (the `text_generation` client's `Grammar`)."""
+
+
 class GenerateParameters(_Strict):
     """`parameters` of /generate, /generate_stream and POST /.
 
-    Fields TGI accepts but this server cannot honour (`best_of` > 1, `typical_p`, `watermark`,
-    `grammar`) are accepted at their neutral value and rejected otherwise. `adapter_id` names a
-    LoRA adapter of ``--lora-modules``.
+    Fields TGI accepts but this server cannot honour (`best_of` > 1, `typical_p`, `watermark`)
+    are accepted at their neutral value and rejected otherwise. `adapter_id` names a LoRA
+    adapter of ``--lora-modules``.
     """
 
     best_of: int | None = None
@@ -34,7 +67,7 @@ class GenerateParameters(_Strict):
     details: bool = False
     do_sample: bool = False
     frequency_penalty: float | None = None
-    grammar: Any | None = None
+    grammar: Grammar | None = None
     max_new_tokens: int | None = 20
     repetition_penalty: float | None = None
     return_full_text: bool | None = False

@@ -26,8 +26,12 @@ Differences from TGI worth knowing:
   truncation.
 - A stop sequence is kept at the end of `generated_text` (as TGI does); generation stops where
   the stop sequence ends, even inside a token.
-- `best_of` > 1, `typical_p`, `watermark` and `grammar` are rejected (422) unless left at their
-  neutral values. `adapter_id` names one of the LoRA adapters of `tulu serve --lora-modules`
+- `grammar` (`json`, `regex` or `json_schema`) constrains the generated text; it is compiled
+  on a worker thread before the request reaches the engine, and a schema or regex that does not
+  compile is a 422 with the compiler's reason. The text ends (`eos_token`) when the grammar is
+  complete.
+- `best_of` > 1, `typical_p` and `watermark` are rejected (422) unless left at their neutral
+  values. `adapter_id` names one of the LoRA adapters of `tulu serve --lora-modules`
   (as TGI's multi-LoRA does); the served model's own name, or none, is the base model.
 """
 
@@ -49,8 +53,14 @@ from tulu import __version__
 from tulu.engine.async_engine import EngineDeadError
 from tulu.engine.engine import CompletionOutput, RequestOutput
 from tulu.engine.sampling import MAX_LOGPROBS, SamplingParams
+from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError, TuluError
-from tulu.server.service import GenerationService, Overloaded, RequestTimedOut
+from tulu.server.service import (
+    GenerationService,
+    Overloaded,
+    RequestTimedOut,
+    name_structured_field,
+)
 from tulu.server.tgi_protocol import (
     CompatGenerateRequest,
     Details,
@@ -58,7 +68,10 @@ from tulu.server.tgi_protocol import (
     GenerateParameters,
     GenerateRequest,
     GenerateResponse,
+    Grammar,
+    JsonSchemaGrammar,
     PrefillToken,
+    RegexGrammar,
     StreamDetails,
     StreamResponse,
     Token,
@@ -129,8 +142,6 @@ def _check_parameters(p: GenerateParameters, max_input_tokens: int, *, stream: b
         )
     if p.watermark:
         raise _invalid("`watermark` is not supported by this server; leave it false")
-    if p.grammar is not None:
-        raise _invalid("`grammar` (constrained generation) is not supported by this server")
     if p.temperature is not None and p.temperature <= 0:
         raise _invalid(f"`temperature` must be strictly positive, got {p.temperature}")
     if p.top_p is not None and not 0 < p.top_p < 1:
@@ -174,10 +185,35 @@ def _warps(p: GenerateParameters) -> bool:
     )
 
 
+def _structured_output(grammar: Grammar | None) -> StructuredOutput | None:
+    """The StructuredOutput of a `grammar` parameter (checked, not compiled)."""
+    if grammar is None:
+        return None
+    try:
+        if isinstance(grammar, RegexGrammar):
+            return StructuredOutput(regex=grammar.value)
+        if isinstance(grammar, JsonSchemaGrammar):
+            return StructuredOutput(json=grammar.value.schema_)
+        return StructuredOutput(json=grammar.value)
+    except GenerationError as err:
+        raise _invalid(name_structured_field(str(err), "`grammar`")) from None
+
+
+async def _compile(service: GenerationService, spec: StructuredOutput | None) -> None:
+    """Compile the grammar off the event loop; a 422 with the compiler's reason if it fails."""
+    if spec is None:
+        return
+    try:
+        await service.compile_structured_output(spec)
+    except GenerationError as err:
+        raise _invalid(name_structured_field(str(err), "`grammar`")) from None
+
+
 async def _prepare(body: GenerateRequest, service: GenerationService, *, stream: bool) -> _Job:
     """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422)."""
     p = body.parameters or GenerateParameters()
     _check_parameters(p, service.max_model_len - 1, stream=stream)
+    structured_output = _structured_output(p.grammar)
     lora = _adapter(p.adapter_id, service)
     if not body.inputs:
         raise _invalid("`inputs` cannot be empty")
@@ -205,7 +241,9 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
         include_stop_str_in_output=True,  # TGI keeps the stop sequence in the text
         logprobs=top_n if want_token_logprobs else None,
         prompt_logprobs=0 if p.decoder_input_details and p.details else None,
+        structured_output=structured_output,
     )
+    await _compile(service, structured_output)
     return _Job(
         inputs=body.inputs,
         prompt_ids=prompt_ids,
