@@ -946,3 +946,91 @@ def test_parallel_sampling_script_computes_each_prompt_once(tmp_path, monkeypatc
     for key in ("tulu", "tulu_no_prefix_caching", "transformers"):
         assert results[key]["output_tokens"] == 2 * 3 * 3
     assert "sharing / no prefix caching" in capsys.readouterr().out
+
+
+def _structured_output_module():
+    """benchmarks/structured_output.py as a module (its schema checker and bound)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import structured_output
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return structured_output
+
+
+def test_structured_output_schema_checker_and_token_bound() -> None:
+    """The benchmark's oracle: Python's own check of the schema, and the token budget that
+    lets every constrained request finish (its longest text, a byte or more per token, + EOS)."""
+    module = _structured_output_module()
+    longest = module.longest_instance(module.SCHEMA)
+    assert module.MAX_TOKENS == len(json.dumps(longest)) + 1
+    assert module.text_violations(json.dumps(longest)) == []
+    assert module.text_violations('{"category": "book"')[0].startswith("not JSON")
+    bad = dict(longest, color="pink", quantity=1000, in_stock=1)
+    bad["shipping"] = {"express": True}
+    assert module.violations(bad, module.SCHEMA) == [
+        "$.color: 'pink' is not one of ['red', 'green', 'blue', 'black', 'white']",
+        "$.in_stock: 1 is not a boolean",
+        "$.quantity: 1000 is not an integer in [0, 999]",
+        "$.shipping: keys ['express'], expected ['days', 'express']",
+    ]
+    assert module.violations(dict(longest, rating=True), module.SCHEMA) == [
+        "$.rating: True is not an integer in [1, 5]"
+    ]
+
+
+STRUCTURED_BAD = [
+    (["--num-prompts", "0"], "--num-prompts must be a positive integer"),
+    (["--repeats", "-1"], "--repeats must be a positive integer"),
+    (["--prompt-len", "2000"], "--prompt-len 2000 + the schema's 147 output tokens exceed"),
+    (["--output", "."], "--output .: is a directory"),
+    (["--tokenizer", "absent.json"], "--tokenizer: absent.json: no such tokenizer"),
+    (["--device", "bogus"], "--device: unknown device 'bogus'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), STRUCTURED_BAD, ids=[" ".join(e) for e, _ in STRUCTURED_BAD]
+)
+def test_structured_output_script_refuses_bad_settings_at_once(
+    extra, message, monkeypatch, capsys
+) -> None:
+    pytest.importorskip("xgrammar")
+    pytest.importorskip("transformers")
+    work = (workloads, "random_model")
+    argv = ["--preset", "pythia-14m", *extra]
+    code, err = run_script("structured_output.py", argv, monkeypatch, capsys, work)
+    assert code in (1, 2) and "Traceback" not in err
+    assert f"structured_output.py: error: {message}" in err
+
+
+def test_structured_output_script_meets_the_schema_as_transformers_does(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A small run end to end: every constrained output (tulu's, transformers') satisfies the
+    schema, tulu's greedy tokens are transformers' + xgrammar's, and the unconstrained run
+    generated exactly as many tokens as the constrained one."""
+    pytest.importorskip("xgrammar")
+    pytest.importorskip("transformers")
+    import runpy
+
+    from tulu.demo import corpus_text, train_tokenizer
+
+    train_tokenizer(corpus_text()).save(tmp_path / "tok")
+    out = tmp_path / "s.json"
+    argv = ["--preset", "pythia-14m", "--layers", "1", "--num-prompts", "3", "--prompt-len", "8"]
+    argv += ["--hf-batch-size", "2", "--repeats", "1", "--tokenizer", str(tmp_path / "tok")]
+    monkeypatch.setattr(sys, "argv", ["structured_output.py", *argv, "--output", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCHMARKS / "structured_output.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    results = json.loads(out.read_text())
+    # Two prompt sets (warm-up + 1 timed) of 3 prompts each, all checked.
+    assert results["valid_outputs"] == {"tulu": "6/6", "transformers": "6/6"}
+    assert results["greedy_agreement_with_transformers"] == "6/6"
+    tokens = {
+        key: results[key]["output_tokens"]
+        for key in ("tulu_constrained", "tulu_unconstrained_same_lengths", "transformers_xgrammar")
+    }
+    assert len(set(tokens.values())) == 1 and tokens["tulu_constrained"] > 3
+    assert "constrained / unconstrained" in capsys.readouterr().out
