@@ -384,15 +384,18 @@ def _structured_output(args: argparse.Namespace) -> tuple[Any, str | None]:
     if args.grammar is not None:
         flag = f"--grammar {args.grammar}"
         return StructuredOutput(grammar=_read_text_file(args.grammar, flag)), flag
-    try:
-        if args.json_object:
-            return StructuredOutput(json_object=True), "--json-object"
-        if args.regex is not None:
-            return StructuredOutput(regex=args.regex), "--regex"
-        if args.choice:
-            return StructuredOutput(choice=args.choice), "--choice"
-    except GenerationError as err:  # e.g. an empty --regex or --choice
-        raise TuluError(str(err).replace("SamplingParams.structured_output", "the flag")) from None
+    if args.json_object:
+        return StructuredOutput(json_object=True), "--json-object"
+    for flag, field, value in (
+        ("--regex", "regex", args.regex),
+        ("--choice", "choice", args.choice),
+    ):
+        if value is None:
+            continue
+        try:
+            return StructuredOutput(**{field: value}), flag
+        except GenerationError:  # an empty --regex or --choice
+            raise TuluError(f"{flag}: expected a non-empty {field}, got {value!r}") from None
     return None, None
 
 
@@ -450,13 +453,18 @@ def _generate(args: argparse.Namespace) -> int:
 
     engine_options = engine_settings(args)
     structured, structure_flag = _structured_output(args)
-    params = _sampling_params(
-        args,
-        n=args.n,
-        logprobs=args.logprobs,
-        include_stop_str_in_output=args.include_stop_str_in_output,
-        structured_output=structured,
-    )
+    try:
+        params = _sampling_params(
+            args,
+            n=args.n,
+            logprobs=args.logprobs,
+            include_stop_str_in_output=args.include_stop_str_in_output,
+            structured_output=structured,
+        )
+    except TuluError as err:  # "--min-tokens cannot be combined with structured_output"
+        if structure_flag is None:
+            raise
+        raise TuluError(str(err).replace("structured_output", structure_flag)) from None
     prompts = _prompts_of(args, result_fields(params))
     lora_modules, lora_names = _adapters_of(args, prompts)
     check_output(args.output, inputs=[args.input] if args.input not in (None, Path("-")) else [])

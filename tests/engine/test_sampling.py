@@ -153,6 +153,9 @@ def test_sampling_params_normalises_values():
         ({3: NAN}, "logit_bias[3] must be a finite number, got nan"),
         ({3: -INF}, "logit_bias[3] must be a finite number, got -inf"),
         ({3: "1"}, "logit_bias[3] must be a number, got '1'"),
+        ({3: 100.5}, "logit_bias[3] must be in [-100, 100], got 100.5"),
+        # 1e39 is finite in float64 and inf in float32, where -inf + inf is NaN
+        ({3: -1e39}, "logit_bias[3] must be in [-100, 100], got -1e+39"),
     ],
 )
 def test_a_bad_logit_bias_names_the_entry(bias, message):

@@ -7,6 +7,7 @@ completion must satisfy its constraint when checked by Python itself (`json`, `r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -180,18 +181,53 @@ def test_special_tokens_never_appear_inside_a_structure(
     tok_model, demo_tokenizer, make_llm, prompts
 ):
     """xgrammar is given the special tokens as empty, so it never allows them: a special token
-    inside a JSON string would vanish from the text the client parses."""
-    special = demo_tokenizer.special_ids()
+    inside a JSON string would vanish from the text the client parses. A bias makes the model
+    want <|padding|> (token 1) above everything: only the mask keeps it out."""
+    padding = demo_tokenizer.token_to_id("<|padding|>")
+    assert padding in demo_tokenizer.special_ids()
     spec = StructuredOutput(json_object=True)
-    params = SamplingParams(temperature=2.0, seed=5, n=6, max_tokens=24, structured_output=spec)
-    out = make_llm(tok_model, demo_tokenizer).generate(prompts[1], params)[0]
-    for completion in out.outputs:
-        body = (
-            completion.token_ids[:-1]
-            if completion.finish_reason == "stop"
-            else completion.token_ids
-        )
-        assert not special & set(body)
+    params = SamplingParams(
+        temperature=0, max_tokens=24, logit_bias={padding: 30.0}, structured_output=spec
+    )
+    llm = make_llm(tok_model, demo_tokenizer)
+    free = llm.generate(prompts[1], dataclasses.replace(params, structured_output=None))[0]
+    assert set(free.outputs[0].token_ids) == {padding}  # the bias works
+    completion = llm.generate(prompts[1], params)[0].outputs[0]
+    assert padding not in completion.token_ids
+    assert completion.text.startswith("{")
+
+
+def test_a_grammar_that_reaches_a_dead_end_ends_the_completion_there(
+    tok_model, demo_tokenizer, make_llm, prompts
+):
+    """After "a", the pattern a[^\\s\\S]|b allows no character: the row's every logit is -inf.
+    The completion ends there ("stop", without the token sampled from nothing), and the other
+    requests of the step go on: the engine must not fail."""
+    dead_end = _greedy(
+        StructuredOutput(regex=r"a[^\s\S]|b"), logit_bias={demo_tokenizer.encode("a")[0]: 50.0}
+    )
+    others = [_greedy(StructuredOutput(regex=REGEX)), _greedy(None)]
+    outputs = make_llm(tok_model, demo_tokenizer).generate(prompts[:3], [dead_end, *others])
+    completion = outputs[0].outputs[0]
+    assert completion.text == "a" and completion.finish_reason == "stop"
+    assert re.fullmatch(REGEX, outputs[1].outputs[0].text)
+    assert len(outputs[2].outputs[0].token_ids) == MAX_TOKENS
+    ref = generate_ids(tok_model, prompts[0], dead_end, tokenizer=demo_tokenizer)
+    assert ref.token_ids == completion.token_ids and ref.finish_reason == "stop"
+
+
+def test_the_eos_that_completes_a_grammar_is_never_text(
+    tok_model, demo_tokenizer, make_llm, prompts
+):
+    """With ignore_eos the EOS is no stop token, and with skip_special_tokens False its text
+    would be kept: the grammar's own end must still end the text before it."""
+    spec = StructuredOutput(choice=CHOICES)
+    params = _greedy(spec, ignore_eos=True, skip_special_tokens=False)
+    completion = make_llm(tok_model, demo_tokenizer).generate(prompts[0], params)[0].outputs[0]
+    assert completion.text in CHOICES and completion.finish_reason == "stop"
+    assert generate_ids(tok_model, prompts[0], params, tokenizer=demo_tokenizer).token_ids == (
+        completion.token_ids
+    )
 
 
 def test_aborting_a_structured_request_frees_everything(
@@ -258,6 +294,11 @@ def test_sampling_params_take_a_dict_and_refuse_what_could_leave_no_token():
             StructuredOutput(grammar="root ::= foo"),
             r"structured_output\.grammar cannot be compiled: .*Rule \"foo\" is not defined",
         ),
+        (  # xgrammar nests a second C++ location inside this message
+            StructuredOutput(json="[" * 20_000 + "]" * 20_000),
+            r"structured_output\.json cannot be compiled: Failed to parse JSON: RecursionGuard",
+        ),
+        (StructuredOutput(regex=r"[^\s\S]"), r"structured_output\.regex matches no text"),
     ],
 )
 def test_a_constraint_that_does_not_compile_is_refused_when_added(
@@ -266,7 +307,15 @@ def test_a_constraint_that_does_not_compile_is_refused_when_added(
     engine = make_engine(tok_model, demo_tokenizer)
     with pytest.raises(GenerationError, match=message) as info:
         engine.add_request("Hi", _greedy(spec))
-    assert ".cc:" not in str(info.value)  # xgrammar's C++ source location is left out
+    assert "/project/" not in str(info.value)  # xgrammar's C++ source locations are left out
+
+
+def test_structured_output_needs_an_end_of_sequence_token(tok_model, demo_tokenizer, make_engine):
+    """Without one a complete grammar would allow no token at all."""
+    engine = make_engine(tok_model, demo_tokenizer)
+    engine.eos_token_id = None
+    with pytest.raises(GenerationError, match="needs an end-of-sequence token"):
+        engine.add_request("Hi", _greedy(StructuredOutput(regex="a")))
 
 
 def test_structured_output_needs_a_tokenizer(tiny_model, make_engine):

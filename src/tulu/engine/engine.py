@@ -633,16 +633,18 @@ class LLMEngine:
             completion = request.completions[seq.index]
             if request.first_token_time is None:
                 request.first_token_time = now
+            if seq.grammar is not None and not seq.grammar.accept_token(token):
+                # Its grammar allowed no token at all (a pattern with a dead end, such as
+                # a[^\s\S]|b after "a"), so the row was all -inf: the completion ends here,
+                # without the token.
+                self._finish(seq, completion, "stop", None)
+                touched[request.request_id] = request
+                if request.finished:
+                    request.finished_time = now
+                continue
             seq.token_ids.append(token)
             completion.token_ids.append(token)
             completion.delta_token_ids.append(token)
-            if seq.grammar is not None and not seq.grammar.accept_token(token):
-                # Cannot happen: every token the grammar refuses was masked (and SamplingParams
-                # refuses the options that could leave no token allowed).
-                raise GenerationError(
-                    f"request {seq.request_id!r}: sampled token {token}, which its "
-                    "structured_output does not allow"
-                )
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 completion.logprobs.append(
@@ -682,7 +684,9 @@ class LLMEngine:
         self, seq: Sequence, token: int, completion: CompletionOutput, stop_ids: frozenset[int]
     ) -> None:
         finish, reason = None, None
-        if token in stop_ids:
+        # A complete grammar has just taken the EOS: a stop, even with ignore_eos.
+        grammar_done = seq.grammar is not None and seq.grammar.is_terminated()
+        if token in stop_ids or grammar_done:
             finish, reason = "stop", token
             if seq.output is not None and seq.params.include_stop_str_in_output:
                 # As vLLM: the stop token's own text is kept when the stop text is asked for.
@@ -692,13 +696,17 @@ class LLMEngine:
             completion.delta_text += delta
             if seq.output.stopped_by is not None:
                 finish, reason = "stop", seq.output.stopped_by
-        if finish is None and seq.grammar is not None and seq.grammar.is_terminated():
-            finish = "stop"  # the grammar is complete and took the EOS (even with ignore_eos)
         if finish is None and seq.num_output_tokens >= seq.params.max_tokens:
             finish = "length"
         if finish is None:
             completion.text = seq.output.text if seq.output is not None else ""
             return
+        self._finish(seq, completion, finish, reason)
+
+    def _finish(
+        self, seq: Sequence, completion: CompletionOutput, finish: str, reason: str | int | None
+    ) -> None:
+        """End `seq`: release its held-back text, record why, free its blocks."""
         if seq.output is not None:
             completion.delta_text += seq.output.finish()
             completion.text = seq.output.text

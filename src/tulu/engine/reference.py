@@ -144,9 +144,10 @@ def generate_ids(
         if len(tokens) < params.min_tokens and stop_ids:
             logits = mask_tokens(logits, [sorted(stop_ids)])
         token = int(sample(logits, tensors, [generator])[0])
-        tokens.append(token)
         if matcher is not None and not matcher.accept_token(token):
-            raise GenerationError(f"sampled token {token}, which the structured_output refuses")
+            finish = "stop"  # the grammar allowed no token (a dead end): end without it
+            break
+        tokens.append(token)
         if tensors.output_counts is not None:
             tensors.output_counts[0, token] += 1
         if logprobs is not None:
@@ -160,7 +161,8 @@ def generate_ids(
                     list(zip(top_ids[0].tolist(), top_lp[0].tolist(), strict=True)),
                 )
             )
-        if token in stop_ids:
+        # A complete grammar has just taken the EOS: a stop, even with ignore_eos.
+        if token in stop_ids or (matcher is not None and matcher.is_terminated()):
             finish, stop_reason = "stop", token
             if output is not None and params.include_stop_str_in_output:
                 delta = output.push(token)  # as vLLM: the stop token's text is asked for
@@ -174,9 +176,6 @@ def generate_ids(
             if output.stopped_by is not None:
                 finish, stop_reason = "stop", output.stopped_by
                 break
-        if matcher is not None and matcher.is_terminated():
-            finish = "stop"  # the grammar is complete and took the EOS (even with ignore_eos)
-            break
         input_ids = torch.tensor([[token]], device=device)
 
     text = None

@@ -120,8 +120,14 @@ def _check_int_list(name: str, value: object, *, allow_none: bool) -> list[int] 
     return result
 
 
+LOGIT_BIAS_LIMIT = 100.0
+"""The largest bias either way (OpenAI's range): +100 already forces a token, and a float32
+overflow (1e39 is inf) would turn a masked -inf into NaN, which argmax picks."""
+
+
 def _check_logit_bias(value: object) -> dict[int, float] | None:
-    """A mapping of token ids (integers >= 0) to finite biases; None or empty means none."""
+    """A mapping of token ids (integers >= 0) to biases in [-100, 100]; None or empty means
+    none."""
     if value is None:
         return None
     if not isinstance(value, Mapping):
@@ -130,7 +136,10 @@ def _check_logit_bias(value: object) -> dict[int, float] | None:
     for token, bias in value.items():
         if isinstance(token, bool) or not isinstance(token, numbers.Integral) or token < 0:
             raise _fail("logit_bias", "keyed by token ids (integers >= 0)", token)
-        result[int(token)] = _check_float(f"logit_bias[{token}]", bias)
+        number = _check_float(f"logit_bias[{token}]", bias)
+        if not -LOGIT_BIAS_LIMIT <= number <= LOGIT_BIAS_LIMIT:
+            raise _fail(f"logit_bias[{token}]", "in [-100, 100]", bias)
+        result[int(token)] = number
     return result or None
 
 
@@ -234,8 +243,8 @@ class SamplingParams:
 
     logit_bias: dict[int, float] | None = None
     """Added to the logits of the given token ids before penalties and sampling (OpenAI's
-    ``logit_bias``; a bias of -100 in effect bans a token, +100 forces it). Values must be
-    finite; an empty mapping is stored as None."""
+    ``logit_bias``; a bias of -100 in effect bans a token, +100 forces it). Values in
+    [-100, 100]; an empty mapping is stored as None."""
 
     allowed_token_ids: list[int] | None = None
     """Only these tokens may be generated (vLLM's ``allowed_token_ids``): every other token is

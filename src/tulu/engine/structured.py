@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -34,8 +35,11 @@ if TYPE_CHECKING:
 __all__ = ["GrammarCompiler", "StructuredOutput", "apply_grammar_masks", "grammar_compiler"]
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
-# xgrammar's C++ errors start with "[12:00:00] /project/cpp/file.cc:123: " and its check text.
-_CPP_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (?:Check failed: .*? is false: )?")
+# xgrammar's C++ errors hold "[12:00:00] /project/cpp/file.cc:123: " and its check text, at the
+# start or nested inside another error's message.
+_CPP_LOCATION = re.compile(r"\[[\d:]+\] \S+:\d+: (?:Check failed: .*? is false: )?")
+#: Compiled grammars kept for reuse (vLLM's default): beyond it the least recently used go.
+CACHE_LIMIT_BYTES = 512 << 20
 
 
 def _fail(requirement: str, value: object) -> GenerationError:
@@ -87,11 +91,6 @@ class StructuredOutput:
         """The field that is set: "json", "json_object", "regex", "choice" or "grammar"."""
         return next(k for k in _KINDS if getattr(self, k) not in (None, False))
 
-    def key(self) -> str:
-        """A canonical text of the constraint (a dict schema with its keys sorted)."""
-        value = getattr(self, self.kind)
-        return json.dumps([self.kind, value], sort_keys=True, ensure_ascii=False)
-
 
 def _xgrammar() -> Any:
     try:
@@ -106,7 +105,7 @@ def _xgrammar() -> Any:
 def _message(err: Exception) -> str:
     """xgrammar's error, without its C++ source location."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return _CPP_PREFIX.sub("", text)
+    return _CPP_LOCATION.sub("", text)
 
 
 class GrammarCompiler:
@@ -118,6 +117,10 @@ class GrammarCompiler:
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_id: int | None):
         from tulu.token_strings import TokenStrings
 
+        if eos_token_id is None:  # a complete grammar would then allow no token at all
+            raise GenerationError(
+                "structured output needs an end-of-sequence token, and the tokenizer has none"
+            )
         xgr = _xgrammar()
         if len(tokenizer) > vocab_size:
             raise GenerationError(
@@ -130,15 +133,28 @@ class GrammarCompiler:
             vocab,
             xgr.VocabType.RAW,
             vocab_size=vocab_size,
-            stop_token_ids=[eos_token_id] if eos_token_id is not None else None,
+            stop_token_ids=[eos_token_id],
         )
         self._xgr = xgr
-        self._compiler = xgr.GrammarCompiler(info, max_threads=2)
-        self.vocab_size = vocab_size
+        self._compiler = xgr.GrammarCompiler(
+            info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES
+        )
+        self._vocab_size = vocab_size
 
     def compile(self, spec: StructuredOutput) -> Any:
-        """The compiled grammar; a bad schema, regex or grammar is a GenerationError naming
-        the field and xgrammar's reason."""
+        """The compiled grammar; a bad schema, regex or grammar, or one that no text can
+        match, is a GenerationError naming the field and the reason."""
+        compiled = self._compile(spec)
+        bitmask = self._xgr.allocate_token_bitmask(1, self._vocab_size)
+        self._xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
+        if not bool(bitmask.any()):  # e.g. the regex [^\s\S]
+            raise GenerationError(
+                f"SamplingParams.structured_output.{spec.kind} matches no text: no token can "
+                "start it"
+            )
+        return compiled
+
+    def _compile(self, spec: StructuredOutput) -> Any:
         compiler = self._compiler
         try:
             if spec.json is not None:
@@ -161,13 +177,27 @@ class GrammarCompiler:
         return self._xgr.GrammarMatcher(compiled)
 
 
+_BUILDING = threading.Lock()
+
+
 @functools.lru_cache(maxsize=4)
+def _cached_compiler(
+    tokenizer: Tokenizer, vocab_size: int, eos_token_id: int | None
+) -> GrammarCompiler:
+    return GrammarCompiler(tokenizer, vocab_size, eos_token_id)
+
+
 def grammar_compiler(
     tokenizer: Tokenizer, vocab_size: int, eos_token_id: int | None
 ) -> GrammarCompiler:
-    """The compiler of a tokenizer (as an object: built once, as it reads the whole
-    vocabulary) for a model's vocabulary size and stop token."""
-    return GrammarCompiler(tokenizer, vocab_size, eos_token_id)
+    """The compiler of a tokenizer (as an object) for a model's vocabulary size and stop
+    token, built once: it reads the whole vocabulary (a second or more), so two threads asking
+    first at the same time must not both build one."""
+    with _BUILDING:
+        return _cached_compiler(tokenizer, vocab_size, eos_token_id)
+
+
+grammar_compiler.cache_clear = _cached_compiler.cache_clear  # type: ignore[attr-defined]
 
 
 def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any | None]) -> torch.Tensor:
@@ -182,7 +212,10 @@ def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any | None]) ->
     bitmask = xgr.allocate_token_bitmask(batch, vocab)
     for i in rows:
         matchers[i].fill_next_token_bitmask(bitmask, i)
-    if logits.device.type != "cpu":
-        bitmask = bitmask.to(logits.device, non_blocking=True)
-    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    if logits.device.type == "cuda":
+        # xgrammar's CUDA kernel launches on the current device: make it the logits' one.
+        with torch.cuda.device(logits.device):
+            xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+    else:
+        xgr.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
     return logits
