@@ -7,6 +7,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+# Every extra, so that `make test` exercises every feature (structured output's tests skip
+# without xgrammar).
 EXTRAS ?= dev,serve,data,train,eval,structured
 BIN := $(VENV)/bin
 comma := ,

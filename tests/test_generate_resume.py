@@ -108,4 +108,15 @@ def test_a_filesystem_without_flock_runs_unguarded_with_a_warning(
         f"tulu generate: warning: cannot lock {lock_path(output)} ({os.strerror(errno.ENOLCK)}): "
         f"a second run given --output {output} would not be refused\n"
     )
-    assert list(tmp_path.iterdir()) == []
+    # Left in place: flock may fail for a while only, and another run may hold this file.
+    assert list(tmp_path.iterdir()) == [lock_path(output)]
+
+
+@pytest.mark.parametrize("name", [".", "..", "dir", "/dev/null"])
+def test_an_output_that_names_no_file_takes_no_lock(tmp_path: Path, name: str) -> None:
+    """check_output refuses these with its own message; the lock must not fail first."""
+    (tmp_path / "dir").mkdir()
+    output = Path(name) if name.startswith("/") else tmp_path / name
+    with writing_alone(output):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir"]

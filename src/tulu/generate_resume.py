@@ -92,9 +92,12 @@ def writing_alone(output: Path | None) -> Iterator[None]:
     holder's pid and host, for the refusal to name, and is removed at the end while still
     locked: a run that opened it just before then finds, once it holds the lock, that the
     path names another file, and tries again. On a filesystem without flock the block runs
-    unguarded, with a warning, as it did before the lock existed. None (stdout): no lock.
+    unguarded, with a warning, as it did before the lock existed (the file is left: flock may
+    fail for a while only, such as an NFS lock daemon down, and another run may hold it).
+    None (stdout), and an output that is no file name (``.``, a directory, a device), take no
+    lock: `tulu.jsonl.check_output` refuses those with its own message.
     """
-    if output is None:
+    if output is None or not _names_a_file(output):
         yield
         return
     path = lock_path(output)
@@ -104,6 +107,13 @@ def writing_alone(output: Path | None) -> Iterator[None]:
     finally:
         if fd is not None:
             _unlock(path, fd)
+
+
+def _names_a_file(output: Path) -> bool:
+    """Whether `output` can name a results file (and so a lock file beside it)."""
+    if output.name in ("", ".", ".."):
+        return False
+    return not output.exists() or output.is_file()
 
 
 def _lock(output: Path, path: Path) -> int | None:
@@ -117,8 +127,6 @@ def _lock(output: Path, path: Path) -> int | None:
             os.close(fd)
             if err.errno in _HELD:
                 raise _busy(output, path, holder) from None
-            with suppress(OSError):  # no run can lock it: it would only be litter
-                path.unlink()
             print(
                 f"tulu generate: warning: cannot lock {path} ({err.strerror or err}): a second "
                 f"run given --output {output} would not be refused",

@@ -2,8 +2,9 @@
 
 Every bar reads ``LABEL ━━━━ done/total [detail] elapsed ETA remaining`` on stderr: stdout
 belongs to results (``tulu generate``'s JSONL, ``tulu eval``'s table), so a bar never mixes
-into a pipe. Whether a bar is shown at all is the caller's decision (a CLI shows one when
-stderr is a terminal; a library call shows one when asked); this module only builds it.
+into a pipe. Whether a bar is shown at all is the caller's decision (a command shows one when
+stderr is a terminal; a library function when its caller asks or by its own default, as
+`LLM.generate` does for more than 16 prompts, like vLLM's); this module only builds it.
 """
 
 from __future__ import annotations

@@ -307,6 +307,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         output_dir=args.output,
         num_workers=args.workers,
         skip_bad=args.skip_bad,
+        progress=sys.stderr.isatty(),  # a log file gets no bar
     )
     meta = dataset.meta
     console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)

@@ -18,8 +18,9 @@ special tokens) and the data file's bytes. A hit opens the stored directory with
 tokenizing. A dataset is written into a temporary directory that is renamed into place only
 when complete, so a killed run never leaves an entry that a later run would read as valid,
 and only if the bytes tokenized hash to the key, so a file rewritten while it was being
-tokenized never leaves tokens of one version under the key of another. A miss reads the file
-twice (a JSONL file is hashed as it is read for tokenizing, see `_check_unchanged`), a hit once.
+tokenized never leaves tokens of one version under the key of another. A miss reads a JSONL
+file twice (it is hashed as it is read for tokenizing, see `_check_unchanged`) and a Parquet
+file three times; a hit reads the file once.
 """
 
 from __future__ import annotations

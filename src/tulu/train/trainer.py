@@ -582,7 +582,8 @@ def tokenize_data_file(path: str | Path, tokenizer: Tokenizer, d: Any, progress:
 
 
 def _tokenize(path: str, tokenizer: Tokenizer, config: TrainConfig, world: World) -> Any:
-    progress = config.logging.progress and world.is_main
+    # The tokenize bar, like the training bar, only on a terminal (a job log gets none).
+    progress = config.logging.progress and world.is_main and sys.stderr.isatty()
     return _rank0_first(world, lambda: tokenize_data_file(path, tokenizer, config.data, progress))
 
 
