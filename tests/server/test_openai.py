@@ -994,7 +994,7 @@ def test_structured_output_is_compiled_off_the_event_loop_first(client, server, 
     )
     assert len(calls) == 2, calls
     assert calls[1] == "tulu-engine"
-    assert calls[0] != "tulu-engine" and not calls[0].startswith("uvicorn"), calls
+    assert calls[0].startswith("tulu-compile"), calls  # the service's compile threads
 
 
 @pytest.mark.parametrize(
@@ -1055,6 +1055,43 @@ def test_structured_output_is_compiled_off_the_event_loop_first(client, server, 
             "Field required",
         ),
         ({"response_format": {"type": "xml"}}, "response_format.type", "'json_schema'"),
+        (
+            {"guided_regex": "a" * (64 * 1024 + 1)},
+            "guided_regex",
+            "guided_regex is 65,537 bytes long; this server compiles structured outputs of at "
+            "most 65,536 bytes",
+        ),
+        (
+            {"structured_outputs": {"choice": ["é" * 1000] * 33}},
+            "structured_outputs",
+            "structured_outputs.choice is 66,",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "big", "schema": {"description": "x" * 65536}},
+                }
+            },
+            "response_format",
+            "response_format.json_schema.schema is 65,555 bytes long",
+        ),
+        (
+            {"structured_outputs": {"json": SCHEMA, "whitespace_pattern": "[ ]?"}},
+            "structured_outputs.whitespace_pattern",
+            "structured_outputs.whitespace_pattern: JSON is always generated without free "
+            "whitespace",
+        ),
+        (
+            {"structured_outputs": {"structural_tag": '{"structures": [], "triggers": []}'}},
+            "structured_outputs.structural_tag",
+            "structural tags (tool-call formats) are not supported",
+        ),
+        (
+            {"guided_json": SCHEMA, "guided_whitespace_pattern": "[ ]?"},
+            "guided_whitespace_pattern",
+            "a custom whitespace pattern is not supported",
+        ),
     ],
 )
 @pytest.mark.parametrize("route", ["/chat/completions", "/completions"])
@@ -1067,6 +1104,33 @@ def test_structured_output_errors_name_the_field(server, route, fields, param, m
     assert error["param"] == param
     assert message in error["message"]
     assert ".cc:" not in error["message"]  # xgrammar's C++ source location is left out
+
+
+def test_vllm_options_that_describe_what_the_server_does_are_accepted(client, model, tok):
+    """vLLM clients send its backend choice and structured output options; those that say
+    what this server does anyway (or only pick a backend) are accepted and change nothing."""
+    ref = generate_text(model, tok, MESSAGES, structured({"json": SCHEMA}))
+    options = {
+        "disable_any_whitespace": True,
+        "disable_additional_properties": True,
+        "disable_fallback": True,
+        "whitespace_pattern": None,
+        "structural_tag": None,
+    }
+    for extra in (
+        {"structured_outputs": {"json": SCHEMA, **options}},
+        {"structured_outputs": {"json": SCHEMA, "disable_any_whitespace": False}},
+        {"guided_json": SCHEMA, "guided_decoding_backend": "xgrammar:no-fallback"},
+        {"guided_json": SCHEMA, "guided_decoding_backend": "outlines"},
+    ):
+        reply = client.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            temperature=0,
+            max_tokens=STRUCTURED_MAX_TOKENS,
+            extra_body=extra,
+        )
+        assert reply.choices[0].message.content == ref.text, extra
 
 
 def test_without_xgrammar_the_error_says_what_to_install(client, monkeypatch):
@@ -1275,6 +1339,9 @@ def test_unknown_field_is_a_bad_request(client):
         ({"logit_bias": {"100000": 1.0}}, "logit_bias"),
         ({"extra_body": {"allowed_token_ids": []}}, "allowed_token_ids"),
         ({"extra_body": {"allowed_token_ids": [1, 100000]}}, "allowed_token_ids"),
+        # Ids of the model's padded rows (the tokenizer has 600 tokens, the model 640 rows).
+        ({"extra_body": {"allowed_token_ids": [1, 600]}}, "allowed_token_ids"),
+        ({"logit_bias": {"639": 5.0}}, "logit_bias"),
         ({"prompt": [[1, 2], [100000]]}, "prompt"),
     ],
 )
@@ -1284,6 +1351,27 @@ def test_invalid_completion_values(client, kwargs, param):
         client.completions.create(**kwargs)
     assert err.value.param == param
     assert param in err.value.message
+
+
+def test_ids_past_the_tokenizer_are_refused_with_its_range(client, server, tok):
+    """The model's vocabulary is padded past the tokenizer's; the padding rows are no tokens."""
+    assert len(tok) < server.engine.model_config.vocab_size  # the premise
+    last = len(tok) - 1
+    for kwargs, param in (
+        ({"extra_body": {"allowed_token_ids": [last + 1]}}, "allowed_token_ids"),
+        ({"logit_bias": {str(last + 1): 100}}, "logit_bias"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model=MODEL, messages=MESSAGES, **kwargs)
+        assert err.value.param == param
+        assert err.value.body["message"] == (
+            f"{param} contains {last + 1}, which is not a token: the tokenizer's ids are 0 to "
+            f"{last}"
+        )
+    reply = client.completions.create(  # the last token is one
+        model=MODEL, prompt=PROMPT, max_tokens=2, extra_body={"allowed_token_ids": [last]}
+    )
+    assert reply.usage.completion_tokens >= 1
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,10 @@
 keys, and the Prometheus metrics that report all of it.
 
 - Over `max_num_seqs + max_queue` requests a new one gets 429 at once (in its API's shape),
-  while the admitted ones complete.
+  while the admitted ones complete; a full server does not compile a request's grammar, and
+  a grammar that fails to compile gives its admission back.
+- Structured outputs compile on the service's own threads, `COMPILE_WORKERS` at once, which
+  stop with the server.
 - A client that disconnects (streaming or not) aborts its request: the KV pool empties and the
   server keeps answering (100 streams dropped mid-stream).
 - `request_timeout` turns a long generation into a 504 (or an error event once streaming).
@@ -37,8 +40,10 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 from torch import nn  # noqa: E402
 
 from tulu.engine.engine import EngineConfig  # noqa: E402
+from tulu.engine.structured import GrammarCompiler, StructuredOutput  # noqa: E402
 from tulu.errors import GenerationError  # noqa: E402
 from tulu.model.gpt_neox import GPTNeoXForCausalLM  # noqa: E402
+from tulu.server.service import COMPILE_WORKERS  # noqa: E402
 
 OPENAI_ROUTES = ["/v1/completions", "/v1/chat/completions"]
 TGI_ROUTES = ["/generate", "/generate_stream"]
@@ -285,6 +290,94 @@ def test_a_burst_never_admits_more_than_the_limit(new_server, slow_model):
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(200) <= 4, f"{statuses.count(200)} of 12 admitted with a limit of 4"
     assert statuses.count(429) >= 8
+
+
+ADMITTING_ROUTES = ["/v1/completions", "/v1/chat/completions", "/generate", "/"]
+
+
+def bad_grammar_body(route: str, stream: bool) -> dict:
+    """A request whose regex does not compile (the compiler's error, not the schema's)."""
+    body = long_body(route, 3, stream)
+    if route.startswith("/v1"):
+        body["guided_regex"] = "[a-"
+    else:
+        body["parameters"]["grammar"] = {"type": "regex", "value": "[a-"}
+    return body
+
+
+def record_compiles(monkeypatch) -> list[str]:
+    """The names of the threads that compile a grammar from now on."""
+    calls: list[str] = []
+    compile_spec = GrammarCompiler.compile
+
+    def recording(self, spec):
+        calls.append(threading.current_thread().name)
+        return compile_spec(self, spec)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", recording)
+    return calls
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ADMITTING_ROUTES)
+def test_a_full_server_answers_429_without_compiling(new_server, monkeypatch, route, stream):
+    """Admission comes before the compile (which can take seconds): a full server spends
+    nothing on the request, so even a grammar that would not compile gets the 429."""
+    server = new_server(max_num_seqs=0, max_queue=0)
+    compiles = record_compiles(monkeypatch)
+    response = httpx.post(
+        server.url + stream_route(route, stream), json=bad_grammar_body(route, stream), timeout=WAIT
+    )
+    assert_error_shape(route, response, 429)
+    assert compiles == [], "the grammar was compiled for a request that was refused"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route", ADMITTING_ROUTES)
+def test_a_grammar_that_fails_to_compile_gives_its_admission_back(new_server, route, stream):
+    """The request was admitted, then refused by the compiler: its slot is free again, so the
+    one-slot server serves the next request."""
+    server = new_server(max_num_seqs=1, max_queue=0)
+    url = server.url + stream_route(route, stream)
+    refused = httpx.post(url, json=bad_grammar_body(route, stream), timeout=WAIT)
+    assert_error_shape(route, refused, 400 if route.startswith("/v1") else 422)
+    assert "cannot be compiled" in refused.text
+    assert server.service.in_flight == 0
+    served = httpx.post(url, json=long_body(route, 3, stream), timeout=WAIT)
+    assert served.status_code == 200, served.text
+
+
+def test_compiles_run_on_their_own_threads_at_most_compile_workers_at_once(new_server, monkeypatch):
+    """Huge schemas compile for seconds: however many arrive together, at most
+    COMPILE_WORKERS compile at once, on threads of their own (not the default pool, which
+    tokenization uses), and those threads end when the server stops."""
+    server = new_server()
+    lock = threading.Lock()
+    running, peak, threads = 0, 0, set()
+
+    def slow_compile(self, spec):
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.current_thread())
+        time.sleep(0.1)
+        with lock:
+            running -= 1
+
+    monkeypatch.setattr(GrammarCompiler, "compile", slow_compile)
+
+    async def main():
+        specs = [StructuredOutput(regex=f"a{i}") for i in range(3 * COMPILE_WORKERS)]
+        await asyncio.gather(*(server.service.compile_structured_output(s) for s in specs))
+
+    asyncio.run(main())
+    assert peak == COMPILE_WORKERS, f"{peak} compiles ran at once"
+    assert all(t.name.startswith("tulu-compile") for t in threads), threads
+    server.stop()
+    for thread in threads:
+        thread.join(WAIT)
+        assert not thread.is_alive(), f"{thread.name} outlived the server"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -526,6 +526,15 @@ def test_max_new_tokens_cuts_a_grammar(server):
         ({"type": "regex", "value": 5}, "parameters.grammar.regex.value"),
         ({"type": "json", "value": [1]}, "parameters.grammar.json.value"),
         ({"value": "a"}, "parameters.grammar"),
+        (
+            {"type": "regex", "value": "a" * (64 * 1024 + 1)},
+            "`grammar` is 65,537 bytes long; this server compiles structured outputs of at most "
+            "65,536 bytes",
+        ),
+        (
+            {"type": "json", "value": {"description": "x" * 65536}},
+            "`grammar` is 65,555 bytes long",
+        ),
     ],
 )
 def test_bad_grammars_are_422_with_the_reason(server, grammar, message):

@@ -240,6 +240,7 @@ def create_app(engine: LLMEngine, tokenizer: Tokenizer, settings: ServerSettings
             yield
         finally:
             await llm.shutdown(settings.drain_timeout)
+            service.close()
 
     app = FastAPI(title="tulu", version=__version__, lifespan=lifespan)
     app.state.service = service

@@ -8,9 +8,9 @@ Besides OpenAI's own parameters the requests accept vLLM's sampling extensions (
 ``min_p``, ``repetition_penalty``, ``ignore_eos``, ``min_tokens``, ``stop_token_ids``,
 ``include_stop_str_in_output``, ``skip_special_tokens``, ``allowed_token_ids``) and its
 structured output (``structured_outputs`` and the older ``guided_json``, ``guided_regex``,
-``guided_choice``, ``guided_grammar``), so clients written for vLLM work unchanged. Parameters
-OpenAI defines but the server does not implement (``suffix``, tools) are accepted by the schema
-and refused by the routes with a 400 that says so.
+``guided_choice``, ``guided_grammar``, ``guided_decoding_backend``), so clients written for
+vLLM work unchanged. Parameters OpenAI defines but the server does not implement (``suffix``,
+tools) are accepted by the schema and refused by the routes with a 400 that says so.
 """
 
 from __future__ import annotations
@@ -74,7 +74,12 @@ class ResponseFormat(_Request):
 
 
 class StructuredOutputs(_Request):
-    """vLLM's ``structured_outputs``: exactly one of the fields."""
+    """vLLM's ``structured_outputs``: exactly one of the constraints (``json``,
+    ``json_object``, ``regex``, ``choice``, ``grammar``), and vLLM's options.
+
+    Of the options, those that describe what this server always does are accepted and
+    ignored; those it cannot honour are accepted here and refused by the routes (a 400 naming
+    them) when set."""
 
     json_: dict[str, Any] | str | None = Field(default=None, alias="json")
     """A JSON schema, as an object or its JSON text."""
@@ -83,6 +88,19 @@ class StructuredOutputs(_Request):
     choice: list[str] | None = None
     grammar: str | None = None
     """An EBNF grammar (xgrammar's dialect of GBNF, with a ``root`` rule)."""
+    disable_any_whitespace: bool | None = None
+    """Ignored: JSON is always generated with xgrammar's fixed separators, never free
+    whitespace (vLLM's xgrammar backend also ignores the request's value)."""
+    disable_additional_properties: bool | None = None
+    """Ignored: objects never get properties their schema does not name unless the schema
+    allows them (xgrammar's strict mode), which is what ``true`` asks for; vLLM's xgrammar
+    backend also ignores the request's value."""
+    disable_fallback: bool | None = None
+    """Ignored (older vLLM): there is one structured output backend, and no fallback."""
+    whitespace_pattern: Any = None
+    """Refused when set: a custom whitespace pattern for JSON is not supported."""
+    structural_tag: Any = None
+    """Refused when set: structural tags (tool-call formats) are not supported."""
 
 
 class _SamplingFields(_Request):
@@ -137,6 +155,11 @@ class _SamplingFields(_Request):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
+    """vLLM's backend choice ("xgrammar", "guidance", "outlines:no-fallback", ...): ignored,
+    constraints are always compiled by xgrammar and mean the same whichever is named."""
+    guided_whitespace_pattern: Any = None
+    """Refused when set: a custom whitespace pattern for JSON is not supported."""
 
 
 class CompletionRequest(_SamplingFields):

@@ -17,8 +17,11 @@ metrics) and translate the engine's outputs back. What a vLLM user relies on:
 - ``usage.prompt_tokens_details.cached_tokens`` (OpenAI's field) counts the prompt tokens the
   prefix cache served: once per prompt whatever ``n``, summed over a request's prompts;
 - structured output (OpenAI's ``response_format``, vLLM's ``structured_outputs`` or one of its
-  ``guided_*`` fields; one of them per request) is compiled on a worker thread before the
-  request reaches the engine, and its errors are 400s naming the field it came from.
+  ``guided_*`` fields; one of them per request) is compiled once the request is admitted (a
+  full server answers 429 without compiling), on the service's compile threads, before the
+  request reaches the engine; its errors are 400s naming the field it came from;
+- ``allowed_token_ids`` and ``logit_bias`` name tokens of the tokenizer: the model's padded
+  embedding rows past it are refused (as vLLM checks ``allowed_token_ids``).
 
 Token strings in log-probabilities are the token's bytes as UTF-8 text; a token that is not
 valid UTF-8 on its own (part of a multi-byte character) is written ``bytes:\\xe2\\x80`` as
@@ -74,7 +77,13 @@ from tulu.server.openai_protocol import (
     Usage,
 )
 from tulu.server.openai_protocol import TokenLogprob as ChatTokenLogprob
-from tulu.server.service import GenerationService, RequestTimedOut, name_structured_field
+from tulu.server.service import (
+    Admission,
+    GenerationService,
+    RequestTimedOut,
+    check_structured_output_size,
+    name_structured_field,
+)
 from tulu.token_strings import TokenStrings
 from tulu.tokenizer import StreamDecoder, Tokenizer
 
@@ -280,6 +289,22 @@ def _logit_bias(raw: dict[str, float] | None) -> dict[int, float] | None:
     return bias
 
 
+def _check_token_ids_in_tokenizer(params: SamplingParams, num_tokens: int) -> None:
+    """``allowed_token_ids`` and ``logit_bias`` must name tokens of the tokenizer.
+
+    The model's vocabulary is padded past the tokenizer's (Pythia: 50432 rows, 50277 tokens);
+    the padding rows are no tokens, so favouring them would generate ids with no text.
+    """
+    for name in ("allowed_token_ids", "logit_bias"):
+        for token in getattr(params, name) or ():
+            if token >= num_tokens:
+                raise ApiError(
+                    f"{name} contains {token}, which is not a token: the tokenizer's ids are "
+                    f"0 to {num_tokens - 1}",
+                    name,
+                )
+
+
 def _sampling_params(
     body: CompletionRequest | ChatCompletionRequest,
     service: GenerationService,
@@ -317,6 +342,7 @@ def _sampling_params(
             allowed_token_ids=body.allowed_token_ids,
             structured_output=constraint.spec if constraint is not None else None,
         )
+        _check_token_ids_in_tokenizer(params, len(service.tokenizer))
         check_token_ids_in_vocab(params, service.llm.engine.model_config.vocab_size)
     except GenerationError as err:
         error = _param_error(err, rename)
@@ -373,6 +399,7 @@ def _constraint_sources(body: CompletionRequest | ChatCompletionRequest) -> list
 
 def _constraint(body: CompletionRequest | ChatCompletionRequest) -> _Constraint | None:
     """The request's structured output, checked (not compiled); None without one."""
+    _check_structured_options(body)
     sources = _constraint_sources(body)
     if not sources:
         return None
@@ -394,11 +421,42 @@ def _constraint(body: CompletionRequest | ChatCompletionRequest) -> _Constraint 
         path = f"{field}.{spec.kind}"
     else:
         path = field
+    try:
+        check_structured_output_size(spec, path)
+    except GenerationError as err:
+        raise ApiError(str(err), field) from None
     return _Constraint(spec, field, path)
 
 
+#: vLLM's ``structured_outputs`` options that change what a constraint matches in ways this
+#: server cannot: set (not null), they are refused. (``disable_any_whitespace``,
+#: ``disable_additional_properties`` and ``disable_fallback`` are accepted: see
+#: `tulu.server.openai_protocol.StructuredOutputs`.)
+_UNSUPPORTED_STRUCTURED_OPTIONS = {
+    "whitespace_pattern": "JSON is always generated without free whitespace (xgrammar's "
+    "fixed separators); a custom whitespace pattern is not supported",
+    "structural_tag": "structural tags (tool-call formats) are not supported by this server",
+}
+
+
+def _check_structured_options(body: CompletionRequest | ChatCompletionRequest) -> None:
+    """Refuse vLLM's structured output options whose meaning this server cannot honour."""
+    if body.guided_whitespace_pattern is not None:
+        reason = _UNSUPPORTED_STRUCTURED_OPTIONS["whitespace_pattern"]
+        raise ApiError(f"guided_whitespace_pattern: {reason}", "guided_whitespace_pattern")
+    given = body.structured_outputs
+    if given is None:
+        return
+    for name, reason in _UNSUPPORTED_STRUCTURED_OPTIONS.items():
+        if getattr(given, name) is not None:
+            param = f"structured_outputs.{name}"
+            raise ApiError(f"{param}: {reason}", param)
+
+
 async def _compile(service: GenerationService, constraint: _Constraint | None) -> None:
-    """Compile the structured output off the event loop; a 400 naming its field if it fails."""
+    """Compile the structured output off the event loop; a 400 naming its field if it fails.
+
+    Called inside the request's admission, which gives its slots back when this raises."""
     if constraint is None:
         return
     try:
@@ -550,20 +608,21 @@ async def _generate(
     request: Request,
     service: GenerationService,
     jobs: list[tuple[list[int], SamplingParams, str]],
+    admission: Admission,
     stream: bool,
     lora: str | None = None,
     score_only: bool = False,
 ) -> _Streams | list[RequestOutput]:
-    """Run the generations of one HTTP request.
+    """Run the generations of one HTTP request, each on one of `admission`'s slots.
 
-    Streaming: wait for every generation's first output (so invalid input, a full queue or an
-    engine failure is still an HTTP error) and return the running streams. Otherwise: the
-    final output of each. Either way a client that leaves aborts them (ClientGone).
+    Streaming: wait for every generation's first output (so invalid input or an engine
+    failure is still an HTTP error) and return the running streams. Otherwise: the final
+    output of each. Either way a client that leaves aborts them (ClientGone).
     `score_only`: the sampled tokens are discarded (see `GenerationService.generate`).
     """
     streams = _Streams(
         [
-            service.generate(ids, params, rid, lora=lora, score_only=score_only)
+            service.generate(ids, params, rid, admission, lora=lora, score_only=score_only)
             for ids, params, rid in jobs
         ],
         request,
@@ -849,23 +908,23 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
         )
         request_id = base_id if len(texts) == 1 else f"{base_id}-{index}"
         prompts.append(_Prompt(ids, echo, params, request_id))
-    await _compile(service, constraint)
-    service.admit()
-    created = int(time.time())
-    strings = _token_strings(request, service.tokenizer) if body.logprobs is not None else None
-    view = _CompletionView(body, service, strings, prompts, score_only)
+    with service.admit(len(prompts)) as admission:  # one slot per prompt, before compiling
+        await _compile(service, constraint)
+        created = int(time.time())
+        strings = _token_strings(request, service.tokenizer) if body.logprobs is not None else None
+        view = _CompletionView(body, service, strings, prompts, score_only)
 
-    jobs = [(p.ids, p.params, p.request_id) for p in prompts]
-    if body.stream:
-        streams = await _generate(
-            request, service, jobs, stream=True, lora=lora, score_only=score_only
+        jobs = [(p.ids, p.params, p.request_id) for p in prompts]
+        if body.stream:
+            streams = await _generate(
+                request, service, jobs, admission, stream=True, lora=lora, score_only=score_only
+            )
+            produce = view.stream(streams, base_id, created, model)
+            return _EventStream(streams, produce)
+
+        outputs = await _generate(
+            request, service, jobs, admission, stream=False, lora=lora, score_only=score_only
         )
-        produce = view.stream(streams, base_id, created, model)
-        return _EventStream(streams, produce)
-
-    outputs = await _generate(
-        request, service, jobs, stream=False, lora=lora, score_only=score_only
-    )
     choices = []
     for index, output in enumerate(outputs):
         _check_finished(output)
@@ -1081,20 +1140,22 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
         rename={"max_tokens": max_field},
         constraint=constraint,
     )
-    await _compile(service, constraint)
-    service.admit()
-    request_id = service.request_id("chatcmpl")
-    created = int(time.time())
-    strings = _token_strings(request, service.tokenizer) if body.logprobs else None
-    eos = service.tokenizer.eos_token_id
+    with service.admit() as admission:  # before compiling: a full server answers at once
+        await _compile(service, constraint)
+        request_id = service.request_id("chatcmpl")
+        created = int(time.time())
+        strings = _token_strings(request, service.tokenizer) if body.logprobs else None
+        eos = service.tokenizer.eos_token_id
 
-    jobs = [(ids, params, request_id)]
-    if body.stream:
-        streams = await _generate(request, service, jobs, stream=True, lora=lora)
-        produce = _chat_stream(body, streams, params, strings, ids, request_id, created, model, eos)
-        return _EventStream(streams, produce)
+        jobs = [(ids, params, request_id)]
+        if body.stream:
+            streams = await _generate(request, service, jobs, admission, stream=True, lora=lora)
+            produce = _chat_stream(
+                body, streams, params, strings, ids, request_id, created, model, eos
+            )
+            return _EventStream(streams, produce)
 
-    (output,) = await _generate(request, service, jobs, stream=False, lora=lora)
+        (output,) = await _generate(request, service, jobs, admission, stream=False, lora=lora)
     _check_finished(output)
     choices = [
         ChatChoice(

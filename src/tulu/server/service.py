@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from tulu.chat import generation_prompt
@@ -25,6 +27,13 @@ from tulu.server.metrics import ServerMetrics
 from tulu.tokenizer import Tokenizer
 
 INLINE_TOKENIZE_CHARS = 16_384  # shorter texts tokenize in well under a millisecond
+#: Structured outputs compiled at once. A deeply nested schema can compile for tens of seconds;
+#: more at once would take the CPU from the engine thread (and xgrammar already compiles one
+#: grammar on 2 threads).
+COMPILE_WORKERS = 2
+#: The longest structured output spec (a schema's JSON, a regex, a grammar, the choices), in
+#: bytes of UTF-8. A real schema is a few KiB; compile time grows with the spec.
+MAX_STRUCTURED_OUTPUT_BYTES = 64 << 10
 _STRUCTURED_FIELD = re.compile(r"^SamplingParams\.structured_output(?:\.\w+)?")
 
 
@@ -55,10 +64,58 @@ class ServerSettings:
     allow_runtime_lora_updating: bool = False
 
 
+def check_structured_output_size(spec: StructuredOutput, where: str) -> None:
+    """Raise GenerationError naming `where` (the request field) when the text of `spec` is
+    longer than `MAX_STRUCTURED_OUTPUT_BYTES`: checked before the request is admitted, so an
+    oversized spec never reaches the compiler."""
+    value = getattr(spec, spec.kind)
+    if value is True:  # json_object: no text of its own
+        return
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_STRUCTURED_OUTPUT_BYTES:
+        raise GenerationError(
+            f"{where} is {size:,} bytes long; this server compiles structured outputs of at "
+            f"most {MAX_STRUCTURED_OUTPUT_BYTES:,} bytes (64 KiB)"
+        )
+
+
 def name_structured_field(message: str, where: str) -> str:
     """A structured output error ("SamplingParams.structured_output.regex cannot be compiled:
     ...") reworded to name `where`, the request field the constraint came from."""
     return _STRUCTURED_FIELD.sub(lambda _: where, message, count=1)
+
+
+class Admission:
+    """The admission slots one HTTP request holds, from its capacity check to its generations.
+
+    A route takes its slots (`GenerationService.admit`) before any slow preparation (compiling
+    a structured output can take seconds), so a full server answers 429 at once and requests
+    being prepared count against the limit. Each generation takes over one slot
+    (`hand_over`) and frees it when it ends; leaving the ``with`` block gives back the slots
+    no generation took (the request failed before generating, e.g. its grammar did not
+    compile), so a refused request never keeps capacity.
+    """
+
+    def __init__(self, service: GenerationService, slots: int):
+        self._service = service
+        self._left = slots
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._service._free(self._left)
+        self._left = 0
+
+    def hand_over(self) -> None:
+        """Pass one slot to a starting generation, which frees it when it ends."""
+        if self._left > 0:
+            self._left -= 1
+            return
+        # Only a generation started after its request gave its slots back gets here: it
+        # passes admission as a new request would.
+        self._service.admit().hand_over()
 
 
 class GenerationService:
@@ -77,8 +134,16 @@ class GenerationService:
         self.metrics = metrics
         self.max_model_len = max_model_len
         self.window_name = window_name  # or "the max_model_len" (tulu serve --max-model-len)
-        self.in_flight = 0
+        self.in_flight = 0  # admitted requests: being prepared, queued or running
         self._ids = itertools.count()
+        # Compiles get their own threads: on asyncio's default pool (tokenization's) a few
+        # huge schemas would hold every thread, and they would run unbounded.
+        self._compile_pool = ThreadPoolExecutor(COMPILE_WORKERS, thread_name_prefix="tulu-compile")
+
+    def close(self) -> None:
+        """Stop the compile threads (the app's shutdown); a compile still running finishes in
+        its thread, and nobody waits for it."""
+        self._compile_pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ prompts
     async def encode_text(self, text: str) -> list[int]:
@@ -117,8 +182,9 @@ class GenerationService:
         return max_tokens
 
     async def compile_structured_output(self, spec: StructuredOutput) -> None:
-        """Compile a request's structured output on a worker thread, before the request is
-        handed to the engine.
+        """Compile a request's structured output on a compile thread (at most
+        `COMPILE_WORKERS` at once, the others wait their turn), before the request is handed
+        to the engine. Routes call it once the request is admitted.
 
         The engine compiles it again in `add_request`, on its own thread between two steps, so
         a slow compile there would stall every running request (the first structured request
@@ -136,7 +202,7 @@ class GenerationService:
             )
             compiler.compile(spec)
 
-        await asyncio.to_thread(compile_spec)
+        await asyncio.get_running_loop().run_in_executor(self._compile_pool, compile_spec)
 
     @property
     def lora_adapters(self) -> dict[str, str]:
@@ -148,14 +214,29 @@ class GenerationService:
         return f"{prefix}-{next(self._ids)}"
 
     # ------------------------------------------------------------------ admission
-    def admit(self) -> None:
-        """Raise Overloaded when the running batch and the waiting queue are both full."""
+    def admit(self, slots: int = 1) -> Admission:
+        """Take `slots` admission slots (one per generation the request will run), or raise
+        Overloaded when the running batch and the waiting queue have no room for them.
+
+        The check and the taking happen with no await between them, so requests arriving
+        together cannot all pass the check. Use the result as a ``with`` block around the
+        request's preparation and the start of its generations.
+        """
         limit = self.settings.max_num_seqs + self.settings.max_queue
-        if self.in_flight >= limit:
+        if self.in_flight + slots > limit:
+            needs = "" if slots == 1 else f"; this request needs {slots}"
             raise Overloaded(
                 f"the server is at capacity ({self.in_flight} requests running or queued, "
-                f"limit {limit}); retry later"
+                f"limit {limit}{needs}); retry later"
             )
+        self.in_flight += slots
+        self.metrics.in_flight.inc(slots)
+        return Admission(self, slots)
+
+    def _free(self, slots: int) -> None:
+        if slots:
+            self.in_flight -= slots
+            self.metrics.in_flight.dec(slots)
 
     # ------------------------------------------------------------------ generation
     async def generate(
@@ -163,6 +244,7 @@ class GenerationService:
         prompt_ids: list[int],
         params: SamplingParams,
         request_id: str,
+        admission: Admission,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
         lora: str | None = None,
         score_only: bool = False,
@@ -175,14 +257,11 @@ class GenerationService:
         sees it, so it is not counted as generated (nor timed as a first token), which keeps
         /metrics equal to the usage the client is told.
 
-        Admission is checked and the slot taken here, before the first await, so requests
-        arriving together cannot all pass the check (routes fetch the first output before
-        answering, so a 429 is still an HTTP status). Leaving the iteration early aborts the
+        The generation takes over one of `admission`'s slots (the route admitted the request
+        before preparing it) and frees it when it ends. Leaving the iteration early aborts the
         request and frees its KV blocks.
         """
-        self.admit()
-        self.in_flight += 1
-        self.metrics.in_flight.inc()
+        admission.hand_over()
         if lora is not None:
             self.metrics.lora_requests.labels(lora).inc()
         started = time.monotonic()
@@ -236,8 +315,7 @@ class GenerationService:
             await stream.aclose()  # aborts the request if it had not finished
             if watcher is not None:
                 watcher.cancel()
-            self.in_flight -= 1
-            self.metrics.in_flight.dec()
+            self._free(1)
             self.metrics.generation_tokens.inc(generated)
             if finished:  # not a request the engine refused (400), nor one cut short
                 self.metrics.prompt_tokens.inc(len(prompt_ids))
@@ -248,13 +326,14 @@ class GenerationService:
         prompt_ids: list[int],
         params: SamplingParams,
         request_id: str,
+        admission: Admission,
         is_disconnected: Callable[[], Awaitable[bool]] | None = None,
         lora: str | None = None,
     ) -> RequestOutput:
         """Generate without streaming; the final (finished) output."""
         final = None
         async for output in self.generate(
-            prompt_ids, params, request_id, is_disconnected, lora=lora
+            prompt_ids, params, request_id, admission, is_disconnected, lora=lora
         ):
             final = output
         assert final is not None and final.finished

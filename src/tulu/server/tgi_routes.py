@@ -26,10 +26,11 @@ Differences from TGI worth knowing:
   truncation.
 - A stop sequence is kept at the end of `generated_text` (as TGI does); generation stops where
   the stop sequence ends, even inside a token.
-- `grammar` (`json`, `regex` or `json_schema`) constrains the generated text; it is compiled
-  on a worker thread before the request reaches the engine, and a schema or regex that does not
-  compile is a 422 with the compiler's reason. The text ends (`eos_token`) when the grammar is
-  complete.
+- `grammar` (`json`, `regex` or `json_schema`, at most 64 KiB of text) constrains the
+  generated text; it is compiled once the request is admitted (a full server answers 429
+  without compiling), on the service's compile threads, before the request reaches the
+  engine, and a schema or regex that does not compile is a 422 with the compiler's reason.
+  The text ends (`eos_token`) when the grammar is complete.
 - `best_of` > 1, `typical_p` and `watermark` are rejected (422) unless left at their neutral
   values. `adapter_id` names one of the LoRA adapters of `tulu serve --lora-modules`
   (as TGI's multi-LoRA does); the served model's own name, or none, is the base model.
@@ -59,6 +60,7 @@ from tulu.server.service import (
     GenerationService,
     Overloaded,
     RequestTimedOut,
+    check_structured_output_size,
     name_structured_field,
 )
 from tulu.server.tgi_protocol import (
@@ -191,16 +193,21 @@ def _structured_output(grammar: Grammar | None) -> StructuredOutput | None:
         return None
     try:
         if isinstance(grammar, RegexGrammar):
-            return StructuredOutput(regex=grammar.value)
-        if isinstance(grammar, JsonSchemaGrammar):
-            return StructuredOutput(json=grammar.value.schema_)
-        return StructuredOutput(json=grammar.value)
+            spec = StructuredOutput(regex=grammar.value)
+        elif isinstance(grammar, JsonSchemaGrammar):
+            spec = StructuredOutput(json=grammar.value.schema_)
+        else:
+            spec = StructuredOutput(json=grammar.value)
+        check_structured_output_size(spec, "`grammar`")
     except GenerationError as err:
         raise _invalid(name_structured_field(str(err), "`grammar`")) from None
+    return spec
 
 
 async def _compile(service: GenerationService, spec: StructuredOutput | None) -> None:
-    """Compile the grammar off the event loop; a 422 with the compiler's reason if it fails."""
+    """Compile the grammar off the event loop; a 422 with the compiler's reason if it fails.
+
+    Called inside the request's admission, which gives its slot back when this raises."""
     if spec is None:
         return
     try:
@@ -210,7 +217,9 @@ async def _compile(service: GenerationService, spec: StructuredOutput | None) ->
 
 
 async def _prepare(body: GenerateRequest, service: GenerationService, *, stream: bool) -> _Job:
-    """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422)."""
+    """Validate a request and turn it into prompt ids and SamplingParams (GenerationError -> 422).
+
+    The grammar is checked, not compiled: that waits until the request is admitted."""
     p = body.parameters or GenerateParameters()
     _check_parameters(p, service.max_model_len - 1, stream=stream)
     structured_output = _structured_output(p.grammar)
@@ -243,7 +252,6 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
         prompt_logprobs=0 if p.decoder_input_details and p.details else None,
         structured_output=structured_output,
     )
-    await _compile(service, structured_output)
     return _Job(
         inputs=body.inputs,
         prompt_ids=prompt_ids,
@@ -385,14 +393,16 @@ def _sse(data: dict) -> str:
 # ---------------------------------------------------------------------------------- routes
 async def _generate(job: _Job, request: Request) -> tuple[GenerateResponse, dict[str, str]]:
     service: GenerationService = request.app.state.service
-    service.admit()
-    output = await service.run_to_end(
-        job.prompt_ids,
-        job.params,
-        service.request_id("tgi"),
-        request.is_disconnected,
-        lora=job.lora,
-    )
+    with service.admit() as admission:  # before compiling: a full server answers at once
+        await _compile(service, job.params.structured_output)
+        output = await service.run_to_end(
+            job.prompt_ids,
+            job.params,
+            service.request_id("tgi"),
+            admission,
+            request.is_disconnected,
+            lora=job.lora,
+        )
     response = _response(job, output, service)
     headers = {
         "x-compute-type": service.llm.engine.device.type,
@@ -485,20 +495,22 @@ async def _events(
 
 async def _generate_stream(job: _Job, request: Request) -> _EventStream:
     service: GenerationService = request.app.state.service
-    service.admit()
-    outputs = service.generate(
-        job.prompt_ids,
-        job.params,
-        service.request_id("tgi"),
-        request.is_disconnected,
-        lora=job.lora,
-    )
-    try:
-        # The first output before answering: validation and capacity errors become HTTP errors.
-        first = await anext(outputs)
-    except BaseException:
-        await outputs.aclose()
-        raise
+    with service.admit() as admission:  # before compiling: a full server answers at once
+        await _compile(service, job.params.structured_output)
+        outputs = service.generate(
+            job.prompt_ids,
+            job.params,
+            service.request_id("tgi"),
+            admission,
+            request.is_disconnected,
+            lora=job.lora,
+        )
+        try:
+            # The first output before answering: validation errors become HTTP errors.
+            first = await anext(outputs)
+        except BaseException:
+            await outputs.aclose()
+            raise
     return _EventStream(_events(job, service, outputs, first), outputs)
 
 
