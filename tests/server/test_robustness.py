@@ -885,6 +885,7 @@ def test_a_dead_engine_is_named_by_health_and_every_route(launch_server, tiny_ch
             error = response.json()["error"]
             message = error["message"] if route in OPENAI_ROUTES else error
             assert "AssertionError()" in message, f"{route}: {message}"
+        assert scrape(server.url)["tulu_engine_up"][()] == 0  # the gauges alone would not say
     finally:
         server.stop()
 
@@ -1070,6 +1071,10 @@ def test_metrics_report_requests_tokens_latencies_and_the_engine(new_server, slo
     assert samples["tulu_kv_cache_blocks_used"][()] == 0
     assert samples["tulu_kv_cache_blocks_total"][()] == server.engine.pool.num_blocks > 0
     assert samples["tulu_requests_in_flight"][()] == 0
+    assert samples["tulu_engine_up"][()] == 1
+    queries = samples["tulu_prefix_cache_queries_total"][()]
+    assert queries == server.engine.scheduler.prefix_queries > 0
+    assert samples["tulu_prefix_cache_hits_total"][()] == server.engine.scheduler.prefix_hits
 
 
 def test_metrics_leave_out_requests_the_engine_refused(new_server):

@@ -149,8 +149,10 @@ class AsyncLLM:
         return len(self._streams)
 
     def stats(self) -> dict[str, Any]:
-        """The engine's counters as of its last step (safe to read from the event loop)."""
-        return dict(self._stats)
+        """The engine's counters as of its last step (safe to read from the event loop), and
+        whether its thread still runs ("engine_up": after a failed step the counters stay as
+        they were, and only this says the engine is gone)."""
+        return {**self._stats, "engine_up": int(self.is_running)}
 
     # ------------------------------------------------------------------ requests
     async def generate(

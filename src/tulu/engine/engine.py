@@ -781,6 +781,8 @@ class LLMEngine:
             "kv_blocks_total": self.pool.num_blocks,
             "kv_blocks_used": self.pool.num_used,
             "kv_blocks_cached": self.pool.num_cached,
+            "prefix_cache_queries": self.scheduler.prefix_queries,
+            "prefix_cache_hits": self.scheduler.prefix_hits,
             "prefix_cache_hit_rate": (
                 self.scheduler.prefix_hits / self.scheduler.prefix_queries
                 if self.scheduler.prefix_queries

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
@@ -37,10 +37,20 @@ class _EngineCollector:
             ),
             ("tulu_preemptions", "preemptions", "Sequences preempted since start"),
             ("tulu_lora_adapters_loaded", "lora_adapters", "LoRA adapters loaded (unmerged)"),
+            ("tulu_engine_up", "engine_up", "1 while the engine runs, 0 once it has stopped"),
         ):
             family = GaugeMetricFamily(name, help_text)
             family.add_metric([], float(stats.get(key, 0)))
             yield family
+        # vLLM's prefix_cache_queries / prefix_cache_hits, counted in full prompt blocks: a
+        # rate() of the two gives the hit rate over any window.
+        for name, key, help_text in (
+            ("tulu_prefix_cache_queries", "prefix_cache_queries", "Full prompt blocks looked up"),
+            ("tulu_prefix_cache_hits", "prefix_cache_hits", "Full prompt blocks found cached"),
+        ):
+            counter = CounterMetricFamily(name, help_text)
+            counter.add_metric([], float(stats.get(key, 0)))
+            yield counter
 
 
 class ServerMetrics:
