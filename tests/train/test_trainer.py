@@ -628,6 +628,25 @@ def test_resuming_on_an_edited_training_file_is_refused(assets: Path, tmp_path: 
     assert result.resumed_from == out / "step-000001" and result.final_step == 2
 
 
+def test_resuming_on_an_edited_validation_file_says_so(
+    assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Training goes on (its data did not change), but the validation curve now mixes two
+    data sets: the run says so rather than plotting them as one."""
+    mine = tmp_path / "assets"
+    shutil.copytree(assets, mine, ignore=shutil.ignore_patterns("cache"))
+    base = [*ONE_STEP_CHECKPOINTS, f"data.validation={mine / 'validation.jsonl'}"]
+    out = tmp_path / "run"
+    train(make_config(mine, out, *base, "optim.max_steps=1"))
+    capsys.readouterr()
+    write_jsonl(mine / "validation.jsonl", records(6, 2000))
+    result = train(make_config(mine, out, *base, "optim.max_steps=2"))
+    assert result.resumed_from == out / "step-000001" and result.final_step == 2
+    err = capsys.readouterr().err
+    assert "data.validation" in err and "validation.jsonl changed since the checkpoint" in err
+    assert "from step 1 on are not comparable" in err
+
+
 # ------------------------------------------------------------------------------ divergence
 def test_nan_loss_stops_at_the_step_and_keeps_the_last_checkpoint(
     assets: Path, tmp_path: Path

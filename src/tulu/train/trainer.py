@@ -635,8 +635,10 @@ class _Run:
         # The plan holds example numbers, not contents: an edited file would keep it.
         self.train_sha256 = train_set.meta.get("source_sha256")
         self.validation = None
+        self.validation_sha256 = None
         if config.data.validation:
             val_set = _tokenize(config.data.validation, self.tokenizer, config, world)
+            self.validation_sha256 = val_set.meta.get("source_sha256")
             if len(val_set):
                 self.validation = validation_micro_batches(
                     val_set, config.optim.micro_batch_size, world, pad_token_id=self.pad_id
@@ -699,6 +701,16 @@ class _Run:
             _apply_settings(self.optimizer, self.scheduler, settings, base_lrs)
             if world.is_main:
                 _report_changed_settings(Path(path), config)
+                saved_validation = state.get("validation_sha256")
+                if saved_validation and self.validation_sha256 not in (None, saved_validation):
+                    # Training is unaffected (unlike an edited data.train), but the curve is.
+                    print(
+                        f"resuming from {path}: data.validation {config.data.validation} "
+                        "changed since the checkpoint was written, so the validation losses "
+                        f"from step {restored.step} on are not comparable with those before",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             self.step = restored.step
             self.elapsed_before = float(state.get("elapsed", 0.0))
             history = restored.metrics
@@ -721,6 +733,7 @@ class _Run:
             "steps_per_epoch": self.plan.steps_per_epoch,
             "plan": self.plan_fingerprint,  # refused on resume if it differs
             "train_sha256": self.train_sha256,  # and so is an edited data.train
+            "validation_sha256": self.validation_sha256,  # an edited one is reported
             "total_steps": self.plan.total_steps,
             "world_size": self.world.world_size,
             "loss": loss,
