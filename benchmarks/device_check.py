@@ -14,7 +14,8 @@ command. Two steps:
 `prepare` copies the evaluation data, the GPT-NeoX tokenizer and the GSM exemplars from
 `--shared` (about 11 MB; TyDi QA is left out: its train files cover 3 of the 9 languages, so
 it cannot run) and downloads the wheels the machine lacks (torchao, for the ``adamw_bf16`` and
-``adamw_8bit`` optimizers; the machine has torch 2.11 and Python 3.12). The carry folder is
+``adamw_8bit`` optimizers, and xgrammar with its dependencies, for structured output's CUDA
+mask; the machine has torch 2.11 and Python 3.12). The carry folder is
 listed in ``.git/info/exclude``: it travels with the working tree but is never committed.
 
 `run` installs those wheels into a scratch directory, then runs the parts in order, each in
@@ -23,7 +24,7 @@ its own process group with its own time limit, so a hang or a crash costs only t
 | part | what | issue |
 |---|---|---|
 | env | torch, CUDA, GPU, copy bandwidth, bf16 matmul TFLOP/s, optional packages | - |
-| tests | ``pytest -m gpu tests/engine tests/model tests/train``: Triton kernel and CUDA-graph parity, Pythia-6.9B bf16 against transformers, bf16 training with each optimizer, offload and LoRA, FSDP over NCCL, resume on CUDA | 4, 7 |
+| tests | ``pytest -m gpu tests/engine tests/model tests/train``: Triton kernel and CUDA-graph parity, structured output's CUDA masks, Pythia-6.9B bf16 against transformers, bf16 training with each optimizer, offload and LoRA, FSDP over NCCL, resume on CUDA | 4, 7 |
 | engine | ``generation.py``: Pythia-6.9B bf16, Triton decode attention + CUDA graphs, 1,000 x (128 in / 256 out), mixed lengths, prefill, roofline, vs transformers (on a sample of the requests); with ``loop`` decoding if the fast path fails | 4 |
 | train | ``train.py``: Pythia-6.9B, 4 x 2,048 tokens, activation checkpointing, the whole optimizer step with ``adamw_bf16`` then ``adamw_8bit``: tokens/s, MFU, peak memory beside the dry-run estimate, vs transformers | 7 |
 | eval | ``eval_suite.py``: the paper suite on Pythia-6.9B random weights, cheapest task first, until the time left runs out; the tasks not reached are listed (time them in a later session with ``--parts eval --eval-tasks ...``) | 8 |
@@ -74,7 +75,17 @@ OUTPUT_FILES = (
 
 #: What the GPU machine lacks, as wheels for its Python 3.12 / torch 2.11 (torchao 0.17 is
 #: built against torch 2.11; its optimizers are Python, compiled by torch.compile).
-WHEELS = ("torchao==0.17.0",)
+WHEELS = (
+    "torchao==0.17.0",
+    # Structured output's GPU test (xgrammar's CUDA mask kernel): xgrammar and what it needs
+    # beyond torch, transformers and triton, at the versions tested here.
+    "xgrammar==0.2.9",
+    "apache-tvm-ffi==0.1.15.post2",
+    "pydantic==2.14.4",
+    "pydantic-core==2.50.5",
+    "annotated-types==0.8.0",
+    "typing-inspection==0.4.5",
+)
 WHEEL_PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64")
 #: Evaluation data the suite reads (open-instruct's layout), under shared/data/eval.
 EVAL_DIRS = ("mmlu", "gsm", "bbh", "codex_humaneval", "alpaca_farm")

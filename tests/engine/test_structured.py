@@ -339,3 +339,28 @@ def test_without_xgrammar_the_error_says_what_to_install(
             engine.add_request("Hi", _greedy(StructuredOutput(regex="a")))
     finally:
         structured.grammar_compiler.cache_clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (benchmarks/device_check.py carries xgrammar's wheels to the GPU machine)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_masks_on_cuda_match_the_reference_and_hold(tok_model, demo_tokenizer, make_llm, prompts):
+    """xgrammar's CUDA kernel applies the masks there: the engine's batched greedy tokens on
+    the GPU must equal the reference generator's on the GPU, and every reply hold."""
+    import copy
+
+    model = copy.deepcopy(tok_model).to("cuda")
+    specs = [BOUNDED[name] for name in ("json-schema", "regex", "choice", "grammar")]
+    params = [_greedy(spec) for spec in specs]
+    outputs = make_llm(model, demo_tokenizer, kv_cache_bytes=64 << 20).generate(prompts, params)
+    for prompt, output, p in zip(prompts, outputs, params, strict=True):
+        completion = output.outputs[0]
+        assert completion.finish_reason == "stop" and _satisfies(
+            p.structured_output, completion.text
+        )
+        ref = generate_ids(model, prompt, p, tokenizer=demo_tokenizer)
+        assert completion.token_ids == ref.token_ids
