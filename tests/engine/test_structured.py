@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 
 import pytest
@@ -241,6 +242,75 @@ def test_aborting_a_structured_request_frees_everything(
     engine.abort("a")
     outputs = drain(engine)
     assert re.fullmatch(REGEX, outputs["b"][-1].outputs[0].text)
+
+
+LIST_GRAMMAR = 'root ::= item ("," item)? \nitem ::= [0-9] | "ab"'
+#: Each grammar of the fuzz as a Python regex, to check its replies without xgrammar.
+GRAMMAR_REGEX = {GRAMMAR: r"a[bc]{1,2}[!?]", LIST_GRAMMAR: r"([0-9]|ab)(,([0-9]|ab))?"}
+
+
+def _holds(spec: StructuredOutput, text: str) -> bool:
+    if spec.grammar is not None:
+        return re.fullmatch(GRAMMAR_REGEX[spec.grammar], text) is not None
+    return _satisfies(spec, text)
+
+
+FUZZ_CONSTRAINTS = [
+    StructuredOutput(json=SCHEMA),
+    StructuredOutput(regex=REGEX),
+    StructuredOutput(regex=r"[a-e]{2,5}( [0-9]+)?\."),
+    StructuredOutput(choice=CHOICES),
+    StructuredOutput(choice=["é", "ü!", "x y z"]),
+    StructuredOutput(grammar=GRAMMAR),
+    StructuredOutput(grammar=LIST_GRAMMAR),
+    None,
+]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_structured_workloads_match_the_reference(seed, tok_model, demo_tokenizer, make_llm):
+    """Random batches of constrained, unconstrained, greedy and seeded-sampling requests (some
+    n = 2), under random engine settings (tiny pools that preempt, chunked prefill, no prefix
+    cache): every completion equals the reference generator's for its own request, and every
+    finished constrained reply satisfies its constraint."""
+    rng = random.Random(seed)
+    texts = ["The cat", "Hello there", "Numbers: 1, 2,", "<|user|>\nA color?\n", "Why"]
+    config = rng.choice(
+        [
+            {},
+            dict(
+                kv_cache_bytes=68 * 2 * 2 * 64 * 4, block_size=4
+            ),  # most seeds that draw it preempt
+            dict(max_num_batched_tokens=6),
+            dict(enable_prefix_caching=False, block_size=2),
+        ]
+    )
+    llm = make_llm(tok_model, demo_tokenizer, **config)
+    prompts, params = [], []
+    for _ in range(rng.randint(4, 8)):
+        spec = rng.choice(FUZZ_CONSTRAINTS)
+        sampled = rng.random() < 0.5
+        params.append(
+            SamplingParams(
+                temperature=rng.choice([0.7, 1.3]) if sampled else 0,
+                top_p=rng.choice([1.0, 0.9]),
+                seed=rng.randrange(1000),
+                n=rng.choice([1, 2]) if sampled else 1,
+                max_tokens=rng.choice([8, 40]),
+                structured_output=spec,
+            )
+        )
+        prompts.append(rng.choice(texts) * rng.randint(1, 3))
+    outputs = llm.generate(prompts, params)
+    for prompt, output, p in zip(prompts, outputs, params, strict=True):
+        ids = demo_tokenizer.encode(prompt)
+        ref = generate_ids(tok_model, ids, p, tokenizer=demo_tokenizer)
+        first = output.outputs[0]  # sample 0 uses the request's seed, as the reference does
+        assert first.token_ids == ref.token_ids, (seed, prompt, p.structured_output)
+        assert first.finish_reason == ref.finish_reason
+        for completion in output.outputs:
+            if p.structured_output is not None and completion.finish_reason == "stop":
+                assert _holds(p.structured_output, completion.text), completion.text
 
 
 # ----------------------------------------------------------------------------------------------
