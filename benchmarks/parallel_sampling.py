@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import argparse
 import random
-import statistics
 import sys
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -37,6 +35,7 @@ import torch
 from tulu.bench.workloads import (
     add_random_model_arguments,
     free_device_memory,
+    median_run,
     output_rate,
     preset_config,
     random_model,
@@ -120,20 +119,6 @@ def hf_run(model, prompts: list[list[int]], n: int, new: int, batch_rows: int, d
     return output_rate(len(prompts) * n * new, time.perf_counter() - start)
 
 
-def median_run(run: Callable[[list[list[int]]], dict], sets: list[list[list[int]]]) -> dict:
-    """A warm-up run on `sets[0]`, then one timed run per later set; the median by tokens/s,
-    with every run's tokens (in set order) kept for the comparison between tulu's runs."""
-    run(sets[0])
-    runs = [run(prompts) for prompts in sets[1:]]
-    tokens = [r.pop("tokens", None) for r in runs]
-    middle = sorted(runs, key=lambda r: r["output_tokens_per_s"])[len(runs) // 2]
-    return middle | {
-        "runs_tokens_per_s": [r["output_tokens_per_s"] for r in runs],
-        "median_seconds": statistics.median(r["seconds"] for r in runs),
-        "tokens": tokens,
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -175,14 +160,16 @@ def main() -> int:
             log(f"{key}: {num_prompts} prompts x n={n}")
             llm = LLM(model, None, EngineConfig(enable_prefix_caching=caching))
             run = partial(tulu_run, llm, n=n, new=new, device=device)
-            results[key] = median_run(run, sets)
+            results[key] = median_run(lambda k, run=run: run(sets[k]), len(sets))
             # On a GPU each engine's KV cache takes most of the free memory: one at a time.
             del llm, run
             free_device_memory(device)
         twin = transformers_twin(model)
         log("transformers: generate(num_return_sequences=n)")
         rows = args.hf_batch_size
-        results["transformers"] = median_run(lambda p: hf_run(twin, p, n, new, rows, device), sets)
+        results["transformers"] = median_run(
+            lambda k: hf_run(twin, sets[k], n, new, rows, device), len(sets)
+        )
     except TuluError as err:
         print(f"parallel_sampling.py: error: {err}", file=sys.stderr)
         return 1

@@ -36,7 +36,6 @@ import argparse
 import importlib.util
 import json
 import random
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -50,6 +49,7 @@ import torch
 from tulu.bench.workloads import (
     add_random_model_arguments,
     free_device_memory,
+    median_run,
     output_rate,
     preset_config,
     random_model,
@@ -198,12 +198,12 @@ def tulu_runs(
     params_of: Callable[[int], SamplingParams | list[SamplingParams]],
     device: torch.device,
 ) -> dict[str, Any]:
-    """`timed_runs` of every prompt set (set k with `params_of(k)`) on a fresh engine, whose
+    """`median_run` of every prompt set (set k with `params_of(k)`) on a fresh engine, whose
     prefix cache holds no earlier run's prompts. The engine is dropped on return; call
     `free_device_memory` before the next system is built (on a GPU its KV cache takes most of
     the free memory)."""
     llm = LLM(model, tokenizer, EngineConfig())
-    return timed_runs(lambda k: tulu_run(llm, sets[k], params_of(k), device), len(sets))
+    return median_run(lambda k: tulu_run(llm, sets[k], params_of(k), device), len(sets))
 
 
 def first_eos(row: list[int], eos: int) -> list[int]:
@@ -244,22 +244,6 @@ def hf_run(
     sync(device)
     seconds = time.perf_counter() - start
     return output_rate(sum(map(len, tokens)), seconds) | {"tokens": tokens}
-
-
-def timed_runs(run: Callable[[int], dict[str, Any]], count: int) -> dict[str, Any]:
-    """`run(0)` as the warm-up, then `run(1)` ... `run(count - 1)` timed: the median run by
-    tokens/s, with every run's tokens (warm-up included, by prompt set) under "tokens"."""
-    runs = [run(index) for index in range(count)]
-    tokens = [r.pop("tokens") for r in runs]
-    timed = runs[1:]
-    middle = sorted(timed, key=lambda r: r["output_tokens_per_s"])[len(timed) // 2]
-    return middle | {
-        # the true median (an even count averages the middle two, as median_seconds does)
-        "output_tokens_per_s": statistics.median(r["output_tokens_per_s"] for r in timed),
-        "runs_tokens_per_s": [r["output_tokens_per_s"] for r in timed],
-        "median_seconds": statistics.median(r["seconds"] for r in timed),
-        "tokens": tokens,
-    }
 
 
 def check_tokens(
@@ -352,7 +336,7 @@ def resolve(args: argparse.Namespace) -> Setup:
 
 
 def run_systems(setup: Setup, sets: list[list[list[int]]], hf_batch_size: int) -> dict[str, dict]:
-    """The three systems' `timed_runs`, one at a time on one random-weight model."""
+    """The three systems' `median_run`, one at a time on one random-weight model."""
     device, tokenizer = setup.device, setup.tokenizer
     model = random_model(setup.config, device, seed=0)
     spec = StructuredOutput(json=SCHEMA)
@@ -377,7 +361,7 @@ def run_systems(setup: Setup, sets: list[list[list[int]]], hf_batch_size: int) -
     log(f"transformers generate + xgrammar's LogitsProcessor, batches of {hf_batch_size}")
     compiled = grammar_compiler(tokenizer, setup.config.vocab_size, setup.eos).compile(spec)
     twin = transformers_twin(model)
-    hf = timed_runs(
+    hf = median_run(
         lambda k: hf_run(twin, sets[k], compiled, setup.eos, hf_batch_size, device), len(sets)
     )
     return {

@@ -963,7 +963,22 @@ def test_structured_output_schema_checker_and_token_bound() -> None:
     lets every constrained request finish (its longest text, a byte or more per token, + EOS)."""
     module = _structured_output_module()
     longest = module.longest_instance(module.SCHEMA)
-    assert module.MAX_TOKENS == len(json.dumps(longest)) + 1
+    assert module.MAX_TOKENS == 147  # 146 bytes of the longest text, + the EOS
+    # ...as xgrammar writes it: json.dumps's ", " and ": " separators, no other whitespace
+    xgrammar = pytest.importorskip("xgrammar")
+    from tulu.demo import corpus_text, train_tokenizer
+    from tulu.engine.structured import StructuredOutput, grammar_compiler
+
+    tokenizer = train_tokenizer(corpus_text())
+    compiler = grammar_compiler(tokenizer, len(tokenizer), tokenizer.eos_token_id)
+    compiled = compiler.compile(StructuredOutput(json=module.SCHEMA))
+    for text, accepted in (
+        (json.dumps(longest), True),
+        (json.dumps(longest, separators=(",", ":")), False),
+    ):
+        matcher = xgrammar.GrammarMatcher(compiled)
+        assert matcher.accept_string(text) == accepted, text
+        assert matcher.is_completed() == accepted, text
     assert module.text_violations(json.dumps(longest)) == []
     assert module.text_violations('{"category": "book"')[0].startswith("not JSON")
     bad = dict(longest, color="pink", quantity=1000, in_stock=1)

@@ -250,11 +250,15 @@ SCHEMA = {
 REGEX = r"(cat|dog)s? [0-9]{2}"
 CHOICES = ["yes", "no", "maybe so"]
 GRAMMAR = 'root ::= "a" [bc] [bc]? ("!" | "?")'
+LIST_GRAMMAR = 'root ::= item ("," item)? \nitem ::= [0-9] | "ab"'
+#: Each grammar above as a Python regex, to check a reply without xgrammar.
+GRAMMAR_REGEX = {GRAMMAR: r"a[bc]{1,2}[!?]", LIST_GRAMMAR: r"([0-9]|ab)(,([0-9]|ab))?"}
 
 
 def satisfies(kind: str, value: object, text: str) -> bool:
     """Whether `text` meets the constraint `kind` ("json" = SCHEMA, "json_object", "regex",
-    "choice", "grammar" = GRAMMAR) with `value`, checked by Python itself (json, re)."""
+    "choice", "grammar" = one of GRAMMAR_REGEX's) with `value`, checked by Python itself (json,
+    re)."""
     if kind == "json":
         reply = json.loads(text)
         return (
@@ -270,4 +274,4 @@ def satisfies(kind: str, value: object, text: str) -> bool:
         return re.fullmatch(value, text) is not None
     if kind == "choice":
         return text in value
-    return re.fullmatch(r"a[bc]{1,2}[!?]", text) is not None  # GRAMMAR
+    return re.fullmatch(GRAMMAR_REGEX[value], text) is not None

@@ -283,6 +283,21 @@ def test_allowed_tokens_that_are_all_stop_tokens_with_min_tokens_are_refused(
     engine.abort(accepted)
 
 
+def test_restrictions_past_the_tokenizer_are_refused_when_added(
+    tok_model, demo_tokenizer, make_engine
+):
+    """tok_model pads its vocabulary past the tokenizer's: those rows are no tokens."""
+    engine = make_engine(tok_model, demo_tokenizer)
+    past = len(demo_tokenizer)
+    assert past < tok_model.config.vocab_size  # the premise
+    for params in (
+        SamplingParams(logit_bias={past: 5.0}),
+        SamplingParams(allowed_token_ids=[past]),
+    ):
+        with pytest.raises(GenerationError, match=f"contains {past}, which is not a token"):
+            engine.add_request("Hi", params)
+
+
 def test_out_of_vocabulary_restrictions_are_refused_when_added(tiny_model, make_engine):
     engine = make_engine(tiny_model)
     for params in (

@@ -20,6 +20,7 @@ from tulu.engine.sampling import (
     build_token_histories,
     candidate_logprobs,
     check_min_tokens_reachable,
+    check_token_ids_in_vocab,
     compute_logprobs,
     make_generator,
     mask_tokens,
@@ -345,11 +346,23 @@ def test_logit_bias_adds_to_its_rows_tokens_and_keeps_masked_tokens_masked():
     assert _tensors([SamplingParams()]).logit_bias is None
 
 
-def test_token_ids_are_checked_against_the_vocabulary_when_it_is_given():
+def test_generable_ids_must_be_in_the_vocabulary_and_the_tokenizer():
+    """allowed_token_ids and logit_bias make ids generable: beyond the model's vocabulary they
+    would fail a step, and past the tokenizer's size (the model's padding rows) they would
+    generate ids with no text."""
     for params in (SamplingParams(logit_bias={8: 1}), SamplingParams(allowed_token_ids=[1, 8])):
-        with pytest.raises(GenerationError, match=r"contains 8, outside the vocabulary \[0, 8\)"):
-            _tensors([SamplingParams(), params], vocab_size=8)
-        _tensors([params], vocab_size=9)
+        name = "logit_bias" if params.logit_bias else "allowed_token_ids"
+        with pytest.raises(GenerationError, match=rf"{name} contains 8, outside the vocabulary"):
+            check_token_ids_in_vocab(params, 8)
+        with pytest.raises(GenerationError) as info:
+            check_token_ids_in_vocab(params, 16, num_tokens=8)
+        assert str(info.value) == (
+            f"SamplingParams.{name} contains 8, which is not a token: the tokenizer's ids are "
+            "0 to 7"
+        )
+        check_token_ids_in_vocab(params, 16, num_tokens=9)
+    # stop tokens are not generated because of the request: a padding id is only pointless
+    check_token_ids_in_vocab(SamplingParams(stop_token_ids=[12]), 16, num_tokens=8)
 
 
 def test_greedy_rows_pick_among_allowed_tokens_after_the_bias():

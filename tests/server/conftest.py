@@ -286,6 +286,22 @@ def kv_pool() -> Callable[[RunningServer], Any]:
     return lambda server: server.engine.pool
 
 
+@pytest.fixture
+def compile_threads(monkeypatch) -> list[str]:
+    """The names of the threads that compile a structured output's grammar in the test."""
+    from tulu.engine.structured import GrammarCompiler
+
+    calls: list[str] = []
+    compile_spec = GrammarCompiler.compile
+
+    def recording(self, spec):
+        calls.append(threading.current_thread().name)
+        return compile_spec(self, spec)
+
+    monkeypatch.setattr(GrammarCompiler, "compile", recording)
+    return calls
+
+
 def record_started_apps(monkeypatch) -> list:
     """Make `tulu serve` hand its app to the returned list instead of serving it."""
     from tulu.server import launch

@@ -305,26 +305,13 @@ def bad_grammar_body(route: str, stream: bool) -> dict:
     return body
 
 
-def record_compiles(monkeypatch) -> list[str]:
-    """The names of the threads that compile a grammar from now on."""
-    calls: list[str] = []
-    compile_spec = GrammarCompiler.compile
-
-    def recording(self, spec):
-        calls.append(threading.current_thread().name)
-        return compile_spec(self, spec)
-
-    monkeypatch.setattr(GrammarCompiler, "compile", recording)
-    return calls
-
-
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("route", ADMITTING_ROUTES)
-def test_a_full_server_answers_429_without_compiling(new_server, monkeypatch, route, stream):
+def test_a_full_server_answers_429_without_compiling(new_server, compile_threads, route, stream):
     """Admission comes before the compile (which can take seconds): a full server spends
     nothing on the request, so even a grammar that would not compile gets the 429."""
     server = new_server(max_num_seqs=0, max_queue=0)
-    compiles = record_compiles(monkeypatch)
+    compiles = compile_threads
     response = httpx.post(
         server.url + stream_route(route, stream), json=bad_grammar_body(route, stream), timeout=WAIT
     )

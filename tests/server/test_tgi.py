@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Iterator
 
@@ -21,7 +20,7 @@ from text_generation.errors import OverloadedError, ValidationError
 from text_generation.types import Grammar, GrammarType
 from torch import nn
 
-from engine.conftest import REGEX, SCHEMA
+from engine.conftest import REGEX, SCHEMA, satisfies
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
 from tulu.model import GPTNeoXForCausalLM, preset
@@ -428,17 +427,6 @@ def test_async_client(server):
 GRAMMAR_TOKENS = 64  # the bounded schema and regex finish well within it
 
 
-def meets_schema(text: str) -> bool:
-    value = json.loads(text)
-    return (
-        set(value) == {"color", "ok", "size"}
-        and value["color"] in ("red", "green", "blue")
-        and isinstance(value["ok"], bool)
-        and type(value["size"]) is int
-        and 0 <= value["size"] <= 99
-    )
-
-
 @pytest.mark.parametrize(
     ("grammar", "spec"),
     [
@@ -456,15 +444,15 @@ def test_grammar_output_matches_the_reference(server, model, tokenizer, grammar,
     assert [t.id for t in response.details.tokens] == expected.token_ids
     assert response.generated_text == expected.text
     if "json" in spec:
-        assert meets_schema(response.generated_text), response.generated_text
+        assert satisfies("json", SCHEMA, response.generated_text), response.generated_text
     else:
-        assert re.fullmatch(REGEX, response.generated_text), response.generated_text
+        assert satisfies("regex", REGEX, response.generated_text), response.generated_text
 
 
 def test_unconstrained_the_model_meets_neither_grammar(server):
     """Guard for the test above."""
     text = client(server).generate(PROMPT, max_new_tokens=GRAMMAR_TOKENS).generated_text
-    assert not re.fullmatch(REGEX, text)
+    assert not satisfies("regex", REGEX, text)
     with pytest.raises(json.JSONDecodeError):
         json.loads(text)
 
@@ -486,7 +474,7 @@ def test_grammar_streams_and_samples(server):
             temperature=1.5,
             seed=seed,
         )
-        assert re.fullmatch(REGEX, sampled.generated_text), sampled.generated_text
+        assert satisfies("regex", REGEX, sampled.generated_text), sampled.generated_text
 
 
 def test_json_schema_grammar_type_as_tgi(server):
@@ -495,7 +483,7 @@ def test_json_schema_grammar_type_as_tgi(server):
     body = {"inputs": PROMPT, "parameters": {"max_new_tokens": GRAMMAR_TOKENS, "grammar": grammar}}
     response = post(server, "/generate", body)
     assert response.status_code == 200, response.text
-    assert meets_schema(response.json()["generated_text"])
+    assert satisfies("json", SCHEMA, response.json()["generated_text"])
     # `json_object` is TGI's other name for `json`
     body["parameters"]["grammar"] = {"type": "json_object", "value": SCHEMA}
     again = post(server, "/generate", body)

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from model.conftest import build_model
-from train.conftest import transformers_adapter
+from train.conftest import transformers_5, transformers_adapter
 from tulu.errors import CheckpointError, ConfigError
 from tulu.model import GPTNeoXForCausalLM, preset
 from tulu.model.checkpoint import load_model, save_model
@@ -143,14 +143,6 @@ def test_adapters_trained_on_transformers_5_merge_to_their_logits(
     assert (expected - logits(load_model(base_dir, dtype=torch.float32))).abs().max() > 1e-2
 
 
-def transformers_5() -> object:
-    """transformers, skipping a test of its GPT-NeoX's head when that is not ``lm_head``."""
-    transformers = pytest.importorskip("transformers")
-    if int(transformers.__version__.split(".")[0]) < 5:
-        pytest.skip("transformers 4 calls the LM head embed_out, as we do")
-    return transformers
-
-
 @torch.no_grad()
 def logits_in_transformers(base_dir: Path, adapter: Path) -> torch.Tensor:
     """The logits on IDS of `adapter` loaded by PEFT onto transformers' GPT-NeoX."""
@@ -199,7 +191,6 @@ def test_a_head_adapter_from_transformers_5_saved_again_loads_there(
 ) -> None:
     """Loaded into tulu, an adapter of transformers 5's head names it embed_out (LoRA or
     modules_to_save); saved again, it named the head so and lost it on transformers 5."""
-    transformers_5()
     directory, expected = transformers_adapter(
         base_dir, tmp_path / "adapter", IDS, seed=1, scale=0.05, **lora
     )

@@ -351,6 +351,21 @@ def make_requests(
     return out
 
 
+def median_run(run: Callable[[int], dict[str, Any]], count: int) -> dict[str, Any]:
+    """`run(0)` as a warm-up, then `run(1)` ... `run(count - 1)` timed: the timed run with the
+    median tokens/s (the faster of the middle two for an even count), with every timed run's
+    tokens/s, and every run's tokens (warm-up included, by index; None for a run that returns
+    none) under "tokens", for comparing systems run on the same prompts."""
+    runs = [run(index) for index in range(count)]
+    tokens = [r.pop("tokens", None) for r in runs]
+    timed = runs[1:]
+    middle = sorted(timed, key=lambda r: r["output_tokens_per_s"])[len(timed) // 2]
+    return middle | {
+        "runs_tokens_per_s": [r["output_tokens_per_s"] for r in timed],
+        "tokens": tokens,
+    }
+
+
 def median_of(fn: Callable[[list[int]], dict[str, float]], prompts: Sequence[list[int]]) -> dict:
     """Run a single-stream measurement once per prompt; the median of each figure.
 

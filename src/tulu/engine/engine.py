@@ -392,7 +392,11 @@ class LLMEngine:
             raise GenerationError(f"request id {request_id!r} is already in use")
         if params.stop and self.tokenizer is None:
             raise GenerationError("stop strings need a tokenizer")
-        check_token_ids_in_vocab(params, self.model_config.vocab_size)
+        check_token_ids_in_vocab(
+            params,
+            self.model_config.vocab_size,
+            len(self.tokenizer) if self.tokenizer is not None else None,
+        )
         check_min_tokens_reachable(params, self.eos_token_id)
         matchers = self._grammar_matchers(params)
         prompt_ids = self.encode_prompt(prompt)

@@ -493,8 +493,9 @@ def prepare_sampling_tensors(
     """Stack the rows' parameters into :class:`SamplingTensors` on ``device``.
 
     When any row uses a penalty, ``vocab_size``, ``prompt_token_ids`` and ``output_token_ids``
-    (one list per row) are required to build the token histories. Given ``vocab_size``, the
-    token ids the rows name are checked against it (:func:`check_token_ids_in_vocab`).
+    (one list per row) are required to build the token histories; otherwise they are ignored.
+    The token ids the rows name were checked when their requests were added
+    (:func:`check_token_ids_in_vocab`), not again every step.
     """
     if not params_list:
         raise GenerationError("prepare_sampling_tensors: params_list is empty")
@@ -530,9 +531,6 @@ def prepare_sampling_tensors(
         do_min_p=any(p > 0.0 and s for p, s in zip(min_p, sampled, strict=True)),
         do_penalties=any(p.uses_penalties for p in params_list),
     )
-    if vocab_size is not None:
-        for p in params_list:
-            check_token_ids_in_vocab(p, vocab_size)
     tensors.logit_bias = _flat_logit_bias(params_list, device)
     tensors.allowed_tokens = _flat_allowed_tokens(params_list, device)
     if tensors.do_penalties:
@@ -702,9 +700,9 @@ def apply_allowed_tokens(
     flat (row, token) entries; unrestricted rows are unchanged. The token ids were checked
     against the vocabulary when the request was added (no device sync here, every step)."""
     logits = _check_logits(logits)
-    keep = ~restricted.to(logits.device).unsqueeze(1).expand_as(logits).clone()
-    keep[rows.to(logits.device), tokens.to(logits.device)] = True
-    return logits.masked_fill(~keep, float("-inf"))
+    blocked = restricted.to(logits.device).unsqueeze(1).expand_as(logits).clone()
+    blocked[rows.to(logits.device), tokens.to(logits.device)] = False
+    return logits.masked_fill(blocked, float("-inf"))
 
 
 def apply_logit_bias(
@@ -811,8 +809,8 @@ def sample(
     """Choose one token per row; returns int64 ids ``[B]``.
 
     Rows' ``allowed_token_ids`` and ``logit_bias`` are applied first, then penalties (when any
-    row uses them). Greedy rows take the argmax of the
-    penalised logits (the lowest id on ties). The other rows are processed by
+    row uses them). Greedy rows take the argmax of the penalised logits (the lowest id on
+    ties). The other rows are processed by
     :func:`process_logits` and draw with the exponential race ``argmax(probs / E)``, ``E ~
     Exp(1)`` per token, computed in log space as ``argmax(logits - log E)`` (the Gumbel-max
     trick), which samples exactly from ``softmax(logits)`` and never picks a masked token. Each
@@ -911,10 +909,24 @@ def check_min_tokens_reachable(params: SamplingParams, eos_token_id: int | None)
         )
 
 
-def check_token_ids_in_vocab(params: SamplingParams, vocab_size: int) -> None:
+def check_token_ids_in_vocab(
+    params: SamplingParams, vocab_size: int, num_tokens: int | None = None
+) -> None:
     """Token ids a request names must exist in the model's vocabulary, and it cannot ask for
     more top log-probabilities than there are tokens (checked per model, before the request
-    runs: a step would otherwise fail halfway, for every request in its batch)."""
+    runs: a step would otherwise fail halfway, for every request in its batch).
+
+    Given the tokenizer's size `num_tokens`, the ids a request makes generable
+    (``allowed_token_ids``, ``logit_bias``) must also be tokens of it: the model's vocabulary
+    is padded past the tokenizer's (Pythia: 50432 rows, 50277 tokens), and favouring a padding
+    row would generate ids with no text (vLLM checks ``allowed_token_ids`` so too)."""
+    for name in ("allowed_token_ids", "logit_bias"):
+        for token in getattr(params, name) or ():
+            if num_tokens is not None and token >= num_tokens:
+                raise GenerationError(
+                    f"SamplingParams.{name} contains {token}, which is not a token: the "
+                    f"tokenizer's ids are 0 to {num_tokens - 1}"
+                )
     for name in ("stop_token_ids", "candidate_token_ids", "allowed_token_ids", "logit_bias"):
         for token in getattr(params, name) or ():
             if token >= vocab_size:

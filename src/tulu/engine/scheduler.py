@@ -185,8 +185,9 @@ class Scheduler:
 
         Never the block of its last token, which the step must compute for logits, even if
         the sequence holds that block's hash: taking it would schedule the sequence with
-        nothing to compute, and the step would sample it from another sequence's row. Zero when it skips the prefix cache: every prompt position must be computed to score
-        it (prompt log-probabilities).
+        nothing to compute, and the step would sample it from another sequence's row. Zero
+        when it skips the prefix cache: every prompt position must be computed to score it
+        (prompt log-probabilities).
         """
         if not self.pool.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return 0
