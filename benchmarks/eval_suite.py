@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from tulu.bench.workloads import random_model, transformers_twin
+from tulu.bench.workloads import random_model, require_positive, transformers_twin
 from tulu.engine.engine import LLM
 from tulu.errors import TuluError
 from tulu.eval.backends import EngineBackend
@@ -183,14 +183,10 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     tasks = parse_tasks(args.tasks)
-    if args.peer_batch < 1:
-        parser.error(f"--peer-batch must be a positive integer, got {args.peer_batch}")
+    # --max-examples and --codex-samples are checked by the tasks too, but only after the load
+    require_positive(parser, args, ("peer_batch", "max_examples", "codex_samples"))
     if args.peer_examples is not None and args.peer_examples < 0:
         parser.error(f"--peer-examples must be 0 (no peer) or more, got {args.peer_examples}")
-    for flag in ("max_examples", "codex_samples"):  # checked by the tasks only after the load
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
     budget = args.time_budget
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         parser.error(f"--time-budget must be a positive number of seconds, got {budget}")

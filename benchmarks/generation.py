@@ -37,15 +37,13 @@ from tulu.bench.workloads import (
     add_random_model_arguments,
     check_settings,
     format_report,
-    preset_config,
     random_model,
-    resolve_device,
+    resolve_random_model_arguments,
     run_benchmark,
 )
 from tulu.engine.options import add_engine_arguments, engine_settings
 from tulu.errors import TuluError
 from tulu.jsonl import check_output, write_json
-from tulu.model.config import parse_dtype
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -90,11 +88,10 @@ def main() -> int:
     args = parser.parse_args()
 
     try:
-        device = resolve_device(args.device)
+        device, dtype, config = resolve_random_model_arguments(args)
         gpu = device.type == "cuda"
         out = args.output or RESULTS / f"generation-{args.preset}-{device.type}.json"
         check_output(out)
-        dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
         default_requests = 1000 if gpu else 24
         engine = engine_settings(args)  # the engine flags, each checked and named
         settings = BenchSettings(
@@ -121,7 +118,6 @@ def main() -> int:
             hf_compile=args.hf_compile,
             seed=0,
         )
-        config = preset_config(args.preset, args.layers, dtype)
         check_settings(settings, config)  # bad flags fail now, not after the weights are built
         torch.manual_seed(0)
         model = random_model(config, device, seed=0)

@@ -33,12 +33,13 @@ import torch
 from tulu.bench.workloads import (
     add_random_model_arguments,
     free_device_memory,
+    hf_generate,
     make_requests,
     median_run,
     output_rate,
-    preset_config,
     random_model,
-    resolve_device,
+    require_positive,
+    resolve_random_model_arguments,
     sync,
     transformers_twin,
 )
@@ -46,7 +47,6 @@ from tulu.engine.engine import LLM, EngineConfig
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import TuluError
 from tulu.jsonl import check_output, write_json
-from tulu.model.config import parse_dtype
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
@@ -93,26 +93,17 @@ def tulu_run(llm: LLM, requests: list, names: list[str | None], device: torch.de
 
 
 def hf_run(model, requests: list, names: list[str] | None, batch_size: int, device) -> dict:
-    """transformers' generate in batches (the prompts share a length: no padding); with
-    `names`, PEFT's unmerged mixed-adapter batches (`adapter_names`, one per row)."""
+    """transformers' greedy `hf_generate` in batches (the prompts share a length: no
+    padding); with `names`, PEFT's unmerged mixed-adapter batches (`adapter_names`, one per
+    row)."""
     tokens: list[list[int]] = []
     sync(device)
     start = time.perf_counter()
     for i in range(0, len(requests), batch_size):
         batch = requests[i : i + batch_size]
-        ids = torch.tensor([p for p, _ in batch], device=device)
-        new = max(o for _, o in batch)
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=new,
-                min_new_tokens=new,
-                pad_token_id=0,
-                **({} if names is None else {"adapter_names": names[i : i + batch_size]}),
-            )
-        tokens += out[:, ids.shape[1] :].tolist()
+        adapters = {} if names is None else {"adapter_names": names[i : i + batch_size]}
+        out = hf_generate(model, batch, max(o for _, o in batch), device, **adapters)
+        tokens += out[:, len(batch[0][0]) :].tolist()
     sync(device)
     seconds = time.perf_counter() - start
     return output_rate(sum(o for _, o in requests), seconds) | {"tokens": tokens}
@@ -133,10 +124,7 @@ def main() -> int:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     positive = ("num_requests", "prompt_len", "output_len", "adapters", "rank", "hf_batch_size")
-    for flag in (*positive, "repeats"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    require_positive(parser, args, (*positive, "repeats"))
     try:
         from peft import PeftModel
     except ImportError:
@@ -144,12 +132,10 @@ def main() -> int:
         return 1
 
     try:
-        device = resolve_device(args.device)
+        device, dtype, config = resolve_random_model_arguments(args)
         gpu = device.type == "cuda"
         out = args.output or RESULTS / f"lora-{args.preset}-{device.type}.json"
         check_output(out)
-        dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
-        config = preset_config(args.preset, args.layers, dtype)
         model = random_model(config, device, seed=0)
         n = args.num_requests or (256 if gpu else 32)
         rng = random.Random(0)

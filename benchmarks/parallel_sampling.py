@@ -37,9 +37,9 @@ from tulu.bench.workloads import (
     free_device_memory,
     median_run,
     output_rate,
-    preset_config,
     random_model,
-    resolve_device,
+    require_positive,
+    resolve_random_model_arguments,
     sync,
     transformers_twin,
 )
@@ -47,7 +47,6 @@ from tulu.engine.engine import LLM, EngineConfig
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import TuluError
 from tulu.jsonl import check_output, write_json
-from tulu.model.config import parse_dtype
 
 RESULTS = Path(__file__).parent / "results"
 TEMPERATURE, TOP_P = 0.8, 0.95
@@ -132,18 +131,14 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each (median)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    for flag in ("num_prompts", "n", "prompt_len", "output_len", "hf_batch_size", "repeats"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    positive = ("num_prompts", "n", "prompt_len", "output_len", "hf_batch_size", "repeats")
+    require_positive(parser, args, positive)
 
     try:
-        device = resolve_device(args.device)
+        device, dtype, config = resolve_random_model_arguments(args)
         gpu = device.type == "cuda"
         out = args.output or RESULTS / f"parallel-sampling-{args.preset}-{device.type}.json"
         check_output(out)
-        dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
-        config = preset_config(args.preset, args.layers, dtype)
         num_prompts = args.num_prompts or (164 if gpu else 8)
         n = args.n or (20 if gpu else 8)
         new = args.output_len or (128 if gpu else 16)

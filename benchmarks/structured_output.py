@@ -51,9 +51,9 @@ from tulu.bench.workloads import (
     free_device_memory,
     median_run,
     output_rate,
-    preset_config,
     random_model,
-    resolve_device,
+    require_positive,
+    resolve_random_model_arguments,
     sync,
     transformers_twin,
 )
@@ -62,7 +62,7 @@ from tulu.engine.sampling import SamplingParams
 from tulu.engine.structured import StructuredOutput, grammar_compiler
 from tulu.errors import TuluError
 from tulu.jsonl import check_output, write_json
-from tulu.model.config import NeoXConfig, parse_dtype
+from tulu.model.config import NeoXConfig
 from tulu.tokenizer import Tokenizer
 
 RESULTS = Path(__file__).parent / "results"
@@ -279,10 +279,7 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
-    for flag in ("num_prompts", "prompt_len", "hf_batch_size", "repeats"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+    require_positive(parser, args, ("num_prompts", "prompt_len", "hf_batch_size", "repeats"))
     return args
 
 
@@ -310,12 +307,10 @@ class Setup:
 def resolve(args: argparse.Namespace) -> Setup:
     """The run's settings from `args`; TuluError names the flag that cannot run."""
     require_packages()
-    device = resolve_device(args.device)
+    device, dtype, config = resolve_random_model_arguments(args)
     gpu = device.type == "cuda"
     output = args.output or RESULTS / f"structured-output-{args.preset}-{device.type}.json"
     check_output(output)
-    dtype = parse_dtype(args.dtype or ("bfloat16" if gpu else "float32"), "--dtype")
-    config = preset_config(args.preset, args.layers, dtype)
     if args.prompt_len + MAX_TOKENS > config.max_position_embeddings:
         raise TuluError(
             f"--prompt-len {args.prompt_len} + the schema's {MAX_TOKENS} output tokens exceed "

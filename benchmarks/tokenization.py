@@ -539,6 +539,7 @@ def main() -> None:
 
     from tulu.data.batching import padding_report
     from tulu.data.tokenize import _default_workers, tokenize_records
+    from tulu.data.tokenized import TokenizedDataset
     from tulu.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory(prefix="tulu-bench-") as tmp_name:
@@ -566,26 +567,24 @@ def main() -> None:
 
         workers = args.workers or _default_workers()
         cache = tmp / "cache"
+
+        def tokenize(records: Path, cache_dir: Path, num_workers: int) -> TokenizedDataset:
+            """tulu's tokenization of `records`, as every run here times it."""
+            return tokenize_records(
+                records,
+                tokenizer,
+                args.max_seq_length,
+                cache_dir=cache_dir,
+                num_workers=num_workers,
+                progress=False,
+            )
+
         start = time.perf_counter()
-        dataset = tokenize_records(
-            data,
-            tokenizer,
-            args.max_seq_length,
-            cache_dir=cache,
-            num_workers=workers,
-            progress=False,
-        )
+        dataset = tokenize(data, cache, workers)
         fresh = time.perf_counter() - start
         assert not dataset.cache_hit
         start = time.perf_counter()
-        again = tokenize_records(
-            data,
-            tokenizer,
-            args.max_seq_length,
-            cache_dir=cache,
-            num_workers=workers,
-            progress=False,
-        )
+        again = tokenize(data, cache, workers)
         hit = time.perf_counter() - start
         assert again.cache_hit
         ours = {
@@ -621,14 +620,7 @@ def main() -> None:
         modes = {}
         for name, count in (("workers", workers), ("in_process", 1)):
             start = time.perf_counter()
-            tokenize_records(
-                subset,
-                tokenizer,
-                args.max_seq_length,
-                cache_dir=tmp / name,
-                num_workers=count,
-                progress=False,
-            )
+            tokenize(subset, tmp / name, count)
             modes[name] = {
                 "workers": count,
                 "examples_per_s": n_modes / (time.perf_counter() - start),

@@ -55,7 +55,7 @@ from typing import Any
 import torch
 import transformers
 
-from tulu.bench.workloads import resolve_device
+from tulu.bench.workloads import require_positive, resolve_device
 from tulu.errors import TuluError
 from tulu.jsonl import check_output, write_json
 from tulu.model import GPTNeoXForCausalLM, NeoXConfig, preset
@@ -550,10 +550,8 @@ def main() -> None:
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Refuse sizes that could not run (or that `or` defaults would silently replace: a
     `--steps 0` must not time 10 steps), naming the flag, before a model is built."""
-    for name in ("layers", "hidden_size", "vocab_size", "seq_len", "micro_batch", "steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            parser.error(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    positive = ("layers", "hidden_size", "vocab_size", "seq_len", "micro_batch", "steps")
+    require_positive(parser, args, positive)
     if args.warmup is not None and args.warmup < 0:
         parser.error(f"--warmup must be 0 or more, got {args.warmup}")
     tflops = args.peak_tflops

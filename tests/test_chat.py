@@ -2,17 +2,20 @@
 
 Expected ids and masks come from two independent sources: ids hard-coded after checking every
 span by hand, and a re-implementation of open-instruct's algorithm on top of transformers'
-tokenizer (not on tulu's), compared case by case.
+tokenizer (not on tulu's), compared case by case: the one in benchmarks/tokenization.py, which
+that benchmark times as open-instruct's side and which these tests thereby check too.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 import pytest
-from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from helpers import train_tiny_bpe
 from tulu.chat import (
     IGNORE_INDEX,
     EncodedExample,
@@ -62,16 +65,7 @@ def hf(neox_tokenizer_path: Path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(["Question: what is two plus two? Answer: four."] * 4, trainer)
+    backend = train_tiny_bpe(["Question: what is two plus two? Answer: four."] * 4)
     path = tmp_path_factory.mktemp("tiny") / "tokenizer.json"
     backend.save(str(path))
     return Tokenizer.from_file(path)
@@ -80,45 +74,27 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
 # --------------------------------------------------------------------------- the reference
 
 
+@functools.cache
+def _tokenization_benchmark() -> ModuleType:
+    """benchmarks/tokenization.py as a module: its `open_instruct_encode` is the one re-typing
+    of open-instruct's encode_with_messages_format, the peer that benchmark times and the
+    oracle here."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tokenization.py"
+    spec = importlib.util.spec_from_file_location("tokenization_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def reference_messages(messages, hf_tok, max_seq_length):
-    """open-instruct's encode_with_messages_format, re-typed here on transformers' tokenizer."""
-
-    def concat(msgs):
-        text = ""
-        for m in msgs:
-            if m["role"] == "system":
-                text += "<|system|>\n" + m["content"].strip() + "\n"
-            elif m["role"] == "user":
-                text += "<|user|>\n" + m["content"].strip() + "\n"
-            elif m["role"] == "assistant":
-                text += "<|assistant|>\n" + m["content"].strip() + hf_tok.eos_token + "\n"
-            else:
-                raise ValueError(m["role"])
-        return text
-
-    def n_tokens(text):
-        return len(hf_tok(text, max_length=max_seq_length, truncation=True)["input_ids"])
-
-    input_ids = hf_tok(concat(messages).strip(), max_length=max_seq_length, truncation=True)[
-        "input_ids"
-    ]
-    labels = list(input_ids)
-    for idx, m in enumerate(messages):
-        if m["role"] == "assistant":
-            continue
-        start = 0 if idx == 0 else n_tokens(concat(messages[:idx]))
-        if idx < len(messages) - 1 and messages[idx + 1]["role"] == "assistant":
-            so_far = concat(messages[: idx + 1]) + "<|assistant|>\n"
-        else:
-            so_far = concat(messages[: idx + 1])
-        end = n_tokens(so_far)
-        for pos in range(start, min(end, len(labels))):
-            labels[pos] = -100
-        if end >= max_seq_length:
-            break
+    """open-instruct's encode_with_messages_format on transformers' tokenizer, as (input_ids,
+    labels) lists; None where open-instruct drops the example (every label masked)."""
+    encode = _tokenization_benchmark().open_instruct_encode
+    encoded = encode({"messages": messages}, hf_tok, max_seq_length)
+    labels = encoded["labels"].tolist()
     if all(label == -100 for label in labels):
         return None
-    return input_ids, labels
+    return encoded["input_ids"].tolist(), labels
 
 
 def reference_prompt_completion(prompt, completion, hf_tok, max_seq_length):
@@ -249,13 +225,7 @@ def test_bad_max_seq_length(tiny: Tokenizer) -> None:
 
 
 def test_tokenizer_without_eos(tmp_path: Path) -> None:
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=280, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    backend.train_from_iterator(["abc"], trainer)
+    backend = train_tiny_bpe(["abc"], vocab_size=280, special_tokens=())
     backend.save(str(tmp_path / "tokenizer.json"))
     tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
     with pytest.raises(TokenizerError, match="eos_token"):

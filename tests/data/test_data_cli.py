@@ -27,6 +27,34 @@ def _lines(*values) -> str:
     return "".join((v if isinstance(v, str) else json.dumps(v)) + "\n" for v in values)
 
 
+@pytest.fixture(scope="module")
+def demo_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo tokenizer, saved once for the module: training it is the slow part of these
+    tests, and none of them changes it."""
+    from tulu.demo import corpus_text, train_tokenizer
+
+    directory = tmp_path_factory.mktemp("demo") / "tok"
+    train_tokenizer(corpus_text()).save(directory)
+    return directory
+
+
+def _tokenize_argv(records: Path, tokenizer: Path, cache: Path, *extra: str) -> list[str]:
+    """`tulu data tokenize` of `records` on one worker (no process pool to start) into its own
+    `cache`, so that no test sees another's cache hits."""
+    return [
+        "data",
+        "tokenize",
+        str(records),
+        "--tokenizer",
+        str(tokenizer),
+        "--workers",
+        "1",
+        "--cache-dir",
+        str(cache),
+        *extra,
+    ]
+
+
 def test_validate_reports_every_bad_line(tmp_path, capsys):
     path = tmp_path / "r.jsonl"
     path.write_text(
@@ -132,12 +160,8 @@ def test_convert_unknown_source(tmp_path, capsys):
     assert "unknown source 'nope' (known: records, flan_v2" in capsys.readouterr().err
 
 
-def test_mix_writes_splits_stats_and_histogram(tmp_path, capsys):
+def test_mix_writes_splits_stats_and_histogram(tmp_path, capsys, demo_tokenizer_dir):
     pytest.importorskip("matplotlib")
-    from tulu.demo import corpus_text, train_tokenizer
-
-    tokenizer_dir = tmp_path / "tok"
-    train_tokenizer(corpus_text()).save(tokenizer_dir)
     records = [
         dict(
             GOOD,
@@ -154,7 +178,7 @@ def test_mix_writes_splits_stats_and_histogram(tmp_path, capsys):
     recipe.write_text("validation: 0.2\nsources:\n  - {name: mine, path: mine.jsonl}\n")
     out = tmp_path / "out" / "mix.jsonl"
     code = main(
-        ["data", "mix", str(recipe), "--output", str(out), "--tokenizer", str(tokenizer_dir)]
+        ["data", "mix", str(recipe), "--output", str(out), "--tokenizer", str(demo_tokenizer_dir)]
     )
     assert code == 0, capsys.readouterr().err
     err = capsys.readouterr().err
@@ -291,11 +315,7 @@ def test_sources_lists_every_converter(capsys):
         assert name in out
 
 
-def test_tokenize_reports_counts_and_batching(tmp_path, capsys):
-    from tulu.demo import corpus_text, train_tokenizer
-
-    tokenizer_dir = tmp_path / "tok"
-    train_tokenizer(corpus_text()).save(tokenizer_dir)
+def test_tokenize_reports_counts_and_batching(tmp_path, capsys, demo_tokenizer_dir):
     records = [
         dict(
             GOOD,
@@ -309,21 +329,8 @@ def test_tokenize_reports_counts_and_batching(tmp_path, capsys):
     ]
     path = tmp_path / "mix.jsonl"
     path.write_text(_lines(*records), encoding="utf-8")
-    args = [
-        "data",
-        "tokenize",
-        str(path),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--workers",
-        "1",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-        "--max-seq-length",
-        "40",
-        "--batch-size",
-        "4",
-    ]
+    extra = ("--max-seq-length", "40", "--batch-size", "4")
+    args = _tokenize_argv(path, demo_tokenizer_dir, tmp_path / "cache", *extra)
     assert main(args) == 0
     out, err = capsys.readouterr()
     directory = Path(out.strip())
@@ -341,18 +348,14 @@ def test_tokenize_reports_counts_and_batching(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("case", ["negative seed", "output a dangling link"])
-def test_tokenize_bad_settings_are_one_line(tmp_path, capsys, case):
+def test_tokenize_bad_settings_are_one_line(tmp_path, capsys, case, demo_tokenizer_dir):
     # Both were tracebacks: numpy's ValueError after the work, os.rename's NotADirectoryError.
-    from tulu.demo import corpus_text, train_tokenizer
-
-    train_tokenizer(corpus_text()).save(tmp_path / "tok")
     records = tmp_path / "r.jsonl"
     records.write_text(_lines(GOOD), encoding="utf-8")
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
     extra = ["--seed", "-1"] if case == "negative seed" else ["--output", str(link)]
-    args = ["data", "tokenize", str(records), "--tokenizer", str(tmp_path / "tok")]
-    assert main([*args, "--workers", "1", "--cache-dir", str(tmp_path / "c"), *extra]) == 1
+    assert main(_tokenize_argv(records, demo_tokenizer_dir, tmp_path / "c", *extra)) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     expected = "--seed: expected a non-negative integer, got -1"
@@ -362,40 +365,20 @@ def test_tokenize_bad_settings_are_one_line(tmp_path, capsys, case):
     assert link.is_symlink()
 
 
-def test_tokenize_bad_record_is_one_line(tmp_path, capsys):
-    from tulu.demo import corpus_text, train_tokenizer
-
-    tokenizer_dir = tmp_path / "tok"
-    train_tokenizer(corpus_text()).save(tokenizer_dir)
+def test_tokenize_bad_record_is_one_line(tmp_path, capsys, demo_tokenizer_dir):
     path = tmp_path / "mix.jsonl"
     path.write_text(_lines(GOOD, dict(GOOD, messages=[])), encoding="utf-8")
-    args = [
-        "data",
-        "tokenize",
-        str(path),
-        "--tokenizer",
-        str(tokenizer_dir),
-        "--workers",
-        "1",
-        "--cache-dir",
-        str(tmp_path / "cache"),
-    ]
-    assert main(args) == 1
+    assert main(_tokenize_argv(path, demo_tokenizer_dir, tmp_path / "cache")) == 1
     err = capsys.readouterr().err
     assert f"tulu data tokenize: error: {path}:2: field 'messages' is empty" in err
 
 
-def test_byte_order_mark_is_read_by_validate_and_tokenize(tmp_path, capsys):
-    from tulu.demo import corpus_text, train_tokenizer
-
-    tokenizer_dir = tmp_path / "tok"
-    train_tokenizer(corpus_text()).save(tokenizer_dir)
+def test_byte_order_mark_is_read_by_validate_and_tokenize(tmp_path, capsys, demo_tokenizer_dir):
     path = tmp_path / "excel.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + _lines(GOOD, GOOD).replace("\n", "\r\n").encode())
     assert main(["data", "validate", str(path)]) == 0
     assert "2 valid records, ok" in capsys.readouterr().err
-    args = ["data", "tokenize", str(path), "--tokenizer", str(tokenizer_dir), "--workers", "1"]
-    assert main([*args, "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert main(_tokenize_argv(path, demo_tokenizer_dir, tmp_path / "cache")) == 0
     assert "2 examples" in capsys.readouterr().err
 
 
@@ -418,15 +401,11 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
     return proc.returncode, out, err
 
 
-def test_tokenizer_hub_ids_from_an_offline_cache(tmp_path, offline_hub):
+def test_tokenizer_hub_ids_from_an_offline_cache(tmp_path, offline_hub, demo_tokenizer_dir):
     """`--tokenizer EleutherAI/pythia-6.9b` (and a recipe's `tokenizer:`) resolve through the HF
     cache as `tulu chat MODEL` does; the result equals the local directory's."""
-    from tulu.demo import corpus_text, train_tokenizer
-
-    tokenizer_dir = tmp_path / "tok"
-    train_tokenizer(corpus_text()).save(tokenizer_dir)
     hub_id = "EleutherAI/pythia-6.9b"
-    snapshot = offline_hub.add(hub_id, tokenizer_dir)
+    snapshot = offline_hub.add(hub_id, demo_tokenizer_dir)
     records = tmp_path / "records.jsonl"
     records.write_text(_lines(*(dict(GOOD, id=f"mine_{i}") for i in range(5))), encoding="utf-8")
     sharegpt = SAMPLES / "sharegpt_html_cleaned.json"
@@ -439,9 +418,9 @@ def test_tokenizer_hub_ids_from_an_offline_cache(tmp_path, offline_hub):
     convert = ["data", "convert", "--source", "sharegpt", "--input", sharegpt, "--output"]
     commands = {
         "tokenize": [*tokenize, tmp_path / "cache", "--tokenizer", hub_id],
-        "tokenize-local": [*tokenize, tmp_path / "cache-local", "--tokenizer", tokenizer_dir],
+        "tokenize-local": [*tokenize, tmp_path / "cache-local", "--tokenizer", demo_tokenizer_dir],
         "convert": [*convert, tmp_path / "hub.jsonl", "--tokenizer", hub_id],
-        "convert-local": [*convert, tmp_path / "local.jsonl", "--tokenizer", tokenizer_dir],
+        "convert-local": [*convert, tmp_path / "local.jsonl", "--tokenizer", demo_tokenizer_dir],
         "mix": ["data", "mix", recipe, "--output", tmp_path / "mix.jsonl", "--no-plot"],
     }
     procs = {name: _tulu(*argv, env=offline_hub.env) for name, argv in commands.items()}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,9 +38,13 @@ def tiny_config(vocab_size: int = 512, max_positions: int = 256, **overrides) ->
     return preset("pythia-14m", **fields)
 
 
-def random_model(config: NeoXConfig, seed: int) -> GPTNeoXForCausalLM:
+def random_model(config: NeoXConfig, seed: int, *, perturb: bool = True) -> GPTNeoXForCausalLM:
+    """`config`'s model with seeded random weights, in eval mode; `perturb=False` keeps
+    init_weights' norms and biases as they are."""
     model = GPTNeoXForCausalLM(config)
     model.init_weights(seed)
+    if not perturb:
+        return model.eval()
     # init_weights leaves norms at 1 and biases at 0; perturb them so that a dropped or
     # misplaced norm/bias in the engine's path would change the outputs.
     gen = torch.Generator().manual_seed(seed + 101)
@@ -51,6 +56,22 @@ def random_model(config: NeoXConfig, seed: int) -> GPTNeoXForCausalLM:
             elif isinstance(module, nn.Linear) and module.bias is not None:
                 module.bias.add_(0.1 * torch.randn(module.bias.shape, generator=gen))
     return model.eval()
+
+
+def scripted_config(vocab_size: int, max_positions: int, eos_token_id: int) -> NeoXConfig:
+    """The smallest GPT-NeoX trunk (one layer, hidden 8) for a model whose logits are scripted
+    rather than computed: the trunk only supplies `config` and `parameters()`."""
+    return preset(
+        "pythia-14m",
+        vocab_size=vocab_size,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=16,
+        torch_dtype="float32",
+        max_position_embeddings=max_positions,
+        eos_token_id=eos_token_id,
+    )
 
 
 class ScriptedModel(GPTNeoXForCausalLM):
@@ -65,18 +86,7 @@ class ScriptedModel(GPTNeoXForCausalLM):
 
     def __init__(self, table: torch.Tensor, *, eos_token_id: int = 0):
         positions, vocab = table.shape
-        config = preset(
-            "pythia-14m",
-            vocab_size=vocab,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            intermediate_size=16,
-            torch_dtype="float32",
-            max_position_embeddings=positions,
-            eos_token_id=eos_token_id,
-        )
-        super().__init__(config)
+        super().__init__(scripted_config(vocab, positions, eos_token_id))
         self.init_weights(0)
         self.embed_out = nn.Linear(positions, vocab, bias=False)
         with torch.no_grad():
@@ -133,6 +143,19 @@ def demo_tokenizer() -> Tokenizer:
     from tulu.demo import corpus_text, train_tokenizer
 
     return train_tokenizer(corpus_text())
+
+
+@pytest.fixture(scope="session")
+def neox_tok(neox_tokenizer_path: Path) -> Tokenizer:
+    """The real GPT-NeoX-20B tokenizer (skips when ../shared lacks it)."""
+    return Tokenizer.from_file(neox_tokenizer_path)
+
+
+@pytest.fixture(params=["tiny", "neox"])
+def tok(request: pytest.FixtureRequest) -> Tokenizer:
+    """Each tokenizer in turn: the module's own `tiny_tok` fixture (a small BPE trained on the
+    module's texts, always available), then `neox_tok` (skips when ../shared is absent)."""
+    return request.getfixturevalue(f"{request.param}_tok")
 
 
 @pytest.fixture(scope="session")

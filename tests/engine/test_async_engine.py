@@ -5,35 +5,25 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 import torch
 
+from engine.conftest import random_model, tiny_config
 from tulu.engine.async_engine import AsyncLLM, EngineDeadError
 from tulu.engine.engine import LLM, EngineConfig, LLMEngine
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import GenerationError, TuluError
-from tulu.model import GPTNeoXForCausalLM, preset
+from tulu.model import GPTNeoXForCausalLM
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
 def model() -> GPTNeoXForCausalLM:
-    config = preset(
-        "pythia-14m",
-        vocab_size=512,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=256,
-        torch_dtype="float32",
-        max_position_embeddings=256,
-        initializer_range=0.1,
-    )
-    net = GPTNeoXForCausalLM(config)
-    net.init_weights(0)
-    return net.eval()
+    """conftest's tiny random model (vocab 512, window 256), norms and biases as initialised."""
+    return random_model(tiny_config(), seed=0, perturb=False)
 
 
 PROMPTS = [[(7 * i + j) % 500 + 1 for j in range(3 + 5 * i)] for i in range(10)]
@@ -46,6 +36,16 @@ def run(coro):
 async def collect(stream) -> list:
     """Every output of a stream (wrapped in asyncio.wait_for, a hang fails the test)."""
     return [out async for out in stream]
+
+
+async def settle(condition: Callable[[], bool]) -> None:
+    """Wait up to 2 s for `condition`: the engine thread applies an abort on its next turn, so
+    right after a stream is left the blocks may still be held. The test's own asserts follow
+    (a condition never met fails there, not here)."""
+    for _ in range(100):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
 
 
 def assert_idle(engine: LLMEngine) -> None:
@@ -95,10 +95,7 @@ def test_leaving_the_stream_early_aborts_and_frees_blocks(model):
             return seen
 
         await asyncio.gather(*(leave_after(3) for _ in range(8)))
-        for _ in range(100):  # the engine thread applies the aborts on its next turn
-            if engine.pool.num_used == 0 and not engine.scheduler.running:
-                break
-            await asyncio.sleep(0.02)
+        await settle(lambda: engine.pool.num_used == 0 and not engine.scheduler.running)
         assert llm.num_requests == 0
         await llm.shutdown()
 
@@ -126,10 +123,7 @@ def test_cancelled_task_aborts(model):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        for _ in range(100):
-            if engine.pool.num_used == 0:
-                break
-            await asyncio.sleep(0.02)
+        await settle(lambda: engine.pool.num_used == 0)
         await llm.shutdown()
 
     run(main())

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import hf_greedy
 from tulu.chat import generation_prompt
 from tulu.engine import engine as engine_module
 from tulu.engine.engine import EngineConfig, LLMEngine, RequestOutput
@@ -82,24 +83,6 @@ class ScheduleLog:
         return {s for s, c in counts.items() if c > 1}
 
 
-def hf_greedy(hf, prompt: list[int], **generate_kwargs) -> list[int]:
-    """transformers' greedy continuation of one unpadded prompt (MAX_TOKENS tokens, no EOS);
-    `generate_kwargs` add logits processors (``sequence_bias``, ...)."""
-    ids = torch.tensor([prompt])
-    with torch.no_grad():
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_TOKENS,
-            min_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            pad_token_id=0,
-            eos_token_id=None,
-            **generate_kwargs,
-        )
-    return out[0, len(prompt) :].tolist()
-
-
 @pytest.fixture(scope="module")
 def expected(tiny_model) -> list[list[int]]:
     """Greedy continuations of PROMPTS by the reference generator."""
@@ -114,7 +97,7 @@ def expected(tiny_model) -> list[list[int]]:
 def test_reference_matches_transformers(tiny_model, hf_twin, expected):
     hf = hf_twin(tiny_model)
     for prompt, tokens in zip(PROMPTS, expected, strict=True):
-        assert hf_greedy(hf, prompt) == tokens
+        assert hf_greedy(hf, prompt, MAX_TOKENS) == tokens
     # The continuations are not degenerate (a broken cache tends to repeat one token).
     assert len({tuple(t) for t in expected}) == len(expected)
     assert all(len(set(t)) > 2 for t in expected)
@@ -133,7 +116,7 @@ def test_greedy_batched_matches_reference_and_transformers(tiny_model, hf_twin, 
         assert output.finished_time >= output.first_token_time >= output.arrival_time
     hf = hf_twin(tiny_model)
     for prompt, output in zip(PROMPTS[::3], outputs[::3], strict=True):
-        assert hf_greedy(hf, prompt) == output.outputs[0].token_ids
+        assert hf_greedy(hf, prompt, MAX_TOKENS) == output.outputs[0].token_ids
 
 
 TINY_POOL = (150 + MAX_TOKENS + 16) * BYTES_PER_TOKEN  # room for the longest request, barely
@@ -259,7 +242,7 @@ def test_restricted_rows_batched_with_others_match_transformers(
         return
     hf = hf_twin(tiny_model)
     assert got == [
-        hf_greedy(hf, p, **hf_restrictions(params))
+        hf_greedy(hf, p, MAX_TOKENS, **hf_restrictions(params))
         for p, params in zip(prompts, RESTRICTED, strict=True)
     ]
     # The restrictions did something.

@@ -12,12 +12,10 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from helpers import train_tiny_bpe
 from tulu.engine.output import IncrementalOutput
 from tulu.tokenizer import Tokenizer
 
@@ -31,34 +29,11 @@ TRAIN_TEXT = [
 ] * 3
 
 
-def _tiny_tokenizer() -> Tokenizer:
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TRAIN_TEXT, trainer)
-    return Tokenizer(backend, source="<tiny test BPE>")
-
-
 @pytest.fixture(scope="module")
 def tiny_tok() -> Tokenizer:
-    return _tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def neox_tok(neox_tokenizer_path: Path) -> Tokenizer:
-    return Tokenizer.from_file(neox_tokenizer_path)
-
-
-@pytest.fixture(params=["tiny", "neox"])
-def tok(request: pytest.FixtureRequest) -> Tokenizer:
-    """Each tokenizer in turn (the real one skips when ../shared is absent)."""
-    return request.getfixturevalue(f"{request.param}_tok")
+    """A byte-level BPE trained on TRAIN_TEXT (vocab 300, <|endoftext|> = 0): always available;
+    conftest's `tok` runs a test with it and with the real tokenizer."""
+    return Tokenizer(train_tiny_bpe(TRAIN_TEXT), source="<tiny test BPE>")
 
 
 # ----------------------------------------------------------------------------------------------

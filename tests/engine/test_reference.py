@@ -11,19 +11,20 @@ Two kinds of model are used:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer as Backend
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from engine.conftest import random_model, scripted_config, tiny_config
+from helpers import train_tiny_bpe
 from tulu.chat import generation_prompt
 from tulu.engine.reference import GenerationResult, generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import GenerationError, TuluError
-from tulu.model import ContiguousKVCache, GPTNeoXForCausalLM, NeoXConfig, preset
+from tulu.model import ContiguousKVCache, GPTNeoXForCausalLM, preset
 from tulu.tokenizer import Tokenizer
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 EOT = "<|endoftext|>"
 GREEDY = {"temperature": 0.0}
@@ -40,73 +41,30 @@ TRAIN_TEXT = [
 # ----------------------------------------------------------------------------------------------
 
 
-def tiny_config(vocab_size: int = 384, max_positions: int = 128, **overrides) -> NeoXConfig:
-    fields = {
-        "vocab_size": vocab_size,
-        "hidden_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "intermediate_size": 256,
-        "torch_dtype": "float32",
-        "max_position_embeddings": max_positions,
-    }
-    fields.update(overrides)
-    return preset("pythia-14m", **fields)
-
-
-def random_model(config: NeoXConfig, seed: int = 0) -> GPTNeoXForCausalLM:
-    model = GPTNeoXForCausalLM(config)
-    model.init_weights(seed)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is faster, and immune to a busy machine (with two
-    threads, OpenMP spin-waiting makes a contended CPU ~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def small_model(seed: int = 0, **config) -> GPTNeoXForCausalLM:
+    """conftest's tiny random model at this module's sizes (vocab 384, context window 128) with
+    Pythia's own initializer range and unperturbed norms: the weights these tests were written
+    against. `config` overrides NeoXConfig fields."""
+    fields = {"vocab_size": 384, "max_positions": 128, "initializer_range": 0.02, **config}
+    return random_model(tiny_config(**fields), seed, perturb=False)
 
 
 @pytest.fixture(scope="module")
 def model() -> GPTNeoXForCausalLM:
     """Tiny random GPT-NeoX, vocab 384, window 128."""
-    return random_model(tiny_config())
+    return small_model()
 
 
 @pytest.fixture(scope="module")
 def small_window_model() -> GPTNeoXForCausalLM:
     """Tiny random GPT-NeoX with a 16-token context window."""
-    return random_model(tiny_config(max_positions=16), seed=1)
+    return small_model(seed=1, max_positions=16)
 
 
 @pytest.fixture(scope="module")
 def tiny_tok() -> Tokenizer:
     """A byte-level BPE trained here (vocab 300, <|endoftext|> = 0): always available."""
-    backend = Backend(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(TRAIN_TEXT, trainer)
-    return Tokenizer(backend, source="<tiny test BPE>")
-
-
-@pytest.fixture(scope="module")
-def neox_tok(neox_tokenizer_path: Path) -> Tokenizer:
-    return Tokenizer.from_file(neox_tokenizer_path)
-
-
-@pytest.fixture(params=["tiny", "neox"])
-def tok(request: pytest.FixtureRequest) -> Tokenizer:
-    """Each tokenizer in turn (the real one skips when ../shared is absent)."""
-    return request.getfixturevalue(f"{request.param}_tok")
+    return Tokenizer(train_tiny_bpe(TRAIN_TEXT), source="<tiny test BPE>")
 
 
 Script = Callable[[int], Mapping[int, float]]
@@ -129,18 +87,7 @@ class ScriptedModel(GPTNeoXForCausalLM):
         max_positions: int = 256,
         eos_token_id: int = 0,
     ):
-        config = preset(
-            "pythia-14m",
-            vocab_size=vocab_size,
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            intermediate_size=16,
-            torch_dtype="float32",
-            max_position_embeddings=max_positions,
-            eos_token_id=eos_token_id,
-        )
-        super().__init__(config)
+        super().__init__(scripted_config(vocab_size, max_positions, eos_token_id))
         self.script = script
         self.prompt_len = prompt_len
         self.calls: list[tuple[int, int]] = []  # (first position, number of tokens) per call
@@ -221,7 +168,7 @@ def test_greedy_stops_at_config_eos_without_tokenizer(model: GPTNeoXForCausalLM)
     expected = greedy_loop(model, prompt, 3)
     eos = expected[2]
     assert eos not in expected[:2]
-    eos_model = random_model(tiny_config(eos_token_id=eos))
+    eos_model = small_model(eos_token_id=eos)
     result = generate_ids(eos_model, prompt, SamplingParams(max_tokens=20, **GREEDY))
     assert result.token_ids == expected
     assert result.finish_reason == "stop"
@@ -512,7 +459,7 @@ def test_penalties_see_the_generated_tokens() -> None:
 
 
 def test_streaming_deltas_rebuild_the_text(tiny_tok: Tokenizer) -> None:
-    m = random_model(tiny_config(vocab_size=tiny_tok.vocab_size), seed=4)
+    m = small_model(seed=4, vocab_size=tiny_tok.vocab_size)
     prompt = tiny_tok.encode("Hello world.")
     params = SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY)
     result, deltas = collect(generate_ids, m, prompt, params, tokenizer=tiny_tok)
@@ -524,7 +471,7 @@ def test_streaming_deltas_rebuild_the_text(tiny_tok: Tokenizer) -> None:
 def test_streaming_with_a_stop_string_from_a_real_generation(tiny_tok: Tokenizer) -> None:
     """Generate greedily, pick a piece of the output spanning several tokens as the stop
     string, and generate again: it stops there and the stream never shows the stop."""
-    m = random_model(tiny_config(vocab_size=tiny_tok.vocab_size), seed=4)
+    m = small_model(seed=4, vocab_size=tiny_tok.vocab_size)
     prompt = tiny_tok.encode("Hello world.")
     base = generate_ids(
         m, prompt, SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY), tokenizer=tiny_tok
@@ -613,7 +560,7 @@ def test_window_limit_with_sampling_and_logprobs(small_window_model: GPTNeoXForC
 def test_empty_prompt_is_an_error(model: GPTNeoXForCausalLM, tiny_tok: Tokenizer) -> None:
     with pytest.raises(GenerationError, match="empty"):
         generate_ids(model, [], SamplingParams())
-    m = random_model(tiny_config(vocab_size=tiny_tok.vocab_size))
+    m = small_model(vocab_size=tiny_tok.vocab_size)
     with pytest.raises(GenerationError, match="empty"):
         generate_text(m, tiny_tok, "", SamplingParams(), chat=False)
 
@@ -759,14 +706,14 @@ def neox_model() -> GPTNeoXForCausalLM:
         max_position_embeddings=256,
     )
     assert config.vocab_size >= 50278
-    return random_model(config, seed=2)
+    return random_model(config, seed=2, perturb=False)
 
 
 @pytest.fixture
 def text_model(tok: Tokenizer, request: pytest.FixtureRequest) -> GPTNeoXForCausalLM:
     if tok.vocab_size > 1000:
         return request.getfixturevalue("neox_model")
-    return random_model(tiny_config(vocab_size=tok.vocab_size), seed=2)
+    return small_model(seed=2, vocab_size=tok.vocab_size)
 
 
 CHAT_PARAMS = SamplingParams(max_tokens=3, **GREEDY)

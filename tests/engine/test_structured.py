@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from engine.conftest import CHOICES, GRAMMAR, LIST_GRAMMAR, REGEX, SCHEMA, satisfies
+from helpers import hf_greedy
 from tulu.engine.reference import generate_ids
 from tulu.engine.sampling import SamplingParams
 from tulu.engine.structured import StructuredOutput, grammar_compiler
@@ -53,19 +54,8 @@ def prompts(demo_tokenizer) -> list[list[int]]:
 
 def _hf_greedy(hf, prompt: list[int], compiled, eos: int) -> list[int]:
     """transformers' greedy tokens under xgrammar's own processor, up to its EOS."""
-    ids = torch.tensor([prompt])
     processor = xgrammar.contrib.hf.LogitsProcessor(compiled)
-    with torch.no_grad():
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=MAX_TOKENS,
-            do_sample=False,
-            pad_token_id=eos,
-            eos_token_id=eos,
-            logits_processor=[processor],
-        )
-    return out[0, len(prompt) :].tolist()
+    return hf_greedy(hf, prompt, MAX_TOKENS, eos=eos, logits_processor=[processor])
 
 
 # ----------------------------------------------------------------------------------------------

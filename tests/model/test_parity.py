@@ -17,6 +17,7 @@ Measured on CPU (torch 2.13, transformers 5.24, 2 cores), batch 2 x 48 random to
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+from helpers import hf_greedy, hf_greedy_output
 from tulu.model import ContiguousKVCache, GPTNeoXForCausalLM, NeoXConfig, preset
 
 from .conftest import build_model, to_transformers
@@ -94,7 +96,11 @@ class Twin:
     def hf_greedy_with_logits(self, length: int) -> tuple[list[int], torch.Tensor]:
         """The continuation and transformers' logits at each of its steps ([64, vocab])."""
         if length not in self._hf_greedy:
-            self._hf_greedy[length] = hf_generate(self.hf, self.prompt(length), with_logits=True)
+            # No EOS: all 64 tokens are compared.
+            tokens, out = hf_greedy_output(
+                self.hf, self.prompt(length), NEW_TOKENS, output_logits=True
+            )
+            self._hf_greedy[length] = tokens, torch.cat(out.logits).float()
         return self._hf_greedy[length]
 
 
@@ -103,28 +109,6 @@ def twin(request) -> Twin:
     """Module-scoped, so pytest groups each config's tests and builds its models once."""
     ours = build_model(CONFIGS[request.param], seed=sum(map(ord, request.param)))
     return Twin(request.param, ours, to_transformers(ours, attn_implementation="eager"))
-
-
-def hf_generate(hf, prompt: list[int], new_tokens: int = NEW_TOKENS, with_logits: bool = False):
-    """transformers' greedy continuation (and, with_logits, its raw logits at every step)."""
-    device = next(hf.parameters()).device
-    ids = torch.tensor([prompt], device=device)
-    with torch.no_grad():
-        out = hf.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=False,
-            max_new_tokens=new_tokens,
-            eos_token_id=None,  # never stop early: compare all 64 tokens
-            pad_token_id=0,
-            return_dict_in_generate=True,
-            output_logits=with_logits,
-        )
-    generated = out.sequences[0, len(prompt) :].tolist()
-    assert len(generated) == new_tokens
-    if with_logits:
-        return generated, torch.cat(out.logits).float()
-    return generated
 
 
 @torch.no_grad()
@@ -297,19 +281,28 @@ def train_pair() -> tuple[GPTNeoXForCausalLM, object]:
     return ours, to_transformers(ours, attn_implementation="eager")
 
 
+@contextlib.contextmanager
+def training_forward(model: GPTNeoXForCausalLM) -> Iterator[None]:
+    """`model` in training mode (the training path: packed segments, padding masks), without
+    gradients, for the block; back in eval mode after it, even when it fails, since
+    `train_pair` is shared by the module's tests."""
+    model.train()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.eval()
+
+
 def test_packed_segments_match_separate_examples(train_pair) -> None:
     model, _ = train_pair
     a, b = random_ids((1, 19), 1, TRAIN_VOCAB), random_ids((1, 29), 2, TRAIN_VOCAB)
     packed = torch.cat([a, b], dim=1)
     segment_ids = torch.tensor([[0] * 19 + [1] * 29])
     positions = torch.cat([torch.arange(19), torch.arange(29)])[None]
-    model.train()
-    try:
-        with torch.no_grad():
-            logits = model(packed, positions, segment_ids=segment_ids)
-            alone_a, alone_b = model(a), model(b)
-    finally:
-        model.eval()
+    with training_forward(model):
+        logits = model(packed, positions, segment_ids=segment_ids)
+        alone_a, alone_b = model(a), model(b)
     torch.testing.assert_close(logits[:, :19], alone_a, rtol=0, atol=FP32_TOL)
     torch.testing.assert_close(logits[:, 19:], alone_b, rtol=0, atol=FP32_TOL)
 
@@ -326,13 +319,9 @@ def test_padding_matches_unpadded_and_transformers(train_pair, side: str) -> Non
     mask[0] = 0
     mask[0, real] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-    model.train()
-    try:
-        with torch.no_grad():
-            padded = model(ids, positions, attention_mask=mask)
-            alone_short, alone_full = model(short), model(full)
-    finally:
-        model.eval()
+    with training_forward(model):
+        padded = model(ids, positions, attention_mask=mask)
+        alone_short, alone_full = model(short), model(full)
     with torch.no_grad():
         theirs = hf(ids, attention_mask=mask, position_ids=positions).logits
     torch.testing.assert_close(padded[:1, real], alone_short, rtol=0, atol=FP32_TOL)
@@ -470,7 +459,8 @@ def compare_bf16_with_transformers(
     runs = []
     for length in prompt_lengths:
         prompt = random_ids((length,), seed=2000 + length).tolist()
-        runs.append((prompt, generate_ids(ours, prompt, params).token_ids, hf_generate(hf, prompt)))
+        theirs = hf_greedy(hf, prompt, NEW_TOKENS)
+        runs.append((prompt, generate_ids(ours, prompt, params).token_ids, theirs))
     del hf
     if device == "cuda":
         torch.cuda.empty_cache()

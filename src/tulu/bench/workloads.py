@@ -54,7 +54,7 @@ from tulu.engine.engine import LLM, EngineConfig, RequestOutput
 from tulu.engine.options import check_gpu_memory_utilization, check_token_budget
 from tulu.engine.sampling import SamplingParams
 from tulu.errors import ConfigError, GenerationError, TuluError
-from tulu.model.config import NeoXConfig, dtype_name, preset
+from tulu.model.config import NeoXConfig, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
 
@@ -79,7 +79,9 @@ __all__ = [
     "random_model",
     "resolve_device",
     "run_benchmark",
+    "require_positive",
     "transformers_twin",
+    "resolve_random_model_arguments",
     "tulu_single_stream",
     "tulu_throughput",
 ]
@@ -266,6 +268,29 @@ def random_model(config: NeoXConfig, device: torch.device, seed: int = 0) -> GPT
 
     Built on the meta device and materialised once on `device` in the config's dtype, so a
     6.9B model never exists twice (or in float32 first) in memory; the numbers are drawn on
+def resolve_random_model_arguments(
+    args: argparse.Namespace,
+) -> tuple[torch.device, torch.dtype, NeoXConfig]:
+    """The device, dtype and config that `add_random_model_arguments`' flags give, each flag
+    checked (TuluError names it) before any weights are built."""
+    device = resolve_device(args.device)
+    default_dtype = "bfloat16" if device.type == "cuda" else "float32"
+    dtype = parse_dtype(args.dtype or default_dtype, "--dtype")
+    return device, dtype, preset_config(args.preset, args.layers, dtype)
+
+
+def require_positive(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, flags: Sequence[str]
+) -> None:
+    """Exit through `parser.error` (status 2, the flag named) when one of `flags` (attribute
+    names: ``"hf_batch_size"`` is ``--hf-batch-size``) is below 1, before any model is built;
+    None passes, for a flag whose default is resolved later (on the device)."""
+    for flag in flags:
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
+
+
     `device` (`init_weights(on_device=True)`), seconds for 6.9B on a GPU.
     """
     with torch.device("meta"):

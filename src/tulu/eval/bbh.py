@@ -52,6 +52,7 @@ from tulu.errors import DataError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
 from tulu.eval.files import read_json
+from tulu.eval.grouped import check_grouped_outputs
 
 __all__ = [
     "ANSWER_PREFIX",
@@ -330,16 +331,10 @@ def score(
 ) -> BBHResult:
     """Score raw outputs, per task in the order of `examples[task]`; every task needs outputs."""
     check_protocol(protocol)
-    unknown = sorted(set(outputs) - set(examples))
-    if unknown:
-        raise DataError(f"outputs for unknown BBH task(s): {', '.join(unknown)}")
+    check_grouped_outputs(outputs, examples, benchmark="BBH", group="task", items="examples")
     per_task = {}
     for name, rows in examples.items():
-        task_outputs = outputs.get(name)
-        if task_outputs is None or len(task_outputs) != len(rows):
-            got = "none" if task_outputs is None else len(task_outputs)
-            raise DataError(f"BBH {name}: {got} outputs for {len(rows)} examples")
-        predictions = [extract_answer(o, protocol) for o in task_outputs]
+        predictions = [extract_answer(o, protocol) for o in outputs[name]]
         matches = [
             answers_match(p, row.target, protocol) for p, row in zip(predictions, rows, strict=True)
         ]

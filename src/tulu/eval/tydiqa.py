@@ -58,6 +58,7 @@ from tulu.errors import DataError
 from tulu.eval.backends import Decoding
 from tulu.eval.chat_wrap import ProtocolName, chat_wrap, check_protocol
 from tulu.eval.files import read_json
+from tulu.eval.grouped import check_grouped_outputs
 
 __all__ = [
     "DEFAULT_MAX_EXAMPLES",
@@ -471,16 +472,12 @@ def score(
     outputs: Mapping[str, Sequence[str]], questions: Mapping[str, Sequence[TyDiExample]]
 ) -> TyDiResult:
     """Score raw outputs, per language in the order of `questions[language]`."""
-    unknown = sorted(set(outputs) - set(questions))
-    if unknown:
-        raise DataError(f"outputs for unknown TyDi QA language(s): {', '.join(unknown)}")
+    check_grouped_outputs(
+        outputs, questions, benchmark="TyDi QA", group="language", items="questions"
+    )
     per_language = {}
     for lang, rows in questions.items():
-        lang_outputs = outputs.get(lang)
-        if lang_outputs is None or len(lang_outputs) != len(rows):
-            got = "none" if lang_outputs is None else len(lang_outputs)
-            raise DataError(f"TyDi QA {lang}: {got} outputs for {len(rows)} questions")
-        answers = [postprocess(o) for o in lang_outputs]
+        answers = [postprocess(o) for o in outputs[lang]]
         f1s = [f1(a, row.answers) for a, row in zip(answers, rows, strict=True)]
         ems = [exact_match(a, row.answers) for a, row in zip(answers, rows, strict=True)]
         n = len(rows)
