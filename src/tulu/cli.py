@@ -47,6 +47,14 @@ def _add_sampling_args(
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument(
+        "--typical-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="locally typical sampling, 0 < P <= 1 (1 = off): keep the tokens whose "
+        "information is closest to the entropy, up to probability mass P",
+    )
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument(
         "--presence-penalty", type=float, default=0.0, help="OpenAI's, over generated tokens"
@@ -83,6 +91,7 @@ def _sampling_params(args: argparse.Namespace, **only_generate: Any):
             top_p=args.top_p,
             top_k=args.top_k,
             min_p=args.min_p,
+            typical_p=args.typical_p,
             repetition_penalty=args.repetition_penalty,
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,

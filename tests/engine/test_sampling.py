@@ -17,6 +17,7 @@ from tulu.engine.sampling import (
     apply_top_k,
     apply_top_k_top_p,
     apply_top_p,
+    apply_typical_p,
     build_token_histories,
     candidate_logprobs,
     check_min_tokens_reachable,
@@ -25,6 +26,7 @@ from tulu.engine.sampling import (
     make_generator,
     mask_tokens,
     prepare_sampling_tensors,
+    process_logits,
     sample,
 )
 from tulu.errors import GenerationError, TuluError
@@ -55,6 +57,12 @@ BAD_VALUES = [
     ("min_p", -0.1),
     ("min_p", 1.5),
     ("min_p", None),
+    ("typical_p", 0),
+    ("typical_p", -0.5),
+    ("typical_p", 1.5),
+    ("typical_p", NAN),
+    ("typical_p", True),
+    ("typical_p", "0.9"),
     ("repetition_penalty", 0),
     ("repetition_penalty", -1.0),
     ("repetition_penalty", INF),
@@ -139,6 +147,8 @@ def test_sampling_params_normalises_values():
     assert SamplingParams(stop=None).stop == []
     assert SamplingParams(stop=("a", "b")).stop == ["a", "b"]
     assert SamplingParams(seed=np.int64(3)).seed == 3
+    typical = SamplingParams(typical_p=1).typical_p
+    assert isinstance(typical, float) and typical == 1.0
     # Defaults are valid and independent between instances.
     a, b = SamplingParams(), SamplingParams()
     a.stop.append("x")
@@ -322,6 +332,108 @@ def test_min_p_is_relative_to_the_max_probability():
     assert torch.equal(out[1], logits[1])
 
 
+def _hf_warpers():
+    """transformers' logits warpers: the independent reference (a dev dependency)."""
+    return pytest.importorskip("transformers.generation.logits_process")
+
+
+def _typical_p_batch() -> tuple[torch.Tensor, list[float]]:
+    """Random rows of several scales, with per-row typical_p (1.0 rows among them), rows with
+    ties (rounded logits) and rows with masked (-inf) tokens, as earlier stages leave them."""
+    gen = torch.Generator().manual_seed(21)
+    rows, masses = [], []
+    for i, mass in enumerate([0.05, 0.2, 0.5, 0.9, 0.95, 0.99, 0.999999, 1.0] * 4):
+        row = torch.randn(300, generator=gen) * (0.3 + 2 * (i % 5))
+        if i % 4 == 1:
+            row = row.round()  # many ties, also in the distance to the entropy
+        if i % 4 == 2:
+            row[torch.rand(300, generator=gen) < 0.6] = -INF
+        if i % 8 == 3:
+            row[torch.rand(300, generator=gen) < 0.995] = -INF  # one or two tokens left
+            row[7] = 0.0
+        rows.append(row)
+        masses.append(mass)
+    return torch.stack(rows), masses
+
+
+def test_typical_p_equals_transformers_typical_logits_warper():
+    warpers = _hf_warpers()
+    logits, masses = _typical_p_batch()
+    out = apply_typical_p(logits, torch.tensor(masses))
+    assert not out.isnan().any()
+    dropped = 0
+    for row, mass, got in zip(logits, masses, out, strict=True):
+        if mass == 1.0:
+            assert torch.equal(got, row)  # off: bit for bit untouched
+            continue
+        expected = warpers.TypicalLogitsWarper(mass=mass)(None, row.unsqueeze(0))[0]
+        assert torch.equal(got, expected), mass
+        assert torch.isinf(got[torch.isinf(row)]).all()  # masked tokens stay masked
+        assert torch.isfinite(got).any()
+        dropped += int(torch.isinf(got).sum() - torch.isinf(row).sum())
+    assert dropped > 1000  # the fixture really truncates
+
+
+def test_typical_p_can_drop_the_most_likely_token():
+    """Typical decoding keeps the tokens nearest the entropy, not the most likely ones. Here
+    H = 1.60 nats; -log p is 1.41 for token 5 (p = 0.24), 1.91 for token 3 (p = 0.15) and 0.91
+    for token 1 (p = 0.40): tokens 5 and 3 are the nearest and already hold 0.39 >= 0.3."""
+    logits = torch.tensor([[0.0, 2.0, -1.0, 1.0, -2.0, 1.5, 0.5, -0.5]])
+    out = apply_typical_p(logits, torch.tensor([0.3]))
+    assert torch.isfinite(out[0]).nonzero().flatten().tolist() == [3, 5]
+
+
+def test_typical_p_is_built_only_for_the_sampled_rows_that_use_it():
+    params = [
+        SamplingParams(typical_p=0.5),
+        SamplingParams(),
+        SamplingParams(temperature=0, typical_p=0.2),  # greedy: never sampled, never sorted
+        SamplingParams(typical_p=0.9, top_k=4),
+    ]
+    rows, masses = _tensors(params).typical
+    assert rows.tolist() == [0, 3] and masses.tolist() == pytest.approx([0.5, 0.9])
+    assert (
+        _tensors([SamplingParams(), SamplingParams(temperature=0, typical_p=0.2)]).typical is None
+    )
+
+
+@pytest.mark.parametrize("scale", [1.0, 4.0])
+def test_pipeline_equals_transformers_warpers_in_their_order(scale):
+    """Per row: temperature, top-k, top-p, min-p, typical-p, chained as transformers'
+    ``_get_logits_processor`` does, equals our batched pipeline on a mixed batch."""
+    warpers = _hf_warpers()
+    settings = [
+        dict(temperature=0.7, typical_p=0.9),
+        dict(temperature=1.3, top_k=40, typical_p=0.5),
+        dict(top_p=0.9, typical_p=0.95),
+        dict(temperature=1.1, min_p=0.02, typical_p=0.8),
+        dict(temperature=0.8, top_k=100, top_p=0.95, min_p=0.01, typical_p=0.7),
+        dict(temperature=1.5, top_k=50, top_p=0.8),
+        dict(typical_p=0.2),
+        dict(),
+    ]
+    params = [SamplingParams(**s) for s in settings]
+    logits = torch.randn(len(params), 500, generator=torch.Generator().manual_seed(8)) * scale
+    got = process_logits(logits, _tensors(params))
+    for row, p, out in zip(logits, params, got, strict=True):
+        chain = [warpers.TemperatureLogitsWarper(p.temperature)]
+        if p.top_k > 0:
+            chain.append(warpers.TopKLogitsWarper(p.top_k))
+        if p.top_p < 1:
+            chain.append(warpers.TopPLogitsWarper(p.top_p))
+        if p.min_p > 0:
+            chain.append(warpers.MinPLogitsWarper(p.min_p))
+        if p.typical_p < 1:
+            chain.append(warpers.TypicalLogitsWarper(p.typical_p))
+        expected = row.unsqueeze(0)
+        for warper in chain:
+            expected = warper(None, expected)
+        expected = expected[0]
+        assert torch.equal(torch.isinf(out), torch.isinf(expected)), p
+        kept = torch.isfinite(out)
+        assert torch.allclose(out[kept], expected[kept], rtol=1e-6, atol=0), p
+
+
 def test_allowed_tokens_mask_the_rest_of_restricted_rows_only():
     logits = torch.arange(12, dtype=torch.float32).reshape(2, 6)
     params = [SamplingParams(allowed_token_ids=[1, 4]), SamplingParams()]
@@ -398,9 +510,20 @@ def test_mask_tokens():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_a_rows_samples_depend_only_on_its_own_generator_and_logits():
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(temperature=0.9, top_p=0.95, top_k=20),
+        dict(temperature=0.9, typical_p=0.9),
+        dict(temperature=1.2, top_k=30, min_p=0.02, typical_p=0.8),
+    ],
+    ids=["top-k-top-p", "typical-p", "top-k-min-p-typical-p"],
+)
+def test_a_rows_samples_depend_only_on_its_own_generator_and_logits(settings):
+    """Typical decoding sorts only the rows that use it: the target's draws must not depend on
+    which other rows do (in batch a only the target, in batch b another row too)."""
     vocab, steps, seed = 40, 50, 1234
-    target = SamplingParams(temperature=0.9, top_p=0.95, top_k=20, seed=seed)
+    target = SamplingParams(seed=seed, **settings)
     params_a = [
         target,
         SamplingParams(temperature=0),
@@ -408,7 +531,7 @@ def test_a_rows_samples_depend_only_on_its_own_generator_and_logits():
         SamplingParams(temperature=1.0),
     ]
     params_b = [
-        SamplingParams(temperature=0.5, min_p=0.1),
+        SamplingParams(temperature=0.5, min_p=0.1, typical_p=0.5),
         SamplingParams(temperature=1.0, seed=seed),  # same seed, other parameters
         SamplingParams(temperature=2.0, repetition_penalty=1.3, presence_penalty=0.5),
         target,
@@ -471,7 +594,7 @@ def _softmax(x):
     return e / e.sum()
 
 
-def _reference(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+def _reference(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, typical_p=1.0):
     """The distribution the documented pipeline should sample, computed independently."""
     probs = _softmax(LOGITS / temperature)
     keep = np.ones(len(LOGITS), dtype=bool)
@@ -494,7 +617,23 @@ def _reference(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
         keep &= probs >= min_p * probs.max()
         probs = np.where(keep, probs, 0.0)
         probs /= probs.sum()
+    if typical_p < 1.0:
+        probs = _typical(probs, typical_p)
     return probs
+
+
+def _typical(probs, mass):
+    """Locally typical sampling in float64 (Meister et al. 2022, as transformers cuts): take
+    tokens by increasing |-log p - H| until their mass reaches `mass`; keep every token no
+    farther from H than the last one taken."""
+    support = probs > 0
+    information = -np.log(np.where(support, probs, 1.0))
+    entropy = (probs * information).sum()
+    distance = np.where(support, np.abs(information - entropy), np.inf)
+    order = np.argsort(distance, kind="stable")
+    last = min(int((np.cumsum(probs[order]) < mass).sum()), len(probs) - 1)
+    kept = np.where(distance <= distance[order[last]], probs, 0.0)
+    return kept / kept.sum()
 
 
 def _draw(params: SamplingParams, num=NUM_SAMPLES, seed=0, per_row_generators=False):
@@ -542,6 +681,10 @@ def test_chi_square_table_matches_the_incomplete_gamma_function():
         dict(min_p=0.2),
         dict(temperature=1.5, min_p=0.2),
         dict(temperature=1.3, top_k=6, top_p=0.9, min_p=0.05),
+        dict(typical_p=0.3),
+        dict(typical_p=0.9),
+        dict(temperature=1.3, typical_p=0.5),
+        dict(temperature=1.3, top_k=7, top_p=0.95, min_p=0.05, typical_p=0.6),
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
@@ -570,8 +713,9 @@ def test_per_row_generators_follow_the_claimed_distribution():
         (dict(temperature=1.0), dict(temperature=1.15)),
         (dict(top_k=4), dict(top_k=3)),
         (dict(top_p=0.95), dict(top_p=0.8)),
+        (dict(typical_p=0.9), dict(typical_p=0.5)),
     ],
-    ids=["T1-vs-T0.7", "T1-vs-T1.15", "top_k-4-vs-3", "top_p-0.95-vs-0.8"],
+    ids=["T1-vs-T0.7", "T1-vs-T1.15", "top_k-4-vs-3", "top_p-0.95-vs-0.8", "typical-0.9-vs-0.5"],
 )
 def test_the_statistical_check_rejects_the_wrong_distribution(sampled, claimed):
     """The checks above have power: samples from another distribution fail them, either by
@@ -651,6 +795,22 @@ def test_reference_truncations_are_what_the_tests_claim():
     assert (_reference(min_p=0.2) > 0).sum() == 4
     assert (_reference(temperature=1.5, min_p=0.2) > 0).sum() == 5
     assert 1 < (_reference(temperature=1.3, top_k=6, top_p=0.9, min_p=0.05) > 0).sum() < 6
+    # typical-p drops the most likely token (1) at 0.3, and keeps an unlikely one (0) at 0.9
+    assert (_reference(typical_p=0.3) > 0).nonzero()[0].tolist() == [3, 5]
+    assert (_reference(typical_p=0.9) > 0).nonzero()[0].tolist() == [0, 1, 3, 5, 6]
+    assert (_reference(temperature=1.3, typical_p=0.5) > 0).sum() == 4
+    combined = _reference(temperature=1.3, top_k=7, top_p=0.95, min_p=0.05)
+    assert (combined > 0).sum() > (_typical(combined, 0.6) > 0).sum() > 1
+
+
+def test_the_typical_p_reference_matches_transformers():
+    """Guard the float64 reference above against transformers' warper on LOGITS."""
+    warper = _hf_warpers().TypicalLogitsWarper
+    for temperature in (0.7, 1.0, 1.3):
+        for mass in (0.2, 0.3, 0.5, 0.6, 0.9, 0.95):
+            logits = torch.tensor(LOGITS / temperature, dtype=torch.float32).unsqueeze(0)
+            expected = torch.isfinite(warper(mass=mass)(None, logits))[0].numpy()
+            assert ((_reference(temperature, typical_p=mass) > 0) == expected).all()
 
 
 def test_top_k_top_p_single_sort_matches_separate_application():

@@ -7,7 +7,9 @@ over the vocabulary, and the only loop over rows is drawing each row's noise fro
 ``torch.Generator`` (so a row's sample never depends on the other rows in the batch).
 
 The pipeline that :func:`sample` runs on each row, in this order (vLLM's: the token
-restrictions first, then the order of transformers' logits warpers):
+restrictions first, then the order of transformers' logits warpers, as its
+``GenerationMixin._get_logits_processor`` appends them: temperature, top-k, top-p, min-p,
+typical-p):
 
 0. ``allowed_token_ids`` (every other token masked), then ``logit_bias`` added
    (:func:`apply_allowed_tokens`, :func:`apply_logit_bias`);
@@ -18,7 +20,9 @@ restrictions first, then the order of transformers' logits warpers):
 4. top-k, then top-p on the top-k-renormalised distribution (:func:`apply_top_k_top_p`, one sort
    for the whole batch);
 5. min-p (:func:`apply_min_p`), relative to the most likely remaining token;
-6. one draw from the resulting distribution with the row's generator.
+6. typical-p (:func:`apply_typical_p`), locally typical sampling over what is left, sorting only
+   the rows that use it;
+7. one draw from the resulting distribution with the row's generator.
 
 Masked tokens get logit ``-inf``; all arithmetic is float32 whatever the model's dtype.
 
@@ -52,6 +56,7 @@ __all__ = [
     "apply_top_k",
     "apply_top_k_top_p",
     "apply_top_p",
+    "apply_typical_p",
     "build_token_histories",
     "candidate_logprobs",
     "check_min_tokens_reachable",
@@ -176,7 +181,8 @@ class SamplingParams:
 
     temperature: float = 1.0
     """Divides the logits before sampling (>= 0). 0 (anything below 1e-5) means greedy: always
-    the most likely token after penalties; top_k, top_p, min_p and seed are then irrelevant."""
+    the most likely token after penalties; top_k, top_p, min_p, typical_p and seed are then
+    irrelevant."""
 
     top_p: float = 1.0
     """Nucleus sampling (0 < top_p <= 1): keep the smallest set of most likely tokens whose total
@@ -188,6 +194,12 @@ class SamplingParams:
     min_p: float = 0.0
     """Drop tokens whose probability is below min_p times the most likely token's (0..1).
     0 disables it."""
+
+    typical_p: float = 1.0
+    """Locally typical sampling (Meister et al. 2022; transformers' ``TypicalLogitsWarper``),
+    0 < typical_p <= 1: keep the tokens whose information content (-log p) is closest to the
+    distribution's entropy, up to this total probability; the most likely token may go. Applied
+    after min_p. 1 disables it."""
 
     repetition_penalty: float = 1.0
     """CTRL / transformers repetition penalty (> 0) over every token seen in the prompt or the
@@ -280,6 +292,11 @@ class SamplingParams:
         if not 0 <= min_p <= 1:
             raise _fail("min_p", "in [0, 1]", self.min_p)
         self.min_p = min_p
+
+        typical_p = _check_float("typical_p", self.typical_p)
+        if not 0 < typical_p <= 1:
+            raise _fail("typical_p", "in (0, 1]", self.typical_p)
+        self.typical_p = typical_p
 
         repetition_penalty = _check_float("repetition_penalty", self.repetition_penalty)
         if repetition_penalty <= 0:
@@ -425,6 +442,10 @@ class SamplingTensors:
     allowed_tokens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     """(restricted bool ``[B]``, row int64, token int64): the rows with ``allowed_token_ids``
     and their tokens as flat entries; None when no row restricts its tokens."""
+    typical: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(row int64 ``[R]``, typical_p float32 ``[R]``): the sampled rows with typical_p < 1 and
+    their values, the only rows typical decoding sorts; None (nothing built, nothing run) when
+    no row uses it."""
     greedy_rows: tuple[bool, ...] = ()
     """The ``greedy`` flags as Python bools (saves a device sync per step); empty means read
     them from ``greedy``."""
@@ -533,6 +554,7 @@ def prepare_sampling_tensors(
     )
     tensors.logit_bias = _flat_logit_bias(params_list, device)
     tensors.allowed_tokens = _flat_allowed_tokens(params_list, device)
+    tensors.typical = _typical_rows(params_list, greedy, device)
     if tensors.do_penalties:
         if vocab_size is None or prompt_token_ids is None or output_token_ids is None:
             raise GenerationError(
@@ -567,6 +589,24 @@ def _flat_logit_bias(
         torch.tensor(rows, dtype=torch.int64, device=device),
         torch.tensor(tokens, dtype=torch.int64, device=device),
         torch.tensor(biases, dtype=torch.float32, device=device),
+    )
+
+
+def _typical_rows(
+    params_list: Sequence[SamplingParams], greedy: Sequence[bool], device: torch.device | str | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The sampled rows that use typical decoding and their typical_p (greedy rows never
+    sample: sorting them would be wasted work); None when there are none."""
+    rows = [
+        i
+        for i, (p, g) in enumerate(zip(params_list, greedy, strict=True))
+        if p.typical_p < 1 and not g
+    ]
+    if not rows:
+        return None
+    return (
+        torch.tensor(rows, dtype=torch.int64, device=device),
+        torch.tensor([params_list[i].typical_p for i in rows], dtype=torch.float32, device=device),
     )
 
 
@@ -693,6 +733,32 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits - top < threshold, float("-inf"))
 
 
+def apply_typical_p(logits: torch.Tensor, typical_p: torch.Tensor) -> torch.Tensor:
+    """Locally typical sampling per row (float ``[B]``, 1 = off): transformers'
+    ``TypicalLogitsWarper`` with ``min_tokens_to_keep=1``, batched, with one sort.
+
+    Tokens are ranked by the distance of their information content ``-log p`` from the row's
+    entropy ``H``; the closest ones are taken until their probability reaches ``typical_p``, and
+    every token farther from ``H`` than the last one taken is masked (the cut is a distance, not
+    a rank: tokens tied with the last one stay, however the sort ordered them; the most typical
+    token always stays). Masked (-inf) tokens have p = 0: they add nothing to ``H``
+    (``0 * -inf`` would be NaN) and are the farthest, so they stay masked.
+    """
+    logits = _check_logits(logits)
+    mass = typical_p.to(logits.device, torch.float32).unsqueeze(1)
+    logprobs = torch.log_softmax(logits, dim=-1)
+    probs = logprobs.exp()
+    entropy = -torch.where(probs > 0, probs * logprobs, 0.0).sum(dim=-1, keepdim=True)
+    distance = (-logprobs - entropy).abs()
+    sorted_distance, order = torch.sort(distance, dim=-1)
+    # transformers' arithmetic (a softmax of the sorted logits, not the sorted probs): near
+    # typical_p = 1 the cumulative sum's last bits decide the cut.
+    cumulative = torch.softmax(logits.gather(1, order), dim=-1).cumsum(dim=-1)
+    last = (cumulative < mass).sum(dim=-1, keepdim=True).clamp_(max=logits.shape[1] - 1)
+    drop = (distance > sorted_distance.gather(1, last)) & (mass < 1.0)
+    return logits.masked_fill(drop, float("-inf"))
+
+
 def apply_allowed_tokens(
     logits: torch.Tensor, restricted: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor
 ) -> torch.Tensor:
@@ -787,8 +853,8 @@ def _exponential_noise(
 
 
 def process_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
-    """Run temperature, top-k/top-p and min-p on already penalised float32 logits. The result's
-    softmax is the distribution :func:`sample` draws non-greedy rows from."""
+    """Run temperature, top-k/top-p, min-p and typical-p on already penalised float32 logits.
+    The result's softmax is the distribution :func:`sample` draws non-greedy rows from."""
     logits = apply_temperature(logits, tensors.temperature)
     if tensors.do_top_k or tensors.do_top_p:
         logits = apply_top_k_top_p(
@@ -798,6 +864,10 @@ def process_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tens
         )
     if tensors.do_min_p:
         logits = apply_min_p(logits, tensors.min_p)
+    if tensors.typical is not None:
+        rows, typical_p = tensors.typical
+        typical = apply_typical_p(logits.index_select(0, rows), typical_p)
+        logits = logits.index_copy(0, rows, typical)
     return logits
 
 
