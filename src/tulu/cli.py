@@ -218,6 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue", type=int, default=1024, help="requests waiting beyond that before 429"
     )
     serve.add_argument(
+        "--max-best-of",
+        type=int,
+        default=2,
+        help="the largest `best_of` a TGI request may ask for (TGI's default: 2; 1 refuses "
+        "best_of > 1)",
+    )
+    serve.add_argument(
         "--request-timeout",
         type=float,
         default=600.0,

@@ -19,6 +19,7 @@ import torch
 
 from engine.conftest import CHOICES, GRAMMAR, REGEX, SCHEMA, ScriptedModel, script_table
 from engine.conftest import satisfies as engine_satisfies
+from helpers import mean_model_logprob
 from tulu.chat import generation_prompt
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
@@ -265,6 +266,52 @@ def test_seeded_sample_matches_reference(client, model, tok):
         chat=False,
     )
     assert reply.choices[0].text == ref.text
+
+
+def test_best_of_returns_the_n_samples_most_likely_per_token(client, model, tok):
+    """best_of=5, n=2: the two of the five seeded samples (each reproduced alone by the
+    reference generator from its sample seed) with the highest mean log-probability, best
+    first, without log-probabilities (none were asked for); usage counts all five."""
+    from tulu.engine.engine import sample_seed
+
+    sampling = dict(temperature=1.3, seed=21, max_tokens=10)
+    reply = client.completions.create(model=MODEL, prompt=PROMPT, n=2, best_of=5, **sampling)
+    prompt_ids = tok.encode(PROMPT)
+    samples = [
+        generate_ids(
+            model,
+            prompt_ids,
+            SamplingParams(temperature=1.3, seed=sample_seed(21, i), max_tokens=10),
+            tokenizer=tok,
+        ).token_ids
+        for i in range(5)
+    ]
+    scores = [mean_model_logprob(model, prompt_ids, ids) for ids in samples]
+    assert len(set(scores)) == 5, "the test needs five different samples"
+    best = sorted(range(5), key=scores.__getitem__, reverse=True)[:2]
+    assert [c.index for c in reply.choices] == [0, 1]
+    assert [c.text for c in reply.choices] == [tok.decode(samples[i]) for i in best]
+    assert all(c.logprobs is None for c in reply.choices)
+    assert reply.usage.completion_tokens == sum(len(ids) for ids in samples)
+
+    shown = client.completions.create(model=MODEL, prompt=PROMPT, best_of=5, logprobs=1, **sampling)
+    assert shown.choices[0].text == tok.decode(samples[best[0]])
+    token_logprobs = shown.choices[0].logprobs.token_logprobs
+    assert sum(token_logprobs) / len(token_logprobs) == pytest.approx(scores[best[0]], abs=1e-4)
+
+
+def test_best_of_equal_to_n_streams_every_sample(client):
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=PROMPT,
+        n=2,
+        best_of=2,
+        temperature=1.0,
+        seed=4,
+        max_tokens=6,
+        stream=True,
+    )
+    assert {chunk.choices[0].index for chunk in stream if chunk.choices} == {0, 1}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1323,7 +1370,11 @@ def test_unknown_field_is_a_bad_request(client):
         ({"extra_body": {"stop_token_ids": [100000]}}, "stop_token_ids"),
         ({"logprobs": 21}, "logprobs"),
         ({"suffix": "!"}, "suffix"),
-        ({"best_of": 3}, "best_of"),
+        ({"best_of": 0}, "best_of"),
+        ({"n": 3, "best_of": 2}, "best_of"),
+        ({"best_of": 129}, "best_of"),
+        ({"best_of": 3, "temperature": 0}, "best_of"),
+        ({"best_of": 3, "stream": True}, "best_of"),
         ({"logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
         ({"logit_bias": {"five": 1.0}}, "logit_bias"),

@@ -731,7 +731,7 @@ def _bad_bodies(route: str) -> dict[str, bytes]:
             "huge truncate": _with(route, truncate=10**30),
             "negative truncate": _with(route, truncate=-1),
             "too many stops": _with(route, stop=["a"] * 1000),
-            "typical_p": _with(route, typical_p=0.5),
+            "typical_p": _with(route, typical_p=1.5),
             "grammar unknown type": _with(route, grammar={"type": "ebnf", "value": "x"}),
             "grammar without type": _with(route, grammar={"value": "x"}),
             "grammar is a string": _with(route, grammar="json"),

@@ -276,6 +276,7 @@ def test_engine_options_reach_the_engine(checkpoint, monkeypatch) -> None:
             "--request-timeout must be a finite number > 0 or inf (no timeout), got -inf",
         ),
         (["--drain-timeout", "-5"], "--drain-timeout must be a finite number >= 0, got -5.0"),
+        (["--max-best-of", "0"], "--max-best-of must be >= 1, got 0"),
     ],
 )
 def test_non_finite_or_non_positive_sizes_and_timeouts_are_refused(

@@ -21,6 +21,7 @@ from text_generation.types import Grammar, GrammarType
 from torch import nn
 
 from engine.conftest import REGEX, SCHEMA, satisfies
+from helpers import mean_model_logprob
 from tulu.engine.reference import generate_ids, generate_text
 from tulu.engine.sampling import SamplingParams
 from tulu.model import GPTNeoXForCausalLM, preset
@@ -413,8 +414,8 @@ def test_async_client(server):
         response = await c.generate(PROMPT, max_new_tokens=8)
         events = [e async for e in c.generate_stream(PROMPT, max_new_tokens=8)]
         responses = await asyncio.gather(*(c.generate(PROMPT, max_new_tokens=8) for _ in range(4)))
-        with pytest.raises(ValidationError, match="typical_p"):
-            await c.generate(PROMPT, typical_p=0.5)
+        with pytest.raises(ValidationError, match="watermark"):
+            await c.generate(PROMPT, watermark=True)
         return response, events, responses
 
     response, events, responses = asyncio.run(main())
@@ -541,13 +542,108 @@ def test_client_sees_a_bad_regex_as_a_validation_error(server):
         client(server).generate(PROMPT, grammar=Grammar(type=GrammarType.Regex, value="(a"))
 
 
+def test_typical_p_samples_as_the_reference_generator(server, model, tokenizer):
+    """`typical_p` alone turns sampling on (a TGI warper) and samples as the engine's
+    typical decoding does (the reference generator, temperature 1, same seed)."""
+    reply = client(server).generate(PROMPT, typical_p=0.4, seed=17, max_new_tokens=10)
+    params = SamplingParams(temperature=1.0, typical_p=0.4, seed=17, max_tokens=10)
+    ref = generate_ids(model, tokenizer.encode(PROMPT), params, tokenizer=tokenizer)
+    assert [t.id for t in reply.details.tokens] == ref.token_ids
+    assert reply.details.seed == 17
+    greedy = reference(model, tokenizer, tokenizer.encode(PROMPT), 10)
+    assert ref.token_ids != greedy.token_ids, "the test needs typical_p to change the output"
+
+
+# ---------------------------------------------------------------------------------- best_of
+def test_best_of_answers_the_sample_most_likely_per_token(server, model, tokenizer):
+    """best_of=2: the answer and `details.best_of_sequences` are the two samples, each
+    reproduced alone by its reported seed, the answer the more likely per token (by the
+    model's own log-probabilities, computed here with a plain forward)."""
+    c = client(server)
+    reply = c.generate(PROMPT, best_of=2, do_sample=True, temperature=1.5, max_new_tokens=8)
+    (other,) = reply.details.best_of_sequences
+    prompt_ids = tokenizer.encode(PROMPT)
+    scores = []
+    for text, details in ((reply.generated_text, reply.details), (other.generated_text, other)):
+        alone = c.generate(
+            PROMPT, do_sample=True, temperature=1.5, max_new_tokens=8, seed=details.seed
+        )
+        assert alone.generated_text == text
+        assert details.generated_tokens == len(details.tokens)
+        scores.append(mean_model_logprob(model, prompt_ids, [t.id for t in details.tokens]))
+    assert reply.details.seed != other.seed
+    assert scores[0] >= scores[1]
+
+    hub = pytest.importorskip("huggingface_hub")
+    hub_client = hub.InferenceClient(base_url=server.url, api_key=KEY, timeout=30)
+    out = hub_client.text_generation(
+        PROMPT, best_of=2, do_sample=True, details=True, max_new_tokens=4
+    )
+    assert len(out.details.best_of_sequences) == 1
+    assert out.details.best_of_sequences[0].generated_tokens == 4
+
+    plain = post(server, "/generate", {"inputs": PROMPT, "parameters": {"best_of": 2, "top_k": 5}})
+    assert plain.status_code == 200 and set(plain.json()) == {"generated_text"}
+    assert plain.headers["x-generated-tokens"] != "0"
+
+
+def test_best_of_answers_the_better_sample_even_when_drawn_second(server, tokenizer, monkeypatch):
+    """A fixed request seed (the server draws one per request; patched here) whose second
+    sample is the more likely: it must be the answer, the first in best_of_sequences."""
+    from tulu.engine.engine import sample_seed
+
+    seed = 9
+    monkeypatch.setattr("tulu.server.tgi_routes.random.getrandbits", lambda bits: seed)
+    c = client(server)
+    reply = c.generate(PROMPT, best_of=2, top_k=20, max_new_tokens=8)
+    first, second = (
+        c.generate(PROMPT, top_k=20, max_new_tokens=8, seed=sample_seed(seed, i)) for i in range(2)
+    )
+
+    def mean(details) -> float:
+        return sum(t.logprob for t in details.tokens) / len(details.tokens)
+
+    assert mean(second.details) > mean(first.details), "pick a seed whose 2nd sample wins"
+    assert reply.generated_text == second.generated_text
+    assert reply.details.seed == sample_seed(seed, 1)
+    assert reply.details.best_of_sequences[0].generated_text == first.generated_text
+    assert reply.details.best_of_sequences[0].seed == seed
+
+
+@pytest.mark.parametrize(
+    ("parameters", "message"),
+    [
+        ({"best_of": 2}, "you must use sampling when `best_of` is > 1"),
+        ({"best_of": 2, "do_sample": True, "seed": 3}, "`seed` must not be set when `best_of` > 1"),
+    ],
+)
+def test_best_of_needs_sampling_and_no_seed(server, parameters, message):
+    response = post(server, "/generate", {"inputs": PROMPT, "parameters": parameters})
+    assert response.status_code == 422 and message in response.json()["error"]
+
+
+def test_best_of_is_not_streamed(server):
+    body = {"inputs": PROMPT, "parameters": {"best_of": 2, "do_sample": True}}
+    response = post(server, "/generate_stream", body)
+    assert response.status_code == 422
+    assert "`best_of` != 1 is not supported when streaming" in response.json()["error"]
+
+
+def test_max_best_of_one_refuses_best_of(make_server):
+    strict = make_server(max_best_of=1)
+    assert httpx.get(strict.url + "/info", timeout=10).json()["max_best_of"] == 1
+    body = {"inputs": PROMPT, "parameters": {"best_of": 2, "do_sample": True}}
+    response = post(strict, "/generate", body)
+    assert response.status_code == 422
+    assert "`best_of` must be > 0 and <= 1. Given: 2" in response.json()["error"]
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"typical_p": 0.5}, "`typical_p`"),
         ({"watermark": True}, "`watermark`"),
-        ({"best_of": 2, "do_sample": True}, "`best_of` > 1 is not supported"),
+        ({"best_of": 3, "do_sample": True}, "`best_of` must be > 0 and <= 2. Given: 3"),
         ({"grammar": Grammar(type=GrammarType.Regex, value="[a-")}, "`grammar` cannot be"),
         ({"max_new_tokens": 0}, "`max_new_tokens` must be strictly positive"),
         ({"top_n_tokens": 21}, "`top_n_tokens` must be >= 0 and <= 20"),
@@ -607,8 +703,12 @@ def test_negative_temperature(server):
         ({"inputs": PROMPT, "parameters": {"stop": ["a"] * 17}}, "up to 16 stop sequences"),
         ({"inputs": PROMPT, "parameters": {"stop": [""]}}, "non-empty"),
         ({"inputs": PROMPT, "parameters": {"seed": -1}}, "`seed` must be >= 0"),
-        ({"inputs": PROMPT, "parameters": {"best_of": 0}}, "`best_of` must be strictly"),
-        ({"inputs": PROMPT, "parameters": {"typical_p": 0.9}}, "`typical_p`"),
+        ({"inputs": PROMPT, "parameters": {"best_of": 0}}, "`best_of` must be > 0 and <= 2"),
+        (
+            {"inputs": PROMPT, "parameters": {"typical_p": 1.0}},
+            "`typical_p` must be > 0.0 and < 1.0",
+        ),
+        ({"inputs": PROMPT, "parameters": {"typical_p": 0}}, "`typical_p` must be > 0.0 and < 1.0"),
         ({"inputs": PROMPT, "parameters": {"adapter_id": "x"}}, "`adapter_id` 'x' is not a loaded"),
         (
             {"inputs": PROMPT, "parameters": {"grammar": {"type": "regex", "value": "(a"}}},
@@ -636,7 +736,6 @@ def test_validation_error_shape(server, body, message):
 def test_neutral_values_of_unsupported_parameters_are_accepted(server):
     params = {
         "best_of": 1,
-        "typical_p": 1.0,
         "watermark": False,
         "grammar": None,
         "adapter_id": None,
@@ -766,5 +865,5 @@ def test_info(server):
     info = httpx.get(server.url + "/info", headers=AUTH, timeout=10).json()
     assert info["max_total_tokens"] == CONTEXT
     assert info["max_input_tokens"] == CONTEXT - 1
-    assert info["max_best_of"] == 1
+    assert info["max_best_of"] == 2  # TGI's default --max-best-of
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200

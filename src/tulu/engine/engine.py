@@ -412,7 +412,7 @@ class LLMEngine:
                 num_prompt_tokens=len(prompt_ids),
                 params=params,
                 arrival=arrival,
-                generator=make_generator(_sample_seed(params.seed, index), self.device),
+                generator=make_generator(sample_seed(params.seed, index), self.device),
                 lora_slot=lora_slot,
                 lora_salt=self.lora.salt(lora_slot)
                 if self.lora is not None and lora_slot
@@ -829,8 +829,11 @@ def resolve_fast_path(config: EngineConfig, device: torch.device) -> tuple[str, 
     return attention, bool(graphs)
 
 
-def _sample_seed(seed: int | None, index: int) -> int | None:
-    """Sample i of a seeded request gets its own seed derived from (seed, i); sample 0 uses seed."""
+def sample_seed(seed: int | None, index: int) -> int | None:
+    """Sample i of a seeded request gets its own seed derived from (seed, i); sample 0 uses seed.
+
+    So sample i of an ``n``-sample request is reproduced alone by a one-sample request with
+    ``seed=sample_seed(seed, i)`` (TGI's `best_of` reports each sample's seed this way)."""
     if seed is None or index == 0:
         return seed
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()

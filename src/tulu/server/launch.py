@@ -46,6 +46,8 @@ def serve(args: argparse.Namespace) -> None:
     engine_options = engine_settings(args)
     if args.max_queue < 0:
         raise TuluError(f"--max-queue must be >= 0, got {args.max_queue}")
+    if args.max_best_of < 1:
+        raise TuluError(f"--max-best-of must be >= 1, got {args.max_best_of}")
     # argparse's float() takes "nan" and "inf": a NaN passes every comparison, and a request
     # timeout <= 0 would answer every request with 504. `--request-timeout inf` is no timeout.
     for name, value, low in (
@@ -105,6 +107,7 @@ def serve(args: argparse.Namespace) -> None:
         api_key=api_key,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
+        max_best_of=args.max_best_of,
         request_timeout=args.request_timeout,
         drain_timeout=args.drain_timeout,
         allow_runtime_lora_updating=args.allow_runtime_lora_updating,

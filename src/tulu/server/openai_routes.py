@@ -38,7 +38,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -50,11 +50,12 @@ from starlette.types import Receive, Scope, Send
 
 from tulu.chat import conversation_text, generation_prompt
 from tulu.engine.async_engine import EngineDeadError
-from tulu.engine.engine import RequestOutput
+from tulu.engine.engine import CompletionOutput, RequestOutput
 from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import SamplingParams, check_token_ids_in_vocab
 from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError, TuluError
+from tulu.server.best_of import rank_samples
 from tulu.server.openai_protocol import (
     MAX_N,
     MAX_TOP_LOGPROBS,
@@ -289,7 +290,10 @@ def _sampling_params(
     prompt_logprobs: int | None = None,
     rename: dict[str, str] | None = None,
     constraint: _Constraint | None = None,
+    samples: int | None = None,
 ) -> SamplingParams:
+    """The request's SamplingParams; `samples` overrides ``n`` (``best_of`` draws more)."""
+
     def pick(value, default):
         return default if value is None else value
 
@@ -304,7 +308,7 @@ def _sampling_params(
             presence_penalty=pick(body.presence_penalty, 0.0),
             frequency_penalty=pick(body.frequency_penalty, 0.0),
             seed=body.seed,
-            n=body.n,
+            n=samples if samples is not None else body.n,
             stop=pick(body.stop, []),
             stop_token_ids=pick(body.stop_token_ids, []),
             include_stop_str_in_output=body.include_stop_str_in_output,
@@ -854,15 +858,13 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     _check_common(body)
     if body.suffix is not None:
         raise ApiError("suffix is not supported by this server", "suffix")
-    if body.best_of is not None and body.best_of not in (1, body.n):
-        raise ApiError(
-            f"best_of must equal n ({body.n}) or be 1: this server returns every sample it draws, "
-            f"got {body.best_of}",
-            "best_of",
-        )
     score_only = body.max_tokens == 0 and body.echo
+    best_of = _best_of(body, score_only)
     requested = 1 if score_only else body.max_tokens
     want_prompt_logprobs = body.logprobs if body.echo and body.logprobs is not None else None
+    # best_of ranks the samples by their log-probabilities: they are computed even when the
+    # client did not ask for them (it is not shown them then: the view has no token strings).
+    logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
     constraint = _constraint(body)
     base_id = service.request_id("cmpl")
     texts = await _completion_prompts(body.prompt, service)
@@ -878,10 +880,17 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
             body,
             service,
             max_tokens=max_tokens,
-            logprobs=body.logprobs,
+            logprobs=logprobs,
             prompt_logprobs=want_prompt_logprobs,
             constraint=constraint,
+            samples=best_of,
         )
+        if best_of > body.n and params.is_greedy:
+            raise ApiError(
+                f"best_of ({best_of}) > n ({body.n}) needs sampling (temperature > 0): greedy "
+                f"samples are all the same",
+                "best_of",
+            )
         request_id = base_id if len(texts) == 1 else f"{base_id}-{index}"
         prompts.append(_Prompt(ids, echo, params, request_id))
     with service.admit(len(prompts)) as admission:  # one slot per prompt, before compiling
@@ -904,6 +913,9 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     choices = []
     for index, output in enumerate(outputs):
         _check_finished(output)
+        if best_of > body.n:
+            output.outputs, discarded = _best_samples(output.outputs, body.n)
+            view.discarded_tokens += discarded
         for completion in output.outputs:
             state = view.state(index, completion.index)
             choices.append(view.finish(state, output, completion))
@@ -916,6 +928,33 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
             usage=view.usage(),
         )
     )
+
+
+def _best_of(body: CompletionRequest, score_only: bool) -> int:
+    """How many samples to draw per prompt: ``best_of`` (n to MAX_N), n when unset. A request
+    that only scores its prompt draws n (there is nothing to rank)."""
+    if body.best_of is None or score_only:
+        return body.n
+    if not body.n <= body.best_of <= MAX_N:
+        raise ApiError(
+            f"best_of must be at least n ({body.n}) and at most {MAX_N}, got {body.best_of}",
+            "best_of",
+        )
+    if body.best_of > body.n and body.stream:
+        raise ApiError(
+            f"best_of ({body.best_of}) > n ({body.n}) cannot be streamed: the best samples are "
+            f"known only when all have finished",
+            "best_of",
+        )
+    return body.best_of
+
+
+def _best_samples(samples: list[CompletionOutput], n: int) -> tuple[list[CompletionOutput], int]:
+    """The `n` most likely samples (renumbered 0..n-1, best first) and the number of tokens
+    of those left out (they count in the usage: they were generated)."""
+    ranked = rank_samples(samples)
+    kept = [replace(sample, index=i) for i, sample in enumerate(ranked[:n])]
+    return kept, sum(len(sample.token_ids) for sample in ranked[n:])
 
 
 @dataclass
@@ -950,6 +989,8 @@ class _CompletionView:
         self.states: dict[tuple[int, int], _ChoiceState] = {}
         # Prompt index -> the tokens the prefix cache served it: once per prompt, whatever n.
         self.cached_tokens: dict[int, int] = {}
+        # Tokens of the samples best_of drew and left out: generated, so in the usage.
+        self.discarded_tokens = 0
 
     def state(self, prompt: int, sample: int) -> _ChoiceState:
         key = (prompt, sample)
@@ -1015,6 +1056,7 @@ class _CompletionView:
         """The whole request's usage: every prompt once, every choice's tokens."""
         prompt_tokens = sum(len(p.ids) for p in self.prompts)
         completion_tokens = sum(s.completion_tokens for s in self.states.values())
+        completion_tokens += self.discarded_tokens
         return Usage.of(prompt_tokens, completion_tokens, sum(self.cached_tokens.values()))
 
     async def stream(

@@ -55,6 +55,7 @@ class ServerSettings:
     api_key: str | None = None
     max_num_seqs: int = 256
     max_queue: int = 1024  # requests admitted beyond max_num_seqs before answering 429
+    max_best_of: int = 2  # TGI's `best_of` limit (TGI's --max-best-of default)
     request_timeout: float = 600.0  # seconds from arrival to the last token
     drain_timeout: float = 30.0  # seconds in-flight requests get to finish on shutdown
     # Request bodies beyond this are refused (413) before they are read: a 2,048-token context

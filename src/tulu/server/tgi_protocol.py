@@ -57,9 +57,8 @@ Grammar = Annotated[JsonGrammar | RegexGrammar | JsonSchemaGrammar, Field(discri
 class GenerateParameters(_Strict):
     """`parameters` of /generate, /generate_stream and POST /.
 
-    Fields TGI accepts but this server cannot honour (`best_of` > 1, `typical_p`, `watermark`)
-    are accepted at their neutral value and rejected otherwise. `adapter_id` names a LoRA
-    adapter of ``--lora-modules``.
+    `watermark`, which this server cannot honour, is accepted when false and rejected
+    otherwise. `adapter_id` names a LoRA adapter of ``--lora-modules``.
     """
 
     best_of: int | None = None
@@ -114,7 +113,9 @@ class PrefillToken(BaseModel):
     logprob: float | None = None
 
 
-class Details(BaseModel):
+class SequenceDetails(BaseModel):
+    """What TGI's `details` and each of its `best_of_sequences` tell of one sample."""
+
     finish_reason: FinishReason
     generated_tokens: int
     seed: int | None = None
@@ -123,15 +124,31 @@ class Details(BaseModel):
     top_tokens: list[list[Token]] | None = None
 
 
+class BestOfSequence(SequenceDetails):
+    """One of the samples `best_of` drew and did not answer with."""
+
+    generated_text: str
+
+
+class Details(SequenceDetails):
+    best_of_sequences: list[BestOfSequence] | None = None
+
+
 class GenerateResponse(BaseModel):
     generated_text: str
     details: Details | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """TGI's JSON: `top_tokens` and `best_of_sequences` only when there are some."""
         body: dict[str, Any] = {"generated_text": self.generated_text}
         if self.details is not None:
-            exclude = {"top_tokens"} if self.details.top_tokens is None else None
-            body["details"] = self.details.model_dump(mode="json", exclude=exclude)
+            details = self.details.model_dump(mode="json", exclude_none=False)
+            if self.details.best_of_sequences is None:
+                del details["best_of_sequences"]
+            for sequence in [details, *details.get("best_of_sequences", [])]:
+                if sequence["top_tokens"] is None:
+                    del sequence["top_tokens"]
+            body["details"] = details
         return body
 
 

@@ -19,8 +19,8 @@ the app's error handlers).
 Differences from TGI worth knowing:
 
 - As in TGI, a request samples when `do_sample` is true or when it sets a `temperature` other
-  than 1, a `top_k` or a `top_p` below 1 (TGI's "warpers" turn sampling on); otherwise it is
-  greedy. A sampled request without a `seed` gets a random one, reported in `details.seed` so
+  than 1, a `top_k`, or a `top_p` or `typical_p` below 1 (TGI's "warpers" turn sampling on);
+  otherwise it is greedy. A sampled request without a `seed` gets a random one, reported in `details.seed` so
   the result can be reproduced; greedy requests report `seed: null`.
 - Log-probabilities are those of the model (the raw logits), before penalties, temperature and
   truncation.
@@ -31,9 +31,12 @@ Differences from TGI worth knowing:
   without compiling), on the service's compile threads, before the request reaches the
   engine, and a schema or regex that does not compile is a 422 with the compiler's reason.
   The text ends (`eos_token`) when the grammar is complete.
-- `best_of` > 1, `typical_p` and `watermark` are rejected (422) unless left at their neutral
-  values. `adapter_id` names one of the LoRA adapters of `tulu serve --lora-modules`
-  (as TGI's multi-LoRA does); the served model's own name, or none, is the base model.
+- `best_of` draws that many samples and answers with the one of the highest mean
+  log-probability per generated token (TGI's rule, with the model's log-probabilities); the
+  others are in `details.best_of_sequences`, each with the seed that reproduces it alone.
+- `watermark` is rejected (422) unless false.
+- `adapter_id` names one of the LoRA adapters of `tulu serve --lora-modules` (as TGI's
+  multi-LoRA does); the served model's own name, or none, is the base model.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ import logging
 import random
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
@@ -52,10 +56,11 @@ from starlette.types import Receive, Scope, Send
 
 from tulu import __version__
 from tulu.engine.async_engine import EngineDeadError
-from tulu.engine.engine import CompletionOutput, RequestOutput
+from tulu.engine.engine import CompletionOutput, RequestOutput, sample_seed
 from tulu.engine.sampling import MAX_LOGPROBS, SamplingParams
 from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError, TuluError
+from tulu.server.best_of import rank_samples
 from tulu.server.service import (
     GenerationService,
     Overloaded,
@@ -64,6 +69,7 @@ from tulu.server.service import (
     name_structured_field,
 )
 from tulu.server.tgi_protocol import (
+    BestOfSequence,
     CompatGenerateRequest,
     Details,
     ErrorResponse,
@@ -99,7 +105,7 @@ async def info(request: Request):
         "max_input_tokens": service.max_model_len - 1,
         "max_total_tokens": service.max_model_len,
         "max_concurrent_requests": service.settings.max_num_seqs + service.settings.max_queue,
-        "max_best_of": 1,
+        "max_best_of": service.settings.max_best_of,
         "max_stop_sequences": MAX_STOP_SEQUENCES,
         "max_top_n_tokens": MAX_LOGPROBS,
         "router": "tulu",
@@ -121,27 +127,40 @@ class _Job:
     decoder_input_details: bool
     return_full_text: bool
     lora: str | None = None
+    best_of: int = 1
+    """Samples drawn (the engine request's ``n``); the most likely is the answer."""
 
 
 def _invalid(message: str) -> GenerationError:
     return GenerationError(message)
 
 
+def _check_best_of(p: GenerateParameters, max_best_of: int, *, stream: bool) -> int:
+    """The number of samples to draw (`best_of`, 1 when unset), with TGI's checks and wording:
+    more than one needs sampling, no fixed seed (each sample gets its own, reported in its
+    details) and no streaming (the best is known only at the end)."""
+    best_of = p.best_of if p.best_of is not None else 1
+    if not 0 < best_of <= max_best_of:
+        raise _invalid(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
+    if best_of == 1:
+        return 1
+    if stream:
+        raise _invalid("`best_of` != 1 is not supported when streaming tokens")
+    if p.seed is not None:
+        raise _invalid("`seed` must not be set when `best_of` > 1")
+    # TGI's test here: any sampling parameter given, whatever its value.
+    sampling = p.do_sample or any(
+        value is not None for value in (p.temperature, p.top_k, p.top_p, p.typical_p)
+    )
+    if not sampling:
+        raise _invalid("you must use sampling when `best_of` is > 1")
+    return best_of
+
+
 def _check_parameters(p: GenerateParameters, max_input_tokens: int, *, stream: bool) -> None:
     """TGI's value checks, with TGI's wording (plus the value that was given)."""
-    if p.best_of is not None:
-        if p.best_of <= 0:
-            raise _invalid(f"`best_of` must be strictly positive, got {p.best_of}")
-        if p.best_of > 1:
-            raise _invalid(
-                f"`best_of` > 1 is not supported by this server (it generates one sequence "
-                f"per request), got {p.best_of}"
-            )
-    if p.typical_p is not None and p.typical_p != 1.0:
-        raise _invalid(
-            f"`typical_p` (typical decoding) is not supported by this server; leave it unset "
-            f"or 1.0, got {p.typical_p}"
-        )
+    if p.typical_p is not None and not 0 < p.typical_p < 1:
+        raise _invalid(f"`typical_p` must be > 0.0 and < 1.0, got {p.typical_p}")
     if p.watermark:
         raise _invalid("`watermark` is not supported by this server; leave it false")
     if p.temperature is not None and p.temperature <= 0:
@@ -184,6 +203,7 @@ def _warps(p: GenerateParameters) -> bool:
         (p.temperature is not None and p.temperature != 1.0)
         or bool(p.top_k)
         or (p.top_p is not None and p.top_p < 1.0)
+        or (p.typical_p is not None and p.typical_p < 1.0)
     )
 
 
@@ -222,6 +242,7 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
     The grammar is checked, not compiled: that waits until the request is admitted."""
     p = body.parameters or GenerateParameters()
     _check_parameters(p, service.max_model_len - 1, stream=stream)
+    best_of = _check_best_of(p, service.settings.max_best_of, stream=stream)
     structured_output = _structured_output(p.grammar)
     lora = _adapter(p.adapter_id, service)
     if not body.inputs:
@@ -237,15 +258,18 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
     else:
         temperature, seed = 0.0, None  # greedy: the seed plays no part
     top_n = p.top_n_tokens or 0
-    want_token_logprobs = stream or p.details
+    # best_of ranks the samples by their log-probabilities: computed whenever it draws several.
+    want_token_logprobs = stream or p.details or best_of > 1
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
         top_p=p.top_p if p.top_p is not None else 1.0,
         top_k=p.top_k if p.top_k is not None else 0,
+        typical_p=p.typical_p if p.typical_p is not None else 1.0,
         repetition_penalty=p.repetition_penalty if p.repetition_penalty is not None else 1.0,
         frequency_penalty=p.frequency_penalty if p.frequency_penalty is not None else 0.0,
         seed=seed,
+        n=best_of,
         stop=list(p.stop),
         include_stop_str_in_output=True,  # TGI keeps the stop sequence in the text
         logprobs=top_n if want_token_logprobs else None,
@@ -262,6 +286,7 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
         decoder_input_details=p.decoder_input_details and p.details,
         return_full_text=bool(p.return_full_text),
         lora=lora,
+        best_of=best_of,
     )
 
 
@@ -331,17 +356,41 @@ def _logprob(completion: CompletionOutput, index: int) -> float | None:
 
 
 def _response(job: _Job, output: RequestOutput, service: GenerationService) -> GenerateResponse:
-    completion = output.outputs[0]
-    if completion.finish_reason == "abort":
+    """The answer: the sample (the most likely per token, with `best_of`), and its details
+    when asked for, the other samples' in `best_of_sequences`."""
+    samples = rank_samples(output.outputs) if job.best_of > 1 else output.outputs
+    if any(sample.finish_reason == "abort" for sample in samples):
         raise _Aborted(ABORTED_MESSAGE)
-    text = job.inputs + completion.text if job.return_full_text else completion.text
+    best = samples[0]
+    text = _generated_text(job, best)
     if not job.details:
         return GenerateResponse(generated_text=text)
+    details = Details(**_sample_details(job, output, best, service))
+    if job.best_of > 1:
+        details.best_of_sequences = [
+            BestOfSequence(
+                generated_text=_generated_text(job, sample),
+                **_sample_details(job, output, sample, service),
+            )
+            for sample in samples[1:]
+        ]
+    return GenerateResponse(generated_text=text, details=details)
+
+
+def _generated_text(job: _Job, sample: CompletionOutput) -> str:
+    return job.inputs + sample.text if job.return_full_text else sample.text
+
+
+def _sample_details(
+    job: _Job, output: RequestOutput, sample: CompletionOutput, service: GenerationService
+) -> dict[str, Any]:
+    """The fields TGI's `details` and each of its `best_of_sequences` share, for one sample.
+
+    Its `seed` reproduces it alone (with `best_of` 1): sample i of a request seeded S was
+    drawn with ``sample_seed(S, i)``."""
     texts = _TokenTexts(service.tokenizer, job.prompt_ids)
-    ids = completion.token_ids
-    tokens = [
-        texts.generated(t, _logprob(completion, i), i == len(ids) - 1) for i, t in enumerate(ids)
-    ]
+    ids = sample.token_ids
+    tokens = [texts.generated(t, _logprob(sample, i), i == len(ids) - 1) for i, t in enumerate(ids)]
     prefill: list[PrefillToken] = []
     if job.decoder_input_details:
         scored = output.prompt_logprobs or []
@@ -354,17 +403,16 @@ def _response(job: _Job, output: RequestOutput, service: GenerationService) -> G
                     logprob=entry.logprob if entry is not None else None,
                 )
             )
-    details = Details(
-        finish_reason=_finish_reason(completion, service.llm.engine.eos_token_id),
-        generated_tokens=len(ids),
-        seed=job.seed,
-        prefill=prefill,
-        tokens=tokens,
-        top_tokens=[_top_tokens(texts, completion, i) for i in range(len(ids))]
+    return {
+        "finish_reason": _finish_reason(sample, service.llm.engine.eos_token_id),
+        "generated_tokens": len(ids),
+        "seed": sample_seed(job.seed, sample.index),
+        "prefill": prefill,
+        "tokens": tokens,
+        "top_tokens": [_top_tokens(texts, sample, i) for i in range(len(ids))]
         if job.top_n
         else None,
-    )
-    return GenerateResponse(generated_text=text, details=details)
+    }
 
 
 def _error_body(message: str, kind: str) -> dict:
@@ -407,7 +455,8 @@ async def _generate(job: _Job, request: Request) -> tuple[GenerateResponse, dict
     headers = {
         "x-compute-type": service.llm.engine.device.type,
         "x-prompt-tokens": str(len(job.prompt_ids)),
-        "x-generated-tokens": str(len(output.outputs[0].token_ids)),
+        # Every token drawn (all of best_of's samples): what the request cost.
+        "x-generated-tokens": str(sum(len(c.token_ids) for c in output.outputs)),
     }
     return response, headers
 
