@@ -112,6 +112,7 @@ def main() -> int:
             enable_prefix_caching=engine["enable_prefix_caching"],
             decode_attention=engine["decode_attention"],
             cuda_graphs=engine["cuda_graphs"],
+            speculative=engine["speculative"],
             compare_transformers=True,
             hf_batch_size=args.hf_batch_size,
             hf_num_requests=args.hf_num_requests,

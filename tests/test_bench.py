@@ -1049,3 +1049,50 @@ def test_structured_output_script_meets_the_schema_as_transformers_does(
     }
     assert len(set(tokens.values())) == 1 and tokens["tulu_constrained"] > 3
     assert "constrained / unconstrained" in capsys.readouterr().out
+
+
+SPECULATIVE_BAD = [
+    (["--num-speculative-tokens", "0"], "--num-speculative-tokens must be a positive integer"),
+    (["--new-tokens", "-1"], "--new-tokens must be a positive integer"),
+    (["--prompt-len", "2000", "--new-tokens", "100"], "--prompt-len 2000 + --new-tokens 100"),
+    (["--output", "."], "--output .: is a directory"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"), SPECULATIVE_BAD, ids=[" ".join(e) for e, _ in SPECULATIVE_BAD]
+)
+def test_speculative_script_refuses_bad_settings_at_once(extra, message, monkeypatch, capsys):
+    work = (workloads, "random_model")
+    argv = ["--preset", "pythia-14m", *extra]
+    code, err = run_script("speculative.py", argv, monkeypatch, capsys, work)
+    assert code in (1, 2) and "Traceback" not in err
+    assert f"speculative.py: error: {message}" in err
+
+
+def test_speculative_script_gives_every_system_the_same_tokens(tmp_path, monkeypatch, capsys):
+    """A small run end to end (it exits 1 when a system's greedy tokens differ): tulu with
+    and without n-gram speculation, transformers with and without its prompt lookup."""
+    pytest.importorskip("transformers")
+    import runpy
+
+    out = tmp_path / "s.json"
+    argv = ["--preset", "pythia-14m", "--layers", "1", "--num-prompts", "2", "--prompt-len", "48"]
+    argv += ["--new-tokens", "12", "--repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["speculative.py", *argv, "--output", str(out)])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(str(BENCHMARKS / "speculative.py"), run_name="__main__")
+    assert exit_.value.code == 0
+    results = json.loads(out.read_text())["results"]
+    for workload in ("repeat", "random"):
+        figures = results[workload]
+        assert set(figures) == {
+            "tulu",
+            "tulu_batch",
+            "tulu_ngram",
+            "tulu_ngram_batch",
+            "transformers",
+            "transformers_lookup",
+        }
+        assert all(f["output_tokens"] == 2 * 12 for f in figures.values())
+    assert "tulu+ngram / tulu" in capsys.readouterr().out

@@ -1350,6 +1350,7 @@ def test_engine_options(command: str) -> None:
     from tulu.cli import _parse
     from tulu.engine.engine import EngineConfig
     from tulu.engine.options import engine_settings
+    from tulu.engine.speculative import SpeculativeConfig
 
     required = ["--prompt", "x"] if command == "generate" else []
     defaults = engine_settings(_parse([command, "m", *required]))
@@ -1357,6 +1358,7 @@ def test_engine_options(command: str) -> None:
     flags = ["--decode-attention", "triton", "--enforce-eager", "--max-num-seqs", "8"]
     flags += ["--max-num-batched-tokens", "512", "--max-model-len", "1024", "--kv-cache-gb", "2"]
     flags += ["--gpu-memory-utilization", "0.7", "--no-enable-prefix-caching"]
+    flags += ["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 3}']
     assert engine_settings(_parse([command, "m", *required, *flags])) == {
         "decode_attention": "triton",
         "cuda_graphs": False,
@@ -1366,9 +1368,29 @@ def test_engine_options(command: str) -> None:
         "kv_cache_bytes": 2 * 2**30,
         "gpu_memory_fraction": 0.7,
         "enable_prefix_caching": False,
+        "speculative": SpeculativeConfig(num_speculative_tokens=3),
     }
     with pytest.raises(SystemExit):
         _parse([command, "m", *required, "--decode-attention", "flash"])
+
+
+def test_generate_with_speculative_decoding(ckpt: Checkpoint, capsys, spies) -> None:
+    """--speculative-config reaches the engine, greedy output unchanged; a bad one is named
+    by its flag before the model loads."""
+    argv = ["generate", ckpt.directory, *CPU, "--prompt", "Hi Hi Hi Hi", "--raw"]
+    argv += ["--max-tokens", "12", "--temperature", "0", "--ignore-eos"]
+    rc, plain, err = run(capsys, *argv)
+    assert rc == 0, err
+    config = '{"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1}'
+    rc, out, err = run(capsys, *argv, "--speculative-config", config)
+    assert rc == 0, err
+    assert out == plain and out.strip()
+    (llm, _, _), _ = spies["generate"].calls[-1]
+    assert llm.engine.config.speculative.num_speculative_tokens == 3
+    spies["load"].calls.clear()
+    rc, out, err = run(capsys, *argv, "--speculative-config", '{"method": "eagle"}')
+    assert rc == 1 and one_line_error(err, "generate").startswith("--speculative-config: ")
+    assert spies["load"].calls == []
 
 
 def test_generate_request_larger_than_the_kv_cache(ckpt, tmp_path: Path, capsys, spies) -> None:

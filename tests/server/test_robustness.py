@@ -1062,6 +1062,9 @@ def test_metrics_report_requests_tokens_latencies_and_the_engine(new_server, slo
     queries = samples["tulu_prefix_cache_queries_total"][()]
     assert queries == server.engine.scheduler.prefix_queries > 0
     assert samples["tulu_prefix_cache_hits_total"][()] == server.engine.scheduler.prefix_hits
+    # Counted even with speculative decoding off (0), so dashboards need no special case.
+    assert samples["tulu_spec_decode_draft_tokens_total"][()] == server.engine.num_draft_tokens
+    assert samples["tulu_spec_decode_accepted_tokens_total"][()] == 0
 
 
 def test_metrics_leave_out_requests_the_engine_refused(new_server):

@@ -138,6 +138,7 @@ def settings_from_args(args: argparse.Namespace, gpu: bool) -> BenchSettings:
         enable_prefix_caching=engine["enable_prefix_caching"],
         decode_attention=engine["decode_attention"],
         cuda_graphs=engine["cuda_graphs"],
+        speculative=engine["speculative"],
         compare_transformers=args.compare_transformers,
         hf_batch_size=args.hf_batch_size,
         hf_num_requests=args.hf_num_requests,

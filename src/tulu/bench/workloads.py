@@ -37,6 +37,7 @@ front ends), so `tulu bench` prints them on one line.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import itertools
 import math
@@ -53,6 +54,7 @@ import torch
 from tulu.engine.engine import LLM, EngineConfig, RequestOutput
 from tulu.engine.options import check_gpu_memory_utilization, check_token_budget
 from tulu.engine.sampling import SamplingParams
+from tulu.engine.speculative import SpeculativeConfig
 from tulu.errors import ConfigError, GenerationError, TuluError
 from tulu.model.config import NeoXConfig, dtype_name, parse_dtype, preset
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
@@ -77,11 +79,11 @@ __all__ = [
     "peak_memory_bytes",
     "preset_config",
     "random_model",
-    "resolve_device",
-    "run_benchmark",
     "require_positive",
-    "transformers_twin",
+    "resolve_device",
     "resolve_random_model_arguments",
+    "run_benchmark",
+    "transformers_twin",
     "tulu_single_stream",
     "tulu_throughput",
 ]
@@ -132,6 +134,7 @@ class BenchSettings:
     enable_prefix_caching: bool = True
     decode_attention: str = "loop"  # EngineConfig.decode_attention
     cuda_graphs: bool | None = None  # EngineConfig.cuda_graphs (None: on where supported)
+    speculative: SpeculativeConfig | None = None  # EngineConfig.speculative (None: off)
     compare_transformers: bool = False
     hf_batch_size: int = 64
     hf_num_requests: int | None = None  # None: transformers runs every throughput request
@@ -153,6 +156,8 @@ class BenchSettings:
         out["skip"] = sorted(self.skip)
         out["mixed_prompt_range"] = list(self.mixed_prompt_range)
         out["mixed_output_range"] = list(self.mixed_output_range)
+        if self.speculative is not None:
+            out["speculative"] = dataclasses.asdict(self.speculative)
         return out
 
 
@@ -263,11 +268,6 @@ def add_random_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
 
 
-def random_model(config: NeoXConfig, device: torch.device, seed: int = 0) -> GPTNeoXForCausalLM:
-    """Random weights of `config`'s shape: speed does not depend on the values.
-
-    Built on the meta device and materialised once on `device` in the config's dtype, so a
-    6.9B model never exists twice (or in float32 first) in memory; the numbers are drawn on
 def resolve_random_model_arguments(
     args: argparse.Namespace,
 ) -> tuple[torch.device, torch.dtype, NeoXConfig]:
@@ -291,6 +291,11 @@ def require_positive(
             parser.error(f"--{flag.replace('_', '-')} must be a positive integer, got {value}")
 
 
+def random_model(config: NeoXConfig, device: torch.device, seed: int = 0) -> GPTNeoXForCausalLM:
+    """Random weights of `config`'s shape: speed does not depend on the values.
+
+    Built on the meta device and materialised once on `device` in the config's dtype, so a
+    6.9B model never exists twice (or in float32 first) in memory; the numbers are drawn on
     `device` (`init_weights(on_device=True)`), seconds for 6.9B on a GPU.
     """
     with torch.device("meta"):
@@ -689,6 +694,7 @@ def _run_tulu(
                 enable_prefix_caching=settings.enable_prefix_caching,
                 decode_attention=settings.decode_attention,
                 cuda_graphs=settings.cuda_graphs,
+                speculative=settings.speculative,
             ),
         )
     except GenerationError as err:

@@ -49,6 +49,7 @@ from tulu.engine.sampling import (
     sample,
 )
 from tulu.engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from tulu.engine.speculative import SpeculativeConfig, propose_ngram, speculates
 from tulu.engine.structured import apply_grammar_masks, grammar_compiler
 from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
@@ -82,6 +83,10 @@ class EngineConfig:
     # Largest decode batch served by the fast path (larger ones take the loop path). None:
     # 256 with Triton; 32 with SDPA, which gathers the whole context window for every row.
     max_graph_batch_size: int | None = None
+    # N-gram speculative decoding (`tulu.engine.speculative`, vLLM's speculative_config with
+    # method "ngram"); None: off. Greedy requests land several tokens per step when their
+    # text repeats its context; their outputs do not change.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
         optional = ("max_num_batched_tokens", "kv_cache_bytes", "max_model_len")
@@ -106,6 +111,11 @@ class EngineConfig:
         ):
             raise GenerationError(
                 f"EngineConfig.gpu_memory_fraction must be in (0, 1], got {fraction!r}"
+            )
+        if self.speculative is not None and not isinstance(self.speculative, SpeculativeConfig):
+            raise GenerationError(
+                f"EngineConfig.speculative must be a SpeculativeConfig or None, got "
+                f"{type(self.speculative).__name__}"
             )
         if self.decode_attention not in DECODE_ATTENTION_CHOICES:
             raise GenerationError(
@@ -237,7 +247,11 @@ class LLMEngine:
             max_num_seqs=self.config.max_num_seqs,
             max_num_batched_tokens=budget,
             enable_chunked_prefill=self.config.enable_chunked_prefill,
+            propose=self._propose if self.config.speculative is not None else None,
         )
+        # Speculative decoding's counts: tokens proposed, and proposals the model agreed with.
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
         self.eos_token_id = (
             tokenizer.eos_token_id if tokenizer is not None else model.config.eos_token_id
         )
@@ -500,16 +514,21 @@ class LLMEngine:
             return aborted
         tokens: list[int] = []
         positions: list[int] = []
-        sample_rows: list[tuple[Sequence, int]] = []
+        # Each sampled sequence with its drafts, and the query rows whose logits it samples
+        # (its last one; with drafts, one more per draft).
+        sample_seqs: list[tuple[Sequence, list[int]]] = []
+        sample_rows: list[int] = []
         prompt_logprob_rows: list[tuple[Sequence, int, int]] = []
         for item in plan.scheduled:
-            seq, count = item.seq, item.num_new_tokens
+            seq, count, drafts = item.seq, item.num_new_tokens, item.draft_token_ids
             start = seq.num_computed
             q_start = len(tokens)
-            tokens.extend(seq.token_ids[start : start + count])
+            tokens.extend(seq.token_ids[start : start + count - len(drafts)])
+            tokens.extend(drafts)
             positions.extend(range(start, start + count))
-            if start + count == seq.num_tokens:
-                sample_rows.append((seq, q_start + count - 1))
+            if start + count - len(drafts) == seq.num_tokens:
+                sample_seqs.append((seq, drafts))
+                sample_rows.extend(range(q_start + count - 1 - len(drafts), q_start + count))
             if (
                 seq.params.prompt_logprobs is not None
                 and seq.index == 0
@@ -521,7 +540,7 @@ class LLMEngine:
         runner = self.decode_runner
         if (
             runner is not None
-            and len(sample_rows) == len(plan.scheduled) == len(tokens) <= runner.max_batch_size
+            and len(sample_seqs) == len(plan.scheduled) == len(tokens) <= runner.max_batch_size
             and not prompt_logprob_rows
         ):
             # Decode-only step (one token per sequence, every one sampled): the fast path.
@@ -552,17 +571,18 @@ class LLMEngine:
                     # Another engine may run this model next: its rows are not these.
                     self.lora.use((), self.device)
         for item in plan.scheduled:
-            item.seq.num_computed += item.num_new_tokens
+            # Drafts are computed but not yet known to be right: counted once verified.
+            item.seq.num_computed += item.num_new_tokens - len(item.draft_token_ids)
             self.scheduler.register_computed_blocks(item.seq)
         for seq, q_start, count in prompt_logprob_rows:
             self._record_prompt_logprobs(seq, hidden, q_start, count)
 
         touched: dict[str, _Request] = {}
-        if sample_rows:
+        if sample_seqs:
             if hidden is not None:
-                rows = torch.tensor([row for _, row in sample_rows], device=self.device)
+                rows = torch.tensor(sample_rows, device=self.device)
                 logits = self.model.embed_out(hidden[rows]).float()
-            self._sample_and_update([s for s, _ in sample_rows], logits, touched)
+            self._sample_and_update(sample_seqs, logits, touched)
         outputs = aborted
         for request in touched.values():
             output = self._request_output(request)
@@ -600,71 +620,122 @@ class LLMEngine:
         return slots, layout
 
     def _sample_and_update(
-        self, seqs: list[Sequence], logits: torch.Tensor, touched: dict[str, _Request]
+        self,
+        sampled: list[tuple[Sequence, list[int]]],
+        logits: torch.Tensor,
+        touched: dict[str, _Request],
     ) -> None:
-        params = [s.params for s in seqs]
+        """Sample each sequence's rows of `logits` and append the tokens it keeps.
+
+        A sequence without drafts has one row. One with drafts has a row per draft more, the
+        row before each draft predicting it: its tokens are the model's picks, row by row, for
+        as long as each pick equals the draft it checks (so the pick after the last kept draft,
+        or after all of them, is the model's own next token)."""
+        rows: list[Sequence] = []  # the sequence of each row
+        offsets: list[int] = []  # each row's place among its sequence's rows
+        for seq, drafts in sampled:
+            rows.extend([seq] * (len(drafts) + 1))
+            offsets.extend(range(len(drafts) + 1))
+        params = [s.params for s in rows]
         tensors = (
             prepare_sampling_tensors(
                 params,
                 self.device,
                 vocab_size=logits.shape[-1],
-                prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in seqs],
-                output_token_ids=[s.output_ids for s in seqs],
+                prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in rows],
+                output_token_ids=[s.output_ids for s in rows],
             )
             if any(p.uses_penalties for p in params)
             else prepare_sampling_tensors(params, self.device)
         )
         raw = logits
-        matchers = [s.grammar for s in seqs]
+        matchers = [s.grammar for s in rows]
         if any(m is not None for m in matchers):
             logits = apply_grammar_masks(logits, matchers)
+        # min_tokens: the stop tokens are masked at each row whose token would come too early.
         blocked = [
-            self._stop_ids(s) if s.num_output_tokens < s.params.min_tokens else None for s in seqs
+            self._stop_ids(s) if s.num_output_tokens + offset < s.params.min_tokens else None
+            for s, offset in zip(rows, offsets, strict=True)
         ]
         if any(b for b in blocked):
             logits = mask_tokens(logits, blocked)
-        chosen = sample(logits, tensors, [s.generator for s in seqs])
+        chosen = sample(logits, tensors, [s.generator for s in rows])
         chosen_list = chosen.tolist()
-        want_logprobs = [s.params.logprobs for s in seqs if s.params.logprobs is not None]
+        want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         top_n = max(want_logprobs, default=None)
+        logprobs = None
         if top_n is not None:
             chosen_lp, top_ids, top_lp = compute_logprobs(raw, chosen, top_n)
-            chosen_lp, top_ids, top_lp = chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist()
+            logprobs = (chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist())
         now = time.monotonic()
-        requests = self._requests
-        for i, (seq, token) in enumerate(zip(seqs, chosen_list, strict=True)):
-            request = requests[seq.request_id]
-            completion = request.completions[seq.index]
+        row = 0
+        for seq, drafts in sampled:
+            request = self._requests[seq.request_id]
             if request.first_token_time is None:
                 request.first_token_time = now
-            if seq.grammar is not None and not seq.grammar.accept_token(token):
-                # Its grammar allowed no token at all (a pattern with a dead end, such as
-                # a[^\s\S]|b after "a"), so the row was all -inf: the completion ends here,
-                # without the token.
-                self._finish(seq, completion, "stop", None)
-                touched[request.request_id] = request
+            touched[request.request_id] = request
+            for offset in range(len(drafts) + 1):
+                token = chosen_list[row + offset]
+                kept = self._append_token(seq, request, token, row + offset, raw, logprobs)
+                if not kept or offset == len(drafts) or token != drafts[offset]:
+                    break
+                self.num_accepted_tokens += 1
+            self.num_draft_tokens += len(drafts)
+            row += len(drafts) + 1
+            if seq.is_finished:
                 if request.finished:
                     request.finished_time = now
-                continue
-            seq.token_ids.append(token)
-            completion.token_ids.append(token)
-            completion.delta_token_ids.append(token)
-            if seq.params.logprobs is not None:
-                k = seq.params.logprobs
-                completion.logprobs.append(
-                    TokenLogprob(
-                        token, chosen_lp[i], list(zip(top_ids[i][:k], top_lp[i][:k], strict=True))
-                    )
+            elif drafts:
+                # The kept drafts' keys and values are right: the cache holds every token
+                # but the last, as after any decode step.
+                seq.num_computed = seq.num_tokens - 1
+                self.scheduler.register_computed_blocks(seq)
+
+    def _append_token(
+        self,
+        seq: Sequence,
+        request: _Request,
+        token: int,
+        row: int,
+        raw: torch.Tensor,
+        logprobs: tuple[list, list, list] | None,
+    ) -> bool:
+        """Append a sampled token to `seq` (log-probabilities from `row` of the raw logits),
+        check its stop conditions; False once the sequence has finished."""
+        completion = request.completions[seq.index]
+        if seq.grammar is not None and not seq.grammar.accept_token(token):
+            # Its grammar allowed no token at all (a pattern with a dead end, such as
+            # a[^\s\S]|b after "a"), so the row was all -inf: the completion ends here,
+            # without the token.
+            self._finish(seq, completion, "stop", None)
+            return False
+        seq.token_ids.append(token)
+        completion.token_ids.append(token)
+        completion.delta_token_ids.append(token)
+        if seq.params.logprobs is not None:
+            chosen_lp, top_ids, top_lp = logprobs
+            k = seq.params.logprobs
+            completion.logprobs.append(
+                TokenLogprob(
+                    token, chosen_lp[row], list(zip(top_ids[row][:k], top_lp[row][:k], strict=True))
                 )
-            if seq.params.candidate_token_ids:
-                values = candidate_logprobs(raw[i], seq.params.candidate_token_ids).tolist()
-                completion.candidate_logprobs.append(
-                    dict(zip(seq.params.candidate_token_ids, values, strict=True))
-                )
-            self._check_stop(seq, token, completion, request.stop_ids)
-            touched[request.request_id] = request
-            if seq.is_finished and request.finished:
-                request.finished_time = now
+            )
+        if seq.params.candidate_token_ids:
+            values = candidate_logprobs(raw[row], seq.params.candidate_token_ids).tolist()
+            completion.candidate_logprobs.append(
+                dict(zip(seq.params.candidate_token_ids, values, strict=True))
+            )
+        self._check_stop(seq, token, completion, request.stop_ids)
+        return not seq.is_finished
+
+    def _propose(self, seq: Sequence) -> list[int]:
+        """A decoding sequence's draft tokens (n-gram lookup in its own tokens): none for a
+        request whose tokens argmax cannot verify, and never more than it may still generate
+        beyond the one token each step makes anyway."""
+        if not speculates(seq.params):
+            return []
+        room = seq.params.max_tokens - seq.num_output_tokens - 1
+        return propose_ngram(seq.token_ids, self.config.speculative, room)
 
     def _grammar_matchers(self, params: SamplingParams) -> list[Any] | None:
         """One matcher per sample of the params' structured_output (each holds its own place in
@@ -793,6 +864,8 @@ class LLMEngine:
                 else 0.0
             ),
             "preemptions": self.scheduler.num_preemptions,
+            "spec_decode_draft_tokens": self.num_draft_tokens,
+            "spec_decode_accepted_tokens": self.num_accepted_tokens,
             "lora_adapters": len(self.lora.loaded) if self.lora is not None else 0,
         }
 

@@ -92,6 +92,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_model_len: bool
         default=True,
         help="reuse the KV cache of prompt blocks shared with earlier requests (default: on)",
     )
+    group.add_argument(
+        "--speculative-config",
+        default=None,
+        metavar="JSON",
+        help='n-gram speculative decoding, as vLLM\'s: \'{"method": "ngram", '
+        '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'; '
+        "greedy requests land several tokens per step when the text repeats its context, "
+        "with the same output (default: off)",
+    )
     add_decode_path_arguments(group)
 
 
@@ -114,6 +123,14 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
         raise TuluError(f"--kv-cache-gb must be a finite number > 0, got {gb}")
     fraction = args.gpu_memory_utilization
     check_gpu_memory_utilization(fraction)
+    speculative = None
+    if args.speculative_config is not None:
+        from tulu.engine.speculative import parse_speculative_config
+
+        try:
+            speculative = parse_speculative_config(args.speculative_config)
+        except GenerationError as err:
+            raise TuluError(f"--speculative-config: {err}") from None
     return {
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
@@ -121,6 +138,7 @@ def engine_settings(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache_bytes": int(gb * 2**30) if gb is not None else None,
         "gpu_memory_fraction": fraction,
         "enable_prefix_caching": args.enable_prefix_caching,
+        "speculative": speculative,
         **decode_path_settings(args),
     }
 

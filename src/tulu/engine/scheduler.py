@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +93,9 @@ class Sequence:
 class ScheduledSeq:
     seq: Sequence
     num_new_tokens: int
+    # Speculative decoding: tokens proposed after the sequence's last one, computed in this
+    # step with it (they are in num_new_tokens) and kept only where the model agrees.
+    draft_token_ids: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -113,8 +117,12 @@ class Scheduler:
         max_num_batched_tokens: int,
         enable_chunked_prefill: bool = True,
         watermark: float = 0.01,
+        propose: Callable[[Sequence], list[int]] | None = None,
     ):
         self.pool = pool
+        # Speculative decoding's proposer (`tulu.engine.speculative`): a decoding sequence's
+        # draft tokens, [] for none.
+        self.propose = propose
         self.block_size = pool.block_size
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -236,6 +244,8 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             count = min(seq.num_tokens - seq.num_computed, budget)
+            drafts = self._drafts(seq, budget)
+            count += len(drafts)
             target = seq.num_computed + count
             # Preempting others does not change what this sequence needs: compute it once.
             needed = self._blocks_needed(seq, target)
@@ -248,7 +258,7 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 break  # it preempted itself: every later sequence is gone too
             self._allocate(seq, needed)
-            scheduled.append(ScheduledSeq(seq, count))
+            scheduled.append(ScheduledSeq(seq, count, drafts))
             budget -= count
             index += 1
 
@@ -294,6 +304,16 @@ class Scheduler:
             if in_flight is not None:
                 self._note_in_flight(seq, seq.num_computed + count, in_flight)
         return SchedulerOutput(scheduled, preempted)
+
+    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
+        """A decoding sequence's proposed tokens that fit the step's budget and the free blocks
+        (drafts never preempt anyone: without room the sequence decodes one token)."""
+        if self.propose is None or seq.num_tokens - seq.num_computed != 1 or budget < 2:
+            return []
+        drafts = self.propose(seq)[: budget - 1]
+        if drafts and self._blocks_needed(seq, seq.num_tokens + len(drafts)) > self.pool.num_free:
+            return []
+        return drafts
 
     def _in_flight(self, scheduled: list[ScheduledSeq]) -> dict[BlockHash, int]:
         """The full blocks the step's running sequences complete, by hash."""

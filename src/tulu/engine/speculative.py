@@ -1,0 +1,131 @@
+"""N-gram speculative decoding (vLLM's "ngram" method, transformers' prompt lookup).
+
+Why: a decode step is bound by reading the weights, so a step that checks several proposed
+tokens costs about what a step that makes one costs. When a reply repeats its own context
+(quoting a passage, extracting an answer, code that reuses names, a few-shot format), the
+tokens that followed the latest occurrence of the sequence's last n-gram are a good guess of
+what comes next, and each step can land several tokens.
+
+How: before a step, a decoding sequence's last ``n`` tokens (``prompt_lookup_max`` down to
+``prompt_lookup_min``) are looked for earlier in its prompt and output; the most recent match
+proposes the up-to-``num_speculative_tokens`` tokens that followed it. The step computes the
+sequence's last token and the proposals together, and the engine keeps the proposals while
+each equals the token the model picks at its position; the first one that differs is replaced
+by the model's own pick, and when all are kept the model's next token comes free. Only
+greedy requests without penalties or structured output speculate (for them the model's pick
+is its argmax after the request's static masks, so the output is token for token the one
+without speculation); other requests decode one token per step beside them.
+"""
+
+from __future__ import annotations
+
+import json
+from array import array
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from tulu.errors import GenerationError
+
+if TYPE_CHECKING:  # kept free of torch: the command line parses the config before loading
+    from tulu.engine.sampling import SamplingParams
+
+__all__ = ["SpeculativeConfig", "parse_speculative_config", "propose_ngram", "speculates"]
+
+_ITEM = array("i").itemsize  # bytes per token id in the search buffer
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """vLLM's ``speculative_config`` for ``{"method": "ngram"}``.
+
+    ``prompt_lookup_max`` / ``prompt_lookup_min``: the longest and shortest n-gram matched.
+    Given neither, 4 and 2 (a one-token match proposes too often to pay for the verification
+    on a full batch); given one, both take its value.
+    """
+
+    num_speculative_tokens: int
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    method: str = "ngram"
+
+    def __post_init__(self) -> None:
+        if self.method != "ngram":
+            raise GenerationError(
+                f"speculative_config.method must be 'ngram' (the only method without a draft "
+                f"model), got {self.method!r}"
+            )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise GenerationError(
+                    f"speculative_config.{name} must be a positive integer, got {value!r}"
+                )
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise GenerationError(
+                f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) must not be "
+                f"above prompt_lookup_max ({self.prompt_lookup_max})"
+            )
+
+
+def parse_speculative_config(text: str) -> SpeculativeConfig:
+    """The config of vLLM's ``--speculative-config '{"method": "ngram", ...}'`` JSON."""
+    try:
+        raw: Any = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise GenerationError(f"speculative_config is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise GenerationError(f"speculative_config must be a JSON object, got {type(raw).__name__}")
+    known = {"method", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise GenerationError(
+            f"speculative_config has unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"valid: {', '.join(sorted(known))}"
+        )
+    if "method" not in raw or "num_speculative_tokens" not in raw:
+        raise GenerationError(
+            'speculative_config needs "method": "ngram" and "num_speculative_tokens"'
+        )
+    low, high = raw.get("prompt_lookup_min"), raw.get("prompt_lookup_max")
+    if low is None and high is not None:
+        low = high
+    if high is None and low is not None:
+        high = low
+    lookup = {} if low is None else {"prompt_lookup_min": low, "prompt_lookup_max": high}
+    return SpeculativeConfig(
+        method=raw["method"], num_speculative_tokens=raw["num_speculative_tokens"], **lookup
+    )
+
+
+def speculates(params: SamplingParams) -> bool:
+    """Whether a request's tokens can be verified by argmax: greedy, no penalties (they would
+    change with each proposed token) and no structured output (its matcher moves per token)."""
+    return params.is_greedy and not params.uses_penalties and params.structured_output is None
+
+
+def propose_ngram(token_ids: list[int], config: SpeculativeConfig, limit: int) -> list[int]:
+    """Up to `limit` tokens that followed the most recent earlier occurrence of the longest
+    suffix n-gram of `token_ids` (``prompt_lookup_max`` down to ``prompt_lookup_min``); []
+    when none occurs.
+
+    The ids are searched as bytes (`bytes.rfind`, in C): a Python loop over a context of
+    2,048 tokens for every sequence of every step would cost more than the step saves."""
+    count = len(token_ids)
+    limit = min(limit, config.num_speculative_tokens)
+    if limit <= 0 or count < config.prompt_lookup_min + 1:
+        return []
+    data = array("i", token_ids).tobytes()
+    for n in range(min(config.prompt_lookup_max, count - 1), config.prompt_lookup_min - 1, -1):
+        pattern = data[-n * _ITEM :]
+        # A match must end before the last token: it is then not the suffix itself, and at
+        # least one token follows it.
+        end = (count - 1) * _ITEM
+        while True:
+            at = data.rfind(pattern, 0, end)
+            if at < 0:
+                break
+            if at % _ITEM == 0:
+                start = at // _ITEM + n
+                return token_ids[start : start + limit]
+            end = at + len(pattern) - 1  # a match across id boundaries: look further left
+    return []
