@@ -300,6 +300,50 @@ def test_best_of_returns_the_n_samples_most_likely_per_token(client, model, tok)
     assert sum(token_logprobs) / len(token_logprobs) == pytest.approx(scores[best[0]], abs=1e-4)
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(client, server, tok):
+    """vLLM's truncate_prompt_tokens: the reply is the one to the last N tokens alone, the
+    usage counts N, echo returns what the model saw; -1 fits a prompt too long for the
+    window; chat truncates the rendered conversation."""
+    ids = tok.encode(PROMPT)
+    keep = len(ids) - 2
+    greedy_kwargs = dict(model=MODEL, max_tokens=6, temperature=0)
+    cut = client.completions.create(
+        prompt=PROMPT, echo=True, extra_body={"truncate_prompt_tokens": keep}, **greedy_kwargs
+    )
+    alone = client.completions.create(prompt=ids[-keep:], echo=True, **greedy_kwargs)
+    assert cut.choices[0].text == alone.choices[0].text
+    assert cut.choices[0].text.startswith(tok.decode(ids[-keep:]))
+    assert cut.usage.prompt_tokens == keep
+
+    window = server.service.max_model_len
+    long_ids = (ids * window)[: window + 5]
+    fitted = client.completions.create(
+        prompt=long_ids,
+        max_tokens=1,
+        temperature=0,
+        model=MODEL,
+        extra_body={"truncate_prompt_tokens": -1},
+    )
+    assert fitted.usage.prompt_tokens == window - 1
+
+    chat_ids = chat_prompt_ids(tok, MESSAGES)
+    chat = client.chat.completions.create(
+        messages=MESSAGES, extra_body={"truncate_prompt_tokens": 7}, **greedy_kwargs
+    )
+    plain = client.completions.create(prompt=chat_ids[-7:], **greedy_kwargs)
+    assert chat.choices[0].message.content == plain.choices[0].text
+    assert chat.usage.prompt_tokens == 7
+
+
+@pytest.mark.parametrize("value", [0, -2, 10**6, True])
+def test_bad_truncate_prompt_tokens_is_refused(client, value):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, extra_body={"truncate_prompt_tokens": value}
+        )
+    assert err.value.param == "truncate_prompt_tokens" or "truncate_prompt_tokens" in str(err.value)
+
+
 def test_best_of_equal_to_n_streams_every_sample(client):
     stream = client.completions.create(
         model=MODEL,

@@ -147,6 +147,9 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: list[StrictInt] | None = None
+    truncate_prompt_tokens: StrictInt | None = None
+    """Keep only the prompt's last N tokens (1 .. max_model_len - 1); -1: as many as the
+    window leaves room for with one token to generate."""
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields; at most one of them per request.
     response_format: ResponseFormat | None = None

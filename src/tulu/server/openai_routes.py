@@ -248,6 +248,27 @@ def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
         raise ApiError(f"n must be at most {MAX_N}, got {body.n}", "n")
 
 
+def _truncation(
+    body: CompletionRequest | ChatCompletionRequest, service: GenerationService
+) -> int | None:
+    """vLLM's ``truncate_prompt_tokens``: how many of a prompt's last tokens to keep, or None.
+    -1 keeps as many as leave room for one generated token (vLLM's -1 is the window itself,
+    which leaves none)."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return None
+    longest = service.max_model_len - 1
+    if keep == -1:
+        return longest
+    if not 1 <= keep <= longest:
+        raise ApiError(
+            f"truncate_prompt_tokens must be -1 or 1 .. {longest} (the longest prompt that "
+            f"leaves room for one token in max_model_len {service.max_model_len}), got {keep}",
+            "truncate_prompt_tokens",
+        )
+    return keep
+
+
 def _check_length(
     service: GenerationService,
     ids: list[int],
@@ -866,8 +887,14 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     # client did not ask for them (it is not shown them then: the view has no token strings).
     logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
     constraint = _constraint(body)
+    keep = _truncation(body, service)
     base_id = service.request_id("cmpl")
     texts = await _completion_prompts(body.prompt, service)
+    if keep is not None:  # the echo is the prompt the model saw
+        texts = [
+            (ids[-keep:], service.tokenizer.decode(ids[-keep:])) if len(ids) > keep else (ids, echo)
+            for ids, echo in texts
+        ]
     prompts = []
     for index, (ids, echo) in enumerate(texts):
         try:
@@ -1140,10 +1167,13 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
     _check_common(body)
     _check_chat(body)
     constraint = _constraint(body)
+    keep = _truncation(body, service)
     try:
         ids = await service.encode_chat(chat_messages(body.messages))
     except TuluError as err:
         raise ApiError(str(err), "messages") from None
+    if keep is not None:
+        ids = ids[-keep:]
     if body.max_completion_tokens is not None:
         requested, max_field = body.max_completion_tokens, "max_completion_tokens"
     else:
