@@ -221,8 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-best-of",
         type=int,
         default=2,
-        help="the largest `best_of` a TGI request may ask for (TGI's default: 2; 1 refuses "
-        "best_of > 1)",
+        help="the largest `best_of` a TGI request may ask for, 1 to 128 (TGI's default: 2; "
+        "1 refuses best_of > 1)",
     )
     serve.add_argument(
         "--request-timeout",

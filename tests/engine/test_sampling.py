@@ -397,6 +397,24 @@ def test_typical_p_is_built_only_for_the_sampled_rows_that_use_it():
     )
 
 
+@pytest.mark.parametrize("near_one", [0.99999999, 1 - 2**-25, 1 - 2**-26])
+def test_a_typical_p_that_is_one_in_float32_is_off(near_one):
+    """typical_p runs in float32, where these values are exactly 1.0 (off): such a row is not
+    built (nor sorted) and samples from the unchanged distribution, as typical_p=1 does; the
+    largest float32 below 1 still truncates."""
+    assert torch.tensor(near_one, dtype=torch.float32).item() == 1.0  # the premise
+    params = [SamplingParams(typical_p=near_one), SamplingParams(typical_p=0.5)]
+    rows, masses = _tensors(params).typical
+    assert rows.tolist() == [1] and masses.tolist() == [0.5]
+    assert _tensors([SamplingParams(typical_p=near_one)]).typical is None
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(3)) * 5
+    tensors = _tensors([SamplingParams(typical_p=near_one)])
+    assert torch.equal(process_logits(logits, tensors), logits)
+    below = float(torch.tensor(1 - 2**-24, dtype=torch.float32))  # < 1 in float32
+    rows, masses = _tensors([SamplingParams(typical_p=below)]).typical
+    assert rows.tolist() == [0] and masses.tolist() == [below]
+
+
 @pytest.mark.parametrize("scale", [1.0, 4.0])
 def test_pipeline_equals_transformers_warpers_in_their_order(scale):
     """Per row: temperature, top-k, top-p, min-p, typical-p, chained as transformers'

@@ -683,6 +683,17 @@ def test_echo_scores_the_prompt(client, model, tok):
     assert reply.usage.prompt_tokens == len(ids)
 
 
+def test_echo_scoring_with_a_valid_best_of_scores_the_prompt_once(client):
+    """Scoring draws nothing to rank: a valid best_of (n … 128) draws only n, even greedy
+    (where best_of > n is refused when generating); an invalid one is a 400, as when
+    generating (test_invalid_completion_values)."""
+    reply = client.completions.create(
+        model=MODEL, prompt=PROMPT, echo=True, max_tokens=0, logprobs=0, temperature=0, best_of=3
+    )
+    (choice,) = reply.choices
+    assert choice.text == PROMPT and reply.usage.completion_tokens == 0
+
+
 def test_echo_scoring_counts_no_generated_tokens_in_the_metrics(client, server, tok):
     """Scoring a prompt (echo, max_tokens=0) makes the engine sample one token that nobody
     sees: /metrics must count, like the usage block, prompt tokens and no generated token."""
@@ -1419,6 +1430,11 @@ def test_unknown_field_is_a_bad_request(client):
         ({"best_of": 129}, "best_of"),
         ({"best_of": 3, "temperature": 0}, "best_of"),
         ({"best_of": 3, "stream": True}, "best_of"),
+        # Scoring a prompt (echo, max_tokens 0) draws nothing to rank, but best_of is checked.
+        ({"echo": True, "max_tokens": 0, "best_of": 0}, "best_of"),
+        ({"echo": True, "max_tokens": 0, "best_of": -3}, "best_of"),
+        ({"echo": True, "max_tokens": 0, "best_of": 10**6}, "best_of"),
+        ({"echo": True, "max_tokens": 0, "n": 2, "best_of": 1}, "best_of"),
         ({"logit_bias": {"5": 100.5}}, "logit_bias"),
         ({"logit_bias": {"-5": 1.0}}, "logit_bias"),
         ({"logit_bias": {"five": 1.0}}, "logit_bias"),

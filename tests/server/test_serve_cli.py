@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tulu.errors import GenerationError
+from tulu.errors import GenerationError, TuluError
 
 pytest.importorskip("fastapi", reason="the server extra (fastapi) is not installed")
 pytest.importorskip("uvicorn", reason="the server extra (uvicorn) is not installed")
@@ -276,7 +276,11 @@ def test_engine_options_reach_the_engine(checkpoint, monkeypatch) -> None:
             "--request-timeout must be a finite number > 0 or inf (no timeout), got -inf",
         ),
         (["--drain-timeout", "-5"], "--drain-timeout must be a finite number >= 0, got -5.0"),
-        (["--max-best-of", "0"], "--max-best-of must be >= 1, got 0"),
+        (["--max-best-of", "0"], "--max-best-of must be >= 1 and <= 128"),
+        (
+            ["--max-best-of", "129"],
+            "--max-best-of must be >= 1 and <= 128 (the OpenAI route's limit), got 129",
+        ),
     ],
 )
 def test_non_finite_or_non_positive_sizes_and_timeouts_are_refused(
@@ -295,6 +299,26 @@ def test_non_finite_or_non_positive_sizes_and_timeouts_are_refused(
     err = capsys.readouterr().err
     assert message in err
     assert "loaded" not in err  # refused before the model was loaded
+
+
+@pytest.mark.parametrize(
+    ("max_best_of", "message"),
+    [
+        (0, "max_best_of must be >= 1 and <= 128, got 0"),
+        (129, "max_best_of must be >= 1 and <= 128, got 129"),
+        (True, "max_best_of must be an integer, got True"),
+        ("2", "max_best_of must be an integer, got '2'"),
+    ],
+)
+def test_a_max_best_of_out_of_range_is_refused_by_the_settings(max_best_of, message):
+    """Built in code (not by `tulu serve`), a max_best_of of 0 was served, and every TGI
+    request failed validation; it is refused where the settings are made."""
+    from tulu.server.service import ServerSettings
+
+    with pytest.raises(TuluError) as err:
+        ServerSettings(served_model_name="m", max_best_of=max_best_of)
+    assert str(err.value) == message
+    assert ServerSettings(served_model_name="m", max_best_of=128).max_best_of == 128
 
 
 def test_a_kv_cache_smaller_than_one_request_is_refused(checkpoint, capsys, monkeypatch):

@@ -550,8 +550,9 @@ def test_typical_p_samples_as_the_reference_generator(server, model, tokenizer):
     ref = generate_ids(model, tokenizer.encode(PROMPT), params, tokenizer=tokenizer)
     assert [t.id for t in reply.details.tokens] == ref.token_ids
     assert reply.details.seed == 17
-    greedy = reference(model, tokenizer, tokenizer.encode(PROMPT), 10)
-    assert ref.token_ids != greedy.token_ids, "the test needs typical_p to change the output"
+    plain = SamplingParams(temperature=1.0, seed=17, max_tokens=10)  # typical_p 1: off
+    untruncated = generate_ids(model, tokenizer.encode(PROMPT), plain, tokenizer=tokenizer)
+    assert ref.token_ids != untruncated.token_ids, "the test needs typical_p to change the output"
 
 
 # ---------------------------------------------------------------------------------- best_of
@@ -587,13 +588,42 @@ def test_best_of_answers_the_sample_most_likely_per_token(server, model, tokeniz
     assert plain.headers["x-generated-tokens"] != "0"
 
 
+def test_best_of_reports_the_answers_generated_tokens_only(server):
+    """`x-generated-tokens` is the answer's count, as TGI's, not all the samples' together."""
+    parameters = {"best_of": 2, "top_k": 5, "max_new_tokens": 6, "details": True}
+    response = post(server, "/generate", {"inputs": PROMPT, "parameters": parameters})
+    assert response.status_code == 200, response.text
+    details = response.json()["details"]
+    (other,) = details["best_of_sequences"]
+    assert details["generated_tokens"] + other["generated_tokens"] > 6  # the premise
+    assert response.headers["x-generated-tokens"] == str(details["generated_tokens"])
+
+
+def test_best_of_asks_the_engine_for_alternatives_only_when_they_are_shown(server, monkeypatch):
+    """best_of ranks by log-probabilities, so they are always computed; the `top_n_tokens`
+    alternatives only when the client sees them (with `details`)."""
+    asked = []
+    run_to_end = server.service.run_to_end
+
+    async def spy(prompt_ids, params, *args, **kwargs):
+        asked.append(params.logprobs)
+        return await run_to_end(prompt_ids, params, *args, **kwargs)
+
+    monkeypatch.setattr(server.service, "run_to_end", spy)
+    parameters = {"best_of": 2, "do_sample": True, "top_n_tokens": 3, "max_new_tokens": 3}
+    for details in (False, True):
+        body = {"inputs": PROMPT, "parameters": {**parameters, "details": details}}
+        assert post(server, "/generate", body).status_code == 200
+    assert asked == [0, 3]
+
+
 def test_best_of_answers_the_better_sample_even_when_drawn_second(server, tokenizer, monkeypatch):
     """A fixed request seed (the server draws one per request; patched here) whose second
     sample is the more likely: it must be the answer, the first in best_of_sequences."""
     from tulu.engine.engine import sample_seed
 
     seed = 9
-    monkeypatch.setattr("tulu.server.tgi_routes.random.getrandbits", lambda bits: seed)
+    monkeypatch.setattr("tulu.server.tgi_routes._random_seed", lambda: seed)
     c = client(server)
     reply = c.generate(PROMPT, best_of=2, top_k=20, max_new_tokens=8)
     first, second = (
@@ -622,20 +652,53 @@ def test_best_of_needs_sampling_and_no_seed(server, parameters, message):
     assert response.status_code == 422 and message in response.json()["error"]
 
 
-def test_best_of_is_not_streamed(server):
-    body = {"inputs": PROMPT, "parameters": {"best_of": 2, "do_sample": True}}
-    response = post(server, "/generate_stream", body)
-    assert response.status_code == 422
-    assert "`best_of` != 1 is not supported when streaming" in response.json()["error"]
+def error_of(server, path: str, parameters: dict) -> str:
+    """The 422 validation error `path` answers these parameters with."""
+    response = post(server, path, {"inputs": PROMPT, "parameters": parameters})
+    assert response.status_code == 422, response.text
+    assert response.json()["error_type"] == "validation"
+    return response.json()["error"]
+
+
+@pytest.mark.parametrize("best_of", [2, 3, 0])
+def test_best_of_is_not_streamed(server, best_of):
+    """As TGI, streaming is checked first: a best_of above --max-best-of (3) or 0 gets the
+    streaming message too."""
+    message = error_of(server, "/generate_stream", {"best_of": best_of, "do_sample": True})
+    assert message == "`best_of` != 1 is not supported when streaming tokens"
+
+
+def test_best_of_with_temperature_one_alone_draws_identical_samples(server):
+    """As TGI: `temperature` given passes best_of's sampling check, but 1.0 warps nothing, so
+    the request is greedy and every sample the same (documented in server.md)."""
+    parameters = {"best_of": 2, "temperature": 1.0, "max_new_tokens": 5, "details": True}
+    response = post(server, "/generate", {"inputs": PROMPT, "parameters": parameters})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    (other,) = body["details"]["best_of_sequences"]
+    assert other["generated_text"] == body["generated_text"]
+    assert body["details"]["seed"] is None and other["seed"] is None
+
+
+def test_best_of_limits_in_tgis_words(server):
+    """TGI's wording, the value given: above --max-best-of (2), and 0."""
+    for best_of in (3, 0):
+        message = error_of(server, "/generate", {"best_of": best_of, "do_sample": True})
+        assert message == f"`best_of` must be > 0 and <= 2. Given: {best_of}"
 
 
 def test_max_best_of_one_refuses_best_of(make_server):
+    """With --max-best-of 1, TGI's own message for any other best_of (streaming's first)."""
     strict = make_server(max_best_of=1)
     assert httpx.get(strict.url + "/info", timeout=10).json()["max_best_of"] == 1
-    body = {"inputs": PROMPT, "parameters": {"best_of": 2, "do_sample": True}}
-    response = post(strict, "/generate", body)
-    assert response.status_code == 422
-    assert "`best_of` must be > 0 and <= 1. Given: 2" in response.json()["error"]
+    for best_of in (2, 0):
+        parameters = {"best_of": best_of, "do_sample": True}
+        message = error_of(strict, "/generate", parameters)
+        assert message == "`best_of` != 1 is not allowed for this endpoint"
+        message = error_of(strict, "/generate_stream", parameters)
+        assert message == "`best_of` != 1 is not supported when streaming tokens"
+    response = post(strict, "/generate", {"inputs": PROMPT, "parameters": {"best_of": 1}})
+    assert response.status_code == 200, response.text
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -703,7 +766,6 @@ def test_negative_temperature(server):
         ({"inputs": PROMPT, "parameters": {"stop": ["a"] * 17}}, "up to 16 stop sequences"),
         ({"inputs": PROMPT, "parameters": {"stop": [""]}}, "non-empty"),
         ({"inputs": PROMPT, "parameters": {"seed": -1}}, "`seed` must be >= 0"),
-        ({"inputs": PROMPT, "parameters": {"best_of": 0}}, "`best_of` must be > 0 and <= 2"),
         (
             {"inputs": PROMPT, "parameters": {"typical_p": 1.0}},
             "`typical_p` must be > 0.0 and < 1.0",

@@ -596,18 +596,24 @@ def _typical_rows(
     params_list: Sequence[SamplingParams], greedy: Sequence[bool], device: torch.device | str | None
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The sampled rows that use typical decoding and their typical_p (greedy rows never
-    sample: sorting them would be wasted work); None when there are none."""
-    rows = [
+    sample: sorting them would be wasted work); None when there are none.
+
+    A row uses it when its typical_p is below 1 *in float32*, the precision
+    :func:`apply_typical_p` computes in: a value within 2**-25 of 1 (0.99999999) rounds to
+    1.0 there, which is off, so it is off here too rather than sorted for nothing."""
+    candidates = [
         i
         for i, (p, g) in enumerate(zip(params_list, greedy, strict=True))
         if p.typical_p < 1 and not g
     ]
-    if not rows:
+    if not candidates:
         return None
-    return (
-        torch.tensor(rows, dtype=torch.int64, device=device),
-        torch.tensor([params_list[i].typical_p for i in rows], dtype=torch.float32, device=device),
-    )
+    masses = torch.tensor([params_list[i].typical_p for i in candidates], dtype=torch.float32)
+    used = masses < 1
+    if not used.any():
+        return None
+    rows = torch.tensor(candidates, dtype=torch.int64)[used]
+    return rows.to(device), masses[used].to(device)
 
 
 def _flat_allowed_tokens(

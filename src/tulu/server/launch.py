@@ -38,7 +38,7 @@ def serve(args: argparse.Namespace) -> None:
     from tulu.engine.lora import parse_lora_modules
     from tulu.engine.options import engine_settings, named_by_flags
     from tulu.pretrained import load_pretrained
-    from tulu.server.service import ServerSettings
+    from tulu.server.service import MAX_BEST_OF, ServerSettings
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -46,8 +46,11 @@ def serve(args: argparse.Namespace) -> None:
     engine_options = engine_settings(args)
     if args.max_queue < 0:
         raise TuluError(f"--max-queue must be >= 0, got {args.max_queue}")
-    if args.max_best_of < 1:
-        raise TuluError(f"--max-best-of must be >= 1, got {args.max_best_of}")
+    if not 1 <= args.max_best_of <= MAX_BEST_OF:
+        raise TuluError(
+            f"--max-best-of must be >= 1 and <= {MAX_BEST_OF} (the OpenAI route's limit), "
+            f"got {args.max_best_of}"
+        )
     # argparse's float() takes "nan" and "inf": a NaN passes every comparison, and a request
     # timeout <= 0 would answer every request with 504. `--request-timeout inf` is no timeout.
     for name, value, low in (

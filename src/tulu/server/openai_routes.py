@@ -959,14 +959,17 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
 
 def _best_of(body: CompletionRequest, score_only: bool) -> int:
     """How many samples to draw per prompt: ``best_of`` (n to MAX_N), n when unset. A request
-    that only scores its prompt draws n (there is nothing to rank)."""
-    if body.best_of is None or score_only:
+    that only scores its prompt draws n (there is nothing to rank), but its ``best_of`` must
+    still be a valid one: checked first."""
+    if body.best_of is None:
         return body.n
     if not body.n <= body.best_of <= MAX_N:
         raise ApiError(
             f"best_of must be at least n ({body.n}) and at most {MAX_N}, got {body.best_of}",
             "best_of",
         )
+    if score_only:
+        return body.n
     if body.best_of > body.n and body.stream:
         raise ApiError(
             f"best_of ({body.best_of}) > n ({body.n}) cannot be streamed: the best samples are "

@@ -24,6 +24,7 @@ from tulu.engine.sampling import SamplingParams
 from tulu.engine.structured import StructuredOutput, grammar_compiler
 from tulu.errors import GenerationError, TuluError
 from tulu.server.metrics import ServerMetrics
+from tulu.server.openai_protocol import MAX_N
 from tulu.tokenizer import Tokenizer
 
 INLINE_TOKENIZE_CHARS = 16_384  # shorter texts tokenize in well under a millisecond
@@ -35,6 +36,9 @@ COMPILE_WORKERS = 2
 #: bytes of UTF-8. A real schema is a few KiB; compile time grows with the spec.
 MAX_STRUCTURED_OUTPUT_BYTES = 64 << 10
 _STRUCTURED_FIELD = re.compile(r"^SamplingParams\.structured_output(?:\.\w+)?")
+#: The most samples one prompt's `best_of` may draw: the OpenAI route's `n` limit, and so the
+#: largest `--max-best-of` (TGI's limit) a server accepts.
+MAX_BEST_OF = MAX_N
 
 
 class Overloaded(TuluError):
@@ -63,6 +67,16 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     # POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's runtime LoRA updates).
     allow_runtime_lora_updating: bool = False
+
+    def __post_init__(self) -> None:
+        """Refuse a `max_best_of` out of 1 … MAX_BEST_OF here, at construction: 0 would be
+        served and fail every TGI request (even those without `best_of`), and a huge one would
+        let one request draw more samples than the OpenAI route ever does."""
+        best_of = self.max_best_of
+        if isinstance(best_of, bool) or not isinstance(best_of, int):
+            raise TuluError(f"max_best_of must be an integer, got {best_of!r}")
+        if not 1 <= best_of <= MAX_BEST_OF:
+            raise TuluError(f"max_best_of must be >= 1 and <= {MAX_BEST_OF}, got {best_of}")
 
 
 def check_structured_output_size(spec: StructuredOutput, where: str) -> None:
@@ -302,10 +316,12 @@ class GenerationService:
                     if last_token_at is None:
                         self.metrics.time_to_first_token.observe(now - started)
                     else:
-                        # The n choices of a request advance together: each gets its token
-                        # after the whole gap, so divide by the steps taken, not by n.
-                        steps = max(len(c.delta_token_ids) for c in output.outputs)
-                        gap = (now - last_token_at) / steps
+                        # The n choices advance side by side, by one token a step, or by
+                        # several when a speculative step accepts drafted ones: divide the
+                        # gap by the tokens that arrived together (the most one choice got
+                        # in this output), not by n.
+                        together = max(len(c.delta_token_ids) for c in output.outputs)
+                        gap = (now - last_token_at) / together
                         for _ in range(new):
                             self.metrics.inter_token_latency.observe(gap)
                     last_token_at = now

@@ -136,24 +136,29 @@ def _invalid(message: str) -> GenerationError:
 
 
 def _check_best_of(p: GenerateParameters, max_best_of: int, *, stream: bool) -> int:
-    """The number of samples to draw (`best_of`, 1 when unset), with TGI's checks and wording:
-    more than one needs sampling, no fixed seed (each sample gets its own, reported in its
-    details) and no streaming (the best is known only at the end)."""
+    """The number of samples to draw (`best_of`, 1 when unset), with TGI's checks, wording
+    and order (its router checks `best_of` before the other parameters, and streaming before
+    the limit): no streaming (the best is known only at the end), none at all when
+    `--max-best-of` is 1, up to the limit, sampling, and no fixed seed (each sample gets its
+    own, reported in its details)."""
     best_of = p.best_of if p.best_of is not None else 1
+    if best_of != 1 and stream:
+        raise _invalid("`best_of` != 1 is not supported when streaming tokens")
+    if best_of != 1 and max_best_of == 1:
+        raise _invalid("`best_of` != 1 is not allowed for this endpoint")
     if not 0 < best_of <= max_best_of:
         raise _invalid(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
     if best_of == 1:
         return 1
-    if stream:
-        raise _invalid("`best_of` != 1 is not supported when streaming tokens")
-    if p.seed is not None:
-        raise _invalid("`seed` must not be set when `best_of` > 1")
-    # TGI's test here: any sampling parameter given, whatever its value.
+    # TGI's test here: any sampling parameter given, whatever its value (`temperature: 1.0`
+    # alone passes, yet warps nothing: the samples are then greedy, all the same).
     sampling = p.do_sample or any(
         value is not None for value in (p.temperature, p.top_k, p.top_p, p.typical_p)
     )
     if not sampling:
         raise _invalid("you must use sampling when `best_of` is > 1")
+    if p.seed is not None:
+        raise _invalid("`seed` must not be set when `best_of` > 1")
     return best_of
 
 
@@ -241,8 +246,8 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
 
     The grammar is checked, not compiled: that waits until the request is admitted."""
     p = body.parameters or GenerateParameters()
-    _check_parameters(p, service.max_model_len - 1, stream=stream)
     best_of = _check_best_of(p, service.settings.max_best_of, stream=stream)
+    _check_parameters(p, service.max_model_len - 1, stream=stream)
     structured_output = _structured_output(p.grammar)
     lora = _adapter(p.adapter_id, service)
     if not body.inputs:
@@ -254,12 +259,14 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
 
     if p.do_sample or _warps(p):
         temperature = p.temperature if p.temperature is not None else 1.0
-        seed = p.seed if p.seed is not None else random.getrandbits(63)
+        seed = p.seed if p.seed is not None else _random_seed()
     else:
         temperature, seed = 0.0, None  # greedy: the seed plays no part
-    top_n = p.top_n_tokens or 0
-    # best_of ranks the samples by their log-probabilities: computed whenever it draws several.
-    want_token_logprobs = stream or p.details or best_of > 1
+    shown = stream or p.details  # the tokens (and their alternatives) reach the client
+    top_n = (p.top_n_tokens or 0) if shown else 0
+    # best_of ranks the samples by their log-probabilities: computed whenever it draws several,
+    # but the alternatives only when someone sees them.
+    want_token_logprobs = shown or best_of > 1
     params = SamplingParams(
         max_tokens=max_tokens,
         temperature=temperature,
@@ -281,13 +288,19 @@ async def _prepare(body: GenerateRequest, service: GenerationService, *, stream:
         prompt_ids=prompt_ids,
         params=params,
         seed=seed,
-        top_n=top_n if want_token_logprobs else 0,
+        top_n=top_n,
         details=p.details,
         decoder_input_details=p.decoder_input_details and p.details,
         return_full_text=bool(p.return_full_text),
         lora=lora,
         best_of=best_of,
     )
+
+
+def _random_seed() -> int:
+    """The seed of a sampled request that gave none (reported in `details.seed`); a function
+    of its own so that a test can fix it without patching the stdlib's `random`."""
+    return random.getrandbits(63)
 
 
 def _adapter(adapter_id: str | None, service: GenerationService) -> str | None:
@@ -355,12 +368,19 @@ def _logprob(completion: CompletionOutput, index: int) -> float | None:
     return completion.logprobs[index].logprob
 
 
-def _response(job: _Job, output: RequestOutput, service: GenerationService) -> GenerateResponse:
-    """The answer: the sample (the most likely per token, with `best_of`), and its details
-    when asked for, the other samples' in `best_of_sequences`."""
-    samples = rank_samples(output.outputs) if job.best_of > 1 else output.outputs
+def _ranked(job: _Job, output: RequestOutput) -> list[CompletionOutput]:
+    """The samples, the answer first (the most likely per token, with `best_of`)."""
+    samples = rank_samples(output.outputs) if job.best_of > 1 else list(output.outputs)
     if any(sample.finish_reason == "abort" for sample in samples):
         raise _Aborted(ABORTED_MESSAGE)
+    return samples
+
+
+def _response(
+    job: _Job, output: RequestOutput, samples: list[CompletionOutput], service: GenerationService
+) -> GenerateResponse:
+    """The answer, `samples[0]` (see `_ranked`), and its details when asked for, the other
+    samples' in `best_of_sequences`."""
     best = samples[0]
     text = _generated_text(job, best)
     if not job.details:
@@ -378,6 +398,7 @@ def _response(job: _Job, output: RequestOutput, service: GenerationService) -> G
 
 
 def _generated_text(job: _Job, sample: CompletionOutput) -> str:
+    """A sample's `generated_text`: after the inputs with `return_full_text`, as TGI."""
     return job.inputs + sample.text if job.return_full_text else sample.text
 
 
@@ -451,12 +472,13 @@ async def _generate(job: _Job, request: Request) -> tuple[GenerateResponse, dict
             request.is_disconnected,
             lora=job.lora,
         )
-    response = _response(job, output, service)
+    samples = _ranked(job, output)
+    response = _response(job, output, samples, service)
     headers = {
         "x-compute-type": service.llm.engine.device.type,
         "x-prompt-tokens": str(len(job.prompt_ids)),
-        # Every token drawn (all of best_of's samples): what the request cost.
-        "x-generated-tokens": str(sum(len(c.token_ids) for c in output.outputs)),
+        # As TGI: the answer's tokens, not those of the other samples `best_of` drew.
+        "x-generated-tokens": str(len(samples[0].token_ids)),
     }
     return response, headers
 
@@ -523,8 +545,7 @@ async def _events(
                     top_tokens=_top_tokens(texts, completion, index) if job.top_n else None,
                 )
                 if last:
-                    text = completion.text
-                    event.generated_text = job.inputs + text if job.return_full_text else text
+                    event.generated_text = _generated_text(job, completion)
                     if job.details:  # as TGI: only when asked for
                         event.details = StreamDetails(
                             finish_reason=_finish_reason(completion, eos),
