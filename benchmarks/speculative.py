@@ -21,7 +21,10 @@ runs after a warm-up, each run on its own prompt set. In float32 the greedy toke
 systems must be equal (exit 1 if not). Writes `results/speculative-PRESET-DEVICE.json`.
 
     python benchmarks/speculative.py                          # CPU: pythia-70m, float32
-    python benchmarks/speculative.py --preset pythia-6.9b     # on a GPU
+    python benchmarks/speculative.py --preset pythia-6.9b --decode-attention auto  # a GPU
+
+On a GPU, `--decode-attention auto` gives both tulu engines the CUDA-graph decode step: the
+baseline to beat, since a step with proposals takes the general path.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from tulu.bench.workloads import (
 )
 from tulu.dependency_noise import quiet_dependency_noise
 from tulu.engine.engine import LLM, EngineConfig
+from tulu.engine.options import add_decode_path_arguments, decode_path_settings
 from tulu.engine.sampling import SamplingParams
 from tulu.engine.speculative import SpeculativeConfig
 from tulu.errors import TuluError
@@ -132,6 +136,7 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_random_model_arguments(parser)
+    add_decode_path_arguments(parser)
     parser.add_argument("--num-prompts", type=int, default=None, help="per set; 64 GPU, 4 CPU")
     parser.add_argument("--prompt-len", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=None, help="256 GPU, 96 CPU")
@@ -157,6 +162,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
             f"--prompt-len {args.prompt_len} + --new-tokens {new_tokens} exceed the model's "
             f"{config.max_position_embeddings}-token context"
         )
+    decode_path = decode_path_settings(args)  # both tulu engines: the baseline's too
     k = args.num_speculative_tokens
     speculative = SpeculativeConfig(num_speculative_tokens=k)
     model = random_model(config, device, seed=0)
@@ -167,7 +173,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         sets = prompt_sets(workload, runs, num_prompts, args.prompt_len, config.vocab_size)
         figures: dict[str, Any] = {}
         for name, spec in (("tulu", None), ("tulu_ngram", speculative)):
-            llm = LLM(model, None, EngineConfig(speculative=spec))
+            llm = LLM(model, None, EngineConfig(speculative=spec, **decode_path))
             figures[name] = median_run(
                 lambda i, llm=llm: tulu_run(llm, sets[i], new_tokens, device, alone=True), runs
             )
@@ -200,6 +206,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], list[str]]:
         "prompt_len": args.prompt_len,
         "new_tokens": new_tokens,
         "speculative_config": dataclasses.asdict(speculative),
+        "decode_attention": args.decode_attention,
+        "enforce_eager": args.enforce_eager,
         "repeats": args.repeats,
         "torch": torch.__version__,
         "transformers": version("transformers"),

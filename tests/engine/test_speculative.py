@@ -424,3 +424,122 @@ def test_the_scheduler_fits_proposals_to_the_budget_and_the_free_blocks():
     assert (no_room.num_new_tokens, no_room.draft_token_ids) == (1, [])
     assert plan.preempted == [] and pool.num_free == 0
     scheduler.remove(seq)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("attention", ["loop", "auto"])
+def test_on_cuda_equal_to_the_engine_without_speculation(tiny_model, make_engine, drain, attention):
+    """On the GPU (float32), beside the CUDA-graph decode path that steps without proposals
+    take: the same greedy tokens and log-probabilities as without speculation."""
+    import copy
+
+    model = copy.deepcopy(tiny_model).to("cuda")
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    config = dict(kv_cache_bytes=64 << 20, decode_attention=attention)
+    spec = make_engine(model, speculative=SPEC, **config)
+    assert_same(
+        run(spec, PROMPTS, params, drain), run(make_engine(model, **config), PROMPTS, params, drain)
+    )
+    check_both_paths(spec)
+
+
+def test_the_byte_cache_grows_with_the_sequence():
+    """A cache filled on earlier calls gives what a fresh search gives, step after step."""
+    cache = bytearray()
+    ids = [4, 1, 2, 3]
+    for token in [4, 1, 2, 9, 4, 1]:
+        ids.append(token)
+        assert propose_ngram(ids, SPEC, 4, cache) == propose_ngram(ids, SPEC, 4)
+        assert len(cache) == 4 * len(ids)
+
+
+def _decoding_pair(budget: int, num_blocks: int = 4):
+    """A scheduler proposing four 7s, and two sequences past their prompts (6 and 4 tokens,
+    one token generated each), with every block but one in use after the next schedule's own
+    tokens: what is left for proposals is one free block and the budget."""
+    from tulu.engine.kv_cache import BlockPool
+    from tulu.engine.scheduler import Scheduler, Sequence
+
+    pool = BlockPool(num_blocks, 4, enable_prefix_caching=False)
+    scheduler = Scheduler(
+        pool, max_num_seqs=4, max_num_batched_tokens=64, propose=lambda s: [7] * 4
+    )
+    seqs = []
+    for i, length in enumerate((6, 4)):
+        seq = Sequence(
+            seq_id=i,
+            request_id=f"r{i}",
+            index=0,
+            token_ids=list(range(length)),
+            num_prompt_tokens=length,
+            params=SamplingParams(temperature=0, max_tokens=20),
+            arrival=float(i),
+        )
+        scheduler.add(seq)
+        seqs.append(seq)
+    scheduler.schedule()  # both prompts, whole
+    for seq in seqs:
+        seq.num_computed, seq.token_ids = seq.num_tokens, [*seq.token_ids, 9]
+    scheduler.max_num_batched_tokens = budget
+    return scheduler, seqs
+
+
+def test_proposals_never_preempt_nor_crowd_out_a_decode():
+    """Every running sequence gets its own token first; proposals share what is left (one
+    free block: 1 slot left in A's blocks, 3 in B's new one)."""
+    scheduler, (a, b) = _decoding_pair(budget=64)
+    plan = scheduler.schedule()
+    assert plan.preempted == []
+    assert [(s.seq.request_id, s.num_new_tokens, s.draft_token_ids) for s in plan.scheduled] == [
+        ("r0", 2, [7]),
+        ("r1", 4, [7, 7, 7]),
+    ]
+    scheduler.remove(a)
+    scheduler.remove(b)
+
+    scheduler, (a, b) = _decoding_pair(budget=3, num_blocks=8)
+    plan = scheduler.schedule()
+    assert [(s.seq.request_id, s.num_new_tokens) for s in plan.scheduled] == [("r0", 2), ("r1", 1)]
+    scheduler.remove(a)
+    scheduler.remove(b)
+
+
+def test_blocks_taken_for_refused_proposals_are_given_back(tiny_model, make_engine):
+    """After every step a running sequence holds no block past its tokens."""
+    engine = make_engine(tiny_model, speculative=SPEC, block_size=2)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(
+            prompt, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), f"r{i}"
+        )
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            assert len(seq.block_table) <= -(-seq.num_tokens // 2), seq.request_id
+    check_both_paths(engine)
+
+
+def test_a_kept_proposal_that_stops_the_completion_is_counted(scripted_model, make_engine, drain):
+    """1 2 3 repeating, stop token 3: after the prompt's step gives 1, the next step proposes
+    2 3 1 (what followed the last "3 1") and the model agrees with 2 and with 3, which ends
+    the completion: two kept."""
+    table = torch.zeros(64, 8)
+    for p in range(64):
+        table[p, (p + 1) % 3 + 1] = 10.0
+    engine = make_engine(scripted_model(table, eos_token_id=0), speculative=SPEC)
+    params = SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[3])
+    (out,) = run(engine, [[1, 2, 3] * 3], params, drain)
+    assert out.outputs[0].token_ids == [1, 2, 3]
+    stats = engine.stats()
+    assert (stats["spec_decode_draft_tokens"], stats["spec_decode_accepted_tokens"]) == (3, 2)
+
+
+def test_disable_by_batch_size_stops_proposals_for_large_batches(tiny_model, make_engine, drain):
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    config = SpeculativeConfig(4, 3, 1, disable_by_batch_size=len(PROMPTS) + 1)
+    proposing = make_engine(tiny_model, speculative=config)
+    run(proposing, PROMPTS, params, drain)
+    assert proposing.stats()["spec_decode_draft_tokens"] > 0
+    busy = make_engine(tiny_model, speculative=SpeculativeConfig(4, 3, 1, disable_by_batch_size=1))
+    run(busy, PROMPTS, params, drain)
+    assert busy.stats()["spec_decode_draft_tokens"] == 0

@@ -676,10 +676,12 @@ class LLMEngine:
             touched[request.request_id] = request
             for offset in range(len(drafts) + 1):
                 token = chosen_list[row + offset]
-                kept = self._append_token(seq, request, token, row + offset, raw, logprobs)
-                if not kept or offset == len(drafts) or token != drafts[offset]:
+                agreed = offset < len(drafts) and token == drafts[offset]
+                self.num_accepted_tokens += agreed  # counted even when it ends the completion
+                if not self._append_token(seq, request, token, row + offset, raw, logprobs):
                     break
-                self.num_accepted_tokens += 1
+                if not agreed:
+                    break
             self.num_draft_tokens += len(drafts)
             row += len(drafts) + 1
             if seq.is_finished:
@@ -690,6 +692,7 @@ class LLMEngine:
                 # but the last, as after any decode step.
                 seq.num_computed = seq.num_tokens - 1
                 self.scheduler.register_computed_blocks(seq)
+                self.scheduler.release_unused_blocks(seq)
 
     def _append_token(
         self,
@@ -732,10 +735,14 @@ class LLMEngine:
         """A decoding sequence's draft tokens (n-gram lookup in its own tokens): none for a
         request whose tokens argmax cannot verify, and never more than it may still generate
         beyond the one token each step makes anyway."""
-        if not speculates(seq.params):
+        config = self.config.speculative
+        if not speculates(seq.params) or (
+            config.disable_by_batch_size is not None
+            and len(self.scheduler.running) >= config.disable_by_batch_size
+        ):
             return []
         room = seq.params.max_tokens - seq.num_output_tokens - 1
-        return propose_ngram(seq.token_ids, self.config.speculative, room)
+        return propose_ngram(seq.token_ids, config, room, seq.token_bytes)
 
     def _grammar_matchers(self, params: SamplingParams) -> list[Any] | None:
         """One matcher per sample of the params' structured_output (each holds its own place in

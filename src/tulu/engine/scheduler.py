@@ -71,6 +71,9 @@ class Sequence:
     # The xgrammar matcher of a structured output (`tulu.engine.structured`): the sequence's
     # own, since it holds how far the grammar has got.
     grammar: Any = field(default=None, repr=False)
+    # Speculative decoding's copy of token_ids as bytes (`tulu.engine.speculative`), grown as
+    # tokens are added, so a step converts only the new ones.
+    token_bytes: bytearray = field(default_factory=bytearray, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -244,8 +247,6 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
             count = min(seq.num_tokens - seq.num_computed, budget)
-            drafts = self._drafts(seq, budget)
-            count += len(drafts)
             target = seq.num_computed + count
             # Preempting others does not change what this sequence needs: compute it once.
             needed = self._blocks_needed(seq, target)
@@ -258,9 +259,11 @@ class Scheduler:
             if seq.status is not SeqStatus.RUNNING:
                 break  # it preempted itself: every later sequence is gone too
             self._allocate(seq, needed)
-            scheduled.append(ScheduledSeq(seq, count, drafts))
+            scheduled.append(ScheduledSeq(seq, count))
             budget -= count
             index += 1
+        if self.propose is not None and not preempted:
+            budget -= self._add_drafts(scheduled, budget)
 
         in_flight: dict[BlockHash, int] | None = None  # built once admission can happen
         while (
@@ -305,15 +308,35 @@ class Scheduler:
                 self._note_in_flight(seq, seq.num_computed + count, in_flight)
         return SchedulerOutput(scheduled, preempted)
 
-    def _drafts(self, seq: Sequence, budget: int) -> list[int]:
-        """A decoding sequence's proposed tokens that fit the step's budget and the free blocks
-        (drafts never preempt anyone: without room the sequence decodes one token)."""
-        if self.propose is None or seq.num_tokens - seq.num_computed != 1 or budget < 2:
-            return []
-        drafts = self.propose(seq)[: budget - 1]
-        if drafts and self._blocks_needed(seq, seq.num_tokens + len(drafts)) > self.pool.num_free:
-            return []
-        return drafts
+    def _add_drafts(self, scheduled: list[ScheduledSeq], budget: int) -> int:
+        """Give the step's decoding sequences their proposed tokens, from the budget and the
+        free blocks left once every running sequence has what it needs: proposals never
+        preempt anyone nor take a decode's place. Returns the budget they took."""
+        used = 0
+        for item in scheduled:
+            seq = item.seq
+            if used >= budget:
+                break
+            if item.num_new_tokens != 1 or seq.num_tokens - seq.num_computed != 1:
+                continue  # a prefill chunk, or a recompute after preemption
+            # Cut to the budget and to the slots its blocks and the free blocks hold.
+            room = (len(seq.block_table) + self.pool.num_free) * self.block_size
+            drafts = self.propose(seq)[: min(budget - used, room - seq.num_tokens)]
+            if not drafts:
+                continue
+            self._allocate(seq, self._blocks_needed(seq, seq.num_tokens + len(drafts)))
+            item.num_new_tokens += len(drafts)
+            item.draft_token_ids = drafts
+            used += len(drafts)
+        return used
+
+    def release_unused_blocks(self, seq: Sequence) -> None:
+        """Give back the blocks past a sequence's tokens: taken for proposed tokens the model
+        refused, they hold nothing (and were never offered to the prefix cache)."""
+        keep = -(-seq.num_tokens // self.block_size)
+        if len(seq.block_table) > keep:
+            self.pool.release_all(seq.block_table[keep:])
+            del seq.block_table[keep:]
 
     def _in_flight(self, scheduled: list[ScheduledSeq]) -> dict[BlockHash, int]:
         """The full blocks the step's running sequences complete, by hash."""
