@@ -159,10 +159,12 @@ def test_bad_speculative_configs_are_refused(text, message):
         parse_speculative_config(text)
 
 
-def test_only_argmax_verifiable_requests_speculate():
+def test_which_requests_speculate():
     assert speculates(SamplingParams(temperature=0))
     assert speculates(SamplingParams(temperature=0, logit_bias={3: 5.0}, min_tokens=2))
-    assert not speculates(SamplingParams(temperature=0.7))
+    assert speculates(SamplingParams(temperature=0.7, top_k=5))  # unseeded sampling
+    assert speculates(SamplingParams(temperature=0, seed=3))  # greedy: the seed plays no part
+    assert not speculates(SamplingParams(temperature=0.7, seed=3))  # batch-independent seeds
     assert not speculates(SamplingParams(temperature=0, repetition_penalty=1.2))
     assert not speculates(SamplingParams(temperature=0, presence_penalty=0.5))
 
@@ -244,7 +246,9 @@ def test_stops_inside_the_kept_proposals(tok_model, demo_tokenizer, make_engine,
     assert got[2].outputs[0].stop_reason == stop_text
 
 
-def test_sampled_requests_do_not_speculate_and_keep_their_samples(tiny_model, make_engine, drain):
+def test_seeded_sampled_requests_do_not_speculate_and_keep_their_samples(
+    tiny_model, make_engine, drain
+):
     """A seeded sampled request beside speculating greedy ones gets the same sample as on an
     engine without speculation, and alone it proposes nothing."""
     sampled = SamplingParams(temperature=1.0, seed=5, max_tokens=20, ignore_eos=True)
@@ -543,3 +547,90 @@ def test_disable_by_batch_size_stops_proposals_for_large_batches(tiny_model, mak
     busy = make_engine(tiny_model, speculative=SpeculativeConfig(4, 3, 1, disable_by_batch_size=1))
     run(busy, PROMPTS, params, drain)
     assert busy.stats()["spec_decode_draft_tokens"] == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampled requests: speculative sampling keeps each token's distribution
+# ----------------------------------------------------------------------------------------------
+
+
+def chi_square_p(counts: np.ndarray, probs: np.ndarray) -> float:
+    """The p-value of `counts` under `probs` (Pearson's chi-square over the tokens with
+    non-zero probability; none may be drawn outside them)."""
+    support = probs > 0
+    assert counts[~support].sum() == 0, "a token of probability 0 was drawn"
+    expected = probs[support] * counts.sum()
+    assert expected.min() >= 5, "too few samples for a chi-square test"
+    statistic = float(((counts[support] - expected) ** 2 / expected).sum())
+    df = int(support.sum()) - 1
+    return torch.special.gammaincc(
+        torch.tensor(df / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)
+    ).item()
+
+
+ROWS = torch.tensor(
+    [
+        [2.0, 1.0, 0.5, 0.0, -0.5, 1.5],
+        [0.0, 2.5, 1.0, 1.0, -1.0, 0.5],
+        [1.0, 0.0, 0.0, 2.0, 0.5, -0.5],
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    "settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(top_p=0.8)]
+)
+def test_sample_with_drafts_keeps_each_tokens_distribution(settings):
+    """20,000 draws with drafts 0 then 1: the first token follows row 0's distribution, and
+    after a kept first draft the second follows row 1's (the speculative sampling theorem),
+    with temperature and truncation applied as `sample` applies them."""
+    from tulu.engine.sampling import prepare_sampling_tensors, process_logits, sample_with_drafts
+
+    params = SamplingParams(**settings)
+    tensors = prepare_sampling_tensors([params] * 3)
+    probs = torch.softmax(process_logits(ROWS.clone(), tensors), dim=-1).double().numpy()
+    first = np.zeros(6, dtype=np.int64)
+    second = np.zeros(6, dtype=np.int64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(20_000):
+            tokens = sample_with_drafts(ROWS.clone(), tensors, [0, 1], None)
+            first[tokens[0]] += 1
+            if tokens[0] == 0:
+                second[tokens[1]] += 1
+    assert chi_square_p(first, probs[0]) > 0.001, first
+    assert chi_square_p(second, probs[1]) > 0.001, second
+
+
+def test_the_check_above_catches_a_sampler_that_keeps_every_draft():
+    """Power: always keeping the draft (0) gives row 0's distribution a point mass, which
+    the chi-square refuses at once."""
+    counts = np.zeros(6, dtype=np.int64)
+    counts[0] = 20_000
+    probs = torch.softmax(ROWS[0].double(), dim=-1).numpy()
+    assert chi_square_p(counts, probs) < 1e-12
+
+
+def test_unseeded_sampling_through_the_engine_keeps_the_models_distribution(
+    scripted_model, make_llm
+):
+    """A scripted model (each position's distribution fixed: the 1 2 3 pattern most likely,
+    the rest possible) sampled without seeds, 800 requests of 4 tokens, with speculation:
+    each output position follows its row's distribution, and proposals were both kept and
+    refused."""
+    table = torch.zeros(32, 8)
+    table[:, 4:] = 1.0
+    for p in range(32):
+        table[p, (p + 1) % 3 + 1] = 2.5
+    prompt = [1, 2, 3] * 3
+    model = scripted_model(table, eos_token_id=0)
+    llm = make_llm(model, speculative=SPEC)
+    params = SamplingParams(temperature=1.0, max_tokens=4, ignore_eos=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        outputs = llm.generate([prompt] * 800, params)
+    check_both_paths(llm.engine)
+    probs = torch.softmax(table.double(), dim=-1).numpy()
+    for index in range(4):
+        counts = np.bincount([o.outputs[0].token_ids[index] for o in outputs], minlength=8)
+        assert chi_square_p(counts, probs[len(prompt) - 1 + index]) > 0.001, (index, counts)

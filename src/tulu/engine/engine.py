@@ -39,6 +39,7 @@ from tulu.engine.output import IncrementalOutput
 from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import (
     SamplingParams,
+    SamplingTensors,
     candidate_logprobs,
     check_min_tokens_reachable,
     check_token_ids_in_vocab,
@@ -47,6 +48,7 @@ from tulu.engine.sampling import (
     mask_tokens,
     prepare_sampling_tensors,
     sample,
+    sample_with_drafts,
 )
 from tulu.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from tulu.engine.speculative import SpeculativeConfig, propose_ngram, speculates
@@ -630,24 +632,18 @@ class LLMEngine:
         A sequence without drafts has one row. One with drafts has a row per draft more, the
         row before each draft predicting it: its tokens are the model's picks, row by row, for
         as long as each pick equals the draft it checks (so the pick after the last kept draft,
-        or after all of them, is the model's own next token)."""
+        or after all of them, is the model's own next token). A greedy pick is the argmax; a
+        sampled sequence's drafts go through speculative sampling (`sample_with_drafts`),
+        whose picks are the kept drafts and one token after them."""
         rows: list[Sequence] = []  # the sequence of each row
         offsets: list[int] = []  # each row's place among its sequence's rows
+        drafted: list[tuple[int, Sequence, list[int]]] = []  # sampled with drafts: first row
         for seq, drafts in sampled:
+            if drafts and not seq.params.is_greedy:
+                drafted.append((len(rows), seq, drafts))
             rows.extend([seq] * (len(drafts) + 1))
             offsets.extend(range(len(drafts) + 1))
         params = [s.params for s in rows]
-        tensors = (
-            prepare_sampling_tensors(
-                params,
-                self.device,
-                vocab_size=logits.shape[-1],
-                prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in rows],
-                output_token_ids=[s.output_ids for s in rows],
-            )
-            if any(p.uses_penalties for p in params)
-            else prepare_sampling_tensors(params, self.device)
-        )
         raw = logits
         matchers = [s.grammar for s in rows]
         if any(m is not None for m in matchers):
@@ -659,8 +655,13 @@ class LLMEngine:
         ]
         if any(b for b in blocked):
             logits = mask_tokens(logits, blocked)
-        chosen = sample(logits, tensors, [s.generator for s in rows])
-        chosen_list = chosen.tolist()
+        if drafted:
+            chosen_list = self._sample_drafted(logits, rows, drafted)
+            chosen = torch.tensor(chosen_list, device=self.device)
+        else:
+            tensors = self._sampling_tensors(rows, logits.shape[-1])
+            chosen = sample(logits, tensors, [s.generator for s in rows])
+            chosen_list = chosen.tolist()
         want_logprobs = [p.logprobs for p in params if p.logprobs is not None]
         top_n = max(want_logprobs, default=None)
         logprobs = None
@@ -693,6 +694,48 @@ class LLMEngine:
                 seq.num_computed = seq.num_tokens - 1
                 self.scheduler.register_computed_blocks(seq)
                 self.scheduler.release_unused_blocks(seq)
+
+    def _sampling_tensors(self, rows: list[Sequence], vocab_size: int) -> SamplingTensors:
+        """The rows' sampling parameters as tensors (with token histories when a row uses
+        penalties)."""
+        params = [s.params for s in rows]
+        if not any(p.uses_penalties for p in params):
+            return prepare_sampling_tensors(params, self.device)
+        return prepare_sampling_tensors(
+            params,
+            self.device,
+            vocab_size=vocab_size,
+            prompt_token_ids=[s.token_ids[: s.num_prompt_tokens] for s in rows],
+            output_token_ids=[s.output_ids for s in rows],
+        )
+
+    def _sample_drafted(
+        self,
+        logits: torch.Tensor,
+        rows: list[Sequence],
+        drafted: list[tuple[int, Sequence, list[int]]],
+    ) -> list[int]:
+        """Each row's pick when some sampled sequences have drafts: theirs from speculative
+        sampling (the kept drafts and one token, in their first rows; the rest unused), the
+        other rows from `sample` as usual."""
+        special = {first + i for first, _, drafts in drafted for i in range(len(drafts) + 1)}
+        plain = [i for i in range(len(rows)) if i not in special]
+        picks = [0] * len(rows)
+        if plain:
+            index = torch.tensor(plain, device=self.device)
+            chosen = sample(
+                logits.index_select(0, index),
+                self._sampling_tensors([rows[i] for i in plain], logits.shape[-1]),
+                [rows[i].generator for i in plain],
+            )
+            for i, token in zip(plain, chosen.tolist(), strict=True):
+                picks[i] = token
+        for first, seq, drafts in drafted:
+            count = len(drafts) + 1
+            group = prepare_sampling_tensors([seq.params] * count, self.device)
+            tokens = sample_with_drafts(logits[first : first + count], group, drafts, seq.generator)
+            picks[first : first + len(tokens)] = tokens
+        return picks
 
     def _append_token(
         self,

@@ -98,9 +98,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser, *, max_model_len: bool
         metavar="JSON",
         help='n-gram speculative decoding, as vLLM\'s: \'{"method": "ngram", '
         '"num_speculative_tokens": 4, "prompt_lookup_max": 4, "prompt_lookup_min": 2}\'; '
-        "also \"disable_by_batch_size\": N; greedy requests land several tokens per step "
-        "when the text repeats its context, with the output they have without it (default: "
-        "off)",
+        'also "disable_by_batch_size": N; requests land several tokens per step when the '
+        "text repeats its context, greedy ones with the output they have without it, "
+        "unseeded sampled ones with its distribution (default: off)",
     )
     add_decode_path_arguments(group)
 

@@ -67,6 +67,7 @@ __all__ = [
     "prepare_sampling_tensors",
     "process_logits",
     "sample",
+    "sample_with_drafts",
 ]
 
 MAX_LOGPROBS = 20
@@ -924,6 +925,48 @@ def sample(
     if tensors.any_greedy:
         chosen = torch.where(tensors.greedy, logits.argmax(dim=-1), chosen)
     return chosen
+
+
+def sample_with_drafts(
+    logits: torch.Tensor,
+    tensors: SamplingTensors,
+    drafts: Sequence[int],
+    generator: torch.Generator | None,
+) -> list[int]:
+    """Speculative sampling of one sampled row group: ``logits`` ``[k + 1, V]`` are a
+    sequence's rows for its ``k`` proposed tokens (row i predicts draft i) and the one after
+    them; returns the kept drafts and one more token.
+
+    Each draft is kept with the probability the processed distribution gives it (the
+    acceptance rule of speculative sampling for a proposal that is certain, as an n-gram's
+    is); at the first refusal the token comes from that row's distribution without the
+    refused draft, renormalised; when all are kept, from the last row's. Every token so
+    produced has exactly the distribution it has without speculation (Leviathan et al. 2023,
+    Chen et al. 2023). Static restrictions only (allowed tokens, logit bias, temperature and
+    truncation): penalties change with every token and are not applied here.
+    """
+    logits = _check_logits(logits)
+    if tensors.do_penalties:
+        raise GenerationError("sample_with_drafts: penalties cannot be verified row by row")
+    if tensors.allowed_tokens is not None:
+        logits = apply_allowed_tokens(logits, *tensors.allowed_tokens)
+    if tensors.logit_bias is not None:
+        logits = apply_logit_bias(logits, *tensors.logit_bias)
+    probs = torch.softmax(process_logits(logits, tensors), dim=-1)
+    k = len(drafts)
+    device = probs.device
+    # k uniforms and one row of exponential noise every time, whatever is kept.
+    uniforms = torch.rand(k, generator=generator, device=device)
+    noise = torch.empty(probs.shape[1], device=device).exponential_(generator=generator)
+    draft_ids = torch.tensor(list(drafts), dtype=torch.int64, device=device)
+    kept = (uniforms < probs[torch.arange(k, device=device), draft_ids]).tolist()
+    first_refused = kept.index(False) if False in kept else k
+    row = probs[first_refused]
+    if first_refused < k:
+        row = row.clone()
+        row[drafts[first_refused]] = 0.0  # max(p - q, 0) for a certain proposal q
+    token = int((row / noise.clamp_(min=torch.finfo(torch.float32).tiny)).argmax())
+    return [*drafts[:first_refused], token]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ what comes next, and each step can land several tokens.
 How: before a step, a decoding sequence's last ``n`` tokens (``prompt_lookup_max`` down to
 ``prompt_lookup_min``) are looked for earlier in its prompt and output; the most recent match
 proposes the up-to-``num_speculative_tokens`` tokens that followed it. The step computes the
-sequence's last token and the proposals together, and the engine keeps the proposals while
-each equals the token the model picks at its position; the first one that differs is replaced
-by the model's own pick, and when all are kept the model's next token comes free. Only
-greedy requests without penalties or structured output speculate (for them the model's pick
-is its argmax after the request's static masks, so the output is token for token the one
-without speculation); other requests decode one token per step beside them.
+sequence's last token and the proposals together. A greedy request keeps the proposals while
+each equals the model's argmax at its position; the first one that differs is replaced by
+the argmax, and when all are kept the model's next token comes free: the output is the one
+without speculation. A sampled request keeps each proposal with the probability its row
+gives it and, at the first refusal, draws from that row without the refused token
+(speculative sampling, `tulu.engine.sampling.sample_with_drafts`): each token has exactly its
+distribution without speculation. Requests with penalties or structured output, and seeded
+sampled ones (see `speculates`), decode one token per step beside them.
 """
 
 from __future__ import annotations
@@ -119,9 +121,16 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
 
 
 def speculates(params: SamplingParams) -> bool:
-    """Whether a request's tokens can be verified by argmax: greedy, no penalties (they would
-    change with each proposed token) and no structured output (its matcher moves per token)."""
-    return params.is_greedy and not params.uses_penalties and params.structured_output is None
+    """Whether a request's proposals can be verified row by row: no penalties (they change
+    with each proposed token) and no structured output (its matcher moves per token); greedy,
+    or sampled without a seed. A seeded request keeps its promise that its samples depend on
+    its seed alone: with proposals they would also depend on how many the step's budget and
+    free blocks let it check, which the rest of the batch decides."""
+    return (
+        not params.uses_penalties
+        and params.structured_output is None
+        and (params.is_greedy or params.seed is None)
+    )
 
 
 def propose_ngram(
