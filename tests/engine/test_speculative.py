@@ -84,6 +84,21 @@ def check_both_paths(engine: LLMEngine) -> None:
     assert 0 < accepted < drafts, (drafts, accepted)
 
 
+def greedy_sequence(number: int, prompt: list[int]):
+    """A scheduler's Sequence of a greedy request for `prompt` (for the scheduler's tests)."""
+    from tulu.engine.scheduler import Sequence
+
+    return Sequence(
+        seq_id=number,
+        request_id=f"r{number}",
+        index=0,
+        token_ids=list(prompt),
+        num_prompt_tokens=len(prompt),
+        params=SamplingParams(temperature=0, max_tokens=20),
+        arrival=float(number),
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # The proposer and its config
 # ----------------------------------------------------------------------------------------------
@@ -397,21 +412,13 @@ def test_the_scheduler_fits_proposals_to_the_budget_and_the_free_blocks():
     """Proposals are cut to the step's token budget, and dropped when they would need a
     block the pool no longer has (they never preempt anyone)."""
     from tulu.engine.kv_cache import BlockPool
-    from tulu.engine.scheduler import Scheduler, Sequence
+    from tulu.engine.scheduler import Scheduler
 
     pool = BlockPool(2, 4, enable_prefix_caching=False)
     scheduler = Scheduler(
         pool, max_num_seqs=4, max_num_batched_tokens=16, propose=lambda seq: [7, 7, 7, 7]
     )
-    seq = Sequence(
-        seq_id=0,
-        request_id="r",
-        index=0,
-        token_ids=list(range(5)),
-        num_prompt_tokens=5,
-        params=SamplingParams(temperature=0, max_tokens=20),
-        arrival=0.0,
-    )
+    seq = greedy_sequence(0, list(range(5)))
     scheduler.add(seq)
     (prefill,) = scheduler.schedule().scheduled
     assert (prefill.num_new_tokens, prefill.draft_token_ids) == (5, [])
@@ -463,7 +470,7 @@ def _decoding_pair(budget: int, num_blocks: int = 4):
     one token generated each), with every block but one in use after the next schedule's own
     tokens: what is left for proposals is one free block and the budget."""
     from tulu.engine.kv_cache import BlockPool
-    from tulu.engine.scheduler import Scheduler, Sequence
+    from tulu.engine.scheduler import Scheduler
 
     pool = BlockPool(num_blocks, 4, enable_prefix_caching=False)
     scheduler = Scheduler(
@@ -471,15 +478,7 @@ def _decoding_pair(budget: int, num_blocks: int = 4):
     )
     seqs = []
     for i, length in enumerate((6, 4)):
-        seq = Sequence(
-            seq_id=i,
-            request_id=f"r{i}",
-            index=0,
-            token_ids=list(range(length)),
-            num_prompt_tokens=length,
-            params=SamplingParams(temperature=0, max_tokens=20),
-            arrival=float(i),
-        )
+        seq = greedy_sequence(i, list(range(length)))
         scheduler.add(seq)
         seqs.append(seq)
     scheduler.schedule()  # both prompts, whole
@@ -577,38 +576,61 @@ ROWS = torch.tensor(
 )
 
 
+def _draw_with_drafts(settings: dict, drafts: list[int], draws: int = 20_000) -> tuple:
+    """`draws` groups through `sample_with_drafts` on ROWS with `drafts` (each group one row
+    longer than its drafts), 500 groups a call: the processed distribution of each row, and
+    the tokens drawn (a list per group)."""
+    from tulu.engine.sampling import prepare_sampling_tensors, process_logits, sample_with_drafts
+
+    rows = ROWS[: len(drafts) + 1]
+    tensors = prepare_sampling_tensors([SamplingParams(**settings)] * len(rows))
+    probs = torch.softmax(process_logits(rows.clone(), tensors), dim=-1).double().numpy()
+    batch = prepare_sampling_tensors([SamplingParams(**settings)] * (len(rows) * 500))
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(max(draws // 500, 1)):
+            out += sample_with_drafts(rows.repeat(500, 1), batch, [drafts] * 500)
+    return probs, out
+
+
 @pytest.mark.parametrize(
     "settings", [dict(temperature=1.0), dict(temperature=0.7, top_k=4), dict(top_p=0.8)]
 )
 def test_sample_with_drafts_keeps_each_tokens_distribution(settings):
-    """20,000 draws with drafts 0 then 1: the first token follows row 0's distribution, and
-    after a kept first draft the second follows row 1's (the speculative sampling theorem),
-    with temperature and truncation applied as `sample` applies them."""
-    from tulu.engine.sampling import prepare_sampling_tensors, process_logits, sample_with_drafts
-
-    params = SamplingParams(**settings)
-    tensors = prepare_sampling_tensors([params] * 3)
-    probs = torch.softmax(process_logits(ROWS.clone(), tensors), dim=-1).double().numpy()
-    first = np.zeros(6, dtype=np.int64)
-    second = np.zeros(6, dtype=np.int64)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        for _ in range(20_000):
-            tokens = sample_with_drafts(ROWS.clone(), tensors, [0, 1], None)
-            first[tokens[0]] += 1
-            if tokens[0] == 0:
-                second[tokens[1]] += 1
+    """20,000 groups with drafts 0 then 1: the first token follows row 0's distribution;
+    after a kept first draft the second follows row 1's; after both, the token after them
+    follows row 2's (the speculative sampling theorem), with temperature and truncation
+    applied as `sample` applies them."""
+    probs, out = _draw_with_drafts(settings, [0, 1])
+    first = np.bincount([t[0] for t in out], minlength=6)
+    second = np.bincount([t[1] for t in out if len(t) > 1], minlength=6)
+    third = np.bincount([t[2] for t in out if len(t) > 2], minlength=6)
+    assert all(len(t) == 1 or t[0] == 0 for t in out)  # a second token only after a kept 0
+    assert all(len(t) < 3 or t[1] == 1 for t in out)
     assert chi_square_p(first, probs[0]) > 0.001, first
     assert chi_square_p(second, probs[1]) > 0.001, second
+    assert chi_square_p(third, probs[2]) > 0.001, third
 
 
-def test_the_check_above_catches_a_sampler_that_keeps_every_draft():
-    """Power: always keeping the draft (0) gives row 0's distribution a point mass, which
-    the chi-square refuses at once."""
-    counts = np.zeros(6, dtype=np.int64)
-    counts[0] = 20_000
-    probs = torch.softmax(ROWS[0].double(), dim=-1).numpy()
-    assert chi_square_p(counts, probs) < 1e-12
+def test_a_draft_the_distribution_masks_is_never_kept():
+    """Token 4 is outside row 0's top 2: refused every time, and never drawn in its place."""
+    probs, out = _draw_with_drafts(dict(top_k=2), [4], draws=5_000)
+    assert probs[0][4] == 0
+    first = np.bincount([t[0] for t in out], minlength=6)
+    assert first[4] == 0 and all(len(t) == 1 for t in out)
+    assert chi_square_p(first, probs[0]) > 0.001
+
+
+def test_the_check_above_catches_a_residual_that_keeps_the_refused_draft():
+    """Power: a sampler that, after refusing a draft, draws from the whole row (the refused
+    draft included) gives the draft p + (1 - p) p instead of p; the chi-square refuses it."""
+    probs, _ = _draw_with_drafts(dict(temperature=1.0), [0], draws=500)
+    rng = np.random.default_rng(0)
+    kept = rng.random(20_000) < probs[0][0]
+    redrawn = rng.choice(6, size=20_000, p=probs[0] / probs[0].sum())  # float32 softmax
+    counts = np.bincount(np.where(kept, 0, redrawn), minlength=6)
+    assert chi_square_p(counts, probs[0]) < 1e-6
 
 
 def test_unseeded_sampling_through_the_engine_keeps_the_models_distribution(
@@ -634,3 +656,54 @@ def test_unseeded_sampling_through_the_engine_keeps_the_models_distribution(
     for index in range(4):
         counts = np.bincount([o.outputs[0].token_ids[index] for o in outputs], minlength=8)
         assert chi_square_p(counts, probs[len(prompt) - 1 + index]) > 0.001, (index, counts)
+
+
+def _one_decoding(pool, prompt_len: int, **scheduler_options):
+    """A scheduler proposing four 7s over `pool`, and one sequence past its prompt of
+    `prompt_len` tokens (one token generated)."""
+    from tulu.engine.scheduler import Scheduler
+
+    scheduler = Scheduler(
+        pool,
+        max_num_seqs=4,
+        max_num_batched_tokens=64,
+        propose=lambda s: [7] * 4,
+        **scheduler_options,
+    )
+    seq = greedy_sequence(0, list(range(100, 100 + prompt_len)))
+    scheduler.add(seq)
+    scheduler.schedule()
+    seq.num_computed, seq.token_ids = seq.num_tokens, [*seq.token_ids, 9]
+    return scheduler, seq
+
+
+def test_proposals_leave_cached_prefixes_alone():
+    """The only free block holds a cached prefix: no proposal evicts it (a refused guess
+    would have cost a prefix another request could reuse)."""
+    from tulu.engine.kv_cache import BlockPool, hash_block
+
+    pool = BlockPool(4, 4, enable_prefix_caching=True)
+    cached = pool.allocate()
+    pool.register(cached, hash_block(None, [1, 2, 3, 4]))
+    pool.release(cached)
+    scheduler, seq = _one_decoding(pool, prompt_len=11)  # 12 tokens fill three blocks
+    (item,) = scheduler.schedule().scheduled
+    assert item.draft_token_ids == [] and pool.num_cached == 1
+    scheduler.remove(seq)
+
+
+def test_proposals_leave_the_watermark_to_waiting_requests():
+    """With a request waiting, the watermark's block (1 of 4) is not given to proposals:
+    three fit in the sequence's own last block; without one waiting, all four."""
+    from tulu.engine.kv_cache import BlockPool
+
+    for waiting in (False, True):
+        pool = BlockPool(4, 4, enable_prefix_caching=False)
+        scheduler, seq = _one_decoding(pool, prompt_len=8, watermark=0.25)
+        if waiting:
+            other = greedy_sequence(1, list(range(40)))
+            scheduler.add(other)
+        plan = scheduler.schedule()
+        assert len(plan.scheduled[0].draft_token_ids) == (3 if waiting else 4)
+        for s in [seq, *([other] if waiting else [])]:
+            scheduler.remove(s)

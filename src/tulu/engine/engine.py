@@ -730,10 +730,15 @@ class LLMEngine:
             )
             for i, token in zip(plain, chosen.tolist(), strict=True):
                 picks[i] = token
-        for first, seq, drafts in drafted:
-            count = len(drafts) + 1
-            group = prepare_sampling_tensors([seq.params] * count, self.device)
-            tokens = sample_with_drafts(logits[first : first + count], group, drafts, seq.generator)
+        # The drafted rows, group after group, through one batched speculative sampling.
+        order = [first + i for first, _, drafts in drafted for i in range(len(drafts) + 1)]
+        params = [seq.params for _, seq, drafts in drafted for _ in range(len(drafts) + 1)]
+        groups = sample_with_drafts(
+            logits.index_select(0, torch.tensor(order, device=self.device)),
+            prepare_sampling_tensors(params, self.device),
+            [drafts for _, _, drafts in drafted],
+        )
+        for (first, _, _), tokens in zip(drafted, groups, strict=True):
             picks[first : first + len(tokens)] = tokens
         return picks
 
@@ -776,8 +781,9 @@ class LLMEngine:
 
     def _propose(self, seq: Sequence) -> list[int]:
         """A decoding sequence's draft tokens (n-gram lookup in its own tokens): none for a
-        request whose tokens argmax cannot verify, and never more than it may still generate
-        beyond the one token each step makes anyway."""
+        request that may not speculate (`speculates`), none while `disable_by_batch_size`
+        sequences run, and never more than it may still generate beyond the one token each
+        step makes anyway."""
         config = self.config.speculative
         if not speculates(seq.params) or (
             config.disable_by_batch_size is not None

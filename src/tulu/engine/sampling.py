@@ -928,22 +928,21 @@ def sample(
 
 
 def sample_with_drafts(
-    logits: torch.Tensor,
-    tensors: SamplingTensors,
-    drafts: Sequence[int],
-    generator: torch.Generator | None,
-) -> list[int]:
-    """Speculative sampling of one sampled row group: ``logits`` ``[k + 1, V]`` are a
-    sequence's rows for its ``k`` proposed tokens (row i predicts draft i) and the one after
-    them; returns the kept drafts and one more token.
+    logits: torch.Tensor, tensors: SamplingTensors, drafts: Sequence[Sequence[int]]
+) -> list[list[int]]:
+    """Speculative sampling for groups of rows: group g is ``len(drafts[g]) + 1`` consecutive
+    rows of ``logits`` (row i predicts draft i, the last row the token after them); returns
+    each group's kept drafts and one more token.
 
-    Each draft is kept with the probability the processed distribution gives it (the
+    Each draft is kept with the probability its row's processed distribution gives it (the
     acceptance rule of speculative sampling for a proposal that is certain, as an n-gram's
-    is); at the first refusal the token comes from that row's distribution without the
-    refused draft, renormalised; when all are kept, from the last row's. Every token so
-    produced has exactly the distribution it has without speculation (Leviathan et al. 2023,
-    Chen et al. 2023). Static restrictions only (allowed tokens, logit bias, temperature and
-    truncation): penalties change with every token and are not applied here.
+    is); at a group's first refusal its token comes from that row's distribution without the
+    refused draft, renormalised; when all are kept, from its last row. Every token so produced
+    has exactly the distribution it has without speculation (Leviathan et al. 2023, Chen et
+    al. 2023). Static restrictions only (allowed tokens, logit bias, temperature and
+    truncation: penalties change with every token). Draws come from the global RNG (only
+    unseeded requests speculate), all groups at once: two host syncs per call, whatever the
+    number of groups.
     """
     logits = _check_logits(logits)
     if tensors.do_penalties:
@@ -953,20 +952,42 @@ def sample_with_drafts(
     if tensors.logit_bias is not None:
         logits = apply_logit_bias(logits, *tensors.logit_bias)
     probs = torch.softmax(process_logits(logits, tensors), dim=-1)
-    k = len(drafts)
     device = probs.device
-    # k uniforms and one row of exponential noise every time, whatever is kept.
-    uniforms = torch.rand(k, generator=generator, device=device)
-    noise = torch.empty(probs.shape[1], device=device).exponential_(generator=generator)
-    draft_ids = torch.tensor(list(drafts), dtype=torch.int64, device=device)
-    kept = (uniforms < probs[torch.arange(k, device=device), draft_ids]).tolist()
-    first_refused = kept.index(False) if False in kept else k
-    row = probs[first_refused]
-    if first_refused < k:
-        row = row.clone()
-        row[drafts[first_refused]] = 0.0  # max(p - q, 0) for a certain proposal q
-    token = int((row / noise.clamp_(min=torch.finfo(torch.float32).tiny)).argmax())
-    return [*drafts[:first_refused], token]
+    draft_rows, draft_ids, firsts = [], [], []
+    row = 0
+    for group in drafts:
+        firsts.append(row)
+        draft_rows.extend(range(row, row + len(group)))
+        draft_ids.extend(group)
+        row += len(group) + 1
+    kept: list[bool] = []
+    if draft_rows:
+        index = torch.tensor(draft_rows, device=device)
+        ids = torch.tensor(draft_ids, device=device)
+        uniforms = torch.rand(len(draft_rows), device=device)
+        kept = (uniforms < probs[index, ids]).tolist()
+    # Each group's row to draw from (its first refusal, else its last row) and the draft
+    # that row refused (-1: none).
+    draw_rows: list[int] = []
+    refused: list[int] = []
+    position = 0
+    for first, group in zip(firsts, drafts, strict=True):
+        flags = kept[position : position + len(group)]
+        position += len(group)
+        stop = flags.index(False) if False in flags else len(group)
+        draw_rows.append(first + stop)
+        refused.append(group[stop] if stop < len(group) else -1)
+    rows = probs.index_select(0, torch.tensor(draw_rows, device=device))
+    groups = [g for g, token in enumerate(refused) if token >= 0]
+    if groups:  # max(p - q, 0) for a certain proposal q
+        tokens_refused = [refused[g] for g in groups]
+        rows[torch.tensor(groups, device=device), torch.tensor(tokens_refused, device=device)] = 0.0
+    noise = torch.empty_like(rows).exponential_().clamp_(min=torch.finfo(torch.float32).tiny)
+    tokens = (rows / noise).argmax(dim=-1).tolist()
+    return [
+        [*group[: draw - first], token]
+        for group, first, draw, token in zip(drafts, firsts, draw_rows, tokens, strict=True)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -311,16 +311,20 @@ class Scheduler:
     def _add_drafts(self, scheduled: list[ScheduledSeq], budget: int) -> int:
         """Give the step's decoding sequences their proposed tokens, from the budget and the
         free blocks left once every running sequence has what it needs: proposals never
-        preempt anyone nor take a decode's place. Returns the budget they took."""
+        preempt anyone nor take a decode's place. Only blank blocks: a block holding a cached
+        prefix is worth more than a guess; and while requests wait, not the watermark's
+        blocks, which admission keeps for them. Returns the budget they took."""
         used = 0
+        reserve = self.watermark_blocks if self.waiting else 0
         for item in scheduled:
             seq = item.seq
             if used >= budget:
                 break
             if item.num_new_tokens != 1 or seq.num_tokens - seq.num_computed != 1:
                 continue  # a prefill chunk, or a recompute after preemption
-            # Cut to the budget and to the slots its blocks and the free blocks hold.
-            room = (len(seq.block_table) + self.pool.num_free) * self.block_size
+            # Cut to the budget and to the slots its blocks and the blank blocks hold.
+            blank = max(self.pool.num_free - self.pool.num_cached - reserve, 0)
+            room = (len(seq.block_table) + blank) * self.block_size
             drafts = self.propose(seq)[: min(budget - used, room - seq.num_tokens)]
             if not drafts:
                 continue
