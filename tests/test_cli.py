@@ -1388,8 +1388,11 @@ def test_generate_with_speculative_decoding(ckpt: Checkpoint, capsys, spies) -> 
     (llm, _, _), _ = spies["generate"].calls[-1]
     assert llm.engine.config.speculative.num_speculative_tokens == 3
     spies["load"].calls.clear()
-    rc, out, err = run(capsys, *argv, "--speculative-config", '{"method": "eagle"}')
-    assert rc == 1 and one_line_error(err, "generate").startswith("--speculative-config: ")
+    eagle = '{"method": "eagle", "num_speculative_tokens": 3}'
+    rc, out, err = run(capsys, *argv, "--speculative-config", eagle)
+    assert rc == 1 and one_line_error(err, "generate").startswith(
+        "--speculative-config: speculative_config.method must be 'ngram'"
+    )
     assert spies["load"].calls == []
 
 

@@ -573,6 +573,7 @@ def test_best_of_answers_the_sample_most_likely_per_token(server, model, tokeniz
         assert details.generated_tokens == len(details.tokens)
         scores.append(mean_model_logprob(model, prompt_ids, [t.id for t in details.tokens]))
     assert reply.details.seed != other.seed
+    assert reply.generated_text != other.generated_text, "the test needs two different samples"
     assert scores[0] >= scores[1]
 
     hub = pytest.importorskip("huggingface_hub")
@@ -581,7 +582,8 @@ def test_best_of_answers_the_sample_most_likely_per_token(server, model, tokeniz
         PROMPT, best_of=2, do_sample=True, details=True, max_new_tokens=4
     )
     assert len(out.details.best_of_sequences) == 1
-    assert out.details.best_of_sequences[0].generated_tokens == 4
+    other_sample = out.details.best_of_sequences[0]
+    assert other_sample.generated_tokens == len(other_sample.tokens) <= 4  # EOS may end it
 
     plain = post(server, "/generate", {"inputs": PROMPT, "parameters": {"best_of": 2, "top_k": 5}})
     assert plain.status_code == 200 and set(plain.json()) == {"generated_text"}
@@ -795,7 +797,7 @@ def test_validation_error_shape(server, body, message):
         assert message in payload["error"]
 
 
-def test_neutral_values_of_unsupported_parameters_are_accepted(server):
+def test_neutral_values_are_accepted(server):
     params = {
         "best_of": 1,
         "watermark": False,

@@ -11,6 +11,10 @@ steps replayed as CUDA graphs captured at start-up. On CPU the default is the ge
 
 With `lora_modules`, requests may name an unmerged LoRA adapter (`tulu.engine.lora`); a step
 mixes rows of different adapters, and the prefix cache keeps each adapter's blocks apart.
+
+With `EngineConfig.speculative`, a decoding sequence's step may also compute proposed tokens
+(`tulu.engine.speculative`); `_sample_and_update` keeps those the model agrees with, then the
+cache holds every kept token and the blocks taken for refused ones are given back.
 """
 
 from __future__ import annotations
@@ -86,8 +90,9 @@ class EngineConfig:
     # 256 with Triton; 32 with SDPA, which gathers the whole context window for every row.
     max_graph_batch_size: int | None = None
     # N-gram speculative decoding (`tulu.engine.speculative`, vLLM's speculative_config with
-    # method "ngram"); None: off. Greedy requests land several tokens per step when their
-    # text repeats its context; their outputs do not change.
+    # method "ngram"); None: off. Requests land several tokens per step when their text
+    # repeats its context: greedy ones with their output unchanged, unseeded sampled ones
+    # with their distribution unchanged.
     speculative: SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:

@@ -3,7 +3,10 @@
 Every step has a token budget (`max_num_batched_tokens`). Running sequences come first, in
 arrival order: a decoding sequence needs one token, a sequence still in prefill gets the next
 chunk of its prompt (chunked prefill, so a long prompt never stalls the decodes beside it).
-Whatever budget is left admits waiting sequences, reusing cached prefix blocks first.
+With speculative decoding, the budget and blank blocks left after that go to decoding
+sequences' proposed tokens (never preempting, never evicting a cached prefix, leaving the
+watermark to waiting requests). Whatever budget is left admits waiting sequences, reusing
+cached prefix blocks first.
 
 Prefix blocks are shared within a step too. Each layer of the step's forward pass writes the
 keys and values of all the step's tokens before any sequence attends, so a sequence admitted

@@ -47,8 +47,8 @@ class _EngineCollector:
         for name, key, help_text in (
             ("tulu_prefix_cache_queries", "prefix_cache_queries", "Full prompt blocks looked up"),
             ("tulu_prefix_cache_hits", "prefix_cache_hits", "Full prompt blocks found cached"),
-            # vLLM's spec_decode_num_draft_tokens / _num_accepted_tokens: their rate() ratio
-            # is the share of proposals kept (--speculative-config).
+            # As vLLM's spec_decode_num_draft_tokens / spec_decode_num_accepted_tokens: their
+            # rate() ratio is the share of proposals kept (--speculative-config).
             (
                 "tulu_spec_decode_draft_tokens",
                 "spec_decode_draft_tokens",

@@ -249,17 +249,19 @@ def _check_common(body: CompletionRequest | ChatCompletionRequest) -> None:
 
 
 def _truncation(
-    body: CompletionRequest | ChatCompletionRequest, service: GenerationService
+    body: CompletionRequest | ChatCompletionRequest,
+    service: GenerationService,
+    requested: int | None,
 ) -> int | None:
     """vLLM's ``truncate_prompt_tokens``: how many of a prompt's last tokens to keep, or None.
-    -1 keeps as many as leave room for one generated token (vLLM's -1 is the window itself,
-    which leaves none)."""
+    -1 keeps as many as leave room for the `requested` new tokens (at least one; vLLM's -1 is
+    the window itself, which leaves none)."""
     keep = body.truncate_prompt_tokens
     if keep is None:
         return None
     longest = service.max_model_len - 1
     if keep == -1:
-        return longest
+        return max(service.max_model_len - max(requested or 1, 1), 1)
     if not 1 <= keep <= longest:
         raise ApiError(
             f"truncate_prompt_tokens must be -1 or 1 .. {longest} (the longest prompt that "
@@ -887,7 +889,7 @@ async def _completion(body: CompletionRequest, request: Request) -> Response:
     # client did not ask for them (it is not shown them then: the view has no token strings).
     logprobs = body.logprobs if body.logprobs is not None or best_of == body.n else 0
     constraint = _constraint(body)
-    keep = _truncation(body, service)
+    keep = _truncation(body, service, requested)
     base_id = service.request_id("cmpl")
     texts = await _completion_prompts(body.prompt, service)
     if keep is not None:  # the echo is the prompt the model saw
@@ -1170,7 +1172,7 @@ async def _chat(body: ChatCompletionRequest, request: Request) -> Response:
     _check_common(body)
     _check_chat(body)
     constraint = _constraint(body)
-    keep = _truncation(body, service)
+    keep = _truncation(body, service, body.max_completion_tokens or body.max_tokens)
     try:
         ids = await service.encode_chat(chat_messages(body.messages))
     except TuluError as err:
