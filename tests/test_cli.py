@@ -1145,6 +1145,7 @@ def test_generate_output_under_a_file(ckpt: Checkpoint, tmp_path: Path, capsys, 
         ("--temperature", "-1"),
         ("--top-p", "1.5"),
         ("--typical-p", "0"),
+        ("--bad-words", " "),
         ("--max-tokens", "0"),
         ("--repetition-penalty", "0"),
         ("--presence-penalty", "2.5"),
@@ -1159,6 +1160,14 @@ def test_generate_invalid_sampling_value(ckpt, capsys, spies, flag, value) -> No
     assert rc == 1 and out == ""
     assert one_line_error(err, "generate").startswith(f"{flag} must")  # names the flag typed
     assert spies["load"].calls == [] and spies["generate"].calls == []
+
+
+def test_generate_passes_bad_words_to_the_engine(ckpt, capsys, spies) -> None:
+    argv = ["--prompt", "Hi", "--max-tokens", "2", "--bad-words", "cat", "--bad-words", "a dog"]
+    rc, _, err = run(capsys, "generate", ckpt.directory, *CPU, *argv)
+    assert rc == 0, err
+    (_, _, [params]), _ = spies["generate"].calls[0]
+    assert params.bad_words == ["cat", "a dog"]
 
 
 def test_generate_passes_typical_p_to_the_engine(ckpt, capsys, spies) -> None:

@@ -65,6 +65,13 @@ def _add_sampling_args(
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     g.add_argument(
+        "--bad-words",
+        action="append",
+        default=[],
+        metavar="WORD",
+        help="a word never to generate, as vLLM's bad_words (repeatable)",
+    )
+    g.add_argument(
         "--stop-token-ids",
         type=int,
         nargs="+",
@@ -98,6 +105,7 @@ def _sampling_params(args: argparse.Namespace, **only_generate: Any):
             seed=args.seed,
             stop=list(args.stop),
             stop_token_ids=list(args.stop_token_ids),
+            bad_words=list(args.bad_words),
             min_tokens=args.min_tokens,
             ignore_eos=args.ignore_eos,
             **only_generate,

@@ -1603,3 +1603,52 @@ def test_n_samples_report_what_the_first_sample_found_in_the_cache(tiny_model, m
     assert [c.token_ids for c in outputs[2].outputs] == [want, want]
     assert llm.engine.scheduler.prefix_hits == 2 + 1  # the second sample found one block
     assert [o.num_cached_tokens for o in outputs] == [0, 0, 8]
+
+
+# ----------------------------------------------------------------------------------------------
+# bad_words
+# ----------------------------------------------------------------------------------------------
+
+
+def _contains(tokens: list[int], sequence: tuple[int, ...]) -> bool:
+    n = len(sequence)
+    return any(tuple(tokens[i : i + n]) == sequence for i in range(len(tokens) - n + 1))
+
+
+def test_bad_words_are_never_generated(tok_model, demo_tokenizer, hf_twin, make_llm):
+    """Words the model generates (one written as a single token, one of two tokens), banned:
+    the reply never holds their token sequences, and equals the reference generator's and
+    transformers' greedy `generate` with the same sequences as `bad_words_ids` (transformers
+    also matches a banned prefix across the prompt's end, as no prompt here ends with one);
+    seeded samples never hold them either."""
+    from tulu.engine.sampling import bad_word_token_ids
+
+    prompt = demo_tokenizer.encode("the cat sat on the mat. the dog sat on the")
+    free = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    llm = make_llm(tok_model, demo_tokenizer)
+    output = llm.generate([prompt], free)[0].outputs[0].token_ids
+    texts = [demo_tokenizer.decode([t]).strip() for t in output]
+    word = next(t for t in texts if t.isalpha())
+    two = demo_tokenizer.decode(output[1:3])
+    hf = hf_twin(tok_model)
+    for words in ([word], [two]):
+        sequences = bad_word_token_ids(words, demo_tokenizer)
+        assert any(_contains(output, s) for s in sequences), "the word must be generated first"
+        assert not any(prompt[-j:] == list(s[:j]) for s in sequences for j in range(1, len(s))), (
+            "the prompt must not end with a banned prefix (transformers would see it)"
+        )
+        banned = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=words)
+        got = llm.generate([prompt], banned)[0].outputs[0].token_ids
+        assert not any(_contains(got, s) for s in sequences), (words, got)
+        assert got == generate_ids(tok_model, prompt, banned, tokenizer=demo_tokenizer).token_ids
+        assert got == hf_greedy(hf, prompt, 24, bad_words_ids=[list(s) for s in sequences])
+    sampled = SamplingParams(temperature=1.0, seed=1, max_tokens=24, bad_words=[word], n=4)
+    sequences = bad_word_token_ids([word], demo_tokenizer)
+    for completion in llm.generate([prompt], sampled)[0].outputs:
+        assert not any(_contains(completion.token_ids, s) for s in sequences)
+
+
+def test_bad_words_need_a_tokenizer(tiny_model, make_engine):
+    engine = make_engine(tiny_model)
+    with pytest.raises(GenerationError, match="bad_words need a tokenizer"):
+        engine.add_request([1, 2, 3], SamplingParams(bad_words=["x"]))

@@ -85,6 +85,10 @@ BAD_VALUES = [
     ("stop_token_ids", [-1]),
     ("stop_token_ids", ["a"]),
     ("stop_token_ids", 3),
+    ("bad_words", "word"),
+    ("bad_words", [""]),
+    ("bad_words", ["  "]),
+    ("bad_words", [3]),
     ("include_stop_str_in_output", 1),
     ("ignore_eos", "yes"),
     ("skip_special_tokens", None),
@@ -878,3 +882,36 @@ def test_logprobs_ignore_sampling_settings():
     assert lp.item() == pytest.approx(
         math.log(math.exp(3) / (math.exp(1) + math.exp(2) + math.exp(3)))
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# bad_words
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ([], [7]),  # a one-token word is banned everywhere; a longer one needs its prefix
+        ([1, 2], [7, 3]),
+        ([5, 1, 2], [7, 3]),
+        ([2, 1], [7]),
+        ([1], [7]),
+    ],
+)
+def test_bad_word_bans_follow_the_generated_tokens(output, expected):
+    from tulu.engine.sampling import bad_word_bans
+
+    assert bad_word_bans(output, [(7,), (1, 2, 3), (9, 9, 9, 9)]) == expected
+
+
+def test_bad_words_are_tokenized_as_written_and_after_a_space(demo_tokenizer):
+    from tulu.engine.sampling import bad_word_token_ids
+
+    sequences = bad_word_token_ids(["the cat", " mat"], demo_tokenizer)
+    assert tuple(demo_tokenizer.encode("the cat")) in sequences
+    assert tuple(demo_tokenizer.encode(" the cat")) in sequences
+    assert tuple(demo_tokenizer.encode("mat")) in sequences  # leading spaces dropped first
+    assert len(set(sequences)) == len(sequences)
+    with pytest.raises(GenerationError, match="bad_words need a tokenizer"):
+        bad_word_token_ids(["x"], None)

@@ -344,6 +344,21 @@ def test_bad_truncate_prompt_tokens_is_refused(client, value):
     assert "truncate_prompt_tokens" in err.value.message
 
 
+def test_bad_words_reach_the_engine(client, model, tok):
+    """vLLM's bad_words: the reply is the reference generator's with the word banned, and
+    differs from the reply without it (the word was in it)."""
+    greedy_kwargs = dict(model=MODEL, prompt=PROMPT, max_tokens=12, temperature=0)
+    free = client.completions.create(**greedy_kwargs)
+    word = next(w for w in free.choices[0].text.split() if w.isalpha())
+    banned = client.completions.create(**greedy_kwargs, extra_body={"bad_words": [word]})
+    params = SamplingParams(temperature=0, max_tokens=12, bad_words=[word])
+    ref = generate_text(model, tok, PROMPT, params, chat=False)
+    assert banned.choices[0].text == ref.text != free.choices[0].text
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**greedy_kwargs, extra_body={"bad_words": [""]})
+    assert "bad_words" in err.value.message
+
+
 def test_best_of_equal_to_n_streams_every_sample(client):
     stream = client.completions.create(
         model=MODEL,

@@ -44,6 +44,8 @@ from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import (
     SamplingParams,
     SamplingTensors,
+    bad_word_bans,
+    bad_word_token_ids,
     candidate_logprobs,
     check_min_tokens_reachable,
     check_token_ids_in_vocab,
@@ -420,6 +422,7 @@ class LLMEngine:
         )
         check_min_tokens_reachable(params, self.eos_token_id)
         matchers = self._grammar_matchers(params)
+        bad_words = bad_word_token_ids(params.bad_words, self.tokenizer)
         prompt_ids = self.encode_prompt(prompt)
         self.check_fits(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -439,6 +442,7 @@ class LLMEngine:
                 if self.lora is not None and lora_slot
                 else None,
                 grammar=matchers[index] if matchers else None,
+                bad_words=bad_words,
             )
             if self.tokenizer is not None:
                 seq.output = IncrementalOutput(
@@ -653,11 +657,15 @@ class LLMEngine:
         matchers = [s.grammar for s in rows]
         if any(m is not None for m in matchers):
             logits = apply_grammar_masks(logits, matchers)
-        # min_tokens: the stop tokens are masked at each row whose token would come too early.
-        blocked = [
-            self._stop_ids(s) if s.num_output_tokens + offset < s.params.min_tokens else None
-            for s, offset in zip(rows, offsets, strict=True)
-        ]
+        # min_tokens: the stop tokens are masked at each row whose token would come too early;
+        # bad words: their last tokens where the output ends with the rest (such a request
+        # never speculates, so its one row is offset 0).
+        blocked: list[list[int] | None] = []
+        for s, offset in zip(rows, offsets, strict=True):
+            banned = self._stop_ids(s) if s.num_output_tokens + offset < s.params.min_tokens else []
+            if s.bad_words:
+                banned = [*banned, *bad_word_bans(s.output_ids, s.bad_words)]
+            blocked.append(banned or None)
         if any(b for b in blocked):
             logits = mask_tokens(logits, blocked)
         if drafted:

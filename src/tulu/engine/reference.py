@@ -17,6 +17,8 @@ from tulu.chat import Message, generation_prompt
 from tulu.engine.output import IncrementalOutput
 from tulu.engine.sampling import (
     SamplingParams,
+    bad_word_bans,
+    bad_word_token_ids,
     check_min_tokens_reachable,
     check_token_ids_in_vocab,
     compute_logprobs,
@@ -95,6 +97,7 @@ def generate_ids(
     device = param.device
     eos_id = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
     check_min_tokens_reachable(params, eos_id)
+    bad_words = bad_word_token_ids(params.bad_words, tokenizer)
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos and eos_id is not None:
         stop_ids.add(eos_id)
@@ -141,8 +144,10 @@ def generate_ids(
         raw = logits
         if matcher is not None:
             logits = apply_grammar_masks(logits, [matcher])
-        if len(tokens) < params.min_tokens and stop_ids:
-            logits = mask_tokens(logits, [sorted(stop_ids)])
+        banned = sorted(stop_ids) if len(tokens) < params.min_tokens else []
+        banned += bad_word_bans(tokens, bad_words)
+        if banned:
+            logits = mask_tokens(logits, [banned])
         token = int(sample(logits, tensors, [generator])[0])
         if matcher is not None and not matcher.accept_token(token):
             finish = "stop"  # the grammar allowed no token (a dead end): end without it

@@ -38,11 +38,15 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+from typing import TYPE_CHECKING
 
 import torch
 
 from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError
+
+if TYPE_CHECKING:
+    from tulu.tokenizer import Tokenizer
 
 __all__ = [
     "MAX_LOGPROBS",
@@ -57,6 +61,8 @@ __all__ = [
     "apply_top_k_top_p",
     "apply_top_p",
     "apply_typical_p",
+    "bad_word_bans",
+    "bad_word_token_ids",
     "build_token_histories",
     "candidate_logprobs",
     "check_min_tokens_reachable",
@@ -229,6 +235,11 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     """Token ids that end the completion (in addition to the tokenizer's EOS)."""
 
+    bad_words: list[str] = field(default_factory=list)
+    """Words never generated (vLLM's): each word's tokens, as it is written and after a space,
+    with the last token masked wherever the generated tokens so far end with the others.
+    Needs a tokenizer; checked against the generated tokens only, not the prompt."""
+
     include_stop_str_in_output: bool = False
     """Keep the matched stop string at the end of the returned text."""
 
@@ -356,6 +367,15 @@ class SamplingParams:
         self.stop_token_ids = _check_int_list(
             "stop_token_ids", self.stop_token_ids, allow_none=False
         )
+
+        bad_words = self.bad_words
+        if (
+            isinstance(bad_words, (str, bytes))
+            or not isinstance(bad_words, Sequence)
+            or any(not isinstance(w, str) or not w.strip() for w in bad_words)
+        ):
+            raise _fail("bad_words", "a list of non-empty words", self.bad_words)
+        self.bad_words = list(bad_words)
 
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
             _check_bool(name, getattr(self, name))
@@ -1029,6 +1049,39 @@ def candidate_logprobs(logits_row: torch.Tensor, candidate_ids: Sequence[int]) -
     logprobs = torch.log_softmax(logits_row.float(), dim=-1)
     index = torch.tensor(list(candidate_ids), dtype=torch.int64, device=logits_row.device)
     return logprobs[index]
+
+
+def bad_word_token_ids(
+    words: Sequence[str], tokenizer: Tokenizer | None
+) -> tuple[tuple[int, ...], ...]:
+    """`bad_words` as token sequences: each word as written (leading spaces dropped) and after
+    a space, which byte-level BPE encodes with another first token (as vLLM does); each
+    distinct sequence once."""
+    if not words:
+        return ()
+    if tokenizer is None:
+        raise GenerationError("bad_words need a tokenizer")
+    sequences: list[tuple[int, ...]] = []
+    for word in words:
+        for text in (word.lstrip(), " " + word.lstrip()):
+            ids = tuple(tokenizer.encode(text))
+            if ids and ids not in sequences:
+                sequences.append(ids)
+    return tuple(sequences)
+
+
+def bad_word_bans(output_ids: Sequence[int], bad_words: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens `bad_words` (token sequences) forbid next: each word's last token wherever
+    the generated tokens end with the rest of it (always, for a one-token word). As vLLM,
+    only generated tokens count: a prompt ending in a word's first tokens bans nothing."""
+    bans = []
+    for word in bad_words:
+        prefix = len(word) - 1
+        if prefix > len(output_ids):
+            continue
+        if prefix == 0 or list(output_ids[len(output_ids) - prefix :]) == list(word[:-1]):
+            bans.append(word[-1])
+    return bans
 
 
 def check_min_tokens_reachable(params: SamplingParams, eos_token_id: int | None) -> None:

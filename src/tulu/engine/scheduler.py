@@ -74,6 +74,8 @@ class Sequence:
     # The xgrammar matcher of a structured output (`tulu.engine.structured`): the sequence's
     # own, since it holds how far the grammar has got.
     grammar: Any = field(default=None, repr=False)
+    # The request's bad_words as token sequences (`sampling.bad_word_token_ids`).
+    bad_words: tuple[tuple[int, ...], ...] = ()
     # Speculative decoding's copy of token_ids as bytes (`tulu.engine.speculative`), grown as
     # tokens are added, so a step converts only the new ones.
     token_bytes: bytearray = field(default_factory=bytearray, repr=False)

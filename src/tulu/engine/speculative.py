@@ -122,13 +122,15 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
 
 def speculates(params: SamplingParams) -> bool:
     """Whether a request's proposals can be verified row by row: no penalties (they change
-    with each proposed token) and no structured output (its matcher moves per token); greedy,
+    with each proposed token), no structured output (its matcher moves per token) and no
+    bad words (what they ban depends on the tokens before); greedy,
     or sampled without a seed. A seeded request keeps its promise that its samples depend on
     its seed alone: with proposals they would also depend on how many the step's budget and
     free blocks let it check, which the rest of the batch decides."""
     return (
         not params.uses_penalties
         and params.structured_output is None
+        and not params.bad_words  # which tokens are banned depends on the tokens before
         and (params.is_greedy or params.seed is None)
     )
 

@@ -147,6 +147,8 @@ class _SamplingFields(_Request):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     allowed_token_ids: list[StrictInt] | None = None
+    bad_words: list[str] | None = None
+    """Words never generated (see `SamplingParams.bad_words`)."""
     truncate_prompt_tokens: StrictInt | None = None
     """Keep only the prompt's last N tokens (1 .. max_model_len - 1); -1: as many as the
     window leaves room for with one token to generate."""

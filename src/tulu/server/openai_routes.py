@@ -334,6 +334,7 @@ def _sampling_params(
             n=samples if samples is not None else body.n,
             stop=pick(body.stop, []),
             stop_token_ids=pick(body.stop_token_ids, []),
+            bad_words=pick(body.bad_words, []),
             include_stop_str_in_output=body.include_stop_str_in_output,
             ignore_eos=body.ignore_eos,
             logprobs=logprobs,
