@@ -1632,7 +1632,7 @@ def test_bad_words_are_never_generated(tok_model, demo_tokenizer, hf_twin, make_
     two = demo_tokenizer.decode(output[1:3])
     hf = hf_twin(tok_model)
     for words in ([word], [two]):
-        sequences = bad_word_token_ids(words, demo_tokenizer)
+        sequences = bad_word_token_ids(words, demo_tokenizer, 640)
         assert any(_contains(output, s) for s in sequences), "the word must be generated first"
         assert not any(prompt[-j:] == list(s[:j]) for s in sequences for j in range(1, len(s))), (
             "the prompt must not end with a banned prefix (transformers would see it)"
@@ -1642,13 +1642,44 @@ def test_bad_words_are_never_generated(tok_model, demo_tokenizer, hf_twin, make_
         assert not any(_contains(got, s) for s in sequences), (words, got)
         assert got == generate_ids(tok_model, prompt, banned, tokenizer=demo_tokenizer).token_ids
         assert got == hf_greedy(hf, prompt, 24, bad_words_ids=[list(s) for s in sequences])
-    sampled = SamplingParams(temperature=1.0, seed=1, max_tokens=24, bad_words=[word], n=4)
-    sequences = bad_word_token_ids([word], demo_tokenizer)
-    for completion in llm.generate([prompt], sampled)[0].outputs:
+    # Seeded samples: a word some of them hold, banned, is in none of them.
+    sampled = SamplingParams(temperature=1.0, seed=1, max_tokens=24, n=4, ignore_eos=True)
+    samples = [c.token_ids for c in llm.generate([prompt], sampled)[0].outputs]
+    words = [demo_tokenizer.decode([t]).strip() for sample in samples for t in sample]
+    word = next(w for w in words if w.isalpha())
+    sequences = bad_word_token_ids([word], demo_tokenizer, 640)
+    assert any(_contains(sample, s) for sample in samples for s in sequences)
+    banned = dataclasses.replace(sampled, bad_words=[word])
+    for completion in llm.generate([prompt], banned)[0].outputs:
         assert not any(_contains(completion.token_ids, s) for s in sequences)
 
 
-def test_bad_words_need_a_tokenizer(tiny_model, make_engine):
+def test_bad_words_need_a_tokenizer_that_fits_the_model(tiny_model, demo_tokenizer, make_engine):
+    """A word with a token past the model's 512 rows (the demo tokenizer has 600) is refused
+    when added: masking it would fail the step of every request in the batch."""
     engine = make_engine(tiny_model)
     with pytest.raises(GenerationError, match="bad_words need a tokenizer"):
         engine.add_request([1, 2, 3], SamplingParams(bad_words=["x"]))
+    engine = make_engine(tiny_model, demo_tokenizer)
+    word = next(
+        text
+        for token in range(512, len(demo_tokenizer))
+        if (text := demo_tokenizer.decode([token]).strip()).isalpha()
+        and any(t >= 512 for t in demo_tokenizer.encode(text))
+    )
+    with pytest.raises(GenerationError, match="bad_words: .* outside the model's vocabulary"):
+        engine.add_request([1, 2, 3], SamplingParams(bad_words=[word]))
+    assert not engine.has_unfinished_requests()
+
+
+def test_bad_words_banning_every_allowed_token_are_refused(tok_model, demo_tokenizer, make_engine):
+    """Without the check the rows would be all -inf and the argmax of nothing token 0 (EOS)."""
+    from tulu.engine.sampling import bad_word_token_ids
+
+    cat = sorted(s[0] for s in bad_word_token_ids(["cat"], demo_tokenizer, 640) if len(s) == 1)
+    engine = make_engine(tok_model, demo_tokenizer)
+    params = SamplingParams(temperature=0, allowed_token_ids=cat, bad_words=["cat"])
+    with pytest.raises(GenerationError, match="bad_words ban every token allowed_token_ids"):
+        engine.add_request("the cat", params)
+    with pytest.raises(GenerationError, match="bad_words ban every token allowed_token_ids"):
+        generate_ids(tok_model, demo_tokenizer.encode("the cat"), params, tokenizer=demo_tokenizer)

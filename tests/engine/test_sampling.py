@@ -908,10 +908,35 @@ def test_bad_word_bans_follow_the_generated_tokens(output, expected):
 def test_bad_words_are_tokenized_as_written_and_after_a_space(demo_tokenizer):
     from tulu.engine.sampling import bad_word_token_ids
 
-    sequences = bad_word_token_ids(["the cat", " mat"], demo_tokenizer)
+    sequences = bad_word_token_ids(["the cat", " mat"], demo_tokenizer, 640)
     assert tuple(demo_tokenizer.encode("the cat")) in sequences
     assert tuple(demo_tokenizer.encode(" the cat")) in sequences
     assert tuple(demo_tokenizer.encode("mat")) in sequences  # leading spaces dropped first
     assert len(set(sequences)) == len(sequences)
     with pytest.raises(GenerationError, match="bad_words need a tokenizer"):
-        bad_word_token_ids(["x"], None)
+        bad_word_token_ids(["x"], None, 640)
+    with pytest.raises(GenerationError, match=r"bad_words: 'mat' has token id \d+, outside"):
+        bad_word_token_ids(["mat"], demo_tokenizer, 3)
+
+
+def test_bad_words_none_and_invalid_unicode():
+    assert SamplingParams(bad_words=None).bad_words == []
+    with pytest.raises(GenerationError, match="bad_words must be valid Unicode"):
+        SamplingParams(bad_words=["\ud83d"])
+
+
+def test_bad_words_that_leave_no_allowed_token_are_refused(demo_tokenizer):
+    from tulu.engine.sampling import bad_word_token_ids, check_bad_words_leave_a_token
+
+    sequences = bad_word_token_ids(["cat"], demo_tokenizer, 640)
+    cat = sorted(s[0] for s in sequences if len(s) == 1)  # "cat" and " cat": one token each
+    assert cat
+    refused = SamplingParams(allowed_token_ids=cat, bad_words=["cat"])
+    with pytest.raises(GenerationError, match="bad_words ban every token allowed_token_ids"):
+        check_bad_words_leave_a_token(refused, sequences, eos_token_id=0)
+    held = SamplingParams(allowed_token_ids=[0, *cat], bad_words=["cat"], min_tokens=2)
+    with pytest.raises(GenerationError, match="which min_tokens holds back"):
+        check_bad_words_leave_a_token(held, sequences, eos_token_id=0)
+    check_bad_words_leave_a_token(  # EOS may end it once min_tokens is out of the way
+        SamplingParams(allowed_token_ids=[0, *cat], bad_words=["cat"]), sequences, 0
+    )

@@ -182,6 +182,7 @@ def test_which_requests_speculate():
     assert not speculates(SamplingParams(temperature=0.7, seed=3))  # batch-independent seeds
     assert not speculates(SamplingParams(temperature=0, repetition_penalty=1.2))
     assert not speculates(SamplingParams(temperature=0, presence_penalty=0.5))
+    assert not speculates(SamplingParams(temperature=0, bad_words=["x"]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from tulu.engine.sampling import (
     bad_word_bans,
     bad_word_token_ids,
     candidate_logprobs,
+    check_bad_words_leave_a_token,
     check_min_tokens_reachable,
     check_token_ids_in_vocab,
     compute_logprobs,
@@ -422,7 +423,10 @@ class LLMEngine:
         )
         check_min_tokens_reachable(params, self.eos_token_id)
         matchers = self._grammar_matchers(params)
-        bad_words = bad_word_token_ids(params.bad_words, self.tokenizer)
+        bad_words = bad_word_token_ids(
+            params.bad_words, self.tokenizer, self.model_config.vocab_size
+        )
+        check_bad_words_leave_a_token(params, bad_words, self.eos_token_id)
         prompt_ids = self.encode_prompt(prompt)
         self.check_fits(len(prompt_ids), params)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
@@ -664,7 +668,9 @@ class LLMEngine:
         for s, offset in zip(rows, offsets, strict=True):
             banned = self._stop_ids(s) if s.num_output_tokens + offset < s.params.min_tokens else []
             if s.bad_words:
-                banned = [*banned, *bad_word_bans(s.output_ids, s.bad_words)]
+                # Only the last tokens can complete a word: not the whole output every step.
+                tail = max(s.num_prompt_tokens, s.num_tokens - max(map(len, s.bad_words)) + 1)
+                banned = [*banned, *bad_word_bans(s.token_ids[tail:], s.bad_words)]
             blocked.append(banned or None)
         if any(b for b in blocked):
             logits = mask_tokens(logits, blocked)

@@ -19,6 +19,7 @@ from tulu.engine.sampling import (
     SamplingParams,
     bad_word_bans,
     bad_word_token_ids,
+    check_bad_words_leave_a_token,
     check_min_tokens_reachable,
     check_token_ids_in_vocab,
     compute_logprobs,
@@ -97,7 +98,8 @@ def generate_ids(
     device = param.device
     eos_id = tokenizer.eos_token_id if tokenizer is not None else config.eos_token_id
     check_min_tokens_reachable(params, eos_id)
-    bad_words = bad_word_token_ids(params.bad_words, tokenizer)
+    bad_words = bad_word_token_ids(params.bad_words, tokenizer, config.vocab_size)
+    check_bad_words_leave_a_token(params, bad_words, eos_id)
     stop_ids = set(params.stop_token_ids)
     if not params.ignore_eos and eos_id is not None:
         stop_ids.add(eos_id)

@@ -63,6 +63,7 @@ __all__ = [
     "apply_typical_p",
     "bad_word_bans",
     "bad_word_token_ids",
+    "check_bad_words_leave_a_token",
     "build_token_histories",
     "candidate_logprobs",
     "check_min_tokens_reachable",
@@ -135,6 +136,16 @@ def _check_int_list(name: str, value: object, *, allow_none: bool) -> list[int] 
 LOGIT_BIAS_LIMIT = 100.0
 """The largest bias either way (OpenAI's range): +100 already forces a token, and a float32
 overflow (1e39 is inf) would turn a masked -inf into NaN, which argmax picks."""
+
+
+def _check_unicode(name: str, text: str, value: object) -> None:
+    """A text field must encode as UTF-8: decoded text never holds an unpaired surrogate, so
+    such a stop string never matches, and the tokenizer cannot encode such a bad word."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        bad = f"{text[err.start]!r} at character {err.start} of {text!r}"
+        raise _fail(name, f"valid Unicode (no unpaired surrogate: {bad})", value) from None
 
 
 def _check_logit_bias(value: object) -> dict[int, float] | None:
@@ -355,26 +366,22 @@ class SamplingParams:
                     else "a list of non-empty strings"
                 )
                 raise _fail("stop", wanted, self.stop)
-            try:
-                item.encode("utf-8")
-            except UnicodeEncodeError as err:  # decoded text never holds one: never a match
-                bad = f"{item[err.start]!r} at character {err.start} of {item!r}"
-                raise _fail(
-                    "stop", f"valid Unicode (no unpaired surrogate: {bad})", self.stop
-                ) from None
+            _check_unicode("stop", item, self.stop)
         self.stop = list(stop)
 
         self.stop_token_ids = _check_int_list(
             "stop_token_ids", self.stop_token_ids, allow_none=False
         )
 
-        bad_words = self.bad_words
+        bad_words = [] if self.bad_words is None else self.bad_words  # None: vLLM's default
         if (
             isinstance(bad_words, (str, bytes))
             or not isinstance(bad_words, Sequence)
             or any(not isinstance(w, str) or not w.strip() for w in bad_words)
         ):
             raise _fail("bad_words", "a list of non-empty words", self.bad_words)
+        for word in bad_words:
+            _check_unicode("bad_words", word, self.bad_words)
         self.bad_words = list(bad_words)
 
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens"):
@@ -1052,11 +1059,13 @@ def candidate_logprobs(logits_row: torch.Tensor, candidate_ids: Sequence[int]) -
 
 
 def bad_word_token_ids(
-    words: Sequence[str], tokenizer: Tokenizer | None
+    words: Sequence[str], tokenizer: Tokenizer | None, vocab_size: int
 ) -> tuple[tuple[int, ...], ...]:
     """`bad_words` as token sequences: each word as written (leading spaces dropped) and after
-    a space, which byte-level BPE encodes with another first token (as vLLM does); each
-    distinct sequence once."""
+    a space, which byte-level BPE encodes with another first token; each distinct sequence
+    once. (vLLM adds the after-a-space form only when it has as many tokens as the word
+    alone; here it always is, so " autumn" as one token is banned with "autumn" as three.)
+    A token past the model's `vocab_size` is refused: masking it would fail the whole step."""
     if not words:
         return ()
     if tokenizer is None:
@@ -1065,9 +1074,37 @@ def bad_word_token_ids(
     for word in words:
         for text in (word.lstrip(), " " + word.lstrip()):
             ids = tuple(tokenizer.encode(text))
+            outside = [t for t in ids if t >= vocab_size]
+            if outside:
+                raise GenerationError(
+                    f"SamplingParams.bad_words: {word!r} has token id {outside[0]}, outside the "
+                    f"model's vocabulary [0, {vocab_size}): the tokenizer does not belong to "
+                    f"this model"
+                )
             if ids and ids not in sequences:
                 sequences.append(ids)
     return tuple(sequences)
+
+
+def check_bad_words_leave_a_token(
+    params: SamplingParams, sequences: Sequence[Sequence[int]], eos_token_id: int | None
+) -> None:
+    """Refuse `allowed_token_ids` that the one-token bad words (always banned) leave empty,
+    or, while ``min_tokens`` holds the stop tokens back, leave nothing but stop tokens: every
+    row would be all -inf, and the argmax of nothing is token 0."""
+    if params.allowed_token_ids is None:
+        return
+    banned = {s[0] for s in sequences if len(s) == 1}
+    left = set(params.allowed_token_ids) - banned
+    if params.min_tokens:
+        left -= set(params.stop_token_ids)
+        if not params.ignore_eos and eos_token_id is not None:
+            left.discard(eos_token_id)
+    if not left:
+        raise GenerationError(
+            "SamplingParams.bad_words ban every token allowed_token_ids allows"
+            + (" (stop tokens aside, which min_tokens holds back)" if params.min_tokens else "")
+        )
 
 
 def bad_word_bans(output_ids: Sequence[int], bad_words: Sequence[Sequence[int]]) -> list[int]:
