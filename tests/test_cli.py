@@ -654,7 +654,9 @@ def test_generate_structured_output_errors_name_the_flag(ckpt, tmp_path: Path, c
     array = tmp_path / "array.json"
     array.write_text("[]", encoding="utf-8")
     cases = {
-        ("--regex", "[0-9"): "--regex: Regex parsing error at position ",
+        ("--regex", "[0-9"): "--regex cannot be compiled: Regex parsing error at position ",
+        # xgrammar's other refusal named the internal field (structured_output.regex) once.
+        ("--regex", r"[^\s\S]"): "--regex matches no text: no token can start it",
         ("--json-schema", bad_json): f"--json-schema {bad_json}: not JSON (line 1, column 2: ",
         ("--json-schema", array): f"--json-schema {array}: a JSON schema is an object, not list",
         ("--grammar", tmp_path / "missing"): f"--grammar {tmp_path / 'missing'}: cannot read it",

@@ -438,18 +438,14 @@ def _read_text_file(path: Path, flag: str) -> str:
 def _check_structure_compiles(structured: Any, flag: str | None, llm: Any) -> None:
     """Compile the constraint once before any prompt runs: a bad schema, regex or grammar is
     named by its flag rather than failing the first request."""
-    from tulu.engine.structured import grammar_compiler
+    from tulu.engine.structured import name_structured_field
 
-    engine = llm.engine
-    if engine.tokenizer is None:
+    if llm.engine.tokenizer is None:
         raise TuluError(f"{flag}: needs the model's tokenizer, and it has none")
     try:
-        grammar_compiler(
-            engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_id
-        ).compile(structured)
+        llm.engine.compile_structured_output(structured)
     except GenerationError as err:
-        reason = str(err).split(" cannot be compiled: ", 1)[-1]
-        raise TuluError(f"{flag}: {reason}") from None
+        raise TuluError(name_structured_field(str(err), flag)) from None
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -488,7 +484,9 @@ def _generate(args: argparse.Namespace) -> int:
     except TuluError as err:  # "--min-tokens cannot be combined with structured_output"
         if structure_flag is None:
             raise
-        raise TuluError(str(err).replace("structured_output", structure_flag)) from None
+        from tulu.engine.structured import name_structured_field
+
+        raise TuluError(name_structured_field(str(err), structure_flag)) from None
     prompts = _prompts_of(args, result_fields(params))
     lora_modules, lora_names = _adapters_of(args, prompts)
     check_output(args.output, inputs=[args.input] if args.input not in (None, Path("-")) else [])

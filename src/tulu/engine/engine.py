@@ -59,7 +59,7 @@ from tulu.engine.sampling import (
 )
 from tulu.engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from tulu.engine.speculative import SpeculativeConfig, propose_ngram, speculates
-from tulu.engine.structured import apply_grammar_masks, grammar_compiler
+from tulu.engine.structured import StructuredOutput, apply_grammar_masks, matchers_for
 from tulu.errors import GenerationError, TuluError
 from tulu.model.gpt_neox import GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -674,9 +674,9 @@ class LLMEngine:
             blocked.append(banned or None)
         if any(b for b in blocked):
             logits = mask_tokens(logits, blocked)
+        chosen: torch.Tensor | None = None
         if drafted:
             chosen_list = self._sample_drafted(logits, rows, drafted)
-            chosen = torch.tensor(chosen_list, device=self.device)
         else:
             tensors = self._sampling_tensors(rows, logits.shape[-1])
             chosen = sample(logits, tensors, [s.generator for s in rows])
@@ -685,6 +685,8 @@ class LLMEngine:
         top_n = max(want_logprobs, default=None)
         logprobs = None
         if top_n is not None:
+            if chosen is None:
+                chosen = torch.tensor(chosen_list, device=self.device)
             chosen_lp, top_ids, top_lp = compute_logprobs(raw, chosen, top_n)
             logprobs = (chosen_lp.tolist(), top_ids.tolist(), top_lp.tolist())
         now = time.monotonic()
@@ -737,7 +739,9 @@ class LLMEngine:
         """Each row's pick when some sampled sequences have drafts: theirs from speculative
         sampling (the kept drafts and one token, in their first rows; the rest unused), the
         other rows from `sample` as usual."""
-        special = {first + i for first, _, drafts in drafted for i in range(len(drafts) + 1)}
+        # The drafted rows, group after group, go through one batched speculative sampling.
+        order = [first + i for first, _, drafts in drafted for i in range(len(drafts) + 1)]
+        special = set(order)
         plain = [i for i in range(len(rows)) if i not in special]
         picks = [0] * len(rows)
         if plain:
@@ -749,8 +753,6 @@ class LLMEngine:
             )
             for i, token in zip(plain, chosen.tolist(), strict=True):
                 picks[i] = token
-        # The drafted rows, group after group, through one batched speculative sampling.
-        order = [first + i for first, _, drafts in drafted for i in range(len(drafts) + 1)]
         params = [seq.params for _, seq, drafts in drafted for _ in range(len(drafts) + 1)]
         groups = sample_with_drafts(
             logits.index_select(0, torch.tensor(order, device=self.device)),
@@ -818,11 +820,19 @@ class LLMEngine:
         compiled it already, off its event loop."""
         if params.structured_output is None:
             return None
-        if self.tokenizer is None:
-            raise GenerationError("structured_output needs a tokenizer")
-        compiler = grammar_compiler(self.tokenizer, self.model_config.vocab_size, self.eos_token_id)
-        compiled = compiler.compile(params.structured_output)
-        return [compiler.matcher(compiled) for _ in range(params.n)]
+        return matchers_for(
+            params.structured_output,
+            params.n,
+            self.tokenizer,
+            self.model_config.vocab_size,
+            self.eos_token_id,
+        )
+
+    def compile_structured_output(self, spec: StructuredOutput) -> None:
+        """Compile `spec` for this engine's model (GenerationError when it does not compile,
+        matches no text, or the engine has no tokenizer); done ahead of `add_request` by the
+        server, off its event loop, and by `tulu generate` before any prompt runs."""
+        matchers_for(spec, 0, self.tokenizer, self.model_config.vocab_size, self.eos_token_id)
 
     def _stop_ids(self, seq: Sequence) -> list[int]:
         ids = list(seq.params.stop_token_ids)

@@ -28,7 +28,7 @@ from tulu.engine.sampling import (
     prepare_sampling_tensors,
     sample,
 )
-from tulu.engine.structured import apply_grammar_masks, grammar_compiler
+from tulu.engine.structured import apply_grammar_masks, matchers_for
 from tulu.errors import GenerationError
 from tulu.model.gpt_neox import ContiguousKVCache, GPTNeoXForCausalLM
 from tulu.tokenizer import Tokenizer
@@ -127,10 +127,7 @@ def generate_ids(
     generator = make_generator(params.seed, device)
     matcher = None
     if params.structured_output is not None:
-        if tokenizer is None:
-            raise GenerationError("structured_output needs a tokenizer")
-        grammars = grammar_compiler(tokenizer, config.vocab_size, eos_id)
-        matcher = grammars.matcher(grammars.compile(params.structured_output))
+        (matcher,) = matchers_for(params.structured_output, 1, tokenizer, config.vocab_size, eos_id)
     cache = ContiguousKVCache(config, 1, len(prompt) + budget, param.dtype, device)
 
     tokens: list[int] = []

@@ -905,6 +905,16 @@ def process_logits(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tens
     return logits
 
 
+def _restrict(logits: torch.Tensor, tensors: SamplingTensors) -> torch.Tensor:
+    """The rows' static restrictions, before anything else: ``allowed_token_ids`` masks the
+    other tokens, then ``logit_bias`` is added."""
+    if tensors.allowed_tokens is not None:
+        logits = apply_allowed_tokens(logits, *tensors.allowed_tokens)
+    if tensors.logit_bias is not None:
+        logits = apply_logit_bias(logits, *tensors.logit_bias)
+    return logits
+
+
 def sample(
     logits: torch.Tensor,
     tensors: SamplingTensors,
@@ -928,10 +938,7 @@ def sample(
             f"sample: logits have {batch} rows but tensors have {tensors.batch_size} and "
             f"generators {len(generators)}"
         )
-    if tensors.allowed_tokens is not None:
-        logits = apply_allowed_tokens(logits, *tensors.allowed_tokens)
-    if tensors.logit_bias is not None:
-        logits = apply_logit_bias(logits, *tensors.logit_bias)
+    logits = _restrict(logits, tensors)
     if tensors.do_penalties:
         logits = apply_penalties(
             logits,
@@ -974,10 +981,7 @@ def sample_with_drafts(
     logits = _check_logits(logits)
     if tensors.do_penalties:
         raise GenerationError("sample_with_drafts: penalties cannot be verified row by row")
-    if tensors.allowed_tokens is not None:
-        logits = apply_allowed_tokens(logits, *tensors.allowed_tokens)
-    if tensors.logit_bias is not None:
-        logits = apply_logit_bias(logits, *tensors.logit_bias)
+    logits = _restrict(logits, tensors)
     probs = torch.softmax(process_logits(logits, tensors), dim=-1)
     device = probs.device
     draft_rows, draft_ids, firsts = [], [], []
@@ -1092,8 +1096,8 @@ def check_bad_words_leave_a_token(
     """Refuse `allowed_token_ids` that the one-token bad words (always banned) leave empty,
     or, while ``min_tokens`` holds the stop tokens back, leave nothing but stop tokens: every
     row would be all -inf, and the argmax of nothing is token 0."""
-    if params.allowed_token_ids is None:
-        return
+    if params.allowed_token_ids is None or not sequences:
+        return  # without bad words, check_min_tokens_reachable covers it
     banned = {s[0] for s in sequences if len(s) == 1}
     left = set(params.allowed_token_ids) - banned
     if params.min_tokens:

@@ -15,8 +15,8 @@ the argmax, and when all are kept the model's next token comes free: the output 
 without speculation. A sampled request keeps each proposal with the probability its row
 gives it and, at the first refusal, draws from that row without the refused token
 (speculative sampling, `tulu.engine.sampling.sample_with_drafts`): each token has exactly its
-distribution without speculation. Requests with penalties or structured output, and seeded
-sampled ones (see `speculates`), decode one token per step beside them.
+distribution without speculation. Requests with penalties, structured output or bad words,
+and seeded sampled ones (see `speculates`), decode one token per step beside them.
 """
 
 from __future__ import annotations
@@ -122,15 +122,15 @@ def parse_speculative_config(text: str) -> SpeculativeConfig:
 
 def speculates(params: SamplingParams) -> bool:
     """Whether a request's proposals can be verified row by row: no penalties (they change
-    with each proposed token), no structured output (its matcher moves per token) and no
-    bad words (what they ban depends on the tokens before); greedy,
-    or sampled without a seed. A seeded request keeps its promise that its samples depend on
-    its seed alone: with proposals they would also depend on how many the step's budget and
-    free blocks let it check, which the rest of the batch decides."""
+    with each proposed token), no structured output (its matcher moves per token), no bad
+    words (what they ban depends on the tokens before); and greedy, or sampled without a
+    seed. A seeded request keeps its promise that its samples depend on its seed alone: with
+    proposals they would also depend on how many the step's budget and free blocks let it
+    check, which the rest of the batch decides."""
     return (
         not params.uses_penalties
         and params.structured_output is None
-        and not params.bad_words  # which tokens are banned depends on the tokens before
+        and not params.bad_words
         and (params.is_greedy or params.seed is None)
     )
 
@@ -148,9 +148,9 @@ def propose_ngram(
     The ids are searched as bytes (`bytes.rfind`, in C): a Python loop over a context of
     2,048 tokens for every sequence of every step would cost more than the step saves.
     `cache` holds the bytes of the ids seen so far (a sequence's ids only grow): only the new
-    ones are converted, which is most of the cost (on this project's 2-core CPU, 256 contexts
-    of 2,048 tokens with no match, the worst case: about 10 ms a step converted whole, 3 ms
-    with the cache)."""
+    ones are converted, which is most of the cost (measured once on this project's 2-core
+    CPU, 256 contexts of 2,048 tokens with no match, the worst case: about 3 ms a step with
+    the cache, several times that converting every step)."""
     count = len(token_ids)
     limit = min(limit, config.num_speculative_tokens)
     if limit <= 0 or count < config.prompt_lookup_min + 1:

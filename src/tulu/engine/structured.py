@@ -32,11 +32,21 @@ from tulu.errors import GenerationError
 if TYPE_CHECKING:
     from tulu.tokenizer import Tokenizer
 
-__all__ = ["GrammarCompiler", "StructuredOutput", "apply_grammar_masks", "grammar_compiler"]
+__all__ = [
+    "GrammarCompiler",
+    "StructuredOutput",
+    "apply_grammar_masks",
+    "grammar_compiler",
+    "matchers_for",
+    "name_structured_field",
+]
 
 _KINDS = ("json", "json_object", "regex", "choice", "grammar")
 # xgrammar's C++ errors hold "[12:00:00] /project/cpp/file.cc:123: " and its check text, at the
 # start or nested inside another error's message.
+# "SamplingParams.structured_output.regex cannot be compiled: ..." or "min_tokens cannot be
+# combined with structured_output": where an error names the constraint.
+_STRUCTURED_FIELD = re.compile(r"(?:SamplingParams\.)?structured_output(?:\.\w+)?")
 _CPP_LOCATION = re.compile(r"\[[\d:]+\] \S+:\d+: (?:Check failed: .*? is false: )?")
 #: Compiled grammars kept for reuse (vLLM's default): beyond it the least recently used go.
 CACHE_LIMIT_BYTES = 512 << 20
@@ -140,11 +150,19 @@ class GrammarCompiler:
             info, max_threads=2, cache_limit_bytes=CACHE_LIMIT_BYTES
         )
         self._vocab_size = vocab_size
+        # Specs already found to match some text: the server's compile checks, the engine's
+        # compile of the same request then only looks the grammar up (bounded, oldest out).
+        self._checked: dict[str, None] = {}
+        self._checked_lock = threading.Lock()
 
     def compile(self, spec: StructuredOutput) -> Any:
         """The compiled grammar; a bad schema, regex or grammar, or one that no text can
         match, is a GenerationError naming the field and the reason."""
         compiled = self._compile(spec)
+        key = f"{spec.kind}:{json.dumps(getattr(spec, spec.kind), sort_keys=True)}"
+        with self._checked_lock:
+            if key in self._checked:
+                return compiled
         bitmask = self._xgr.allocate_token_bitmask(1, self._vocab_size)
         self._xgr.GrammarMatcher(compiled).fill_next_token_bitmask(bitmask, 0)
         if not bool(bitmask.any()):  # e.g. the regex [^\s\S]
@@ -152,6 +170,10 @@ class GrammarCompiler:
                 f"SamplingParams.structured_output.{spec.kind} matches no text: no token can "
                 "start it"
             )
+        with self._checked_lock:
+            self._checked[key] = None
+            if len(self._checked) > _CHECKED_LIMIT:
+                del self._checked[next(iter(self._checked))]
         return compiled
 
     def _compile(self, spec: StructuredOutput) -> Any:
@@ -178,6 +200,7 @@ class GrammarCompiler:
 
 
 _BUILDING = threading.Lock()
+_CHECKED_LIMIT = 4096  # specs remembered as matching some text, per compiler
 
 
 @functools.lru_cache(maxsize=4)
@@ -191,13 +214,37 @@ def grammar_compiler(
     tokenizer: Tokenizer, vocab_size: int, eos_token_id: int | None
 ) -> GrammarCompiler:
     """The compiler of a tokenizer (as an object) for a model's vocabulary size and stop
-    token, built once: it reads the whole vocabulary (a second or more), so two threads asking
+    token, built once: it reads the whole vocabulary, so two threads asking
     first at the same time must not both build one."""
     with _BUILDING:
         return _cached_compiler(tokenizer, vocab_size, eos_token_id)
 
 
 grammar_compiler.cache_clear = _cached_compiler.cache_clear  # type: ignore[attr-defined]
+
+
+def matchers_for(
+    spec: StructuredOutput,
+    count: int,
+    tokenizer: Tokenizer | None,
+    vocab_size: int,
+    eos_token_id: int | None,
+) -> list[Any]:
+    """`count` fresh matchers of `spec` (one per sequence), compiled for a model's vocabulary
+    and stop token (a cache hit when the spec was compiled before); what the engine and the
+    reference generator both need."""
+    if tokenizer is None:
+        raise GenerationError("structured_output needs a tokenizer")
+    compiler = grammar_compiler(tokenizer, vocab_size, eos_token_id)
+    compiled = compiler.compile(spec)
+    return [compiler.matcher(compiled) for _ in range(count)]
+
+
+def name_structured_field(message: str, where: str) -> str:
+    """A structured output error reworded to name `where` (a flag or request field) where it
+    names the constraint: "SamplingParams.structured_output.regex cannot be compiled: ..." or
+    "... cannot be combined with structured_output"."""
+    return _STRUCTURED_FIELD.sub(lambda _: where, message, count=1)
 
 
 def apply_grammar_masks(logits: torch.Tensor, matchers: Sequence[Any | None]) -> torch.Tensor:

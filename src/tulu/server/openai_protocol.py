@@ -150,8 +150,8 @@ class _SamplingFields(_Request):
     bad_words: list[str] | None = None
     """Words never generated (see `SamplingParams.bad_words`)."""
     truncate_prompt_tokens: StrictInt | None = None
-    """Keep only the prompt's last N tokens (1 .. max_model_len - 1); -1: as many as the
-    window leaves room for with one token to generate."""
+    """Keep only the prompt's last N tokens (1 .. max_model_len - 1); -1: as many as leave
+    room in the window for ``max_tokens`` (one token when unset)."""
     # Structured output: OpenAI's response_format, vLLM's structured_outputs and its older
     # guided_* fields; at most one of them per request.
     response_format: ResponseFormat | None = None

@@ -53,7 +53,7 @@ from tulu.engine.async_engine import EngineDeadError
 from tulu.engine.engine import CompletionOutput, RequestOutput
 from tulu.engine.reference import TokenLogprob
 from tulu.engine.sampling import SamplingParams, check_token_ids_in_vocab
-from tulu.engine.structured import StructuredOutput
+from tulu.engine.structured import StructuredOutput, name_structured_field
 from tulu.errors import GenerationError, TuluError
 from tulu.server.best_of import rank_samples
 from tulu.server.openai_protocol import (
@@ -83,7 +83,6 @@ from tulu.server.service import (
     GenerationService,
     RequestTimedOut,
     check_structured_output_size,
-    name_structured_field,
 )
 from tulu.token_strings import TokenStrings
 from tulu.tokenizer import StreamDecoder, Tokenizer
@@ -351,7 +350,7 @@ def _sampling_params(
     except GenerationError as err:
         error = _param_error(err, rename)
         if constraint is not None:  # "min_tokens cannot be combined with structured_output"
-            error.message = error.message.replace(" structured_output", f" {constraint.field}")
+            error.message = name_structured_field(error.message, constraint.field)
         raise error from None
     return params
 

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -21,21 +20,20 @@ from tulu.chat import generation_prompt
 from tulu.engine.async_engine import AsyncLLM
 from tulu.engine.engine import RequestOutput
 from tulu.engine.sampling import SamplingParams
-from tulu.engine.structured import StructuredOutput, grammar_compiler
+from tulu.engine.structured import StructuredOutput
 from tulu.errors import GenerationError, TuluError
 from tulu.server.metrics import ServerMetrics
 from tulu.server.openai_protocol import MAX_N
 from tulu.tokenizer import Tokenizer
 
 INLINE_TOKENIZE_CHARS = 16_384  # shorter texts tokenize in well under a millisecond
-#: Structured outputs compiled at once. A deeply nested schema can compile for tens of seconds;
-#: more at once would take the CPU from the engine thread (and xgrammar already compiles one
+#: Structured outputs compiled at once. A deeply nested schema can take long to compile; more
+#: at once would take the CPU from the engine thread (and xgrammar already compiles one
 #: grammar on 2 threads).
 COMPILE_WORKERS = 2
 #: The longest structured output spec (a schema's JSON, a regex, a grammar, the choices), in
 #: bytes of UTF-8. A real schema is a few KiB; compile time grows with the spec.
 MAX_STRUCTURED_OUTPUT_BYTES = 64 << 10
-_STRUCTURED_FIELD = re.compile(r"^SamplingParams\.structured_output(?:\.\w+)?")
 #: The most samples one prompt's `best_of` may draw: the OpenAI route's `n` limit, and so the
 #: largest `--max-best-of` (TGI's limit) a server accepts.
 MAX_BEST_OF = MAX_N
@@ -93,12 +91,6 @@ def check_structured_output_size(spec: StructuredOutput, where: str) -> None:
             f"{where} is {size:,} bytes long; this server compiles structured outputs of at "
             f"most {MAX_STRUCTURED_OUTPUT_BYTES:,} bytes (64 KiB)"
         )
-
-
-def name_structured_field(message: str, where: str) -> str:
-    """A structured output error ("SamplingParams.structured_output.regex cannot be compiled:
-    ...") reworded to name `where`, the request field the constraint came from."""
-    return _STRUCTURED_FIELD.sub(lambda _: where, message, count=1)
 
 
 class Admission:
@@ -203,21 +195,14 @@ class GenerationService:
 
         The engine compiles it again in `add_request`, on its own thread between two steps, so
         a slow compile there would stall every running request (the first structured request
-        also builds the compiler, which reads the whole vocabulary: a second or more).
-        xgrammar caches what it compiled, so after this the engine's compile is a lookup.
-        Raises GenerationError with xgrammar's reason when `spec` does not compile.
+        also builds the compiler, which reads the whole vocabulary). The compiler caches the
+        grammar and remembers that it matches some text, so after this the engine's compile
+        is a lookup. Raises GenerationError with xgrammar's reason when `spec` does not
+        compile (or the engine has no tokenizer).
         """
-        engine = self.llm.engine
-        if engine.tokenizer is None:
-            return  # the engine refuses structured output without a tokenizer itself
-
-        def compile_spec() -> None:
-            compiler = grammar_compiler(
-                engine.tokenizer, engine.model_config.vocab_size, engine.eos_token_id
-            )
-            compiler.compile(spec)
-
-        await asyncio.get_running_loop().run_in_executor(self._compile_pool, compile_spec)
+        await asyncio.get_running_loop().run_in_executor(
+            self._compile_pool, self.llm.engine.compile_structured_output, spec
+        )
 
     @property
     def lora_adapters(self) -> dict[str, str]:

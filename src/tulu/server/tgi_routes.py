@@ -58,7 +58,7 @@ from tulu import __version__
 from tulu.engine.async_engine import EngineDeadError
 from tulu.engine.engine import CompletionOutput, RequestOutput, sample_seed
 from tulu.engine.sampling import MAX_LOGPROBS, SamplingParams
-from tulu.engine.structured import StructuredOutput
+from tulu.engine.structured import StructuredOutput, name_structured_field
 from tulu.errors import GenerationError, TuluError
 from tulu.server.best_of import rank_samples
 from tulu.server.service import (
@@ -66,7 +66,6 @@ from tulu.server.service import (
     Overloaded,
     RequestTimedOut,
     check_structured_output_size,
-    name_structured_field,
 )
 from tulu.server.tgi_protocol import (
     BestOfSequence,
@@ -385,12 +384,13 @@ def _response(
     text = _generated_text(job, best)
     if not job.details:
         return GenerateResponse(generated_text=text)
-    details = Details(**_sample_details(job, output, best, service))
+    prefill = _prefill(job, output, service)  # the prompt's: the same for every sample
+    details = Details(**_sample_details(job, best, prefill, service))
     if job.best_of > 1:
         details.best_of_sequences = [
             BestOfSequence(
                 generated_text=_generated_text(job, sample),
-                **_sample_details(job, output, sample, service),
+                **_sample_details(job, sample, prefill, service),
             )
             for sample in samples[1:]
         ]
@@ -402,8 +402,26 @@ def _generated_text(job: _Job, sample: CompletionOutput) -> str:
     return job.inputs + sample.text if job.return_full_text else sample.text
 
 
+def _prefill(job: _Job, output: RequestOutput, service: GenerationService) -> list[PrefillToken]:
+    """The prompt's tokens and log-probabilities (`decoder_input_details`), else []."""
+    if not job.decoder_input_details:
+        return []
+    scored = output.prompt_logprobs or []
+    prefill = []
+    for i, token_id in enumerate(output.prompt_token_ids):
+        entry = scored[i] if i < len(scored) else None
+        prefill.append(
+            PrefillToken(
+                id=token_id,
+                text=service.tokenizer.decode([token_id]),
+                logprob=entry.logprob if entry is not None else None,
+            )
+        )
+    return prefill
+
+
 def _sample_details(
-    job: _Job, output: RequestOutput, sample: CompletionOutput, service: GenerationService
+    job: _Job, sample: CompletionOutput, prefill: list[PrefillToken], service: GenerationService
 ) -> dict[str, Any]:
     """The fields TGI's `details` and each of its `best_of_sequences` share, for one sample.
 
@@ -412,18 +430,6 @@ def _sample_details(
     texts = _TokenTexts(service.tokenizer, job.prompt_ids)
     ids = sample.token_ids
     tokens = [texts.generated(t, _logprob(sample, i), i == len(ids) - 1) for i, t in enumerate(ids)]
-    prefill: list[PrefillToken] = []
-    if job.decoder_input_details:
-        scored = output.prompt_logprobs or []
-        for i, token_id in enumerate(output.prompt_token_ids):
-            entry = scored[i] if i < len(scored) else None
-            prefill.append(
-                PrefillToken(
-                    id=token_id,
-                    text=service.tokenizer.decode([token_id]),
-                    logprob=entry.logprob if entry is not None else None,
-                )
-            )
     return {
         "finish_reason": _finish_reason(sample, service.llm.engine.eos_token_id),
         "generated_tokens": len(ids),
