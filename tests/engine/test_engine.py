@@ -1632,7 +1632,7 @@ def test_bad_words_are_never_generated(tok_model, demo_tokenizer, hf_twin, make_
     two = demo_tokenizer.decode(output[1:3])
     hf = hf_twin(tok_model)
     for words in ([word], [two]):
-        sequences = bad_word_token_ids(words, demo_tokenizer, 640)
+        sequences = bad_word_token_ids(words, demo_tokenizer, tok_model.config.vocab_size)
         assert any(_contains(output, s) for s in sequences), "the word must be generated first"
         assert not any(prompt[-j:] == list(s[:j]) for s in sequences for j in range(1, len(s))), (
             "the prompt must not end with a banned prefix (transformers would see it)"
@@ -1647,7 +1647,7 @@ def test_bad_words_are_never_generated(tok_model, demo_tokenizer, hf_twin, make_
     samples = [c.token_ids for c in llm.generate([prompt], sampled)[0].outputs]
     words = [demo_tokenizer.decode([t]).strip() for sample in samples for t in sample]
     word = next(w for w in words if w.isalpha())
-    sequences = bad_word_token_ids([word], demo_tokenizer, 640)
+    sequences = bad_word_token_ids([word], demo_tokenizer, tok_model.config.vocab_size)
     assert any(_contains(sample, s) for sample in samples for s in sequences)
     banned = dataclasses.replace(sampled, bad_words=[word])
     for completion in llm.generate([prompt], banned)[0].outputs:
@@ -1676,7 +1676,11 @@ def test_bad_words_banning_every_allowed_token_are_refused(tok_model, demo_token
     """Without the check the rows would be all -inf and the argmax of nothing token 0 (EOS)."""
     from tulu.engine.sampling import bad_word_token_ids
 
-    cat = sorted(s[0] for s in bad_word_token_ids(["cat"], demo_tokenizer, 640) if len(s) == 1)
+    cat = sorted(
+        s[0]
+        for s in bad_word_token_ids(["cat"], demo_tokenizer, tok_model.config.vocab_size)
+        if len(s) == 1
+    )
     engine = make_engine(tok_model, demo_tokenizer)
     params = SamplingParams(temperature=0, allowed_token_ids=cat, bad_words=["cat"])
     with pytest.raises(GenerationError, match="bad_words ban every token allowed_token_ids"):

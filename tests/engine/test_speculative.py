@@ -64,6 +64,8 @@ def assert_same(got: list[RequestOutput], want: list[RequestOutput]) -> None:
             assert x.token_ids == y.token_ids, a.request_id
             assert x.text == y.text, a.request_id
             assert (x.finish_reason, x.stop_reason) == (y.finish_reason, y.stop_reason)
+            assert (x.logprobs is None) == (y.logprobs is None)
+            assert (x.candidate_logprobs is None) == (y.candidate_logprobs is None)
             if x.logprobs is not None:
                 assert [e.token_id for e in x.logprobs] == [e.token_id for e in y.logprobs]
                 assert [e.logprob for e in x.logprobs] == pytest.approx(

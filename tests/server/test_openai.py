@@ -698,15 +698,24 @@ def test_echo_scores_the_prompt(client, model, tok):
     assert reply.usage.prompt_tokens == len(ids)
 
 
-def test_echo_scoring_with_a_valid_best_of_scores_the_prompt_once(client):
-    """Scoring draws nothing to rank: a valid best_of (n … 128) draws only n, even greedy
-    (where best_of > n is refused when generating); an invalid one is a 400, as when
-    generating (test_invalid_completion_values)."""
+def test_echo_scoring_with_a_valid_best_of_scores_the_prompt_once(client, server, monkeypatch):
+    """Scoring draws nothing to rank: a valid best_of (n … 128) draws only n (the engine is
+    asked for one sample), even greedy (where best_of > n is refused when generating); an
+    invalid one is a 400, as when generating (test_invalid_completion_values)."""
+    asked = []
+    generate = server.service.generate
+
+    def spy(prompt_ids, params, *args, **kwargs):
+        asked.append(params.n)
+        return generate(prompt_ids, params, *args, **kwargs)
+
+    monkeypatch.setattr(server.service, "generate", spy)
     reply = client.completions.create(
         model=MODEL, prompt=PROMPT, echo=True, max_tokens=0, logprobs=0, temperature=0, best_of=3
     )
     (choice,) = reply.choices
     assert choice.text == PROMPT and reply.usage.completion_tokens == 0
+    assert asked == [1]
 
 
 def test_echo_scoring_counts_no_generated_tokens_in_the_metrics(client, server, tok):
